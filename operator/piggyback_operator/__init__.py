@@ -1,0 +1,1 @@
+"""Piggyback Kubernetes operator for LLMService resources."""

@@ -1,0 +1,172 @@
+"""RuntimeConfig: the one contract between the operator (which renders it into a ConfigMap) and the runtime.
+
+Every config field lives here. YAML keys are the field names (snake_case, units in the name); the only
+alias is `class` (a Python keyword) for `ServiceConfig.service_class`. Unknown keys are rejected so that a
+typo in a ConfigMap fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ServiceClass = Literal["LS", "BE"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+# How BE work shares the accelerator with LS work. `priority`: BE rows run on the accelerator after all LS
+# work in the same token budget (the baseline kept from before the piggyback path).
+SchedulingPolicy = Literal["priority"]
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field and what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SLOConfig(_Strict):
+    """Latency SLO of an LS service (definitions in DESIGN.md: TTFT, TPOT per request)."""
+
+    ttft_ms: Annotated[float, Field(gt=0, le=3_600_000)]
+    tpot_ms: Annotated[float, Field(gt=0, le=600_000)]
+    attainment_target: Annotated[float, Field(gt=0, le=1)] = 0.99
+
+    @property
+    def ttft_s(self) -> float:
+        return self.ttft_ms / 1000.0
+
+    @property
+    def tpot_s(self) -> float:
+        return self.tpot_ms / 1000.0
+
+
+class ServiceConfig(_Strict):
+    """One hosted service (one LLMService): the name clients put in the OpenAI `model` field."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    service_class: ServiceClass = Field(alias="class")
+    slo: SLOConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if not _DNS1123_LABEL.match(name):
+            raise ValueError(
+                f"{name!r} is not a DNS-1123 label: use lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _ls_needs_slo(self) -> ServiceConfig:
+        if self.service_class == "LS" and self.slo is None:
+            raise ValueError(f"service {self.name!r} is class LS and needs an `slo` (ttft_ms, tpot_ms)")
+        return self
+
+
+class ModelConfig(_Strict):
+    uri: str
+    served_model_name: str | None = None
+    dtype: DType = "auto"
+    # None: the model's own max_position_embeddings. Larger than that is an error at load time.
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    # Seed for synthetic:// weights; the same seed gives the same weights on every machine.
+    seed: int = 0
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if not uri.startswith(MODEL_URI_SCHEMES):
+            raise ValueError(f"{uri!r} has no supported scheme; use one of {', '.join(MODEL_URI_SCHEMES)}")
+        return uri
+
+
+class EngineConfig(_Strict):
+    block_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Accelerator KV cache size. num_kv_blocks wins when set; else kv_cache_memory_gib sizes it.
+    num_kv_blocks: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_memory_gib: Annotated[float, Field(gt=0)] = 1.0
+    max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 256
+    # Token budget of one iteration (Sarathi-Serve chunk size): decodes + prefill chunks together.
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
+    enable_chunked_prefill: bool = True
+    policy: SchedulingPolicy = "priority"
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+class MetricsConfig(_Strict):
+    # LS SLO attainment is reported over this sliding window of finished (or rejected) requests.
+    attainment_window_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class RuntimeConfig(_Strict):
+    model: ModelConfig
+    # "auto": cuda if available, else cpu.
+    device: str = "auto"
+    services: Annotated[list[ServiceConfig], Field(min_length=1)]
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device):
+            raise ValueError(f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return device
+
+    @model_validator(mode="after")
+    def _unique_service_names(self) -> RuntimeConfig:
+        names = [s.name for s in self.services]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"service names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def service(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> RuntimeConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RuntimeConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field by its dotted YAML path."""
+    lines = [f"{source}: invalid runtime config:"]
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see RuntimeConfig in config.py)"
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Every Prometheus metric the runtime exports, defined once.
+
+Names follow vLLM's where the meaning is the same (so dashboards and Gateway-API-Inference-Extension style
+routers that read `vllm:*` work unchanged); Piggyback's own SLO figures use the `piggyback_` prefix.
+Labels: `model_name` is the service name (what clients send as `model`, as in vLLM), `class` is LS or BE.
+The operator imports the names from here; nothing else spells them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# --- names (exposition names; counters gain `_total` on the wire) -----------------------------------
+TTFT_SECONDS = "vllm:time_to_first_token_seconds"
+INTER_TOKEN_LATENCY_SECONDS = "vllm:inter_token_latency_seconds"
+REQUEST_TPOT_SECONDS = "vllm:request_time_per_output_token_seconds"
+E2E_LATENCY_SECONDS = "vllm:e2e_request_latency_seconds"
+QUEUE_TIME_SECONDS = "vllm:request_queue_time_seconds"
+NUM_RUNNING = "vllm:num_requests_running"
+NUM_WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+PROMPT_TOKENS = "vllm:prompt_tokens"
+GENERATION_TOKENS = "vllm:generation_tokens"
+REQUEST_SUCCESS = "vllm:request_success"
+NUM_PREEMPTIONS = "vllm:num_preemptions"
+CACHE_CONFIG_INFO = "vllm:cache_config_info"
+REQUESTS = "piggyback_requests"
+SLO_ATTAINMENT = "piggyback_slo_attainment_ratio"
+SLO_VIOLATIONS = "piggyback_slo_violations"
+SLO_WINDOW_REQUESTS = "piggyback_slo_window_requests"
+ITERATION_SECONDS = "piggyback_iteration_seconds"
+
+LABELS = ("model_name", "class")
+
+# Request outcomes (label `outcome` of piggyback_requests_total).
+OUTCOME_FINISHED = "finished"
+OUTCOME_ABORTED = "aborted"
+OUTCOME_REJECTED = "rejected"
+OUTCOME_FAILED = "failed"
+OUTCOMES = (OUTCOME_FINISHED, OUTCOME_ABORTED, OUTCOME_REJECTED, OUTCOME_FAILED)
+
+# SLO violation types (label `type`, as llm-d's inference_objective_request_slo_violation_total).
+VIOLATION_TTFT = "ttft"
+VIOLATION_TPOT = "tpot"
+VIOLATION_REJECTED = "rejected"
+
+_LATENCY_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """The timestamps (time.monotonic seconds) that the SLO definitions are computed from."""
+
+    arrival_s: float
+    scheduled_s: float | None
+    first_token_s: float | None
+    last_token_s: float | None
+    num_output_tokens: int
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Arrival at the runtime to the first output token leaving it."""
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(last token − first token) / (output tokens − 1); undefined for fewer than two tokens."""
+        if self.first_token_s is None or self.last_token_s is None or self.num_output_tokens < 2:
+            return None
+        return (self.last_token_s - self.first_token_s) / (self.num_output_tokens - 1)
+
+
+def slo_attained(timing: RequestTiming, ttft_slo_s: float, tpot_slo_s: float) -> tuple[bool, bool]:
+    """(ttft_ok, tpot_ok) for a finished request. A request with no first token misses TTFT."""
+    ttft = timing.ttft_s
+    tpot = timing.tpot_s
+    ttft_ok = ttft is not None and ttft <= ttft_slo_s
+    tpot_ok = tpot is None or tpot <= tpot_slo_s
+    return ttft_ok, tpot_ok
+
+
+class SlidingAttainment:
+    """Share of LS requests that attained their SLO among those that ended in the last `window_s`."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._events: deque[tuple[float, bool]] = deque()
+
+    def record(self, attained: bool, now_s: float | None = None) -> None:
+        self._events.append((time.monotonic() if now_s is None else now_s, attained))
+
+    def _expire(self, now_s: float) -> None:
+        while self._events and self._events[0][0] < now_s - self.window_s:
+            self._events.popleft()
+
+    def value(self, now_s: float | None = None) -> tuple[float, int]:
+        """(attainment ratio, requests in window); the ratio is 1.0 when the window is empty."""
+        self._expire(time.monotonic() if now_s is None else now_s)
+        total = len(self._events)
+        if total == 0:
+            return 1.0, 0
+        return sum(1 for _, ok in self._events if ok) / total, total
+
+
+class RuntimeMetrics:
+    """All metrics of one runtime, on their own registry (tests run several runtimes in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(TTFT_SECONDS, "Arrival at the runtime to first output token (DESIGN.md TTFT).",
+                              LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.inter_token_latency = Histogram(
+            INTER_TOKEN_LATENCY_SECONDS, "Time between consecutive output tokens of a request.", LABELS,
+            buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.request_tpot = Histogram(
+            REQUEST_TPOT_SECONDS, "Per-request TPOT: (last token - first token) / (output tokens - 1).",
+            LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.e2e_latency = Histogram(E2E_LATENCY_SECONDS, "Arrival to last token of a finished request.",
+                                     LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.queue_time = Histogram(QUEUE_TIME_SECONDS, "Arrival to first scheduled on the accelerator.",
+                                    LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.num_running = Gauge(NUM_RUNNING, "Requests holding KV and being computed.", LABELS, registry=r)
+        self.num_waiting = Gauge(NUM_WAITING, "Requests admitted but not yet scheduled (or preempted).",
+                                 LABELS, registry=r)
+        self.kv_cache_usage = Gauge(KV_CACHE_USAGE, "Share (0-1) of accelerator KV blocks held.", LABELS,
+                                    registry=r)
+        self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens of admitted requests.", LABELS, registry=r)
+        self.generation_tokens = Counter(GENERATION_TOKENS, "Output tokens produced.", LABELS, registry=r)
+        self.request_success = Counter(REQUEST_SUCCESS, "Requests finished normally, by finish reason.",
+                                       (*LABELS, "finished_reason"), registry=r)
+        self.num_preemptions = Counter(NUM_PREEMPTIONS, "Requests preempted (KV freed, recomputed later).",
+                                       LABELS, registry=r)
+        self.requests = Counter(REQUESTS, "Requests by outcome: finished, aborted, rejected, failed.",
+                                (*LABELS, "outcome"), registry=r)
+        self.slo_attainment = Gauge(SLO_ATTAINMENT, "LS SLO attainment over the sliding window (1 if empty).",
+                                    ("model_name",), registry=r)
+        self.slo_window_requests = Gauge(SLO_WINDOW_REQUESTS, "LS requests ended within the sliding window.",
+                                         ("model_name",), registry=r)
+        self.slo_violations = Counter(SLO_VIOLATIONS, "LS SLO violations by type: ttft, tpot, rejected.",
+                                      ("model_name", "type"), registry=r)
+        self.iteration_seconds = Histogram(ITERATION_SECONDS, "Wall time of one engine iteration.",
+                                           buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.cache_config_info = Gauge(CACHE_CONFIG_INFO, "KV cache configuration (value is always 1).",
+                                       ("block_size", "num_gpu_blocks"), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# Names as they appear on the wire, for tests and for the operator's scraper.
+def exposition_names() -> list[str]:
+    counters = {PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, NUM_PREEMPTIONS, REQUESTS, SLO_VIOLATIONS}
+    names = [
+        TTFT_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_TPOT_SECONDS, E2E_LATENCY_SECONDS,
+        QUEUE_TIME_SECONDS, NUM_RUNNING, NUM_WAITING, KV_CACHE_USAGE, PROMPT_TOKENS, GENERATION_TOKENS,
+        REQUEST_SUCCESS, NUM_PREEMPTIONS, CACHE_CONFIG_INFO, REQUESTS, SLO_ATTAINMENT, SLO_VIOLATIONS,
+        SLO_WINDOW_REQUESTS, ITERATION_SECONDS,
+    ]  # fmt: skip
+    return [f"{n}_total" if n in counters else n for n in names]
