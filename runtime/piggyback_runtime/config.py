@@ -22,6 +22,9 @@ SchedulingPolicy = Literal["priority"]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
+# pvc://CLAIM/PATH is read from PVC_MOUNT_ROOT/CLAIM/PATH: the operator mounts each claim there.
+PVC_MOUNT_ROOT_ENV = "PIGGYBACK_PVC_MOUNT_ROOT"
+DEFAULT_PVC_MOUNT_ROOT = "/models"
 
 
 class ConfigError(ValueError):

@@ -33,6 +33,10 @@ SLO_ATTAINMENT = "piggyback_slo_attainment_ratio"
 SLO_VIOLATIONS = "piggyback_slo_violations"
 SLO_WINDOW_REQUESTS = "piggyback_slo_window_requests"
 ITERATION_SECONDS = "piggyback_iteration_seconds"
+# Predicted extra LS request rate that fits under the SLOs at the current mix (exported by the SLO controller).
+LS_HEADROOM_RPS = "piggyback_ls_headroom_requests_per_second"
+# Host memory still free for BE KV cache blocks (exported by the SLO controller).
+HOST_KV_FREE_BYTES = "piggyback_host_kv_free_bytes"
 
 LABELS = ("model_name", "class")
 

@@ -1,0 +1,277 @@
+"""CPU paged decode attention for BE requests whose KV cache lives in host DRAM.
+
+The native kernel (``csrc/cpu_attention.cpp``, C++/OpenMP with AVX2 or AVX-512) is built with
+``torch.utils.cpp_extension`` on first use into a cache directory keyed by the source, the compiler
+flags, torch's version and the CPU's instruction-set flags, so nothing is compiled at install time.
+When it cannot be built (no compiler, no AVX2/FMA/F16C) or ``PIGGYBACK_CPU_ATTENTION=torch`` is set,
+a pure-torch implementation is used instead, with a warning that names the reason.
+
+The native op releases the GIL (it is called through ``torch.ops``) and runs its own OpenMP threads,
+so a BE attention worker thread does not stall the engine loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "kernel_name",
+    "native_available",
+    "paged_decode_attention",
+    "paged_decode_attention_torch",
+    "stream_read_bytes_per_s",
+    "write_kv",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_BACKEND = "PIGGYBACK_CPU_ATTENTION"  # "torch" forces the fallback
+ENV_ISA = "PIGGYBACK_CPU_ATTENTION_ISA"  # "avx2" builds without AVX-512 even where the CPU has it
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+_native: dict[str, Any] = {}  # isa -> torch.ops namespace
+_errors: dict[str, str] = {}  # isa -> why the native build is unavailable
+_warned: set[str] = set()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "piggyback" / "cpu_attention"
+
+
+def _ensure_ninja_on_path() -> None:
+    # cpp_extension runs `ninja --version`; the pip-installed ninja sits next to the interpreter,
+    # which is not on PATH when the venv is used without being activated.
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for d in candidates:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _build(isa: str) -> Any:
+    flags = _cpu_flags()
+    missing = [f for f in _REQUIRED_FLAGS if f not in flags]
+    if missing:
+        raise RuntimeError(f"CPU lacks {', '.join(missing)}")
+    from torch.utils import cpp_extension
+
+    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    namespace = "piggyback_cpu"
+    if isa == "avx2":
+        cflags += ["-mno-avx512f", "-DPB_FORCE_AVX2"]
+        namespace = "piggyback_cpu_avx2"
+    cflags.append(f"-DPB_NS={namespace}")
+    relevant = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+    key_src = "\n".join([_SOURCE.read_text(), " ".join(cflags), torch.__version__, " ".join(relevant)])
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    build_dir = _cache_root() / f"{isa}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_ninja_on_path()
+    started = time.perf_counter()
+    cpp_extension.load(
+        name=f"piggyback_cpu_attention_{isa}_{key}",
+        sources=[str(_SOURCE)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    log.info("cpu attention kernel (%s) ready in %.1f s (%s)", isa, time.perf_counter() - started, build_dir)
+    return getattr(torch.ops, namespace)
+
+
+def _load(isa: str | None = None) -> Any | None:
+    """The native op namespace for `isa` ("native" or "avx2"), building it on first use; None if unavailable."""
+    isa = isa or os.environ.get(ENV_ISA, "native")
+    if isa not in ("native", "avx2"):
+        raise ValueError(f"{ENV_ISA} must be 'native' or 'avx2', not {isa!r}")
+    if isa in _native:
+        return _native[isa]
+    if isa in _errors:
+        return None
+    with _lock:
+        if isa in _native or isa in _errors:
+            return _native.get(isa)
+        try:
+            _native[isa] = _build(isa)
+        except Exception as exc:  # any build/load failure means: use the torch fallback
+            _errors[isa] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+            log.debug("cpu attention native build failed", exc_info=True)
+    return _native.get(isa)
+
+
+def _backend() -> Any | None:
+    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
+        return None
+    return _load()
+
+
+def native_available() -> bool:
+    """True when the native kernel is built (or buildable now) and not disabled by the environment."""
+    return _backend() is not None
+
+
+def kernel_name() -> str:
+    """Which implementation `paged_decode_attention` uses: "native-avx512", "native-avx2" or "torch"."""
+    ops = _backend()
+    return f"native-{ops.isa()}" if ops is not None else "torch"
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(f"piggyback CPU attention uses the slow pure-torch fallback: {reason}", RuntimeWarning,
+                  stacklevel=3)
+
+
+def write_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> None:
+    """Store new tokens' k/v [n, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+    nb, bs, hkv, d = key_cache.shape
+    flat_k = key_cache.view(nb * bs, hkv, d)
+    flat_v = value_cache.view(nb * bs, hkv, d)
+    idx = slot_mapping.to(torch.int64)
+    flat_k.index_copy_(0, idx, key.to(key_cache.dtype))
+    flat_v.index_copy_(0, idx, value.to(value_cache.dtype))
+
+
+def paged_decode_attention_torch(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch reference and fallback: gather each request's pages, softmax(q K^T * scale) V in fp32."""
+    num_seqs, hq, d = query.shape
+    _, bs, hkv, _ = key_cache.shape
+    g = hq // hkv
+    if out is None:
+        out = torch.empty(num_seqs, hq, d, dtype=torch.float32)
+    lens = context_lens.tolist()
+    for s in range(num_seqs):
+        n = int(lens[s])
+        blocks = block_tables[s, : (n + bs - 1) // bs].to(torch.int64)
+        k = key_cache.index_select(0, blocks).reshape(-1, hkv, d)[:n].float()  # [n, hkv, d]
+        v = value_cache.index_select(0, blocks).reshape(-1, hkv, d)[:n].float()
+        q = query[s].float().view(hkv, g, d)
+        scores = torch.einsum("hgd,nhd->hgn", q, k) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[s] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(hq, d)
+    return out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per sequence over its paged KV cache; returns fp32 [seqs, q_heads, d].
+
+    q head h reads kv head h // (num_q_heads // num_kv_heads). The newest token's k/v must already be
+    in the cache (see `write_kv`). Accumulation is fp32 for every cache dtype.
+    """
+    if query.dim() != 3 or key_cache.dim() != 4:
+        raise ValueError("query must be [seqs, q_heads, head_dim] and caches [blocks, block_size, kv_heads, head_dim]")
+    num_seqs, hq, d = query.shape
+    hkv = key_cache.shape[2]
+    if hq % hkv != 0 or key_cache.shape[3] != d:
+        raise ValueError(f"incompatible heads/head_dim: query {tuple(query.shape)}, cache {tuple(key_cache.shape)}")
+    if out is not None and (out.shape != query.shape or out.dtype != torch.float32):
+        raise ValueError("out must be float32 and shaped like query")
+
+    ops = _backend()
+    reason = None
+    if ops is None:
+        reason = (
+            f"{ENV_BACKEND}=torch"
+            if os.environ.get(ENV_BACKEND, "").lower() == "torch"
+            else _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
+        )
+    elif key_cache.dtype not in _SUPPORTED_DTYPES or d % 32 != 0:
+        reason = f"unsupported dtype {key_cache.dtype} or head_dim {d} (needs a multiple of 32)"
+    elif not (key_cache.is_contiguous() and value_cache.is_contiguous()) or key_cache.device.type != "cpu":
+        reason = "KV caches must be contiguous host tensors"
+    if reason is not None:
+        if os.environ.get(ENV_BACKEND, "").lower() != "torch":
+            _warn_fallback(reason)
+        return paged_decode_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale, out)
+
+    q = query.to(torch.float32).contiguous()
+    bt = block_tables.to(torch.int32)
+    if bt.dim() == 2 and bt.stride(1) != 1:
+        bt = bt.contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    target = out if out is not None and out.is_contiguous() else torch.empty(num_seqs, hq, d, dtype=torch.float32)
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    ops.paged_decode_attention(q, key_cache, value_cache, bt, lens, float(scale), target, int(threads))
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target
+
+
+def stream_read_bytes_per_s(
+    nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None
+) -> float:
+    """Best single-pass read bandwidth over a buffer of `nbytes` (native kernel, else torch.sum)."""
+    buf = torch.ones(max(nbytes // 4, 1024), dtype=torch.float32)
+    ops = _backend()
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    best = math.inf
+    for _ in range(repeats + 1):  # first pass warms pages and the thread team
+        start = time.perf_counter()
+        if ops is not None:
+            ops.stream_read(buf, int(threads))
+        else:
+            buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best

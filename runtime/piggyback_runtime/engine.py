@@ -1,0 +1,314 @@
+"""The engine: one iteration = plan (scheduler) → one forward pass over every scheduled token → sample → emit.
+
+Single-threaded by design: only the engine thread (server/async_engine.py) calls into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from piggyback_runtime import metrics as m
+from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv.allocator import BlockAllocator
+from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
+from piggyback_runtime.model.loader import LoadedModel, load_model
+from piggyback_runtime.model.tokenizer import Tokenizer
+from piggyback_runtime.request import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SLOTarget,
+)
+from piggyback_runtime.sampling import sample
+from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take as sent (HTTP 400); the message says what to change."""
+
+
+class UnknownServiceError(LookupError):
+    """The request names a service this runtime does not host (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+class Engine:
+    def __init__(
+        self, config: RuntimeConfig, loaded: LoadedModel | None = None, metrics: m.RuntimeMetrics | None = None
+    ) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.device)
+        self.model = self.loaded.model
+        self.arch = self.loaded.arch
+        self.tokenizer: Tokenizer = self.loaded.tokenizer
+        self.device = self.loaded.device
+        self.metrics = metrics or m.RuntimeMetrics()
+        engine_cfg = config.engine
+        self.block_size = engine_cfg.block_size
+        num_blocks = engine_cfg.num_kv_blocks or max(
+            1, int(engine_cfg.kv_cache_memory_gib * 2**30) // kv_block_bytes(self.arch, self.block_size, self.loaded.dtype)
+        )
+        self.kv_cache = PagedKVCache(self.arch, num_blocks, self.block_size, self.loaded.dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks, self.block_size)
+        self.scheduler = BatchScheduler(
+            self.allocator, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens, engine_cfg.enable_chunked_prefill
+        )
+        self.requests: dict[str, Request] = {}
+        self.scale = 1.0 / math.sqrt(self.arch.head_dim)
+        self.attainment = {s.name: m.SlidingAttainment(config.metrics.attainment_window_s) for s in config.services}
+        self.services = {s.name: s for s in config.services}
+        self.metrics.cache_config_info.labels(block_size=str(self.block_size), num_gpu_blocks=str(num_blocks)).set(1)
+        for service in config.services:  # export every series from the start, so dashboards see zeros
+            labels = (service.name, service.service_class)
+            self.metrics.num_running.labels(*labels).set(0)
+            self.metrics.num_waiting.labels(*labels).set(0)
+            self.metrics.kv_cache_usage.labels(*labels).set(0)
+            self.metrics.prompt_tokens.labels(*labels)
+            self.metrics.generation_tokens.labels(*labels)
+            for outcome in m.OUTCOMES:
+                self.metrics.requests.labels(*labels, outcome)
+            if service.service_class == "LS":
+                self.metrics.slo_attainment.labels(service.name).set(1.0)
+                self.metrics.slo_window_requests.labels(service.name).set(0)
+                for violation in (m.VIOLATION_TTFT, m.VIOLATION_TPOT, m.VIOLATION_REJECTED):
+                    self.metrics.slo_violations.labels(service.name, violation)
+        log.info("engine ready: %d KV blocks of %d tokens on %s", num_blocks, self.block_size, self.device)
+
+    # --- requests in and out ------------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        service = self.services.get(request.service)
+        if service is None:
+            raise UnknownServiceError(
+                f"The model `{request.service}` does not exist on this runtime; hosted: {', '.join(self.services)}"
+            )
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty after tokenisation; send at least one token")
+        max_len = self.loaded.max_model_len
+        if prompt_len + request.params.max_tokens > max_len:
+            raise RequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{request.params.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
+            )
+        needed = self.allocator.blocks_for_tokens(prompt_len + request.params.max_tokens)
+        if needed > self.allocator.num_blocks:
+            raise RequestError(
+                f"the request needs {needed} KV blocks but this runtime's cache holds {self.allocator.num_blocks}; "
+                "lower max_tokens or shorten the prompt"
+            )
+        if any(t < 0 or t >= self.arch.vocab_size for t in request.prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        if request.request_id in self.requests:
+            raise RequestError(f"request id {request.request_id!r} is already running")
+        service = self.services[request.service]
+        if request.slo is None and service.slo is not None:
+            request.slo = SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        labels = (request.service, request.service_class)
+        self.metrics.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request (client gone); its KV blocks are free when this returns."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, FINISH_ABORT)
+
+    def fail(self, request_id: str, error: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.error = error
+        return self._finish(request, FINISH_ERROR)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_used, self.allocator.num_blocks
+        )
+
+    # --- one iteration --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        for victim in plan.preempted:
+            self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
+        outputs: list[RequestOutput] = []
+        if plan:
+            outputs = self._execute(plan)
+            self.metrics.iteration_seconds.observe(time.perf_counter() - started)
+        self._update_gauges()
+        return outputs
+
+    def _execute(self, plan: IterationPlan) -> list[RequestOutput]:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        for chunk in plan.chunks:
+            token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
+            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+        blocks = self.allocator.blocks_of
+        batch = AttentionBatch.build(
+            decodes=[(blocks(c.request.request_id), c.start) for c in plan.decodes],
+            prefills=[(blocks(c.request.request_id), c.start, c.num_tokens) for c in plan.prefills],
+            block_size=self.block_size,
+            device=self.device,
+        )
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return paged_attention(layer, q, k, v, self.kv_cache, batch, self.scale)
+
+        hidden = self.model.forward_layers(
+            torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            attention,
+        )
+        sample_rows: list[int] = []
+        sampling: list[Request] = []
+        row = 0
+        for chunk in plan.chunks:
+            row += chunk.num_tokens
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            if chunk.samples:
+                sample_rows.append(row - 1)
+                sampling.append(chunk.request)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[sample_rows])
+        new_tokens = sample(logits, sampling)
+        now = time.monotonic()
+        return [self._append_token(r, t, now) for r, t in zip(sampling, new_tokens, strict=True)]
+
+    # --- outputs ------------------------------------------------------------------------------------
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        labels = (request.service, request.service_class)
+        if request.first_token_s is None:
+            request.first_token_s = now
+            self.metrics.ttft.labels(*labels).observe(now - request.arrival_s)
+            if request.scheduled_s is not None:
+                self.metrics.queue_time.labels(*labels).observe(request.scheduled_s - request.arrival_s)
+        elif request.last_token_s is not None:
+            self.metrics.inter_token_latency.labels(*labels).observe(now - request.last_token_s)
+        request.last_token_s = now
+        request.output_token_ids.append(token)
+        self.metrics.generation_tokens.labels(*labels).inc()
+        params = request.params
+        finish_reason = None
+        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.loaded.eos_token_ids)
+        if is_stop_token:
+            finish_reason = FINISH_STOP
+        else:
+            if self._detokenize(request):
+                finish_reason = FINISH_STOP
+        if finish_reason is None and (
+            len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.loaded.max_model_len
+        ):
+            finish_reason = FINISH_LENGTH
+        if finish_reason is not None:
+            return self._finish(request, finish_reason, new_token_ids=[token])
+        return RequestOutput(
+            request.request_id, [token], self._take_text(request, final=False), False,
+            num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=len(request.output_token_ids),
+        )
+
+    def _detokenize(self, request: Request) -> bool:
+        """Extend output_text with the newest token; True when a stop string completed (text cut before it)."""
+        ids = request.output_token_ids
+        prefix = self.tokenizer.decode(ids[request.prefix_offset : request.read_offset])
+        full = self.tokenizer.decode(ids[request.prefix_offset :])
+        # A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives.
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            previous_len = len(request.output_text)
+            request.output_text += full[len(prefix) :]
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+            for stop in request.params.stop:
+                index = request.output_text.find(stop, max(0, previous_len - len(stop) + 1))
+                if index != -1:
+                    request.output_text = request.output_text[:index]
+                    return True
+        return False
+
+    def _take_text(self, request: Request, final: bool) -> str:
+        # While running, hold back what could be the start of a stop string, so it is never streamed.
+        holdback = 0 if final or not request.params.stop else max(len(s) for s in request.params.stop) - 1
+        end = max(request.sent_text_len, len(request.output_text) - holdback)
+        delta = request.output_text[request.sent_text_len : end]
+        request.sent_text_len = end
+        return delta
+
+    def _finish(self, request: Request, reason: str, new_token_ids: list[int] | None = None) -> RequestOutput:
+        self.scheduler.remove(request)
+        self.requests.pop(request.request_id, None)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        labels = (request.service, request.service_class)
+        outcome = {FINISH_ABORT: m.OUTCOME_ABORTED, FINISH_ERROR: m.OUTCOME_FAILED}.get(reason, m.OUTCOME_FINISHED)
+        self.metrics.requests.labels(*labels, outcome).inc()
+        timing = request.timing()
+        if outcome == m.OUTCOME_FINISHED:
+            self.metrics.request_success.labels(*labels, reason).inc()
+            if request.last_token_s is not None:
+                self.metrics.e2e_latency.labels(*labels).observe(request.last_token_s - request.arrival_s)
+            if timing.tpot_s is not None:
+                self.metrics.request_tpot.labels(*labels).observe(timing.tpot_s)
+        # Attainment counts what the runtime did: finished and failed LS requests; a client abort is neither.
+        if request.is_ls and request.slo is not None and outcome != m.OUTCOME_ABORTED:
+            ttft_ok, tpot_ok = m.slo_attained(timing, request.slo.ttft_s, request.slo.tpot_s)
+            ok = ttft_ok and tpot_ok and outcome == m.OUTCOME_FINISHED
+            self.record_ls_attainment(request.service, ok, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
+        return RequestOutput(
+            request.request_id, new_token_ids or [], self._take_text(request, final=True), True, reason,
+            num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=len(request.output_token_ids),
+            error=request.error,
+        )
+
+    def record_ls_attainment(self, service: str, attained: bool, *, ttft_ok: bool, tpot_ok: bool) -> None:
+        if not ttft_ok:
+            self.metrics.slo_violations.labels(service, m.VIOLATION_TTFT).inc()
+        if not tpot_ok:
+            self.metrics.slo_violations.labels(service, m.VIOLATION_TPOT).inc()
+        self.attainment[service].record(attained)
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, list[int]] = {name: [0, 0, 0] for name in self.services}  # running, waiting, blocks
+        for request in self.scheduler.running:
+            counts[request.service][0] += 1
+            counts[request.service][2] += len(self.allocator.blocks_of(request.request_id))
+        for request in self.scheduler.waiting:
+            counts[request.service][1] += 1
+            counts[request.service][2] += len(self.allocator.blocks_of(request.request_id))
+        for name, (running, waiting, blocks) in counts.items():
+            labels = (name, self.services[name].service_class)
+            self.metrics.num_running.labels(*labels).set(running)
+            self.metrics.num_waiting.labels(*labels).set(waiting)
+            self.metrics.kv_cache_usage.labels(*labels).set(blocks / self.allocator.num_blocks)
+            if self.services[name].service_class == "LS":
+                ratio, window = self.attainment[name].value()
+                self.metrics.slo_attainment.labels(name).set(ratio)
+                self.metrics.slo_window_requests.labels(name).set(window)

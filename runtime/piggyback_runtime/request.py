@@ -1,0 +1,132 @@
+"""A request's state inside the runtime: prompt, progress through its tokens, outputs, timing."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from piggyback_runtime.config import ServiceClass
+from piggyback_runtime.metrics import RequestTiming
+
+# OpenAI finish reasons, plus "abort" (client went away) and "error" (the runtime failed the request).
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SLOTarget:
+    """The latency targets one request is held to (the service's SLO, or per-request overrides)."""
+
+    ttft_s: float
+    tpot_s: float
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    service: str
+    service_class: ServiceClass
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    slo: SLOTarget | None = None
+    arrival_s: float = field(default_factory=time.monotonic)
+
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache; the next step computes tokens [num_computed_tokens, ...).
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+    scheduled_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    # The seeded request's torch.Generator (typed loosely: this module stays torch-free for the planner).
+    generator: object | None = None
+    # Incremental detokenisation state (see engine.Detokenizer).
+    output_text: str = ""
+    sent_text_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def is_ls(self) -> bool:
+        return self.service_class == "LS"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_remaining_tokens(self) -> int:
+        """Tokens to compute before this request samples its next token."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_decode(self) -> bool:
+        return self.num_remaining_tokens == 1 and bool(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    def timing(self) -> RequestTiming:
+        return RequestTiming(
+            arrival_s=self.arrival_s,
+            scheduled_s=self.scheduled_s,
+            first_token_s=self.first_token_s,
+            last_token_s=self.last_token_s,
+            num_output_tokens=len(self.output_token_ids),
+        )
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request, delivered to whoever waits on it."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None

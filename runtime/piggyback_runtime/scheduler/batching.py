@@ -1,0 +1,165 @@
+"""Iteration planner: continuous batching with chunked prefill under a token budget (Sarathi-Serve style).
+
+Pure Python, no torch: the simulator drives this same code. Each iteration is filled in priority order
+    LS decodes > LS partial prefills > LS new prefills > BE decodes > BE partial prefills > BE new prefills
+until the token budget is spent. When the accelerator KV cache runs out, the lowest-priority running
+request (BE before LS, latest arrival first) is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from piggyback_runtime.kv.allocator import BlockAllocator
+from piggyback_runtime.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # first token position computed in this iteration
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the request's tokens, so the iteration samples a token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class IterationPlan:
+    decodes: list[ScheduledChunk] = field(default_factory=list)
+    prefills: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.decodes) + sum(c.num_tokens for c in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+def _priority(request: Request) -> tuple[int, float]:
+    return (0 if request.is_ls else 1, request.arrival_s)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # --- queue management --------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the scheduler (finished or aborted) and free its KV at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.allocator.free(request.request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, victim: Request, plan: IterationPlan) -> None:
+        self.running.remove(victim)
+        self.allocator.free(victim.request_id)
+        victim.num_computed_tokens = 0  # recompute: prompt and outputs so far are prefilled again
+        victim.num_preemptions += 1
+        victim.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        plan.preempted.append(victim)
+
+    # --- planning ------------------------------------------------------------------------------------
+    def schedule(self) -> IterationPlan:
+        plan = IterationPlan()
+        self._plan = plan
+        self._budget = self.max_num_batched_tokens
+        self._scheduled: set[str] = set()
+        self.running.sort(key=_priority)
+        for service_class in ("LS", "BE"):
+            # Decodes of running requests first: they hold KV and a client is waiting on every token.
+            for request in [r for r in self.running if r.service_class == service_class and r.in_decode]:
+                if self._budget < 1:
+                    break
+                if request not in self.running:  # preempted above by a higher-priority request
+                    continue
+                if self._make_room(request, request.num_computed_tokens + 1, same_class_victims=True):
+                    self._take(request, plan.decodes, 1)
+                else:
+                    self._preempt(request, plan)
+            # Partial prefills of running requests next, then new prefills.
+            for request in [r for r in self.running if r.service_class == service_class and not r.in_decode]:
+                if self._budget < 1 or request.request_id in self._scheduled or request not in self.running:
+                    continue
+                self._schedule_prefill(request, same_class_victims=True)
+            for request in [r for r in self.waiting if r.service_class == service_class]:
+                if self._budget < 1 or len(self.running) >= self.max_num_seqs:
+                    break
+                # A waiting request only displaces a lower class: same-class preemption would thrash.
+                if not self._schedule_prefill(request, same_class_victims=False):
+                    break  # keep arrival order within a class: no overtaking a request that does not fit
+                self.waiting.remove(request)
+                self.running.append(request)
+                request.status = RequestStatus.RUNNING
+                if request.scheduled_s is None:
+                    request.scheduled_s = time.monotonic()
+        # Preempted requests wait at the head of the queue: they were admitted before anything waiting.
+        for victim in reversed(plan.preempted):
+            if victim.status == RequestStatus.WAITING and victim not in self.waiting:
+                self.waiting.appendleft(victim)
+        return plan
+
+    def _make_room(self, request: Request, num_tokens: int, same_class_victims: bool) -> bool:
+        """Grow `request`'s blocks to `num_tokens`, preempting lower-priority running requests if needed."""
+        while not self.allocator.can_hold(request.request_id, num_tokens):
+            victims = [
+                r for r in self.running
+                if r.request_id not in self._scheduled and r is not request and _priority(r) > _priority(request)
+                and (same_class_victims or r.service_class != request.service_class)
+            ]  # fmt: skip
+            if not victims:
+                return False
+            self._preempt(victims[-1], self._plan)
+        self.allocator.ensure(request.request_id, num_tokens)
+        return True
+
+    def _take(self, request: Request, into: list[ScheduledChunk], num_tokens: int) -> None:
+        into.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens))
+        self._scheduled.add(request.request_id)
+        self._budget -= num_tokens
+
+    def _schedule_prefill(self, request: Request, same_class_victims: bool) -> bool:
+        remaining = request.num_remaining_tokens
+        if self.enable_chunked_prefill:
+            chunk = min(remaining, self._budget)
+        else:
+            # Without chunking a prompt runs whole; one larger than the budget runs alone.
+            if remaining > self._budget and self._plan:
+                return False
+            chunk = remaining
+        if not self._make_room(request, request.num_computed_tokens + chunk, same_class_victims):
+            return False
+        self._take(request, self._plan.prefills, chunk)
+        return True

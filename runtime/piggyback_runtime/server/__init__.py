@@ -1,0 +1,1 @@
+"""HTTP server: OpenAI-compatible API, health, readiness and metrics."""

@@ -1,0 +1,121 @@
+"""Runs the engine loop on its own thread and bridges its outputs to asyncio request handlers.
+
+Torch releases the GIL inside its kernels, so the HTTP event loop stays responsive while the engine
+computes. Handlers never touch engine state: they post commands (add, abort) that the loop applies
+between iterations, and receive RequestOutputs on a per-request asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import AsyncGenerator
+
+from piggyback_runtime.engine import Engine
+from piggyback_runtime.request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; the runtime is not healthy."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._streams_lock = threading.Lock()
+        self.dead_reason: str | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead_reason is None
+
+    async def generate(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
+        """Submit a validated request and yield its outputs; leaving early (client gone) aborts it."""
+        if not self.alive:
+            raise EngineDeadError(self.dead_reason or "engine loop is not running")
+        self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
+        self._post("add", request)
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                yield output
+        finally:
+            with self._streams_lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self._post("abort", request.request_id)
+
+    def _post(self, command: str, payload: object) -> None:
+        self._commands.put((command, payload))
+        self._wakeup.set()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._streams_lock:
+            target = self._streams.get(output.request_id)
+        if target is not None:
+            loop, outputs = target
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                assert isinstance(payload, Request)
+                try:
+                    self.engine.add_request(payload)
+                except Exception as exc:  # validated before, but state may have changed (duplicate id)
+                    self._deliver(RequestOutput(payload.request_id, [], "", True, "error", error=str(exc)))
+            elif command == "abort":
+                assert isinstance(payload, str)
+                self.engine.abort(payload)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands()
+                if not self.engine.has_work():
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception:
+                    # One bad iteration must not take the runtime down: fail what was in flight, keep serving.
+                    message = traceback.format_exc(limit=3)
+                    log.error("engine iteration failed; failing in-flight requests:\n%s", message)
+                    outputs = [
+                        out for rid in list(self.engine.requests)
+                        if (out := self.engine.fail(rid, "internal error in the engine iteration")) is not None
+                    ]  # fmt: skip
+                for output in outputs:
+                    self._deliver(output)
+        except BaseException as exc:  # pragma: no cover - last resort, reported by /healthz
+            self.dead_reason = f"engine loop died: {exc!r}"
+            log.exception("engine loop died")
+            raise
