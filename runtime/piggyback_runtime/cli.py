@@ -20,16 +20,22 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     runtime = Runtime(config)
     runtime.load_in_background()
-    uvicorn.run(create_app(runtime), host=config.server.host, port=config.server.port,
-                log_level=args.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(runtime),
+        host=config.server.host,
+        port=config.server.port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from piggyback_runtime.demo import run_demo
 
-    return run_demo(duration_s=args.duration_s, ls_rate_per_s=args.ls_rate, be_concurrency=args.be_concurrency,
-                    model_uri=args.model)
+    return run_demo(
+        duration_s=args.duration_s, ls_rate_per_s=args.ls_rate, be_concurrency=args.be_concurrency, model_uri=args.model
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

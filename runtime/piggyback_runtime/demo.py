@@ -29,10 +29,36 @@ from piggyback_runtime.config import RuntimeConfig
 
 LS_SERVICE = "chat"
 BE_SERVICE = "batch"
-_WORDS = (
-    "the quick brown fox jumps over lazy dog serve model request token batch latency answer question "
-    "summary write explain translate system user assistant hello world piggyback scheduler queue"
-).split()
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "serve",
+    "model",
+    "request",
+    "token",
+    "batch",
+    "latency",
+    "answer",
+    "question",
+    "summary",
+    "write",
+    "explain",
+    "translate",
+    "system",
+    "user",
+    "assistant",
+    "hello",
+    "world",
+    "piggyback",
+    "scheduler",
+    "queue",
+]
 
 
 @dataclass
@@ -89,10 +115,18 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
-async def _stream_one(client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int,
-                      record: RequestRecord) -> None:
-    body = {"model": service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+async def _stream_one(
+    client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: RequestRecord
+) -> None:
+    body = {
+        "model": service,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -112,8 +146,9 @@ async def _stream_one(client: httpx.AsyncClient, service: str, prompt: str, max_
         record.error = f"{type(exc).__name__}: {exc}"
 
 
-async def drive_load(base_url: str, duration_s: float, ls_rate_per_s: float, be_concurrency: int,
-                     seed: int = 0, progress: bool = True) -> LoadResult:
+async def drive_load(
+    base_url: str, duration_s: float, ls_rate_per_s: float, be_concurrency: int, seed: int = 0, progress: bool = True
+) -> LoadResult:
     rng = random.Random(seed)
     result = LoadResult()
     deadline = time.monotonic() + duration_s
@@ -132,8 +167,11 @@ async def drive_load(base_url: str, duration_s: float, ls_rate_per_s: float, be_
         async def be_worker() -> None:
             # LongBench-like: long prompts, medium outputs; closed loop keeps the batch full.
             while time.monotonic() < deadline:
-                await launch(BE_SERVICE, _prompt(rng, _lognormal_int(rng, 300, 0.4, 64, 900)),
-                             _lognormal_int(rng, 64, 0.3, 16, 128))
+                await launch(
+                    BE_SERVICE,
+                    _prompt(rng, _lognormal_int(rng, 300, 0.4, 64, 900)),
+                    _lognormal_int(rng, 64, 0.3, 16, 128),
+                )
 
         async def ls_arrivals() -> None:
             # ShareGPT-like: short prompts and outputs, Poisson arrivals.
@@ -141,8 +179,9 @@ async def drive_load(base_url: str, duration_s: float, ls_rate_per_s: float, be_
                 await asyncio.sleep(rng.expovariate(ls_rate_per_s))
                 if time.monotonic() >= deadline:
                     return
-                launch(LS_SERVICE, _prompt(rng, _lognormal_int(rng, 60, 0.6, 8, 300)),
-                       _lognormal_int(rng, 24, 0.5, 4, 64))
+                launch(
+                    LS_SERVICE, _prompt(rng, _lognormal_int(rng, 60, 0.6, 8, 300)), _lognormal_int(rng, 24, 0.5, 4, 64)
+                )
 
         async def report() -> None:
             start = time.monotonic()
@@ -150,8 +189,11 @@ async def drive_load(base_url: str, duration_s: float, ls_rate_per_s: float, be_
                 await asyncio.sleep(5.0)
                 done = [r for r in result.records if r.last_token_s is not None or r.error]
                 be_tokens = sum(r.output_tokens for r in result.records if r.service == BE_SERVICE)
-                print(f"  [{time.monotonic() - start:5.0f}s] requests sent {len(result.records):4d}, "
-                      f"done {len(done):4d}, BE tokens {be_tokens:6d}", flush=True)
+                print(
+                    f"  [{time.monotonic() - start:5.0f}s] requests sent {len(result.records):4d}, "
+                    f"done {len(done):4d}, BE tokens {be_tokens:6d}",
+                    flush=True,
+                )
 
         started = time.monotonic()
         workers = [asyncio.create_task(be_worker()) for _ in range(be_concurrency)]
@@ -169,7 +211,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def _ms(value: float | None) -> str:
@@ -182,8 +224,10 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
         if family.name == m.SLO_ATTAINMENT:
             for sample in family.samples:
                 runtime_attainment[sample.labels["model_name"]] = sample.value
-    header = (f"{'service':8} {'class':5} {'reqs':>5} {'errors':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
-              f"{'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO attained':>13} {'runtime says':>12} {'out tok/s':>10}")
+    header = (
+        f"{'service':8} {'class':5} {'reqs':>5} {'errors':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
+        f"{'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO attained':>13} {'runtime says':>12} {'out tok/s':>10}"
+    )
     lines = [header, "-" * len(header)]
     for service in config.services:
         records = [r for r in result.records if r.service == service.name]
@@ -193,8 +237,14 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
         tokens = sum(r.output_tokens for r in records)
         attained = "-"
         if service.slo is not None and records:
-            ok = sum(1 for r in records if r.error is None and r.ttft_s is not None and r.ttft_s <= service.slo.ttft_s
-                     and (r.tpot_s is None or r.tpot_s <= service.slo.tpot_s))
+            ok = sum(
+                1
+                for r in records
+                if r.error is None
+                and r.ttft_s is not None
+                and r.ttft_s <= service.slo.ttft_s
+                and (r.tpot_s is None or r.tpot_s <= service.slo.tpot_s)
+            )
             attained = f"{ok / len(records):6.1%}"
         said = f"{runtime_attainment[service.name]:.1%}" if service.name in runtime_attainment else "-"
         lines.append(
@@ -211,8 +261,19 @@ def start_server(config: RuntimeConfig, workdir: Path, log_path: Path) -> subpro
     config_path.write_text(config.to_yaml())
     log_file = log_path.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "piggyback_runtime.cli", "--log-level", "WARNING", "serve", "--config", str(config_path)],
-        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "piggyback_runtime.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--config",
+            str(config_path),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -237,16 +298,25 @@ def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="piggyback-demo-") as tmp:
         log_path = Path(tmp) / "runtime.log"
-        print(f"Starting a runtime on {base_url}: model {model_uri}, services '{LS_SERVICE}' (LS, SLO "
-              f"TTFT {config.services[0].slo.ttft_ms:.0f} ms / TPOT {config.services[0].slo.tpot_ms:.0f} ms) "  # type: ignore[union-attr]
-              f"and '{BE_SERVICE}' (BE)", flush=True)
+        print(
+            f"Starting a runtime on {base_url}: model {model_uri}, services '{LS_SERVICE}' (LS, SLO "
+            f"TTFT {config.services[0].slo.ttft_ms:.0f} ms / TPOT {config.services[0].slo.tpot_ms:.0f} ms) "  # type: ignore[union-attr]
+            f"and '{BE_SERVICE}' (BE)",
+            flush=True,
+        )
         process = start_server(config, Path(tmp), log_path)
         try:
             wait_ready(base_url, process)
-            print(f"Ready. Driving {duration_s:.0f}s of load: LS Poisson {ls_rate_per_s}/s, "
-                  f"BE batch of {be_concurrency} in flight.", flush=True)
-            print("BE requests run on the accelerator at lower priority than LS (the piggyback path is not "
-                  "enabled in this build).", flush=True)
+            print(
+                f"Ready. Driving {duration_s:.0f}s of load: LS Poisson {ls_rate_per_s}/s, "
+                f"BE batch of {be_concurrency} in flight.",
+                flush=True,
+            )
+            print(
+                "BE requests run on the accelerator at lower priority than LS (the piggyback path is not "
+                "enabled in this build).",
+                flush=True,
+            )
             result = asyncio.run(drive_load(base_url, duration_s, ls_rate_per_s, be_concurrency))
             server_metrics = httpx.get(f"{base_url}/metrics", timeout=10.0).text
         except Exception:
@@ -257,7 +327,9 @@ def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model
             process.wait(timeout=30)
     print()
     print(summarize(result, config, server_metrics))
-    print("\nTTFT/TPOT in ms as the client saw them; 'SLO attained': LS requests meeting both TTFT and TPOT; "
-          "'runtime says': the runtime's own sliding-window figure.")
+    print(
+        "\nTTFT/TPOT in ms as the client saw them; 'SLO attained': LS requests meeting both TTFT and TPOT; "
+        "'runtime says': the runtime's own sliding-window figure."
+    )
     failed = sum(1 for r in result.records if r.error)
     return 1 if failed else 0

@@ -64,13 +64,15 @@ class Engine:
         self.metrics = metrics or m.RuntimeMetrics()
         engine_cfg = config.engine
         self.block_size = engine_cfg.block_size
-        num_blocks = engine_cfg.num_kv_blocks or max(
-            1, int(engine_cfg.kv_cache_memory_gib * 2**30) // kv_block_bytes(self.arch, self.block_size, self.loaded.dtype)
-        )
+        block_bytes = kv_block_bytes(self.arch, self.block_size, self.loaded.dtype)
+        num_blocks = engine_cfg.num_kv_blocks or max(1, int(engine_cfg.kv_cache_memory_gib * 2**30) // block_bytes)
         self.kv_cache = PagedKVCache(self.arch, num_blocks, self.block_size, self.loaded.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, self.block_size)
         self.scheduler = BatchScheduler(
-            self.allocator, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens, engine_cfg.enable_chunked_prefill
+            self.allocator,
+            engine_cfg.max_num_seqs,
+            engine_cfg.max_num_batched_tokens,
+            engine_cfg.enable_chunked_prefill,
         )
         self.requests: dict[str, Request] = {}
         self.scale = 1.0 / math.sqrt(self.arch.head_dim)
@@ -136,7 +138,9 @@ class Engine:
         request = self.requests.get(request_id)
         if request is None:
             return None
-        return self._finish(request, FINISH_ABORT)
+        output = self._finish(request, FINISH_ABORT)
+        self._update_gauges()  # the loop may go idle now; the gauges must not keep showing this request
+        return output
 
     def fail(self, request_id: str, error: str) -> RequestOutput | None:
         request = self.requests.get(request_id)
@@ -233,8 +237,12 @@ class Engine:
         if finish_reason is not None:
             return self._finish(request, finish_reason, new_token_ids=[token])
         return RequestOutput(
-            request.request_id, [token], self._take_text(request, final=False), False,
-            num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=len(request.output_token_ids),
+            request.request_id,
+            [token],
+            self._take_text(request, final=False),
+            False,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_output_tokens=len(request.output_token_ids),
         )
 
     def _detokenize(self, request: Request) -> bool:
@@ -283,8 +291,13 @@ class Engine:
             ok = ttft_ok and tpot_ok and outcome == m.OUTCOME_FINISHED
             self.record_ls_attainment(request.service, ok, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
         return RequestOutput(
-            request.request_id, new_token_ids or [], self._take_text(request, final=True), True, reason,
-            num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=len(request.output_token_ids),
+            request.request_id,
+            new_token_ids or [],
+            self._take_text(request, final=True),
+            True,
+            reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_output_tokens=len(request.output_token_ids),
             error=request.error,
         )
 

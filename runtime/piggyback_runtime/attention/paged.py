@@ -74,12 +74,13 @@ class AttentionBatch:
         )
 
 
-def _gqa(x: torch.Tensor, repeats: int) -> torch.Tensor:
-    return x if repeats == 1 else x.repeat_interleave(repeats, dim=-3)
-
-
 def paged_attention(
-    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: PagedKVCache,
+    batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
     """Write this layer's new k/v into the cache, then attend every row against its request's context.
@@ -88,8 +89,8 @@ def paged_attention(
     """
     cache.write(layer, batch.slots, k, v)
     key_cache, value_cache = cache.key[layer], cache.value[layer]
-    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-    repeats = heads // kv_heads
+    kv_heads, head_dim = k.shape[1], q.shape[2]
+    gqa = q.shape[1] != kv_heads  # SDPA maps query head h to KV head h // (Hq / Hkv), no copies
     out = torch.empty_like(q)
     n = batch.num_decodes
     if n:
@@ -98,14 +99,19 @@ def paged_attention(
         keys = key_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
         values = value_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
         out[:n] = F.scaled_dot_product_attention(
-            q[:n].unsqueeze(2), _gqa(keys, repeats), _gqa(values, repeats), attn_mask=batch.decode_mask, scale=scale
+            q[:n].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
         ).squeeze(2)
     for p in batch.prefills:
         keys = key_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
         values = value_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
         rows = slice(p.query_start, p.query_start + p.num_queries)
         out[rows] = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), _gqa(keys.to(q.dtype), repeats), _gqa(values.to(q.dtype), repeats),
-            attn_mask=p.mask, is_causal=p.mask is None, scale=scale,
+            q[rows].transpose(0, 1),
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=p.mask,
+            is_causal=p.mask is None,
+            scale=scale,
+            enable_gqa=gqa,
         ).transpose(0, 1)
     return out

@@ -14,7 +14,12 @@ def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
 
 class PagedKVCache:
     def __init__(
-        self, arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+        self,
+        arch: ModelArch,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
         pin_memory: bool = False,
     ) -> None:
         shape = (arch.num_hidden_layers, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)

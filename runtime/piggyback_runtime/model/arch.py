@@ -84,6 +84,9 @@ class ModelArch:
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // heads
+        # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older files `rope_scaling`.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
@@ -97,8 +100,8 @@ class ModelArch:
             head_dim=int(head_dim),
             max_position_embeddings=int(need("max_position_embeddings")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling"), source),
+            rope_theta=float(rope_theta),
+            rope_scaling=_parse_rope_scaling(rope, source),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has a bias on q/k/v; Llama has one only when attention_bias is set.
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
@@ -144,8 +147,9 @@ class ModelArch:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
-            (self.eos_token_ids[0] if self.eos_token_ids else None),
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
+            else (self.eos_token_ids[0] if self.eos_token_ids else None),
         }
         if self.model_type == "llama":
             cfg["attention_bias"] = self.attention_bias
@@ -207,7 +211,5 @@ SYNTHETIC_PRESETS: dict[str, ModelArch] = {
 
 def synthetic_arch(name: str) -> ModelArch:
     if name not in SYNTHETIC_PRESETS:
-        raise ModelLoadError(
-            f"synthetic://{name} is not a known preset; known: {', '.join(sorted(SYNTHETIC_PRESETS))}"
-        )
+        raise ModelLoadError(f"synthetic://{name} is not a known preset; known: {', '.join(sorted(SYNTHETIC_PRESETS))}")
     return SYNTHETIC_PRESETS[name]

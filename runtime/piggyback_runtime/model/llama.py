@@ -133,9 +133,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden)).float()
 
-    def forward_layers(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn
-    ) -> torch.Tensor:
+    def forward_layers(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         """Run every layer for a flat batch of tokens; `attention(layer, q, k, v)` owns the KV cache."""
         hidden = self.embed(token_ids)
         cos, sin = self.rope(positions, hidden.dtype)

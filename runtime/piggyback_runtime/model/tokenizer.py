@@ -62,15 +62,13 @@ class Tokenizer:
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self._template = (
-            _JINJA.from_string(chat_template) if chat_template else None
-        )
+        self._template = _JINJA.from_string(chat_template) if chat_template else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id, *ids]
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
         return ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

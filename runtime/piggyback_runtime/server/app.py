@@ -83,11 +83,15 @@ def _slo_from_headers(request: Request, runtime: Runtime, service: str) -> SLOTa
         ttft_s = float(ttft) / 1000 if ttft is not None else (base_slo.ttft_s if base_slo else None)
         tpot_s = float(tpot) / 1000 if tpot is not None else (base_slo.tpot_s if base_slo else None)
     except ValueError:
-        raise APIError(400, f"{SLO_TTFT_HEADER}/{SLO_TPOT_HEADER} must be numbers of milliseconds",
-                       "invalid_request_error") from None
+        raise APIError(
+            400, f"{SLO_TTFT_HEADER}/{SLO_TPOT_HEADER} must be numbers of milliseconds", "invalid_request_error"
+        ) from None
     if ttft_s is None or tpot_s is None or ttft_s <= 0 or tpot_s <= 0:
-        raise APIError(400, f"{SLO_TTFT_HEADER} and {SLO_TPOT_HEADER} must both be positive (or come from the "
-                       "service's SLO)", "invalid_request_error")
+        raise APIError(
+            400,
+            f"{SLO_TTFT_HEADER} and {SLO_TPOT_HEADER} must both be positive (or come from the service's SLO)",
+            "invalid_request_error",
+        )
     return SLOTarget(ttft_s, tpot_s)
 
 
@@ -156,11 +160,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     def _check_service(name: str) -> None:
         if runtime.config.service(name) is None:
             hosted = ", ".join(s.name for s in runtime.config.services)
-            raise APIError(404, f"The model `{name}` does not exist. Hosted models: {hosted}",
-                           "invalid_request_error", "model_not_found", "model")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Hosted models: {hosted}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
 
-    async def _run(body: CompletionRequest | ChatCompletionRequest, http: Request, prompt_ids: list[int],
-                   max_tokens: int | None, chat: bool) -> Response:
+    async def _run(
+        body: CompletionRequest | ChatCompletionRequest,
+        http: Request,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        chat: bool,
+    ) -> Response:
         engine = runtime.ready_engine()
         service = runtime.config.service(body.model)
         assert service is not None
@@ -172,8 +186,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_request_error") from None
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        request = EngineRequest(request_id, service.name, service.service_class, prompt_ids, params,
-                                slo=_slo_from_headers(http, runtime, service.name))
+        request = EngineRequest(
+            request_id,
+            service.name,
+            service.service_class,
+            prompt_ids,
+            params,
+            slo=_slo_from_headers(http, runtime, service.name),
+        )
         try:
             stream = engine.generate(request)
             first = await anext(stream)
@@ -250,15 +270,25 @@ def _usage(output: RequestOutput) -> dict[str, int]:
 
 
 async def _sse(
-    first: RequestOutput, rest: AsyncGenerator[RequestOutput, None], request_id: str, created: int, model: str,
-    chat: bool, include_usage: bool,
+    first: RequestOutput,
+    rest: AsyncGenerator[RequestOutput, None],
+    request_id: str,
+    created: int,
+    model: str,
+    chat: bool,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events exactly as OpenAI sends them, ending with `data: [DONE]`."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model,
-                                   "choices": [choice] if choice is not None else []}
+        payload: dict[str, Any] = {
+            "id": request_id,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [choice] if choice is not None else [],
+        }
         if include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -278,13 +308,18 @@ async def _sse(
 
 
 async def _sse_events(
-    first: RequestOutput, rest: AsyncIterator[RequestOutput], event: Callable[..., str],
-    choice: Callable[..., dict[str, Any]], chat: bool, include_usage: bool,
+    first: RequestOutput,
+    rest: AsyncIterator[RequestOutput],
+    event: Callable[..., str],
+    choice: Callable[..., dict[str, Any]],
+    chat: bool,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     last = first
     if chat:
-        yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None})
+        yield event(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        )
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
         yield _sse_error(first)
         return

@@ -89,9 +89,9 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: send one prompt per request (batches of prompts are not supported)")
+        is_text_list = isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
+        if is_text_list and len(self.prompt) != 1:
+            raise ValueError("prompt: send one prompt per request (batches of prompts are not supported)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be empty")
         if self.echo:

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible server, as a real process on loopback, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from piggyback_runtime import metrics as m
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.demo import _free_port, wait_ready
+from piggyback_runtime.server.app import Runtime, create_app
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.runtime.helpers import LS_SLO
+
+
+def _config(port: int) -> RuntimeConfig:
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 512},
+        "device": "cpu",
+        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
+        "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
+        "server": {"host": "127.0.0.1", "port": port},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    config_path = tmp_path_factory.mktemp("server") / "runtime.yaml"
+    config_path.write_text(_config(port).to_yaml())
+    log = config_path.with_suffix(".log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "piggyback_runtime.cli", "serve", "--config", str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, timeout_s=120)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_one_entry_per_hosted_service(client: openai.OpenAI) -> None:
+    assert sorted(model.id for model in client.models.list()) == ["batch", "chat"]
+
+
+def test_completion_non_streaming(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model="chat", prompt="hello world", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert result.object == "text_completion"
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == 12
+    assert result.usage.prompt_tokens > 0
+    assert isinstance(result.choices[0].text, str)
+
+
+def test_completion_streaming_concatenates_to_the_non_streaming_text(client: openai.OpenAI) -> None:
+    kwargs = {
+        "model": "batch",
+        "prompt": "the quick brown fox",
+        "max_tokens": 16,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+
+def test_chat_completion_streaming_and_not(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(
+        model="chat", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(
+        model="chat", messages=messages, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_raw_sse_stream_is_framed_as_openai_sends_it(server: str) -> None:
+    body = {"model": "chat", "prompt": "hi", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {p["object"] for p in payloads} == {"text_completion"}
+    assert len({p["id"] for p in payloads}) == 1
+
+
+def test_unknown_model_is_a_404_the_client_surfaces(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no-such-service", prompt="hi", max_tokens=2)
+    assert "`no-such-service` does not exist" in str(info.value)
+    assert info.value.code == "model_not_found"
+
+
+def test_malformed_bodies_get_400_naming_the_field(client: openai.OpenAI, server: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="chat", prompt="hi", max_tokens=2, temperature=7)
+    assert "temperature" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="chat", messages=[], max_tokens=2)
+    assert "messages" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="chat", prompt="hi", max_tokens=2, extra_body={"temprature": 0.5})
+    assert "temprature" in str(info.value) and "unknown field" in str(info.value)
+    response = httpx.post(
+        f"{server}/v1/completions", content=b"{not json", timeout=10, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_context_longer_than_the_model_allows_is_rejected(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="chat", prompt=[5] * 500, max_tokens=100)
+    assert "maximum context length is 512" in str(info.value)
+
+
+def _scrape(server: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics", timeout=10).text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_parse_and_hold_every_metric_in_metrics_py(client: openai.OpenAI, server: str) -> None:
+    client.completions.create(model="chat", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    families = {f.name for f in text_string_to_metric_families(text)}
+    sample_names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    for name in m.exposition_names():
+        assert name in sample_names or name.removesuffix("_total") in families or f"{name}_bucket" in sample_names, (
+            f"{name} missing from /metrics"
+        )
+    samples = _scrape(server)
+    chat = (("class", "LS"), ("model_name", "chat"))
+    assert samples[f"{m.TTFT_SECONDS}_count"][chat] >= 1
+    assert samples[f"{m.GENERATION_TOKENS}_total"][chat] >= 3
+
+
+def test_client_disconnect_mid_stream_frees_its_kv(server: str) -> None:
+    body = {
+        "model": "batch",
+        "prompt": "stream me",
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    be = (("class", "BE"), ("model_name", "batch"))
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert _scrape(server)[m.KV_CACHE_USAGE][be] > 0
+    # Connection closed after three events of 400; the request must be gone well before it could finish.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        samples = _scrape(server)
+        if samples[m.KV_CACHE_USAGE][be] == 0 and samples[m.NUM_RUNNING][be] == 0:
+            break
+        time.sleep(0.1)
+    assert samples[m.KV_CACHE_USAGE][be] == 0
+    assert samples[f"{m.REQUESTS}_total"][(*be[:1], ("model_name", "batch"), ("outcome", "aborted"))] >= 1
+
+
+def test_readyz_is_not_ready_until_the_model_has_loaded(tmp_path: Path) -> None:
+    release = threading.Event()
+    runtime = Runtime(_config(8000))
+    real_factory = runtime._factory
+
+    def slow_factory():  # type: ignore[no-untyped-def]
+        release.wait(30)
+        return real_factory()
+
+    runtime._factory = slow_factory
+    with TestClient(create_app(runtime)) as http:
+        loader = runtime.load_in_background()
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 503
+        response = http.post("/v1/completions", json={"model": "chat", "prompt": "hi"})
+        assert response.status_code == 503 and "still loading" in response.json()["error"]["message"]
+        release.set()
+        loader.join(30)
+        assert http.get("/readyz").status_code == 200
+        runtime.engine.stop()  # type: ignore[union-attr]
