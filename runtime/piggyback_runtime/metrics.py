@@ -119,41 +119,75 @@ class RuntimeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram(TTFT_SECONDS, "Arrival at the runtime to first output token (DESIGN.md TTFT).",
-                              LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            TTFT_SECONDS,
+            "Arrival at the runtime to first output token (DESIGN.md TTFT).",
+            LABELS,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
-            INTER_TOKEN_LATENCY_SECONDS, "Time between consecutive output tokens of a request.", LABELS,
-            buckets=_LATENCY_BUCKETS_S, registry=r)
+            INTER_TOKEN_LATENCY_SECONDS,
+            "Time between consecutive output tokens of a request.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.request_tpot = Histogram(
-            REQUEST_TPOT_SECONDS, "Per-request TPOT: (last token - first token) / (output tokens - 1).",
-            LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.e2e_latency = Histogram(E2E_LATENCY_SECONDS, "Arrival to last token of a finished request.",
-                                     LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.queue_time = Histogram(QUEUE_TIME_SECONDS, "Arrival to first scheduled on the accelerator.",
-                                    LABELS, buckets=_LATENCY_BUCKETS_S, registry=r)
+            REQUEST_TPOT_SECONDS,
+            "Per-request TPOT: (last token - first token) / (output tokens - 1).",
+            LABELS,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            E2E_LATENCY_SECONDS,
+            "Arrival to last token of a finished request.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            QUEUE_TIME_SECONDS,
+            "Arrival to first scheduled on the accelerator.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.num_running = Gauge(NUM_RUNNING, "Requests holding KV and being computed.", LABELS, registry=r)
-        self.num_waiting = Gauge(NUM_WAITING, "Requests admitted but not yet scheduled (or preempted).",
-                                 LABELS, registry=r)
-        self.kv_cache_usage = Gauge(KV_CACHE_USAGE, "Share (0-1) of accelerator KV blocks held.", LABELS,
-                                    registry=r)
+        self.num_waiting = Gauge(
+            NUM_WAITING, "Requests admitted but not yet scheduled (or preempted).", LABELS, registry=r
+        )
+        self.kv_cache_usage = Gauge(KV_CACHE_USAGE, "Share (0-1) of accelerator KV blocks held.", LABELS, registry=r)
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens of admitted requests.", LABELS, registry=r)
         self.generation_tokens = Counter(GENERATION_TOKENS, "Output tokens produced.", LABELS, registry=r)
-        self.request_success = Counter(REQUEST_SUCCESS, "Requests finished normally, by finish reason.",
-                                       (*LABELS, "finished_reason"), registry=r)
-        self.num_preemptions = Counter(NUM_PREEMPTIONS, "Requests preempted (KV freed, recomputed later).",
-                                       LABELS, registry=r)
-        self.requests = Counter(REQUESTS, "Requests by outcome: finished, aborted, rejected, failed.",
-                                (*LABELS, "outcome"), registry=r)
-        self.slo_attainment = Gauge(SLO_ATTAINMENT, "LS SLO attainment over the sliding window (1 if empty).",
-                                    ("model_name",), registry=r)
-        self.slo_window_requests = Gauge(SLO_WINDOW_REQUESTS, "LS requests ended within the sliding window.",
-                                         ("model_name",), registry=r)
-        self.slo_violations = Counter(SLO_VIOLATIONS, "LS SLO violations by type: ttft, tpot, rejected.",
-                                      ("model_name", "type"), registry=r)
-        self.iteration_seconds = Histogram(ITERATION_SECONDS, "Wall time of one engine iteration.",
-                                           buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.cache_config_info = Gauge(CACHE_CONFIG_INFO, "KV cache configuration (value is always 1).",
-                                       ("block_size", "num_gpu_blocks"), registry=r)
+        self.request_success = Counter(
+            REQUEST_SUCCESS, "Requests finished normally, by finish reason.", (*LABELS, "finished_reason"), registry=r
+        )
+        self.num_preemptions = Counter(
+            NUM_PREEMPTIONS, "Requests preempted (KV freed, recomputed later).", LABELS, registry=r
+        )
+        self.requests = Counter(
+            REQUESTS, "Requests by outcome: finished, aborted, rejected, failed.", (*LABELS, "outcome"), registry=r
+        )
+        self.slo_attainment = Gauge(
+            SLO_ATTAINMENT, "LS SLO attainment over the sliding window (1 if empty).", ("model_name",), registry=r
+        )
+        self.slo_window_requests = Gauge(
+            SLO_WINDOW_REQUESTS, "LS requests ended within the sliding window.", ("model_name",), registry=r
+        )
+        self.slo_violations = Counter(
+            SLO_VIOLATIONS, "LS SLO violations by type: ttft, tpot, rejected.", ("model_name", "type"), registry=r
+        )
+        self.iteration_seconds = Histogram(
+            ITERATION_SECONDS, "Wall time of one engine iteration.", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.cache_config_info = Gauge(
+            CACHE_CONFIG_INFO,
+            "KV cache configuration (value is always 1).",
+            ("block_size", "num_gpu_blocks"),
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
