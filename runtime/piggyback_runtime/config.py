@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ServiceClass = Literal["LS", "BE"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-# How BE work shares the accelerator with LS work. `priority`: BE rows run on the accelerator after all LS
-# work in the same token budget (the baseline kept from before the piggyback path).
-SchedulingPolicy = Literal["priority"]
+# How BE work shares the accelerator with LS work.
+# `piggyback`: BE prefill on the accelerator at low priority, BE decode attention on host CPUs against KV in
+#   host DRAM, BE rows merged into the Dense batch layer by layer (the product).
+# `priority`: BE runs entirely on the accelerator after all LS work in the same token budget (baseline).
+SchedulingPolicy = Literal["piggyback", "priority"]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
@@ -101,7 +103,22 @@ class EngineConfig(_Strict):
     # Token budget of one iteration (Sarathi-Serve chunk size): decodes + prefill chunks together.
     max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
     enable_chunked_prefill: bool = True
-    policy: SchedulingPolicy = "priority"
+    policy: SchedulingPolicy = "piggyback"
+
+
+class PiggybackConfig(_Strict):
+    """The BE path: KV in host DRAM, attention on CPU worker processes (used by policy `piggyback`)."""
+
+    # Host KV cache size. num_host_kv_blocks wins when set; else host_kv_memory_gib sizes it.
+    num_host_kv_blocks: Annotated[int, Field(ge=1)] | None = None
+    host_kv_memory_gib: Annotated[float, Field(gt=0)] = 4.0
+    # BE requests that can hold host KV at once (each owns one row of the shared q/k/v/out buffers).
+    max_be_requests: Annotated[int, Field(ge=1, le=65536)] = 256
+    num_cpu_workers: Annotated[int, Field(ge=1, le=256)] = 1
+    # None: the machine's cores divided among the workers.
+    cpu_threads_per_worker: Annotated[int, Field(ge=1)] | None = None
+    # Most BE rows merged into one layer's Dense batch per iteration (the SLO controller lowers it).
+    max_be_rows_per_layer: Annotated[int, Field(ge=0)] = 64
 
 
 class ServerConfig(_Strict):
@@ -120,6 +137,7 @@ class RuntimeConfig(_Strict):
     device: str = "auto"
     services: Annotated[list[ServiceConfig], Field(min_length=1)]
     engine: EngineConfig = EngineConfig()
+    piggyback: PiggybackConfig = PiggybackConfig()
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model.tokenizer import Tokenizer
+from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
 from piggyback_runtime.request import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -75,6 +77,12 @@ class Engine:
             engine_cfg.enable_chunked_prefill,
         )
         self.requests: dict[str, Request] = {}
+        # Policy `piggyback`: BE decode attention on host CPUs. BE requests wait here for host KV first.
+        self.piggyback: PiggybackPath | None = None
+        self.host_kv_waiting: deque[Request] = deque()
+        if engine_cfg.policy == "piggyback":
+            self.piggyback = PiggybackPath(config, self.arch, self.loaded.dtype, self.device, self.metrics)
+        self._be_token_times: deque[float] = deque()
         self.scale = 1.0 / math.sqrt(self.arch.head_dim)
         self.attainment = {s.name: m.SlidingAttainment(config.metrics.attainment_window_s) for s in config.services}
         self.services = {s.name: s for s in config.services}
@@ -118,6 +126,13 @@ class Engine:
                 f"the request needs {needed} KV blocks but this runtime's cache holds {self.allocator.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
             )
+        if self.piggyback is not None and request.service_class == "BE":
+            host_tokens = self.piggyback.capacity_tokens()
+            if prompt_len + request.params.max_tokens > host_tokens:
+                raise RequestError(
+                    f"the BE request needs {prompt_len + request.params.max_tokens} tokens of host KV cache but this "
+                    f"runtime holds {host_tokens}; lower max_tokens or shorten the prompt"
+                )
         if any(t < 0 or t >= self.arch.vocab_size for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
 
@@ -129,7 +144,11 @@ class Engine:
         if request.slo is None and service.slo is not None:
             request.slo = SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
         self.requests[request.request_id] = request
-        self.scheduler.add(request)
+        if self.piggyback is not None and request.service_class == "BE":
+            self.host_kv_waiting.append(request)
+            self._admit_be()
+        else:
+            self.scheduler.add(request)
         labels = (request.service, request.service_class)
         self.metrics.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))
 
@@ -149,8 +168,20 @@ class Engine:
         request.error = error
         return self._finish(request, FINISH_ERROR)
 
+    def _admit_be(self) -> None:
+        """Move BE requests to the planner, in arrival order, while host KV and slots last."""
+        assert self.piggyback is not None
+        while self.host_kv_waiting and self.piggyback.reserve(self.host_kv_waiting[0]):
+            self.scheduler.add(self.host_kv_waiting.popleft())
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.host_kv_waiting) or (
+            self.piggyback is not None and self.piggyback.has_work()
+        )
+
+    def close(self) -> None:
+        if self.piggyback is not None:
+            self.piggyback.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -161,20 +192,35 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
+        pb = self.piggyback
+        if pb is not None:
+            self._admit_be()
+            pb.collect()
         plan = self.scheduler.schedule()
         for victim in plan.preempted:
             self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
         outputs: list[RequestOutput] = []
-        if plan:
+        if plan or (pb is not None and pb.has_ready_work()):
             outputs = self._execute(plan)
             self.metrics.iteration_seconds.observe(time.perf_counter() - started)
+        elif pb is not None and pb.has_work():
+            # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
+            pb.idle_wait(0.05)
+        if pb is not None:
+            for request, error in pb.take_failures():
+                if (output := self.fail(request.request_id, error)) is not None:
+                    outputs.append(output)
         self._update_gauges()
         return outputs
 
     def _execute(self, plan: IterationPlan) -> list[RequestOutput]:
+        """One forward pass: the plan's rows on the accelerator, plus BE rows merged layer by layer."""
         token_ids: list[int] = []
         positions: list[int] = []
+        be_prefills: list[tuple[Request, int, int, int]] = []
         for chunk in plan.chunks:
+            if not chunk.request.is_ls and self.piggyback is not None:
+                be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
             token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
         blocks = self.allocator.blocks_of
@@ -184,15 +230,58 @@ class Engine:
             block_size=self.block_size,
             device=self.device,
         )
+        pb = self.piggyback
+        prefill_targets = pb.prefill_targets(be_prefills) if pb is not None else None
+        model = self.model
+        hidden = model.embed(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        cos, sin = model.rope(torch.tensor(positions, dtype=torch.long, device=self.device), hidden.dtype)
+        num_rows = len(token_ids)
+        # BE rows travelling with this pass: at layer 0 the tokens that enter the model, after layer l the
+        # rows whose layer-l CPU attention was merged into post_attention(l).
+        carry: list[BERow] = pb.entering() if pb is not None else []
+        carry_hidden = model.embed(self._tensor([r.request.output_token_ids[-1] for r in carry]))
+        merged = len(carry)
+        for index, layer in enumerate(model.layers):
+            attn = hidden.new_empty((0, self.arch.num_attention_heads, self.arch.head_dim))
+            if num_rows or carry:
+                x, row_cos, row_sin = hidden, cos, sin
+                if carry:
+                    carry_cos, carry_sin = model.rope(self._tensor([r.position for r in carry]), hidden.dtype)
+                    x = torch.cat((hidden, carry_hidden))
+                    row_cos, row_sin = torch.cat((cos, carry_cos)), torch.cat((sin, carry_sin))
+                q, k, v = layer.pre_attention(x, row_cos, row_sin)
+                if num_rows:
+                    attn = paged_attention(index, q[:num_rows], k[:num_rows], v[:num_rows], self.kv_cache, batch,
+                                           self.scale)  # fmt: skip
+                    if prefill_targets is not None:
+                        assert pb is not None
+                        pb.write_prefill_kv(index, prefill_targets, k, v)
+                if carry:
+                    assert pb is not None
+                    pb.submit(index, carry, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
+            ready = pb.ready(index) if pb is not None else []
+            if ready:
+                assert pb is not None
+                be_attn, be_residual = pb.take(index, ready)
+                attn, residual = torch.cat((attn, be_attn)), torch.cat((hidden, be_residual))
+                merged += len(ready)
+            else:
+                residual = hidden
+            if num_rows or ready:
+                out = layer.post_attention(attn, residual)
+                hidden, carry_hidden = out[:num_rows], out[num_rows:]
+            carry = ready
+        if pb is not None:
+            self.metrics.be_rows_merged.observe(merged)
+        return self._sample(plan, hidden, carry, carry_hidden)
 
-        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return paged_attention(layer, q, k, v, self.kv_cache, batch, self.scale)
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        hidden = self.model.forward_layers(
-            torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            attention,
-        )
+    def _sample(
+        self, plan: IterationPlan, hidden: torch.Tensor, done_rows: list[BERow], done_hidden: torch.Tensor
+    ) -> list[RequestOutput]:
+        """Sample the plan's rows that reached their last token and the BE rows that left the last layer."""
         sample_rows: list[int] = []
         sampling: list[Request] = []
         row = 0
@@ -202,12 +291,24 @@ class Engine:
             if chunk.samples:
                 sample_rows.append(row - 1)
                 sampling.append(chunk.request)
-        if not sampling:
+        if not sampling and not done_rows:
             return []
-        logits = self.model.compute_logits(hidden[sample_rows])
-        new_tokens = sample(logits, sampling)
+        logits = self.model.compute_logits(torch.cat((hidden[sample_rows], done_hidden)))
+        requests = sampling + [r.request for r in done_rows]
+        new_tokens = sample(logits, requests)
         now = time.monotonic()
-        return [self._append_token(r, t, now) for r, t in zip(sampling, new_tokens, strict=True)]
+        outputs = [self._append_token(r, t, now) for r, t in zip(requests, new_tokens, strict=True)]
+        if self.piggyback is not None:
+            for request, output in zip(sampling, outputs, strict=False):
+                if not request.is_ls and not output.finished:
+                    # Prefill done and first token out: the request leaves the accelerator for the CPU path.
+                    self.scheduler.remove(request)
+                    request.num_computed_tokens = request.num_tokens - 1
+                    self.piggyback.start_decode(request)
+            for be_row, output in zip(done_rows, outputs[len(sampling):], strict=True):
+                if not output.finished:
+                    self.piggyback.token_done(be_row)
+        return outputs
 
     # --- outputs ------------------------------------------------------------------------------------
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
@@ -222,6 +323,8 @@ class Engine:
         request.last_token_s = now
         request.output_token_ids.append(token)
         self.metrics.generation_tokens.labels(*labels).inc()
+        if not request.is_ls:
+            self._be_token_times.append(now)
         params = request.params
         finish_reason = None
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.loaded.eos_token_ids)
@@ -272,6 +375,10 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, new_token_ids: list[int] | None = None) -> RequestOutput:
         self.scheduler.remove(request)
+        if self.piggyback is not None and not request.is_ls:
+            if request in self.host_kv_waiting:
+                self.host_kv_waiting.remove(request)
+            self.piggyback.release(request)
         self.requests.pop(request.request_id, None)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -309,6 +416,12 @@ class Engine:
         self.attainment[service].record(attained)
 
     def _update_gauges(self) -> None:
+        now = time.monotonic()
+        while self._be_token_times and self._be_token_times[0] < now - 10.0:
+            self._be_token_times.popleft()
+        self.metrics.be_tokens_per_second.set(len(self._be_token_times) / 10.0)
+        if self.piggyback is not None:
+            self.piggyback.update_gauges()
         counts: dict[str, list[int]] = {name: [0, 0, 0] for name in self.services}  # running, waiting, blocks
         for request in self.scheduler.running:
             counts[request.service][0] += 1
@@ -316,6 +429,11 @@ class Engine:
         for request in self.scheduler.waiting:
             counts[request.service][1] += 1
             counts[request.service][2] += len(self.allocator.blocks_of(request.request_id))
+        if self.piggyback is not None:  # BE requests on the CPU path hold no accelerator KV
+            for be_row in self.piggyback.rows.values():
+                counts[be_row.request.service][0] += 1
+            for request in self.host_kv_waiting:
+                counts[request.service][1] += 1
         for name, (running, waiting, blocks) in counts.items():
             labels = (name, self.services[name].service_class)
             self.metrics.num_running.labels(*labels).set(running)

@@ -35,8 +35,14 @@ SLO_WINDOW_REQUESTS = "piggyback_slo_window_requests"
 ITERATION_SECONDS = "piggyback_iteration_seconds"
 # Predicted extra LS request rate that fits under the SLOs at the current mix (exported by the SLO controller).
 LS_HEADROOM_RPS = "piggyback_ls_headroom_requests_per_second"
-# Host memory still free for BE KV cache blocks (exported by the SLO controller).
+# Host memory still free for BE KV cache blocks.
 HOST_KV_FREE_BYTES = "piggyback_host_kv_free_bytes"
+HOST_KV_USAGE = "piggyback_host_kv_usage_ratio"
+CPU_ATTENTION_QUEUE_DEPTH = "piggyback_cpu_attention_queue_depth"
+CPU_ATTENTION_WAIT_SECONDS = "piggyback_cpu_attention_wait_seconds"
+CPU_WORKER_RESTARTS = "piggyback_cpu_worker_restarts"
+BE_ROWS_MERGED = "piggyback_be_rows_merged"
+BE_TOKENS_PER_SECOND = "piggyback_be_tokens_per_second"
 
 LABELS = ("model_name", "class")
 
@@ -189,17 +195,31 @@ class RuntimeMetrics:
             registry=r,
         )
 
+        # The piggyback path (policy `piggyback`).
+        self.host_kv_usage = Gauge(HOST_KV_USAGE, "Share (0-1) of host-DRAM BE KV blocks held.", registry=r)
+        self.host_kv_free_bytes = Gauge(HOST_KV_FREE_BYTES, "Host DRAM still free for BE KV blocks.", registry=r)
+        self.cpu_attention_queue_depth = Gauge(
+            CPU_ATTENTION_QUEUE_DEPTH, "BE rows whose attention is on a CPU worker right now.", registry=r
+        )
+        self.cpu_attention_wait_seconds = Counter(
+            CPU_ATTENTION_WAIT_SECONDS,
+            "Time the engine spent blocked on CPU attention results while it had accelerator work (should stay 0).",
+            registry=r,
+        )
+        self.cpu_worker_restarts = Counter(CPU_WORKER_RESTARTS, "CPU attention workers replaced after dying.",
+                                           registry=r)  # fmt: skip
+        self.be_rows_merged = Histogram(
+            BE_ROWS_MERGED, "BE rows merged into the Dense batch in one iteration (summed over layers).",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r,
+        )  # fmt: skip
+        self.be_tokens_per_second = Gauge(
+            BE_TOKENS_PER_SECOND, "BE output tokens per second over the last 10 s.", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-# Names as they appear on the wire, for tests and for the operator's scraper.
-def exposition_names() -> list[str]:
-    counters = {PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, NUM_PREEMPTIONS, REQUESTS, SLO_VIOLATIONS}
-    names = [
-        TTFT_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_TPOT_SECONDS, E2E_LATENCY_SECONDS,
-        QUEUE_TIME_SECONDS, NUM_RUNNING, NUM_WAITING, KV_CACHE_USAGE, PROMPT_TOKENS, GENERATION_TOKENS,
-        REQUEST_SUCCESS, NUM_PREEMPTIONS, CACHE_CONFIG_INFO, REQUESTS, SLO_ATTAINMENT, SLO_VIOLATIONS,
-        SLO_WINDOW_REQUESTS, ITERATION_SECONDS,
-    ]  # fmt: skip
-    return [f"{n}_total" if n in counters else n for n in names]
+def metric_family_names() -> list[str]:
+    """Every metric family the runtime exports (counters without `_total`), from a fresh registry."""
+    return sorted(family.name for family in RuntimeMetrics().registry.collect())

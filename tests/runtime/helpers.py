@@ -13,12 +13,16 @@ from piggyback_runtime.request import Request, SamplingParams
 LS_SLO = {"ttft_ms": 60_000, "tpot_ms": 60_000}
 
 
-def tiny_config(uri: str = "synthetic://tiny-llama", **engine: Any) -> RuntimeConfig:
+def tiny_config(uri: str = "synthetic://tiny-llama", piggyback: dict[str, Any] | None = None, **engine: Any
+                ) -> RuntimeConfig:  # fmt: skip
+    """A tiny model on the CPU. Policy `priority` unless asked: most tests need no CPU worker processes."""
     return RuntimeConfig.from_dict({
         "model": {"uri": uri},
         "device": "cpu",
         "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, **engine},
+        "engine": {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority",
+                   **engine},
+        "piggyback": {"num_host_kv_blocks": 512, "max_be_requests": 16, **(piggyback or {})},
     })  # fmt: skip
 
 

@@ -156,8 +156,7 @@ def _warn_fallback(reason: str) -> None:
     if reason in _warned:
         return
     _warned.add(reason)
-    warnings.warn(f"piggyback CPU attention uses the slow pure-torch fallback: {reason}", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(f"piggyback CPU attention uses the slow pure-torch fallback: {reason}", RuntimeWarning, stacklevel=3)
 
 
 def write_kv(
@@ -259,9 +258,7 @@ def paged_decode_attention(
     return target
 
 
-def stream_read_bytes_per_s(
-    nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None
-) -> float:
+def stream_read_bytes_per_s(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
     """Best single-pass read bandwidth over a buffer of `nbytes` (native kernel, else torch.sum)."""
     buf = torch.ones(max(nbytes // 4, 1024), dtype=torch.float32)
     ops = _backend()

@@ -189,13 +189,14 @@ _LLAMA3_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 # are the built-in tokenizer's BOS and EOS (tokenizer.py), whatever the real model used.
 SYNTHETIC_PRESETS: dict[str, ModelArch] = {
     # For tests: a few layers, GQA, llama3 rope scaling, untied embeddings.
-    "tiny-llama": ModelArch("llama", 512, 64, 128, 2, 4, 2, 16, 2048, rope_theta=500000.0,
+    # head_dim 32: the smallest the native CPU attention kernel takes, so tests exercise it.
+    "tiny-llama": ModelArch("llama", 512, 128, 256, 2, 4, 2, 32, 2048, rope_theta=500000.0,
                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 256),
                             bos_token_id=1, eos_token_ids=(2,)),
     # The demo's and CPU benchmarks' model: big enough that compute dominates Python overhead on 2 cores.
     "small-llama": ModelArch("llama", 2048, 512, 1408, 4, 8, 2, 64, 4096, rope_theta=500000.0,
                              bos_token_id=1, eos_token_ids=(2,)),
-    "tiny-qwen2": ModelArch("qwen2", 512, 64, 128, 2, 4, 2, 16, 2048, rms_norm_eps=1e-6,
+    "tiny-qwen2": ModelArch("qwen2", 512, 128, 256, 2, 4, 2, 32, 2048, rms_norm_eps=1e-6,
                             rope_theta=1000000.0, tie_word_embeddings=True, attention_bias=True,
                             bos_token_id=None, eos_token_ids=(2,)),
     "llama-3-8b": ModelArch("llama", 128256, 4096, 14336, 32, 32, 8, 128, 131072, rope_theta=500000.0,

@@ -3,17 +3,21 @@
 // Decode attention reads every KV element of a request once per token, so the kernel is bound by
 // host memory bandwidth (fp32 KV) or by the cores' multiply-add rate (16-bit KV on few cores).
 // Design, in the order the bytes flow:
-//   * Work items are (sequence, kv head, token range) tasks. Long sequences are split into several
-//     ranges so one long request spreads over all threads; the partial softmax states are merged
-//     afterwards with log-sum-exp weights.
+//   * Work items are (sequence, kv-head range, token range) tasks, about 4 per thread, largest first
+//     on a dynamic schedule. Long sequences are split into token ranges so one long request spreads
+//     over all threads; the partial softmax states are merged afterwards with log-sum-exp weights.
+//     A task takes all kv heads of its tokens by default: a token row (all heads) is contiguous.
 //   * A task walks its range in tiles of W tokens (W = SIMD width: 16 for AVX-512, 8 for AVX2). All
-//     q heads that share the kv head (GQA group) are processed together, so each K/V row is read
-//     from DRAM once per tile and reused from L1 for the other heads.
+//     q heads that share a kv head (GQA group) are processed together, so each K/V row slice is read
+//     from DRAM once and reused from registers/L1 for the other heads.
+//   * The paged layout scatters tiles over DRAM, which defeats the hardware prefetchers: the next
+//     tile's lines are software-prefetched into L2, a few per inner-loop step, so the misses overlap
+//     the arithmetic instead of arriving in one burst.
 //   * q.K dot products keep one vector accumulator per (token, head) and reduce W of them into one
 //     vector of W scores with a shuffle tree (about 3 shuffle/add ops per score instead of a full
 //     horizontal sum each).
-//   * Online softmax is blocked: one max/rescale per tile and head, exponentials in base 2 with the
-//     softmax scale folded into q.
+//   * Online softmax is blocked per tile, in base 2 with the scale folded into q, and lazy: the
+//     running max only moves (with a rescale of acc and l) when a score exceeds it by 2^8.
 //   * 16-bit KV is widened in registers: fp16 with F16C vcvtph2ps, bf16 with one shift (even
 //     elements) or one AND (odd elements) per 32-bit lane. The bf16 trick de-interleaves each group
 //     of 2W elements, so q is stored in the same permuted order and the output is un-permuted once
@@ -35,8 +39,6 @@
 #ifndef PB_NS
 #define PB_NS piggyback_cpu
 #endif
-#define PB_STR2(x) #x
-#define PB_STR(x) PB_STR2(x)
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "cpu_attention.cpp needs AVX2, FMA and F16C (the Python loader falls back to torch otherwise)"
@@ -67,6 +69,8 @@ struct Isa {
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static bool any_gt(V v, float x) { return _mm512_cmp_ps_mask(v, _mm512_set1_ps(x), _CMP_GT_OQ) != 0; }
+  static float exp2_1(float x) { return _mm512_cvtss_f32(exp2(_mm512_set1_ps(x))); }
   // Lanes >= n take `fill` (partial last tile).
   static V keep_first(V v, int n, float fill) {
     const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
@@ -148,6 +152,10 @@ struct Isa {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
+  static bool any_gt(V v, float x) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(x), _CMP_GT_OQ)) != 0;
+  }
+  static float exp2_1(float x) { return _mm256_cvtss_f32(exp2(_mm256_set1_ps(x))); }
   static V keep_first(V v, int n, float fill) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const V m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
@@ -216,23 +224,50 @@ struct Params {
   float scale_log2;  // softmax scale * log2(e): scores live in base 2
 };
 
+// One work item: kv heads [kvh0, kvh1) of tokens [t0, t1) of one sequence. Taking all kv heads of a
+// token range by default makes each task read whole token rows (contiguous across heads), which the
+// hardware prefetchers stream well; heads are split only when there are too few sequences.
 struct Task {
-  int32_t seq, kvh, t0, t1;
-  int64_t part;  // index of its partial-state slot, -1 when the task covers the whole sequence
+  int32_t seq, kvh0, kvh1, t0, t1;
+  int64_t part;  // partial-state slot (sequence split index), -1 when t0..t1 is the whole sequence
+};
+
+// Prefetch into L2 (T1): T0 ties up the few L1 miss buffers and stalls the core.
+constexpr auto kPfHint = _MM_HINT_T1;
+
+// Software prefetch of the next tile: a flat list of line addresses, issued a few at a time from
+// inside the PV loop so the misses spread over the compute instead of queuing up in one burst.
+// Straight-line code (no inner loop) keeps the PV accumulators in registers.
+struct Prefetcher {
+  std::vector<const char*> addr;
+  int n = 0, i = 0;
+  void clear() { n = i = 0; }
+  void add_row(const char* row, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) addr[n++] = row + c;
+  }
+  template <int K>
+  void step() {
+    for (int k = 0; k < K; ++k)
+      if (i < n) _mm_prefetch(addr[i++], kPfHint);
+  }
+  void flush() {
+    while (i < n) _mm_prefetch(addr[i++], kPfHint);
+  }
 };
 
 // Per-thread scratch, allocated once per call (never in the hot loop).
 struct Scratch {
-  std::vector<float> qb, acc, m, l, p, red;
+  Prefetcher pf;
+  std::vector<float> qb, acc, m, lv, p;  // indexed by q head; lv: W partial sums of l per head
   const char* k_rows[W];
   const char* v_rows[W];
-  void init(int64_t g, int64_t d) {
-    qb.assign(g * d, 0.f);
-    acc.assign(g * d, 0.f);
-    m.assign(g, 0.f);
-    l.assign(g, 0.f);
-    p.assign(g * W, 0.f);
-    red.assign(size_t(Isa::GT) * (W / 4) * W, 0.f);
+  void init(int64_t hq, int64_t d) {
+    pf.addr.assign(size_t(2 * W) * ((d * 4 + 63) / 64), nullptr);
+    qb.assign(hq * d, 0.f);
+    acc.assign(hq * d, 0.f);
+    m.assign(hq, 0.f);
+    lv.assign(hq * W, 0.f);
+    p.assign(hq * W, 0.f);
   }
 };
 
@@ -245,6 +280,17 @@ inline int64_t lane_pos(int64_t e) {
   } else {
     return e;
   }
+}
+
+// Prefetches per inner-loop step, sized so one tile-head of lines (K and V) is spread evenly over the
+// QK steps (4 tokens x 2W dims, ~32 FMAs) and PV steps (1 token, ~16 FMAs) at G=4, D=128.
+template <Kv T>
+constexpr int PfPerPvStep() {
+  return T == Kv::F32 ? 4 : 2;
+}
+template <Kv T>
+constexpr int PfPerQkStep() {
+  return 2 * PfPerPvStep<T>();
 }
 
 // q.K for one tile, heads [g0, g0 + GN) of the group, GN <= GT. Writes W scores per head into red.
@@ -263,12 +309,15 @@ inline void tile_scores(const Params& P, Scratch& S, int64_t g0, V* scores) {
       }
       for (int h = 0; h < GN; ++h) {
         const float* qh = S.qb.data() + (g0 + h) * P.d + j * 2 * W;
-        const V qa = Isa::load(qh), qc = Isa::load(qh + W);
+        V qa = Isa::load(qh), qc = Isa::load(qh + W);
+        // Keep q in registers: GCC otherwise folds the load into every FMA (4x the L1 loads).
+        asm("" : "+v"(qa), "+v"(qc));
         for (int t = 0; t < 4; ++t) {
           acc[t][h] = Isa::fma(qa, ka[t], acc[t][h]);
           acc[t][h] = Isa::fma(qc, kb[t], acc[t][h]);
         }
       }
+      S.pf.step<PfPerQkStep<T>()>();
     }
     for (int h = 0; h < GN; ++h) parts[h][sub] = Isa::partial4(acc[0][h], acc[1][h], acc[2][h], acc[3][h]);
   }
@@ -277,14 +326,14 @@ inline void tile_scores(const Params& P, Scratch& S, int64_t g0, V* scores) {
 
 // acc[h] = acc[h] * alpha[h] + sum_t p[h][t] * V_t for the NV vectors of head_dim starting at vec0.
 template <Kv T, int GN, int NV>
-inline void tile_pv_piece(const Params& P, Scratch& S, int64_t g0, int n, const float* alpha,
-                          int64_t vec0) {
+inline void tile_pv_piece(const Params& P, Scratch& S, int64_t g0, int n, bool rescale,
+                          const float* alpha, int64_t vec0) {
   static_assert(NV % 2 == 0, "pieces are whole load2 pairs");
   V acc[GN][NV];
   for (int h = 0; h < GN; ++h) {
     const V a = Isa::set1(alpha[h]);
     float* src = S.acc.data() + (g0 + h) * P.d + vec0 * W;
-    for (int i = 0; i < NV; ++i) acc[h][i] = Isa::mul(Isa::load(src + i * W), a);
+    for (int i = 0; i < NV; ++i) acc[h][i] = rescale ? Isa::mul(Isa::load(src + i * W), a) : Isa::load(src + i * W);
   }
   for (int t = 0; t < n; ++t) {
     V vv[NV];
@@ -293,6 +342,10 @@ inline void tile_pv_piece(const Params& P, Scratch& S, int64_t g0, int n, const 
       const V pb = Isa::set1(S.p[(g0 + h) * W + t]);
       for (int i = 0; i < NV; ++i) acc[h][i] = Isa::fma(pb, vv[i], acc[h][i]);
     }
+    S.pf.step<PfPerPvStep<T>()>();
+    // Pin the accumulators to registers across iterations (GCC otherwise spills a few of them).
+    for (int h = 0; h < GN; ++h)
+      for (int i = 0; i < NV; ++i) asm("" : "+v"(acc[h][i]));
   }
   for (int h = 0; h < GN; ++h) {
     float* dst = S.acc.data() + (g0 + h) * P.d + vec0 * W;
@@ -304,99 +357,114 @@ template <Kv T, int GN>
 inline void tile_group(const Params& P, Scratch& S, int64_t g0, int n) {
   V scores[GN];
   tile_scores<T, GN>(P, S, g0, scores);
+  // Lazy rescaling: the running max m only moves when a score exceeds it by more than kSlack (base-2
+  // units), so most tiles skip the horizontal max, the rescale of l and acc, and the scalar exp.
+  // Probabilities then stay below 2^kSlack, harmless in fp32.
+  constexpr float kSlack = 8.f;
   float alpha[GN];
+  bool rescale = false;
   for (int h = 0; h < GN; ++h) {
     const V s = Isa::keep_first(scores[h], n, -std::numeric_limits<float>::infinity());
-    const float m_old = S.m[g0 + h];
-    const float m_new = std::max(m_old, Isa::hmax(s));
-    alpha[h] = std::exp2(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-    const V p = Isa::keep_first(Isa::exp2(Isa::sub(s, Isa::set1(m_new))), n, 0.f);
-    S.l[g0 + h] = S.l[g0 + h] * alpha[h] + Isa::hsum(p);
-    S.m[g0 + h] = m_new;
+    float m = S.m[g0 + h];
+    alpha[h] = 1.f;
+    V lv = Isa::load(S.lv.data() + (g0 + h) * W);
+    if (Isa::any_gt(s, m + kSlack)) {
+      const float m_new = Isa::hmax(s);
+      alpha[h] = Isa::exp2_1(m - m_new);  // ~0 on the first tile (m = -inf); acc and l are 0 then
+      lv = Isa::mul(lv, Isa::set1(alpha[h]));
+      m = m_new;
+      S.m[g0 + h] = m;
+      rescale = true;
+    }
+    const V p = Isa::keep_first(Isa::exp2(Isa::sub(s, Isa::set1(m))), n, 0.f);
+    Isa::store(S.lv.data() + (g0 + h) * W, Isa::add(lv, p));
     Isa::store(S.p.data() + (g0 + h) * W, p);
   }
   // Pieces of head_dim sized so GN * NV accumulators stay in registers.
   constexpr int NV = Isa::PVV * (Isa::GT / GN);
   const int64_t nvec = P.d / W;
   int64_t vec0 = 0;
-  for (; vec0 + NV <= nvec; vec0 += NV) tile_pv_piece<T, GN, NV>(P, S, g0, n, alpha, vec0);
-  for (; vec0 < nvec; vec0 += 2) tile_pv_piece<T, GN, 2>(P, S, g0, n, alpha, vec0);
+  for (; vec0 + NV <= nvec; vec0 += NV) tile_pv_piece<T, GN, NV>(P, S, g0, n, rescale, alpha, vec0);
+  for (; vec0 < nvec; vec0 += 2) tile_pv_piece<T, GN, 2>(P, S, g0, n, rescale, alpha, vec0);
 }
 
 template <Kv T>
 void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, float* part_ml) {
   const int64_t G = P.g, D = P.d;
-  const size_t esize = T == Kv::F32 ? 4 : 2;
-  // q for this kv head's group, scaled into base-2 logits and laid out like the widened K.
-  for (int64_t h = 0; h < G; ++h) {
-    const float* src = P.q + (int64_t(task.seq) * P.hq + task.kvh * G + h) * D;
+  const int64_t esize = T == Kv::F32 ? 4 : 2;
+  const int64_t hq0 = int64_t(task.kvh0) * G, hq1 = int64_t(task.kvh1) * G;
+  // q scaled into base-2 logits and laid out like the widened K.
+  for (int64_t h = hq0; h < hq1; ++h) {
+    const float* src = P.q + (int64_t(task.seq) * P.hq + h) * D;
     float* dst = S.qb.data() + h * D;
     for (int64_t e = 0; e < D; ++e) dst[lane_pos<T>(e)] = src[e] * P.scale_log2;
   }
-  std::fill(S.acc.begin(), S.acc.end(), 0.f);
-  std::fill(S.m.begin(), S.m.end(), -std::numeric_limits<float>::infinity());
-  std::fill(S.l.begin(), S.l.end(), 0.f);
+  std::fill(S.acc.begin() + hq0 * D, S.acc.begin() + hq1 * D, 0.f);
+  std::fill(S.m.begin() + hq0, S.m.begin() + hq1, -std::numeric_limits<float>::infinity());
+  std::fill(S.lv.begin() + hq0 * W, S.lv.begin() + hq1 * W, 0.f);
 
   const int32_t* bt = P.bt + int64_t(task.seq) * P.bt_stride;
-  const char* kbase = static_cast<const char*>(P.k) + task.kvh * D * esize;
-  const char* vbase = static_cast<const char*>(P.v) + task.kvh * D * esize;
-  const int64_t row_bytes = P.row_stride * esize;
-  const int64_t line_count = (D * int64_t(esize) + 63) / 64;
+  const char* kbase = static_cast<const char*>(P.k);
+  const char* vbase = static_cast<const char*>(P.v);
+  const int64_t row_bytes = P.row_stride * esize;  // one token, all kv heads: contiguous
+  const int64_t head_bytes = D * esize;
   int64_t blk = task.t0 / P.block_size, off = task.t0 % P.block_size;
+  int64_t tok[W], next[W];  // byte offsets of this tile's and the next tile's token rows
+  int n_next = 0;
+  auto rows = [&](int64_t* dst, int count) {
+    for (int i = 0; i < count; ++i) {
+      dst[i] = (int64_t(bt[blk]) * P.block_size + off) * row_bytes;
+      if (++off == P.block_size) {
+        off = 0;
+        ++blk;
+      }
+    }
+  };
+  n_next = int(std::min<int64_t>(W, task.t1 - task.t0));
+  rows(next, n_next);
 
   for (int64_t t0 = task.t0; t0 < task.t1; t0 += W) {
-    const int n = int(std::min<int64_t>(W, task.t1 - t0));
-    for (int i = 0; i < W; ++i) {
-      if (i < n) {
-        const int64_t row = (int64_t(bt[blk]) * P.block_size + off) * row_bytes;
-        S.k_rows[i] = kbase + row;
-        S.v_rows[i] = vbase + row;
-        if (++off == P.block_size) {
-          off = 0;
-          ++blk;
-        }
-      } else {
-        // Padding lanes read a valid row; their scores are masked out.
-        S.k_rows[i] = S.k_rows[n - 1];
-        S.v_rows[i] = S.v_rows[n - 1];
+    const int n = n_next;
+    for (int i = 0; i < W; ++i) tok[i] = next[std::min(i, n - 1)];  // padding lanes are masked out
+    n_next = int(std::min<int64_t>(W, std::max<int64_t>(0, task.t1 - t0 - W)));
+    rows(next, n_next);
+    for (int64_t kvh = task.kvh0; kvh < task.kvh1; ++kvh) {
+      // While this head's slice of the tile is computed, pull the same slice of the next tile
+      // (one tile ahead: about Hkv head groups of compute to hide DRAM latency).
+      S.pf.clear();
+      for (int i = 0; i < n_next; ++i) {
+        S.pf.add_row(kbase + next[i] + kvh * head_bytes, head_bytes);
+        S.pf.add_row(vbase + next[i] + kvh * head_bytes, head_bytes);
       }
-    }
-    // Prefetch the next tile's rows: page boundaries defeat the hardware prefetcher.
-    if (t0 + W < task.t1) {
-      int64_t b2 = blk, o2 = off;
-      const int n2 = int(std::min<int64_t>(W, task.t1 - t0 - W));
-      for (int i = 0; i < n2; ++i) {
-        const int64_t row = (int64_t(bt[b2]) * P.block_size + o2) * row_bytes;
-        for (int64_t c = 0; c < line_count; ++c) {
-          _mm_prefetch(kbase + row + c * 64, _MM_HINT_T0);
-          _mm_prefetch(vbase + row + c * 64, _MM_HINT_T0);
-        }
-        if (++o2 == P.block_size) {
-          o2 = 0;
-          ++b2;
-        }
+      for (int i = 0; i < W; ++i) {
+        S.k_rows[i] = kbase + tok[i] + kvh * head_bytes;
+        S.v_rows[i] = vbase + tok[i] + kvh * head_bytes;
       }
+      const int64_t g_end = (kvh + 1) * G;
+      int64_t g0 = kvh * G;
+      for (; g0 + Isa::GT <= g_end; g0 += Isa::GT) tile_group<T, Isa::GT>(P, S, g0, n);
+      if constexpr (Isa::GT > 2) {
+        for (; g0 + 2 <= g_end; g0 += 2) tile_group<T, 2>(P, S, g0, n);
+      }
+      for (; g0 < g_end; ++g0) tile_group<T, 1>(P, S, g0, n);
+      S.pf.flush();
     }
-    int64_t g0 = 0;
-    for (; g0 + Isa::GT <= G; g0 += Isa::GT) tile_group<T, Isa::GT>(P, S, g0, n);
-    if constexpr (Isa::GT > 2) {
-      for (; g0 + 2 <= G; g0 += 2) tile_group<T, 2>(P, S, g0, n);
-    }
-    for (; g0 < G; ++g0) tile_group<T, 1>(P, S, g0, n);
   }
 
   // Write the normalized output, or the unnormalized partial state for the log-sum-exp merge.
-  for (int64_t h = 0; h < G; ++h) {
+  for (int64_t h = hq0; h < hq1; ++h) {
     const float* a = S.acc.data() + h * D;
+    const float l = Isa::hsum(Isa::load(S.lv.data() + h * W));
     if (task.part < 0) {
-      float* dst = P.out + (int64_t(task.seq) * P.hq + task.kvh * G + h) * D;
-      const float inv = 1.f / S.l[h];
+      float* dst = P.out + (int64_t(task.seq) * P.hq + h) * D;
+      const float inv = 1.f / l;
       for (int64_t e = 0; e < D; ++e) dst[e] = a[lane_pos<T>(e)] * inv;
     } else {
-      float* dst = part_acc + (task.part * G + h) * D;
+      const int64_t slot = task.part * P.hq + h;
+      float* dst = part_acc + slot * D;
       for (int64_t e = 0; e < D; ++e) dst[e] = a[lane_pos<T>(e)];
-      part_ml[(task.part * G + h) * 2] = S.m[h];
-      part_ml[(task.part * G + h) * 2 + 1] = S.l[h];
+      part_ml[slot * 2] = S.m[h];
+      part_ml[slot * 2 + 1] = l;
     }
   }
 }
@@ -453,33 +521,39 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   if (S == 0) return;
   const int nt = int(std::max<int64_t>(1, num_threads > 0 ? num_threads : omp_get_max_threads()));
 
-  // Split sequences into token ranges so there are about 4 tasks per thread, but no range shorter
-  // than 256 tokens (the merge and the per-task setup must stay small next to the range's reads).
-  int64_t chunk = std::max<int64_t>(256, (total + 4 * nt - 1) / (4 * nt));
-  chunk = (chunk + 15) / 16 * 16;  // tiles never straddle two tasks
+  // About 4 tasks per thread so the dynamic schedule balances unequal lengths. A sequence larger
+  // than one task is split into token ranges first (contiguous reads, merged by log-sum-exp), but
+  // not below 256 tokens; past that its kv heads are split as well.
+  const int64_t target = std::max<int64_t>(1024, (total + 4 * nt - 1) / (4 * nt));  // token-heads
   std::vector<Task> tasks;
   std::vector<int64_t> part_base(S, -1), nsplit(S, 1);
   int64_t nparts = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t len = lens[s];
-    nsplit[s] = (len + chunk - 1) / chunk;
-    if (nsplit[s] > 1) {
+    const int64_t pieces = (len * HKV + target - 1) / target;
+    int64_t ns = std::max<int64_t>(1, std::min(pieces, (len + 255) / 256));
+    const int64_t chunk = ((len + ns - 1) / ns + 15) / 16 * 16;  // tiles never straddle two tasks
+    ns = (len + chunk - 1) / chunk;
+    const int64_t nh = std::min(HKV, (pieces + ns - 1) / ns);
+    const int64_t heads_per = (HKV + nh - 1) / nh;
+    nsplit[s] = ns;
+    if (ns > 1) {
       part_base[s] = nparts;
-      nparts += nsplit[s] * HKV;
+      nparts += ns;
     }
-    for (int64_t h = 0; h < HKV; ++h)
-      for (int64_t i = 0; i < nsplit[s]; ++i) {
+    for (int64_t i = 0; i < ns; ++i)
+      for (int64_t h = 0; h < HKV; h += heads_per) {
         const int64_t t0 = i * chunk, t1 = std::min(len, t0 + chunk);
-        const int64_t part = nsplit[s] > 1 ? part_base[s] + h * nsplit[s] + i : -1;
-        tasks.push_back({int32_t(s), int32_t(h), int32_t(t0), int32_t(t1), part});
+        tasks.push_back({int32_t(s), int32_t(h), int32_t(std::min(HKV, h + heads_per)), int32_t(t0),
+                         int32_t(t1), ns > 1 ? part_base[s] + i : -1});
       }
   }
-  // Longest first, so the dynamic schedule ends with short tasks that fill the gaps.
-  std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return (a.t1 - a.t0) > (b.t1 - b.t0); });
+  // Largest first, so the dynamic schedule ends with small tasks that fill the gaps.
+  auto work = [](const Task& t) { return int64_t(t.t1 - t.t0) * (t.kvh1 - t.kvh0); };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return work(a) > work(b); });
 
   const int64_t G = HQ / HKV;
-  std::vector<float> part_acc(size_t(nparts) * G * D), part_ml(size_t(nparts) * G * 2);
+  std::vector<float> part_acc(size_t(nparts) * HQ * D), part_ml(size_t(nparts) * HQ * 2);
   Params P{query.data_ptr<float>(),
            key_cache.data_ptr(),
            value_cache.data_ptr(),
@@ -499,7 +573,7 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
 #pragma omp parallel num_threads(nt)
   {
     Scratch scratch;
-    scratch.init(G, D);
+    scratch.init(HQ, D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) {
       switch (kt) {
@@ -517,26 +591,23 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
     // Log-sum-exp merge of split sequences: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i.
     if (nparts > 0) {
 #pragma omp for schedule(static)
-      for (int64_t sh = 0; sh < S * HKV; ++sh) {
-        const int64_t s = sh / HKV, h = sh % HKV;
+      for (int64_t sh = 0; sh < S * HQ; ++sh) {
+        const int64_t s = sh / HQ, h = sh % HQ;
         if (nsplit[s] <= 1) continue;
-        for (int64_t g = 0; g < G; ++g) {
-          float M = -std::numeric_limits<float>::infinity();
-          for (int64_t i = 0; i < nsplit[s]; ++i)
-            M = std::max(M, part_ml[((part_base[s] + h * nsplit[s] + i) * G + g) * 2]);
-          float* dst = P.out + (s * HQ + h * G + g) * D;
-          std::fill(dst, dst + D, 0.f);
-          float denom = 0.f;
-          for (int64_t i = 0; i < nsplit[s]; ++i) {
-            const int64_t pi = (part_base[s] + h * nsplit[s] + i) * G + g;
-            const float w = std::exp2(part_ml[pi * 2] - M);
-            denom += w * part_ml[pi * 2 + 1];
-            const float* a = part_acc.data() + pi * D;
-            for (int64_t e = 0; e < D; ++e) dst[e] += w * a[e];
-          }
-          const float inv = 1.f / denom;
-          for (int64_t e = 0; e < D; ++e) dst[e] *= inv;
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < nsplit[s]; ++i) M = std::max(M, part_ml[((part_base[s] + i) * HQ + h) * 2]);
+        float* dst = P.out + sh * D;
+        std::fill(dst, dst + D, 0.f);
+        float denom = 0.f;
+        for (int64_t i = 0; i < nsplit[s]; ++i) {
+          const int64_t slot = (part_base[s] + i) * HQ + h;
+          const float w = std::exp2(part_ml[slot * 2] - M);
+          denom += w * part_ml[slot * 2 + 1];
+          const float* a = part_acc.data() + slot * D;
+          for (int64_t e = 0; e < D; ++e) dst[e] += w * a[e];
         }
+        const float inv = 1.f / denom;
+        for (int64_t e = 0; e < D; ++e) dst[e] *= inv;
       }
     }
   }

@@ -1,0 +1,295 @@
+"""CPU paged decode attention for BE requests: GB/s of KV read, against the machine's roofline.
+
+For each (batch, context, dtype) point it times the native kernel, torch SDPA (on pre-gathered, padded
+dense KV: favourable to SDPA) and a per-request torch loop (gather pages + fp32 matmuls, the
+fallback), and reports each as GB/s of KV actually attended (sum of lengths x kv heads x head_dim x 2
+x element size). The roofline of a point is the lower of two limits measured in the same run:
+
+  * read bandwidth: best single pass over a 1 GiB buffer (all threads);
+  * arithmetic: each KV element costs one multiply-add per q head that shares it (G = q heads per kv
+    head), so the limit is fma_rate / G * element_size bytes/s, with fma_rate from a large fp32 matmul.
+
+The limits are measured before and after the sweep and the higher value is used (on a shared machine
+noise only ever lowers a measurement). Writes a markdown table and a PNG plot.
+
+    .venv/bin/python benchmarks/cpu_attention.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from piggyback_runtime.attention import cpu_attention as ca
+
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Point:
+    batch: int
+    ctx: int
+    dtype: str
+    kv_bytes: int = 0
+    kernel: float = 0.0  # GB/s
+    sdpa: float = 0.0
+    loop: float = 0.0
+    bw_limit: float = 0.0
+    fma_limit: float = 0.0
+
+    @property
+    def roofline(self) -> float:
+        return min(self.bw_limit, self.fma_limit)
+
+    @property
+    def share(self) -> float:
+        return self.kernel / self.roofline
+
+
+def best_time(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
+    """Best wall time of up to `repeats` calls after one warm-up, stopping early past `budget_s`."""
+    fn()
+    best = math.inf
+    spent = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best = min(best, elapsed)
+        spent += elapsed
+        if spent > budget_s:
+            break
+    return best
+
+
+def fma_rate(n: int, repeats: int) -> float:
+    """fp32 multiply-adds per second of a large square matmul (flops / 2)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return n**3 / best_time(lambda: torch.mm(a, b), repeats, budget_s=5.0)
+
+
+def make_point(batch: int, ctx: int, dtype: torch.dtype, seed: int, copies: int) -> tuple[torch.Tensor, ...]:
+    """Random q and a paged cache in shuffled blocks; lengths uniform in [ctx/2, 3ctx/2] when batch > 1.
+
+    The cache holds `copies` independent sets of the requests' pages and `tables` is
+    [copies, batch, max_blocks]: cycling through the copies keeps small points from being served
+    from the last-level cache, so every point reads its KV from DRAM.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if batch == 1:
+        lens = torch.tensor([ctx], dtype=torch.int32)
+    else:
+        lens = torch.randint(ctx // 2, ctx + ctx // 2 + 1, (batch,), generator=gen, dtype=torch.int32)
+    per_seq = [(int(n) + BLOCK_SIZE - 1) // BLOCK_SIZE for n in lens]
+    num_blocks = sum(per_seq) * copies
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = torch.zeros(copies, batch, max(per_seq), dtype=torch.int32)
+    start = 0
+    for c in range(copies):
+        for s, n in enumerate(per_seq):
+            tables[c, s, :n] = order[start : start + n]
+            start += n
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, generator=gen).to(dtype)
+    value_cache = torch.randn(shape, generator=gen).to(dtype)
+    query = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen)
+    return query, key_cache, value_cache, tables, lens
+
+
+class Cycle:
+    """Calls fn(i) with i = 0, 1, 2, ... modulo n: each call touches a different copy of the data."""
+
+    def __init__(self, n: int, fn: Callable[[int], object]) -> None:
+        self.n, self.fn, self.i = n, fn, 0
+
+    def __call__(self) -> object:
+        self.i = (self.i + 1) % self.n
+        return self.fn(self.i)
+
+
+def dense_for_sdpa(query, key_cache, value_cache, tables, lens) -> tuple[torch.Tensor, ...]:
+    """Gather pages into padded [batch, kv_heads, max_len, d] tensors plus a key-padding mask."""
+    batch = query.shape[0]
+    max_len = int(lens.max())
+    k = torch.zeros(batch, KV_HEADS, max_len, HEAD_DIM, dtype=key_cache.dtype)
+    v = torch.zeros_like(k)
+    mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool)
+    for s in range(batch):
+        n = int(lens[s])
+        pages = tables[s, : (n + BLOCK_SIZE - 1) // BLOCK_SIZE].long()
+        k[s, :, :n] = key_cache[pages].reshape(-1, KV_HEADS, HEAD_DIM)[:n].transpose(0, 1)
+        v[s, :, :n] = value_cache[pages].reshape(-1, KV_HEADS, HEAD_DIM)[:n].transpose(0, 1)
+        mask[s, ..., :n] = True
+    return query.to(key_cache.dtype).unsqueeze(2), k, v, mask
+
+
+def measure_limits(args: argparse.Namespace) -> tuple[float, float]:
+    bw = ca.stream_read_bytes_per_s(nbytes=args.bw_bytes, repeats=5, num_threads=args.threads)
+    return bw, fma_rate(args.mm_size, repeats=3)
+
+
+def run(args: argparse.Namespace) -> tuple[list[Point], dict[str, float]]:
+    torch.set_num_threads(args.threads)
+    bw0, fma0 = measure_limits(args)
+    points: list[Point] = []
+    scale = HEAD_DIM**-0.5
+    for batch, ctx in args.shapes:
+        for name in args.dtypes:
+            dtype = DTYPES[name]
+            esize = dtype.itemsize
+            approx = batch * ctx * KV_HEADS * HEAD_DIM * 2 * esize
+            copies = max(1, -(-args.footprint // approx))
+            query, kc, vc, tables, lens = make_point(batch, ctx, dtype, batch * 100003 + ctx, copies)
+            kv_bytes = int(lens.sum()) * KV_HEADS * HEAD_DIM * 2 * esize
+            out = torch.empty(batch, Q_HEADS, HEAD_DIM)
+            kernel = Cycle(
+                copies,
+                lambda i, q=query, k=kc, v=vc, t=tables, n=lens, o=out: ca.paged_decode_attention(
+                    q, k, v, t[i], n, scale, out=o, num_threads=args.threads
+                ),
+            )
+            t_kernel = best_time(kernel, args.repeats, budget_s=1.5)
+            # SDPA gets the same number of distinct dense copies (up to a memory cap).
+            sdpa_copies = min(copies, max(1, args.footprint // (approx * 2)))
+            dense = [dense_for_sdpa(query, kc, vc, tables[c], lens) for c in range(sdpa_copies)]
+            sdpa = Cycle(
+                sdpa_copies,
+                lambda i, d=dense: F.scaled_dot_product_attention(
+                    d[i][0], d[i][1], d[i][2], attn_mask=d[i][3], scale=scale, enable_gqa=True
+                ),
+            )
+            t_sdpa = best_time(sdpa, args.baseline_repeats, budget_s=2.0)
+            del dense
+            loop = Cycle(
+                copies,
+                lambda i, q=query, k=kc, v=vc, t=tables, n=lens: ca.paged_decode_attention_torch(
+                    q, k, v, t[i], n, scale
+                ),
+            )
+            t_loop = best_time(loop, args.baseline_repeats, budget_s=2.0)
+            p = Point(
+                batch, ctx, name, kv_bytes, kv_bytes / t_kernel / 1e9, kv_bytes / t_sdpa / 1e9, kv_bytes / t_loop / 1e9
+            )
+            points.append(p)
+            print(f"  measured batch={batch} ctx={ctx} {name}: kernel {p.kernel:.1f} GB/s", flush=True)
+            del query, kc, vc, tables
+    bw1, fma1 = measure_limits(args)
+    bw, fma = max(bw0, bw1), max(fma0, fma1)
+    group = Q_HEADS // KV_HEADS
+    for p in points:
+        p.bw_limit = bw / 1e9
+        p.fma_limit = fma / group * DTYPES[p.dtype].itemsize / 1e9
+    limits = {"bw_start": bw0 / 1e9, "bw_end": bw1 / 1e9, "fma_start": fma0 / 1e9, "fma_end": fma1 / 1e9}
+    return points, limits
+
+
+def table(points: list[Point]) -> str:
+    head = (
+        "| batch | ctx | dtype | kernel GB/s | SDPA GB/s | torch-loop GB/s | BW limit | FMA limit "
+        "| roofline | kernel % of roofline |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for p in points:
+        rows.append(
+            f"| {p.batch} | {p.ctx} | {p.dtype} | {p.kernel:.1f} | {p.sdpa:.2f} | {p.loop:.2f} | "
+            f"{p.bw_limit:.1f} | {p.fma_limit:.1f} | {p.roofline:.1f} | {100 * p.share:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+def summary(points: list[Point]) -> str:
+    lines = []
+    for name in DTYPES:
+        sel = [p for p in points if p.dtype == name]
+        if not sel:
+            continue
+        worst = min(p.share for p in sel)
+        mean = sum(p.share for p in sel) / len(sel)
+        bound = "FMA" if all(p.fma_limit < p.bw_limit for p in sel) else "bandwidth"
+        verdict = "meets 70% of roofline at every point" if worst >= 0.7 else "misses 70% of roofline somewhere"
+        lines.append(f"- {name}: {verdict} (min {100 * worst:.0f}%, mean {100 * mean:.0f}%); roofline is {bound}-bound")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{p.batch}x{p.ctx}\n{p.dtype}" for p in points]
+    x = range(len(points))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(points)), 5))
+    ax.bar([i - width for i in x], [p.kernel for p in points], width, label="native kernel")
+    ax.bar(list(x), [p.sdpa for p in points], width, label="torch SDPA (dense)")
+    ax.bar([i + width for i in x], [p.loop for p in points], width, label="torch per-request loop")
+    ax.scatter(list(x), [p.roofline for p in points], marker="_", s=600, color="black", zorder=3, label="roofline")
+    ax.scatter(
+        list(x), [0.7 * p.roofline for p in points], marker="_", s=600, color="grey", zorder=3, label="70% of roofline"
+    )
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("GB/s of KV read")
+    ax.set_title(f"CPU paged decode attention ({Q_HEADS} q / {KV_HEADS} kv heads, d={HEAD_DIM}, block {BLOCK_SIZE})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sweep and buffers")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes = [(1, 2048), (8, 512), (32, 512)]
+        args.dtypes, args.repeats, args.baseline_repeats = list(DTYPES), 20, 1
+        args.bw_bytes, args.mm_size, args.footprint = 1 << 28, 2048, 1 << 28
+    else:
+        args.shapes = [(1, 512), (1, 2048), (1, 8192), (8, 512), (8, 2048), (32, 512), (32, 2048)]
+        args.dtypes, args.repeats, args.baseline_repeats = list(DTYPES), 40, 2
+        args.bw_bytes, args.mm_size, args.footprint = 1 << 30, 4096, 1 << 29
+
+    print(f"kernel: {ca.kernel_name()}, threads: {args.threads}, cpu: {platform.processor() or platform.machine()}")
+    points, limits = run(args)
+    text = table(points)
+    verdict = summary(points)
+    print()
+    print(text)
+    print()
+    print(verdict)
+    print(
+        f"limits: read {limits['bw_start']:.1f} / {limits['bw_end']:.1f} GB/s, fp32 FMA "
+        f"{limits['fma_start']:.1f} / {limits['fma_end']:.1f} G/s (start / end of run; the higher is used)"
+    )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = "cpu_attention"
+    md = args.out_dir / f"{name}.md"
+    md.write_text(
+        f"# CPU paged decode attention{' (--quick)' if args.quick else ''}\n\n"
+        f"`{ca.kernel_name()}`, {args.threads} threads, {Q_HEADS} q heads / {KV_HEADS} kv heads, "
+        f"head_dim {HEAD_DIM}, block size {BLOCK_SIZE}. GB/s of KV attended; SDPA runs on pre-gathered "
+        f"padded dense KV (the gather is not timed), the torch loop gathers pages per request.\n\n"
+        f"Limits measured in this run: read {limits['bw_start']:.1f} / {limits['bw_end']:.1f} GB/s, "
+        f"fp32 FMA {limits['fma_start']:.1f} / {limits['fma_end']:.1f} G/s (start / end; the higher is "
+        f"used).\n\n{text}\n\n{verdict}\n"
+    )
+    plot(points, args.out_dir / f"{name}.png")
+    print(f"wrote {md} and {args.out_dir / (name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

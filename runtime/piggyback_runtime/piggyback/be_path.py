@@ -1,0 +1,286 @@
+"""BE requests on the piggyback path: host KV, CPU attention tasks, the residual store, and row states.
+
+A BE request prefills on the accelerator (its KV is also written to host DRAM, layer by layer), samples its
+first token there, then leaves the accelerator. From then on each of its tokens walks the layers:
+
+    ENTER    the token waits to enter layer 0 (embedding -> pre_attention(0))
+    WAITING  its attention at `layer` runs on a CPU worker; its layer input waits in the residual store
+    READY    the CPU result for `layer` is in its out slot; the engine merges it into post_attention(layer)
+             of a later iteration, and the row goes straight on into pre_attention(layer + 1)
+    MERGED   in the Dense batch of the current pass (between post_attention(layer) and the next step)
+
+After post_attention of the last layer the row is sampled with the LS rows and its next token re-enters
+at layer 0. The engine never waits: a row that is not READY when the engine reaches its layer is simply
+picked up in a later iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from piggyback_runtime import metrics as m
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv.allocator import BlockAllocator
+from piggyback_runtime.kv.cache import kv_block_bytes
+from piggyback_runtime.model.arch import ModelArch
+from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_per_worker
+from piggyback_runtime.piggyback.worker import SharedBuffers
+from piggyback_runtime.request import Request
+
+log = logging.getLogger(__name__)
+
+ENTER, WAITING, READY, MERGED, FAILED = "enter", "waiting", "ready", "merged", "failed"
+
+
+@dataclass(eq=False)
+class BERow:
+    request: Request
+    slot: int
+    worker: int
+    generation: int
+    position: int = 0  # position of the token walking the layers
+    layer: int = 0
+    state: str = ENTER
+    released: bool = False  # finished while its task was in flight: free the slot when the result lands
+
+
+@dataclass(frozen=True)
+class PrefillTargets:
+    """Where this iteration's BE prefill rows go in host KV: flat batch rows -> host cache slots."""
+
+    rows: torch.Tensor  # [n] int64 on the accelerator
+    host_slots: torch.Tensor  # [n] int64 on the host
+
+
+class PiggybackPath:
+    def __init__(
+        self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
+        metrics: m.RuntimeMetrics,
+    ) -> None:  # fmt: skip
+        pb = config.piggyback
+        self.arch = arch
+        self.device = device
+        self.dtype = dtype
+        self.metrics = metrics
+        self.block_size = config.engine.block_size
+        self.block_bytes = kv_block_bytes(arch, self.block_size, dtype)
+        num_blocks = pb.num_host_kv_blocks or max(1, int(pb.host_kv_memory_gib * 2**30) // self.block_bytes)
+        self.allocator = BlockAllocator(num_blocks, self.block_size)
+        self.max_rows_per_layer = pb.max_be_rows_per_layer
+        import multiprocessing as mp
+
+        self._hold = mp.get_context("spawn").RawValue("b", 1)
+        self.buffers = SharedBuffers.allocate(
+            arch.num_hidden_layers, num_blocks, self.block_size, arch.num_key_value_heads, arch.num_attention_heads,
+            arch.head_dim, pb.max_be_requests, dtype, self._hold,
+        )  # fmt: skip
+        threads = pb.cpu_threads_per_worker or default_threads_per_worker(pb.num_cpu_workers)
+        self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
+        self.pool.wait_ready()
+        self.free_slots: list[int] = list(range(pb.max_be_requests - 1, -1, -1))
+        self.generation = [0] * pb.max_be_requests
+        self.slot_of: dict[str, int] = {}  # request id -> slot, from admission to release
+        self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
+        self.row_by_slot: dict[int, BERow] = {}
+        self.residuals: dict[tuple[str, int], torch.Tensor] = {}  # (request id, layer) -> layer input
+        self.failed: list[tuple[Request, str]] = []
+        log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads",
+                 num_blocks, num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
+
+    # --- admission and release ---------------------------------------------------------------------
+    def capacity_tokens(self) -> int:
+        return self.allocator.num_blocks * self.block_size
+
+    def reserve(self, request: Request) -> bool:
+        """Reserve host KV for the request's whole length and a slot; False while either is exhausted."""
+        if not self.free_slots or not self.allocator.can_hold(request.request_id, self._length(request)):
+            return False
+        self.allocator.ensure(request.request_id, self._length(request))
+        self.slot_of[request.request_id] = self.free_slots.pop()
+        return True
+
+    def _length(self, request: Request) -> int:
+        return len(request.prompt_token_ids) + request.params.max_tokens
+
+    def release(self, request: Request) -> None:
+        """Free everything the request holds on this path (deferred while a CPU task is in flight)."""
+        row = self.rows.pop(request.request_id, None)
+        if row is not None:
+            self.residuals.pop((request.request_id, row.layer), None)
+            if row.state == WAITING:
+                row.released = True  # the worker still writes to its slot and blocks; free when it reports
+                return
+            self._free(row)
+        elif request.request_id in self.slot_of:
+            self._free_slot(request.request_id, self.slot_of[request.request_id])
+
+    def _free(self, row: BERow) -> None:
+        self.row_by_slot.pop(row.slot, None)
+        self.pool.forget(row.worker, row.slot)
+        self._free_slot(row.request.request_id, row.slot)
+
+    def _free_slot(self, request_id: str, slot: int) -> None:
+        self.allocator.free(request_id)
+        if self.slot_of.pop(request_id, None) is not None:
+            self.generation[slot] += 1
+            self.free_slots.append(slot)
+
+    # --- prefill: KV to host as it is computed -------------------------------------------------------
+    def prefill_targets(self, chunks: list[tuple[Request, int, int, int]]) -> PrefillTargets | None:
+        """chunks: (request, first flat row, first position, count) of BE prefill rows in this iteration."""
+        rows: list[int] = []
+        slots: list[int] = []
+        for request, row, start, count in chunks:
+            blocks = self.allocator.blocks_of(request.request_id)
+            for offset in range(count):
+                position = start + offset
+                rows.append(row + offset)
+                slots.append(blocks[position // self.block_size] * self.block_size + position % self.block_size)
+        if not rows:
+            return None
+        return PrefillTargets(torch.tensor(rows, device=self.device), torch.tensor(slots))
+
+    def write_prefill_kv(self, layer: int, targets: PrefillTargets, k: torch.Tensor, v: torch.Tensor) -> None:
+        key = k.index_select(0, targets.rows)
+        value = v.index_select(0, targets.rows)
+        key_cache, value_cache = self.buffers.key_cache[layer], self.buffers.value_cache[layer]
+
+        def store(key: torch.Tensor = key, value: torch.Tensor = value) -> None:
+            for cache, rows in ((key_cache, key), (value_cache, value)):
+                cache.view(-1, *cache.shape[-2:]).index_copy_(0, targets.host_slots, rows.to(cache.dtype))
+
+        if self.device.type == "cpu":
+            store()
+        else:  # copy off the accelerator without stalling it; the store runs once the copy has landed
+            key, value, event = _to_host_async(key, value)
+            self.pool.after(event, lambda: store(key, value))
+
+    # --- decode rows -----------------------------------------------------------------------------------
+    def start_decode(self, request: Request) -> None:
+        slot = self.slot_of[request.request_id]
+        worker = self.pool.least_loaded_worker()
+        row = BERow(request, slot, worker, self.generation[slot], position=request.num_tokens - 1)
+        self.rows[request.request_id] = row
+        self.row_by_slot[slot] = row
+        self.pool.register(worker, slot, self.allocator.blocks_of(request.request_id))
+
+    def entering(self) -> list[BERow]:
+        cap = self.max_rows_per_layer
+        return [row for row in self.rows.values() if row.state == ENTER][:cap]
+
+    def ready(self, layer: int) -> list[BERow]:
+        self.collect()
+        cap = self.max_rows_per_layer
+        return [row for row in self.rows.values() if row.state == READY and row.layer == layer][:cap]
+
+    def submit(self, layer: int, rows: list[BERow], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               hidden: torch.Tensor) -> None:  # fmt: skip
+        """Send these rows' layer-`layer` attention to the CPU; keep their layer input until it returns."""
+        tasks: dict[int, list[tuple[int, int, int, int]]] = {}
+        for index, row in enumerate(rows):
+            self.residuals[(row.request.request_id, layer)] = hidden[index]
+            row.layer, row.state = layer, WAITING
+            tasks.setdefault(row.worker, []).append((row.slot, layer, row.position, row.generation))
+        slots = torch.tensor([row.slot for row in rows])
+        event = None
+        if self.device.type == "cpu":
+            host_q, host_k, host_v = q.float(), k.float(), v.float()
+        else:
+            host_q, host_k, host_v, event = _to_host_async(q.float(), k.float(), v.float())
+        buffers = self.buffers
+
+        def stage() -> None:
+            buffers.q_in.index_copy_(0, slots, host_q)
+            buffers.k_in.index_copy_(0, slots, host_k)
+            buffers.v_in.index_copy_(0, slots, host_v)
+
+        if event is None:
+            stage()
+        else:
+            self.pool.after(event, stage)
+        self.pool.submit(tasks, None)
+
+    def take(self, layer: int, rows: list[BERow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU attention results and stored layer inputs of READY rows, as accelerator tensors."""
+        slots = torch.tensor([row.slot for row in rows])
+        attn = self.buffers.out.index_select(0, slots).to(self.device, self.dtype)
+        residual = torch.stack([self.residuals.pop((row.request.request_id, layer)) for row in rows])
+        for row in rows:
+            row.layer, row.state = layer + 1, MERGED
+        return attn, residual
+
+    def token_done(self, row: BERow) -> None:
+        """The row finished the last layer and was sampled; its next token enters at layer 0."""
+        row.state, row.layer = ENTER, 0
+        row.position = row.request.num_tokens - 1
+
+    def collect(self) -> None:
+        completions, deaths = self.pool.poll()
+        for done in completions:
+            row = self.row_by_slot.get(done.slot)
+            if row is None or row.generation != done.generation or row.layer != done.layer or row.state != WAITING:
+                continue  # stale: the slot's request is gone
+            if row.released:
+                self._free(row)
+            elif done.error:
+                row.state = FAILED
+                reason = done.error.strip().splitlines()[-1]
+                self.failed.append((row.request, f"CPU attention failed for this request: {reason}"))
+            else:
+                row.state = READY
+        for death in deaths:
+            self.metrics.cpu_worker_restarts.inc()
+            for slot in death.slots:
+                row = self.row_by_slot.pop(slot, None)
+                if row is None:
+                    continue
+                if not row.released:
+                    row.state = FAILED
+                    self.failed.append((row.request, f"the CPU attention worker holding this request died "
+                                                     f"(exit code {death.exit_code}); its host KV cache is lost"))
+                else:
+                    self._free_slot(row.request.request_id, row.slot)
+
+    def take_failures(self) -> list[tuple[Request, str]]:
+        failed, self.failed = self.failed, []
+        return failed
+
+    # --- state for the engine loop and metrics --------------------------------------------------------
+    def has_work(self) -> bool:
+        # row_by_slot also holds finished rows whose last task is still on a worker: keep polling for them.
+        return bool(self.rows or self.row_by_slot)
+
+    def has_ready_work(self) -> bool:
+        return any(row.state in (ENTER, READY) for row in self.rows.values())
+
+    def idle_wait(self, timeout_s: float) -> None:
+        self.pool.wait(timeout_s)
+
+    def hold(self) -> None:
+        """Tests: workers take no new task until `release_hold` (the engine must keep running)."""
+        self._hold.value = 0
+
+    def release_hold(self) -> None:
+        self._hold.value = 1
+
+    def update_gauges(self) -> None:
+        self.metrics.cpu_attention_queue_depth.set(sum(1 for r in self.rows.values() if r.state == WAITING))
+        self.metrics.host_kv_usage.set(self.allocator.usage())
+        self.metrics.host_kv_free_bytes.set(self.allocator.num_free * self.block_bytes)
+
+    def close(self) -> None:
+        self._hold.value = 1
+        self.pool.close()
+
+
+def _to_host_async(*tensors: torch.Tensor) -> tuple:
+    """Start device-to-host copies into pinned memory; returns the host tensors and an event to wait on."""
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors, strict=True):
+        dst.copy_(src, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return (*host, event)

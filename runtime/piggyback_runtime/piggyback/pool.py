@@ -1,0 +1,173 @@
+"""The engine's side of the CPU attention workers: slots, task submission, non-blocking result polling,
+and replacing a worker that died.
+
+Every BE request in decode owns one slot (its row in the shared q/k/v/out buffers) and is pinned to one
+worker, which keeps its host block table. A request has at most one attention task in flight, so the slot
+never holds two tasks' data at once. Nothing here ever blocks the engine: submissions go through a sender
+thread, and results are collected with `poll`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from piggyback_runtime.piggyback.worker import SharedBuffers, worker_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    index: int
+    process: mp.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    slots: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Completion:
+    slot: int
+    layer: int
+    generation: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerDeath:
+    worker: int
+    exit_code: int | None
+    slots: list[int]
+
+
+class CPUAttentionPool:
+    def __init__(self, buffers: SharedBuffers, num_workers: int, threads_per_worker: int, scale: float) -> None:
+        self.buffers = buffers
+        self.scale = scale
+        self.threads_per_worker = threads_per_worker
+        self._ctx = mp.get_context("spawn")  # fork would copy the engine's threads and CUDA state
+        self.workers: list[Worker] = [self._spawn(i) for i in range(num_workers)]
+        self.restarts = 0
+        # One ordered queue of (event, action): an action runs only after its CUDA event (if any) completes,
+        # so a task is sent only once its q/k/v copies have landed in shared memory.
+        self._outbox: queue.SimpleQueue[tuple[torch.cuda.Event | None, Callable[[], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._sender = threading.Thread(target=self._send_loop, name="cpu-attention-sender", daemon=True)
+        self._sender.start()
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def _spawn(self, index: int) -> Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main, args=(child, self.buffers, self.scale, self.threads_per_worker),
+            name=f"piggyback-cpu-attention-{index}", daemon=True,
+        )  # fmt: skip
+        process.start()
+        child.close()
+        return Worker(index, process, parent)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until every worker has started (used once at engine start, never in the loop)."""
+        for worker in self.workers:
+            if not worker.ready:
+                if not worker.conn.poll(timeout_s):
+                    raise TimeoutError(f"CPU attention worker {worker.index} did not start within {timeout_s:.0f}s")
+                message = worker.conn.recv()
+                assert message[0] == "ready", message
+                worker.ready = True
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        for worker in self.workers:
+            worker.conn.close()
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+
+    def least_loaded_worker(self) -> int:
+        return min(self.workers, key=lambda w: len(w.slots)).index
+
+    # --- sending -----------------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            event, action = item
+            if event is not None:
+                event.synchronize()
+            # A send to a worker that died fails; poll() reports the death and fails its requests.
+            with contextlib.suppress(OSError, ValueError):
+                action()
+
+    def _send(self, worker_index: int, message: tuple, event: torch.cuda.Event | None = None) -> None:
+        conn = self.workers[worker_index].conn
+        self._outbox.put((event, lambda: conn.send(message)))
+
+    def after(self, event: torch.cuda.Event | None, action: Callable[[], None]) -> None:
+        """Run `action` on the sender thread, in order with task submissions (e.g. host KV writes)."""
+        self._outbox.put((event, action))
+
+    def register(self, worker_index: int, slot: int, block_ids: list[int]) -> None:
+        self.workers[worker_index].slots.add(slot)
+        self._send(worker_index, ("register", slot, list(block_ids)))
+
+    def forget(self, worker_index: int, slot: int) -> None:
+        self.workers[worker_index].slots.discard(slot)
+        self._send(worker_index, ("forget", slot))
+
+    def submit(self, tasks_by_worker: dict[int, list[tuple[int, int, int, int]]],
+               event: torch.cuda.Event | None) -> None:  # fmt: skip
+        for worker_index, tasks in tasks_by_worker.items():
+            self._send(worker_index, ("run", tasks), event)
+
+    # --- receiving ---------------------------------------------------------------------------------------
+    def poll(self) -> tuple[list[Completion], list[WorkerDeath]]:
+        """Collect every finished task without blocking; report (and replace) workers that died."""
+        done: list[Completion] = []
+        deaths: list[WorkerDeath] = []
+        for worker in self.workers:
+            try:
+                while worker.conn.poll():
+                    message = worker.conn.recv()
+                    if message[0] == "ready":
+                        worker.ready = True
+                    elif message[0] == "done":
+                        done.extend(Completion(s, layer, g) for s, layer, g in message[1])
+                    elif message[0] == "error":
+                        log.error("CPU attention worker %d failed a batch:\n%s", worker.index, message[1])
+                        done.extend(Completion(s, layer, g, error=message[1]) for s, layer, g in message[2])
+            except (EOFError, OSError):
+                pass
+            if not worker.process.is_alive():
+                deaths.append(self._replace(worker))
+        return done, deaths
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until some worker has something to say (only when the accelerator has nothing to do)."""
+        wait([w.conn for w in self.workers], timeout=timeout_s)
+
+    def _replace(self, dead: Worker) -> WorkerDeath:
+        exit_code = dead.process.exitcode
+        log.error("CPU attention worker %d (pid %s) died with exit code %s; replacing it",
+                  dead.index, dead.process.pid, exit_code)  # fmt: skip
+        death = WorkerDeath(dead.index, exit_code, sorted(dead.slots))
+        dead.conn.close()
+        self.workers[dead.index] = self._spawn(dead.index)
+        self.restarts += 1
+        return death
+
+    def pids(self) -> list[int | None]:
+        return [w.process.pid for w in self.workers]
+
+
+def default_threads_per_worker(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // num_workers)

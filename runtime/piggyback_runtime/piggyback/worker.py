@@ -1,0 +1,109 @@
+"""A CPU attention worker: a separate process that computes BE decode attention against host-DRAM KV.
+
+Why a process: the engine loop must never wait on BE attention, and Python threads would share its GIL.
+A process has its own interpreter; the native kernel inside it runs its own OpenMP threads. All bulky
+data lives in shared memory created by the engine (the host KV cache and per-request q/k/v/out slots),
+so messages carry only small integers:
+
+    engine -> worker: ("register", slot, block_ids)           a BE request's host block table
+                      ("run", [(slot, layer, position, gen)])  compute attention for these rows
+                      ("forget", slot)                         the request is gone
+    worker -> engine: ("ready", pid)
+                      ("done", [(slot, layer, gen)])           out[slot] holds the result
+                      ("error", message)                       a task failed (the worker keeps going)
+
+`gen` is the slot's generation: a result for a slot that was freed and reused is recognisably stale.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SharedBuffers:
+    """Tensors in shared memory, created by the engine and handed to every worker at spawn."""
+
+    key_cache: torch.Tensor  # [layers, blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor
+    q_in: torch.Tensor  # [slots, q_heads, head_dim] float32
+    k_in: torch.Tensor  # [slots, kv_heads, head_dim] float32
+    v_in: torch.Tensor
+    out: torch.Tensor  # [slots, q_heads, head_dim] float32
+    # A lock-free shared flag (multiprocessing.RawValue): tasks run only while it is 1. Tests hold and release
+    # tasks with it. Not an Event: a worker killed while waiting on an Event leaves its lock broken.
+    hold: Any
+
+    @classmethod
+    def allocate(
+        cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, q_heads: int, head_dim: int,
+        num_slots: int, kv_dtype: torch.dtype, hold: Any,
+    ) -> SharedBuffers:  # fmt: skip
+        cache_shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        return cls(
+            key_cache=torch.zeros(cache_shape, dtype=kv_dtype).share_memory_(),
+            value_cache=torch.zeros(cache_shape, dtype=kv_dtype).share_memory_(),
+            q_in=torch.zeros(num_slots, q_heads, head_dim).share_memory_(),
+            k_in=torch.zeros(num_slots, kv_heads, head_dim).share_memory_(),
+            v_in=torch.zeros(num_slots, kv_heads, head_dim).share_memory_(),
+            out=torch.zeros(num_slots, q_heads, head_dim).share_memory_(),
+            hold=hold,
+        )
+
+
+def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_threads: int) -> None:
+    """Process entry point: serve attention tasks until the engine closes the connection."""
+    from piggyback_runtime.attention.cpu_attention import paged_decode_attention, write_kv
+
+    torch.set_num_threads(num_threads)
+    block_tables: dict[int, list[int]] = {}
+    block_size = buffers.key_cache.shape[2]
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the engine went away
+        kind = message[0]
+        if kind == "register":
+            block_tables[message[1]] = message[2]
+        elif kind == "forget":
+            block_tables.pop(message[1], None)
+        elif kind == "run":
+            while not buffers.hold.value:
+                time.sleep(0.001)
+            tasks: list[tuple[int, int, int, int]] = message[1]
+            try:
+                by_layer: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+                for task in tasks:
+                    by_layer[task[1]].append(task)
+                for layer, group in by_layer.items():
+                    slots = torch.tensor([t[0] for t in group], dtype=torch.long)
+                    positions = [t[2] for t in group]
+                    tables = [block_tables[t[0]] for t in group]
+                    key_cache, value_cache = buffers.key_cache[layer], buffers.value_cache[layer]
+                    # The newest token's k/v go into the host cache first, then every row attends over it.
+                    slot_mapping = torch.tensor(
+                        [tables[i][p // block_size] * block_size + p % block_size for i, p in enumerate(positions)],
+                        dtype=torch.long,
+                    )
+                    write_kv(key_cache, value_cache, slot_mapping, buffers.k_in[slots], buffers.v_in[slots])
+                    width = max(len(t) for t in tables)
+                    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+                    lengths = torch.tensor([p + 1 for p in positions], dtype=torch.int32)
+                    result = paged_decode_attention(
+                        buffers.q_in[slots], key_cache, value_cache, table_tensor, lengths, scale,
+                        num_threads=num_threads,
+                    )  # fmt: skip
+                    buffers.out[slots] = result
+                conn.send(("done", [(t[0], t[1], t[3]) for t in tasks]))
+            except Exception:
+                conn.send(("error", traceback.format_exc(limit=5), [(t[0], t[1], t[3]) for t in tasks]))

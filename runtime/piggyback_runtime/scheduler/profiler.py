@@ -1,0 +1,294 @@
+"""Profile the latency model on the real device: Dense rows, logits rows and accelerator attention loads.
+
+`profile_latency` times the loaded model's own modules (so the profile reflects this model, dtype, device and
+kernels) and fits `latency_model.LatencyModel`. `load_or_profile` is what the engine calls at startup: the
+cached profile for this (model, dtype, device, architecture, code version) or a fresh one, saved.
+`profile_main` is the `piggyback profile --config runtime.yaml [--out PATH]` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
+from piggyback_runtime.model.loader import LoadedModel
+from piggyback_runtime.scheduler.latency_model import (
+    LatencyModel,
+    LinearAttentionModel,
+    ProfileKey,
+    StaircaseModel,
+    arch_hash,
+    default_profile_dir,
+    load_or_none,
+    prefill_chunk_load,
+)
+
+log = logging.getLogger(__name__)
+
+# Row grids. GPU: dense where tiles/waves step (every 8 up to 512), sparser up to 2048. CPU: a small grid so
+# that synthetic://small-llama profiles in seconds on 2 cores (the CPU profile is smooth; the fit interpolates).
+GPU_ROW_COUNTS: tuple[int, ...] = (1, *range(8, 513, 8), *range(576, 1025, 64), *range(1152, 2049, 128))
+CPU_ROW_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+# Attention grids: (decode requests, decode context length, prefill chunk tokens, prefill chunk start).
+GPU_ATTENTION_GRID: tuple[tuple[int, int, int, int], ...] = tuple(
+    [(n, c, 0, 0) for n in (1, 8, 32, 128, 256) for c in (256, 1024, 4096)]
+    + [(0, 0, q, s) for q in (64, 256, 512, 1024, 2048) for s in (0, 1024, 4096)]
+    + [(32, 1024, 512, 0), (128, 1024, 256, 1024), (256, 2048, 512, 2048)]
+)
+CPU_ATTENTION_GRID: tuple[tuple[int, int, int, int], ...] = tuple(
+    [(n, c, 0, 0) for n in (1, 8, 32) for c in (128, 512)]
+    + [(0, 0, q, s) for q in (32, 128, 256) for s in (0, 256)]
+    + [(8, 256, 128, 0), (32, 512, 64, 256)]
+)
+# KV memory the attention profile may use; beyond it decodes share blocks (wrapping around).
+_GPU_KV_BYTES = 4 << 30
+_CPU_KV_BYTES = 256 << 20
+_BLOCK_SIZE = 16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    times: list[float] = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def device_name(device: torch.device) -> str:
+    """What the profile is valid for: the GPU model, or the CPU model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu {cpu} x{torch.get_num_threads()} threads"
+
+
+def profile_key(loaded: LoadedModel) -> ProfileKey:
+    return ProfileKey(
+        model_uri=loaded.uri,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device_name=device_name(loaded.device),
+        arch_hash=arch_hash(dataclasses.asdict(loaded.arch)),
+    )
+
+
+@torch.inference_mode()
+def _profile_dense(
+    loaded: LoadedModel, device: torch.device, row_counts: Sequence[int], repeats: int
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(rows, seconds) samples of pre_attention + post_attention over all layers, and of norm + lm_head."""
+    model, arch = loaded.model, loaded.arch
+    largest = max(row_counts)
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden_all = torch.randn(largest, arch.hidden_size, generator=gen, device=device).to(loaded.dtype)
+    cos_all, sin_all = model.rope(torch.arange(largest, device=device), loaded.dtype)
+
+    def dense(rows: int) -> Callable[[], object]:
+        hidden0, cos, sin = hidden_all[:rows], cos_all[:rows], sin_all[:rows]
+
+        def run() -> object:
+            hidden = hidden0
+            for layer in model.layers:
+                q, _, _ = layer.pre_attention(hidden, cos, sin)
+                hidden = layer.post_attention(q, hidden)  # q has the attention output's shape
+            return hidden
+
+        return run
+
+    def logits(rows: int) -> Callable[[], object]:
+        return lambda: model.compute_logits(hidden_all[:rows])
+
+    for _ in range(2):  # warm up kernels, allocator and caches at the largest size
+        dense(largest)()
+        logits(largest)()
+    # Repeats are passes over the whole grid in shuffled order, not back-to-back runs of one point: a burst of
+    # foreign load (shared cores, clock changes) then spoils one sample of many points, not every sample of one.
+    order = list(row_counts)
+    rng = random.Random(0)
+    dense_samples: list[tuple[float, float]] = []
+    logit_samples: list[tuple[float, float]] = []
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for rows in order:
+            dense_samples += [(rows, t) for t in _timed(dense(rows), device, 1)]
+            logit_samples += [(rows, t) for t in _timed(logits(rows), device, 1)]
+    return dense_samples, logit_samples
+
+
+@torch.inference_mode()
+def _profile_attention(
+    loaded: LoadedModel, device: torch.device, grid: Sequence[tuple[int, int, int, int]], repeats: int
+) -> list[tuple[float, float, float]]:
+    """(prefill load, decode load, seconds) samples of paged_attention over all layers."""
+    arch = loaded.arch
+    tokens_needed = max(n * c + s + q for n, c, q, s in grid)
+    cap = _GPU_KV_BYTES if device.type == "cuda" else _CPU_KV_BYTES
+    num_blocks = max(
+        8, min(-(-tokens_needed // _BLOCK_SIZE) + 1, cap // kv_block_bytes(arch, _BLOCK_SIZE, loaded.dtype))
+    )
+    cache = PagedKVCache(arch, num_blocks, _BLOCK_SIZE, loaded.dtype, device)
+    scale = arch.head_dim**-0.5
+    gen = torch.Generator(device=device).manual_seed(1)
+    next_block = 0
+
+    def blocks(count: int) -> list[int]:
+        nonlocal next_block
+        ids = [(next_block + i) % num_blocks for i in range(count)]
+        next_block = (next_block + count) % num_blocks
+        return ids
+
+    def case(n: int, context: int, q_tokens: int, start: int) -> tuple[Callable[[], object], float, float]:
+        decodes = [(blocks(-(-context // _BLOCK_SIZE)), context - 1) for _ in range(n)]
+        prefills = [(blocks(-(-(start + q_tokens) // _BLOCK_SIZE)), start, q_tokens)] if q_tokens else []
+        batch = AttentionBatch.build(decodes, prefills, _BLOCK_SIZE, device)
+        rows = n + q_tokens
+        q = torch.randn(rows, arch.num_attention_heads, arch.head_dim, generator=gen, device=device).to(loaded.dtype)
+        kv = torch.randn(rows, arch.num_key_value_heads, arch.head_dim, generator=gen, device=device)
+        kv = kv.to(loaded.dtype)
+
+        def run() -> object:
+            for layer in range(arch.num_hidden_layers):
+                paged_attention(layer, q, kv, kv, cache, batch, scale)
+            return None
+
+        return run, prefill_chunk_load(start, q_tokens) if q_tokens else 0.0, float(n * context)
+
+    cases = [case(*point) for point in grid]
+    cases[-1][0]()  # warm up
+    cases[0][0]()
+    samples: list[tuple[float, float, float]] = []
+    rng = random.Random(1)
+    for _ in range(repeats):  # passes over the grid, as for Dense
+        rng.shuffle(cases)
+        for run, prefill_load, decode_load in cases:
+            samples += [(prefill_load, decode_load, t) for t in _timed(run, device, 1)]
+    return samples
+
+
+def profile_latency(
+    loaded: LoadedModel,
+    device: torch.device | None = None,
+    row_counts: Sequence[int] | None = None,
+    repeats: int | None = None,
+    attention_grid: Sequence[tuple[int, int, int, int]] | None = None,
+) -> LatencyModel:
+    """Time the model's Dense modules over `row_counts`, its logits, and paged attention over
+    `attention_grid` (decode requests, decode context, prefill chunk, chunk start); fit the latency model."""
+    device = device or loaded.device
+    gpu = device.type == "cuda"
+    row_counts = row_counts or (GPU_ROW_COUNTS if gpu else CPU_ROW_COUNTS)
+    repeats = repeats or (5 if gpu else 3)
+    attention_grid = attention_grid or (GPU_ATTENTION_GRID if gpu else CPU_ATTENTION_GRID)
+    started = time.perf_counter()
+    dense_samples, logit_samples = _profile_dense(loaded, device, row_counts, repeats)
+    attention_samples = _profile_attention(loaded, device, attention_grid, repeats)
+    # On a GPU timing noise is symmetric: take medians. Shared CPU cores only ever add time: take minima.
+    reduce: Literal["median", "min"] = "median" if gpu else "min"
+    pick = statistics.median if gpu else min
+    by_rows: dict[float, list[float]] = {}
+    for rows, seconds in dense_samples:
+        by_rows.setdefault(rows, []).append(seconds)
+    by_load: dict[tuple[float, float], list[float]] = {}
+    for prefill_load, decode_load, seconds in attention_samples:
+        by_load.setdefault((prefill_load, decode_load), []).append(seconds)
+    model = LatencyModel(
+        dense=StaircaseModel.fit(dense_samples, reduce=reduce),
+        attention=LinearAttentionModel.fit([(p, d, pick(ts)) for (p, d), ts in by_load.items()]),
+        logits=StaircaseModel.fit(logit_samples, reduce=reduce),
+        dense_samples=tuple((rows, pick(ts)) for rows, ts in sorted(by_rows.items())),
+    )
+    log.info("profiled %s on %s in %.1f s", loaded.uri, device_name(device), time.perf_counter() - started)
+    return model
+
+
+def load_or_profile(loaded: LoadedModel, cache_dir: str | Path | None = None) -> LatencyModel:
+    """The cached profile of this model on this device, or a fresh one (then cached). For engine startup."""
+    cache = Path(cache_dir) if cache_dir is not None else default_profile_dir()
+    key = profile_key(loaded)
+    model = load_or_none(cache, key)
+    if model is None:
+        model = profile_latency(loaded)
+        try:
+            model.save_to_cache(cache, key)
+        except OSError as exc:  # a read-only home must not stop the runtime
+            log.warning("could not cache the latency profile in %s: %s", cache, exc)
+    return model
+
+
+def fit_table(model: LatencyModel) -> list[tuple[float, float, float, float]]:
+    """(rows, measured s, predicted s, relative error) for every profiled Dense row count."""
+    return [
+        (rows, measured, predicted := model.dense.predict(rows), abs(predicted - measured) / measured)
+        for rows, measured in model.dense_samples
+        if measured > 0
+    ]
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    """`piggyback profile --config runtime.yaml [--out PATH] [--repeats N]`: profile, cache, print the fit."""
+    from piggyback_runtime.config import ConfigError, RuntimeConfig
+    from piggyback_runtime.model.loader import load_model
+
+    parser = argparse.ArgumentParser(prog="piggyback profile", description=profile_main.__doc__)
+    parser.add_argument("--config", required=True, help="path to the RuntimeConfig YAML (model, dtype, device)")
+    parser.add_argument("--out", help="write the profile here (default: the cache file the runtime reads)")
+    parser.add_argument("--repeats", type=int, help="timings per point (default 5 on GPU, 3 on CPU)")
+    args = parser.parse_args(argv)
+    try:
+        config = RuntimeConfig.from_yaml(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    loaded = load_model(config.model, config.device)
+    key = profile_key(loaded)
+    started = time.perf_counter()
+    model = profile_latency(loaded, repeats=args.repeats)
+    elapsed = time.perf_counter() - started
+    path = model.save(args.out, key) if args.out else model.save_to_cache(default_profile_dir(), key)
+    print(f"model {key.model_uri}  dtype {key.dtype}  device {key.device_name}  ({elapsed:.1f} s)")
+    print(f"{'rows':>6} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+    table = fit_table(model)
+    for rows, measured, predicted, error in table:
+        print(f"{rows:>6.0f} {measured * 1e3:>12.3f} {predicted * 1e3:>13.3f} {error:>7.1%}")
+    mape = sum(e for *_, e in table) / len(table) if table else 0.0
+    a = model.attention
+    print(f"dense: {len(model.dense.steps)} steps, tile {model.dense.tile or 'none (smooth)'}, MAPE {mape:.1%}")
+    print(
+        f"attention: {a.intercept * 1e3:.3f} ms + {a.per_prefill_load * 1e9:.3f} ns/prefill pair "
+        f"+ {a.per_decode_load * 1e9:.3f} ns/decode token"
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
+    sys.exit(profile_main())

@@ -1,0 +1,351 @@
+"""SLO control (OmniServe §3.4): how much BE work joins each iteration, and which LS requests to admit.
+
+Pure Python with no torch import: the simulator drives this same code with the same latency model.
+
+Per iteration (`SLOController.choose`), in priority order LS decode > LS chunked prefill > BE chunked prefill
+> BE decode: LS work is taken as the engine planned it, then a binary search finds the most BE prefill
+tokens, then the most BE decode rows per layer, whose predicted iteration latency stays within
+
+    target = min(tightest TPOT budget of decoding LS requests, TTFT budget of queued LS prefills) × (1 − margin)
+
+TTFT budget rule. LS prefills are served first-come first-served, `ls_chunk_tokens` prompt tokens per
+iteration. A queued LS request i with deadline D_i (arrival + its TTFT SLO) gets its first token at the end
+of iteration n_i = ceil(P_≤i / ls_chunk_tokens), where P_≤i is its own remaining prompt plus that of every LS
+prefill ahead of it. Assuming the next iterations look like this one, it meets its deadline when
+n_i × latency ≤ D_i − now, so its budget is (D_i − now) / n_i; the TTFT budget is the smallest of these.
+A request already past its deadline is a miss whatever happens: it is left out rather than starving BE.
+
+Cost: gathering the budgets is one pass over the LS states (O(n)); the searches are O(log max) latency
+predictions each, with no per-request work inside them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
+
+# Predictions equal to a budget up to float rounding count as meeting it ("exactly at the SLO" is admitted).
+_REL_EPS = 1e-9
+
+REASON_TTFT = "TTFTUnattainable"
+REASON_TPOT = "TPOTUnattainable"
+REASON_ADMITTED = "Admitted"
+
+
+@dataclass(frozen=True)
+class LSRequestState:
+    """One LS request the engine holds (running or queued), as the controller needs it."""
+
+    tpot_s: float  # the request's TPOT SLO
+    ttft_deadline_s: float | None  # arrival + TTFT SLO while no token was produced yet; None afterwards
+    remaining_prefill_tokens: int  # prompt tokens not yet in the KV cache (0 once decoding)
+    context_len: int  # tokens in the KV cache; for a decode, including this iteration's token (its attention load)
+
+    @property
+    def decoding(self) -> bool:
+        return self.remaining_prefill_tokens == 0
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    tokens: int
+    load: float  # prefill_chunk_load(start, tokens)
+
+
+@dataclass(frozen=True)
+class IterationDemand:
+    """The work on offer this iteration, already ordered by priority by the engine's planner."""
+
+    ls_decode_rows: int = 0
+    ls_decode_attention_load: float = 0.0  # sum of the LS decodes' context lengths
+    ls_prefill_chunks: Sequence[PrefillChunk] = ()  # LS chunks the token budget already holds
+    be_prefill_tokens_available: int = 0  # BE prompt tokens that could be prefilled now (token budget left)
+    be_prefill_context_start: int = 0  # tokens already cached for the BE request chunked next (load estimate)
+    be_decode_rows_ready: int = 0  # BE rows one layer could take now (CPU attention results ready)
+
+    @property
+    def ls_prefill_tokens(self) -> int:
+        return sum(c.tokens for c in self.ls_prefill_chunks)
+
+    @property
+    def ls_prefill_load(self) -> float:
+        return sum(c.load for c in self.ls_prefill_chunks)
+
+
+@dataclass(frozen=True)
+class BEAllowance:
+    be_rows_per_layer: int  # at most this many BE rows join each layer's Dense batch
+    be_prefill_tokens: int  # BE prompt tokens to prefill on the accelerator this iteration
+    predicted_latency_s: float  # the model's latency for LS work + this allowance
+    budget_s: float = math.inf  # the latency target it was fitted under (inf: no LS constraint)
+    binding: str = "none"  # which SLO set the budget: "tpot", "ttft" or "none"
+
+
+@dataclass(frozen=True)
+class NewLSRequest:
+    prompt_tokens: int
+    ttft_s: float  # TTFT SLO
+    tpot_s: float  # TPOT SLO
+    arrival_s: float
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    admitted: bool
+    reason: str  # CamelCase: Admitted, TTFTUnattainable, TPOTUnattainable
+    message: str
+    retry_after_s: float = 0.0  # a hint for Retry-After (whole seconds, ≥ 1 when rejected)
+    predicted_ttft_s: float = 0.0
+    predicted_iteration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LSMix:
+    """The current LS request mix, from recently finished LS requests (for headroom)."""
+
+    avg_prompt_tokens: float
+    avg_output_tokens: float
+    tpot_s: float  # tightest TPOT SLO among the LS services
+    ttft_s: float  # tightest TTFT SLO among the LS services
+
+
+@dataclass
+class _Budgets:
+    tpot_s: float = math.inf
+    ttft_s: float = math.inf
+    queued_prefill_tokens: int = 0  # remaining LS prompt tokens, running and queued
+    decode_rows: int = 0
+    decode_load: float = 0.0
+
+    @property
+    def target_s(self) -> float:
+        return min(self.tpot_s, self.ttft_s)
+
+    @property
+    def binding(self) -> str:
+        if self.target_s == math.inf:
+            return "none"
+        return "tpot" if self.tpot_s <= self.ttft_s else "ttft"
+
+
+@dataclass
+class SLOController:
+    latency_model: LatencyModel
+    safety_margin: float = 0.1  # the planner keeps predicted latency this share below the budget
+    ls_chunk_tokens: int = 512  # LS prefill tokens per iteration (the engine's token budget)
+    max_be_rows_per_layer: int = 1024
+    max_be_prefill_tokens: int = 512
+    admission_margin: float = 0.0  # admission compares predictions to the SLO itself by default
+    _last: BEAllowance | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.safety_margin < 1 or not 0 <= self.admission_margin < 1:
+            raise ValueError("safety_margin and admission_margin must be in [0, 1)")
+        if self.ls_chunk_tokens < 1:
+            raise ValueError("ls_chunk_tokens must be at least 1")
+
+    # --- budgets ------------------------------------------------------------------------------------------
+    def _budgets(self, ls_state: Sequence[LSRequestState], now_s: float) -> _Budgets:
+        """One pass over the LS requests (in FCFS order): tightest TPOT and TTFT budgets (module docstring)."""
+        b = _Budgets()
+        chunk = self.ls_chunk_tokens
+        cumulative = 0
+        for s in ls_state:
+            if s.remaining_prefill_tokens == 0:
+                b.decode_rows += 1
+                b.decode_load += s.context_len
+                if s.tpot_s < b.tpot_s:
+                    b.tpot_s = s.tpot_s
+                continue
+            cumulative += s.remaining_prefill_tokens
+            if s.ttft_deadline_s is None:
+                continue
+            slack = s.ttft_deadline_s - now_s
+            if slack <= 0:
+                continue  # already a miss; holding BE back cannot save it
+            budget = slack / -(-cumulative // chunk)
+            if budget < b.ttft_s:
+                b.ttft_s = budget
+        b.queued_prefill_tokens = cumulative
+        return b
+
+    # --- the per-iteration decision -----------------------------------------------------------------------
+    def choose(self, demand: IterationDemand, ls_state: Sequence[LSRequestState], now_s: float) -> BEAllowance:
+        """The largest BE allowance (BE prefill first, then BE decode rows) whose predicted latency fits."""
+        budgets = self._budgets(ls_state, now_s)
+        model = self.latency_model.predict_parts
+        ls_rows = demand.ls_decode_rows + demand.ls_prefill_tokens
+        prefill_load = demand.ls_prefill_load
+        decode_load = demand.ls_decode_attention_load
+        max_prefill = max(0, min(demand.be_prefill_tokens_available, self.max_be_prefill_tokens))
+        max_rows = max(0, min(demand.be_decode_rows_ready, self.max_be_rows_per_layer))
+        start = demand.be_prefill_context_start
+        # Rows that sample a token (final norm + lm_head): every LS decode and chunk, the BE prefill chunk, and
+        # as many BE rows as one layer admits (they may all be at the last layer).
+        ls_logits = demand.ls_decode_rows + len(demand.ls_prefill_chunks)
+
+        target = budgets.target_s
+        if target == math.inf and ls_rows == 0:
+            # No LS work and no LS deadline: BE takes everything that is ready.
+            predicted = model(
+                max_prefill + max_rows,
+                prefill_chunk_load(start, max_prefill) if max_prefill else 0.0,
+                0.0,
+                (max_prefill > 0) + max_rows,
+            )
+            allowance = BEAllowance(max_rows, max_prefill, predicted)
+            self._last = allowance
+            return allowance
+        limit = target * (1 - self.safety_margin) * (1 + _REL_EPS)
+
+        def prefill_fits(tokens: int) -> bool:
+            load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
+            return model(ls_rows + tokens, load, decode_load, ls_logits + (tokens > 0)) <= limit
+
+        prefill = _largest(prefill_fits, max_prefill)
+        be_load = prefill_load + (prefill_chunk_load(start, prefill) if prefill else 0.0)
+        logits = ls_logits + (prefill > 0)
+
+        def rows_fit(rows: int) -> bool:
+            return model(ls_rows + prefill + rows, be_load, decode_load, logits + rows) <= limit
+
+        rows = _largest(rows_fit, max_rows)
+        predicted = model(ls_rows + prefill + rows, be_load, decode_load, logits + rows)
+        allowance = BEAllowance(rows, prefill, predicted, target, budgets.binding)
+        self._last = allowance
+        return allowance
+
+    @property
+    def last_allowance(self) -> BEAllowance | None:
+        return self._last
+
+    # --- admission ----------------------------------------------------------------------------------------
+    def admit_ls(
+        self,
+        new_request: NewLSRequest,
+        running_ls: Sequence[LSRequestState],
+        demand: IterationDemand,
+        now_s: float,
+    ) -> AdmissionDecision:
+        """Admit a new LS request only if the model predicts it meets its TTFT and, with it added, every
+        decoding LS request (and then itself) still meets its TPOT. BE is left out of these predictions: the
+        planner shrinks BE to zero before LS misses. Edges: a prediction exactly at the SLO is admitted.
+
+        - TTFT: it queues behind every LS prefill already held (FCFS), so it needs n = ceil((queued + its
+          prompt) / ls_chunk_tokens) iterations, each one a full LS chunk next to the LS decodes:
+          predicted TTFT = (now − arrival) + n × latency(decode rows, a full prefill chunk).
+        - TPOT: while it prefills, iterations hold the LS decodes plus a full chunk; once it decodes, one more
+          decode row with its prompt as context. Both must fit the tightest TPOT, its own included.
+        """
+        budgets = self._budgets(running_ls, now_s)
+        model = self.latency_model.predict_parts
+        scale = (1 - self.admission_margin) * (1 + _REL_EPS)
+        chunk = self.ls_chunk_tokens
+        queued = budgets.queued_prefill_tokens + new_request.prompt_tokens
+        rows = budgets.decode_rows
+        load = budgets.decode_load
+        # Each prefill iteration is a full chunk (or all that is queued, if less); its attention load is taken
+        # as that of the new prompt's last chunk, the heaviest chunk of it (conservative).
+        chunk_tokens = min(chunk, queued)
+        chunk_start = max(0, new_request.prompt_tokens - chunk_tokens)
+        prefill_iteration = model(rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens), load, rows + 1)
+        iterations = -(-queued // chunk)
+        waited = max(0.0, now_s - new_request.arrival_s)
+        ttft = waited + iterations * prefill_iteration
+        decode_iteration = model(rows + 1, 0.0, load + new_request.prompt_tokens + 1, rows + 1)
+        tpot_budget = min(budgets.tpot_s, new_request.tpot_s)
+        worst_iteration = max(prefill_iteration, decode_iteration)
+
+        def reject(reason: str, message: str) -> AdmissionDecision:
+            # Retry once the LS prefill queue ahead has drained (whole seconds, for Retry-After).
+            drain = (budgets.queued_prefill_tokens / chunk) * prefill_iteration
+            return AdmissionDecision(False, reason, message, float(max(1, math.ceil(drain))), ttft, worst_iteration)
+
+        if ttft > new_request.ttft_s * scale:
+            return reject(
+                REASON_TTFT,
+                f"predicted time to first token {ttft:.3f} s exceeds the TTFT SLO {new_request.ttft_s:.3f} s "
+                f"({budgets.queued_prefill_tokens} LS prompt tokens queued ahead, {iterations} iterations of "
+                f"{prefill_iteration * 1000:.1f} ms); retry later",
+            )
+        # The TPOT of running decodes is held during its prefill; its own and theirs once it decodes.
+        if prefill_iteration > budgets.tpot_s * scale or decode_iteration > tpot_budget * scale:
+            return reject(
+                REASON_TPOT,
+                f"with this request, predicted iteration time {worst_iteration * 1000:.1f} ms exceeds the "
+                f"tightest TPOT SLO {tpot_budget * 1000:.1f} ms of {rows} decoding LS requests; retry later",
+            )
+        return AdmissionDecision(True, REASON_ADMITTED, "admitted", 0.0, ttft, worst_iteration)
+
+    # --- capacity ----------------------------------------------------------------------------------------
+    def headroom_rps(self, ls_state: Sequence[LSRequestState], mix: LSMix, now_s: float, max_rps: float = 1e4) -> float:
+        """Predicted extra LS request rate (requests/s) that still fits the SLOs at the current mix.
+
+        Method: a steady state where every iteration runs at the latency target L = tightest TPOT × (1 −
+        margin). An extra arrival rate λ of requests with the mix's average prompt P and output O adds, by
+        Little's law, λ·O·L concurrent decode rows (each output token takes one iteration; context ≈ P + O/2)
+        and λ·P·L prefill tokens per iteration. λ fits when
+          - the predicted latency of (current LS decodes + those rows, current LS prefill + that many tokens)
+            is ≤ L (so TPOT holds with BE at zero), and
+          - prefill keeps up: the per-iteration prefill tokens stay within the token budget left by decode
+            rows, and a fresh prompt's ceil(P / free tokens) iterations × L fit the TTFT SLO.
+        The largest such λ is found by bisection (the predicate is monotone in λ). 0 when the current state
+        already misses (the iteration of LS work alone is over budget, or a queued prompt cannot make TTFT).
+        """
+        budgets = self._budgets(ls_state, now_s)
+        target = mix.tpot_s * (1 - self.safety_margin)
+        if budgets.tpot_s < math.inf:
+            target = min(target, budgets.tpot_s * (1 - self.safety_margin))
+        model = self.latency_model.predict_parts
+        chunk = self.ls_chunk_tokens
+        base_rows = budgets.decode_rows
+        base_load = budgets.decode_load
+        base_prefill = min(chunk, budgets.queued_prefill_tokens)
+        context = mix.avg_prompt_tokens + mix.avg_output_tokens / 2
+
+        def fits(rate: float) -> bool:
+            rows = base_rows + rate * mix.avg_output_tokens * target
+            prefill = base_prefill + rate * mix.avg_prompt_tokens * target
+            free = chunk - rows
+            if prefill > free or free <= 0:
+                return False
+            if math.ceil(mix.avg_prompt_tokens / free) * target > mix.ttft_s:
+                return False
+            # A prompt of P tokens carries load P(P+1)/2 over its P tokens: (P+1)/2 per prefilled token.
+            load = prefill * (mix.avg_prompt_tokens + 1) / 2
+            return model(rows + prefill, load, base_load + (rows - base_rows) * context, rows) <= target
+
+        ls_alone = model(base_rows + base_prefill, 0.0, base_load, base_rows)
+        if not fits(0.0) or budgets.ttft_s * (1 + _REL_EPS) < ls_alone:
+            return 0.0
+        lo, hi = 0.0, max_rps
+        if fits(hi):
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-6 * max(1.0, lo):
+                break
+        return lo
+
+
+def _largest(fits: Callable[[int], bool], upper: int) -> int:
+    """Largest k in [0, upper] with fits(k), for a predicate true up to some k and false beyond; 0 if none."""
+    if upper <= 0 or not fits(1):
+        return 0
+    if fits(upper):
+        return upper
+    lo, hi = 1, upper  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,280 @@
+"""Fixtures: an emulated API server on loopback, the real kopf operator in-process, fake kubelets, runtimes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Fast timers and retries; read by piggyback_operator.handlers at import, so set before importing it.
+os.environ.setdefault("PIGGYBACK_SCRAPE_INTERVAL_S", "1")
+os.environ.setdefault("PIGGYBACK_RETRY_DELAY_S", "1")
+
+import httpx
+import kmock
+import kopf
+import piggyback_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
+import pytest
+import yaml
+from emulated_apiserver import ApiServer
+from piggyback_operator import pools
+from piggyback_operator.api import crd_manifest
+
+NAMESPACE = "serving"
+LLMS = "piggyback.dev/v1alpha1/llmservices"
+LLMS_PATH = f"/apis/piggyback.dev/v1alpha1/namespaces/{NAMESPACE}/llmservices"
+HERE = Path(__file__).parent
+
+RESOURCES: dict[str, kmock.ResourceInfo] = {
+    LLMS: kmock.ResourceInfo(kind="LLMService", namespaced=True, subresources={"status"}, shortnames={"llms"}),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True),
+    "v1/nodes": kmock.ResourceInfo(kind="Node", namespaced=False),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True),
+    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False),
+}
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll until `check()` returns something truthy (and return it), or fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value: {last!r}")
+
+
+class Cluster:
+    """The test's hands on the emulated cluster: what kubectl, the scheduler and kubelets would do."""
+
+    def __init__(self, api: ApiServer) -> None:
+        self.api = api
+
+    async def _request(self, method: str, path: str, body: Any = None, content_type: str | None = None) -> Any:
+        headers = {"Content-Type": content_type} if content_type else {}
+        async with self.api.request(method, path, json=body, headers=headers) as response:
+            payload = await response.json()
+            assert response.status < 300, f"{method} {path}: {response.status} {payload}"
+            return payload
+
+    async def add_gpu_node(
+        self, name: str, gpus: int = 2, memory: str = "512Gi", labels: dict[str, str] | None = None
+    ) -> None:
+        await self._request("POST", "/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+            "status": {"allocatable": {"cpu": "64", "memory": memory, pools.GPU_RESOURCE: str(gpus)}},
+        })  # fmt: skip
+
+    async def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "piggyback.dev/v1alpha1", "kind": "LLMService",
+                "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+        return await self._request("POST", LLMS_PATH, body)
+
+    async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self._request("PATCH", f"{LLMS_PATH}/{name}", patch, "application/merge-patch+json")
+
+    async def delete(self, name: str) -> None:
+        await self._request("DELETE", f"{LLMS_PATH}/{name}")
+
+    def llms(self, name: str) -> dict[str, Any] | None:
+        return self.api.live(LLMS, NAMESPACE, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.llms(name) or {}).get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self.api.all("apps/v1/deployments", NAMESPACE)
+
+    def deployment(self, pool: str) -> dict[str, Any] | None:
+        return self.api.live("apps/v1/deployments", NAMESPACE, pool)
+
+    def configmap(self, pool: str) -> dict[str, Any] | None:
+        return self.api.live("v1/configmaps", NAMESPACE, pool)
+
+    def runtime_config(self, pool: str) -> dict[str, Any] | None:
+        cm = self.configmap(pool)
+        return yaml.safe_load(cm["data"][pools.CONFIG_KEY]) if cm else None
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return self.api.live("v1/services", NAMESPACE, name)
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        return [e for e in self.api.all("v1/events", NAMESPACE) if e.get("reason") == reason]
+
+    async def run_replicas(self, pool: str, node: str, port: int, count: int | None = None) -> list[str]:
+        """Be the Deployment controller, the scheduler and the kubelet: ready pods of the pool's template,
+        on `node`, listening on 127.0.0.1:`port` (where a runtime process really is)."""
+        deployment = self.deployment(pool)
+        assert deployment is not None, f"no Deployment {pool}"
+        template = deployment["spec"]["template"]
+        count = deployment["spec"]["replicas"] if count is None else count
+        existing = [p for p in self.api.all("v1/pods", NAMESPACE)
+                    if p["metadata"]["labels"].get(pools.LABEL_POOL) == pool]
+        names = []
+        for i in range(len(existing), count):
+            containers = []
+            for c in template["spec"]["containers"]:
+                ports = [{**p, "containerPort": port} if p.get("name") == "http" else p for p in c.get("ports", [])]
+                containers.append({**c, "ports": ports})
+            pod = await self._request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": f"{pool}-{i}", "labels": template["metadata"]["labels"],
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": pool,
+                                         "uid": deployment["metadata"]["uid"], "controller": True}],
+                },
+                "spec": {**template["spec"], "containers": containers, "nodeName": node},
+                "status": {"phase": "Running", "podIP": "127.0.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            })  # fmt: skip
+            names.append(pod["metadata"]["name"])
+        return names
+
+
+@pytest.fixture
+async def apiserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ApiServer]:
+    async with ApiServer() as api, kmock.Server(api) as server:
+        for resource, info in RESOURCES.items():
+            info.verbs.update(VERBS)
+            api.resources[resource] = info
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": f"http://127.0.0.1:{server.port}"}}],
+            "users": [{"name": "kmock", "user": {"token": "test"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+        }))  # fmt: skip
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        async with api.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd_manifest()) as r:
+            assert r.status == 200, await r.text()
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield api
+
+
+@pytest.fixture
+def cluster(apiserver: ApiServer) -> Cluster:
+    return Cluster(apiserver)
+
+
+@contextlib.asynccontextmanager
+async def running_operator() -> AsyncIterator[None]:
+    """The real kopf operator with the real handlers, until the block ends.
+
+    It runs in its own thread and event loop, as kopf's KopfRunner does: on exit, kopf cancels every task
+    its loop spawned while it ran, which must not include the emulated API server's or the test's.
+    """
+    settings = kopf.OperatorSettings()
+    settings.watching.reconnect_backoff = 0.1
+    stop, ready = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(
+                clusterwide=True, standalone=True, settings=settings, stop_flag=stop, ready_flag=ready,
+                memo=kopf.Memo(),
+            ))  # fmt: skip
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 20), f"the operator did not start: {failures}"
+        yield
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 30)
+    assert not thread.is_alive(), "the operator did not stop within 30s"
+    if failures:
+        raise failures[0]
+
+
+@pytest.fixture
+async def operator(apiserver: ApiServer) -> AsyncIterator[None]:
+    async with running_operator():
+        yield
+
+
+class Runtime:
+    """A runtime-like HTTP process on 127.0.0.1 whose /metrics figures the test sets."""
+
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process = process
+        self.port = port
+
+    def set(self, **control: Any) -> None:
+        httpx.post(f"http://127.0.0.1:{self.port}/control", json=control, timeout=5).raise_for_status()
+
+
+@pytest.fixture
+def runtime_factory() -> Iterator[Callable[[], Runtime]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start() -> Runtime:
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_runtime.py")], stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), f"fake runtime did not start: {line!r}"
+        return Runtime(process, int(line.split()[1]))
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def runtime(runtime_factory: Callable[[], Runtime]) -> Runtime:
+    return runtime_factory()
+
+
+SpecFactory = Callable[..., dict[str, Any]]
+
+
+def ls_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"uri": "synthetic://tiny-llama", "dtype": "float32"},
+        "class": "LS",
+        "slo": {"ttftMs": 200, "tpotMs": 50, "attainmentTarget": 0.99},
+        "expectedLoad": {"requestsPerSecond": 5},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def be_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"uri": "synthetic://tiny-llama", "dtype": "float32"},
+        "class": "BE",
+        "expectedLoad": {"concurrency": 256},
+        "resources": {"gpus": 1, "cpuCores": 8, "hostMemory": "64Gi"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+Waiter = Callable[..., Awaitable[Any]]

@@ -1,0 +1,164 @@
+"""The LLMService CRD: generated from the models, structural, defaulted, and its CEL rules say what is wrong.
+
+The API server is emulated here the way it checks a write: apply the schema's defaults, validate the
+OpenAPI schema (Draft 4 semantics, as OpenAPI 3.0), then evaluate every x-kubernetes-validations rule at its
+node with `self` (and `oldSelf` on updates, where the old object has that node) using a Python CEL library.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+from piggyback_operator import api
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "piggyback.dev_llmservices.yaml"
+SCHEMA = api.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def with_defaults(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = with_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        value = [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def cel_messages(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]:
+    messages: list[str] = []
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"] and old is None:
+            continue  # transition rules apply to updates of an existing value only
+        activation = {"self": celpy.json_to_cel(new)}
+        if old is not None:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        if not env.program(env.compile(rule["rule"])).evaluate(activation):
+            messages.append(rule["message"])
+    if isinstance(new, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in new:
+                old_sub = old.get(key) if isinstance(old, dict) else None
+                messages += cel_messages(sub, new[key], old_sub)
+    return messages
+
+
+def admit(spec: dict[str, Any], old_spec: dict[str, Any] | None = None, name: str = "chat") -> list[str]:
+    """What `kubectl apply` would report: schema errors, then CEL rule messages; [] when accepted."""
+    obj = with_defaults(SCHEMA, {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
+                                 "spec": spec})
+    old = None if old_spec is None else with_defaults(SCHEMA, {**obj, "spec": old_spec})
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft4Validator(SCHEMA).iter_errors(obj)]
+    return errors or cel_messages(SCHEMA, obj, old)
+
+
+def sample(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "manifests" / "samples" / name).read_text())["spec"]
+
+
+LS = sample("ls-chat.yaml")
+BE = sample("be-batch.yaml")
+
+
+def test_the_committed_crd_is_what_the_models_generate():
+    assert CRD_FILE.read_text() == api.crd_yaml(), "regenerate: piggyback-operator crd -o " + str(CRD_FILE)
+
+
+def test_the_crd_has_a_status_subresource_short_name_and_columns_that_answer_is_it_up():
+    version = api.crd_manifest()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert api.crd_manifest()["spec"]["names"]["shortNames"] == ["llms"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Class", "Model", "Ready", "Reason", "TTFT-p99-ms", "TPOT-p99-ms", "Attainment", "BE-tok/s",
+                       "Age"]
+
+
+def test_the_schema_is_structural():
+    def walk(node: dict[str, Any], path: str) -> None:
+        assert "type" in node or path == "", f"{path} has no type"
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title"):
+            assert forbidden not in node, f"{path} uses {forbidden}"
+        for key, sub in node.get("properties", {}).items():
+            walk(sub, f"{path}.{key}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+    walk(SCHEMA, "")
+    conditions = SCHEMA["properties"]["status"]["properties"]["conditions"]
+    assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
+
+
+@pytest.mark.parametrize("spec", [LS, BE], ids=["ls-sample", "be-sample"])
+def test_the_samples_are_accepted(spec):
+    assert admit(spec) == []
+    api.LLMServiceSpec.model_validate(spec)
+
+
+def test_defaults_fill_in_what_a_minimal_be_spec_leaves_out():
+    spec = with_defaults(SCHEMA, {"spec": {"class": "BE", "model": {"uri": "synthetic://tiny"}}})["spec"]
+    assert spec["replicas"] == 1
+    assert spec["resources"] == {"gpus": 1, "cpuCores": 0, "hostMemory": "0"}
+    assert spec["placement"]["pool"] == "default" and spec["model"]["dtype"] == "auto"
+    assert spec["expectedLoad"] == {"requestsPerSecond": 0, "concurrency": 0}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"slo": None}, api.MSG_LS_NEEDS_SLO),
+    ({"scaling": {"minReplicas": 3, "maxReplicas": 2}, "replicas": 3}, api.MSG_MIN_LE_MAX),
+    ({"replicas": 4}, api.MSG_REPLICAS_IN_RANGE),
+], ids=["ls-without-slo", "min-above-max", "replicas-outside-scaling"])
+def test_cel_rules_reject_inconsistent_specs_with_a_message_a_person_can_act_on(change, message):
+    spec = {k: v for k, v in {**LS, **change}.items() if v is not None}
+    assert admit(spec) == [message]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"class": "BE", "slo": None}, api.MSG_CLASS_IMMUTABLE),
+    ({"model": {**LS["model"], "uri": "pvc://weights/llama"}}, api.MSG_URI_IMMUTABLE),
+], ids=["class", "model-uri"])
+def test_class_and_model_uri_are_immutable(change, message):
+    updated = {k: v for k, v in {**LS, **change}.items() if v is not None}
+    assert admit(updated) == []  # valid as a new object...
+    assert admit(updated, old_spec=LS) == [message]  # ...but not as a change of an existing one
+
+
+def test_other_fields_may_change():
+    assert admit({**LS, "slo": {**LS["slo"], "ttftMs": 500}, "model": {**LS["model"], "dtype": "float16"}},
+                 old_spec=LS) == []
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"slo": {"ttftMs": 0, "tpotMs": 50}}, "spec.slo.ttftMs"),
+    ({"slo": {"ttftMs": 300, "tpotMs": 50, "attainmentTarget": 1.5}}, "spec.slo.attainmentTarget"),
+    ({"model": {"uri": "https://example.com/llama"}}, "spec.model.uri"),
+    ({"class": "Batch"}, "spec.class"),
+    ({"resources": {"gpus": 0}}, "spec.resources.gpus"),
+    ({"resources": {"hostMemory": "lots"}}, "spec.resources.hostMemory"),
+    ({"placement": {"pool": "Not_A_Label"}}, "spec.placement.pool"),
+], ids=["ttft-zero", "attainment-above-one", "uri-scheme", "class-enum", "no-gpus", "memory-quantity", "pool-name"])
+def test_the_schema_bounds_reject_out_of_range_values(change, field):
+    errors = admit({**LS, **change})
+    assert errors and errors[0].startswith(field + ":"), errors
+
+
+def test_a_service_name_must_be_a_dns_label_because_clients_send_it_as_the_model_name():
+    assert admit(LS, name="Chat.v2") == [api.MSG_NAME_DNS_LABEL]
+
+
+def test_the_operator_side_models_refuse_what_cel_refuses_with_the_same_words():
+    with pytest.raises(ValidationError, match=re.escape(api.MSG_LS_NEEDS_SLO)):
+        api.LLMServiceSpec.model_validate({k: v for k, v in LS.items() if k != "slo"})
+    with pytest.raises(ValidationError, match=re.escape(api.MSG_MIN_LE_MAX)):
+        api.LLMServiceSpec.model_validate({**LS, "scaling": {"minReplicas": 3, "maxReplicas": 2}})

@@ -1,0 +1,71 @@
+"""Every kustomize entry point builds (the CI check), and what it builds keeps the promised properties."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY_POINTS = ["crds", "manifests/base", "manifests/overlays/monitoring", "manifests/samples"]
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+
+
+def build(entry: str) -> list[dict[str, Any]]:
+    result = subprocess.run(["kubectl", "kustomize", str(ROOT / entry)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {entry} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_entry_point_builds(entry):
+    assert build(entry)
+
+
+def test_the_base_installs_namespace_crd_rbac_and_one_operator():
+    docs = build("manifests/base")
+    assert {d["kind"] for d in docs} >= {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
+                                         "ClusterRoleBinding", "Deployment", "Service"}
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["metadata"]["namespace"] == "piggyback-system"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and "readinessProbe" in container
+    assert container["command"] == ["piggyback-operator"] and container["args"][0] == "run"
+
+
+def test_rbac_grants_only_named_verbs_on_named_resources():
+    (role,) = by_kind(build("manifests/base"), "ClusterRole")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert not set(rule["verbs"]) & {"delete", "deletecollection", "escalate", "bind", "impersonate"}, rule
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    assert ("llmservices/status", "patch") in granted and ("deployments", "patch") in granted
+    assert ("secrets", "get") not in granted
+
+
+def test_the_monitoring_overlay_adds_monitors_for_the_operator_and_the_runtimes():
+    docs = build("manifests/overlays/monitoring")
+    (service_monitor,) = by_kind(docs, "ServiceMonitor")
+    (pod_monitor,) = by_kind(docs, "PodMonitor")
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert pod_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "runtime"
+
+
+def test_the_samples_are_an_ls_and_a_be_service_of_the_same_model_and_pool():
+    ls, be = sorted(build("manifests/samples"), key=lambda d: d["spec"]["class"], reverse=True)
+    assert (ls["spec"]["class"], be["spec"]["class"]) == ("LS", "BE")
+    assert ls["spec"]["model"] == be["spec"]["model"]
+    assert ls["spec"]["placement"]["pool"] == be["spec"]["placement"]["pool"]

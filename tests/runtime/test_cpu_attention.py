@@ -1,0 +1,202 @@
+"""CPU paged decode attention for BE requests: results match a plain per-request softmax(q K^T) V."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from piggyback_runtime.attention import cpu_attention as ca
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+native = pytest.mark.skipif(not ca.native_available(), reason="native CPU attention kernel unavailable")
+
+
+def make_case(
+    lens: list[int],
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random q and a paged cache whose blocks are shuffled, with block tables padded by garbage ids."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(per_seq) + 3  # a few blocks nobody owns
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = torch.full((len(lens), max(per_seq) + 2), -7, dtype=torch.int32)  # padding is never read
+    start = 0
+    for s, n in enumerate(per_seq):
+        tables[s, :n] = order[start : start + n]
+        start += n
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=gen).to(dtype)
+    value_cache = torch.randn(shape, generator=gen).to(dtype)
+    query = torch.randn(len(lens), q_heads, head_dim, generator=gen)
+    return query, key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def reference(query, key_cache, value_cache, tables, lens, scale) -> torch.Tensor:
+    """Per request: gather its pages, softmax(q K^T * scale) V in float64."""
+    num_seqs, q_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = q_heads // kv_heads
+    out = torch.empty(num_seqs, q_heads, head_dim, dtype=torch.float64)
+    for s in range(num_seqs):
+        n = int(lens[s])
+        pages = tables[s, : (n + block_size - 1) // block_size].long()
+        k = key_cache[pages].reshape(-1, kv_heads, head_dim)[:n].double()
+        v = value_cache[pages].reshape(-1, kv_heads, head_dim)[:n].double()
+        for h in range(q_heads):
+            kvh = h // group
+            probs = torch.softmax(k[:, kvh] @ query[s, h].double() * scale, dim=0)
+            out[s, h] = probs @ v[:, kvh]
+    return out
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+CASES = [
+    # (lens, q_heads, kv_heads, head_dim, block_size)
+    pytest.param([1, 2, 17, 16, 33], 8, 8, 128, 16, id="mha-short-lengths"),
+    pytest.param([37, 300, 129], 8, 2, 128, 16, id="gqa4-not-block-multiples"),
+    pytest.param([100, 5], 32, 4, 64, 8, id="gqa8-block8"),
+    pytest.param([250, 31], 4, 4, 96, 32, id="gqa1-dim96-block32"),
+    pytest.param([64, 1000], 16, 2, 256, 16, id="gqa8-dim256"),
+    pytest.param([3, 70], 6, 1, 128, 16, id="gqa6-mqa"),
+]
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(("lens", "q_heads", "kv_heads", "head_dim", "block_size"), CASES)
+def test_native_matches_reference(lens, q_heads, kv_heads, head_dim, block_size, dtype):
+    case = make_case(lens, q_heads, kv_heads, head_dim, block_size, dtype)
+    scale = head_dim**-0.5
+    got = ca.paged_decode_attention(*case, scale)
+    assert_close(got, reference(*case, scale))
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_avx2_build_matches_reference(monkeypatch, dtype):
+    # The AVX2 code path (8 lanes, 2-head register groups) is what machines without AVX-512 run.
+    monkeypatch.setenv(ca.ENV_ISA, "avx2")
+    assert ca.kernel_name() == "native-avx2"
+    for lens, q_heads, kv_heads, head_dim in [([1, 37, 300], 8, 2, 128), ([5000], 6, 1, 64)]:
+        case = make_case(lens, q_heads, kv_heads, head_dim, 16, dtype)
+        got = ca.paged_decode_attention(*case, head_dim**-0.5, num_threads=2)
+        assert_close(got, reference(*case, head_dim**-0.5))
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_long_sequence_is_split_across_threads_and_merged(dtype):
+    # With 2 threads and one kv head, a 5000-token request is cut into several ranges whose partial
+    # softmax states are merged by log-sum-exp; large logits make a wrong merge visible.
+    query, k, v, tables, lens = make_case([5000, 40], 4, 1, 128, 16, dtype, seed=1)
+    scale = 0.5
+    got = ca.paged_decode_attention(query, k, v, tables, lens, scale, num_threads=2)
+    assert_close(got, reference(query, k, v, tables, lens, scale))
+    one_thread = ca.paged_decode_attention(query, k, v, tables, lens, scale, num_threads=1)
+    assert_close(one_thread, reference(query, k, v, tables, lens, scale))
+
+
+@native
+def test_out_parameter_is_filled_and_returned():
+    case = make_case([20, 9], 8, 2, 64, 16, torch.bfloat16)
+    out = torch.full((2, 8, 64), float("nan"))
+    got = ca.paged_decode_attention(*case, 0.125, out=out)
+    assert got is out
+    assert_close(out, reference(*case, 0.125))
+    strided = torch.full((8, 2, 64), float("nan")).transpose(0, 1)  # non-contiguous out
+    assert ca.paged_decode_attention(*case, 0.125, out=strided) is strided
+    assert_close(strided, reference(*case, 0.125))
+
+
+@native
+def test_bad_block_ids_and_lengths_raise_instead_of_reading_wild_memory():
+    query, k, v, tables, lens = make_case([20], 4, 2, 64, 16, torch.float32)
+    bad = tables.clone()
+    bad[0, 1] = k.shape[0]
+    with pytest.raises(RuntimeError, match="block_tables"):
+        ca.paged_decode_attention(query, k, v, bad, lens, 0.1)
+    with pytest.raises(RuntimeError, match="context_lens"):
+        ca.paged_decode_attention(query, k, v, tables, torch.tensor([0], dtype=torch.int32), 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_torch_fallback_gives_the_same_result(monkeypatch, dtype):
+    monkeypatch.setenv(ca.ENV_BACKEND, "torch")
+    assert ca.kernel_name() == "torch"
+    assert not ca.native_available()
+    case = make_case([1, 45, 130], 8, 2, 128, 16, dtype)
+    assert_close(ca.paged_decode_attention(*case, 0.09), reference(*case, 0.09))
+
+
+def test_unavailable_native_kernel_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(ca, "_load", lambda isa=None: None)
+    monkeypatch.setattr(ca, "_warned", set())
+    monkeypatch.delenv(ca.ENV_BACKEND, raising=False)
+    case = make_case([12], 4, 2, 64, 16, torch.float32)
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        got = ca.paged_decode_attention(*case, 0.1)
+    assert_close(got, reference(*case, 0.1))
+
+
+def test_write_kv_stores_new_tokens_at_their_slots_with_dtype_conversion():
+    key_cache = torch.zeros(4, 8, 2, 32, dtype=torch.bfloat16)
+    value_cache = torch.zeros_like(key_cache)
+    slots = torch.tensor([0, 13, 31], dtype=torch.int64)  # block 0 off 0, block 1 off 5, block 3 off 7
+    key, value = torch.randn(3, 2, 32), torch.randn(3, 2, 32)
+    ca.write_kv(key_cache, value_cache, slots, key, value)
+    assert torch.equal(key_cache[1, 5], key[1].to(torch.bfloat16))
+    assert torch.equal(value_cache[3, 7], value[2].to(torch.bfloat16))
+    assert torch.equal(key_cache[0, 0], key[0].to(torch.bfloat16))
+    assert int((key_cache != 0).any(dim=(2, 3)).sum()) == 3
+
+
+def cyclic_case(tokens: int) -> tuple[torch.Tensor, ...]:
+    """One request of `tokens` tokens whose block table cycles over 32 pages: long reads, small cache."""
+    query, k, v, _, _ = make_case([32 * 16], 8, 8, 128, 16, torch.float32)
+    blocks = (tokens + 15) // 16
+    tables = (torch.arange(blocks, dtype=torch.int32) % 32).unsqueeze(0)
+    return query[:1], k, v, tables, torch.tensor([tokens], dtype=torch.int32)
+
+
+@native
+def test_native_call_releases_the_gil():
+    # A Python thread counts while the main thread is inside one long native call. If the call held
+    # the GIL, the counter could not move until the call returned.
+    probe = 1 << 16
+    ca.paged_decode_attention(*cyclic_case(probe), 0.1, num_threads=1)  # warm up
+    start = time.perf_counter()
+    ca.paged_decode_attention(*cyclic_case(probe), 0.1, num_threads=1)
+    per_token_s = (time.perf_counter() - start) / probe
+    case = cyclic_case(min(int(0.5 / per_token_s), 1 << 28))  # one call of about 500 ms
+
+    ticks = 0
+    done = threading.Event()
+
+    def count() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    begin = time.perf_counter()
+    ca.paged_decode_attention(*case, 0.1, num_threads=1)
+    elapsed = time.perf_counter() - begin
+    ticks_during_call = ticks
+    done.set()
+    thread.join()
+    assert elapsed >= 0.2, "the call was too short to tell"
+    assert ticks_during_call >= 10, f"counter moved {ticks_during_call} times during a {elapsed:.2f} s call"
