@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.loader import load_model

@@ -14,11 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from piggyback_runtime.config import RuntimeConfig
-
 from piggyback_operator.api import API_VERSION, KIND, LLMServiceSpec, Toleration
 from piggyback_operator.placement import GPU_RESOURCE
 from piggyback_operator.quantity import format_bytes, parse_quantity
+from piggyback_runtime.config import RuntimeConfig
 
 LABEL_POOL = "piggyback.dev/pool"
 LABEL_SERVICE = "piggyback.dev/llmservice"

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
-from piggyback_runtime import metrics as m
 from prometheus_client.parser import text_string_to_metric_families
+
+from piggyback_runtime import metrics as m
 
 Buckets = dict[float, float]  # upper bound -> cumulative count
 

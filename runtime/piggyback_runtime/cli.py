@@ -38,6 +38,12 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from piggyback_runtime.scheduler.profiler import profile_main
+
+    return profile_main(args.profile_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="piggyback", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -53,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--be-concurrency", type=int, default=8, help="BE requests kept in flight")
     demo.add_argument("--model", default="synthetic://small-llama", help="model URI")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    profile = sub.add_parser("profile", add_help=False,
+                             help="profile the latency model on this device and cache it (profile --help)")
+    profile.set_defaults(func=_profile)
+    # `profile` has its own options (profile_main parses them); every other command takes only its own.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "profile":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.profile_args = extra
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -19,8 +19,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # How BE work shares the accelerator with LS work.
 # `piggyback`: BE prefill on the accelerator at low priority, BE decode attention on host CPUs against KV in
 #   host DRAM, BE rows merged into the Dense batch layer by layer (the product).
-# `priority`: BE runs entirely on the accelerator after all LS work in the same token budget (baseline).
-SchedulingPolicy = Literal["piggyback", "priority"]
+# Baselines, same engine:
+# `priority`: BE runs entirely on the accelerator after all LS work in the same token budget.
+# `ls-only`: Sarathi-Serve-like; BE runs on the accelerator only while no LS work is waiting or running.
+# `headroom`: Llumnix-style reservation; BE runs on the accelerator within a reserved share of KV memory.
+# `neo`: NEO-like; decode attention of every request (LS and BE) on the CPU, synchronously per layer.
+SchedulingPolicy = Literal["piggyback", "priority", "ls-only", "headroom", "neo"]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
@@ -104,6 +108,8 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = "piggyback"
+    # Policy `headroom`: the share of accelerator KV blocks BE requests may hold.
+    headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
 
 
 class PiggybackConfig(_Strict):
@@ -119,6 +125,22 @@ class PiggybackConfig(_Strict):
     cpu_threads_per_worker: Annotated[int, Field(ge=1)] | None = None
     # Most BE rows merged into one layer's Dense batch per iteration (the SLO controller lowers it).
     max_be_rows_per_layer: Annotated[int, Field(ge=0)] = 64
+
+
+class SLOControlConfig(_Strict):
+    """Dynamic BE batching and LS admission from a profiled latency model (policy `piggyback`)."""
+
+    enabled: bool = True
+    # The planner keeps predicted iteration latency this share below the tightest LS budget.
+    safety_margin: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Reject (HTTP 429) an LS request the model predicts would miss its SLO or make running ones miss theirs.
+    admission: bool = True
+    # BE requests waiting for host KV memory; one more is rejected with HTTP 429.
+    max_be_queue: Annotated[int, Field(ge=0)] = 1024
+    # Where the latency profile is cached (default ~/.cache/piggyback/profiles, or $PIGGYBACK_PROFILE_DIR).
+    profile_cache_dir: str | None = None
+    # How often the LS headroom figure for the operator is recomputed.
+    headroom_interval_s: Annotated[float, Field(gt=0)] = 1.0
 
 
 class ServerConfig(_Strict):
@@ -138,6 +160,7 @@ class RuntimeConfig(_Strict):
     services: Annotated[list[ServiceConfig], Field(min_length=1)]
     engine: EngineConfig = EngineConfig()
     piggyback: PiggybackConfig = PiggybackConfig()
+    slo_control: SLOControlConfig = SLOControlConfig()
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
 

@@ -33,6 +33,16 @@ from piggyback_runtime.request import (
 )
 from piggyback_runtime.sampling import sample
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
+from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError, prefill_chunk_load
+from piggyback_runtime.scheduler.profiler import load_or_profile
+from piggyback_runtime.scheduler.slo_control import (
+    IterationDemand,
+    LSMix,
+    LSRequestState,
+    NewLSRequest,
+    PrefillChunk,
+    SLOController,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,15 @@ class UnknownServiceError(LookupError):
     """The request names a service this runtime does not host (HTTP 404)."""
 
 
+class AdmissionRejected(Exception):
+    """Rejected at arrival (HTTP 429): admitting it would break an SLO, or the BE queue is full."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int
@@ -55,8 +74,13 @@ class EngineStats:
 
 class Engine:
     def __init__(
-        self, config: RuntimeConfig, loaded: LoadedModel | None = None, metrics: m.RuntimeMetrics | None = None
+        self,
+        config: RuntimeConfig,
+        loaded: LoadedModel | None = None,
+        metrics: m.RuntimeMetrics | None = None,
+        latency_model: LatencyModel | None = None,
     ) -> None:
+        """`latency_model` replaces the profiled one (tests and the simulator pass a known model)."""
         self.config = config
         self.loaded = loaded or load_model(config.model, config.device)
         self.model = self.loaded.model
@@ -70,20 +94,42 @@ class Engine:
         num_blocks = engine_cfg.num_kv_blocks or max(1, int(engine_cfg.kv_cache_memory_gib * 2**30) // block_bytes)
         self.kv_cache = PagedKVCache(self.arch, num_blocks, self.block_size, self.loaded.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, self.block_size)
+        policy = engine_cfg.policy
         self.scheduler = BatchScheduler(
             self.allocator,
             engine_cfg.max_num_seqs,
             engine_cfg.max_num_batched_tokens,
             engine_cfg.enable_chunked_prefill,
+            be_waits_for_ls=policy == "ls-only",
+            be_kv_block_limit=int(engine_cfg.headroom_be_kv_share * num_blocks) if policy == "headroom" else None,
         )
         self.requests: dict[str, Request] = {}
         # Policy `piggyback`: BE decode attention on host CPUs. BE requests wait here for host KV first.
         self.piggyback: PiggybackPath | None = None
         self.host_kv_waiting: deque[Request] = deque()
-        if engine_cfg.policy == "piggyback":
+        # `neo`: every request's decode attention on the CPU, and the engine waits for it layer by layer.
+        self.synchronous_cpu_attention = policy == "neo"
+        if policy in ("piggyback", "neo"):
             self.piggyback = PiggybackPath(config, self.arch, self.loaded.dtype, self.device, self.metrics)
+            if self.synchronous_cpu_attention:
+                self.piggyback.max_rows_per_layer = config.piggyback.max_be_requests
         self._be_token_times: deque[float] = deque()
+        # SLO control (policy `piggyback`): a latency model decides the BE allowance and LS admission.
+        self.slo: SLOController | None = None
+        self.model_error = ModelError()
+        self._finished_ls_lengths: deque[tuple[int, int]] = deque(maxlen=200)
+        self._headroom_due_s = 0.0
+        if policy == "piggyback" and config.slo_control.enabled:
+            self.slo = SLOController(
+                latency_model or load_or_profile(self.loaded, config.slo_control.profile_cache_dir),
+                safety_margin=config.slo_control.safety_margin,
+                ls_chunk_tokens=engine_cfg.max_num_batched_tokens,
+                max_be_rows_per_layer=config.piggyback.max_be_rows_per_layer,
+                max_be_prefill_tokens=engine_cfg.max_num_batched_tokens,
+            )
         self.scale = 1.0 / math.sqrt(self.arch.head_dim)
+        self._last_merged = 0
+        self._last_sampled = 0
         self.attainment = {s.name: m.SlidingAttainment(config.metrics.attainment_window_s) for s in config.services}
         self.services = {s.name: s for s in config.services}
         self.metrics.cache_config_info.labels(block_size=str(self.block_size), num_gpu_blocks=str(num_blocks)).set(1)
@@ -126,28 +172,46 @@ class Engine:
                 f"the request needs {needed} KV blocks but this runtime's cache holds {self.allocator.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
             )
-        if self.piggyback is not None and request.service_class == "BE":
+        if self._on_host_path(request):
+            assert self.piggyback is not None
             host_tokens = self.piggyback.capacity_tokens()
             if prompt_len + request.params.max_tokens > host_tokens:
                 raise RequestError(
-                    f"the BE request needs {prompt_len + request.params.max_tokens} tokens of host KV cache but this "
+                    f"the request needs {prompt_len + request.params.max_tokens} tokens of host KV cache but this "
                     f"runtime holds {host_tokens}; lower max_tokens or shorten the prompt"
                 )
         if any(t < 0 or t >= self.arch.vocab_size for t in request.prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
 
+    def _on_host_path(self, request: Request) -> bool:
+        """Whether the request decodes with its KV in host DRAM and its attention on the CPU."""
+        return self.piggyback is not None and (not request.is_ls or self.synchronous_cpu_attention)
+
     def add_request(self, request: Request) -> None:
+        """Take a request, or raise RequestError (400), UnknownServiceError (404) or AdmissionRejected (429)."""
         self.validate(request)
         if request.request_id in self.requests:
             raise RequestError(f"request id {request.request_id!r} is already running")
         service = self.services[request.service]
         if request.slo is None and service.slo is not None:
             request.slo = SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
-        self.requests[request.request_id] = request
-        if self.piggyback is not None and request.service_class == "BE":
+        if self.slo is not None and request.is_ls and request.slo is not None and self.config.slo_control.admission:
+            decision = self.slo.admit_ls(
+                NewLSRequest(len(request.prompt_token_ids), request.slo.ttft_s, request.slo.tpot_s, request.arrival_s),
+                self._ls_state(), IterationDemand(), time.monotonic(),
+            )  # fmt: skip
+            if not decision.admitted:
+                self._reject(request, decision.reason, decision.message, decision.retry_after_s)
+        if self._on_host_path(request):
+            assert self.piggyback is not None
+            if len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
+                self._reject(request, "BEQueueFull", f"{len(self.host_kv_waiting)} requests already wait for host KV "
+                             "memory (slo_control.max_be_queue); retry later", retry_after_s=5.0)  # fmt: skip
+            self.requests[request.request_id] = request
             self.host_kv_waiting.append(request)
             self._admit_be()
         else:
+            self.requests[request.request_id] = request
             self.scheduler.add(request)
         labels = (request.service, request.service_class)
         self.metrics.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))
@@ -167,6 +231,49 @@ class Engine:
             return None
         request.error = error
         return self._finish(request, FINISH_ERROR)
+
+    def _reject(self, request: Request, reason: str, message: str, retry_after_s: float) -> None:
+        labels = (request.service, request.service_class)
+        self.metrics.requests.labels(*labels, m.OUTCOME_REJECTED).inc()
+        self.metrics.admission_rejections.labels(*labels, reason).inc()
+        if request.is_ls:  # a rejected LS request is an SLO miss (DESIGN.md)
+            self.metrics.slo_violations.labels(request.service, m.VIOLATION_REJECTED).inc()
+            self.attainment[request.service].record(False)
+        self._update_gauges()  # the loop may stay idle: attainment must show the miss now
+        raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
+
+    def _ls_state(self) -> list[LSRequestState]:
+        """The LS requests the planner holds, in arrival order, as the SLO controller sees them."""
+        held = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None]
+        held.sort(key=lambda r: r.arrival_s)
+        return [
+            LSRequestState(
+                tpot_s=r.slo.tpot_s,  # type: ignore[union-attr]
+                ttft_deadline_s=r.arrival_s + r.slo.ttft_s if r.first_token_s is None else None,  # type: ignore[union-attr]
+                remaining_prefill_tokens=0 if r.output_token_ids else r.num_remaining_tokens,
+                context_len=r.num_tokens,
+            )
+            for r in held
+        ]
+
+    def _be_allowance(self, ls_plan: IterationPlan) -> int:
+        """SLO control: given the LS work planned, how many BE prefill tokens and BE rows per layer fit."""
+        assert self.slo is not None and self.piggyback is not None
+        be_waiting = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if not r.is_ls]
+        demand = IterationDemand(
+            ls_decode_rows=len(ls_plan.decodes),
+            ls_decode_attention_load=float(sum(c.start + 1 for c in ls_plan.decodes)),
+            ls_prefill_chunks=[PrefillChunk(c.num_tokens, prefill_chunk_load(c.start, c.num_tokens))
+                               for c in ls_plan.prefills],
+            be_prefill_tokens_available=min(self.scheduler.max_num_batched_tokens - ls_plan.num_tokens,
+                                            sum(r.num_remaining_tokens for r in be_waiting)),
+            be_prefill_context_start=be_waiting[0].num_computed_tokens if be_waiting else 0,
+            be_decode_rows_ready=self.piggyback.runnable_rows(),
+        )  # fmt: skip
+        allowance = self.slo.choose(demand, self._ls_state(), time.monotonic())
+        self.piggyback.max_rows_per_layer = allowance.be_rows_per_layer
+        self.metrics.be_rows_allowed.set(allowance.be_rows_per_layer)
+        return allowance.be_prefill_tokens
 
     def _admit_be(self) -> None:
         """Move BE requests to the planner, in arrival order, while host KV and slots last."""
@@ -196,13 +303,17 @@ class Engine:
         if pb is not None:
             self._admit_be()
             pb.collect()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(be_prefill_limit=self._be_allowance if self.slo is not None else None)
         for victim in plan.preempted:
             self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
         outputs: list[RequestOutput] = []
         if plan or (pb is not None and pb.has_ready_work()):
+            forward_started = time.perf_counter()
             outputs = self._execute(plan)
-            self.metrics.iteration_seconds.observe(time.perf_counter() - started)
+            finished = time.perf_counter()
+            self.metrics.iteration_seconds.observe(finished - started)
+            if self.slo is not None:
+                self._record_prediction(plan, finished - forward_started)
         elif pb is not None and pb.has_work():
             # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
             pb.idle_wait(0.05)
@@ -219,7 +330,7 @@ class Engine:
         positions: list[int] = []
         be_prefills: list[tuple[Request, int, int, int]] = []
         for chunk in plan.chunks:
-            if not chunk.request.is_ls and self.piggyback is not None:
+            if self._on_host_path(chunk.request):
                 be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
             token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
@@ -259,6 +370,8 @@ class Engine:
                 if carry:
                     assert pb is not None
                     pb.submit(index, carry, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
+                    if self.synchronous_cpu_attention:
+                        self._wait_for_cpu(carry)
             ready = pb.ready(index) if pb is not None else []
             if ready:
                 assert pb is not None
@@ -273,7 +386,32 @@ class Engine:
             carry = ready
         if pb is not None:
             self.metrics.be_rows_merged.observe(merged)
+        self._last_merged = merged
         return self._sample(plan, hidden, carry, carry_hidden)
+
+    def _wait_for_cpu(self, rows: list[BERow]) -> None:
+        """Policy `neo`: block until these rows' CPU attention is back (counted: the piggyback path never does)."""
+        assert self.piggyback is not None
+        started = time.perf_counter()
+        while any(row.state == "waiting" for row in rows):
+            self.piggyback.idle_wait(0.005)
+            self.piggyback.collect()
+        self.metrics.cpu_attention_wait_seconds.inc(time.perf_counter() - started)
+
+    def _record_prediction(self, plan: IterationPlan, measured_s: float) -> None:
+        """Compare the latency model with the iteration as it actually ran (its error is a metric)."""
+        assert self.slo is not None
+        merged_rows_per_layer = self._last_merged / self.arch.num_hidden_layers
+        predicted = self.slo.latency_model.predict_parts(
+            plan.num_tokens + merged_rows_per_layer,
+            sum(prefill_chunk_load(c.start, c.num_tokens) for c in plan.prefills),
+            float(sum(c.start + 1 for c in plan.decodes)),
+            self._last_sampled,
+        )
+        self.model_error.record(predicted, measured_s)
+        self.metrics.iteration_predicted_seconds.set(predicted)
+        self.metrics.iteration_measured_seconds.set(measured_s)
+        self.metrics.latency_model_error.set(self.model_error.mape())
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -291,6 +429,7 @@ class Engine:
             if chunk.samples:
                 sample_rows.append(row - 1)
                 sampling.append(chunk.request)
+        self._last_sampled = len(sampling) + len(done_rows)
         if not sampling and not done_rows:
             return []
         logits = self.model.compute_logits(torch.cat((hidden[sample_rows], done_hidden)))
@@ -300,7 +439,7 @@ class Engine:
         outputs = [self._append_token(r, t, now) for r, t in zip(requests, new_tokens, strict=True)]
         if self.piggyback is not None:
             for request, output in zip(sampling, outputs, strict=False):
-                if not request.is_ls and not output.finished:
+                if self._on_host_path(request) and not output.finished:
                     # Prefill done and first token out: the request leaves the accelerator for the CPU path.
                     self.scheduler.remove(request)
                     request.num_computed_tokens = request.num_tokens - 1
@@ -375,7 +514,8 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, new_token_ids: list[int] | None = None) -> RequestOutput:
         self.scheduler.remove(request)
-        if self.piggyback is not None and not request.is_ls:
+        if self._on_host_path(request):
+            assert self.piggyback is not None
             if request in self.host_kv_waiting:
                 self.host_kv_waiting.remove(request)
             self.piggyback.release(request)
@@ -383,6 +523,8 @@ class Engine:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         labels = (request.service, request.service_class)
+        if request.is_ls and reason in (FINISH_STOP, FINISH_LENGTH):
+            self._finished_ls_lengths.append((len(request.prompt_token_ids), len(request.output_token_ids)))
         outcome = {FINISH_ABORT: m.OUTCOME_ABORTED, FINISH_ERROR: m.OUTCOME_FAILED}.get(reason, m.OUTCOME_FINISHED)
         self.metrics.requests.labels(*labels, outcome).inc()
         timing = request.timing()
@@ -415,6 +557,17 @@ class Engine:
             self.metrics.slo_violations.labels(service, m.VIOLATION_TPOT).inc()
         self.attainment[service].record(attained)
 
+    def _headroom_rps(self, now: float) -> float | None:
+        """Extra LS request rate that fits at the current mix; None (absent) until LS requests were seen."""
+        assert self.slo is not None
+        slos = [s.slo for s in self.config.services if s.slo is not None]
+        if not self._finished_ls_lengths or not slos:
+            return None
+        prompts, outputs = zip(*self._finished_ls_lengths, strict=True)
+        mix = LSMix(sum(prompts) / len(prompts), sum(outputs) / len(outputs),
+                    min(s.tpot_s for s in slos), min(s.ttft_s for s in slos))  # fmt: skip
+        return self.slo.headroom_rps(self._ls_state(), mix, now)
+
     def _update_gauges(self) -> None:
         now = time.monotonic()
         while self._be_token_times and self._be_token_times[0] < now - 10.0:
@@ -422,6 +575,9 @@ class Engine:
         self.metrics.be_tokens_per_second.set(len(self._be_token_times) / 10.0)
         if self.piggyback is not None:
             self.piggyback.update_gauges()
+        if self.slo is not None and now >= self._headroom_due_s:
+            self._headroom_due_s = now + self.config.slo_control.headroom_interval_s
+            self.metrics.ls_headroom.set(self._headroom_rps(now))
         counts: dict[str, list[int]] = {name: [0, 0, 0] for name in self.services}  # running, waiting, blocks
         for request in self.scheduler.running:
             counts[request.service][0] += 1

@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # --- names (exposition names; counters gain `_total` on the wire) -----------------------------------
 TTFT_SECONDS = "vllm:time_to_first_token_seconds"
@@ -43,6 +45,11 @@ CPU_ATTENTION_WAIT_SECONDS = "piggyback_cpu_attention_wait_seconds"
 CPU_WORKER_RESTARTS = "piggyback_cpu_worker_restarts"
 BE_ROWS_MERGED = "piggyback_be_rows_merged"
 BE_TOKENS_PER_SECOND = "piggyback_be_tokens_per_second"
+ADMISSION_REJECTIONS = "piggyback_admission_rejections"
+ITERATION_PREDICTED_SECONDS = "piggyback_iteration_predicted_seconds"
+ITERATION_MEASURED_SECONDS = "piggyback_iteration_measured_seconds"
+LATENCY_MODEL_ERROR = "piggyback_latency_model_error_ratio"
+BE_ROWS_ALLOWED = "piggyback_be_rows_allowed_per_layer"
 
 LABELS = ("model_name", "class")
 
@@ -117,6 +124,25 @@ class SlidingAttainment:
         if total == 0:
             return 1.0, 0
         return sum(1 for _, ok in self._events if ok) / total, total
+
+
+class OptionalGauge(Collector):
+    """A gauge that is absent from /metrics until it has a value (absent means unknown, not zero)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float | None) -> None:
+        self.value = value
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        if self.value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        return []
 
 
 class RuntimeMetrics:
@@ -215,6 +241,30 @@ class RuntimeMetrics:
         self.be_tokens_per_second = Gauge(
             BE_TOKENS_PER_SECOND, "BE output tokens per second over the last 10 s.", registry=r
         )
+
+        # SLO control (policy `piggyback`).
+        self.admission_rejections = Counter(
+            ADMISSION_REJECTIONS, "Requests rejected at arrival (HTTP 429), by reason.", (*LABELS, "reason"),
+            registry=r,
+        )  # fmt: skip
+        self.iteration_predicted_seconds = Gauge(
+            ITERATION_PREDICTED_SECONDS, "Latency model's prediction for the last iteration's shape.", registry=r
+        )
+        self.iteration_measured_seconds = Gauge(
+            ITERATION_MEASURED_SECONDS, "Measured forward time of the last iteration (what the model predicts).",
+            registry=r,
+        )  # fmt: skip
+        self.latency_model_error = Gauge(
+            LATENCY_MODEL_ERROR, "Mean absolute percentage error of the latency model over recent iterations.",
+            registry=r,
+        )  # fmt: skip
+        self.be_rows_allowed = Gauge(
+            BE_ROWS_ALLOWED, "BE rows per layer the SLO controller allowed in the last iteration.", registry=r
+        )
+        self.ls_headroom = OptionalGauge(
+            LS_HEADROOM_RPS, "Predicted extra LS request rate (requests/s) that fits under the SLOs at the current "
+            "mix; absent until the runtime has seen LS requests.", registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
+FINISH_REJECTED = "rejected"  # refused at arrival (HTTP 429); never produced a token
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    retry_after_s: float | None = None  # rejections: when a retry may succeed
+    reject_reason: str | None = None

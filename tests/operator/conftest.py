@@ -20,10 +20,11 @@ os.environ.setdefault("PIGGYBACK_RETRY_DELAY_S", "1")
 import httpx
 import kmock
 import kopf
-import piggyback_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 import pytest
 import yaml
 from emulated_apiserver import ApiServer
+
+import piggyback_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 from piggyback_operator import pools
 from piggyback_operator.api import crd_manifest
 

@@ -20,8 +20,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from piggyback_runtime import metrics as m
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from piggyback_runtime import metrics as m
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"registry": None}

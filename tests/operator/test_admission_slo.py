@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import Cluster, Runtime, be_spec, eventually, ls_spec
+
 from piggyback_operator.telemetry import REGISTRY
 
 pytestmark = pytest.mark.timeout(90)

@@ -16,8 +16,9 @@ import celpy
 import jsonschema
 import pytest
 import yaml
-from piggyback_operator import api
 from pydantic import ValidationError
+
+from piggyback_operator import api
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "piggyback.dev_llmservices.yaml"

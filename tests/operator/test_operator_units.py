@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from piggyback_operator import pools
 from piggyback_operator.api import LLMServiceSpec, Toleration
 from piggyback_operator.placement import NodeInfo, PodUsage, matches, room

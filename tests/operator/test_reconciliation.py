@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import NAMESPACE, Cluster, be_spec, eventually, ls_spec, running_operator
+
 from piggyback_operator import pools
 from piggyback_runtime.config import RuntimeConfig
 

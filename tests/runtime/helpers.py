@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.arch import ModelArch

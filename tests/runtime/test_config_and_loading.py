@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.model.arch import SYNTHETIC_PRESETS, ModelArch, ModelLoadError
 from piggyback_runtime.model.loader import load_model, resolve_dtype
-
 from tests.runtime.helpers import tiny_config
 
 VALID = {

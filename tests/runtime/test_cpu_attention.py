@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from piggyback_runtime.attention import cpu_attention as ca
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from piggyback_runtime import metrics as m
 from piggyback_runtime.engine import Engine, RequestError, UnknownServiceError
 from piggyback_runtime.request import Request, SamplingParams
-
 from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from piggyback_runtime.scheduler.latency_model import (
     PROFILE_DIR_ENV,
     IterationShape,

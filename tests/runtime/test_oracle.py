@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.arch import ModelLoadError
-
 from tests.runtime.helpers import (
     assert_matches_reference,
     greedy,

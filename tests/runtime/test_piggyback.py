@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from piggyback_runtime import metrics as m
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.request import Request
-
 from tests.runtime.helpers import (
     assert_matches_reference,
     greedy,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from piggyback_runtime.kv.allocator import BlockAllocator, OutOfBlocks
 from piggyback_runtime.request import Request, RequestStatus, SamplingParams
 from piggyback_runtime.scheduler.batching import BatchScheduler

@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.demo import _free_port, wait_ready
 from piggyback_runtime.server.app import Runtime, create_app
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.runtime.helpers import LS_SLO
 
 
@@ -27,7 +27,12 @@ def _config(port: int) -> RuntimeConfig:
     return RuntimeConfig.from_dict({
         "model": {"uri": "synthetic://tiny-llama", "max_model_len": 512},
         "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
+        "services": [
+            {"name": "chat", "class": "LS", "slo": LS_SLO},
+            {"name": "batch", "class": "BE"},
+            # No iteration is this fast: every request to it is rejected at arrival.
+            {"name": "strict", "class": "LS", "slo": {"ttft_ms": 0.001, "tpot_ms": 0.001}},
+        ],
         "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
         "server": {"host": "127.0.0.1", "port": port},
     })  # fmt: skip
@@ -59,7 +64,7 @@ def client(server: str) -> openai.OpenAI:
 
 
 def test_models_lists_one_entry_per_hosted_service(client: openai.OpenAI) -> None:
-    assert sorted(model.id for model in client.models.list()) == ["batch", "chat"]
+    assert sorted(model.id for model in client.models.list()) == ["batch", "chat", "strict"]
 
 
 def test_completion_non_streaming(client: openai.OpenAI) -> None:
@@ -144,6 +149,20 @@ def test_malformed_bodies_get_400_naming_the_field(client: openai.OpenAI, server
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_ls_request_that_cannot_meet_its_slo_is_rejected_with_429_and_retry_after(
+    client: openai.OpenAI, server: str
+) -> None:
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model="strict", prompt="hello", max_tokens=4)
+    assert "TTFTUnattainable" in str(info.value)
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    samples = _scrape(server)
+    strict = (("class", "LS"), ("model_name", "strict"))
+    assert samples[f"{m.REQUESTS}_total"][(*strict, ("outcome", "rejected"))] >= 1
+    assert samples[f"{m.SLO_VIOLATIONS}_total"][(("model_name", "strict"), ("type", "rejected"))] >= 1
+    assert samples[m.SLO_ATTAINMENT][(("model_name", "strict"),)] == 0.0
 
 
 def test_context_longer_than_the_model_allows_is_rejected(client: openai.OpenAI) -> None:

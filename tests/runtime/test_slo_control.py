@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+
 from piggyback_runtime.scheduler.latency_model import (
     LatencyModel,
     LinearAttentionModel,

@@ -253,6 +253,10 @@ class PiggybackPath:
         # row_by_slot also holds finished rows whose last task is still on a worker: keep polling for them.
         return bool(self.rows or self.row_by_slot)
 
+    def runnable_rows(self) -> int:
+        """Rows the accelerator could take now (entering layer 0, or with a CPU result waiting)."""
+        return sum(1 for row in self.rows.values() if row.state in (ENTER, READY))
+
     def has_ready_work(self) -> bool:
         return any(row.state in (ENTER, READY) for row in self.rows.values())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from piggyback_runtime.kv.allocator import BlockAllocator
@@ -57,11 +58,17 @@ class BatchScheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        be_waits_for_ls: bool = False,
+        be_kv_block_limit: int | None = None,
     ) -> None:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # Policy `ls-only`: no BE work in an iteration while any LS request is waiting or running.
+        self.be_waits_for_ls = be_waits_for_ls
+        # Policy `headroom`: BE requests together hold at most this many KV blocks (the rest is LS headroom).
+        self.be_kv_block_limit = be_kv_block_limit
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -92,13 +99,21 @@ class BatchScheduler:
         plan.preempted.append(victim)
 
     # --- planning ------------------------------------------------------------------------------------
-    def schedule(self) -> IterationPlan:
+    def schedule(self, be_prefill_limit: Callable[[IterationPlan], int] | None = None) -> IterationPlan:
+        """Plan one iteration. `be_prefill_limit(plan with the LS work)` caps the BE prefill tokens (SLO control)."""
         plan = IterationPlan()
         self._plan = plan
         self._budget = self.max_num_batched_tokens
         self._scheduled: set[str] = set()
+        self._be_prefill_left = self.max_num_batched_tokens
         self.running.sort(key=_priority)
+        self._be_blocks = sum(len(self.allocator.blocks_of(r.request_id)) for r in self.running if not r.is_ls)
         for service_class in ("LS", "BE"):
+            if service_class == "BE":
+                if self.be_waits_for_ls and any(r.is_ls for r in (*self.running, *self.waiting)):
+                    break
+                if be_prefill_limit is not None:
+                    self._be_prefill_left = be_prefill_limit(plan)
             # Decodes of running requests first: they hold KV and a client is waiting on every token.
             for request in [r for r in self.running if r.service_class == service_class and r.in_decode]:
                 if self._budget < 1:
@@ -111,11 +126,13 @@ class BatchScheduler:
                     self._preempt(request, plan)
             # Partial prefills of running requests next, then new prefills.
             for request in [r for r in self.running if r.service_class == service_class and not r.in_decode]:
-                if self._budget < 1 or request.request_id in self._scheduled or request not in self.running:
+                if self._prefill_budget(request) < 1 or request.request_id in self._scheduled:
+                    continue
+                if request not in self.running:
                     continue
                 self._schedule_prefill(request, same_class_victims=True)
             for request in [r for r in self.waiting if r.service_class == service_class]:
-                if self._budget < 1 or len(self.running) >= self.max_num_seqs:
+                if self._prefill_budget(request) < 1 or len(self.running) >= self.max_num_seqs:
                     break
                 # A waiting request only displaces a lower class: same-class preemption would thrash.
                 if not self._schedule_prefill(request, same_class_victims=False):
@@ -131,8 +148,16 @@ class BatchScheduler:
                 self.waiting.appendleft(victim)
         return plan
 
+    def _prefill_budget(self, request: Request) -> int:
+        return self._budget if request.is_ls else min(self._budget, self._be_prefill_left)
+
     def _make_room(self, request: Request, num_tokens: int, same_class_victims: bool) -> bool:
         """Grow `request`'s blocks to `num_tokens`, preempting lower-priority running requests if needed."""
+        extra = self.allocator.blocks_for_tokens(num_tokens) - len(self.allocator.blocks_of(request.request_id))
+        if not request.is_ls and self.be_kv_block_limit is not None:
+            if self._be_blocks + extra > self.be_kv_block_limit:
+                return False
+            self._be_blocks += max(0, extra)
         while not self.allocator.can_hold(request.request_id, num_tokens):
             victims = [
                 r for r in self.running
@@ -149,14 +174,17 @@ class BatchScheduler:
         into.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens))
         self._scheduled.add(request.request_id)
         self._budget -= num_tokens
+        if not request.is_ls and into is self._plan.prefills:
+            self._be_prefill_left -= num_tokens
 
     def _schedule_prefill(self, request: Request, same_class_victims: bool) -> bool:
         remaining = request.num_remaining_tokens
+        budget = self._prefill_budget(request)
         if self.enable_chunked_prefill:
-            chunk = min(remaining, self._budget)
+            chunk = min(remaining, budget)
         else:
             # Without chunking a prompt runs whole; one larger than the budget runs alone.
-            if remaining > self._budget and self._plan:
+            if remaining > budget and self._plan:
                 return False
             chunk = remaining
         if not self._make_room(request, request.num_computed_tokens + chunk, same_class_victims):

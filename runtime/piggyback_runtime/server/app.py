@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine, RequestError, UnknownServiceError
 from piggyback_runtime.metrics import RuntimeMetrics
-from piggyback_runtime.request import FINISH_ABORT, FINISH_ERROR, RequestOutput, SLOTarget
+from piggyback_runtime.request import FINISH_ABORT, FINISH_ERROR, FINISH_REJECTED, RequestOutput, SLOTarget
 from piggyback_runtime.request import Request as EngineRequest
 from piggyback_runtime.server.async_engine import AsyncEngine, EngineDeadError
 from piggyback_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
@@ -34,9 +35,13 @@ SLO_TPOT_HEADER = "x-slo-tpot-ms"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, err_type: str, code: str | None = None, param: str | None = None):
+    def __init__(
+        self, status: int, message: str, err_type: str, code: str | None = None, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.err_type, self.code, self.param = status, message, err_type, code, param
+        self.headers = headers
 
 
 class Runtime:
@@ -101,7 +106,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.err_type, exc.code, exc.param), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.message, exc.err_type, exc.code, exc.param), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -203,6 +210,10 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "model") from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
+        if first.finish_reason == FINISH_REJECTED:
+            retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
+            raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
+                           headers={"Retry-After": retry_after})  # fmt: skip
         created = int(time.time())
         if body.stream:
             return StreamingResponse(

@@ -14,8 +14,8 @@ import threading
 import traceback
 from collections.abc import AsyncGenerator
 
-from piggyback_runtime.engine import Engine
-from piggyback_runtime.request import Request, RequestOutput
+from piggyback_runtime.engine import AdmissionRejected, Engine
+from piggyback_runtime.request import FINISH_ERROR, FINISH_REJECTED, Request, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class AsyncEngine:
         self._stop.set()
         self._wakeup.set()
         self._thread.join(timeout_s)
+        self.engine.close()
 
     @property
     def alive(self) -> bool:
@@ -89,8 +90,11 @@ class AsyncEngine:
                 assert isinstance(payload, Request)
                 try:
                     self.engine.add_request(payload)
+                except AdmissionRejected as exc:
+                    self._deliver(RequestOutput(payload.request_id, [], "", True, FINISH_REJECTED, error=str(exc),
+                                                retry_after_s=exc.retry_after_s, reject_reason=exc.reason))
                 except Exception as exc:  # validated before, but state may have changed (duplicate id)
-                    self._deliver(RequestOutput(payload.request_id, [], "", True, "error", error=str(exc)))
+                    self._deliver(RequestOutput(payload.request_id, [], "", True, FINISH_ERROR, error=str(exc)))
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)
