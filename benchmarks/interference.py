@@ -236,9 +236,27 @@ def machine() -> str:
     except OSError:
         pass
     text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
+    if (busy := _host_busy()) is not None:  # other work on the host skews every run: say how busy it was
+        text += f", {busy * 100:.0f}% busy in the second before the start"
     if torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name()}; host: {text}"
     return text
+
+
+def _host_busy(interval_s: float = 1.0) -> float | None:
+    """Share of all cores' time spent busy over `interval_s` (from /proc/stat), or None off Linux."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def main() -> None:

@@ -69,6 +69,7 @@ class RequestRecord:
     last_token_s: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    rejected: bool = False  # HTTP 429 at arrival (admission control): an SLO miss, not a failure
 
     @property
     def ttft_s(self) -> float | None:
@@ -95,7 +96,10 @@ def demo_config(model_uri: str, port: int) -> RuntimeConfig:
             {"name": LS_SERVICE, "class": "LS", "slo": {"ttft_ms": 2000, "tpot_ms": 250, "attainment_target": 0.9}},
             {"name": BE_SERVICE, "class": "BE"},
         ],
-        "engine": {"max_num_batched_tokens": 256, "num_kv_blocks": 2048, "block_size": 16, "max_num_seqs": 64},
+        "engine": {"max_num_batched_tokens": 256, "num_kv_blocks": 2048, "block_size": 16, "max_num_seqs": 64,
+                   "policy": "piggyback"},
+        # One CPU attention worker thread: on a small CPU-only host the other cores run the "accelerator".
+        "piggyback": {"num_host_kv_blocks": 4096, "max_be_requests": 64, "cpu_threads_per_worker": 1},
         "server": {"host": "127.0.0.1", "port": port},
         "metrics": {"attainment_window_s": 600},
     })  # fmt: skip
@@ -129,6 +133,10 @@ async def _stream_one(
     }
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code == 429:
+                record.rejected = True
+                await response.aread()
+                return
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
                 return
@@ -187,7 +195,7 @@ async def drive_load(
             start = time.monotonic()
             while time.monotonic() < deadline:
                 await asyncio.sleep(5.0)
-                done = [r for r in result.records if r.last_token_s is not None or r.error]
+                done = [r for r in result.records if r.last_token_s is not None or r.error or r.rejected]
                 be_tokens = sum(r.output_tokens for r in result.records if r.service == BE_SERVICE)
                 print(
                     f"  [{time.monotonic() - start:5.0f}s] requests sent {len(result.records):4d}, "
@@ -225,7 +233,7 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
             for sample in family.samples:
                 runtime_attainment[sample.labels["model_name"]] = sample.value
     header = (
-        f"{'service':8} {'class':5} {'reqs':>5} {'errors':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
+        f"{'service':8} {'class':5} {'reqs':>5} {'429s':>5} {'errors':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
         f"{'TPOT p50':>9} {'p90':>8} {'p99':>8} {'SLO attained':>13} {'runtime says':>12} {'out tok/s':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -234,6 +242,7 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
         ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
         tpots = [r.tpot_s for r in records if r.tpot_s is not None]
         errors = sum(1 for r in records if r.error)
+        rejected = sum(1 for r in records if r.rejected)
         tokens = sum(r.output_tokens for r in records)
         attained = "-"
         if service.slo is not None and records:
@@ -241,6 +250,7 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
                 1
                 for r in records
                 if r.error is None
+                and not r.rejected
                 and r.ttft_s is not None
                 and r.ttft_s <= service.slo.ttft_s
                 and (r.tpot_s is None or r.tpot_s <= service.slo.tpot_s)
@@ -248,7 +258,7 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
             attained = f"{ok / len(records):6.1%}"
         said = f"{runtime_attainment[service.name]:.1%}" if service.name in runtime_attainment else "-"
         lines.append(
-            f"{service.name:8} {service.service_class:5} {len(records):5d} {errors:6d} "
+            f"{service.name:8} {service.service_class:5} {len(records):5d} {rejected:5d} {errors:6d} "
             f"{_ms(_percentile(ttfts, 50)):>9} {_ms(_percentile(ttfts, 90)):>8} {_ms(_percentile(ttfts, 99)):>8} "
             f"{_ms(_percentile(tpots, 50)):>9} {_ms(_percentile(tpots, 90)):>8} {_ms(_percentile(tpots, 99)):>8} "
             f"{attained:>13} {said:>12} {tokens / max(result.duration_s, 1e-9):10.1f}"
@@ -313,8 +323,10 @@ def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model
                 flush=True,
             )
             print(
-                "BE requests run on the accelerator at lower priority than LS (the piggyback path is not "
-                "enabled in this build).",
+                "Policy piggyback: BE prefill runs on the accelerator at low priority, then BE attention runs on a "
+                "CPU worker process against BE KV in host memory, and BE rows join the Dense batch layer by layer; "
+                "a latency model sizes the BE share of each iteration and admission control answers LS requests "
+                "that would miss their SLO with 429.",
                 flush=True,
             )
             result = asyncio.run(drive_load(base_url, duration_s, ls_rate_per_s, be_concurrency))

@@ -17,6 +17,7 @@ picked up in a later iteration.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,10 @@ class PiggybackPath:
             arch.head_dim, pb.max_be_requests, dtype, self._hold,
         )  # fmt: skip
         threads = pb.cpu_threads_per_worker or default_threads_per_worker(pb.num_cpu_workers)
+        if device.type == "cpu":
+            # The accelerator is the CPU too: split the cores instead of oversubscribing them (OpenMP teams
+            # that share cores spin against each other).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - threads * pb.num_cpu_workers))
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
         self.pool.wait_ready()
         self.free_slots: list[int] = list(range(pb.max_be_requests - 1, -1, -1))
