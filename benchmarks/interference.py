@@ -50,15 +50,18 @@ from piggyback_runtime.request import FINISH_ERROR, Request, SamplingParams
 RESULTS = Path(__file__).parent / "results"
 LS, BE = "chat", "batch"
 PERCENTILES = (50, 90, 99)
+FOREIGN_WARN_CORES = 0.15
 
 MEANING_CPU = (
-    "CPU-only host: the 'accelerator' is the same CPU cores that run the BE attention worker, so BE work "
-    "competes with LS compute for them; the ratio bounds the interference from above (a GPU host keeps LS "
-    "compute off the cores that run BE attention)."
+    "CPU-only host: the 'accelerator' is these same CPU cores, which also run the BE attention worker, so BE "
+    "work competes with LS compute for them. A ratio above 1 here is the cost of sharing the cores, an upper "
+    "bound on the interference: on a GPU host LS compute runs on the GPU and BE attention on host cores, and the "
+    "ratio is the product's promise (close to 1). The priority row is the same BE load without the piggyback path."
 )
 MEANING_GPU = (
     "GPU host: LS compute runs on the GPU and BE attention on host cores; BE rows only join the GPU's Dense "
-    "batches. The piggyback ratio is the product's promise: close to 1."
+    "batches. The piggyback ratio is the product's promise: close to 1. The priority row is the same BE load "
+    "without the piggyback path (BE on the GPU at lower priority)."
 )
 
 
@@ -77,6 +80,7 @@ class RunResult:
     be_prefill_s: float  # BE submission -> every BE request has its first token
     wall_s: float
     steps: int
+    foreign_cores: float | None  # CPU use by processes other than this benchmark's, in cores, over the run
     failed: list[str] = field(default_factory=list)
 
     def p(self, values: list[float], q: int) -> float:
@@ -117,6 +121,22 @@ def make_config(args: argparse.Namespace, device: str, policy: str, ls_len: int,
     })  # fmt: skip
 
 
+def _cpu_ticks(engine: Engine) -> tuple[int, int] | None:
+    """(busy ticks of the whole host, ticks of this process and its CPU workers) from /proc, or None."""
+    pids = [os.getpid()]
+    if engine.piggyback is not None:
+        pids += [pid for pid in engine.piggyback.pool.pids() if pid is not None]
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        ours = 0
+        for pid in pids:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ours += sum(int(v) for v in stat.rsplit(")", 1)[1].split()[11:13])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(fields) - fields[3] - fields[4], ours
+
+
 def warm_up(engine: Engine, ls_prompts: list[list[int]], max_tokens: int) -> float:
     """Run these LS requests together to completion; the mean arrival -> last token time."""
     requests = [Request(f"warm{i}-{time.monotonic_ns()}", LS, "LS", list(p), greedy(max_tokens))
@@ -134,6 +154,7 @@ def drive(
 ) -> RunResult:  # fmt: skip
     """Drive the engine from this thread: step, and add each LS request at its arrival time (wall clock)."""
     started = time.monotonic()
+    ticks = _cpu_ticks(engine)
     be = [Request(f"be{i}", BE, "BE", list(p), greedy(be_out)) for i, p in enumerate(be_prompts)]
     for request in be:
         engine.add_request(request)
@@ -182,6 +203,10 @@ def drive(
     while engine.has_work():  # in-flight CPU tasks of aborted rows report back before the engine closes
         step()
     ended = time.monotonic()
+    foreign = None
+    if ticks is not None and (now_ticks := _cpu_ticks(engine)) is not None:
+        host, ours = (b - a for a, b in zip(ticks, now_ticks, strict=True))
+        foreign = max(0.0, (host - ours) / os.sysconf("SC_CLK_TCK") / max(ended - started, 1e-9))
     ls_end = max((r.last_token_s or ls_start) for r in ls)
     be_end = ls_end if be_left else max((r.last_token_s or started for r in be), default=started)
     window = max(ls_end - ls_start, 1e-9)
@@ -200,6 +225,7 @@ def drive(
         be_prefill_s=be_prefill_s,
         wall_s=ended - started,
         steps=steps,
+        foreign_cores=foreign,
         failed=failed,
     )
 
@@ -224,6 +250,20 @@ def run_one(
     finally:
         engine.close()
     return result, offsets
+
+
+def cpu_attention_kernel() -> str:
+    """Build (or load from its cache) the native CPU attention kernel here, before any run: a worker builds it
+    on its first task otherwise, and BE decode would stall for the whole compile inside a measured run."""
+    try:
+        from piggyback_runtime.attention import cpu_attention
+    except ImportError:
+        return "unknown"
+    started = time.perf_counter()
+    name = cpu_attention.kernel_name()
+    if (elapsed := time.perf_counter() - started) > 1.0:
+        print(f"CPU attention kernel {name}: built in {elapsed:.0f} s", flush=True)
+    return name
 
 
 def machine() -> str:
@@ -291,13 +331,15 @@ def main() -> None:
     started = time.perf_counter()
     base = RuntimeConfig.from_dict({"model": {"uri": args.model}, "services": [{"name": BE, "class": "BE"}]})
     loaded = load_model(base.model, device)
+    kernel = cpu_attention_kernel()
     host = machine()
     meaning = MEANING_GPU if device.startswith("cuda") else MEANING_CPU
     print(f"model {args.model} on {device}, {loaded.dtype}; {host}")
     print(f"LS: {args.ls_requests} requests, prompt {args.ls_prompt_len}, output {args.ls_out} tokens; "
           f"BE: {args.be_requests} requests, prompt {args.be_prompt_len}, output {args.be_out} tokens, at t=0; "
           f"LS arrivals start {'after BE prefill' if args.ls_start == 'be-decode' else 'at t=0'}; "
-          f"CPU attention: 1 worker x {args.cpu_threads or 'default'} threads", flush=True)  # fmt: skip
+          f"CPU attention: 1 worker x {args.cpu_threads or 'default'} threads, kernel {kernel}",
+          flush=True)  # fmt: skip
     ls_prompts = prompts(args.ls_requests, args.ls_prompt_len, seed=args.seed)
     be_prompts = prompts(args.be_requests, args.be_prompt_len, seed=args.seed + 1)
     runs = (("LS only", "piggyback", []), ("LS + BE, piggyback", "piggyback", be_prompts),
@@ -313,6 +355,9 @@ def main() -> None:
                  "requests still running at the end of the LS window (aborted)" if be else ""), flush=True)  # fmt: skip
         for failure in result.failed:
             print(f"  FAILED {failure}", flush=True)
+        if result.foreign_cores is not None and result.foreign_cores > FOREIGN_WARN_CORES:
+            print(f"  WARNING: other processes used {result.foreign_cores:.2f} cores during this run; "
+                  "its figures are skewed (run again on a quiet host)", flush=True)  # fmt: skip
     table = render(results)
     runtime_s = time.perf_counter() - started
     print("\n" + table + "\n\n" + "\n".join(_wrap(meaning)))
@@ -321,7 +366,8 @@ def main() -> None:
     title = f"{args.model} on {device}: LS TPOT with and without BE load"
     _plot(results, RESULTS / "interference.png", title)
     command = "python benchmarks/interference.py " + " ".join(sys.argv[1:])
-    _write_md(RESULTS / "interference.md", command.strip(), host, args, device, table, meaning, results, runtime_s)
+    _write_md(RESULTS / "interference.md", command.strip(), host, args, device, table, meaning, results, runtime_s,
+              kernel)  # fmt: skip
     print(f"plot: {RESULTS / 'interference.png'}\ntable: {RESULTS / 'interference.md'}")
 
 
@@ -329,7 +375,7 @@ def render(results: list[RunResult]) -> str:
     base = results[0]
     header = (f"{'run':20} {'LS TTFT ms p50/p90/p99':>24} {'LS TPOT ms p50/p90/p99':>24} {'TPOT p50 x':>10} "
               f"{'TPOT p99 x':>10} {'BE tok/s LS window':>18} {'BE left':>7} {'BE overlap':>10} "
-              f"{'LS same':>7}")  # fmt: skip
+              f"{'LS same':>7} {'other CPU':>9}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in results:
         ttft = "/".join(f"{r.p(r.ttft_s, q) * 1e3:.0f}" for q in PERCENTILES)
@@ -340,8 +386,9 @@ def render(results: list[RunResult]) -> str:
         be_left = f"{r.be_left}" if r.be_tokens else "-"
         overlap = f"{r.be_overlap * 100:.0f}%" if r.be_tokens else "-"
         same = sum(r.ls_tokens.get(k) == v for k, v in base.ls_tokens.items())
+        other = "?" if r.foreign_cores is None else f"{r.foreign_cores:.2f}"
         lines.append(f"{r.name:20} {ttft:>24} {tpot:>24} {p50:9.2f}x {p99:9.2f}x {be_window:>18} {be_left:>7} "
-                     f"{overlap:>10} {same:>3}/{len(base.ls_tokens):<3}")  # fmt: skip
+                     f"{overlap:>10} {same:>3}/{len(base.ls_tokens):<3} {other:>9}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -358,9 +405,12 @@ def _wrap(text: str, width: int = 110) -> list[str]:
 
 def _write_md(
     path: Path, command: str, host: str, args: argparse.Namespace, device: str, table: str, meaning: str,
-    results: list[RunResult], runtime_s: float,
+    results: list[RunResult], runtime_s: float, kernel: str,
 ) -> None:  # fmt: skip
     failures = [f"- {r.name}: {f}" for r in results for f in r.failed]
+    busy = [r.name for r in results if r.foreign_cores is not None and r.foreign_cores > FOREIGN_WARN_CORES]
+    shared = f"\nShared host: other processes used CPU during {', '.join(busy)}; those figures are skewed.\n"
+    shared = shared if busy else ""
     text = f"""# LS interference from a heavy BE load
 
 Command: `{command}` ({runtime_s:.0f} s)
@@ -374,7 +424,8 @@ arrival offsets in every run). BE: {args.be_requests} requests, prompt {args.be_
 {args.be_out} output tokens, all submitted at t=0; LS arrivals start \
 {"once every BE request has its first token (BE prefill over, BE decoding)" if args.ls_start == "be-decode"
  else "at t=0, during BE prefill"}. Engine: token budget {args.token_budget}, block size 16; piggyback path: \
-1 CPU attention worker x {args.cpu_threads or "default"} threads, `max_be_rows_per_layer` {args.max_be_rows} \
+1 CPU attention worker x {args.cpu_threads or "default"} threads, CPU attention kernel `{kernel}`, \
+`max_be_rows_per_layer` {args.max_be_rows} \
 (the config as is; no SLO controller). One model load shared by the three runs, in one process.
 
 Columns: TTFT = arrival -> first token; TPOT = (last token - first token) / (tokens - 1), per request \
@@ -382,14 +433,16 @@ Columns: TTFT = arrival -> first token; TPOT = (last token - first token) / (tok
 window` = BE output tokens emitted between the first LS arrival and the last LS token, per second; `BE left` = \
 BE requests still running when the last LS request finished (the run ends there; they are aborted); `BE overlap` \
 = share of the LS window during which BE requests were running; `LS same` = LS requests whose greedy output \
-equals the LS-only run's (the BE rows merged into LS batches must not change LS results).
+equals the LS-only run's (the BE rows merged into LS batches must not change LS results); `other CPU` = cores' \
+worth of CPU time used by processes other than this benchmark (and its CPU workers) during the run, from /proc: \
+well above 0 means the run shared the host and its figures are skewed.
 
 ```
 {table}
 ```
 
 What the ratio means here: {meaning}
-{chr(10).join(["", "Failures:", *failures]) if failures else ""}
+{chr(10).join(["", "Failures:", *failures]) if failures else ""}{shared}
 ![interference](interference.png)
 """
     path.write_text(text)

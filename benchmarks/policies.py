@@ -31,6 +31,7 @@ import torch
 
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import AdmissionRejected, Engine
+from piggyback_runtime.hardware import describe_device
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.request import Request, SamplingParams
 
@@ -193,7 +194,7 @@ def main() -> None:
                                     "services": [{"name": "x", "class": "BE"}]})  # fmt: skip
     loaded = load_model(base.model, device)
     ls_trace, be_pool = make_trace(args.seed, args.duration_s, args.ls_rate, args.scale, loaded.max_model_len)
-    where = torch.cuda.get_device_name() if gpu else _cpu_name()
+    where = describe_device(device)
     print(
         f"{args.model} on {where}; LS Poisson {args.ls_rate}/s ({len(ls_trace)} requests), SLO TTFT "
         f"{args.ttft_ms:.0f} ms / TPOT {args.tpot_ms:.0f} ms, {args.duration_s:.0f} s per run, scale {args.scale:g}"
@@ -220,13 +221,6 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     _plot(results, RESULTS / "policies.png", f"{args.model} on {where}")
     print(f"\nplot: {RESULTS / 'policies.png'}")
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"CPU ({line.split(':', 1)[1].strip()})"
-    return "CPU"
 
 
 def _plot(results: list[Result], path: Path, title: str) -> None:

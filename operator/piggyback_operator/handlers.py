@@ -66,6 +66,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # Events for breaches and failures, not for every handler run
     settings.scanning.disabled = True  # the CRD is installed with the operator: no CRD/namespace watching
+    # A service deleted while its scrape timer runs is finalized once kopf sees the timer stop; kopf polls
+    # for that every `cancellation_polling` seconds (default 60), which would hold a deletion for a minute.
+    settings.background.cancellation_polling = 0.5
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     try:

@@ -25,7 +25,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.config import RuntimeConfig, SLOConfig
 
 LS_SERVICE = "chat"
 BE_SERVICE = "batch"
@@ -71,15 +71,12 @@ class RequestRecord:
     error: str | None = None
     rejected: bool = False  # HTTP 429 at arrival (admission control): an SLO miss, not a failure
 
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.sent_s
+    def timing(self) -> m.RequestTiming:
+        """The SLO figures as the client saw them (sent → first token read), with the runtime's definitions."""
+        return m.RequestTiming(self.sent_s, None, self.first_token_s, self.last_token_s, self.output_tokens)
 
-    @property
-    def tpot_s(self) -> float | None:
-        if self.first_token_s is None or self.last_token_s is None or self.output_tokens < 2:
-            return None
-        return (self.last_token_s - self.first_token_s) / (self.output_tokens - 1)
+    def attained(self, slo: SLOConfig) -> bool:
+        return self.error is None and not self.rejected and all(m.slo_attained(self.timing(), slo.ttft_s, slo.tpot_s))
 
 
 @dataclass
@@ -239,22 +236,14 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
     lines = [header, "-" * len(header)]
     for service in config.services:
         records = [r for r in result.records if r.service == service.name]
-        ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
-        tpots = [r.tpot_s for r in records if r.tpot_s is not None]
+        ttfts = [t for r in records if (t := r.timing().ttft_s) is not None]
+        tpots = [t for r in records if (t := r.timing().tpot_s) is not None]
         errors = sum(1 for r in records if r.error)
         rejected = sum(1 for r in records if r.rejected)
         tokens = sum(r.output_tokens for r in records)
         attained = "-"
         if service.slo is not None and records:
-            ok = sum(
-                1
-                for r in records
-                if r.error is None
-                and not r.rejected
-                and r.ttft_s is not None
-                and r.ttft_s <= service.slo.ttft_s
-                and (r.tpot_s is None or r.tpot_s <= service.slo.tpot_s)
-            )
+            ok = sum(1 for r in records if r.attained(service.slo))
             attained = f"{ok / len(records):6.1%}"
         said = f"{runtime_attainment[service.name]:.1%}" if service.name in runtime_attainment else "-"
         lines.append(

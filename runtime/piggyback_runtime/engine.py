@@ -568,6 +568,10 @@ class Engine:
                     min(s.tpot_s for s in slos), min(s.ttft_s for s in slos))  # fmt: skip
         return self.slo.headroom_rps(self._ls_state(), mix, now)
 
+    def refresh_gauges(self) -> None:
+        """Recompute time-based gauges (sliding windows, headroom) while the engine is idle."""
+        self._update_gauges()
+
     def _update_gauges(self) -> None:
         now = time.monotonic()
         while self._be_token_times and self._be_token_times[0] < now - 10.0:

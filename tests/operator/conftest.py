@@ -48,8 +48,12 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll until `check()` returns something truthy (and return it), or fail saying what was awaited."""
+async def eventually(check: Callable[[], Any], timeout: float = 45.0, what: str = "") -> Any:
+    """Poll until `check()` returns something truthy (and return it), or fail saying what was awaited.
+
+    The timeout only matters on failure: it is generous so that a loaded 2-core CI machine does not fail a
+    scenario that merely ran slowly.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -120,6 +124,14 @@ class Cluster:
 
     def events(self, reason: str) -> list[dict[str, Any]]:
         return [e for e in self.api.all("v1/events", NAMESPACE) if e.get("reason") == reason]
+
+    async def delete_replicas(self, pool: str) -> list[str]:
+        """Be the Deployment controller removing every pod of the pool (e.g. before replacing them)."""
+        names = [p["metadata"]["name"] for p in self.api.all("v1/pods", NAMESPACE)
+                 if p["metadata"]["labels"].get(pools.LABEL_POOL) == pool]
+        for name in names:
+            await self._request("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}")
+        return names
 
     async def run_replicas(self, pool: str, node: str, port: int, count: int | None = None) -> list[str]:
         """Be the Deployment controller, the scheduler and the kubelet: ready pods of the pool's template,

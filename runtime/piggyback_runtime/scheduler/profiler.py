@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import platform
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ from typing import Literal
 import torch
 
 from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel
 from piggyback_runtime.scheduler.latency_model import (
@@ -80,15 +80,7 @@ def device_name(device: torch.device) -> str:
     """What the profile is valid for: the GPU model, or the CPU model and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu {cpu} x{torch.get_num_threads()} threads"
+    return f"cpu {cpu_model_name()} x{torch.get_num_threads()} threads"
 
 
 def profile_key(loaded: LoadedModel) -> ProfileKey:

@@ -106,6 +106,8 @@ class AsyncEngine:
                 if not self.engine.has_work():
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
+                    # Idle: sliding-window attainment and headroom must still age and be recomputed.
+                    self.engine.refresh_gauges()
                     continue
                 try:
                     outputs = self.engine.step()
