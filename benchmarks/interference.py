@@ -1,10 +1,13 @@
 """LS per-token latency with and without a heavy BE load, same process, same run, same weights.
 
-Three runs of one engine configuration (the model is loaded once and shared):
-1. LS only: the LS requests alone.
+Runs of one engine configuration, one after another in one process (the model is loaded once and shared):
+1. LS only: the LS requests alone (policy `piggyback`, nothing on its BE path).
 2. LS + BE, policy `piggyback`: the same LS requests plus a BE batch whose KV lives in host DRAM and whose
    decode attention runs on a CPU worker process, merged into the Dense batch layer by layer (the product).
-3. LS + BE, policy `priority`: the same, with BE entirely on the accelerator after all LS work (baseline).
+3. LS + BE, policy `priority`: the same, with BE entirely on the accelerator after all LS work (baseline);
+   `--baselines` adds or swaps other policies (ls-only, headroom, neo).
+SLO control stays as configured by default (on), with a loose LS SLO by default so that it does not bind
+and the ratio measures the path itself; `--tpot-ms` makes it bind (then BE throughput gives way instead).
 
 Workload. The BE batch (long prompts) is submitted at t=0. By default the LS arrival clock starts once every
 BE request has its first token, i.e. BE prefill is over and BE is decoding: BE prefill runs on the
@@ -18,20 +21,20 @@ default that BE load lasts the whole LS window (the `BE left` and `BE overlap` c
 
 Measured (definitions from DESIGN.md, on the engine's own monotonic timestamps): per LS request TTFT
 (arrival -> first token) and TPOT ((last token - first token) / (n - 1)); p50/p90/p99 over the requests; BE
-output tokens/s during the LS window and over the whole run; and the ratios of LS TPOT p50 and p99 to run 1.
+output tokens/s during the LS window; the ratios of LS TPOT p50 and p99 to run 1; whether LS greedy outputs
+match run 1's; and how much CPU other processes used meanwhile (a shared host skews every figure).
 
 On a CPU-only host the "accelerator" is the same cores that run the CPU attention worker, so BE work
 competes with LS compute for them: the ratio is an upper bound on the interference. On a GPU host LS compute
 runs on the GPU and BE attention on host cores: there the ratio is the product's promise (close to 1).
 
-    python benchmarks/interference.py [--model synthetic://small-llama] [--quick]
+    python benchmarks/interference.py [--model synthetic://small-llama] [--quick] [--baselines priority,neo]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import sys
 import time
@@ -43,7 +46,8 @@ import numpy as np
 import torch
 
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.engine import Engine
+from piggyback_runtime.engine import AdmissionRejected, Engine
+from piggyback_runtime.hardware import describe_device
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.request import FINISH_ERROR, Request, SamplingParams
 
@@ -56,12 +60,12 @@ MEANING_CPU = (
     "CPU-only host: the 'accelerator' is these same CPU cores, which also run the BE attention worker, so BE "
     "work competes with LS compute for them. A ratio above 1 here is the cost of sharing the cores, an upper "
     "bound on the interference: on a GPU host LS compute runs on the GPU and BE attention on host cores, and the "
-    "ratio is the product's promise (close to 1). The priority row is the same BE load without the piggyback path."
+    "ratio is the product's promise (close to 1). The baseline rows carry the same BE load without the piggyback path."
 )
 MEANING_GPU = (
     "GPU host: LS compute runs on the GPU and BE attention on host cores; BE rows only join the GPU's Dense "
     "batches. The piggyback ratio is the product's promise: close to 1. The priority row is the same BE load "
-    "without the piggyback path (BE on the GPU at lower priority)."
+    "without the piggyback path."
 )
 
 
@@ -81,6 +85,7 @@ class RunResult:
     wall_s: float
     steps: int
     foreign_cores: float | None  # CPU use by processes other than this benchmark's, in cores, over the run
+    rejected: int  # LS requests refused by admission control (SLO control, policy `piggyback`)
     failed: list[str] = field(default_factory=list)
 
     def p(self, values: list[float], q: int) -> float:
@@ -111,11 +116,14 @@ def make_config(args: argparse.Namespace, device: str, policy: str, ls_len: int,
     be_blocks = args.be_requests * blocks(be_len)
     return RuntimeConfig.from_dict({
         "model": {"uri": args.model}, "device": device,
-        "services": [{"name": LS, "class": "LS", "slo": {"ttft_ms": 60_000, "tpot_ms": 10_000}},
+        "services": [{"name": LS, "class": "LS", "slo": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms}},
                      {"name": BE, "class": "BE"}],
+        "slo_control": {"enabled": not args.no_slo_control},
         "engine": {"policy": policy, "block_size": 16, "num_kv_blocks": ls_blocks + be_blocks + 16,
                    "max_num_seqs": 256, "max_num_batched_tokens": args.token_budget},
-        "piggyback": {"num_host_kv_blocks": be_blocks + 16, "max_be_requests": max(args.be_requests, 1),
+        # Host KV and slots for LS too: policy `neo` decodes LS requests on the host path as well.
+        "piggyback": {"num_host_kv_blocks": ls_blocks + be_blocks + 16,
+                      "max_be_requests": args.be_requests + args.ls_requests + args.ls_concurrency,
                       "num_cpu_workers": 1, "cpu_threads_per_worker": args.cpu_threads,
                       "max_be_rows_per_layer": args.max_be_rows},
     })  # fmt: skip
@@ -141,11 +149,18 @@ def warm_up(engine: Engine, ls_prompts: list[list[int]], max_tokens: int) -> flo
     """Run these LS requests together to completion; the mean arrival -> last token time."""
     requests = [Request(f"warm{i}-{time.monotonic_ns()}", LS, "LS", list(p), greedy(max_tokens))
                 for i, p in enumerate(ls_prompts)]  # fmt: skip
+    admitted = []
     for request in requests:
-        engine.add_request(request)
+        try:
+            engine.add_request(request)
+            admitted.append(request)
+        except AdmissionRejected:
+            pass
     while engine.has_work():
         engine.step()
-    return sum(r.last_token_s - r.arrival_s for r in requests) / len(requests)
+    if not admitted:
+        return 1.0
+    return sum(r.last_token_s - r.arrival_s for r in admitted) / len(admitted)
 
 
 def drive(
@@ -182,13 +197,18 @@ def drive(
     ls_start = time.monotonic()
     arrivals = deque((ls_start + offset, i) for i, offset in enumerate(offsets))
     ls: list[Request] = []
+    rejected = 0
     while arrivals or any(r.finish_reason is None for r in ls):
         now = time.monotonic()
         while arrivals and arrivals[0][0] <= now:
             at, i = arrivals.popleft()
             # The request reached the runtime at its scheduled time: queueing behind a running step is TTFT.
             request = Request(f"ls{i}", LS, "LS", list(ls_prompts[i]), greedy(ls_out), arrival_s=at)
-            engine.add_request(request)
+            try:
+                engine.add_request(request)
+            except AdmissionRejected:
+                rejected += 1  # a miss (DESIGN.md); no retry here, the arrival trace stays the same
+                continue
             ls.append(request)
         if engine.has_work():
             step()
@@ -207,7 +227,7 @@ def drive(
     if ticks is not None and (now_ticks := _cpu_ticks(engine)) is not None:
         host, ours = (b - a for a, b in zip(ticks, now_ticks, strict=True))
         foreign = max(0.0, (host - ours) / os.sysconf("SC_CLK_TCK") / max(ended - started, 1e-9))
-    ls_end = max((r.last_token_s or ls_start) for r in ls)
+    ls_end = max((r.last_token_s or ls_start for r in ls), default=ls_start)
     be_end = ls_end if be_left else max((r.last_token_s or started for r in be), default=started)
     window = max(ls_end - ls_start, 1e-9)
     timings = [r.timing() for r in ls]
@@ -226,6 +246,7 @@ def drive(
         wall_s=ended - started,
         steps=steps,
         foreign_cores=foreign,
+        rejected=rejected,
         failed=failed,
     )
 
@@ -266,20 +287,14 @@ def cpu_attention_kernel() -> str:
     return name
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
+def machine(device: str) -> str:
+    """The accelerator (GPU name, or the CPU), plus the host CPU and how busy the host was before the start."""
+    text = describe_device(device)
+    if device.startswith("cuda"):
+        text += f"; host: {describe_device('cpu')}"
+    text += f", torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
     if (busy := _host_busy()) is not None:  # other work on the host skews every run: say how busy it was
-        text += f", {busy * 100:.0f}% busy in the second before the start"
-    if torch.cuda.is_available():
-        text = f"{torch.cuda.get_device_name()}; host: {text}"
+        text += f", host {busy * 100:.0f}% busy in the second before the start"
     return text
 
 
@@ -319,6 +334,13 @@ def main() -> None:
                         help="piggyback.cpu_threads_per_worker (default: 1 on a host with 2 cores or fewer, "
                              "else the runtime's default)")  # fmt: skip
     parser.add_argument("--max-be-rows", type=int, default=64, help="piggyback.max_be_rows_per_layer")
+    parser.add_argument("--baselines", default="priority",
+                        help="comma-separated policies to compare with piggyback (priority, ls-only, headroom, neo)")
+    parser.add_argument("--ttft-ms", type=float, default=60_000, help="LS SLO; the default is loose on purpose")
+    parser.add_argument("--tpot-ms", type=float, default=10_000,
+                        help="LS SLO; the default is loose so SLO control does not bind and the ratio measures the "
+                             "path itself (set it to watch SLO control trade BE throughput for LS latency)")
+    parser.add_argument("--no-slo-control", action="store_true", help="slo_control.enabled = false")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.ls_requests = args.ls_requests or (16 if args.quick else 32)
@@ -332,7 +354,7 @@ def main() -> None:
     base = RuntimeConfig.from_dict({"model": {"uri": args.model}, "services": [{"name": BE, "class": "BE"}]})
     loaded = load_model(base.model, device)
     kernel = cpu_attention_kernel()
-    host = machine()
+    host = machine(device)
     meaning = MEANING_GPU if device.startswith("cuda") else MEANING_CPU
     print(f"model {args.model} on {device}, {loaded.dtype}; {host}")
     print(f"LS: {args.ls_requests} requests, prompt {args.ls_prompt_len}, output {args.ls_out} tokens; "
@@ -342,8 +364,8 @@ def main() -> None:
           flush=True)  # fmt: skip
     ls_prompts = prompts(args.ls_requests, args.ls_prompt_len, seed=args.seed)
     be_prompts = prompts(args.be_requests, args.be_prompt_len, seed=args.seed + 1)
-    runs = (("LS only", "piggyback", []), ("LS + BE, piggyback", "piggyback", be_prompts),
-            ("LS + BE, priority", "priority", be_prompts))  # fmt: skip
+    runs = [("LS only", "piggyback", []), ("LS + BE, piggyback", "piggyback", be_prompts)]
+    runs += [(f"LS + BE, {policy}", policy, be_prompts) for policy in args.baselines.split(",") if policy]
     results: list[RunResult] = []
     offsets: list[float] | None = None
     for name, policy, be in runs:
@@ -375,7 +397,7 @@ def render(results: list[RunResult]) -> str:
     base = results[0]
     header = (f"{'run':20} {'LS TTFT ms p50/p90/p99':>24} {'LS TPOT ms p50/p90/p99':>24} {'TPOT p50 x':>10} "
               f"{'TPOT p99 x':>10} {'BE tok/s LS window':>18} {'BE left':>7} {'BE overlap':>10} "
-              f"{'LS same':>7} {'other CPU':>9}")  # fmt: skip
+              f"{'LS same':>7} {'LS rej':>6} {'other CPU':>9}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in results:
         ttft = "/".join(f"{r.p(r.ttft_s, q) * 1e3:.0f}" for q in PERCENTILES)
@@ -388,7 +410,7 @@ def render(results: list[RunResult]) -> str:
         same = sum(r.ls_tokens.get(k) == v for k, v in base.ls_tokens.items())
         other = "?" if r.foreign_cores is None else f"{r.foreign_cores:.2f}"
         lines.append(f"{r.name:20} {ttft:>24} {tpot:>24} {p50:9.2f}x {p99:9.2f}x {be_window:>18} {be_left:>7} "
-                     f"{overlap:>10} {same:>3}/{len(base.ls_tokens):<3} {other:>9}")  # fmt: skip
+                     f"{overlap:>10} {same:>3}/{len(base.ls_tokens):<3} {r.rejected:>6} {other:>9}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -411,6 +433,8 @@ def _write_md(
     busy = [r.name for r in results if r.foreign_cores is not None and r.foreign_cores > FOREIGN_WARN_CORES]
     shared = f"\nShared host: other processes used CPU during {', '.join(busy)}; those figures are skewed.\n"
     shared = shared if busy else ""
+    loose = " (loose on purpose: the controller does not bind, so the ratio measures the path itself)" if (
+        args.ttft_ms >= 60_000 and args.tpot_ms >= 10_000) else ""  # fmt: skip
     text = f"""# LS interference from a heavy BE load
 
 Command: `{command}` ({runtime_s:.0f} s)
@@ -425,15 +449,17 @@ arrival offsets in every run). BE: {args.be_requests} requests, prompt {args.be_
 {"once every BE request has its first token (BE prefill over, BE decoding)" if args.ls_start == "be-decode"
  else "at t=0, during BE prefill"}. Engine: token budget {args.token_budget}, block size 16; piggyback path: \
 1 CPU attention worker x {args.cpu_threads or "default"} threads, CPU attention kernel `{kernel}`, \
-`max_be_rows_per_layer` {args.max_be_rows} \
-(the config as is; no SLO controller). One model load shared by the three runs, in one process.
+`max_be_rows_per_layer` {args.max_be_rows}. SLO control (policy `piggyback`): \
+{"off" if args.no_slo_control else "on, as configured by default"}, LS SLO TTFT {args.ttft_ms:g} ms / TPOT \
+{args.tpot_ms:g} ms{loose}. One model load shared by all runs, in one process.
 
 Columns: TTFT = arrival -> first token; TPOT = (last token - first token) / (tokens - 1), per request \
 (DESIGN.md); `TPOT p50 x` / `TPOT p99 x` = the run's LS TPOT percentile over the LS-only run's; `BE tok/s LS \
 window` = BE output tokens emitted between the first LS arrival and the last LS token, per second; `BE left` = \
 BE requests still running when the last LS request finished (the run ends there; they are aborted); `BE overlap` \
 = share of the LS window during which BE requests were running; `LS same` = LS requests whose greedy output \
-equals the LS-only run's (the BE rows merged into LS batches must not change LS results); `other CPU` = cores' \
+equals the LS-only run's (the BE rows merged into LS batches must not change LS results); `LS rej` = LS \
+requests refused by admission control (counted as misses, left out of the percentiles); `other CPU` = cores' \
 worth of CPU time used by processes other than this benchmark (and its CPU workers) during the run, from /proc: \
 well above 0 means the run shared the host and its figures are skewed.
 

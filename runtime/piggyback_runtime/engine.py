@@ -9,7 +9,6 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
@@ -62,14 +61,6 @@ class AdmissionRejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
 
 
 class Engine:
@@ -289,11 +280,6 @@ class Engine:
     def close(self) -> None:
         if self.piggyback is not None:
             self.piggyback.close()
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_used, self.allocator.num_blocks
-        )
 
     # --- one iteration --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -14,8 +14,12 @@ from piggyback_runtime.request import Request, SamplingParams
 LS_SLO = {"ttft_ms": 60_000, "tpot_ms": 60_000}
 
 
-def tiny_config(uri: str = "synthetic://tiny-llama", piggyback: dict[str, Any] | None = None, **engine: Any
-                ) -> RuntimeConfig:  # fmt: skip
+def tiny_config(
+    uri: str = "synthetic://tiny-llama",
+    piggyback: dict[str, Any] | None = None,
+    slo_control: dict[str, Any] | None = None,
+    **engine: Any,
+) -> RuntimeConfig:
     """A tiny model on the CPU. Policy `priority` unless asked: most tests need no CPU worker processes."""
     return RuntimeConfig.from_dict({
         "model": {"uri": uri},
@@ -24,6 +28,7 @@ def tiny_config(uri: str = "synthetic://tiny-llama", piggyback: dict[str, Any] |
         "engine": {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority",
                    **engine},
         "piggyback": {"num_host_kv_blocks": 512, "max_be_requests": 16, **(piggyback or {})},
+        "slo_control": slo_control or {},
     })  # fmt: skip
 
 

@@ -165,6 +165,18 @@ def test_ls_request_that_cannot_meet_its_slo_is_rejected_with_429_and_retry_afte
     assert samples[m.SLO_ATTAINMENT][(("model_name", "strict"),)] == 0.0
 
 
+def test_per_request_slo_headers_override_the_service_slo(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model="chat", prompt="hello", max_tokens=4,
+                                  extra_headers={"x-slo-ttft-ms": "0.001", "x-slo-tpot-ms": "0.001"})  # fmt: skip
+    assert "TTFTUnattainable" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="chat", prompt="hello", max_tokens=4, extra_headers={"x-slo-ttft-ms": "soon"})
+    assert "x-slo-ttft-ms" in str(bad.value)
+    ok = client.completions.create(model="chat", prompt="hello", max_tokens=2, extra_headers={"x-slo-ttft-ms": "60000"})
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
 def test_context_longer_than_the_model_allows_is_rejected(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="chat", prompt=[5] * 500, max_tokens=100)

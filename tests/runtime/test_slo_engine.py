@@ -120,6 +120,25 @@ def test_headroom_is_absent_until_ls_requests_were_seen_then_exported(tight: Eng
     assert tight.metrics.ls_headroom.value is not None and tight.metrics.ls_headroom.value > 0
 
 
+def test_be_requests_beyond_the_bounded_host_kv_queue_are_rejected() -> None:
+    engine = Engine(
+        tiny_config(policy="piggyback", piggyback={"num_host_kv_blocks": 6}, slo_control={"max_be_queue": 1}),
+        latency_model=known_model(),
+    )
+    try:
+        holder, queued = (make_request(f"be{i}", [1, 5, 6, 7], greedy(16), "BE") for i in range(2))
+        engine.add_request(holder)  # takes all 6 host blocks (20 tokens)
+        engine.add_request(queued)  # waits for host KV: the queue is now full
+        with pytest.raises(AdmissionRejected) as info:
+            engine.add_request(make_request("overflow", [1, 5], greedy(4), "BE"))
+        assert info.value.reason == "BEQueueFull" and "max_be_queue" in str(info.value)
+        assert engine.metrics.admission_rejections.labels("batch", "BE", "BEQueueFull")._value.get() == 1
+        run_to_completion(engine)
+        assert holder.finish_reason == queued.finish_reason == "length"
+    finally:
+        engine.close()
+
+
 def test_ls_only_runs_no_be_work_while_ls_work_exists() -> None:
     engine = Engine(tiny_config(policy="ls-only"))
     be = make_request("be", [1, 5, 6], greedy(4), "BE")

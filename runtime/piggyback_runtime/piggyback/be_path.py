@@ -285,11 +285,25 @@ class PiggybackPath:
         self.pool.close()
 
 
+_copy_streams: dict[int, torch.cuda.Stream] = {}
+
+
 def _to_host_async(*tensors: torch.Tensor) -> tuple:
-    """Start device-to-host copies into pinned memory; returns the host tensors and an event to wait on."""
+    """Device-to-host copies into pinned memory on a side stream, so they overlap the next layer's compute.
+
+    Returns the host tensors and an event that completes when they have landed (the sender thread waits on
+    it; the engine never does).
+    """
+    device = tensors[0].device
+    stream = _copy_streams.get(device.index or 0)
+    if stream is None:
+        stream = _copy_streams[device.index or 0] = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the copies read what this layer just computed
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for dst, src in zip(host, tensors, strict=True):
-        dst.copy_(src, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
+    with torch.cuda.stream(stream):
+        for dst, src in zip(host, tensors, strict=True):
+            dst.copy_(src, non_blocking=True)
+            src.record_stream(stream)  # keep the source alive for the copy, whatever the allocator does
+        event = torch.cuda.Event()
+        event.record(stream)
     return (*host, event)
