@@ -61,9 +61,10 @@ class SharedBuffers:
 
 def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_threads: int) -> None:
     """Process entry point: serve attention tasks until the engine closes the connection."""
-    from piggyback_runtime.attention.cpu_attention import paged_decode_attention, write_kv
+    from piggyback_runtime.attention.cpu_attention import native_available, paged_decode_attention, write_kv
 
     torch.set_num_threads(num_threads)
+    native_available()  # build or load the native kernel now: "ready" must mean ready to serve at speed
     block_tables: dict[int, list[int]] = {}
     block_size = buffers.key_cache.shape[2]
     conn.send(("ready", os.getpid()))
