@@ -99,7 +99,8 @@ def main() -> None:
             num_requests = batch * (1 if args.quick else 2) if batch > 1 else (2 if args.quick else 4)
             requests = workload(num_requests, args.prompt_len, mixed, max_out, seed=batch)
             useful = sum(n for _, n in requests)
-            config = RuntimeConfig.from_dict({**base, "engine": {
+            # Policy `priority`: every request on the accelerator, so this measures the engine itself.
+            config = RuntimeConfig.from_dict({**base, "engine": {"policy": "priority",
                 "max_num_seqs": batch, "max_num_batched_tokens": max(512, batch * args.prompt_len),
                 "num_kv_blocks": 2 * batch * (args.prompt_len + max_out) // 16 + 16}})  # fmt: skip
             engine = Engine(config, loaded=loaded)

@@ -99,10 +99,23 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
                 "max_model_len": model.max_context_length,
             },
             "services": services,
+            "piggyback": piggyback_section(members),
             "server": {"host": "0.0.0.0", "port": RUNTIME_PORT},
         },
         source=f"pool {members[0].pool}",
     )
+
+
+def piggyback_section(members: Sequence[Member]) -> dict[str, Any]:
+    """Host KV and CPU attention threads from what the members asked for (the pod requests the same)."""
+    host_bytes = sum(parse_quantity(m.spec.resources.host_memory) for m in members)
+    cores = sum(m.spec.resources.cpu_cores for m in members)
+    section: dict[str, Any] = {}
+    if host_bytes > 0:
+        section["host_kv_memory_gib"] = host_bytes / 2**30
+    if cores > 0:
+        section["cpu_threads_per_worker"] = cores
+    return section
 
 
 def merged_node_selector(members: Sequence[Member]) -> tuple[dict[str, str], list[str]]:

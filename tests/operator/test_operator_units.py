@@ -98,3 +98,12 @@ def test_pool_replicas_keep_every_members_floor_and_scale_only_within_the_larges
     assert pools.desired_replicas(members, scaled=0) == 2
     assert pools.desired_replicas(members, scaled=3) == 3
     assert pools.desired_replicas(members, scaled=9) == 3
+
+
+def test_be_host_memory_and_cpu_cores_size_the_runtimes_host_kv_and_cpu_attention_threads():
+    members = [member("chat", "LS"), member("jobs", "BE", resources={"hostMemory": "8Gi", "cpuCores": 6})]
+    config = pools.render_runtime_config(members)
+    assert config.piggyback.host_kv_memory_gib == 8
+    assert config.piggyback.cpu_threads_per_worker == 6
+    # Without BE resources the runtime keeps its own defaults.
+    assert pools.render_runtime_config([member("chat", "LS")]).piggyback == type(config.piggyback)()

@@ -17,6 +17,7 @@ so messages carry only small integers:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -49,14 +50,24 @@ class SharedBuffers:
     ) -> SharedBuffers:  # fmt: skip
         cache_shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         return cls(
-            key_cache=torch.zeros(cache_shape, dtype=kv_dtype).share_memory_(),
-            value_cache=torch.zeros(cache_shape, dtype=kv_dtype).share_memory_(),
-            q_in=torch.zeros(num_slots, q_heads, head_dim).share_memory_(),
-            k_in=torch.zeros(num_slots, kv_heads, head_dim).share_memory_(),
-            v_in=torch.zeros(num_slots, kv_heads, head_dim).share_memory_(),
-            out=torch.zeros(num_slots, q_heads, head_dim).share_memory_(),
+            key_cache=shared_zeros(cache_shape, kv_dtype),
+            value_cache=shared_zeros(cache_shape, kv_dtype),
+            q_in=shared_zeros((num_slots, q_heads, head_dim), torch.float32),
+            k_in=shared_zeros((num_slots, kv_heads, head_dim), torch.float32),
+            v_in=shared_zeros((num_slots, kv_heads, head_dim), torch.float32),
+            out=shared_zeros((num_slots, q_heads, head_dim), torch.float32),
             hold=hold,
         )
+
+
+def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor allocated straight in shared memory, its pages touched only when first written.
+
+    (torch.zeros(...).share_memory_() would write every byte of a many-GiB host KV cache twice at start-up.)
+    """
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_threads: int) -> None:
