@@ -51,7 +51,12 @@ def _serve_all(engine: Engine, classes: list[str]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked-prefill", "whole-prefill"])
-def test_batch_of_prompts_matches_transformers(chunked: bool, llama_engine_and_reference, references) -> None:
+@pytest.mark.parametrize("decode_attention", ["native", "sdpa"])
+def test_batch_of_prompts_matches_transformers(
+    chunked: bool, decode_attention: str, llama_engine_and_reference, references, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if decode_attention == "sdpa":  # the accelerator path a GPU takes: SDPA over gathered pages
+        monkeypatch.setenv("PIGGYBACK_CPU_ATTENTION", "torch")
     base, _ = llama_engine_and_reference
     # Budget 16 splits the 40-token prompt into chunks and mixes prefills with decodes.
     engine = Engine(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.kv.cache import PagedKVCache
 
 
@@ -30,6 +31,7 @@ class AttentionBatch:
     num_decodes: int  # the first num_decodes rows are decodes
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool (True = attend)
+    decode_lengths: torch.Tensor | None  # [num_decodes] int32: context length of each decode
     prefills: list[PrefillSlice]
 
     @classmethod
@@ -57,19 +59,20 @@ class AttentionBatch:
             table = torch.tensor(blocks[: -(-context // block_size)], dtype=torch.long, device=device)
             slices.append(PrefillSlice(row, count, context, table, mask))
             row += count
-        decode_tables = decode_mask = None
+        decode_tables = decode_mask = lengths = None
         if decodes:
             width = max(len(blocks) for blocks, _ in decodes)
             decode_tables = torch.tensor(
                 [blocks + [0] * (width - len(blocks)) for blocks, _ in decodes], dtype=torch.long, device=device
             )
-            lengths = torch.tensor([position + 1 for _, position in decodes], device=device)
+            lengths = torch.tensor([position + 1 for _, position in decodes], dtype=torch.int32, device=device)
             decode_mask = (torch.arange(width * block_size, device=device)[None, :] < lengths[:, None])[:, None, None]
         return cls(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
+            decode_lengths=lengths,
             prefills=slices,
         )
 
@@ -93,7 +96,13 @@ def paged_attention(
     gqa = q.shape[1] != kv_heads  # SDPA maps query head h to KV head h // (Hq / Hkv), no copies
     out = torch.empty_like(q)
     n = batch.num_decodes
-    if n:
+    if n and q.device.type == "cpu" and q.shape[-1] % 32 == 0 and cpu_attention.native_available():
+        # On a CPU "accelerator" the native paged kernel reads the blocks in place: no gather, no padding.
+        assert batch.decode_block_tables is not None and batch.decode_lengths is not None
+        out[:n] = cpu_attention.paged_decode_attention(
+            q[:n], key_cache, value_cache, batch.decode_block_tables, batch.decode_lengths, scale
+        ).to(q.dtype)
+    elif n:
         assert batch.decode_block_tables is not None and batch.decode_mask is not None
         # [n, blocks, block_size, Hkv, D] -> [n, Hkv, S, D]
         keys = key_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
@@ -102,9 +111,12 @@ def paged_attention(
             q[:n].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
         ).squeeze(2)
     for p in batch.prefills:
-        keys = key_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
-        values = value_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
         rows = slice(p.query_start, p.query_start + p.num_queries)
+        if p.mask is None:  # a chunk from position 0 attends only to itself: no need to read the cache back
+            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+        else:
+            keys = key_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
+            values = value_cache[p.block_table].reshape(-1, kv_heads, head_dim)[: p.context_len].transpose(0, 1)
         out[rows] = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1),
             keys.to(q.dtype),
