@@ -21,6 +21,7 @@ import torch
 
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
+from piggyback_runtime.hardware import describe_device
 from piggyback_runtime.model.loader import load_model
 from piggyback_runtime.request import Request, SamplingParams
 
@@ -124,7 +125,14 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
-    _plot(rows, RESULTS / "engine_throughput.png", f"{args.model} on {device}")
+    where = describe_device(device)
+    (RESULTS / "engine_throughput.md").write_text(
+        f"# Engine decode throughput vs transformers generate\n\nCommand: `python benchmarks/engine_throughput.py"
+        f"{' --quick' if args.quick else ''}`\n\nMachine: {where}; model {args.model}, {loaded.dtype}, prompt "
+        f"{args.prompt_len} tokens, outputs up to {max_out} tokens (mixed: uniform from 1/8 of that).\n\n"
+        f"```\n{table}\n```\n\n![plot](engine_throughput.png)\n"
+    )
+    _plot(rows, RESULTS / "engine_throughput.png", f"{args.model} on {where}")
     print(f"\nplot: {RESULTS / 'engine_throughput.png'}")
 
 

@@ -6,10 +6,11 @@ accelerator within a reserved KV share), `neo` (every decode's attention on the 
 layer), and `priority` (BE on the accelerator after LS work in each iteration).
 
 Trace (seeded, the same for every policy): LS requests arrive as a Poisson process with ShareGPT-like
-lengths; a BE batch of `--be-concurrency` requests with LongBench-v2-like lengths is kept in flight (closed
+lengths; BE batches of each `--be-levels` size with LongBench-v2-like lengths are kept in flight (closed
 loop). Lengths are log-normal around published means (ShareGPT 161 prompt / 338 output tokens as reported
-in the vLLM paper; LongBench-v2 8952 / 136 as reported for OmniServe), then multiplied by `--scale` so a
-CPU run stays short (default 1/8 on CPU, 1 on a GPU). LS requests still running when the trace ends get
+in the vLLM paper; LongBench-v2 8952 / 136 as reported for OmniServe), then scaled so a CPU run stays short
+(`--scale` for LS; `--be-prompt-scale`, `--be-output-scale` for BE; on CPU by default 1/8, 1/32 and 1/2,
+on a GPU 1). LS requests still running when the trace ends get
 `--drain-s` to finish; then anything unfinished counts as a miss, as does every rejected LS request.
 
 On a CPU-only machine the "accelerator" is the same two cores that run BE attention, so the numbers only
@@ -53,7 +54,7 @@ def _lognormal(rng: random.Random, mean: float, sigma: float, low: int, high: in
 
 
 def make_trace(
-    seed: int, duration_s: float, ls_rate: float, scale: float, max_len: int
+    seed: int, duration_s: float, ls_rate: float, scale: float, be_scale: tuple[float, float], max_len: int
 ) -> tuple[list[Arrival], list[Arrival]]:
     """LS arrivals over the run, and a pool of BE requests (consumed in order by the closed loop)."""
     rng = random.Random(seed)
@@ -64,8 +65,8 @@ def make_trace(
                           _lognormal(rng, SHAREGPT_MEAN[1] * scale, 0.6, 2, max_len // 4)))  # fmt: skip
         t += rng.expovariate(ls_rate)
     be = [
-        Arrival(0.0, _lognormal(rng, LONGBENCH_V2_MEAN[0] * scale, 0.4, 16, max_len // 2),
-                _lognormal(rng, LONGBENCH_V2_MEAN[1] * scale, 0.4, 4, max_len // 8))
+        Arrival(0.0, _lognormal(rng, LONGBENCH_V2_MEAN[0] * be_scale[0], 0.4, 16, max_len // 2),
+                _lognormal(rng, LONGBENCH_V2_MEAN[1] * be_scale[1], 0.4, 4, max_len // 8))
         for _ in range(4096)
     ]  # fmt: skip
     return ls, be
@@ -173,13 +174,15 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--model", default="synthetic://llama-3-8b" if gpu else "synthetic://small-llama")
     parser.add_argument("--policies", default="piggyback,ls-only,headroom,neo,priority")
-    parser.add_argument("--be-levels", default="0,8,24", help="BE batch sizes kept in flight (comma-separated)")
-    parser.add_argument("--duration-s", type=float, default=25.0)
+    parser.add_argument("--be-levels", default="0,8,32", help="BE batch sizes kept in flight (comma-separated)")
+    parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--drain-s", type=float, default=15.0)
-    parser.add_argument("--ls-rate", type=float, default=1.0 if not gpu else 4.0, help="LS requests/s")
-    parser.add_argument("--scale", type=float, default=1.0 if gpu else 1 / 8, help="length scale of the trace")
-    parser.add_argument("--ttft-ms", type=float, default=2000.0 if not gpu else 1000.0)
-    parser.add_argument("--tpot-ms", type=float, default=400.0 if not gpu else 100.0)
+    parser.add_argument("--ls-rate", type=float, default=2.0 if not gpu else 4.0, help="LS requests/s")
+    parser.add_argument("--scale", type=float, default=1.0 if gpu else 1 / 8, help="length scale of LS requests")
+    parser.add_argument("--be-prompt-scale", type=float, default=1.0 if gpu else 1 / 32)
+    parser.add_argument("--be-output-scale", type=float, default=1.0 if gpu else 1 / 2)
+    parser.add_argument("--ttft-ms", type=float, default=1000.0)
+    parser.add_argument("--tpot-ms", type=float, default=100.0)
     parser.add_argument("--token-budget", type=int, default=256 if not gpu else 1024)
     parser.add_argument("--kv-blocks", type=int, default=1024)
     parser.add_argument("--host-kv-blocks", type=int, default=8192)
@@ -193,12 +196,15 @@ def main() -> None:
     base = RuntimeConfig.from_dict({"model": {"uri": args.model}, "device": device,
                                     "services": [{"name": "x", "class": "BE"}]})  # fmt: skip
     loaded = load_model(base.model, device)
-    ls_trace, be_pool = make_trace(args.seed, args.duration_s, args.ls_rate, args.scale, loaded.max_model_len)
+    be_scale = (args.be_prompt_scale, args.be_output_scale)
+    ls_trace, be_pool = make_trace(args.seed, args.duration_s, args.ls_rate, args.scale, be_scale, loaded.max_model_len)
     where = describe_device(device)
-    print(
+    description = (
         f"{args.model} on {where}; LS Poisson {args.ls_rate}/s ({len(ls_trace)} requests), SLO TTFT "
-        f"{args.ttft_ms:.0f} ms / TPOT {args.tpot_ms:.0f} ms, {args.duration_s:.0f} s per run, scale {args.scale:g}"
+        f"{args.ttft_ms:.0f} ms / TPOT {args.tpot_ms:.0f} ms, {args.duration_s:.0f} s per run, length scales: LS "
+        f"{args.scale:g}, BE prompt {args.be_prompt_scale:g} / output {args.be_output_scale:g}"
     )
+    print(description)
     results = []
     for level in (int(x) for x in args.be_levels.split(",")):
         for policy in args.policies.split(","):
@@ -219,6 +225,11 @@ def main() -> None:
               for r in results]  # fmt: skip
     print("\n" + "\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
+    command = "python benchmarks/policies.py" + (" --quick" if args.quick else "")
+    (RESULTS / "policies.md").write_text(
+        f"# Policies side by side\n\nCommand: `{command}`\n\n{description}\n\n```\n" + "\n".join(lines)
+        + "\n```\n\n![policies](policies.png)\n"
+    )
     _plot(results, RESULTS / "policies.png", f"{args.model} on {where}")
     print(f"\nplot: {RESULTS / 'policies.png'}")
 
