@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from piggyback_operator.scrape import quantile
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.demo import wait_ready
 
 pytestmark = pytest.mark.timeout(300)  # includes starting the runtimes (module fixture) in the first test
 
@@ -130,16 +131,10 @@ class RealRuntime:
         return self.log.read_text(errors="replace")[-3000:]
 
     def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"runtime {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"runtime {self.name} not ready after {READY_TIMEOUT_S:.0f}s:\n{self.log_tail()}")
+        try:
+            wait_ready(self.base, self.process, timeout_s=max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"runtime {self.name}: {exc}:\n{self.log_tail()}")
 
     def complete(self) -> None:
         body = {"model": "chat", "prompt": f"piggyback warm-up request {self.requests}", "max_tokens": MAX_TOKENS,

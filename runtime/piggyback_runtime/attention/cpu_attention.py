@@ -237,18 +237,21 @@ def paged_decode_attention(
         )
     elif key_cache.dtype not in _SUPPORTED_DTYPES or d % 32 != 0:
         reason = f"unsupported dtype {key_cache.dtype} or head_dim {d} (needs a multiple of 32)"
-    elif not (key_cache.is_contiguous() and value_cache.is_contiguous()) or key_cache.device.type != "cpu":
+    elif not (key_cache.is_contiguous() and value_cache.is_contiguous()) or not key_cache.is_cpu:
         reason = "KV caches must be contiguous host tensors"
     if reason is not None:
         if os.environ.get(ENV_BACKEND, "").lower() != "torch":
             _warn_fallback(reason)
         return paged_decode_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale, out)
 
-    q = query.to(torch.float32).contiguous()
-    bt = block_tables.to(torch.int32)
+    # Conversions only when needed: this runs once per decode step and .to() alone costs ~1 us.
+    q = query if query.dtype == torch.float32 else query.to(torch.float32)
+    q = q if q.is_contiguous() else q.contiguous()
+    bt = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     if bt.dim() == 2 and bt.stride(1) != 1:
         bt = bt.contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
+    lens = context_lens if context_lens.dtype == torch.int32 else context_lens.to(torch.int32)
+    lens = lens if lens.is_contiguous() else lens.contiguous()
     target = out if out is not None and out.is_contiguous() else torch.empty(num_seqs, hq, d, dtype=torch.float32)
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     ops.paged_decode_attention(q, key_cache, value_cache, bt, lens, float(scale), target, int(threads))

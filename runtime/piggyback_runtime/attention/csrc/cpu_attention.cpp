@@ -22,18 +22,33 @@
 //     elements) or one AND (odd elements) per 32-bit lane. The bf16 trick de-interleaves each group
 //     of 2W elements, so q is stored in the same permuted order and the output is un-permuted once
 //     per task.
-//   * The op runs with the GIL released (torch.ops calls drop it) and uses its own OpenMP team.
+//   * The op runs with the GIL released (torch.ops calls drop it) on a persistent worker team that
+//     spins briefly between calls (see Team): waking sleeping OpenMP threads cost tens of
+//     microseconds per call, which left the second core idle on small batches. A concurrent second
+//     caller falls back to an OpenMP region.
+//   * Per-task q/output re-layout is vectorized (it was scalar and dominated short calls).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifndef PB_NS
@@ -235,39 +250,74 @@ struct Task {
 // Prefetch into L2 (T1): T0 ties up the few L1 miss buffers and stalls the core.
 constexpr auto kPfHint = _MM_HINT_T1;
 
-// Software prefetch of the next tile: a flat list of line addresses, issued a few at a time from
-// inside the PV loop so the misses spread over the compute instead of queuing up in one burst.
+// Software prefetch of the next tile: a list of row slices walked line by line, a few lines at a time
+// from inside the QK and PV loops so the misses spread over the compute instead of queuing up in one
+// burst. Only row pointers are stored per tile (not every line address: that cost ~10% at bf16).
 // Straight-line code (no inner loop) keeps the PV accumulators in registers.
 struct Prefetcher {
-  std::vector<const char*> addr;
-  int n = 0, i = 0;
-  void clear() { n = i = 0; }
+  const char* rows[2 * W];
+  int nrows = 0, lines = 1, n = 0, i = 0;
+  uint64_t magic = 1ull << 32;  // i / lines == (i * magic) >> 32 exactly for i < 2^20
+  void clear() { nrows = n = i = 0; }
   void add_row(const char* row, int64_t bytes) {
-    for (int64_t c = 0; c < bytes; c += 64) addr[n++] = row + c;
+    rows[nrows++] = row;
+    lines = int((bytes + 63) / 64);
+    magic = ((1ull << 32) + uint64_t(lines) - 1) / uint64_t(lines);
+    n = nrows * lines;
+  }
+  void one() {
+    if (i < n) {
+      const int r = int((uint64_t(i) * magic) >> 32);
+      _mm_prefetch(rows[r] + int64_t(i - r * lines) * 64, kPfHint);
+      ++i;
+    }
   }
   template <int K>
   void step() {
-    for (int k = 0; k < K; ++k)
-      if (i < n) _mm_prefetch(addr[i++], kPfHint);
+    for (int k = 0; k < K; ++k) one();
   }
   void flush() {
-    while (i < n) _mm_prefetch(addr[i++], kPfHint);
+    while (i < n) one();
   }
+};
+
+// Uninitialized, 64-byte aligned float buffer (scratch is fully written before it is read).
+struct Buf {
+  float* ptr = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(ptr); }
+  size_t size() const { return n; }
+  void resize(size_t count) {
+    std::free(ptr);
+    ptr = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
+    if (ptr == nullptr) throw std::bad_alloc();
+    n = count;
+  }
+  float* data() { return ptr; }
+  float* begin() { return ptr; }
+  float& operator[](size_t i) { return ptr[i]; }
 };
 
 // Per-thread scratch, allocated once per call (never in the hot loop).
 struct Scratch {
   Prefetcher pf;
-  std::vector<float> qb, acc, m, lv, p;  // indexed by q head; lv: W partial sums of l per head
+  Buf qb, acc, m, lv, p;  // indexed by q head; lv: W partial sums of l per head
   const char* k_rows[W];
   const char* v_rows[W];
+  // Sizes only grow; run_task initializes every element it reads.
   void init(int64_t hq, int64_t d) {
-    pf.addr.assign(size_t(2 * W) * ((d * 4 + 63) / 64), nullptr);
-    qb.assign(hq * d, 0.f);
-    acc.assign(hq * d, 0.f);
-    m.assign(hq, 0.f);
-    lv.assign(hq * W, 0.f);
-    p.assign(hq * W, 0.f);
+    if (qb.size() < size_t(hq * d)) {
+      qb.resize(hq * d);
+      acc.resize(hq * d);
+    }
+    if (m.size() < size_t(hq)) {
+      m.resize(hq);
+      lv.resize(hq * W);
+      p.resize(hq * W);
+    }
   }
 };
 
@@ -279,6 +329,36 @@ inline int64_t lane_pos(int64_t e) {
     return grp * 2 * W + (r % 2) * W + r / 2;
   } else {
     return e;
+  }
+}
+
+// dst[i] = src[lane_pos<T>(i)] * mul (unpermute) or dst[lane_pos<T>(i)] = src[i] * mul (permute), D elements.
+template <Kv T, bool kToLanes>
+inline void relayout(const float* src, float* dst, int64_t D, float mul) {
+  if constexpr (T != Kv::BF16) {
+    for (int64_t e = 0; e < D; ++e) dst[e] = src[e] * mul;
+  } else {
+#if defined(__AVX512F__) && !defined(PB_FORCE_AVX2)
+    // Groups of 32: lanes hold even elements then odd elements.
+    const __m512i lo = kToLanes ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                                : _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = kToLanes ? _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+                                : _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512 m = _mm512_set1_ps(mul);
+    for (int64_t e = 0; e < D; e += 32) {
+      const __m512 a = _mm512_loadu_ps(src + e), b = _mm512_loadu_ps(src + e + 16);
+      _mm512_storeu_ps(dst + e, _mm512_mul_ps(_mm512_permutex2var_ps(a, lo, b), m));
+      _mm512_storeu_ps(dst + e + 16, _mm512_mul_ps(_mm512_permutex2var_ps(a, hi, b), m));
+    }
+#else
+    for (int64_t e = 0; e < D; ++e) {
+      if constexpr (kToLanes) {
+        dst[lane_pos<T>(e)] = src[e] * mul;
+      } else {
+        dst[e] = src[lane_pos<T>(e)] * mul;
+      }
+    }
+#endif
   }
 }
 
@@ -353,8 +433,9 @@ inline void tile_pv_piece(const Params& P, Scratch& S, int64_t g0, int n, bool r
   }
 }
 
+// Kept out of line: inlined into run_task, GCC spills the register-resident accumulators.
 template <Kv T, int GN>
-inline void tile_group(const Params& P, Scratch& S, int64_t g0, int n) {
+__attribute__((noinline)) void tile_group(const Params& P, Scratch& S, int64_t g0, int n) {
   V scores[GN];
   tile_scores<T, GN>(P, S, g0, scores);
   // Lazy rescaling: the running max m only moves when a score exceeds it by more than kSlack (base-2
@@ -396,8 +477,7 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   // q scaled into base-2 logits and laid out like the widened K.
   for (int64_t h = hq0; h < hq1; ++h) {
     const float* src = P.q + (int64_t(task.seq) * P.hq + h) * D;
-    float* dst = S.qb.data() + h * D;
-    for (int64_t e = 0; e < D; ++e) dst[lane_pos<T>(e)] = src[e] * P.scale_log2;
+    relayout<T, true>(src, S.qb.data() + h * D, D, P.scale_log2);
   }
   std::fill(S.acc.begin() + hq0 * D, S.acc.begin() + hq1 * D, 0.f);
   std::fill(S.m.begin() + hq0, S.m.begin() + hq1, -std::numeric_limits<float>::infinity());
@@ -457,17 +537,91 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
     const float l = Isa::hsum(Isa::load(S.lv.data() + h * W));
     if (task.part < 0) {
       float* dst = P.out + (int64_t(task.seq) * P.hq + h) * D;
-      const float inv = 1.f / l;
-      for (int64_t e = 0; e < D; ++e) dst[e] = a[lane_pos<T>(e)] * inv;
+      relayout<T, false>(a, dst, D, 1.f / l);
     } else {
       const int64_t slot = task.part * P.hq + h;
       float* dst = part_acc + slot * D;
-      for (int64_t e = 0; e < D; ++e) dst[e] = a[lane_pos<T>(e)];
+      relayout<T, false>(a, dst, D, 1.f);
       part_ml[slot * 2] = S.m[h];
       part_ml[slot * 2 + 1] = l;
     }
   }
 }
+
+// Persistent worker team. The op is called once per decode step with ~100 us of work; waking
+// sleeping OpenMP threads (futex + VM scheduler) costs tens of microseconds, which starved the second
+// core on small batches. Workers spin for a while after each call (like an OpenMP active wait, but
+// bounded), then sleep on a condition variable. The calling thread is worker 0. One call at a time;
+// a concurrent caller (another Python thread) falls back to an OpenMP region.
+class Team {
+ public:
+  static Team& get() {
+    static std::mutex mu;
+    static Team* team = nullptr;
+    std::lock_guard<std::mutex> lk(mu);
+    if (team == nullptr || team->pid_ != getpid()) team = new Team();  // after fork: threads are gone; leak
+    return *team;
+  }
+  // Runs fn(tid) for tid in [0, nt) concurrently; false (nothing run) if the team is busy.
+  bool try_run(int nt, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> call(call_mu_, std::try_to_lock);
+    if (!call.owns_lock()) return false;
+    while (int(slots_.size()) < nt - 1) {
+      slots_.push_back(std::make_unique<Slot>());
+      Slot* slot = slots_.back().get();
+      const int tid = int(slots_.size());
+      std::thread([this, slot, tid] { loop(*slot, tid); }).detach();
+    }
+    if (nt > 1) {
+      // The previous call waited for all its workers, so nobody reads job_ now.
+      job_ = &fn;
+      pending_.store(nt - 1, std::memory_order_relaxed);
+      ++gen_;
+      for (int t = 1; t < nt; ++t) slots_[t - 1]->go.store(gen_, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lk(mu_);
+        cv_.notify_all();
+      }
+    }
+    fn(0);
+    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+    return true;
+  }
+
+ private:
+  // One start signal per worker (its own cache line): a worker runs exactly the calls that name it.
+  struct alignas(64) Slot {
+    std::atomic<uint64_t> go{0};
+  };
+  Team() : pid_(getpid()) {}
+  void loop(Slot& slot, int tid) {
+    uint64_t seen = 0;  // slots start at 0 and gen_ is >= 1 when a slot is first signalled
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      uint64_t g;
+      for (int it = 1; (g = slot.go.load(std::memory_order_acquire)) == seen; ++it) {
+        _mm_pause();
+        if ((it & 1023) == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return slot.go.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        }
+      }
+      seen = g;
+      (*job_)(tid);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  static constexpr std::chrono::microseconds kSpin{2000};
+  const pid_t pid_;
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_;
+  uint64_t gen_ = 0;  // guarded by call_mu_
+  std::atomic<int> pending_{0}, sleepers_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  std::vector<std::unique_ptr<Slot>> slots_;
+};
 
 Kv kv_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -524,7 +678,7 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   // About 4 tasks per thread so the dynamic schedule balances unequal lengths. A sequence larger
   // than one task is split into token ranges first (contiguous reads, merged by log-sum-exp), but
   // not below 256 tokens; past that its kv heads are split as well.
-  const int64_t target = std::max<int64_t>(1024, (total + 4 * nt - 1) / (4 * nt));  // token-heads
+  const int64_t target = std::max<int64_t>(512, (total + 4 * nt - 1) / (4 * nt));  // token-heads
   std::vector<Task> tasks;
   std::vector<int64_t> part_base(S, -1), nsplit(S, 1);
   int64_t nparts = 0;
@@ -570,12 +724,11 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
            float(scale * 1.4426950408889634)};
   const int64_t ntasks = int64_t(tasks.size());
 
-#pragma omp parallel num_threads(nt)
-  {
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int) {
     Scratch scratch;
     scratch.init(HQ, D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < ntasks; ++i) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
       switch (kt) {
         case Kv::F32:
           run_task<Kv::F32>(P, scratch, tasks[i], part_acc.data(), part_ml.data());
@@ -588,27 +741,33 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
           break;
       }
     }
-    // Log-sum-exp merge of split sequences: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i.
-    if (nparts > 0) {
-#pragma omp for schedule(static)
-      for (int64_t sh = 0; sh < S * HQ; ++sh) {
-        const int64_t s = sh / HQ, h = sh % HQ;
-        if (nsplit[s] <= 1) continue;
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < nsplit[s]; ++i) M = std::max(M, part_ml[((part_base[s] + i) * HQ + h) * 2]);
-        float* dst = P.out + sh * D;
-        std::fill(dst, dst + D, 0.f);
-        float denom = 0.f;
-        for (int64_t i = 0; i < nsplit[s]; ++i) {
-          const int64_t slot = (part_base[s] + i) * HQ + h;
-          const float w = std::exp2(part_ml[slot * 2] - M);
-          denom += w * part_ml[slot * 2 + 1];
-          const float* a = part_acc.data() + slot * D;
-          for (int64_t e = 0; e < D; ++e) dst[e] += w * a[e];
-        }
-        const float inv = 1.f / denom;
-        for (int64_t e = 0; e < D; ++e) dst[e] *= inv;
+  };
+  const int workers = int(std::min<int64_t>(nt, ntasks));
+  const std::function<void(int)> job = worker;
+  if (!Team::get().try_run(workers, job)) {
+#pragma omp parallel num_threads(workers)
+    worker(omp_get_thread_num());
+  }
+  // Log-sum-exp merge of split sequences: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i.
+  // Small (heads x parts x head_dim per split sequence), so the caller does it alone.
+  if (nparts > 0) {
+    for (int64_t sh = 0; sh < S * HQ; ++sh) {
+      const int64_t s = sh / HQ, h = sh % HQ;
+      if (nsplit[s] <= 1) continue;
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < nsplit[s]; ++i) M = std::max(M, part_ml[((part_base[s] + i) * HQ + h) * 2]);
+      float* dst = P.out + sh * D;
+      std::fill(dst, dst + D, 0.f);
+      float denom = 0.f;
+      for (int64_t i = 0; i < nsplit[s]; ++i) {
+        const int64_t slot = (part_base[s] + i) * HQ + h;
+        const float w = std::exp2(part_ml[slot * 2] - M);
+        denom += w * part_ml[slot * 2 + 1];
+        const float* a = part_acc.data() + slot * D;
+        for (int64_t e = 0; e < D; ++e) dst[e] += w * a[e];
       }
+      const float inv = 1.f / denom;
+      for (int64_t e = 0; e < D; ++e) dst[e] *= inv;
     }
   }
 }
