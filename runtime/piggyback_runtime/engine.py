@@ -157,7 +157,9 @@ class Engine:
                 f"{prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{request.params.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
             )
-        needed = self.allocator.blocks_for_tokens(prompt_len + request.params.max_tokens)
+        # A request on the host path holds accelerator KV only while it prefills; its outputs live in host KV.
+        on_accelerator = prompt_len if self._on_host_path(request) else prompt_len + request.params.max_tokens
+        needed = self.allocator.blocks_for_tokens(on_accelerator)
         if needed > self.allocator.num_blocks:
             raise RequestError(
                 f"the request needs {needed} KV blocks but this runtime's cache holds {self.allocator.num_blocks}; "
@@ -198,11 +200,11 @@ class Engine:
             if len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
                 self._reject(request, "BEQueueFull", f"{len(self.host_kv_waiting)} requests already wait for host KV "
                              "memory (slo_control.max_be_queue); retry later", retry_after_s=5.0)  # fmt: skip
-            self.requests[request.request_id] = request
+        self.requests[request.request_id] = request
+        if self._on_host_path(request):
             self.host_kv_waiting.append(request)
             self._admit_be()
         else:
-            self.requests[request.request_id] = request
             self.scheduler.add(request)
         labels = (request.service, request.service_class)
         self.metrics.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))

@@ -150,6 +150,21 @@ def test_be_requests_wait_for_host_kv_and_run_when_it_frees() -> None:
         engine.close()
 
 
+def test_be_outputs_longer_than_the_accelerator_kv_cache_fit_in_host_kv() -> None:
+    # 16 accelerator blocks of 4 tokens hold 64 tokens: enough for the prompt's prefill, not for 100 outputs.
+    engine = Engine(tiny_config(policy="piggyback", num_kv_blocks=16))
+    try:
+        request = make_request("long", [1, *range(40, 49)], greedy(100), "BE")
+        engine.add_request(request)
+        run_to_completion(engine)
+        assert request.finish_reason == "length" and len(request.output_token_ids) == 100
+        with pytest.raises(ValueError, match="KV blocks"):  # an LS request of that length stays refused
+            engine.add_request(make_request("ls-long", [1, *range(40, 49)], greedy(100)))
+        _assert_idle(engine)
+    finally:
+        engine.close()
+
+
 def test_a_killed_worker_fails_its_be_requests_and_nothing_else() -> None:
     engine = Engine(tiny_config(policy="piggyback"))
     pb = engine.piggyback
