@@ -206,7 +206,7 @@ class PiggybackPath:
             stage()
         else:
             self.pool.after(event, stage)
-        self.pool.submit(tasks, None)
+        self.pool.submit(tasks)
 
     def take(self, layer: int, rows: list[BERow]) -> tuple[torch.Tensor, torch.Tensor]:
         """The CPU attention results and stored layer inputs of READY rows, as accelerator tensors."""

@@ -124,10 +124,10 @@ class CPUAttentionPool:
         self.workers[worker_index].slots.discard(slot)
         self._send(worker_index, ("forget", slot))
 
-    def submit(self, tasks_by_worker: dict[int, list[tuple[int, int, int, int]]],
-               event: torch.cuda.Event | None) -> None:  # fmt: skip
+    def submit(self, tasks_by_worker: dict[int, list[tuple[int, int, int, int]]]) -> None:
+        """Queue attention tasks; they go out after everything queued before them (e.g. their q/k/v staging)."""
         for worker_index, tasks in tasks_by_worker.items():
-            self._send(worker_index, ("run", tasks), event)
+            self._send(worker_index, ("run", tasks))
 
     # --- receiving ---------------------------------------------------------------------------------------
     def poll(self) -> tuple[list[Completion], list[WorkerDeath]]:
