@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -22,8 +23,12 @@ def make_case(
     block_size: int,
     dtype: torch.dtype,
     seed: int = 0,
+    layout: str = "token-major",
 ) -> tuple[torch.Tensor, ...]:
-    """Random q and a paged cache whose blocks are shuffled, with block tables padded by garbage ids."""
+    """Random q and a paged cache whose blocks are shuffled, with block tables padded by garbage ids.
+
+    layout "head-major" stores the cache the way the runtime's host KV cache does (see `ca.head_major`).
+    """
     gen = torch.Generator().manual_seed(seed)
     per_seq = [(n + block_size - 1) // block_size for n in lens]
     num_blocks = sum(per_seq) + 3  # a few blocks nobody owns
@@ -36,6 +41,9 @@ def make_case(
     shape = (num_blocks, block_size, kv_heads, head_dim)
     key_cache = torch.randn(shape, generator=gen).to(dtype)
     value_cache = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "head-major":
+        key_cache = ca.head_major(key_cache.transpose(1, 2).contiguous())
+        value_cache = ca.head_major(value_cache.transpose(1, 2).contiguous())
     query = torch.randn(len(lens), q_heads, head_dim, generator=gen)
     return query, key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
@@ -75,13 +83,27 @@ CASES = [
 
 
 @native
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize(("lens", "q_heads", "kv_heads", "head_dim", "block_size"), CASES)
-def test_native_matches_reference(lens, q_heads, kv_heads, head_dim, block_size, dtype):
-    case = make_case(lens, q_heads, kv_heads, head_dim, block_size, dtype)
+def test_native_matches_reference(lens, q_heads, kv_heads, head_dim, block_size, dtype, layout):
+    case = make_case(lens, q_heads, kv_heads, head_dim, block_size, dtype, layout=layout)
     scale = head_dim**-0.5
     got = ca.paged_decode_attention(*case, scale)
     assert_close(got, reference(*case, scale))
+
+
+@native
+@pytest.mark.parametrize(("lens", "q_heads", "kv_heads", "head_dim", "block_size"), CASES)
+def test_bf16_model_query_is_as_exact_as_a_float32_query(lens, q_heads, kv_heads, head_dim, block_size):
+    # A bf16 model hands over a q whose values are exactly bf16: with bf16 KV the kernel then uses bf16
+    # dot products for q.K where the CPU has them. Their products are exact, so the bound is unchanged.
+    # One q element that is not exactly bf16 sends the call down the widening path, equally exact.
+    query, *rest = make_case(lens, q_heads, kv_heads, head_dim, block_size, torch.bfloat16, layout="head-major")
+    bf16_query = query.to(torch.bfloat16).float()
+    for q in (bf16_query, bf16_query.clone().index_put_((torch.tensor([0]),), torch.tensor(0.1))):
+        case = (q, *rest)
+        assert_close(ca.paged_decode_attention(*case, head_dim**-0.5), reference(*case, head_dim**-0.5))
 
 
 @native
@@ -132,12 +154,13 @@ def test_bad_block_ids_and_lengths_raise_instead_of_reading_wild_memory():
         ca.paged_decode_attention(query, k, v, tables, torch.tensor([0], dtype=torch.int32), 0.1)
 
 
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_torch_fallback_gives_the_same_result(monkeypatch, dtype):
+def test_torch_fallback_gives_the_same_result(monkeypatch, dtype, layout):
     monkeypatch.setenv(ca.ENV_BACKEND, "torch")
     assert ca.kernel_name() == "torch"
     assert not ca.native_available()
-    case = make_case([1, 45, 130], 8, 2, 128, 16, dtype)
+    case = make_case([1, 45, 130], 8, 2, 128, 16, dtype, layout=layout)
     assert_close(ca.paged_decode_attention(*case, 0.09), reference(*case, 0.09))
 
 
@@ -151,9 +174,15 @@ def test_unavailable_native_kernel_warns_and_falls_back(monkeypatch):
     assert_close(got, reference(*case, 0.1))
 
 
-def test_write_kv_stores_new_tokens_at_their_slots_with_dtype_conversion():
-    key_cache = torch.zeros(4, 8, 2, 32, dtype=torch.bfloat16)
-    value_cache = torch.zeros_like(key_cache)
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
+def test_write_kv_stores_new_tokens_at_their_slots_with_dtype_conversion(layout):
+    if layout == "head-major":
+        key_cache = ca.head_major(torch.zeros(4, 2, 8, 32, dtype=torch.bfloat16))
+        value_cache = ca.head_major(torch.zeros(4, 2, 8, 32, dtype=torch.bfloat16))
+        assert key_cache.shape == (4, 8, 2, 32) and not key_cache.is_contiguous()
+    else:
+        key_cache = torch.zeros(4, 8, 2, 32, dtype=torch.bfloat16)
+        value_cache = torch.zeros_like(key_cache)
     slots = torch.tensor([0, 13, 31], dtype=torch.int64)  # block 0 off 0, block 1 off 5, block 3 off 7
     key, value = torch.randn(3, 2, 32), torch.randn(3, 2, 32)
     ca.write_kv(key_cache, value_cache, slots, key, value)
@@ -201,3 +230,32 @@ def test_native_call_releases_the_gil():
     thread.join()
     assert elapsed >= 0.2, "the call was too short to tell"
     assert ticks_during_call >= 10, f"counter moved {ticks_during_call} times during a {elapsed:.2f} s call"
+
+
+@native
+def test_host_kv_cache_is_head_major_and_the_kernel_reads_it_in_place():
+    # The piggyback path's shared host cache: one kv head's slice of a block is contiguous, and the
+    # kernel takes the strided view as it is (no copy, no fallback warning).
+    import multiprocessing
+
+    from piggyback_runtime.piggyback.worker import SharedBuffers
+
+    buffers = SharedBuffers.allocate(
+        num_layers=2, num_blocks=6, block_size=16, kv_heads=2, q_heads=8, head_dim=64, num_slots=2,
+        kv_dtype=torch.bfloat16, hold=multiprocessing.RawValue("i", 1),
+    )  # fmt: skip
+    key_cache, value_cache = buffers.key_cache[1], buffers.value_cache[1]
+    assert key_cache.shape == (6, 16, 2, 64)
+    assert key_cache.stride() == (2 * 16 * 64, 64, 16 * 64, 1)
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.arange(40)
+    tables = torch.tensor([[4, 0, 2]], dtype=torch.int32)
+    flat = (tables[0, slots // 16] * 16 + slots % 16).long()
+    key, value = torch.randn(40, 2, 64, generator=gen), torch.randn(40, 2, 64, generator=gen)
+    ca.write_kv(key_cache, value_cache, flat, key, value)
+    query = torch.randn(1, 8, 64, generator=gen)
+    case = (query, key_cache, value_cache, tables, torch.tensor([40], dtype=torch.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ca.paged_decode_attention(*case, 0.125)
+    assert_close(got, reference(*case, 0.125))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "head_major",
     "kernel_name",
     "native_available",
     "paged_decode_attention",
@@ -159,6 +160,16 @@ def _warn_fallback(reason: str) -> None:
     warnings.warn(f"piggyback CPU attention uses the slow pure-torch fallback: {reason}", RuntimeWarning, stacklevel=3)
 
 
+def head_major(storage: torch.Tensor) -> torch.Tensor:
+    """Storage [..., blocks, kv_heads, block_size, head_dim] seen as [..., blocks, block_size, kv_heads, head_dim].
+
+    The host KV cache uses this layout: one kv head's slice of a block is a contiguous run, which the
+    kernel streams ~10% faster than block_size rows a token apart. Every reader and writer uses the
+    logical view, so the layout is a storage detail.
+    """
+    return storage.transpose(-3, -2)
+
+
 def write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -166,13 +177,12 @@ def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
 ) -> None:
-    """Store new tokens' k/v [n, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
-    nb, bs, hkv, d = key_cache.shape
-    flat_k = key_cache.view(nb * bs, hkv, d)
-    flat_v = value_cache.view(nb * bs, hkv, d)
+    """Store new tokens' k/v [n, kv_heads, head_dim] at flat slots (block * block_size + offset), any cache strides."""
+    block_size = key_cache.shape[1]
     idx = slot_mapping.to(torch.int64)
-    flat_k.index_copy_(0, idx, key.to(key_cache.dtype))
-    flat_v.index_copy_(0, idx, value.to(value_cache.dtype))
+    blocks, offsets = idx // block_size, idx % block_size
+    key_cache[blocks, offsets] = key.to(key_cache.dtype)
+    value_cache[blocks, offsets] = value.to(value_cache.dtype)
 
 
 def paged_decode_attention_torch(
@@ -237,8 +247,8 @@ def paged_decode_attention(
         )
     elif key_cache.dtype not in _SUPPORTED_DTYPES or d % 32 != 0:
         reason = f"unsupported dtype {key_cache.dtype} or head_dim {d} (needs a multiple of 32)"
-    elif not (key_cache.is_contiguous() and value_cache.is_contiguous()) or not key_cache.is_cpu:
-        reason = "KV caches must be contiguous host tensors"
+    elif key_cache.stride(-1) != 1 or key_cache.stride() != value_cache.stride() or not key_cache.is_cpu:
+        reason = "KV caches must be host tensors with a contiguous head_dim and the same strides"
     if reason is not None:
         if os.environ.get(ENV_BACKEND, "").lower() != "torch":
             _warn_fallback(reason)

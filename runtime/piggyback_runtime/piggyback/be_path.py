@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.attention.cpu_attention import write_kv
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.cache import kv_block_bytes
@@ -154,8 +155,7 @@ class PiggybackPath:
         key_cache, value_cache = self.buffers.key_cache[layer], self.buffers.value_cache[layer]
 
         def store(key: torch.Tensor = key, value: torch.Tensor = value) -> None:
-            for cache, rows in ((key_cache, key), (value_cache, value)):
-                cache.view(-1, *cache.shape[-2:]).index_copy_(0, targets.host_slots, rows.to(cache.dtype))
+            write_kv(key_cache, value_cache, targets.host_slots, key, value)
 
         if self.device.type == "cpu":
             store()

@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
+from piggyback_runtime.attention.cpu_attention import head_major
+
 
 @dataclass
 class SharedBuffers:
     """Tensors in shared memory, created by the engine and handed to every worker at spawn."""
 
-    key_cache: torch.Tensor  # [layers, blocks, block_size, kv_heads, head_dim]
+    key_cache: torch.Tensor  # [layers, blocks, block_size, kv_heads, head_dim], head-major storage (see head_major)
     value_cache: torch.Tensor
     q_in: torch.Tensor  # [slots, q_heads, head_dim] float32
     k_in: torch.Tensor  # [slots, kv_heads, head_dim] float32
@@ -48,10 +50,10 @@ class SharedBuffers:
         cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, q_heads: int, head_dim: int,
         num_slots: int, kv_dtype: torch.dtype, hold: Any,
     ) -> SharedBuffers:  # fmt: skip
-        cache_shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        storage_shape = (num_layers, num_blocks, kv_heads, block_size, head_dim)
         return cls(
-            key_cache=shared_zeros(cache_shape, kv_dtype),
-            value_cache=shared_zeros(cache_shape, kv_dtype),
+            key_cache=head_major(shared_zeros(storage_shape, kv_dtype)),
+            value_cache=head_major(shared_zeros(storage_shape, kv_dtype)),
             q_in=shared_zeros((num_slots, q_heads, head_dim), torch.float32),
             k_in=shared_zeros((num_slots, kv_heads, head_dim), torch.float32),
             v_in=shared_zeros((num_slots, kv_heads, head_dim), torch.float32),
