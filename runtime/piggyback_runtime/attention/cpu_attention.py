@@ -142,6 +142,19 @@ def _backend() -> Any | None:
     return _load()
 
 
+def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    """Why these tensors cannot go to the native kernel, or None if they can (and it is available)."""
+    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
+        return f"{ENV_BACKEND}=torch"
+    if _load() is None:
+        return _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
+    if key_cache.dtype not in _SUPPORTED_DTYPES or query.shape[-1] % 32 != 0:
+        return f"unsupported dtype {key_cache.dtype} or head_dim {query.shape[-1]} (needs a multiple of 32)"
+    if key_cache.stride(-1) != 1 or key_cache.stride() != value_cache.stride() or not key_cache.is_cpu:
+        return "KV caches must be host tensors with a contiguous head_dim and the same strides"
+    return None
+
+
 def native_available() -> bool:
     """True when the native kernel is built (or buildable now) and not disabled by the environment."""
     return _backend() is not None
@@ -228,6 +241,31 @@ def paged_decode_attention(
     q head h reads kv head h // (num_q_heads // num_kv_heads). The newest token's k/v must already be
     in the cache (see `write_kv`). Accumulation is fp32 for every cache dtype.
     """
+    ops = _backend()
+    if (
+        ops is not None
+        and query.dtype == torch.float32
+        and query.is_contiguous()
+        and block_tables.dtype == torch.int32
+        and block_tables.stride(-1) == 1
+        and context_lens.dtype == torch.int32
+        and context_lens.is_contiguous()
+        and key_cache.dtype in _SUPPORTED_DTYPES
+        and key_cache.is_cpu
+        and query.shape[-1] % 32 == 0
+        and key_cache.stride(-1) == 1
+        and key_cache.stride() == value_cache.stride()
+        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+    ):
+        # The common case, kept lean (it runs per layer per decode step): the op itself checks shapes,
+        # contiguity, lengths and every block id, and raises with a message that names the argument.
+        target = torch.empty(query.shape, dtype=torch.float32) if out is None else out
+        threads = num_threads if num_threads is not None else torch.get_num_threads()
+        ops.paged_decode_attention(
+            query, key_cache, value_cache, block_tables, context_lens, float(scale), target, threads
+        )
+        return target
+
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError("query must be [seqs, q_heads, head_dim] and caches [blocks, block_size, kv_heads, head_dim]")
     num_seqs, hq, d = query.shape
@@ -237,21 +275,17 @@ def paged_decode_attention(
     if out is not None and (out.shape != query.shape or out.dtype != torch.float32):
         raise ValueError("out must be float32 and shaped like query")
 
-    ops = _backend()
-    reason = None
-    if ops is None:
-        reason = (
-            f"{ENV_BACKEND}=torch"
-            if os.environ.get(ENV_BACKEND, "").lower() == "torch"
-            else _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
-        )
-    elif key_cache.dtype not in _SUPPORTED_DTYPES or d % 32 != 0:
-        reason = f"unsupported dtype {key_cache.dtype} or head_dim {d} (needs a multiple of 32)"
-    elif key_cache.stride(-1) != 1 or key_cache.stride() != value_cache.stride() or not key_cache.is_cpu:
-        reason = "KV caches must be host tensors with a contiguous head_dim and the same strides"
-    if reason is not None:
-        if os.environ.get(ENV_BACKEND, "").lower() != "torch":
-            _warn_fallback(reason)
+    if (
+        ops is None
+        or key_cache.dtype not in _SUPPORTED_DTYPES
+        or d % 32 != 0
+        or key_cache.stride(-1) != 1
+        or key_cache.stride() != value_cache.stride()
+        or not key_cache.is_cpu
+    ):
+        reason = _fallback_reason(query, key_cache, value_cache)
+        if reason != f"{ENV_BACKEND}=torch":
+            _warn_fallback(reason or "native kernel unavailable")
         return paged_decode_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale, out)
 
     # Conversions only when needed: this runs once per decode step and .to() alone costs ~1 us.

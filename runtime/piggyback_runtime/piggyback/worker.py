@@ -76,7 +76,11 @@ def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_thre
     """Process entry point: serve attention tasks until the engine closes the connection."""
     from piggyback_runtime.attention.cpu_attention import native_available, paged_decode_attention, write_kv
 
-    torch.set_num_threads(num_threads)
+    # The kernel runs on its own thread team (num_threads is passed to it). torch's own pool stays at one
+    # thread: the worker's torch ops are small, and OpenMP threads left spinning after a parallel op
+    # compete with the team for the cores (in benchmarks/cpu_attention.py that cost a quarter of the
+    # kernel's bandwidth at 2 threads).
+    torch.set_num_threads(1)
     native_available()  # build or load the native kernel now: "ready" must mean ready to serve at speed
     block_tables: dict[int, list[int]] = {}
     block_size = buffers.key_cache.shape[2]
