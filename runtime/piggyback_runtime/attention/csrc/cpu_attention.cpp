@@ -540,25 +540,6 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   const int64_t G = P.g, D = P.d;
   const int64_t esize = T == Kv::F32 ? 4 : 2;
   const int64_t hq0 = int64_t(task.kvh0) * G, hq1 = int64_t(task.kvh1) * G;
-  // q scaled into base-2 logits and laid out like the widened K.
-  for (int64_t h = hq0; h < hq1; ++h) {
-    const float* src = P.q + (int64_t(task.seq) * P.hq + h) * D;
-    if constexpr (T == Kv::BF16DP) {
-      // Exactly representable (checked by the caller): truncating to the top 16 bits is exact.
-      uint16_t* dst = reinterpret_cast<uint16_t*>(S.qh.data()) + h * D;
-      for (int64_t e = 0; e < D; ++e) {
-        uint32_t bits;
-        std::memcpy(&bits, src + e, 4);
-        dst[e] = uint16_t(bits >> 16);
-      }
-    } else {
-      relayout<T, true>(src, S.qb.data() + h * D, D, P.scale_log2);
-    }
-  }
-  std::fill(S.acc.begin() + hq0 * D, S.acc.begin() + hq1 * D, 0.f);
-  std::fill(S.m.begin() + hq0, S.m.begin() + hq1, -std::numeric_limits<float>::infinity());
-  std::fill(S.lv.begin() + hq0 * W, S.lv.begin() + hq1 * W, 0.f);
-
   const int32_t* bt = P.bt + int64_t(task.seq) * P.bt_stride;
   const char* kbase = static_cast<const char*>(P.k);
   const char* vbase = static_cast<const char*>(P.v);
@@ -580,6 +561,33 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   constexpr int tile = TW;
   n_next = int(std::min<int64_t>(tile, task.t1 - task.t0));
   rows(next, n_next);
+
+  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
+  for (int i = 0; i < n_next; ++i) {
+    for (int64_t o = 0; o < head_bytes; o += 64) {
+      _mm_prefetch(kbase + next[i] + task.kvh0 * head_step + o, kPfHint);
+      _mm_prefetch(vbase + next[i] + task.kvh0 * head_step + o, kPfHint);
+    }
+  }
+
+  // q scaled into base-2 logits and laid out like the widened K.
+  for (int64_t h = hq0; h < hq1; ++h) {
+    const float* src = P.q + (int64_t(task.seq) * P.hq + h) * D;
+    if constexpr (T == Kv::BF16DP) {
+      // Exactly representable (checked by the caller): truncating to the top 16 bits is exact.
+      uint16_t* dst = reinterpret_cast<uint16_t*>(S.qh.data()) + h * D;
+      for (int64_t e = 0; e < D; ++e) {
+        uint32_t bits;
+        std::memcpy(&bits, src + e, 4);
+        dst[e] = uint16_t(bits >> 16);
+      }
+    } else {
+      relayout<T, true>(src, S.qb.data() + h * D, D, P.scale_log2);
+    }
+  }
+  std::fill(S.acc.begin() + hq0 * D, S.acc.begin() + hq1 * D, 0.f);
+  std::fill(S.m.begin() + hq0, S.m.begin() + hq1, -std::numeric_limits<float>::infinity());
+  std::fill(S.lv.begin() + hq0 * W, S.lv.begin() + hq1 * W, 0.f);
 
   for (int64_t t0 = task.t0; t0 < task.t1; t0 += tile) {
     const int n = n_next;
