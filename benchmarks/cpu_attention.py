@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+# torch's OpenMP threads otherwise spin for milliseconds after each baseline op and take a core from the
+# kernel's own thread team in the next measurement (a CPU attention worker keeps torch at one thread for
+# the same reason). Must be set before torch starts its pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -288,7 +294,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=["head-major", "token-major"], default="head-major", help="KV cache layout")
     parser.add_argument("--q-fp32", action="store_true", help="q with arbitrary fp32 values (an fp32 model's q)")
     args = parser.parse_args()
-    args.rounds = 5
+    args.rounds = 8
     if args.quick:
         args.shapes = [(1, 2048), (8, 512), (32, 512)]
         args.dtypes, args.repeats, args.baseline_repeats = list(DTYPES), 20, 1

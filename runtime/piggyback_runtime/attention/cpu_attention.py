@@ -1,12 +1,12 @@
 """CPU paged decode attention for BE requests whose KV cache lives in host DRAM.
 
-The native kernel (``csrc/cpu_attention.cpp``, C++/OpenMP with AVX2 or AVX-512) is built with
+The native kernel (``csrc/cpu_attention.cpp``, C++ with AVX2 or AVX-512, its own thread team) is built with
 ``torch.utils.cpp_extension`` on first use into a cache directory keyed by the source, the compiler
 flags, torch's version and the CPU's instruction-set flags, so nothing is compiled at install time.
 When it cannot be built (no compiler, no AVX2/FMA/F16C) or ``PIGGYBACK_CPU_ATTENTION=torch`` is set,
 a pure-torch implementation is used instead, with a warning that names the reason.
 
-The native op releases the GIL (it is called through ``torch.ops``) and runs its own OpenMP threads,
+The native op releases the GIL (it is called through ``torch.ops``) and runs on its own thread team,
 so a BE attention worker thread does not stall the engine loop.
 """
 

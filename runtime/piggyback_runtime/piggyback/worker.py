@@ -1,7 +1,7 @@
 """A CPU attention worker: a separate process that computes BE decode attention against host-DRAM KV.
 
 Why a process: the engine loop must never wait on BE attention, and Python threads would share its GIL.
-A process has its own interpreter; the native kernel inside it runs its own OpenMP threads. All bulky
+A process has its own interpreter; the native kernel inside it runs its own thread team. All bulky
 data lives in shared memory created by the engine (the host KV cache and per-request q/k/v/out slots),
 so messages carry only small integers:
 
