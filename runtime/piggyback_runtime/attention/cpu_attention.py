@@ -142,17 +142,22 @@ def _backend() -> Any | None:
     return _load()
 
 
-def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
-    """Why these tensors cannot go to the native kernel, or None if they can (and it is available)."""
-    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
-        return f"{ENV_BACKEND}=torch"
-    if _load() is None:
-        return _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
+def _unsupported_kv(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    """Why the native kernel cannot read this KV cache, or None if it can."""
     if key_cache.dtype not in _SUPPORTED_DTYPES or query.shape[-1] % 32 != 0:
         return f"unsupported dtype {key_cache.dtype} or head_dim {query.shape[-1]} (needs a multiple of 32)"
     if key_cache.stride(-1) != 1 or key_cache.stride() != value_cache.stride() or not key_cache.is_cpu:
         return "KV caches must be host tensors with a contiguous head_dim and the same strides"
     return None
+
+
+def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    """Why this call goes to the torch fallback, or None if the native kernel takes it."""
+    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
+        return f"{ENV_BACKEND}=torch"
+    if _load() is None:
+        return _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
+    return _unsupported_kv(query, key_cache, value_cache)
 
 
 def native_available() -> bool:
@@ -250,12 +255,8 @@ def paged_decode_attention(
         and block_tables.stride(-1) == 1
         and context_lens.dtype == torch.int32
         and context_lens.is_contiguous()
-        and key_cache.dtype in _SUPPORTED_DTYPES
-        and key_cache.is_cpu
-        and query.shape[-1] % 32 == 0
-        and key_cache.stride(-1) == 1
-        and key_cache.stride() == value_cache.stride()
         and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+        and _unsupported_kv(query, key_cache, value_cache) is None
     ):
         # The common case, kept lean (it runs per layer per decode step): the op itself checks shapes,
         # contiguity, lengths and every block id, and raises with a message that names the argument.
@@ -275,17 +276,10 @@ def paged_decode_attention(
     if out is not None and (out.shape != query.shape or out.dtype != torch.float32):
         raise ValueError("out must be float32 and shaped like query")
 
-    if (
-        ops is None
-        or key_cache.dtype not in _SUPPORTED_DTYPES
-        or d % 32 != 0
-        or key_cache.stride(-1) != 1
-        or key_cache.stride() != value_cache.stride()
-        or not key_cache.is_cpu
-    ):
-        reason = _fallback_reason(query, key_cache, value_cache)
+    reason = _fallback_reason(query, key_cache, value_cache)
+    if reason is not None:
         if reason != f"{ENV_BACKEND}=torch":
-            _warn_fallback(reason or "native kernel unavailable")
+            _warn_fallback(reason)
         return paged_decode_attention_torch(query, key_cache, value_cache, block_tables, context_lens, scale, out)
 
     # Conversions only when needed: this runs once per decode step and .to() alone costs ~1 us.

@@ -562,13 +562,18 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   n_next = int(std::min<int64_t>(tile, task.t1 - task.t0));
   rows(next, n_next);
 
-  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
-  for (int i = 0; i < n_next; ++i) {
-    for (int64_t o = 0; o < head_bytes; o += 64) {
-      _mm_prefetch(kbase + next[i] + task.kvh0 * head_step + o, kPfHint);
-      _mm_prefetch(vbase + next[i] + task.kvh0 * head_step + o, kPfHint);
+  // Queue kv head kvh's slice of the next tile for prefetch. K and V rows interleaved: two DRAM streams
+  // beat one after the other.
+  auto queue_next = [&](int64_t kvh) {
+    S.pf.clear();
+    for (int i = 0; i < n_next; ++i) {
+      S.pf.add_row(kbase + next[i] + kvh * head_step, head_bytes);
+      S.pf.add_row(vbase + next[i] + kvh * head_step, head_bytes);
     }
-  }
+  };
+  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
+  queue_next(task.kvh0);
+  S.pf.flush();
 
   // q scaled into base-2 logits and laid out like the widened K.
   for (int64_t h = hq0; h < hq1; ++h) {
@@ -597,11 +602,7 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
     for (int64_t kvh = task.kvh0; kvh < task.kvh1; ++kvh) {
       // While this head's slice of the tile is computed, pull the same slice of the next tile
       // (one tile ahead: about Hkv head groups of compute to hide DRAM latency).
-      S.pf.clear();
-      for (int i = 0; i < n_next; ++i) {  // K and V interleaved: two DRAM streams beat one after the other
-        S.pf.add_row(kbase + next[i] + kvh * head_step, head_bytes);
-        S.pf.add_row(vbase + next[i] + kvh * head_step, head_bytes);
-      }
+      queue_next(kvh);
       for (int i = 0; i < tile; ++i) {
         S.k_rows[i] = kbase + tok[i] + kvh * head_step;
         S.v_rows[i] = vbase + tok[i] + kvh * head_step;
