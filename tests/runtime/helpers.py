@@ -27,7 +27,8 @@ def tiny_config(
         "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
         "engine": {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority",
                    **engine},
-        "piggyback": {"num_host_kv_blocks": 512, "max_be_requests": 16, **(piggyback or {})},
+        # Host KV blocks twice the accelerator's: BE prefill KV crosses block sizes on its way to the host.
+        "piggyback": {"host_block_size": 8, "num_host_kv_blocks": 256, "max_be_requests": 16, **(piggyback or {})},
         "slo_control": slo_control or {},
     })  # fmt: skip
 

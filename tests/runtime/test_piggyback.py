@@ -133,8 +133,8 @@ def test_cancelled_be_requests_free_host_kv_queue_entries_and_residuals(engine: 
 
 
 def test_be_requests_wait_for_host_kv_and_run_when_it_frees() -> None:
-    # 6 host blocks of 4 tokens: room for one request of 20 tokens (4 prompt + 16 output) at a time.
-    engine = Engine(tiny_config(policy="piggyback", piggyback={"num_host_kv_blocks": 6}))
+    # 3 host blocks of 8 tokens: room for one request of 20 tokens (4 prompt + 16 output) at a time.
+    engine = Engine(tiny_config(policy="piggyback", piggyback={"num_host_kv_blocks": 3}))
     try:
         requests = [make_request(f"w{i}", [1, 5, 6, 7], greedy(MAX_TOKENS), "BE") for i in range(3)]
         for request in requests:

@@ -122,12 +122,12 @@ def test_headroom_is_absent_until_ls_requests_were_seen_then_exported(tight: Eng
 
 def test_be_requests_beyond_the_bounded_host_kv_queue_are_rejected() -> None:
     engine = Engine(
-        tiny_config(policy="piggyback", piggyback={"num_host_kv_blocks": 6}, slo_control={"max_be_queue": 1}),
+        tiny_config(policy="piggyback", piggyback={"num_host_kv_blocks": 3}, slo_control={"max_be_queue": 1}),
         latency_model=known_model(),
     )
     try:
         holder, queued = (make_request(f"be{i}", [1, 5, 6, 7], greedy(16), "BE") for i in range(2))
-        engine.add_request(holder)  # takes all 6 host blocks (20 tokens)
+        engine.add_request(holder)  # takes all 3 host blocks (20 of 24 tokens)
         engine.add_request(queued)  # waits for host KV: the queue is now full
         with pytest.raises(AdmissionRejected) as info:
             engine.add_request(make_request("overflow", [1, 5], greedy(4), "BE"))

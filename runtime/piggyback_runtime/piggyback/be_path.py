@@ -67,7 +67,7 @@ class PiggybackPath:
         self.device = device
         self.dtype = dtype
         self.metrics = metrics
-        self.block_size = config.engine.block_size
+        self.block_size = pb.host_block_size  # host KV blocks (the accelerator's may differ)
         self.block_bytes = kv_block_bytes(arch, self.block_size, dtype)
         num_blocks = pb.num_host_kv_blocks or max(1, int(pb.host_kv_memory_gib * 2**30) // self.block_bytes)
         self.allocator = BlockAllocator(num_blocks, self.block_size)
