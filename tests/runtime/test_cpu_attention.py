@@ -259,3 +259,14 @@ def test_host_kv_cache_is_head_major_and_the_kernel_reads_it_in_place():
         warnings.simplefilter("error")
         got = ca.paged_decode_attention(*case, 0.125)
     assert_close(got, reference(*case, 0.125))
+
+
+@native
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_read_probe_reads_every_element_of_the_buffer_it_is_given(num_threads):
+    # The roofline's bandwidth limit is only honest if the probe touches every byte it counts.
+    buf = torch.randint(0, 8, (64 * 4099,)).float()  # small integers: the fp32 sums are exact
+    assert ca._backend().stream_read(buf, num_threads) == buf.double().sum().item()
+    before = buf.clone()
+    assert ca.stream_read_bytes_per_s(repeats=2, num_threads=num_threads, buffer=buf) > 0
+    assert torch.equal(buf, before)

@@ -299,13 +299,19 @@ def paged_decode_attention(
     return target
 
 
-def stream_read_bytes_per_s(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
-    """Best single-pass read bandwidth over a buffer of `nbytes` (native kernel, else torch.sum)."""
-    buf = torch.ones(max(nbytes // 4, 1024), dtype=torch.float32)
+def stream_read_bytes_per_s(
+    nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None, buffer: torch.Tensor | None = None
+) -> float:
+    """Best single-pass read bandwidth over a buffer of `nbytes` (native kernel, else torch.sum).
+
+    Pass a float32 `buffer` to probe repeatedly: allocating, faulting in and freeing a GiB per probe
+    costs far more than the read and leaves the kernel (and the hypervisor) busy afterwards.
+    """
+    buf = torch.ones(max(nbytes // 4, 1024), dtype=torch.float32) if buffer is None else buffer
     ops = _backend()
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     best = math.inf
-    for _ in range(repeats + 1):  # first pass warms pages and the thread team
+    for _ in range(repeats + (buffer is None)):  # a fresh buffer's first pass warms its pages and the team
         start = time.perf_counter()
         if ops is not None:
             ops.stream_read(buf, int(threads))
