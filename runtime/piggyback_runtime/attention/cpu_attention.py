@@ -304,8 +304,8 @@ def stream_read_bytes_per_s(
 ) -> float:
     """Best single-pass read bandwidth over a buffer of `nbytes` (native kernel, else torch.sum).
 
-    Pass a float32 `buffer` to probe repeatedly: allocating, faulting in and freeing a GiB per probe
-    costs far more than the read and leaves the kernel (and the hypervisor) busy afterwards.
+    Pass a contiguous float32 `buffer` (then `nbytes` is unused) to probe repeatedly: allocating, faulting in
+    and freeing a GiB per probe costs far more than the read and leaves the kernel (and the hypervisor) busy.
     """
     buf = torch.ones(max(nbytes // 4, 1024), dtype=torch.float32) if buffer is None else buffer
     ops = _backend()
