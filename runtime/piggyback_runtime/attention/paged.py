@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from piggyback_runtime.attention import cpu_attention
+from piggyback_runtime.kv.allocator import flat_slot
 from piggyback_runtime.kv.cache import PagedKVCache
 
 
@@ -45,12 +46,12 @@ class AttentionBatch:
         """decodes: (block ids, position); prefills: (block ids, start position, num tokens)."""
         slots: list[int] = []
         for blocks, position in decodes:
-            slots.append(blocks[position // block_size] * block_size + position % block_size)
+            slots.append(flat_slot(blocks, position, block_size))
         slices: list[PrefillSlice] = []
         row = len(decodes)
         for blocks, start, count in prefills:
             for position in range(start, start + count):
-                slots.append(blocks[position // block_size] * block_size + position % block_size)
+                slots.append(flat_slot(blocks, position, block_size))
             context = start + count
             mask = None
             if start > 0:

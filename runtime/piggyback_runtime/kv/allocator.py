@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def flat_slot(blocks: list[int], position: int, block_size: int) -> int:
+    """Where token `position` of a block table lives in a paged cache: block * block_size + offset, the flat
+    slot index every cache writer takes."""
+    return blocks[position // block_size] * block_size + position % block_size
+
+
 class OutOfBlocks(Exception):
     """Not enough free blocks; the scheduler preempts or waits, it never surfaces this to a client."""
 

@@ -25,7 +25,7 @@ import torch
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.cpu_attention import write_kv
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.kv.allocator import BlockAllocator
+from piggyback_runtime.kv.allocator import BlockAllocator, flat_slot
 from piggyback_runtime.kv.cache import kv_block_bytes
 from piggyback_runtime.model.arch import ModelArch
 from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_per_worker
@@ -144,7 +144,7 @@ class PiggybackPath:
             for offset in range(count):
                 position = start + offset
                 rows.append(row + offset)
-                slots.append(blocks[position // self.block_size] * self.block_size + position % self.block_size)
+                slots.append(flat_slot(blocks, position, self.block_size))
         if not rows:
             return None
         return PrefillTargets(torch.tensor(rows, device=self.device), torch.tensor(slots))

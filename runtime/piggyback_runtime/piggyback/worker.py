@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from piggyback_runtime.attention.cpu_attention import head_major
+from piggyback_runtime.kv.allocator import flat_slot
 
 
 @dataclass
@@ -110,7 +111,7 @@ def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_thre
                     key_cache, value_cache = buffers.key_cache[layer], buffers.value_cache[layer]
                     # The newest token's k/v go into the host cache first, then every row attends over it.
                     slot_mapping = torch.tensor(
-                        [tables[i][p // block_size] * block_size + p % block_size for i, p in enumerate(positions)],
+                        [flat_slot(table, p, block_size) for table, p in zip(tables, positions, strict=True)],
                         dtype=torch.long,
                     )
                     write_kv(key_cache, value_cache, slot_mapping, buffers.k_in[slots], buffers.v_in[slots])
