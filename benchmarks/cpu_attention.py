@@ -143,16 +143,15 @@ class Cycle:
 
 def dense_for_sdpa(query, key_cache, value_cache, tables, lens) -> tuple[torch.Tensor, ...]:
     """Gather pages into padded [batch, kv_heads, max_len, d] tensors plus a key-padding mask."""
-    batch, block_size = query.shape[0], key_cache.shape[1]
+    batch = query.shape[0]
     max_len = int(lens.max())
     k = torch.zeros(batch, KV_HEADS, max_len, HEAD_DIM, dtype=key_cache.dtype)
     v = torch.zeros_like(k)
     mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool)
     for s in range(batch):
         n = int(lens[s])
-        pages = tables[s, : -(-n // block_size)].long()
-        k[s, :, :n] = key_cache[pages].reshape(-1, KV_HEADS, HEAD_DIM)[:n].transpose(0, 1)
-        v[s, :, :n] = value_cache[pages].reshape(-1, KV_HEADS, HEAD_DIM)[:n].transpose(0, 1)
+        k[s, :, :n] = ca.gather_pages(key_cache, tables[s], n).transpose(0, 1)
+        v[s, :, :n] = ca.gather_pages(value_cache, tables[s], n).transpose(0, 1)
         mask[s, ..., :n] = True
     return query.to(key_cache.dtype).unsqueeze(2), k, v, mask
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "gather_pages",
     "head_major",
     "kernel_name",
     "native_available",
@@ -203,6 +204,13 @@ def write_kv(
     value_cache[blocks, offsets] = value.to(value_cache.dtype)
 
 
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence in a paged cache, copied out as [length, kv_heads, head_dim]."""
+    block_size, kv_heads, head_dim = cache.shape[1:]
+    blocks = block_table[: -(-length // block_size)].to(torch.int64)
+    return cache.index_select(0, blocks).reshape(-1, kv_heads, head_dim)[:length]
+
+
 def paged_decode_attention_torch(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -214,16 +222,15 @@ def paged_decode_attention_torch(
 ) -> torch.Tensor:
     """Pure-torch reference and fallback: gather each request's pages, softmax(q K^T * scale) V in fp32."""
     num_seqs, hq, d = query.shape
-    _, bs, hkv, _ = key_cache.shape
+    hkv = key_cache.shape[2]
     g = hq // hkv
     if out is None:
         out = torch.empty(num_seqs, hq, d, dtype=torch.float32)
     lens = context_lens.tolist()
     for s in range(num_seqs):
         n = int(lens[s])
-        blocks = block_tables[s, : (n + bs - 1) // bs].to(torch.int64)
-        k = key_cache.index_select(0, blocks).reshape(-1, hkv, d)[:n].float()  # [n, hkv, d]
-        v = value_cache.index_select(0, blocks).reshape(-1, hkv, d)[:n].float()
+        k = gather_pages(key_cache, block_tables[s], n).float()  # [n, hkv, d]
+        v = gather_pages(value_cache, block_tables[s], n).float()
         q = query[s].float().view(hkv, g, d)
         scores = torch.einsum("hgd,nhd->hgn", q, k) * scale
         probs = torch.softmax(scores, dim=-1)
