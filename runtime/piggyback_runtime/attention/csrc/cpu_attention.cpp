@@ -11,12 +11,15 @@
 //     head-major inside each block ([blocks, kv_heads, block_size, head_dim] storage seen as
 //     [blocks, block_size, kv_heads, head_dim]): one kv head's slice of a block is then one contiguous
 //     run instead of block_size rows a token apart (measured ~10% more bandwidth than token-major).
-//   * A task walks its range in tiles of 2W tokens (W = SIMD width: 16 for AVX-512, 8 for AVX2). All
-//     q heads that share a kv head (GQA group) are processed together, so each K/V row slice is read
-//     from DRAM once and reused from registers/L1 for the other heads.
-//   * The paged layout scatters tiles over DRAM, which defeats the hardware prefetchers: the next
-//     tile's lines are software-prefetched into L2, a few per inner-loop step, so the misses overlap
-//     the arithmetic instead of arriving in one burst.
+//   * A task computes tiles of 2W tokens (W = SIMD width: 16 for AVX-512, 8 for AVX2) of one kv head at a
+//     time. All q heads that share a kv head (GQA group) are processed together, so each K/V row slice
+//     is read from DRAM once and reused from registers/L1 for the other heads.
+//   * The task walks its tokens in chunks of one block: inside a chunk kv head by kv head, tile by
+//     tile, so K and V of a block are each read front to back (8-13% more bandwidth than all heads of
+//     one tile, then the next tile, which jumped back and forth inside the block).
+//   * The paged layout scatters blocks over DRAM, and the hardware prefetchers alone reach half the
+//     bandwidth (measured): the next tile slice's lines are software-prefetched, a few per inner-loop
+//     step, so the misses overlap the arithmetic instead of arriving in one burst.
 //   * q.K dot products keep one vector accumulator per (token, head) and reduce W of them into one
 //     vector of W scores with a shuffle tree (about 3 shuffle/add ops per score instead of a full
 //     horizontal sum each).
@@ -246,6 +249,8 @@ constexpr int W = Isa::W;
 // 16-bit KV, where the kernel is compute-bound.
 constexpr int kSub = 2;
 constexpr int TW = kSub * W;
+// A task is walked in chunks of up to one block's worth of tiles (see run_task); this bounds a chunk.
+constexpr int kMaxChunkTiles = 8;
 
 struct Params {
   const float* q;  // [S, Hq, D], scale not applied
@@ -260,8 +265,8 @@ struct Params {
 };
 
 // One work item: kv heads [kvh0, kvh1) of tokens [t0, t1) of one sequence. Taking all kv heads of a
-// token range by default makes each task read whole token rows (contiguous across heads), which the
-// hardware prefetchers stream well; heads are split only when there are too few sequences.
+// token range by default makes each task read whole blocks front to back (head-major cache); heads are
+// split only when there are too few sequences.
 struct Task {
   int32_t seq, kvh0, kvh1, t0, t1;
   int64_t part;  // partial-state slot (sequence split index), -1 when t0..t1 is the whole sequence
@@ -276,9 +281,9 @@ constexpr auto kPfHint = _MM_HINT_T1;
 // Straight-line code (no inner loop) keeps the PV accumulators in registers.
 struct Prefetcher {
   // Row slices walked by a cursor, one line per call (no per-row division: that cost ~5%). Room for the
-  // K and V rows of two tile slices (a task's first tile queues two, see run_task).
-  const char* start[4 * TW];
-  int64_t len[4 * TW];
+  // K and V rows of one tile slice.
+  const char* start[2 * TW];
+  int64_t len[2 * TW];
   int nruns = 0, r = 0;
   int64_t off = 0;
   void clear() { nruns = r = 0, off = 0; }
@@ -548,8 +553,6 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   const int64_t head_step = P.head_stride * esize;  // from one kv head's row slice to the next
   const int64_t head_bytes = D * esize;
   int64_t blk = task.t0 / P.block_size, off = task.t0 % P.block_size;
-  int64_t tok[TW], next[TW];  // byte offsets of this tile's and the next tile's token rows
-  int n_next = 0;
   auto rows = [&](int64_t* dst, int count) {
     for (int i = 0; i < count; ++i) {
       dst[i] = int64_t(bt[blk]) * block_bytes + off * token_bytes;
@@ -559,21 +562,38 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
       }
     }
   };
-  constexpr int tile = TW;
-  n_next = int(std::min<int64_t>(tile, task.t1 - task.t0));
-  rows(next, n_next);
+  // The task is walked chunk by chunk (up to one block of tiles), and inside a chunk kv head by kv head,
+  // tile by tile: each head's K and V slices of a block are then read front to back, two sequential
+  // streams. The next slice in that order is software-prefetched while the current one is computed.
+  const int chunk_tiles = int(std::clamp<int64_t>(P.block_size / TW, 1, kMaxChunkTiles));
+  struct Chunk {
+    int64_t rows[kMaxChunkTiles][TW];  // byte offsets of each tile's token rows
+    int n[kMaxChunkTiles];
+    int tiles;
+  };
+  Chunk chunks[2];
+  int64_t pos = task.t0;
+  auto fill = [&](Chunk& c) {
+    c.tiles = 0;
+    for (int j = 0; j < chunk_tiles && pos < task.t1; ++j) {
+      const int n = int(std::min<int64_t>(TW, task.t1 - pos));
+      rows(c.rows[j], n);
+      c.n[j] = n;
+      pos += n;
+      ++c.tiles;
+    }
+  };
+  fill(chunks[0]);
+  fill(chunks[1]);
 
-  // Queue kv head kvh's slice of the tile whose token rows are `offs` for prefetch. K and V rows
-  // interleaved: two DRAM streams beat one after the other.
   auto queue = [&](const int64_t* offs, int count, int64_t kvh) {
     for (int i = 0; i < count; ++i) {
       S.pf.add_row(kbase + offs[i] + kvh * head_step, head_bytes);
       S.pf.add_row(vbase + offs[i] + kvh * head_step, head_bytes);
     }
   };
-  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
   S.pf.clear();
-  queue(next, n_next, task.kvh0);
+  queue(chunks[0].rows[0], chunks[0].n[0], task.kvh0);
   S.pf.flush();
 
   // q scaled into base-2 logits and laid out like the widened K.
@@ -595,31 +615,34 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   std::fill(S.m.begin() + hq0, S.m.begin() + hq1, -std::numeric_limits<float>::infinity());
   std::fill(S.lv.begin() + hq0 * W, S.lv.begin() + hq1 * W, 0.f);
 
-  for (int64_t t0 = task.t0; t0 < task.t1; t0 += tile) {
-    const int n = n_next;
-    for (int i = 0; i < tile; ++i) tok[i] = next[std::min(i, n - 1)];  // padding lanes are masked out
-    n_next = int(std::min<int64_t>(tile, std::max<int64_t>(0, task.t1 - t0 - tile)));
-    rows(next, n_next);
+  for (int cur = 0; chunks[cur].tiles > 0; cur ^= 1, fill(chunks[cur ^ 1])) {
+    const Chunk& c = chunks[cur];
+    const Chunk& nc = chunks[cur ^ 1];
     for (int64_t kvh = task.kvh0; kvh < task.kvh1; ++kvh) {
-      // While this head's slice of the tile is computed, pull the same slice of the next tile
-      // (one tile ahead: about Hkv head groups of compute to hide DRAM latency). In the task's first
-      // tile nobody prefetched the other heads' slices: the next head's goes first (+2-5% on single
-      // requests, whose tasks are short).
-      S.pf.clear();
-      if (t0 == task.t0 && kvh + 1 < task.kvh1) queue(tok, n, kvh + 1);
-      queue(next, n_next, kvh);
-      for (int i = 0; i < tile; ++i) {
-        S.k_rows[i] = kbase + tok[i] + kvh * head_step;
-        S.v_rows[i] = vbase + tok[i] + kvh * head_step;
+      for (int j = 0; j < c.tiles; ++j) {
+        const int n = c.n[j];
+        S.pf.clear();
+        if (j + 1 < c.tiles) {
+          queue(c.rows[j + 1], c.n[j + 1], kvh);
+        } else if (kvh + 1 < task.kvh1) {
+          queue(c.rows[0], c.n[0], kvh + 1);
+        } else if (nc.tiles > 0) {
+          queue(nc.rows[0], nc.n[0], task.kvh0);
+        }
+        for (int i = 0; i < TW; ++i) {
+          const int64_t o = c.rows[j][std::min(i, n - 1)] + kvh * head_step;  // padding lanes are masked out
+          S.k_rows[i] = kbase + o;
+          S.v_rows[i] = vbase + o;
+        }
+        const int64_t g_end = (kvh + 1) * G;
+        int64_t g0 = kvh * G;
+        for (; g0 + Isa::GT <= g_end; g0 += Isa::GT) tile_group<T, Isa::GT>(P, S, g0, n);
+        if constexpr (Isa::GT > 2) {
+          for (; g0 + 2 <= g_end; g0 += 2) tile_group<T, 2>(P, S, g0, n);
+        }
+        for (; g0 < g_end; ++g0) tile_group<T, 1>(P, S, g0, n);
+        S.pf.flush();
       }
-      const int64_t g_end = (kvh + 1) * G;
-      int64_t g0 = kvh * G;
-      for (; g0 + Isa::GT <= g_end; g0 += Isa::GT) tile_group<T, Isa::GT>(P, S, g0, n);
-      if constexpr (Isa::GT > 2) {
-        for (; g0 + 2 <= g_end; g0 += 2) tile_group<T, 2>(P, S, g0, n);
-      }
-      for (; g0 < g_end; ++g0) tile_group<T, 1>(P, S, g0, n);
-      S.pf.flush();
     }
   }
 
