@@ -17,9 +17,9 @@
 //   * The task walks its tokens in chunks of one block: inside a chunk kv head by kv head, tile by
 //     tile, so K and V of a block are each read front to back (8-13% more bandwidth than all heads of
 //     one tile, then the next tile, which jumped back and forth inside the block).
-//   * The paged layout scatters blocks over DRAM, and the hardware prefetchers alone reach half the
-//     bandwidth (measured): the next tile slice's lines are software-prefetched, a few per inner-loop
-//     step, so the misses overlap the arithmetic instead of arriving in one burst.
+//   * The paged layout scatters blocks over DRAM, and the hardware prefetchers alone reach a quarter to
+//     half the bandwidth (measured): the next tile slice's lines are software-prefetched, a few per
+//     inner-loop step, so the misses overlap the arithmetic instead of arriving in one burst.
 //   * q.K dot products keep one vector accumulator per (token, head) and reduce W of them into one
 //     vector of W scores with a shuffle tree (about 3 shuffle/add ops per score instead of a full
 //     horizontal sum each).
