@@ -586,12 +586,15 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
   fill(chunks[0]);
   fill(chunks[1]);
 
+  // Queue kv head kvh's slice of the tile whose token rows are `offs` for prefetch. K and V rows
+  // interleaved: two DRAM streams beat one after the other.
   auto queue = [&](const int64_t* offs, int count, int64_t kvh) {
     for (int i = 0; i < count; ++i) {
       S.pf.add_row(kbase + offs[i] + kvh * head_step, head_bytes);
       S.pf.add_row(vbase + offs[i] + kvh * head_step, head_bytes);
     }
   };
+  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
   S.pf.clear();
   queue(chunks[0].rows[0], chunks[0].n[0], task.kvh0);
   S.pf.flush();
