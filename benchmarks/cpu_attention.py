@@ -116,14 +116,12 @@ def make_point(
         for s, n in enumerate(per_seq):
             tables[c, s, :n] = order[start : start + n]
             start += n
-    if layout == "head-major":
-        shape = (num_blocks, KV_HEADS, block_size, HEAD_DIM)
-        key_cache = ca.head_major(torch.randn(shape, generator=gen).to(dtype))
-        value_cache = ca.head_major(torch.randn(shape, generator=gen).to(dtype))
-    else:
-        shape = (num_blocks, block_size, KV_HEADS, HEAD_DIM)
-        key_cache = torch.randn(shape, generator=gen).to(dtype)
-        value_cache = torch.randn(shape, generator=gen).to(dtype)
+    # Head-major storage is [blocks, kv_heads, block_size, head_dim] behind the usual view (ca.head_major).
+    head_major = layout == "head-major"
+    shape = (num_blocks, KV_HEADS, block_size, HEAD_DIM) if head_major else (num_blocks, block_size, KV_HEADS, HEAD_DIM)
+    key_cache, value_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    if head_major:
+        key_cache, value_cache = ca.head_major(key_cache), ca.head_major(value_cache)
     query = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen)
     if not q_fp32:
         query = query.to(dtype).float()

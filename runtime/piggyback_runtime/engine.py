@@ -157,15 +157,16 @@ class Engine:
                 f"{prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{request.params.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
             )
+        host_path = self._on_host_path(request)
         # A request on the host path holds accelerator KV only while it prefills; its outputs live in host KV.
-        on_accelerator = prompt_len if self._on_host_path(request) else prompt_len + request.params.max_tokens
+        on_accelerator = prompt_len if host_path else prompt_len + request.params.max_tokens
         needed = self.allocator.blocks_for_tokens(on_accelerator)
         if needed > self.allocator.num_blocks:
             raise RequestError(
                 f"the request needs {needed} KV blocks but this runtime's cache holds {self.allocator.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
             )
-        if self._on_host_path(request):
+        if host_path:
             assert self.piggyback is not None
             host_tokens = self.piggyback.capacity_tokens()
             if prompt_len + request.params.max_tokens > host_tokens:
@@ -195,13 +196,12 @@ class Engine:
             )  # fmt: skip
             if not decision.admitted:
                 self._reject(request, decision.reason, decision.message, decision.retry_after_s)
-        if self._on_host_path(request):
-            assert self.piggyback is not None
-            if len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
-                self._reject(request, "BEQueueFull", f"{len(self.host_kv_waiting)} requests already wait for host KV "
-                             "memory (slo_control.max_be_queue); retry later", retry_after_s=5.0)  # fmt: skip
+        host_path = self._on_host_path(request)
+        if host_path and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
+            self._reject(request, "BEQueueFull", f"{len(self.host_kv_waiting)} requests already wait for host KV "
+                         "memory (slo_control.max_be_queue); retry later", retry_after_s=5.0)  # fmt: skip
         self.requests[request.request_id] = request
-        if self._on_host_path(request):
+        if host_path:
             self.host_kv_waiting.append(request)
             self._admit_be()
         else:
