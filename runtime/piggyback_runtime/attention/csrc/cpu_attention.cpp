@@ -29,10 +29,11 @@
 //     elements) or one AND (odd elements) per 32-bit lane. The bf16 trick de-interleaves each group
 //     of 2W elements, so q is stored in the same permuted order and the output is un-permuted once
 //     per task.
-//   * bf16 KV with a q that is exactly bf16 (what a bf16 model produces) computes q.K with AVX512-BF16
-//     dot products: the products of two bf16 numbers are exact in fp32 and the sums are fp32, so the
-//     result is as exact as the widen + FMA path, with half the instructions. Checked per call; a q
-//     that is not exactly bf16 takes the widening path.
+//   * bf16 KV with a q that is exactly bf16 (what a bf16 model produces) uses AVX512-BF16 dot products,
+//     two multiply-adds per fp32 lane, half the instructions of widen + FMA. q.K stays exact (the product
+//     of two bf16 numbers is exact in fp32, the sums are fp32). P.V rounds each probability to bf16, as
+//     GPU flash attention rounds P before its P.V matmul, and accumulates in fp32. Checked per call; a q
+//     that is not exactly bf16 takes the widening path, exact like fp32.
 //   * The op runs with the GIL released (torch.ops calls drop it) on a persistent worker team that
 //     spins briefly between calls (see Team): waking sleeping OpenMP threads cost tens of
 //     microseconds per call, which left the second core idle on small batches. A concurrent second
@@ -73,7 +74,7 @@
 
 namespace pb {
 
-// BF16DP: bf16 KV and a q that is exactly bf16 (a bf16 model's q): q.K with AVX512-BF16 dot products.
+// BF16DP: bf16 KV and a q that is exactly bf16 (a bf16 model's q): q.K and P.V with AVX512-BF16 dot products.
 enum class Kv { F32, F16, BF16, BF16DP };
 constexpr bool is_bf16(Kv t) { return t == Kv::BF16 || t == Kv::BF16DP; }
 #if defined(__AVX512BF16__) && !defined(PB_FORCE_AVX2)
@@ -335,6 +336,7 @@ struct Scratch {
   Prefetcher pf;
   Buf qb, acc, m, lv, p;  // indexed by q head; lv: W partial sums of l per head
   Buf qh;                 // BF16DP: q as bf16 pairs (hq * d / 2 floats' worth)
+  Buf pbf;                // BF16DP: p as bf16, token pairs in one 32-bit word (hq * TW / 2)
   const char* k_rows[TW];
   const char* v_rows[TW];
   // Sizes only grow; run_task initializes every element it reads.
@@ -348,6 +350,7 @@ struct Scratch {
       m.resize(hq);
       lv.resize(hq * W);
       p.resize(hq * TW);
+      pbf.resize(hq * TW / 2);
     }
   }
 };
@@ -355,9 +358,13 @@ struct Scratch {
 // Position of logical element e (within a head row) in the register layout of T.
 template <Kv T>
 inline int64_t lane_pos(int64_t e) {
-  if constexpr (is_bf16(T)) {
-    const int64_t grp = e / (2 * W), r = e % (2 * W);
-    return grp * 2 * W + (r % 2) * W + r / 2;
+  const int64_t grp = e / (2 * W), r = e % (2 * W);
+  if constexpr (T == Kv::BF16DP) {
+    // P.V with dot products interleaves two tokens' rows 16 bits at a time, per 128-bit lane (see
+    // tile_pv_piece): lane 4k + i of a group's first vector holds element 8k + i, of its second 8k + 4 + i.
+    return grp * 2 * W + (r % 8 / 4) * W + (r / 8) * 4 + r % 4;
+  } else if constexpr (T == Kv::BF16) {
+    return grp * 2 * W + (r % 2) * W + r / 2;  // widened: even elements, then odd elements
   } else {
     return e;
   }
@@ -370,16 +377,21 @@ inline void relayout(const float* src, float* dst, int64_t D, float mul) {
     for (int64_t e = 0; e < D; ++e) dst[e] = src[e] * mul;
   } else {
 #if defined(__AVX512F__) && !defined(PB_FORCE_AVX2)
-    // Groups of 32: lanes hold even elements then odd elements.
-    const __m512i lo = kToLanes ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-                                : _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi = kToLanes ? _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
-                                : _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    // The permutation repeats every 2W = 32 elements: one two-source lane permute per output vector.
+    alignas(64) int32_t idx[2 * W];
+    for (int e = 0; e < 2 * W; ++e) {
+      if constexpr (kToLanes) {
+        idx[lane_pos<T>(e)] = e;
+      } else {
+        idx[e] = int32_t(lane_pos<T>(e));
+      }
+    }
+    const __m512i lo = _mm512_load_si512(idx), hi = _mm512_load_si512(idx + W);
     const __m512 m = _mm512_set1_ps(mul);
-    for (int64_t e = 0; e < D; e += 32) {
-      const __m512 a = _mm512_loadu_ps(src + e), b = _mm512_loadu_ps(src + e + 16);
+    for (int64_t e = 0; e < D; e += 2 * W) {
+      const __m512 a = _mm512_loadu_ps(src + e), b = _mm512_loadu_ps(src + e + W);
       _mm512_storeu_ps(dst + e, _mm512_mul_ps(_mm512_permutex2var_ps(a, lo, b), m));
-      _mm512_storeu_ps(dst + e + 16, _mm512_mul_ps(_mm512_permutex2var_ps(a, hi, b), m));
+      _mm512_storeu_ps(dst + e + W, _mm512_mul_ps(_mm512_permutex2var_ps(a, hi, b), m));
     }
 #else
     for (int64_t e = 0; e < D; ++e) {
@@ -473,6 +485,32 @@ inline void tile_pv_piece(const Params& P, Scratch& S, int64_t g0, int n, bool r
     float* src = S.acc.data() + (g0 + h) * P.d + vec0 * W;
     for (int i = 0; i < NV; ++i) acc[h][i] = rescale ? Isa::mul(Isa::load(src + i * W), a) : Isa::load(src + i * W);
   }
+#ifdef PB_HAVE_DPBF16
+  if constexpr (T == Kv::BF16DP) {
+    // Two tokens per step with dot products: interleaving their rows 16 bits at a time puts (V[t][e],
+    // V[t+1][e]) in one 32-bit lane, and one instruction adds p[t] V[t][e] + p[t+1] V[t+1][e] for 16
+    // elements, half the multiply instructions of widen + FMA. p is rounded to bf16 for it (as GPU flash
+    // attention rounds P for its P.V matmul); l sums the same rounded p, and acc stays fp32. An odd
+    // tail pairs the last token with a padding lane whose p is 0.
+    const uint32_t* pp = reinterpret_cast<const uint32_t*>(S.pbf.data()) + g0 * (TW / 2);
+    for (int t = 0; t < n; t += 2) {
+      __m512i vv[NV];
+      for (int i = 0; i < NV; i += 2) {
+        const __m512i x = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(S.v_rows[t]) + (vec0 + i) * W);
+        const __m512i y = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(S.v_rows[t + 1]) + (vec0 + i) * W);
+        vv[i] = _mm512_unpacklo_epi16(x, y);
+        vv[i + 1] = _mm512_unpackhi_epi16(x, y);
+      }
+      for (int h = 0; h < GN; ++h) {
+        const __m512i pb = _mm512_set1_epi32(int(pp[h * (TW / 2) + t / 2]));
+        for (int i = 0; i < NV; ++i) acc[h][i] = _mm512_dpbf16_ps(acc[h][i], (__m512bh)vv[i], (__m512bh)pb);
+      }
+      S.pf.step<2 * PfPerPvStep<T>()>();
+      for (int h = 0; h < GN; ++h)
+        for (int i = 0; i < NV; ++i) asm("" : "+v"(acc[h][i]));
+    }
+  } else
+#endif
   for (int t = 0; t < n; ++t) {
     V vv[NV];
     for (int i = 0; i < NV; i += 2) Isa::load2<T>(S.v_rows[t], (vec0 + i) * W, vv[i], vv[i + 1]);
@@ -527,7 +565,16 @@ __attribute__((noinline)) void tile_group(const Params& P, Scratch& S, int64_t g
       rescale = true;
     }
     for (int hf = 0; hf < kSub; ++hf) {
-      const V p = Isa::keep_first(Isa::exp2(Isa::sub(s[hf], Isa::set1(m))), valid[hf], 0.f);
+      V p = Isa::keep_first(Isa::exp2(Isa::sub(s[hf], Isa::set1(m))), valid[hf], 0.f);
+#ifdef PB_HAVE_DPBF16
+      if constexpr (T == Kv::BF16DP) {
+        const __m256i pb = (__m256i)_mm512_cvtneps_pbh(p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(S.pbf.data()) + (g0 + h) * TW + hf * W), pb);
+        p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16));  // what P.V multiplies by
+        lv = Isa::add(lv, p);
+        continue;
+      }
+#endif
       lv = Isa::add(lv, p);
       Isa::store(S.p.data() + (g0 + h) * TW + hf * W, p);
     }
@@ -779,7 +826,8 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   Kv kt = kv_type(key_cache);
 #ifdef PB_HAVE_DPBF16
   if (kt == Kv::BF16) {
-    // A bf16 model's q is exactly bf16: then q.K can use bf16 dot products without losing anything.
+    // A bf16 model's q is exactly bf16: then q.K can use bf16 dot products without losing anything (and
+    // P.V rounds p to bf16 for them).
     const uint32_t* qbits = reinterpret_cast<const uint32_t*>(query.data_ptr<float>());
     uint32_t low = 0;
     for (int64_t i = 0, n = query.numel(); i < n; ++i) low |= qbits[i] & 0xFFFFu;
