@@ -19,7 +19,8 @@
 //     one tile, then the next tile, which jumped back and forth inside the block).
 //   * The paged layout scatters blocks over DRAM, and the hardware prefetchers alone reach a quarter to
 //     half the bandwidth (measured): the next tile slice's lines are software-prefetched, a few per
-//     inner-loop step, so the misses overlap the arithmetic instead of arriving in one burst.
+//     inner-loop step, so the misses overlap the arithmetic instead of arriving in one burst. A thread
+//     claims its next task one ahead, so a task's last slice prefetches the next task's first (+1-4%).
 //   * q.K dot products keep one vector accumulator per (token, head) and reduce W of them into one
 //     vector of W scores with a shuffle tree (about 3 shuffle/add ops per score instead of a full
 //     horizontal sum each).
@@ -339,6 +340,7 @@ struct Scratch {
   Buf pbf;                // BF16DP: p as bf16, token pairs in one 32-bit word (hq * TW / 2)
   const char* k_rows[TW];
   const char* v_rows[TW];
+  bool first_prefetched = false;  // the previous task prefetched this task's first slice
   // Sizes only grow; run_task initializes every element it reads.
   void init(int64_t hq, int64_t d) {
     if (qb.size() < size_t(hq * d)) {
@@ -589,7 +591,7 @@ __attribute__((noinline)) void tile_group(const Params& P, Scratch& S, int64_t g
 }
 
 template <Kv T>
-void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, float* part_ml) {
+void run_task(const Params& P, Scratch& S, const Task& task, const Task* next_task, float* part_acc, float* part_ml) {
   const int64_t G = P.g, D = P.d;
   const int64_t esize = T == Kv::F32 ? 4 : 2;
   const int64_t hq0 = int64_t(task.kvh0) * G, hq1 = int64_t(task.kvh1) * G;
@@ -641,10 +643,14 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
       S.pf.add_row(vbase + offs[i] + kvh * head_step, head_bytes);
     }
   };
-  // Nobody prefetched this task's first slice: request it now, so that it streams in while q is laid out.
-  S.pf.clear();
-  queue(chunks[0].rows[0], chunks[0].n[0], task.kvh0);
-  S.pf.flush();
+  // Unless the thread's previous task prefetched this task's first slice (see the walk below), request it
+  // now, so that it streams in while q is laid out.
+  if (!S.first_prefetched) {
+    S.pf.clear();
+    queue(chunks[0].rows[0], chunks[0].n[0], task.kvh0);
+    S.pf.flush();
+  }
+  S.first_prefetched = false;
 
   // q scaled into base-2 logits and laid out like the widened K.
   for (int64_t h = hq0; h < hq1; ++h) {
@@ -678,6 +684,18 @@ void run_task(const Params& P, Scratch& S, const Task& task, float* part_acc, fl
           queue(c.rows[0], c.n[0], kvh + 1);
         } else if (nc.tiles > 0) {
           queue(nc.rows[0], nc.n[0], task.kvh0);
+        } else if (next_task != nullptr) {
+          // The thread's next task: its first slice streams in during this task's last one.
+          const Task& nt = *next_task;
+          const int32_t* nbt = P.bt + int64_t(nt.seq) * P.bt_stride;
+          const int cnt = int(std::min<int64_t>(TW, nt.t1 - nt.t0));
+          int64_t offs[TW];
+          for (int i = 0; i < cnt; ++i) {
+            const int64_t pos = nt.t0 + i;
+            offs[i] = int64_t(nbt[pos / P.block_size]) * block_bytes + (pos % P.block_size) * token_bytes;
+          }
+          queue(offs, cnt, nt.kvh0);
+          S.first_prefetched = true;
         }
         for (int i = 0; i < TW; ++i) {
           const int64_t o = c.rows[j][std::min(i, n - 1)] + kvh * head_step;  // padding lanes are masked out
@@ -852,8 +870,8 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   const int nt = int(std::max<int64_t>(1, num_threads > 0 ? num_threads : omp_get_max_threads()));
 
   // About 4 tasks per thread so the dynamic schedule balances unequal lengths, but none under 1024
-  // token-heads: each task starts with a tile nobody prefetched, which dominates small tasks (1 x 512
-  // tokens streamed ~5% faster in 4 tasks than in 8). Below 4 x 2048 token-heads per thread, a task takes
+  // token-heads: per-task costs dominate small tasks (1 x 512 tokens streamed ~5% faster in 4 tasks than
+  // in 8, when every task still started with a slice nobody prefetched). Below 4 x 2048 token-heads per thread, a task takes
   // a thread's whole share up to 2048 (one 512-token request on 2 threads: 6-13% faster in 2 tasks than
   // in 4). A sequence larger than one task is split into token ranges first (contiguous reads, merged by
   // log-sum-exp), but not below 256 tokens; past that its kv heads are split as well.
@@ -910,23 +928,28 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   auto worker = [&](int) {
     Scratch scratch;
     scratch.init(HQ, D);
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
+    // Each thread claims its next task one ahead, so the current task can prefetch that task's first slice.
+    int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+    while (i < ntasks) {
+      const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+      const Task* following = j < ntasks ? &tasks[j] : nullptr;
       switch (kt) {
         case Kv::F32:
-          run_task<Kv::F32>(P, scratch, tasks[i], part_acc.data(), part_ml.data());
+          run_task<Kv::F32>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
           break;
         case Kv::F16:
-          run_task<Kv::F16>(P, scratch, tasks[i], part_acc.data(), part_ml.data());
+          run_task<Kv::F16>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
           break;
         case Kv::BF16:
-          run_task<Kv::BF16>(P, scratch, tasks[i], part_acc.data(), part_ml.data());
+          run_task<Kv::BF16>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
           break;
         case Kv::BF16DP:  // only chosen where the ISA has it
 #ifdef PB_HAVE_DPBF16
-          run_task<Kv::BF16DP>(P, scratch, tasks[i], part_acc.data(), part_ml.data());
+          run_task<Kv::BF16DP>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
 #endif
           break;
       }
+      i = j;
     }
   };
   const int workers = int(std::min<int64_t>(nt, ntasks));
