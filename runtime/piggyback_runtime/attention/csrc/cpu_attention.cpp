@@ -19,8 +19,8 @@
 //     one tile, then the next tile, which jumped back and forth inside the block).
 //   * The paged layout scatters blocks over DRAM, and the hardware prefetchers alone reach a quarter to
 //     half the bandwidth (measured): the next tile slice's lines are software-prefetched, a few per
-//     inner-loop step, so the misses overlap the arithmetic instead of arriving in one burst. A thread
-//     claims its next task one ahead, so a task's last slice prefetches the next task's first (+1-4%).
+//     inner-loop step, so the misses overlap the arithmetic instead of arriving in one burst. A task's
+//     last slice prefetches the first slice of the task the thread will probably claim next (+1-4%).
 //   * q.K dot products keep one vector accumulator per (token, head) and reduce W of them into one
 //     vector of W scores with a shuffle tree (about 3 shuffle/add ops per score instead of a full
 //     horizontal sum each).
@@ -274,6 +274,19 @@ struct Task {
   int64_t part;  // partial-state slot (sequence split index), -1 when t0..t1 is the whole sequence
 };
 
+// The dynamic schedule: threads claim tasks in order from a shared counter.
+struct Schedule {
+  const Task* tasks;
+  int64_t n;
+  std::atomic<int64_t> next{0};
+  int64_t claim() { return next.fetch_add(1, std::memory_order_relaxed); }
+  // The task the next claim would get (another thread may take it first), or -1 when none is left.
+  int64_t peek() const {
+    const int64_t j = next.load(std::memory_order_relaxed);
+    return j < n ? j : -1;
+  }
+};
+
 // Prefetch into L2 (T1): T0 ties up the few L1 miss buffers and stalls the core.
 constexpr auto kPfHint = _MM_HINT_T1;
 
@@ -340,7 +353,7 @@ struct Scratch {
   Buf pbf;                // BF16DP: p as bf16, token pairs in one 32-bit word (hq * TW / 2)
   const char* k_rows[TW];
   const char* v_rows[TW];
-  bool first_prefetched = false;  // the previous task prefetched this task's first slice
+  int64_t prefetched_task = -1;  // the task whose first slice this thread's previous task prefetched
   // Sizes only grow; run_task initializes every element it reads.
   void init(int64_t hq, int64_t d) {
     if (qb.size() < size_t(hq * d)) {
@@ -591,7 +604,8 @@ __attribute__((noinline)) void tile_group(const Params& P, Scratch& S, int64_t g
 }
 
 template <Kv T>
-void run_task(const Params& P, Scratch& S, const Task& task, const Task* next_task, float* part_acc, float* part_ml) {
+void run_task(const Params& P, Scratch& S, const Schedule& sched, int64_t index, float* part_acc, float* part_ml) {
+  const Task& task = sched.tasks[index];
   const int64_t G = P.g, D = P.d;
   const int64_t esize = T == Kv::F32 ? 4 : 2;
   const int64_t hq0 = int64_t(task.kvh0) * G, hq1 = int64_t(task.kvh1) * G;
@@ -645,12 +659,11 @@ void run_task(const Params& P, Scratch& S, const Task& task, const Task* next_ta
   };
   // Unless the thread's previous task prefetched this task's first slice (see the walk below), request it
   // now, so that it streams in while q is laid out.
-  if (!S.first_prefetched) {
+  if (index != S.prefetched_task) {
     S.pf.clear();
     queue(chunks[0].rows[0], chunks[0].n[0], task.kvh0);
     S.pf.flush();
   }
-  S.first_prefetched = false;
 
   // q scaled into base-2 logits and laid out like the widened K.
   for (int64_t h = hq0; h < hq1; ++h) {
@@ -684,9 +697,10 @@ void run_task(const Params& P, Scratch& S, const Task& task, const Task* next_ta
           queue(c.rows[0], c.n[0], kvh + 1);
         } else if (nc.tiles > 0) {
           queue(nc.rows[0], nc.n[0], task.kvh0);
-        } else if (next_task != nullptr) {
-          // The thread's next task: its first slice streams in during this task's last one.
-          const Task& nt = *next_task;
+        } else if (const int64_t j = sched.peek(); j >= 0) {
+          // The task this thread will probably claim next: its first slice streams in during this task's
+          // last one (wasted only if another thread claims it first).
+          const Task& nt = sched.tasks[j];
           const int32_t* nbt = P.bt + int64_t(nt.seq) * P.bt_stride;
           const int cnt = int(std::min<int64_t>(TW, nt.t1 - nt.t0));
           int64_t offs[TW];
@@ -695,7 +709,7 @@ void run_task(const Params& P, Scratch& S, const Task& task, const Task* next_ta
             offs[i] = int64_t(nbt[pos / P.block_size]) * block_bytes + (pos % P.block_size) * token_bytes;
           }
           queue(offs, cnt, nt.kvh0);
-          S.first_prefetched = true;
+          S.prefetched_task = j;
         }
         for (int i = 0; i < TW; ++i) {
           const int64_t o = c.rows[j][std::min(i, n - 1)] + kvh * head_step;  // padding lanes are masked out
@@ -924,32 +938,27 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
            float(scale * 1.4426950408889634)};
   const int64_t ntasks = int64_t(tasks.size());
 
-  std::atomic<int64_t> next{0};
+  Schedule sched{tasks.data(), ntasks};
   auto worker = [&](int) {
     Scratch scratch;
     scratch.init(HQ, D);
-    // Each thread claims its next task one ahead, so the current task can prefetch that task's first slice.
-    int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-    while (i < ntasks) {
-      const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
-      const Task* following = j < ntasks ? &tasks[j] : nullptr;
+    for (int64_t i; (i = sched.claim()) < ntasks;) {
       switch (kt) {
         case Kv::F32:
-          run_task<Kv::F32>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
+          run_task<Kv::F32>(P, scratch, sched, i, part_acc.data(), part_ml.data());
           break;
         case Kv::F16:
-          run_task<Kv::F16>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
+          run_task<Kv::F16>(P, scratch, sched, i, part_acc.data(), part_ml.data());
           break;
         case Kv::BF16:
-          run_task<Kv::BF16>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
+          run_task<Kv::BF16>(P, scratch, sched, i, part_acc.data(), part_ml.data());
           break;
         case Kv::BF16DP:  // only chosen where the ISA has it
 #ifdef PB_HAVE_DPBF16
-          run_task<Kv::BF16DP>(P, scratch, tasks[i], following, part_acc.data(), part_ml.data());
+          run_task<Kv::BF16DP>(P, scratch, sched, i, part_acc.data(), part_ml.data());
 #endif
           break;
       }
-      i = j;
     }
   };
   const int workers = int(std::min<int64_t>(nt, ntasks));
