@@ -586,12 +586,10 @@ __attribute__((noinline)) void tile_group(const Params& P, Scratch& S, int64_t g
         const __m256i pb = (__m256i)_mm512_cvtneps_pbh(p);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(S.pbf.data()) + (g0 + h) * TW + hf * W), pb);
         p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16));  // what P.V multiplies by
-        lv = Isa::add(lv, p);
-        continue;
       }
 #endif
       lv = Isa::add(lv, p);
-      Isa::store(S.p.data() + (g0 + h) * TW + hf * W, p);
+      if constexpr (T != Kv::BF16DP) Isa::store(S.p.data() + (g0 + h) * TW + hf * W, p);
     }
     Isa::store(S.lv.data() + (g0 + h) * W, lv);
   }
@@ -615,10 +613,14 @@ void run_task(const Params& P, Scratch& S, const Schedule& sched, int64_t index,
   const int64_t block_bytes = P.block_stride * esize, token_bytes = P.token_stride * esize;
   const int64_t head_step = P.head_stride * esize;  // from one kv head's row slice to the next
   const int64_t head_bytes = D * esize;
+  // Byte offset of the token at `offset` in block `index` of a block table (before the kv head's step).
+  auto row_offset = [&](const int32_t* table, int64_t index, int64_t offset) {
+    return int64_t(table[index]) * block_bytes + offset * token_bytes;
+  };
   int64_t blk = task.t0 / P.block_size, off = task.t0 % P.block_size;
   auto rows = [&](int64_t* dst, int count) {
     for (int i = 0; i < count; ++i) {
-      dst[i] = int64_t(bt[blk]) * block_bytes + off * token_bytes;
+      dst[i] = row_offset(bt, blk, off);
       if (++off == P.block_size) {
         off = 0;
         ++blk;
@@ -697,19 +699,19 @@ void run_task(const Params& P, Scratch& S, const Schedule& sched, int64_t index,
           queue(c.rows[0], c.n[0], kvh + 1);
         } else if (nc.tiles > 0) {
           queue(nc.rows[0], nc.n[0], task.kvh0);
-        } else if (const int64_t j = sched.peek(); j >= 0) {
+        } else if (const int64_t next_index = sched.peek(); next_index >= 0) {
           // The task this thread will probably claim next: its first slice streams in during this task's
           // last one (wasted only if another thread claims it first).
-          const Task& nt = sched.tasks[j];
-          const int32_t* nbt = P.bt + int64_t(nt.seq) * P.bt_stride;
-          const int cnt = int(std::min<int64_t>(TW, nt.t1 - nt.t0));
+          const Task& next_task = sched.tasks[next_index];
+          const int32_t* next_bt = P.bt + int64_t(next_task.seq) * P.bt_stride;
+          const int count = int(std::min<int64_t>(TW, next_task.t1 - next_task.t0));
           int64_t offs[TW];
-          for (int i = 0; i < cnt; ++i) {
-            const int64_t pos = nt.t0 + i;
-            offs[i] = int64_t(nbt[pos / P.block_size]) * block_bytes + (pos % P.block_size) * token_bytes;
+          for (int i = 0; i < count; ++i) {
+            const int64_t t = next_task.t0 + i;
+            offs[i] = row_offset(next_bt, t / P.block_size, t % P.block_size);
           }
-          queue(offs, cnt, nt.kvh0);
-          S.prefetched_task = j;
+          queue(offs, count, next_task.kvh0);
+          S.prefetched_task = next_index;
         }
         for (int i = 0; i < TW; ++i) {
           const int64_t o = c.rows[j][std::min(i, n - 1)] + kvh * head_step;  // padding lanes are masked out
