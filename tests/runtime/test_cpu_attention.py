@@ -137,6 +137,7 @@ def test_query_that_is_not_exactly_bf16_takes_the_widening_path_as_exact_as_floa
 def test_avx2_build_matches_reference(monkeypatch, dtype):
     # The AVX2 code path (8 lanes, 2-head register groups) is what machines without AVX-512 run.
     monkeypatch.setenv(ca.ENV_ISA, "avx2")
+    monkeypatch.setattr(ca, "_selected", None)  # the backend is chosen again from the changed environment
     assert ca.kernel_name() == "native-avx2"
     for lens, q_heads, kv_heads, head_dim in [([1, 37, 300], 8, 2, 128), ([5000], 6, 1, 64)]:
         case = make_case(lens, q_heads, kv_heads, head_dim, 16, dtype)
@@ -170,6 +171,23 @@ def test_out_parameter_is_filled_and_returned():
 
 
 @native
+def test_inputs_the_op_does_not_take_directly_are_converted_not_rejected():
+    # The lean path hands tensors straight to the op; what it rejects (int64 tables and lengths, a
+    # non-contiguous or bf16 query) is converted by the careful path and gives the same result.
+    query, k, v, tables, lens = make_case([20, 70], 8, 2, 64, 16, torch.float32)
+    expected = reference(query, k, v, tables, lens, 0.125)
+    strided_query = query.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided_query.is_contiguous()
+    got = ca.paged_decode_attention(strided_query, k, v, tables.long(), lens.long(), 0.125)
+    assert_close(got, expected)
+    bf16_query = query.to(torch.bfloat16)
+    assert_close(
+        ca.paged_decode_attention(bf16_query, k, v, tables, lens, 0.125),
+        reference(bf16_query.float(), k, v, tables, lens, 0.125),
+    )
+
+
+@native
 def test_bad_block_ids_and_lengths_raise_instead_of_reading_wild_memory():
     query, k, v, tables, lens = make_case([20], 4, 2, 64, 16, torch.float32)
     bad = tables.clone()
@@ -184,6 +202,7 @@ def test_bad_block_ids_and_lengths_raise_instead_of_reading_wild_memory():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_torch_fallback_gives_the_same_result(monkeypatch, dtype, layout):
     monkeypatch.setenv(ca.ENV_BACKEND, "torch")
+    monkeypatch.setattr(ca, "_selected", None)  # the backend is chosen again from the changed environment
     assert ca.kernel_name() == "torch"
     assert not ca.native_available()
     case = make_case([1, 45, 130], 8, 2, 128, 16, dtype, layout=layout)
@@ -192,6 +211,7 @@ def test_torch_fallback_gives_the_same_result(monkeypatch, dtype, layout):
 
 def test_unavailable_native_kernel_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(ca, "_load", lambda isa=None: None)
+    monkeypatch.setattr(ca, "_selected", None)  # the backend is chosen again from the changed environment
     monkeypatch.setattr(ca, "_warned", set())
     monkeypatch.delenv(ca.ENV_BACKEND, raising=False)
     case = make_case([12], 4, 2, 64, 16, torch.float32)

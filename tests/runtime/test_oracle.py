@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.arch import ModelLoadError
 from tests.runtime.helpers import (
@@ -56,7 +57,8 @@ def test_batch_of_prompts_matches_transformers(
     chunked: bool, decode_attention: str, llama_engine_and_reference, references, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if decode_attention == "sdpa":  # the accelerator path a GPU takes: SDPA over gathered pages
-        monkeypatch.setenv("PIGGYBACK_CPU_ATTENTION", "torch")
+        monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")
+        monkeypatch.setattr(cpu_attention, "_selected", None)  # chosen again from the changed environment
     base, _ = llama_engine_and_reference
     # Budget 16 splits the 40-token prompt into chunks and mixes prefills with decodes.
     engine = Engine(

@@ -4,7 +4,8 @@ The native kernel (``csrc/cpu_attention.cpp``, C++ with AVX2 or AVX-512, its own
 ``torch.utils.cpp_extension`` on first use into a cache directory keyed by the source, the compiler
 flags, torch's version and the CPU's instruction-set flags, so nothing is compiled at install time.
 When it cannot be built (no compiler, no AVX2/FMA/F16C) or ``PIGGYBACK_CPU_ATTENTION=torch`` is set,
-a pure-torch implementation is used instead, with a warning that names the reason.
+a pure-torch implementation is used instead, with a warning that names the reason. The environment is
+read at the first call and kept for the life of the process.
 
 The native op releases the GIL (it is called through ``torch.ops``) and runs on its own thread team,
 so a BE attention worker thread does not stall the engine loop.
@@ -137,10 +138,24 @@ def _load(isa: str | None = None) -> Any | None:
     return _native.get(isa)
 
 
+# The backend the environment selects, resolved at first use and then kept: reading os.environ costs
+# ~0.7 us per variable here, on a call that runs per layer per decode step. Code that changes
+# ENV_BACKEND or ENV_ISA later (tests) resets this to None.
+_selected: tuple[Any | None] | None = None
+
+
 def _backend() -> Any | None:
-    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
-        return None
-    return _load()
+    selected = _selected
+    if selected is None:
+        selected = _select_backend()
+    return selected[0]
+
+
+def _select_backend() -> tuple[Any | None]:
+    global _selected
+    ops = None if os.environ.get(ENV_BACKEND, "").lower() == "torch" else _load()
+    _selected = (ops,)
+    return _selected
 
 
 def _unsupported_kv(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
@@ -154,9 +169,9 @@ def _unsupported_kv(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
     """Why this call goes to the torch fallback, or None if the native kernel takes it."""
-    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
-        return f"{ENV_BACKEND}=torch"
-    if _load() is None:
+    if _backend() is None:
+        if os.environ.get(ENV_BACKEND, "").lower() == "torch":
+            return f"{ENV_BACKEND}=torch"
         return _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
     return _unsupported_kv(query, key_cache, value_cache)
 
@@ -254,25 +269,20 @@ def paged_decode_attention(
     in the cache (see `write_kv`). Accumulation is fp32 for every cache dtype.
     """
     ops = _backend()
-    if (
-        ops is not None
-        and query.dtype == torch.float32
-        and query.is_contiguous()
-        and block_tables.dtype == torch.int32
-        and block_tables.stride(-1) == 1
-        and context_lens.dtype == torch.int32
-        and context_lens.is_contiguous()
-        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
-        and _unsupported_kv(query, key_cache, value_cache) is None
-    ):
-        # The common case, kept lean (it runs per layer per decode step): the op itself checks shapes,
-        # contiguity, lengths and every block id, and raises with a message that names the argument.
+    if ops is not None:
+        # The common case, kept lean (it runs per layer per decode step): the op itself checks dtypes,
+        # shapes, strides, devices, lengths and every block id before it reads anything. Whatever it
+        # rejects takes the careful path below, which converts what it can, falls back to torch for a
+        # cache the kernel cannot read, and otherwise raises the op's own error.
         target = torch.empty(query.shape, dtype=torch.float32) if out is None else out
-        threads = num_threads if num_threads is not None else torch.get_num_threads()
-        ops.paged_decode_attention(
-            query, key_cache, value_cache, block_tables, context_lens, float(scale), target, threads
-        )
-        return target
+        try:
+            ops.paged_decode_attention(
+                query, key_cache, value_cache, block_tables, context_lens, float(scale), target,
+                torch.get_num_threads() if num_threads is None else num_threads,
+            )  # fmt: skip
+            return target
+        except RuntimeError:
+            pass
 
     if query.dim() != 3 or key_cache.dim() != 4:
         raise ValueError("query must be [seqs, q_heads, head_dim] and caches [blocks, block_size, kv_heads, head_dim]")
