@@ -7,8 +7,8 @@ When it cannot be built (no compiler, no AVX2/FMA/F16C) or ``PIGGYBACK_CPU_ATTEN
 a pure-torch implementation is used instead, with a warning that names the reason. The environment is
 read at the first call and kept for the life of the process.
 
-The native op releases the GIL (it is called through ``torch.ops``) and runs on its own thread team,
-so a BE attention worker thread does not stall the engine loop.
+The native op releases the GIL and runs on its own thread team, so a BE attention worker thread does
+not stall the engine loop.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
-_native: dict[str, Any] = {}  # isa -> torch.ops namespace
+_native: dict[str, Any] = {}  # isa -> the built extension module
 _errors: dict[str, str] = {}  # isa -> why the native build is unavailable
 _warned: set[str] = set()
 
@@ -93,11 +93,8 @@ def _build(isa: str) -> Any:
     from torch.utils import cpp_extension
 
     cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-    namespace = "piggyback_cpu"
     if isa == "avx2":
         cflags += ["-mno-avx512f", "-DPB_FORCE_AVX2"]
-        namespace = "piggyback_cpu_avx2"
-    cflags.append(f"-DPB_NS={namespace}")
     relevant = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
     key_src = "\n".join([_SOURCE.read_text(), " ".join(cflags), torch.__version__, " ".join(relevant)])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
@@ -105,17 +102,17 @@ def _build(isa: str) -> Any:
     build_dir.mkdir(parents=True, exist_ok=True)
     _ensure_ninja_on_path()
     started = time.perf_counter()
-    cpp_extension.load(
+    module = cpp_extension.load(
         name=f"piggyback_cpu_attention_{isa}_{key}",
         sources=[str(_SOURCE)],
         extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
     log.info("cpu attention kernel (%s) ready in %.1f s (%s)", isa, time.perf_counter() - started, build_dir)
-    return getattr(torch.ops, namespace)
+    return module
 
 
 def _load(isa: str | None = None) -> Any | None:
@@ -281,7 +278,7 @@ def paged_decode_attention(
                 torch.get_num_threads() if num_threads is None else num_threads,
             )  # fmt: skip
             return target
-        except RuntimeError:
+        except (RuntimeError, TypeError):  # TypeError: an argument pybind11 cannot convert as it is
             pass
 
     if query.dim() != 3 or key_cache.dim() != 4:

@@ -35,7 +35,7 @@
 //     of two bf16 numbers is exact in fp32, the sums are fp32). P.V rounds each probability to bf16, as
 //     GPU flash attention rounds P before its P.V matmul, and accumulates in fp32. Checked per call; a q
 //     that is not exactly bf16 takes the widening path, exact like fp32.
-//   * The op runs with the GIL released (torch.ops calls drop it) on a persistent worker team that
+//   * The op runs with the GIL released (see the binding at the end) on a persistent worker team that
 //     spins briefly between calls (see Team): waking sleeping OpenMP threads cost tens of
 //     microseconds per call, which left the second core idle on small batches. A concurrent second
 //     caller falls back to an OpenMP region.
@@ -44,7 +44,7 @@
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <unistd.h>
 
@@ -64,10 +64,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#ifndef PB_NS
-#define PB_NS piggyback_cpu
-#endif
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "cpu_attention.cpp needs AVX2, FMA and F16C (the Python loader falls back to torch otherwise)"
@@ -1042,12 +1038,13 @@ std::string isa_name() { return Isa::name; }
 
 }  // namespace pb
 
-#define PB_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-PB_LIBRARY(PB_NS, m) {
-  m.def(
-      "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, Tensor(a!) out, int num_threads) -> ()",
-      &pb::paged_decode_attention);
-  m.def("stream_read(Tensor buf, int num_threads) -> float", &pb::stream_read);
-  m.def("isa() -> str", &pb::isa_name);
+// A plain Python binding rather than a torch.ops registration: its dispatch costs ~1.7 us less per call
+// (measured), and the op runs per layer per decode step. The calls release the GIL.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("paged_decode_attention", &pb::paged_decode_attention, release_gil(), pybind11::arg("query"),
+        pybind11::arg("key_cache"), pybind11::arg("value_cache"), pybind11::arg("block_tables"),
+        pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("out"), pybind11::arg("num_threads"));
+  m.def("stream_read", &pb::stream_read, release_gil(), pybind11::arg("buf"), pybind11::arg("num_threads"));
+  m.def("isa", &pb::isa_name);
 }
