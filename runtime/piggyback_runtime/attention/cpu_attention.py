@@ -135,23 +135,24 @@ def _load(isa: str | None = None) -> Any | None:
     return _native.get(isa)
 
 
-# The backend the environment selects, resolved at first use and then kept: reading os.environ costs
-# ~0.7 us per variable here, on a call that runs per layer per decode step. Code that changes
-# ENV_BACKEND or ENV_ISA later (tests) resets this to None.
-_selected: tuple[Any | None] | None = None
+# The backend the environment selects, resolved at the first call and then kept: (the native module, or
+# None and why not). Reading os.environ costs ~0.7 us per variable here, on a call that runs per layer per
+# decode step. Code that changes ENV_BACKEND or ENV_ISA later (tests) resets this to None.
+_selected: tuple[Any | None, str | None] | None = None
 
 
 def _backend() -> Any | None:
-    selected = _selected
-    if selected is None:
-        selected = _select_backend()
-    return selected[0]
+    return (_selected or _select_backend())[0]
 
 
-def _select_backend() -> tuple[Any | None]:
+def _select_backend() -> tuple[Any | None, str | None]:
     global _selected
-    ops = None if os.environ.get(ENV_BACKEND, "").lower() == "torch" else _load()
-    _selected = (ops,)
+    if os.environ.get(ENV_BACKEND, "").lower() == "torch":
+        _selected = (None, f"{ENV_BACKEND}=torch")
+    else:
+        ops = _load()
+        unavailable = _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
+        _selected = (ops, None if ops is not None else unavailable)
     return _selected
 
 
@@ -166,11 +167,8 @@ def _unsupported_kv(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
     """Why this call goes to the torch fallback, or None if the native kernel takes it."""
-    if _backend() is None:
-        if os.environ.get(ENV_BACKEND, "").lower() == "torch":
-            return f"{ENV_BACKEND}=torch"
-        return _errors.get(os.environ.get(ENV_ISA, "native"), "native kernel unavailable")
-    return _unsupported_kv(query, key_cache, value_cache)
+    ops, why_not = _selected or _select_backend()
+    return why_not if ops is None else _unsupported_kv(query, key_cache, value_cache)
 
 
 def native_available() -> bool:
