@@ -164,7 +164,17 @@ class RealRuntime:
             assert time.monotonic() < deadline, f"runtime {self.name} exports no headroom after {self.requests} LS"
             time.sleep(HEADROOM_INTERVAL_S + 0.05)
             self.complete()
-        self.figures = figures
+        # That figure may predate the last request's finish; the idle runtime then recomputes it with that
+        # request in the mix at its next wake-up (at most 0.5 s apart, see AsyncEngine._run). The operator
+        # scrapes later, so keep the figures once two scrapes that far apart agree on headroom.
+        while True:
+            time.sleep(0.5 + HEADROOM_INTERVAL_S + 0.1)
+            settled = self.scrape()
+            if settled.headroom_rps == figures.headroom_rps:
+                break
+            assert time.monotonic() < deadline, f"runtime {self.name}: headroom still moving after {WAIT_S} s"
+            figures = settled
+        self.figures = settled
 
 
 @dataclass
