@@ -15,6 +15,19 @@ def pool_of(cluster: Cluster, name: str) -> str:
     return cluster.status(name).get("pool", "")
 
 
+async def admitted_pool(cluster: Cluster, *names: str) -> str:
+    """Wait until every named service is admitted, then return their one pool.
+
+    kopf admits services in either order, so waiting for one and then reading another's pool races.
+    """
+    for name in names:
+        await eventually(lambda n=name: cluster.condition(n, "Admitted").get("status") == "True",
+                         what=f"{name} admitted")
+    pools_seen = {pool_of(cluster, name) for name in names}
+    assert len(pools_seen) == 1, f"services {names} were placed in different pools: {pools_seen}"
+    return pools_seen.pop()
+
+
 def owners(obj: dict) -> set[str]:
     return {ref["name"] for ref in obj["metadata"].get("ownerReferences", [])}
 
@@ -24,9 +37,8 @@ async def test_ls_and_be_services_of_one_model_share_one_pool_owned_by_both(clus
     await cluster.create("chat", ls_spec())
     await cluster.create("batch", be_spec())
 
-    await eventually(lambda: cluster.condition("batch", "Admitted").get("status") == "True", what="batch admitted")
-    pool = pool_of(cluster, "chat")
-    assert pool == pool_of(cluster, "batch") and pool.startswith("default-")
+    pool = await admitted_pool(cluster, "chat", "batch")
+    assert pool.startswith("default-")
     deployment = await eventually(
         lambda: (d := cluster.deployment(pool)) and owners(d) == {"chat", "batch"} and d, what="pool owned by both"
     )
@@ -96,8 +108,7 @@ async def test_deleting_one_service_re_renders_the_pool_and_deleting_both_remove
     await cluster.add_gpu_node("gpu-a")
     await cluster.create("chat", ls_spec())
     await cluster.create("batch", be_spec())
-    await eventually(lambda: cluster.condition("batch", "Admitted").get("status") == "True")
-    pool = pool_of(cluster, "chat")
+    pool = await admitted_pool(cluster, "chat", "batch")
     await eventually(lambda: (d := cluster.deployment(pool)) and owners(d) == {"chat", "batch"})
 
     await cluster.delete("batch")
