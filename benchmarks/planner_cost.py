@@ -174,7 +174,7 @@ def main() -> None:
 
     from piggyback_runtime.config import ModelConfig
     from piggyback_runtime.model.loader import load_model
-    from piggyback_runtime.scheduler.profiler import load_or_profile, profile_key
+    from piggyback_runtime.profiler import load_or_profile, profile_key
 
     loaded = load_model(ModelConfig(uri="synthetic://small-llama"), "cpu")
     started = time.perf_counter()

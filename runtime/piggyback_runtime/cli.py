@@ -39,7 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from piggyback_runtime.scheduler.profiler import profile_main
+    from piggyback_runtime.profiler import profile_main
 
     return profile_main(args.profile_args)
 

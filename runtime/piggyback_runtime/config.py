@@ -16,15 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ServiceClass = Literal["LS", "BE"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-# How BE work shares the accelerator with LS work.
-# `piggyback`: BE prefill on the accelerator at low priority, BE decode attention on host CPUs against KV in
-#   host DRAM, BE rows merged into the Dense batch layer by layer (the product).
-# Baselines, same engine:
-# `priority`: BE runs entirely on the accelerator after all LS work in the same token budget.
-# `ls-only`: Sarathi-Serve-like; BE runs on the accelerator only while no LS work is waiting or running.
-# `headroom`: Llumnix-style reservation; BE runs on the accelerator within a reserved share of KV memory.
-# `neo`: NEO-like; decode attention of every request (LS and BE) on the CPU, synchronously per layer.
-SchedulingPolicy = Literal["piggyback", "priority", "ls-only", "headroom", "neo"]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
@@ -107,9 +98,21 @@ class EngineConfig(_Strict):
     # Token budget of one iteration (Sarathi-Serve chunk size): decodes + prefill chunks together.
     max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
     enable_chunked_prefill: bool = True
-    policy: SchedulingPolicy = "piggyback"
+    # How BE work shares the accelerator with LS work: a name from scheduler/policy.py (piggyback, priority,
+    # ls-only, headroom, neo), where each policy is described.
+    policy: str = "piggyback"
     # Policy `headroom`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
+
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        from piggyback_runtime.scheduler.policy import POLICIES  # the registry imports nothing from here
+
+        if policy not in POLICIES:
+            raise ValueError(f"{policy!r} is not a policy; use one of {', '.join(POLICIES)}")
+        return policy
 
 
 class PiggybackConfig(_Strict):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from piggyback_runtime.config import ServiceClass
 from piggyback_runtime.metrics import RequestTiming
@@ -15,6 +17,10 @@ FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
 FINISH_REJECTED = "rejected"  # refused at arrival (HTTP 429); never produced a token
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class Request:
 
     # The seeded request's torch.Generator (typed loosely: this module stays torch-free for the planner).
     generator: object | None = None
-    # Incremental detokenisation state (see engine.Detokenizer).
+    # Incremental detokenisation state (`append_token`).
     output_text: str = ""
     sent_text_len: int = 0
     prefix_offset: int = 0
@@ -108,6 +114,47 @@ class Request:
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    # --- output handling: detokenising, stop strings, finish reasons ---------------------------------------
+    def append_token(
+        self, token: int, tokenizer: Detokenizer, eos_token_ids: Collection[int], max_model_len: int
+    ) -> str | None:
+        """Take a sampled token; returns the finish reason if the request is done now, else None."""
+        self.output_token_ids.append(token)
+        params = self.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
+            return FINISH_STOP
+        if self._detokenize(tokenizer):
+            return FINISH_STOP
+        if len(self.output_token_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
+            return FINISH_LENGTH
+        return None
+
+    def _detokenize(self, tokenizer: Detokenizer) -> bool:
+        """Extend output_text with the newest token; True when a stop string completed (text cut before it)."""
+        ids = self.output_token_ids
+        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset])
+        full = tokenizer.decode(ids[self.prefix_offset :])
+        # A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives.
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            previous_len = len(self.output_text)
+            self.output_text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+            for stop in self.params.stop:
+                index = self.output_text.find(stop, max(0, previous_len - len(stop) + 1))
+                if index != -1:
+                    self.output_text = self.output_text[:index]
+                    return True
+        return False
+
+    def take_text(self, final: bool) -> str:
+        """The text not yet sent. While running, what could be the start of a stop string is held back, so
+        it is never streamed."""
+        holdback = 0 if final or not self.params.stop else max(len(s) for s in self.params.stop) - 1
+        end = max(self.sent_text_len, len(self.output_text) - holdback)
+        delta = self.output_text[self.sent_text_len : end]
+        self.sent_text_len = end
+        return delta
 
     def timing(self) -> RequestTiming:
         return RequestTiming(

@@ -225,7 +225,7 @@ def test_model_error_reports_mean_absolute_and_signed_percentage_error_over_a_wi
 def test_profiling_tiny_llama_fits_its_own_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from piggyback_runtime.config import ModelConfig
     from piggyback_runtime.model.loader import load_model
-    from piggyback_runtime.scheduler.profiler import fit_table, profile_latency, profile_main
+    from piggyback_runtime.profiler import fit_table, profile_latency, profile_main
 
     loaded = load_model(ModelConfig(uri="synthetic://tiny-llama"), "cpu")
     # CI cores are shared: a burst of foreign load can spoil one profile, so the best of three must fit.

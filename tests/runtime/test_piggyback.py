@@ -57,9 +57,9 @@ def _assert_idle(engine: Engine) -> None:
     pb = engine.piggyback
     assert pb is not None
     assert not engine.has_work()
-    assert pb.allocator.num_used == 0, "host KV blocks leaked"
+    assert pb.host_kv.allocator.num_used == 0, "host KV blocks leaked"
     assert not pb.residuals, "residual store entries leaked"
-    assert not pb.rows and not pb.row_by_slot and len(pb.free_slots) == len(pb.generation), "slots leaked"
+    assert not pb.rows and not pb.row_by_slot and len(pb.host_kv.free_slots) == len(pb.host_kv.generation), "slots leaked"
     assert engine.allocator.num_used == 0, "accelerator KV blocks leaked"
 
 
@@ -120,7 +120,7 @@ def test_cancelled_be_requests_free_host_kv_queue_entries_and_residuals(engine: 
             engine.step()
             if all(r.request_id in pb.rows and pb.rows[r.request_id].state == "waiting" for r in requests):
                 break
-        assert pb.residuals and pb.allocator.num_used > 0
+        assert pb.residuals and pb.host_kv.allocator.num_used > 0
         for request in requests:
             engine.abort(request.request_id)
         assert not pb.residuals

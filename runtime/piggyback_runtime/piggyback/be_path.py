@@ -25,8 +25,9 @@ import torch
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.cpu_attention import write_kv
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.kv.allocator import BlockAllocator, flat_slot
+from piggyback_runtime.kv.allocator import flat_slot
 from piggyback_runtime.kv.cache import kv_block_bytes
+from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.arch import ModelArch
 from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_per_worker
 from piggyback_runtime.piggyback.worker import SharedBuffers
@@ -59,25 +60,25 @@ class PrefillTargets:
 
 class PiggybackPath:
     def __init__(
-        self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device,
-        metrics: m.RuntimeMetrics,
+        self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device, host_kv: HostKV,
+        metrics: m.RuntimeMetrics, max_rows_per_layer: int,
     ) -> None:  # fmt: skip
+        """`host_kv` is the planner's: it reserves at admission, this path frees when a request is done."""
         pb = config.piggyback
         self.arch = arch
         self.device = device
         self.dtype = dtype
         self.metrics = metrics
-        self.block_size = pb.host_block_size  # host KV blocks (the accelerator's may differ)
+        self.host_kv = host_kv
+        self.block_size = host_kv.block_size  # host KV blocks (the accelerator's may differ)
         self.block_bytes = kv_block_bytes(arch, self.block_size, dtype)
-        num_blocks = pb.num_host_kv_blocks or max(1, int(pb.host_kv_memory_gib * 2**30) // self.block_bytes)
-        self.allocator = BlockAllocator(num_blocks, self.block_size)
-        self.max_rows_per_layer = pb.max_be_rows_per_layer
+        self.max_rows_per_layer = max_rows_per_layer
         import multiprocessing as mp
 
         self._hold = mp.get_context("spawn").RawValue("b", 1)
         self.buffers = SharedBuffers.allocate(
-            arch.num_hidden_layers, num_blocks, self.block_size, arch.num_key_value_heads, arch.num_attention_heads,
-            arch.head_dim, pb.max_be_requests, dtype, self._hold,
+            arch.num_hidden_layers, host_kv.num_blocks, self.block_size, arch.num_key_value_heads,
+            arch.num_attention_heads, arch.head_dim, host_kv.max_requests, dtype, self._hold,
         )  # fmt: skip
         threads = pb.cpu_threads_per_worker or default_threads_per_worker(pb.num_cpu_workers)
         if device.type == "cpu":
@@ -86,31 +87,14 @@ class PiggybackPath:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - threads * pb.num_cpu_workers))
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
         self.pool.wait_ready()
-        self.free_slots: list[int] = list(range(pb.max_be_requests - 1, -1, -1))
-        self.generation = [0] * pb.max_be_requests
-        self.slot_of: dict[str, int] = {}  # request id -> slot, from admission to release
         self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
         self.row_by_slot: dict[int, BERow] = {}
         self.residuals: dict[tuple[str, int], torch.Tensor] = {}  # (request id, layer) -> layer input
         self.failed: list[tuple[Request, str]] = []
-        log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads",
-                 num_blocks, num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
+        log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads", host_kv.num_blocks,
+                 host_kv.num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
 
-    # --- admission and release ---------------------------------------------------------------------
-    def capacity_tokens(self) -> int:
-        return self.allocator.num_blocks * self.block_size
-
-    def reserve(self, request: Request) -> bool:
-        """Reserve host KV for the request's whole length and a slot; False while either is exhausted."""
-        if not self.free_slots or not self.allocator.can_hold(request.request_id, self._length(request)):
-            return False
-        self.allocator.ensure(request.request_id, self._length(request))
-        self.slot_of[request.request_id] = self.free_slots.pop()
-        return True
-
-    def _length(self, request: Request) -> int:
-        return len(request.prompt_token_ids) + request.params.max_tokens
-
+    # --- release ---------------------------------------------------------------------------------------
     def release(self, request: Request) -> None:
         """Free everything the request holds on this path (deferred while a CPU task is in flight)."""
         row = self.rows.pop(request.request_id, None)
@@ -120,19 +104,13 @@ class PiggybackPath:
                 row.released = True  # the worker still writes to its slot and blocks; free when it reports
                 return
             self._free(row)
-        elif request.request_id in self.slot_of:
-            self._free_slot(request.request_id, self.slot_of[request.request_id])
+        else:
+            self.host_kv.free(request.request_id)
 
     def _free(self, row: BERow) -> None:
         self.row_by_slot.pop(row.slot, None)
         self.pool.forget(row.worker, row.slot)
-        self._free_slot(row.request.request_id, row.slot)
-
-    def _free_slot(self, request_id: str, slot: int) -> None:
-        self.allocator.free(request_id)
-        if self.slot_of.pop(request_id, None) is not None:
-            self.generation[slot] += 1
-            self.free_slots.append(slot)
+        self.host_kv.free(row.request.request_id)
 
     # --- prefill: KV to host as it is computed -------------------------------------------------------
     def prefill_targets(self, chunks: list[tuple[Request, int, int, int]]) -> PrefillTargets | None:
@@ -140,7 +118,7 @@ class PiggybackPath:
         rows: list[int] = []
         slots: list[int] = []
         for request, row, start, count in chunks:
-            blocks = self.allocator.blocks_of(request.request_id)
+            blocks = self.host_kv.blocks_of(request.request_id)
             for offset in range(count):
                 position = start + offset
                 rows.append(row + offset)
@@ -165,12 +143,12 @@ class PiggybackPath:
 
     # --- decode rows -----------------------------------------------------------------------------------
     def start_decode(self, request: Request) -> None:
-        slot = self.slot_of[request.request_id]
+        slot = self.host_kv.slot_of[request.request_id]
         worker = self.pool.least_loaded_worker()
-        row = BERow(request, slot, worker, self.generation[slot], position=request.num_tokens - 1)
+        row = BERow(request, slot, worker, self.host_kv.generation[slot], position=request.num_tokens - 1)
         self.rows[request.request_id] = row
         self.row_by_slot[slot] = row
-        self.pool.register(worker, slot, self.allocator.blocks_of(request.request_id))
+        self.pool.register(worker, slot, self.host_kv.blocks_of(request.request_id))
 
     def entering(self) -> list[BERow]:
         cap = self.max_rows_per_layer
@@ -247,7 +225,7 @@ class PiggybackPath:
                     self.failed.append((row.request, f"the CPU attention worker holding this request died "
                                                      f"(exit code {death.exit_code}); its host KV cache is lost"))
                 else:
-                    self._free_slot(row.request.request_id, row.slot)
+                    self.host_kv.free(row.request.request_id)
 
     def take_failures(self) -> list[tuple[Request, str]]:
         failed, self.failed = self.failed, []
@@ -277,8 +255,8 @@ class PiggybackPath:
 
     def update_gauges(self) -> None:
         self.metrics.cpu_attention_queue_depth.set(sum(1 for r in self.rows.values() if r.state == WAITING))
-        self.metrics.host_kv_usage.set(self.allocator.usage())
-        self.metrics.host_kv_free_bytes.set(self.allocator.num_free * self.block_bytes)
+        self.metrics.host_kv_usage.set(self.host_kv.usage())
+        self.metrics.host_kv_free_bytes.set(self.host_kv.allocator.num_free * self.block_bytes)
 
     def close(self) -> None:
         self._hold.value = 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.request import Request, RequestStatus
+from piggyback_runtime.scheduler.policy import Policy, PriorityPolicy
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class IterationPlan:
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # BE rows on the CPU path that may join each layer's Dense batch this iteration (the planner sets it).
+    be_rows_per_layer: int = 0
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -58,17 +61,17 @@ class BatchScheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
-        be_waits_for_ls: bool = False,
-        be_kv_block_limit: int | None = None,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        # Policy `ls-only`: no BE work in an iteration while any LS request is waiting or running.
-        self.be_waits_for_ls = be_waits_for_ls
-        # Policy `headroom`: BE requests together hold at most this many KV blocks (the rest is LS headroom).
-        self.be_kv_block_limit = be_kv_block_limit
+        self.policy = policy or PriorityPolicy()
+        self.clock = clock  # the simulator passes simulated time
+        # BE requests together hold at most this many KV blocks (policy `headroom`: the rest is LS headroom).
+        self.be_kv_block_limit = self.policy.be_kv_block_limit(allocator.num_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -110,7 +113,7 @@ class BatchScheduler:
         self._be_blocks = sum(len(self.allocator.blocks_of(r.request_id)) for r in self.running if not r.is_ls)
         for service_class in ("LS", "BE"):
             if service_class == "BE":
-                if self.be_waits_for_ls and any(r.is_ls for r in (*self.running, *self.waiting)):
+                if self.policy.be_waits_for(any(r.is_ls for r in (*self.running, *self.waiting))):
                     break
                 if be_prefill_limit is not None:
                     self._be_prefill_left = be_prefill_limit(plan)
@@ -141,7 +144,7 @@ class BatchScheduler:
                 self.running.append(request)
                 request.status = RequestStatus.RUNNING
                 if request.scheduled_s is None:
-                    request.scheduled_s = time.monotonic()
+                    request.scheduled_s = self.clock()
         # Preempted requests wait at the head of the queue: they were admitted before anything waiting.
         for victim in reversed(plan.preempted):
             if victim.status == RequestStatus.WAITING and victim not in self.waiting:

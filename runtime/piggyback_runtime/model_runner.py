@@ -1,0 +1,168 @@
+"""The model runner: one forward pass over an iteration plan, with BE rows merged layer by layer, then sampling.
+
+It owns what touches tensors: the model, the accelerator's paged KV cache and, when the policy decodes on
+the host, the piggyback path (host KV, CPU attention workers, the residual store). Decisions come from the
+planner; what the sampled tokens mean (detokenising, stop strings, finishing) is the engine's postprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from piggyback_runtime import metrics as m
+from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv.allocator import BlockAllocator
+from piggyback_runtime.kv.cache import PagedKVCache
+from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.model.loader import LoadedModel
+from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
+from piggyback_runtime.request import Request
+from piggyback_runtime.sampling import sample
+from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.policy import Policy
+
+
+@dataclass
+class RunResult:
+    """What one forward pass produced: a token for each request that samples, in order."""
+
+    requests: list[Request]  # the plan's sampling requests, then the BE rows that left the last layer
+    tokens: list[int]
+    done_rows: list[BERow]  # those BE rows (the tail of `requests`)
+    merged_rows: int  # BE rows merged into Dense batches, summed over layers
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self.requests)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        loaded: LoadedModel,
+        allocator: BlockAllocator,
+        policy: Policy,
+        host_kv: HostKV | None,
+        metrics: m.RuntimeMetrics,
+        rows_per_layer: int,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.arch = loaded.arch
+        self.device = loaded.device
+        self.allocator = allocator  # the planner's: block tables of the plan's requests
+        self.block_size = allocator.block_size
+        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks, self.block_size, loaded.dtype, self.device)
+        self.policy = policy
+        self.metrics = metrics
+        self.scale = 1.0 / math.sqrt(self.arch.head_dim)
+        self.piggyback: PiggybackPath | None = None
+        if policy.uses_host_path:
+            assert host_kv is not None
+            self.piggyback = PiggybackPath(config, self.arch, loaded.dtype, self.device, host_kv, metrics,
+                                           rows_per_layer)  # fmt: skip
+
+    def close(self) -> None:
+        if self.piggyback is not None:
+            self.piggyback.close()
+
+    @torch.inference_mode()
+    def run(self, plan: IterationPlan, sampling: list[Request]) -> RunResult:
+        """One forward pass: the plan's rows on the accelerator, plus BE rows merged layer by layer; then a
+        token for each of `sampling` (the plan's requests that reach their end) and each BE row done."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        be_prefills: list[tuple[Request, int, int, int]] = []
+        pb = self.piggyback
+        for chunk in plan.chunks:
+            if self.policy.on_host_path(chunk.request.service_class):
+                be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
+            token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
+            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+        blocks = self.allocator.blocks_of
+        batch = AttentionBatch.build(
+            decodes=[(blocks(c.request.request_id), c.start) for c in plan.decodes],
+            prefills=[(blocks(c.request.request_id), c.start, c.num_tokens) for c in plan.prefills],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        prefill_targets = pb.prefill_targets(be_prefills) if pb is not None else None
+        model = self.model
+        hidden = model.embed(self._tensor(token_ids))
+        cos, sin = model.rope(self._tensor(positions), hidden.dtype)
+        num_rows = len(token_ids)
+        # BE rows travelling with this pass: at layer 0 the tokens that enter the model, after layer l the
+        # rows whose layer-l CPU attention was merged into post_attention(l).
+        carry: list[BERow] = pb.entering() if pb is not None else []
+        carry_hidden = model.embed(self._tensor([r.request.output_token_ids[-1] for r in carry]))
+        merged = len(carry)
+        for index, layer in enumerate(model.layers):
+            attn = hidden.new_empty((0, self.arch.num_attention_heads, self.arch.head_dim))
+            if num_rows or carry:
+                x, row_cos, row_sin = hidden, cos, sin
+                if carry:
+                    carry_cos, carry_sin = model.rope(self._tensor([r.position for r in carry]), hidden.dtype)
+                    x = torch.cat((hidden, carry_hidden))
+                    row_cos, row_sin = torch.cat((cos, carry_cos)), torch.cat((sin, carry_sin))
+                q, k, v = layer.pre_attention(x, row_cos, row_sin)
+                if num_rows:
+                    attn = paged_attention(index, q[:num_rows], k[:num_rows], v[:num_rows], self.kv_cache, batch,
+                                           self.scale)  # fmt: skip
+                    if prefill_targets is not None:
+                        assert pb is not None
+                        pb.write_prefill_kv(index, prefill_targets, k, v)
+                if carry:
+                    assert pb is not None
+                    pb.submit(index, carry, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
+                    if self.policy.synchronous_cpu_attention:
+                        self._wait_for_cpu(carry)
+            ready = pb.ready(index) if pb is not None else []
+            if ready:
+                assert pb is not None
+                be_attn, be_residual = pb.take(index, ready)
+                attn, residual = torch.cat((attn, be_attn)), torch.cat((hidden, be_residual))
+                merged += len(ready)
+            else:
+                residual = hidden
+            if num_rows or ready:
+                out = layer.post_attention(attn, residual)
+                hidden, carry_hidden = out[:num_rows], out[num_rows:]
+            carry = ready
+        if pb is not None:
+            self.metrics.be_rows_merged.observe(merged)
+        return self._sample(plan, sampling, hidden, carry, carry_hidden, merged)
+
+    def _wait_for_cpu(self, rows: list[BERow]) -> None:
+        """Policy `neo`: block until these rows' CPU attention is back (counted: the piggyback path never does)."""
+        assert self.piggyback is not None
+        started = time.perf_counter()
+        while any(row.state == "waiting" for row in rows):
+            self.piggyback.idle_wait(0.005)
+            self.piggyback.collect()
+        self.metrics.cpu_attention_wait_seconds.inc(time.perf_counter() - started)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _sample(
+        self, plan: IterationPlan, sampling: list[Request], hidden: torch.Tensor, done_rows: list[BERow],
+        done_hidden: torch.Tensor, merged: int,
+    ) -> RunResult:  # fmt: skip
+        """Sample the plan's rows that reached their last token and the BE rows that left the last layer."""
+        sample_rows: list[int] = []
+        row = 0
+        for chunk in plan.chunks:
+            row += chunk.num_tokens
+            if chunk.samples:
+                sample_rows.append(row - 1)
+        requests = sampling + [r.request for r in done_rows]
+        if not requests:
+            return RunResult([], [], [], merged)
+        logits = self.model.compute_logits(torch.cat((hidden[sample_rows], done_hidden)))
+        return RunResult(requests, sample(logits, requests), done_rows, merged)

@@ -1,0 +1,172 @@
+"""The planner: pure Python, policies as objects, the same decisions the engine and the simulator act on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from piggyback_runtime.config import ConfigError, RuntimeConfig
+from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
+from piggyback_runtime.scheduler.planner import REASON_BE_QUEUE_FULL, Planner
+from piggyback_runtime.scheduler.policy import POLICIES, Policy, make_policy
+
+
+def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama"},
+        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                     {"name": "batch", "class": "BE"}],
+        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
+        "piggyback": {"max_be_rows_per_layer": 8, "max_be_requests": 4},
+        "slo_control": {"max_be_queue": 2},
+    })  # fmt: skip
+
+
+def _model(per_row_s: float = 1e-3) -> LatencyModel:
+    steps = tuple(Step(x, x, x * per_row_s) for x in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    return LatencyModel(StaircaseModel(steps, 0, per_row_s), LinearAttentionModel(0.0, 1e-7, 1e-7))
+
+
+def _request(rid: str, service: str, prompt: int, arrival_s: float, max_tokens: int = 8) -> Request:
+    cls = "LS" if service == "chat" else "BE"
+    return Request(rid, service, cls, list(range(prompt)), SamplingParams(max_tokens=max_tokens),  # type: ignore[arg-type]
+                   arrival_s=arrival_s)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_policy_is_one_registered_class_and_the_config_accepts_exactly_those() -> None:
+    assert set(POLICIES) == {"piggyback", "priority", "ls-only", "headroom", "neo"}
+    for name in POLICIES:
+        assert make_policy(name).name == name
+        assert _config(name).engine.policy == name
+    with pytest.raises(ConfigError, match=r"engine\.policy.*use one of piggyback"):
+        _config("fastest")
+
+
+def test_a_new_policy_is_one_subclass_and_nothing_else() -> None:
+    class EveryOtherIteration(Policy):
+        name = "test-every-other"
+
+    try:
+        config = _config("test-every-other")
+        planner = Planner(config, num_kv_blocks=64)
+        assert isinstance(planner.policy, EveryOtherIteration)
+    finally:
+        del POLICIES["test-every-other"]
+
+
+def test_policies_route_requests_the_way_they_are_described() -> None:
+    ls, be = "LS", "BE"
+    assert [make_policy(p).on_host_path(be) for p in POLICIES] == [True, False, False, False, True]
+    assert [make_policy(p).on_host_path(ls) for p in POLICIES] == [False, False, False, False, True]
+    assert make_policy("ls-only").be_waits_for(ls_work_held=True)
+    assert not make_policy("priority").be_waits_for(ls_work_held=True)
+    assert make_policy("headroom", headroom_be_kv_share=0.25).be_kv_block_limit(100) == 25
+    assert make_policy("neo", max_be_requests=7).rows_per_layer(3) == 7
+
+
+def test_planner_reserves_host_kv_queues_be_requests_and_refuses_past_the_queue_bound() -> None:
+    clock = Clock()
+    host = HostKV(num_blocks=4, block_size=16, max_requests=4)  # 64 tokens of host KV
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=host, latency_model=_model(), clock=clock)
+    first, second = _request("b0", "batch", 20, 0.0, 12), _request("b1", "batch", 20, 0.0, 12)
+    for request in (first, second):
+        assert planner.admission(request) is None
+        planner.add(request)
+    # 32 tokens each: both fit the 64 host tokens; a third waits for host KV, a fifth is refused.
+    assert list(host.slot_of) == ["b0", "b1"] and not planner.host_kv_waiting
+    waiting = [_request(f"w{i}", "batch", 20, 0.0, 12) for i in range(3)]
+    for request in waiting[:2]:
+        assert planner.admission(request) is None
+        planner.add(request)
+    refused = planner.admission(waiting[2])
+    assert refused is not None and refused.reason == REASON_BE_QUEUE_FULL and "max_be_queue" in refused.message
+    # The path frees b0's host KV: the head of the queue moves to batching at the next plan.
+    host.free("b0")
+    planner.plan()
+    assert "w0" in host.slot_of and list(planner.host_kv_waiting) == [waiting[1]]
+
+
+def test_planner_plans_the_ls_work_first_and_sizes_the_be_share_with_the_latency_model() -> None:
+    clock = Clock()
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
+    ls = _request("c0", "chat", 10, 0.0)
+    be = _request("b0", "batch", 30, 0.0)
+    for request in (ls, be):
+        assert planner.admission(request) is None  # fills in the service's SLO
+        planner.add(request)
+    plan = planner.plan(be_rows_ready=20)
+    assert [c.request.request_id for c in plan.prefills] == ["c0", "b0"]
+    allowance = planner.last_allowance
+    assert allowance is not None and plan.be_rows_per_layer == allowance.be_rows_per_layer
+    # 1 ms per Dense row, TTFT budget 1 s: the BE prefill takes the rest of the 32-token budget.
+    assert plan.prefills[1].num_tokens == 22 and allowance.be_prefill_tokens == 22
+    assert plan.be_rows_per_layer == 8  # every ready row up to the configured cap fits
+    assert planner.complete(plan) == [ls]
+    assert ls.num_computed_tokens == 10 and be.num_computed_tokens == 22
+    # A tight clock: c0 decodes with a 100 ms TPOT; 1 ms/row still fits, so BE keeps its share.
+    ls.output_token_ids.append(1)
+    clock.now = 0.5
+    plan = planner.plan(be_rows_ready=200)
+    assert [c.request.request_id for c in plan.decodes] == ["c0"]
+    assert planner.last_allowance is not None and planner.last_allowance.binding == "tpot"
+
+
+def test_ls_admission_refuses_what_the_model_says_would_miss_and_reports_why() -> None:
+    clock = Clock()
+    slow = _model(per_row_s=0.2)  # a 32-token chunk takes 6.4 s: no TTFT of 1 s can hold
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=slow, clock=clock)
+    rejection = planner.admission(_request("c0", "chat", 10, 0.0))
+    assert rejection is not None and rejection.reason == "TTFTUnattainable" and rejection.retry_after_s >= 1
+    assert rejection.decision is not None and rejection.decision.predicted_ttft_s > 1.0
+
+
+def test_baseline_policies_plan_without_a_latency_model_and_ls_only_holds_be_back() -> None:
+    planner = Planner(_config("ls-only"), num_kv_blocks=64)
+    planner.add(_request("c0", "chat", 10, 0.0))
+    planner.add(_request("b0", "batch", 10, 0.0))
+    plan = planner.plan()
+    assert [c.request.request_id for c in plan.chunks] == ["c0"] and planner.slo is None
+    priority = Planner(_config("priority"), num_kv_blocks=64)
+    priority.add(_request("c0", "chat", 10, 0.0))
+    priority.add(_request("b0", "batch", 10, 0.0))
+    assert [c.request.request_id for c in priority.plan().chunks] == ["c0", "b0"]
+
+
+def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        from piggyback_runtime.config import RuntimeConfig
+        from piggyback_runtime.kv.host import HostKV
+        from piggyback_runtime.request import Request, SamplingParams
+        from piggyback_runtime.scheduler import batching, latency_model, planner, policy, slo_control  # noqa: F401
+        from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel
+        config = RuntimeConfig.from_dict({"model": {"uri": "synthetic://tiny-llama"},
+            "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                         {"name": "batch", "class": "BE"}]})
+        model = LatencyModel(StaircaseModel.fit([(1, 1e-3), (64, 2e-3), (512, 8e-3)]),
+                             LinearAttentionModel(0.0, 1e-8, 1e-8))
+        p = planner.Planner(config, 256, HostKV(64, 64, 8), model, clock=lambda: 0.0)
+        p.add(Request("c0", "chat", "LS", [1] * 40, SamplingParams(max_tokens=4), arrival_s=0.0))
+        p.add(Request("b0", "batch", "BE", [1] * 40, SamplingParams(max_tokens=4), arrival_s=0.0))
+        plan = p.plan(be_rows_ready=3)
+        assert [c.num_tokens for c in plan.prefills] == [40, 40], plan
+        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("planned", plan.num_tokens, plan.be_rows_per_layer)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "planned 80 3"  # 3 rows ready, under the cap of 64
