@@ -1,4 +1,4 @@
-"""`piggyback` command line: serve a runtime, run the demo."""
+"""`piggyback` command line: serve a runtime, run the demo, profile the device, simulate."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = sub.add_parser("profile", add_help=False,
                              help="profile the latency model on this device and cache it (profile --help)")
     profile.set_defaults(func=_profile)
+    from piggyback_runtime.sim.cli import add_parser as add_sim_parser
+
+    add_sim_parser(sub)
     # `profile` has its own options (profile_main parses them); every other command takes only its own.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "profile":

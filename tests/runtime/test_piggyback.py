@@ -59,7 +59,8 @@ def _assert_idle(engine: Engine) -> None:
     assert not engine.has_work()
     assert pb.host_kv.allocator.num_used == 0, "host KV blocks leaked"
     assert not pb.residuals, "residual store entries leaked"
-    assert not pb.rows and not pb.row_by_slot and len(pb.host_kv.free_slots) == len(pb.host_kv.generation), "slots leaked"
+    host = pb.host_kv
+    assert not pb.rows and not pb.row_by_slot and len(host.free_slots) == len(host.generation), "slots leaked"
     assert engine.allocator.num_used == 0, "accelerator KV blocks leaked"
 
 

@@ -124,7 +124,12 @@ class Planner:
     def add(self, request: Request) -> None:
         """Hold an admitted request: host-path requests queue for host KV, the rest go to batching."""
         if self.on_host_path(request):
-            self.host_kv_waiting.append(request)
+            waiting = self.host_kv_waiting
+            if request.is_ls:  # (neo) LS queues ahead of every BE request: BE never holds LS back
+                position = next((i for i, r in enumerate(waiting) if not r.is_ls), len(waiting))
+                waiting.insert(position, request)
+            else:
+                waiting.append(request)
             self._admit_be()
         else:
             self.scheduler.add(request)

@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the runtime's scheduler in simulated time, with workloads and latency models."""

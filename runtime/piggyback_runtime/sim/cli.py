@@ -1,0 +1,128 @@
+"""`piggyback sim run SCENARIO.yaml` and `piggyback sim sweep SWEEP.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from piggyback_runtime.config import ConfigError
+from piggyback_runtime.sim.scenario import (
+    format_table,
+    load_scenario,
+    load_sweep,
+    load_yaml,
+    run_scenario,
+    summary,
+    sweep_points,
+)
+
+
+def _progress(horizon_s: float, label: str) -> object:
+    def report(simulated_s: float) -> None:
+        share = min(1.0, simulated_s / horizon_s) if horizon_s > 0 else 1.0
+        bar = "#" * int(share * 30)
+        print(f"\r{label} [{bar:<30}] {simulated_s:7.0f} / {horizon_s:.0f} s", end="", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = Path(args.scenario)
+    spec = load_scenario(load_yaml(path), str(path))
+    policies = args.policy or spec.policies or [None]
+    rows = []
+    for policy in policies:
+        report = _progress(spec.workload.duration_s, policy or "run") if not args.quiet else None
+        result = run_scenario(spec, path.parent, policy, report)  # type: ignore[arg-type]
+        if report is not None:
+            print(file=sys.stderr)
+        row = summary(result)
+        rows.append(row)
+        print(f"# {row['policy']}: {'; '.join(result.notes)}")
+    print(format_table(rows))
+    if args.csv:
+        _write_csv(rows, Path(args.csv))
+    return 0
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    path = Path(args.sweep)
+    spec = load_sweep(load_yaml(path), str(path))
+    out = Path(args.out)
+    rows: list[dict] = []
+    points = sweep_points(spec)
+    for index, (varied, data) in enumerate(points, 1):
+        scenario = load_scenario(data, f"{path} at {varied}")
+        for policy in scenario.policies or [None]:
+            result = run_scenario(scenario, path.parent, policy)
+            row = {**{k: str(v) for k, v in varied.items()}, **summary(result)}
+            rows.append(row)
+            print(f"[{index}/{len(points)}] {varied} {row['policy']}: LS attainment {row['ls_attainment']:.3f}, "
+                  f"BE {row['be_tokens_per_s']:.1f} tok/s", file=sys.stderr)  # fmt: skip
+    _write_csv(rows, out / "sweep.csv")
+    print(format_table(rows, [*spec.vary, "policy", "ls_attainment", "ls_ttft_p99_s", "ls_tpot_p99_s",
+                              "be_tokens_per_s", "gpu_busy_share", "host_bandwidth_gb_s"]))  # fmt: skip
+    _plot(rows, list(spec.vary), out / "sweep.png")
+    print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
+    return 0
+
+
+def _plot(rows: list[dict], varied: list[str], path: Path) -> None:
+    """BE tokens/s and LS attainment against the first varied field, one line per policy (and other fields)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, rest = varied[0], varied[1:]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        label = " ".join([str(row["policy"]), *(f"{k}={row[k]}" for k in rest)])
+        series.setdefault(label, []).append(row)
+    for label, points in series.items():
+        xs = [p[x_key] for p in points]
+        left.plot(xs, [p["be_tokens_per_s"] for p in points], marker="o", label=label)
+        right.plot(xs, [p["ls_attainment"] for p in points], marker="o", label=label)
+    left.set(xlabel=x_key, ylabel="BE tokens/s", title="BE throughput")
+    right.set(xlabel=x_key, ylabel="LS SLO attainment", title="LS attainment", ylim=(0, 1.02))
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser("sim", help="simulate the planner on measured GPU timings (run, sweep)")
+    commands = sim.add_subparsers(dest="sim_command", required=True)
+    run = commands.add_parser("run", help="run one scenario (once per policy listed in it or given here)")
+    run.add_argument("scenario", help="scenario YAML (see sim/scenario.py)")
+    run.add_argument("--policy", action="append", help="run with this policy (repeatable; overrides the file)")
+    run.add_argument("--csv", help="also write the summary rows here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_guarded(_run))
+    sweep = commands.add_parser("sweep", help="run a sweep: CSV and PNG into --out")
+    sweep.add_argument("sweep", help="sweep YAML: {base: SCENARIO, vary: {dotted.path: [values]}}")
+    sweep.add_argument("--out", default="sim-sweep", help="output folder")
+    sweep.set_defaults(func=_guarded(_sweep))
+
+
+def _guarded(command):  # type: ignore[no-untyped-def]
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ConfigError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run

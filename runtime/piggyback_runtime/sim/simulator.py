@@ -1,0 +1,425 @@
+"""Discrete-event simulator: the runtime's own planner in simulated time, the forward pass replaced by timings.
+
+What is the runtime's, unchanged: `scheduler.planner.Planner` (batching, chunked prefill, preemption, the
+policy object, the SLO controller's BE share and LS admission, host-KV reservation and the BE queue), fed
+`Request` objects and a clock that reads simulated time.
+
+What is modelled (`sim/devices.py` gives the figures):
+- The accelerator runs one iteration at a time. An iteration's duration is the device profile's
+  (`DeviceProfile.iteration_s`), spread evenly over the layers; a BE row merged at a layer adds what one more
+  Dense row costs there (f_D(n + m) − f_D(n), per layer).
+- The piggyback path as the runtime runs it (`piggyback/be_path.py`, `model_runner.py`): a BE token enters at
+  layer 0; its attention for layer l goes to a CPU worker when the accelerator passes layer l; the row is
+  merged into layer l's Dense batch at the first pass over layer l after its CPU result is back (at most
+  `be_rows_per_layer` rows a layer, the planner's bound), and in the same pass goes on to layer l + 1. A row
+  whose result comes back within a layer's GPU time advances several layers in one iteration; one whose
+  result is late waits for the next pass. This per-layer lag is what sets BE throughput.
+- CPU workers are FIFO servers at the host's attention bandwidth (KV bytes / bandwidth + a fixed cost per
+  task); BE q/k/v go over PCIe and results come back over it. Remote CPU-only nodes are more servers behind
+  the network's latency and bandwidth. BE prefill KV is copied to host DRAM over PCIe; a row starts decoding
+  once its copy has landed.
+- `neo`: the accelerator waits, layer by layer, for the CPU attention of every row it carries.
+
+Time is in seconds from the start of the scenario. LS attainment follows DESIGN.md (a rejection is a miss);
+BE throughput counts BE output tokens produced before `duration_s`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
+from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.latency_model import prefill_chunk_load
+from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.sim.devices import DeviceProfile
+from piggyback_runtime.sim.workload import SimRequest
+
+
+@dataclass
+class _Worker:
+    """One CPU attention server: local (PCIe to the accelerator) or remote (network)."""
+
+    bandwidth_b_s: float
+    transfer_s: Callable[[float], float]  # one-way latency + transfer time for a number of bytes
+    remote: bool = False
+    free_at: float = 0.0
+    rows: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Row:
+    """A host-path request between tokens: which layer it needs next, and when that layer's result is back."""
+
+    request: Request
+    worker: _Worker
+    layer: int = 0
+    ready_at: float = 0.0
+
+
+@dataclass
+class RequestRecord:
+    service: str
+    service_class: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    rejected: str | None = None  # the rejection reason
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    finished_s: float | None = None
+    tokens_out: int = 0
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_token_s is None or self.last_token_s is None or self.tokens_out < 2:
+            return None
+        return (self.last_token_s - self.first_token_s) / (self.tokens_out - 1)
+
+    @property
+    def attained(self) -> bool:
+        """DESIGN.md: TTFT ≤ SLO and TPOT ≤ SLO, finished; a rejected or unfinished LS request is a miss."""
+        if self.rejected or self.finished_s is None or self.ttft_slo_s is None or self.tpot_slo_s is None:
+            return False
+        ttft, tpot = self.ttft_s, self.tpot_s
+        return ttft is not None and ttft <= self.ttft_slo_s and (tpot is None or tpot <= self.tpot_slo_s)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    duration_s: float
+    end_s: float  # when the simulation stopped (after draining LS work)
+    records: list[RequestRecord]
+    be_tokens: int  # BE output tokens produced before duration_s
+    gpu_busy_s: float
+    iterations: int
+    host_bytes_read: float
+    host_kv_usage_mean: float
+    host_kv_usage_peak: float
+    be_rows_merged: int
+    cpu_busy_share: float  # mean over CPU workers of the time they spent on attention
+    notes: list[str] = field(default_factory=list)
+
+    def of(self, service_class: str) -> list[RequestRecord]:
+        return [r for r in self.records if r.service_class == service_class]
+
+    @property
+    def be_tokens_per_s(self) -> float:
+        return self.be_tokens / self.duration_s
+
+    @property
+    def ls_attainment(self) -> float:
+        ls = self.of("LS")
+        return sum(r.attained for r in ls) / len(ls) if ls else 1.0
+
+    @property
+    def gpu_busy_share(self) -> float:
+        return self.gpu_busy_s / self.end_s if self.end_s > 0 else 0.0
+
+    @property
+    def host_bandwidth_b_s(self) -> float:
+        return self.host_bytes_read / self.end_s if self.end_s > 0 else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class Simulator:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        device: DeviceProfile,
+        requests: Sequence[SimRequest],
+        duration_s: float,
+        drain_s: float = 60.0,
+        num_kv_blocks: int | None = None,
+        num_host_kv_blocks: int | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        """`num_kv_blocks` / `num_host_kv_blocks`: the caches' sizes in blocks (the scenario decides them
+        from the config and the device); `progress(simulated_s)` is called now and then."""
+        unknown = sorted({r.service for r in requests} - {s.name for s in config.services})
+        if unknown:
+            raise ValueError(f"the workload names services the runtime config does not define: {', '.join(unknown)}")
+        self.config = config
+        self.device = device
+        self.duration_s = duration_s
+        self.drain_s = drain_s
+        self.progress = progress
+        self.now = 0.0
+        shape = device.shape
+        self.num_layers = shape.num_layers
+        pb = config.piggyback
+        host_blocks = num_host_kv_blocks or pb.num_host_kv_blocks or max(
+            1, int(pb.host_kv_memory_gib * 2**30) // (pb.host_block_size * shape.kv_bytes_per_token()))
+        self.host_kv = HostKV(host_blocks, pb.host_block_size, pb.max_be_requests)
+        engine = config.engine
+        blocks = num_kv_blocks or engine.num_kv_blocks or max(
+            1, int(engine.kv_cache_memory_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
+        self.planner = Planner(config, blocks, self.host_kv, device.latency_model, clock=lambda: self.now)
+        self.policy = self.planner.policy
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.records: dict[str, RequestRecord] = {}
+        # Host-path rows: entering at layer 0 (FIFO, once their prefill KV copy landed), and per layer the rows
+        # whose CPU attention for that layer is in flight or back, as a heap on ready time.
+        self._pending_entry: list[tuple[float, int, _Row]] = []
+        self._entering: deque[_Row] = deque()
+        self._waiting: list[list[tuple[float, int, _Row]]] = [[] for _ in range(self.num_layers)]
+        self._ready_times: list[float] = []  # every waiting row's ready time, sorted (for counting)
+        self._seq = itertools.count()
+        self._offload_free_at = 0.0
+        self._offload_done: dict[str, float] = {}
+        self.workers = self._make_workers()
+        lm = device.latency_model
+        self._dense = lm.dense.predict
+        self._logits = lm.logits.predict if lm.logits is not None else (lambda rows: 0.0)
+        self._overhead_s = lm.overhead_s
+        self._kv_per_token_layer = shape.kv_bytes_per_token_per_layer()
+        self._qkv_bytes = device.be_qkv_bytes_per_layer()
+        self._out_bytes = device.be_attention_out_bytes_per_layer()
+        # Statistics.
+        self.be_tokens = 0
+        self.gpu_busy_s = 0.0
+        self.iterations = 0
+        self.host_bytes = 0.0
+        self.be_rows_merged = 0
+        self._kv_usage_area = 0.0
+        self._kv_usage_peak = 0.0
+
+    # --- CPU side --------------------------------------------------------------------------------------
+    def _make_workers(self) -> list[_Worker]:
+        device = self.device
+        count = self.config.piggyback.num_cpu_workers
+        local_bw = device.host_attention_bandwidth_b_s() / count
+        workers = [_Worker(local_bw, device.pcie_s) for _ in range(count)]
+        remote = device.remote
+        if remote is not None:
+            per_node = device.remote_bandwidth_b_s() / remote.count
+            workers += [_Worker(per_node, device.network_s, remote=True) for _ in range(remote.count)]
+        return workers
+
+    def _submit(self, row: _Row, layer: int, at_s: float) -> None:
+        """Send a row's layer-`layer` attention to its worker at `at_s`; schedule when its result is back."""
+        worker = row.worker
+        context = row.request.num_tokens  # tokens in its KV once this token's K/V is written
+        num_bytes = context * self._kv_per_token_layer
+        arrive = at_s + worker.transfer_s(self._qkv_bytes)
+        start = arrive if arrive > worker.free_at else worker.free_at
+        busy = self.device.host_task_overhead_s + num_bytes / worker.bandwidth_b_s
+        worker.free_at = start + busy
+        worker.busy_s += busy
+        self.host_bytes += num_bytes
+        row.layer = layer
+        row.ready_at = worker.free_at + worker.transfer_s(self._out_bytes)
+        heapq.heappush(self._waiting[layer], (row.ready_at, next(self._seq), row))
+        bisect.insort(self._ready_times, row.ready_at)
+
+    def _take_ready(self, layer: int, by_s: float, cap: int) -> list[_Row]:
+        heap = self._waiting[layer]
+        taken: list[_Row] = []
+        while heap and heap[0][0] <= by_s and len(taken) < cap:
+            ready_at, _, row = heapq.heappop(heap)
+            del self._ready_times[bisect.bisect_left(self._ready_times, ready_at)]
+            taken.append(row)
+        return taken
+
+    def _runnable_rows(self, at_s: float) -> int:
+        self._promote_entries(at_s)
+        return len(self._entering) + bisect.bisect_right(self._ready_times, at_s)
+
+    def _promote_entries(self, at_s: float) -> None:
+        while self._pending_entry and self._pending_entry[0][0] <= at_s:
+            self._entering.append(heapq.heappop(self._pending_entry)[2])
+
+    def _start_decode(self, request: Request, at_s: float) -> None:
+        worker = min(self.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
+        worker.rows += 1
+        row = _Row(request, worker)
+        enter_s = max(at_s, self._offload_done.pop(request.request_id, at_s))
+        heapq.heappush(self._pending_entry, (enter_s, next(self._seq), row))
+
+    # --- requests ----------------------------------------------------------------------------------------
+    def _arrive(self, sim: SimRequest) -> None:
+        self.now = sim.arrival_s
+        request = Request(sim.request_id, sim.service, sim.service_class, [0] * sim.prompt_tokens,
+                          SamplingParams(max_tokens=sim.output_tokens, temperature=0.0, ignore_eos=True),
+                          arrival_s=sim.arrival_s)  # fmt: skip
+        record = RequestRecord(sim.service, sim.service_class, sim.arrival_s, sim.prompt_tokens, sim.output_tokens)
+        self.records[sim.request_id] = record
+        rejection = self.planner.admission(request)
+        if request.slo is not None:
+            record.ttft_slo_s, record.tpot_slo_s = request.slo.ttft_s, request.slo.tpot_s
+        if rejection is not None:
+            record.rejected = rejection.reason
+            return
+        self.planner.add(request)
+
+    def _token(self, request: Request, at_s: float) -> bool:
+        """A token of `request` leaves at `at_s`; True when the request is done."""
+        record = self.records[request.request_id]
+        if record.first_token_s is None:
+            record.first_token_s = at_s
+        record.last_token_s = at_s
+        record.tokens_out += 1
+        if not request.is_ls and at_s <= self.duration_s:
+            self.be_tokens += 1
+        request.output_token_ids.append(0)
+        if len(request.output_token_ids) < request.params.max_tokens:
+            return False
+        request.finish_reason = FINISH_LENGTH
+        record.finished_s = at_s
+        self.planner.finish(request)
+        if self.planner.on_host_path(request):
+            self.host_kv.free(request.request_id)
+        if request.is_ls:
+            self.planner.record_finished_ls(len(request.prompt_token_ids), len(request.output_token_ids))
+        return True
+
+    # --- one iteration -------------------------------------------------------------------------------------
+    def _iterate(self, t: float) -> float | None:
+        """Run one iteration starting at `t`; its end time, or None when there was nothing to run."""
+        self.now = t
+        plan = self.planner.plan(be_rows_ready=self._runnable_rows(t))
+        rows_waiting = bool(self._entering) or bool(self._ready_times)
+        if not plan and not (self._entering or (self._ready_times and self._ready_times[0] <= t)):
+            return None
+        sampling = self.planner.complete(plan)
+        n = plan.num_tokens
+        prefill_load = sum(prefill_chunk_load(c.start, c.num_tokens) for c in plan.prefills)
+        base = self.device.iteration_s(n, prefill_load, [c.start + 1 for c in plan.decodes], len(sampling))
+        done_rows: list[_Row] = []
+        end = t + base
+        if rows_waiting:
+            end, done_rows = self._layer_walk(t, base, n, plan)
+            if done_rows:
+                end += self._logits(len(sampling) + len(done_rows)) - self._logits(len(sampling))
+        self._copy_prefill_kv(plan, end)
+        self.iterations += 1
+        self.gpu_busy_s += end - t
+        self._account_host_kv(end - t)
+        for request in sampling:
+            if not self._token(request, end) and self.planner.on_host_path(request):
+                self.planner.leave_for_host_path(request)
+                self._start_decode(request, end)
+        for row in done_rows:
+            if self._token(row.request, end):
+                row.worker.rows -= 1
+            else:
+                self._entering.append(row)
+        return end
+
+    def _layer_walk(self, t: float, base: float, n: int, plan: IterationPlan) -> tuple[float, list[_Row]]:
+        """The accelerator's pass over the layers with host-path rows merged where their results are back."""
+        cap = plan.be_rows_per_layer
+        sync = self.policy.synchronous_cpu_attention
+        layers = self.num_layers
+        dense_n = self._dense(n) if n else 0.0
+        per_layer = (base - self._overhead_s) / layers
+        clock = t + self._overhead_s
+        carry = [self._entering.popleft() for _ in range(min(cap, len(self._entering)))]
+        entered = len(carry)
+        for layer in range(layers):
+            for row in carry:
+                self._submit(row, layer, clock)
+            if sync:
+                ready = self._take_ready(layer, math.inf, len(carry)) if carry else []
+            else:  # merged at post_attention(layer): a result must be back by the middle of the layer
+                ready = self._take_ready(layer, clock + per_layer / 2, cap) if self._waiting[layer] else []
+            merged = len(ready) + (entered if layer == 0 else 0)
+            step = per_layer
+            if merged:
+                step += (self._dense(n + merged) - dense_n) / layers
+                self.be_rows_merged += len(ready)
+            clock += step
+            if sync and ready:
+                clock = max(clock, max(row.ready_at for row in ready))
+            carry = ready
+        return clock, carry
+
+    def _copy_prefill_kv(self, plan: IterationPlan, end: float) -> None:
+        """BE prefill KV goes to host DRAM over PCIe, one copy after another, once computed."""
+        for chunk in plan.prefills:
+            if self.planner.on_host_path(chunk.request):
+                num_bytes = chunk.num_tokens * self.device.shape.kv_bytes_per_token()
+                self._offload_free_at = max(self._offload_free_at, end) + self.device.pcie_s(num_bytes)
+                self._offload_done[chunk.request.request_id] = self._offload_free_at
+
+    def _account_host_kv(self, span_s: float) -> None:
+        usage = self.host_kv.usage()
+        self._kv_usage_area += usage * span_s
+        self._kv_usage_peak = max(self._kv_usage_peak, usage)
+
+    def _next_event(self, arrival_s: float) -> float:
+        candidates = [arrival_s]
+        if self._ready_times:
+            candidates.append(self._ready_times[0])
+        if self._pending_entry:
+            candidates.append(self._pending_entry[0][0])
+        return min(candidates)
+
+    # --- the run -----------------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        requests = self.requests
+        index = 0
+        t = 0.0
+        stop_s = self.duration_s + self.drain_s
+        last_report = 0.0
+        while t < stop_s:
+            while index < len(requests) and requests[index].arrival_s <= t:
+                self._arrive(requests[index])
+                index += 1
+            if t >= self.duration_s and not self._ls_held():
+                break
+            end = self._iterate(t)
+            if end is None:
+                next_arrival = requests[index].arrival_s if index < len(requests) else math.inf
+                following = self._next_event(next_arrival)
+                if following == math.inf:
+                    break
+                self._account_host_kv(following - t)
+                t = max(following, t + 1e-9)
+            else:
+                t = end
+            if self.progress is not None and t - last_report >= 10.0:
+                last_report = t
+                self.progress(t)
+        self.now = t
+        cpu_busy = sum(w.busy_s for w in self.workers) / (len(self.workers) * t) if t > 0 else 0.0
+        return SimResult(
+            policy=self.policy.name, duration_s=self.duration_s, end_s=t, records=list(self.records.values()),
+            be_tokens=self.be_tokens, gpu_busy_s=self.gpu_busy_s, iterations=self.iterations,
+            host_bytes_read=self.host_bytes, host_kv_usage_mean=self._kv_usage_area / t if t > 0 else 0.0,
+            host_kv_usage_peak=self._kv_usage_peak, be_rows_merged=self.be_rows_merged, cpu_busy_share=cpu_busy,
+        )  # fmt: skip
+
+    def _ls_held(self) -> bool:
+        """LS work still to finish (requests that arrived before the horizon are drained, up to drain_s)."""
+        return any(r.is_ls for r in (*self.planner.scheduler.running, *self.planner.scheduler.waiting)) or any(
+            r.request.is_ls for r in self._all_rows())
+
+    def _all_rows(self) -> list[_Row]:
+        rows = list(self._entering) + [entry[2] for entry in self._pending_entry]
+        for heap in self._waiting:
+            rows += [entry[2] for entry in heap]
+        return rows
