@@ -16,7 +16,7 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model.tokenizer import Tokenizer
 from piggyback_runtime.model_runner import ModelRunner, RunResult
-from piggyback_runtime.piggyback.be_path import PiggybackPath
+from piggyback_runtime.piggyback.be_path import PiggybackPath, share_cores_with_cpu_workers
 from piggyback_runtime.profiler import load_or_profile
 from piggyback_runtime.request import (
     FINISH_ABORT,
@@ -30,6 +30,7 @@ from piggyback_runtime.request import (
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
 from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.policy import POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Engine:
         host_block_bytes = kv_block_bytes(self.arch, pb.host_block_size, self.loaded.dtype)
         host_blocks = pb.num_host_kv_blocks or max(1, int(pb.host_kv_memory_gib * 2**30) // host_block_bytes)
         host_kv = HostKV(host_blocks, pb.host_block_size, pb.max_be_requests)
+        if POLICIES[engine_cfg.policy].host_path_classes:
+            share_cores_with_cpu_workers(pb, self.device)  # before the latency model is profiled
         loaded_model = self.loaded
         self.planner = Planner(
             config, num_blocks, host_kv,

@@ -24,7 +24,7 @@ import torch
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.cpu_attention import write_kv
-from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.config import PiggybackConfig, RuntimeConfig
 from piggyback_runtime.kv.allocator import flat_slot
 from piggyback_runtime.kv.cache import kv_block_bytes
 from piggyback_runtime.kv.host import HostKV
@@ -58,6 +58,16 @@ class PrefillTargets:
     host_slots: torch.Tensor  # [n] int64 on the host
 
 
+def share_cores_with_cpu_workers(pb: PiggybackConfig, device: torch.device) -> int:
+    """Threads per CPU worker. Where the accelerator is the CPU too, torch gets the cores the workers leave:
+    OpenMP teams that share cores spin against each other. The engine calls this before profiling, so the
+    latency model is measured with the threads the forward pass will have."""
+    threads = pb.cpu_threads_per_worker or default_threads_per_worker(pb.num_cpu_workers)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - threads * pb.num_cpu_workers))
+    return threads
+
+
 class PiggybackPath:
     def __init__(
         self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device, host_kv: HostKV,
@@ -80,11 +90,7 @@ class PiggybackPath:
             arch.num_hidden_layers, host_kv.num_blocks, self.block_size, arch.num_key_value_heads,
             arch.num_attention_heads, arch.head_dim, host_kv.max_requests, dtype, self._hold,
         )  # fmt: skip
-        threads = pb.cpu_threads_per_worker or default_threads_per_worker(pb.num_cpu_workers)
-        if device.type == "cpu":
-            # The accelerator is the CPU too: split the cores instead of oversubscribing them (OpenMP teams
-            # that share cores spin against each other).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - threads * pb.num_cpu_workers))
+        threads = share_cores_with_cpu_workers(pb, device)
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
         self.pool.wait_ready()
         self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
