@@ -168,3 +168,52 @@ def test_a_sweep_is_the_product_of_its_varied_fields_and_each_point_is_validated
     broken = copy.deepcopy(scenario())
     with pytest.raises(ConfigError, match="rate_per_s"):
         load_sweep({"base": broken, "vary": {"workload.sources.0.rate_per_s": [-1]}})
+
+
+def test_the_simulator_on_this_machines_profile_tracks_the_real_engine(tmp_path: Path) -> None:
+    """Fidelity, small: the same config and requests through the real engine and through the simulator on the
+    profile the runtime measured. The bounds are loose (a shared 2-core VM, a profile without the engine's
+    fixed per-iteration cost); benchmarks/sim_fidelity.py prints the full error table."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_fidelity import compare
+
+    rows = compare("synthetic://tiny-llama", ["priority"], duration_s=6.0, ls_rate=3.0, be_count=200, seed=1,
+                   ttft_ms=2000, tpot_ms=250)  # fmt: skip
+    figures = {r["figure"]: r for r in rows}
+    assert figures["ls_attainment"]["simulated"] == pytest.approx(figures["ls_attainment"]["measured"], abs=0.1)
+    be = figures["be_tokens_per_s"]
+    assert be["measured"] > 0 and abs(be["error"]) < 0.5, be
+
+
+def test_the_shipped_scenarios_are_valid() -> None:
+    from piggyback_runtime.sim.scenario import load_yaml
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
+    load_scenario(load_yaml(folder / "llama2-70b-h100.yaml"), "llama2-70b-h100.yaml")
+    assert len(sweep_points(load_sweep(load_yaml(folder / "ls-rate-sweep.yaml"), "ls-rate-sweep.yaml"))) == 6
+
+
+@needs_vidur
+def test_sim_run_prints_one_row_per_policy_and_a_bad_file_names_the_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = scenario(duration_s=10.0, be_count=10) | {"policies": ["piggyback", "headroom"]}
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(data))
+    cli = [sys.executable, "-m", "piggyback_runtime.cli", "sim", "run"]
+    done = subprocess.run([*cli, str(good), "--quiet", "--csv", str(tmp_path / "out.csv")], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = [line.split() for line in done.stdout.splitlines() if not line.startswith("#")]
+    assert table[0][:2] == ["policy", "ls_attainment"] and [row[0] for row in table[1:]] == ["piggyback", "headroom"]
+    assert (tmp_path / "out.csv").read_text().count("\n") == 3
+    data["device"]["tp"] = 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    done = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "device.tp" in done.stderr

@@ -38,7 +38,7 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
-from piggyback_runtime.scheduler.latency_model import prefill_chunk_load
+from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
 from piggyback_runtime.scheduler.planner import Planner
 from piggyback_runtime.sim.devices import DeviceProfile
 from piggyback_runtime.sim.workload import SimRequest
@@ -156,9 +156,12 @@ class Simulator:
         num_kv_blocks: int | None = None,
         num_host_kv_blocks: int | None = None,
         progress: Callable[[float], None] | None = None,
+        planner_latency_model: LatencyModel | None = None,
     ) -> None:
         """`num_kv_blocks` / `num_host_kv_blocks`: the caches' sizes in blocks (the scenario decides them
-        from the config and the device); `progress(simulated_s)` is called now and then."""
+        from the config and the device); `progress(simulated_s)` is called now and then;
+        `planner_latency_model`: what the planner believes, where it differs from the device's true timings
+        (default: the device's own model, as a runtime that profiled its device exactly)."""
         unknown = sorted({r.service for r in requests} - {s.name for s in config.services})
         if unknown:
             raise ValueError(f"the workload names services the runtime config does not define: {', '.join(unknown)}")
@@ -177,7 +180,8 @@ class Simulator:
         engine = config.engine
         blocks = num_kv_blocks or engine.num_kv_blocks or max(
             1, int(engine.kv_cache_memory_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
-        self.planner = Planner(config, blocks, self.host_kv, device.latency_model, clock=lambda: self.now)
+        self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
+                               clock=lambda: self.now)  # fmt: skip
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
