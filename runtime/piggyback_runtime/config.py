@@ -54,6 +54,15 @@ class ServiceConfig(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=63)]
     service_class: ServiceClass = Field(alias="class")
     slo: SLOConfig | None = None
+    # max_tokens of a request that sends none; None: what the model's context leaves after the prompt, capped
+    # at max_tokens_limit. A BE request reserves host KV for prompt + max_tokens, so keep this modest for BE.
+    default_max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # The most max_tokens a request may ask for (HTTP 400 names this field above it); None: the model's context.
+    max_tokens_limit: Annotated[int, Field(ge=1)] | None = None
+    # Name of the environment variable holding this service's API key: when set (and the variable is not
+    # empty) requests for this service need `Authorization: Bearer <key>`. The operator fills it from the
+    # Secret the LLMService names.
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
 
     @field_validator("name")
     @classmethod
@@ -69,6 +78,9 @@ class ServiceConfig(_Strict):
     def _ls_needs_slo(self) -> ServiceConfig:
         if self.service_class == "LS" and self.slo is None:
             raise ValueError(f"service {self.name!r} is class LS and needs an `slo` (ttft_ms, tpot_ms)")
+        if self.default_max_tokens and self.max_tokens_limit and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"service {self.name!r}: default_max_tokens ({self.default_max_tokens}) exceeds "
+                             f"max_tokens_limit ({self.max_tokens_limit})")
         return self
 
 
@@ -154,6 +166,10 @@ class SLOControlConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # On SIGTERM: readiness fails at once, new requests get 503, in-flight requests get this long to finish;
+    # BE requests still running then fail with a retryable error and the process exits. The operator sets
+    # the pod's terminationGracePeriodSeconds above it.
+    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 20.0
 
 
 class MetricsConfig(_Strict):

@@ -179,12 +179,14 @@ def test_the_simulator_on_this_machines_profile_tracks_the_real_engine(tmp_path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from sim_fidelity import compare
 
-    rows = compare("synthetic://tiny-llama", ["priority"], duration_s=6.0, ls_rate=3.0, be_count=200, seed=1,
+    # BE demand outlasts the run, so BE tokens/s measures the engine's speed rather than the batch's size.
+    rows = compare("synthetic://tiny-llama", ["priority"], duration_s=6.0, ls_rate=3.0, be_count=3000, seed=1,
                    ttft_ms=2000, tpot_ms=250)  # fmt: skip
     figures = {r["figure"]: r for r in rows}
-    assert figures["ls_attainment"]["simulated"] == pytest.approx(figures["ls_attainment"]["measured"], abs=0.1)
-    be = figures["be_tokens_per_s"]
-    assert be["measured"] > 0 and abs(be["error"]) < 0.5, be
+    assert figures["ls_attainment"]["simulated"] == pytest.approx(figures["ls_attainment"]["measured"], abs=0.15)
+    for figure in ("be_tokens_per_s", "ls_tpot_p50_s"):
+        row = figures[figure]
+        assert row["measured"] > 0 and abs(row["error"]) < 0.5, row
 
 
 def test_the_shipped_scenarios_are_valid() -> None:
