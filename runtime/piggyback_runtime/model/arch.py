@@ -205,6 +205,9 @@ SYNTHETIC_PRESETS: dict[str, ModelArch] = {
                             bos_token_id=1, eos_token_ids=(2,)),
     "llama-2-70b": ModelArch("llama", 32000, 8192, 28672, 80, 64, 8, 128, 4096,
                              bos_token_id=1, eos_token_ids=(2,)),
+    # CodeLlama-34B: the 34B shape whose GPU timings are measured (../shared/data/vidur), the simulator's Yi-34B.
+    "codellama-34b": ModelArch("llama", 32000, 8192, 22016, 48, 64, 8, 128, 16384, rope_theta=1000000.0,
+                               bos_token_id=1, eos_token_ids=(2,)),
     "yi-34b": ModelArch("llama", 64000, 7168, 20480, 60, 56, 8, 128, 4096, rope_theta=5000000.0,
                         bos_token_id=1, eos_token_ids=(2,)),
 }  # fmt: skip

@@ -58,7 +58,7 @@ def arch_hash(arch: Mapping[str, Any]) -> str:
 
 
 # --- f_D: staircase ---------------------------------------------------------------------------------------------
-def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
     """Pool-adjacent-violators: the least-squares non-decreasing fit (latency never drops with more rows)."""
     blocks: list[list[float]] = []  # [weighted mean, weight, count]
     for v, w in zip(values, weights, strict=True):
@@ -163,7 +163,7 @@ class StaircaseModel:
         abs_tol = abs_tol or 0.0
         if reduce == "median":
             values = _despike(medians, abs_tol)
-            fitted = _isotonic(values, [len(by_x[x]) for x in xs])
+            fitted = isotonic(values, [len(by_x[x]) for x in xs])
         else:
             values = [min(by_x[x]) for x in xs]
             fitted = _tightest_bound(xs, values)
@@ -260,7 +260,7 @@ def _loo_error(
     for i in range(1, len(xs) - 1):
         rest_x = [x for j, x in enumerate(xs) if j != i]
         rest_y = [y for j, y in enumerate(values) if j != i]
-        fitted = _tightest_bound(rest_x, rest_y) if lower_envelope else _isotonic(rest_y, [1.0] * len(rest_y))
+        fitted = _tightest_bound(rest_x, rest_y) if lower_envelope else isotonic(rest_y, [1.0] * len(rest_y))
         model = StaircaseModel(tuple(_plateaus(rest_x, fitted, rel_tol, abs_tol)), tile, 0.0)
         if values[i] > 0:
             errors.append(abs(model.predict(xs[i]) - values[i]) / values[i])

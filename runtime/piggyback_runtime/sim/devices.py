@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel
+from piggyback_runtime.model.arch import ModelArch, synthetic_arch
+from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, isotonic
 
 GIB = 1 << 30
 GB = 1e9
@@ -153,6 +154,11 @@ class ModelShape:
     dtype_bytes: int = 2
     vidur_dir: str | None = None  # folder under profiling/compute/{gpu}/ with its measured timings
 
+    @classmethod
+    def from_arch(cls, name: str, arch: ModelArch, vidur_dir: str | None = None) -> ModelShape:
+        return cls(name, arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size, arch.num_attention_heads,
+                   arch.num_key_value_heads, arch.head_dim, arch.vocab_size, vidur_dir=vidur_dir)  # fmt: skip
+
     def kv_bytes_per_token_per_layer(self) -> int:
         """K and V of one token in one layer, all kv heads (the whole model, not one TP shard)."""
         return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
@@ -173,54 +179,17 @@ class ModelShape:
         return self.parameter_count() * self.dtype_bytes
 
 
-MODELS: dict[str, ModelShape] = {
-    "llama-2-7b": ModelShape(
-        name="llama-2-7b",
-        num_layers=32,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        vocab_size=32000,
-        vidur_dir="meta-llama/Llama-2-7b-hf",
-    ),
-    "llama-2-70b": ModelShape(
-        name="llama-2-70b",
-        num_layers=80,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-        vidur_dir="meta-llama/Llama-2-70b-hf",
-    ),
-    "codellama-34b": ModelShape(
-        name="codellama-34b",
-        num_layers=48,
-        hidden_size=8192,
-        intermediate_size=22016,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=32000,
-        vidur_dir="codellama/CodeLlama-34b-Instruct-hf",
-    ),
-    "llama-3-8b": ModelShape(
-        name="llama-3-8b",
-        num_layers=32,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        vidur_dir="meta-llama/Meta-Llama-3-8B",
-    ),
+# The shapes are the runtime's synthetic presets (model/arch.py: one place for architectures); the folders
+# are where ../shared/data/vidur keeps each one's measured timings.
+VIDUR_DIRS: dict[str, str] = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "codellama-34b": "codellama/CodeLlama-34b-Instruct-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
 }
-# Yi-34B has no measured timings; CodeLlama-34B is the nearest measured shape (48 layers, hidden 8192,
-# 64 heads, 8 kv heads), so "yi-34b" simulates as it.
+MODELS: dict[str, ModelShape] = {
+    name: ModelShape.from_arch(name, synthetic_arch(name), folder) for name, folder in VIDUR_DIRS.items()
+}
 MODEL_ALIASES: dict[str, str] = {"yi-34b": "codellama-34b"}
 
 
@@ -335,18 +304,6 @@ def read_dense_profile(data_dir: str | Path | None, gpu: str, shape: ModelShape,
     return [(n, statistics.median(by_tokens[n])) for n in sorted(by_tokens)]
 
 
-def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
-    """Non-decreasing least-squares fit (pool adjacent violators): a bigger message never reduces faster."""
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for v, w in zip(values, weights, strict=True):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            v2, w2, n2 = blocks.pop()
-            v1, w1, n1 = blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return [v for v, _, n in blocks for _ in range(int(n))]
-
-
 @dataclass(frozen=True)
 class AllReduceModel:
     """All-reduce seconds as a function of message bytes, from measured medians.
@@ -401,7 +358,7 @@ def read_all_reduce(
     for r in one_node:
         by_size.setdefault(float(r["size"]), []).append(float(r[col]) / 1e3)
     sizes = sorted(by_size)
-    fitted = _isotonic([statistics.median(by_size[s]) for s in sizes], [len(by_size[s]) for s in sizes])
+    fitted = isotonic([statistics.median(by_size[s]) for s in sizes], [len(by_size[s]) for s in sizes])
     mid = min(bisect.bisect_left(sizes, sizes[-1] / 2), len(sizes) - 2)
     slope = max(0.0, (fitted[-1] - fitted[mid]) / (sizes[-1] - sizes[mid])) if len(sizes) > 1 else 0.0
     return AllReduceModel(tuple(sizes), tuple(fitted), slope)

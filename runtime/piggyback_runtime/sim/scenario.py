@@ -164,8 +164,7 @@ def shape_for(model: str) -> devices.ModelShape:
         arch = ModelArch.from_hf_config(json.loads((folder / "config.json").read_text()), str(folder))
     else:
         return devices.resolve_model(model)
-    return devices.ModelShape(model, arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size,
-                              arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim, arch.vocab_size)
+    return devices.ModelShape.from_arch(model, arch)
 
 
 def build_device(config: DeviceConfig, base_dir: Path | None = None) -> devices.DeviceProfile:
