@@ -211,7 +211,7 @@ def test_host_attention_and_transfers(h100_70b: DeviceProfile) -> None:
         h100_70b.network_s(1.0)
     remote = DeviceProfile(h100_70b.gpu, h100_70b.host, h100_70b.shape, 4, h100_70b.latency_model, remote=REMOTE_1G4C)
     assert remote.remote_bandwidth_b_s() == pytest.approx(4 * 409.6e9 * 0.8)
-    assert remote.network_s(50e9) == pytest.approx(10e-6 + 1.0)  # 4 links × 12.5 GB/s
+    assert remote.network_s(50e9) == pytest.approx(10e-6 + 4.0)  # one message crosses one 12.5 GB/s link
     assert remote.host_kv_capacity_tokens() > h100_70b.host_kv_capacity_tokens()
 
 

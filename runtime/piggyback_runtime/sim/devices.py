@@ -451,13 +451,13 @@ class DeviceProfile:
         return r.count * r.dram_bandwidth_gb_s_per_node * GB * self.host.cpu_attention_efficiency
 
     def network_s(self, num_bytes: float) -> float:
-        """Sending `num_bytes` spread over all remote nodes' links, plus one message latency."""
+        """One message of `num_bytes` to or from one remote node: its link's latency and bandwidth."""
         if self.remote is None:
             raise ValueError("this profile has no remote CPU nodes")
         if num_bytes <= 0:
             return 0.0
         r = self.remote
-        return r.network_latency_s + num_bytes / (r.count * r.network_gb_s * GB)
+        return r.network_latency_s + num_bytes / (r.network_gb_s * GB)
 
     # -- capacities --------------------------------------------------------------------------------------------
     def gpu_kv_capacity_tokens(self, memory_utilization: float = 0.9) -> int:
