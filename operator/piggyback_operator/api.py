@@ -35,6 +35,7 @@ MSG_CLASS_IMMUTABLE = "class is immutable: delete and re-create the LLMService t
 MSG_URI_IMMUTABLE = "model.uri is immutable: create a new LLMService for another model"
 MSG_MIN_LE_MAX = "scaling.minReplicas must be less than or equal to scaling.maxReplicas"
 MSG_REPLICAS_IN_RANGE = "replicas must lie within scaling.minReplicas..scaling.maxReplicas"
+MSG_DEFAULT_LE_MAX_TOKENS = "limits.defaultMaxTokens must be less than or equal to limits.maxTokens"
 MSG_NAME_DNS_LABEL = (
     "metadata.name must be a DNS-1123 label of at most 63 characters (it is the model name clients send)"
 )
@@ -42,6 +43,8 @@ MSG_NAME_DNS_LABEL = (
 _DNS_LABEL_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 _URI_RE = r"^(file|pvc|synthetic)://.+$"
+_DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_SECRET_KEY_RE = r"^[-._a-zA-Z0-9]+$"
 
 
 def _cel(rule: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -123,6 +126,42 @@ class Resources(_Model):
     """Host memory this service adds to each replica (BE KV cache lives there), e.g. 64Gi."""
 
 
+class Limits(_Model):
+    """Output length per request: what a request that sends no `max_tokens` gets, and the most it may ask for."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.defaultMaxTokens) || !has(self.maxTokens) || self.defaultMaxTokens <= self.maxTokens",
+                    MSG_DEFAULT_LE_MAX_TOKENS,
+                )
+            ]
+        }
+    )
+    default_max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
+    """max_tokens of a request that sends none (default: what the context leaves, capped at maxTokens). A BE
+    request reserves host KV for prompt + max_tokens, so a modest default keeps BE requests from reserving the
+    whole context."""
+    max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
+    """The most max_tokens a request may ask for; above it the runtime answers 400 naming max_tokens."""
+
+    @model_validator(mode="after")
+    def _default_le_max(self) -> Limits:
+        if self.default_max_tokens and self.max_tokens and self.default_max_tokens > self.max_tokens:
+            raise ValueError(MSG_DEFAULT_LE_MAX_TOKENS)
+        return self
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the LLMService's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN_RE)]
+    """Secret name."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=_SECRET_KEY_RE)] = "api-key"
+    """Key within the Secret whose value is the API key."""
+
+
 class Toleration(_Model):
     key: Annotated[str, Field(max_length=253)] | None = None
     operator: Literal["Equal", "Exists"] = "Equal"
@@ -169,6 +208,13 @@ class LLMServiceSpec(_Model):
     scaling: Scaling | None = None
     resources: Resources = Resources()
     placement: Placement = Placement()
+    limits: Limits | None = None
+    api_key_secret_ref: SecretKeyRef | None = None
+    """When set, requests for this service need `Authorization: Bearer <the Secret's key>` (OpenAI clients send
+    their api_key so). The operator never reads the Secret: the runtime pod gets it as an environment variable."""
+    drain_timeout_seconds: Annotated[int, Field(ge=0, le=3600)] | None = None
+    """On shutdown, how long in-flight requests get to finish (default 20). The pool drains for the longest of
+    its members' values; the pod's terminationGracePeriodSeconds is set above it."""
 
     @model_validator(mode="after")
     def _rules(self) -> LLMServiceSpec:

@@ -80,6 +80,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     memo.status_locks = defaultdict(asyncio.Lock)
     memo.admitted = defaultdict(dict)  # pool key -> {name: Member} admitted by this process, ahead of the index
     memo.rendered = {}  # pool key -> signature of what was last applied
+    try:
+        memo.network_policy = pools.NetworkPolicySettings.from_env()
+    except ValueError as exc:
+        raise kopf.PermanentError(f"network policy settings: {exc}") from None
     logger.info("piggyback operator configured: scrape every %ss, retry after %ss", SCRAPE_INTERVAL_S, RETRY_DELAY_S)
 
 
@@ -191,6 +195,8 @@ async def apply_pool(
     except ValueError as exc:  # RuntimeConfig refused the rendering: a spec the runtime cannot serve
         raise kopf.PermanentError(f"pool {pool} cannot be rendered: {exc}") from None
     await memo.kube.apply(configmap)
+    if memo.network_policy.enabled:  # before the pods exist, so no pod ever runs unprotected
+        await memo.kube.apply(pools.render_network_policy(pool, namespace, members, memo.network_policy))
     await memo.kube.apply(deployment)
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
@@ -218,16 +224,26 @@ def observed_conditions(
     scheduled = sorted({p.node for p in pods if p.node})
     placed_count = sum(1 for p in pods if p.node)
     ready = sum(1 for p in pods if p.endpoint)
+    # A pod the kubelet still calls ready may have a dead runtime (killed, hung) until its probes fail: the
+    # last scrape knows sooner, so a ready pod that did not answer it does not count as serving.
+    silent = sorted(p.endpoint for p in pods if p.endpoint and figures and p.endpoint in figures.failed)
+    answering = ready - len(silent)
     on_nodes = f"pool {member.pool}: {placed_count}/{replicas} replicas on {', '.join(scheduled)}"
     placed = (
         Cond("Placed", TRUE, "Scheduled", on_nodes)
         if scheduled else
         Cond("Placed", FALSE, "Pending", f"pool {member.pool}: no replica scheduled onto a GPU node yet")
     )  # fmt: skip
-    runtime_ready = (
-        Cond("RuntimeReady", TRUE, "ReplicasReady", f"{ready}/{replicas} runtime replicas ready")
-        if ready else Cond("RuntimeReady", FALSE, "NoReadyReplicas", f"0/{replicas} runtime replicas ready")
-    )  # fmt: skip
+    not_answering = f"; not answering /metrics: {', '.join(silent)}" if silent else ""
+    if answering:
+        runtime_ready = Cond("RuntimeReady", TRUE, "ReplicasReady",
+                             f"{answering}/{replicas} runtime replicas ready{not_answering}")
+    elif ready:
+        errors = "; ".join(figures.errors) if figures else ""
+        runtime_ready = Cond("RuntimeReady", FALSE, "RuntimeNotResponding",
+                             f"{ready}/{replicas} replicas are ready pods but no runtime answers: {errors}")
+    else:
+        runtime_ready = Cond("RuntimeReady", FALSE, "NoReadyReplicas", f"0/{replicas} runtime replicas ready")
     return [admitted, placed, runtime_ready, slo_condition(member, figures)]
 
 
@@ -326,8 +342,9 @@ async def write_status(
             except Conflict:
                 continue
             return old_conditions, status["conditions"]
-        logger.warning("status of %s/%s kept changing underneath; will retry", member.namespace, member.name)
-        return None
+        # Returning would lose this status (nothing else writes Admitted): let kopf retry the handler.
+        raise kopf.TemporaryError(f"status of {member.namespace}/{member.name} kept changing underneath (409)",
+                                  delay=min(RETRY_DELAY_S, 5.0))
 
 
 # --- handlers ----------------------------------------------------------------------------------------
@@ -342,9 +359,11 @@ def _count_errors(handler: str, exc: BaseException) -> None:
     t.RECONCILE_ERRORS.labels(handler, kind).inc()
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE)
+# backoff: how long kopf waits before retrying a handler that failed unexpectedly (API errors the client's own
+# retries did not absorb); kopf's default is 60 s.
+@kopf.on.resume(*RESOURCE, backoff=RETRY_DELAY_S)
+@kopf.on.create(*RESOURCE, backoff=RETRY_DELAY_S)
+@kopf.on.update(*RESOURCE, backoff=RETRY_DELAY_S)
 async def reconcile(
     body: kopf.Body,
     old: Any,
@@ -453,7 +472,7 @@ async def _report_invalid(body: Mapping[str, Any], memo: kopf.Memo, message: str
         logger.info("status changed while reporting an invalid spec; the retry will report it")
 
 
-@kopf.on.delete(*RESOURCE)
+@kopf.on.delete(*RESOURCE, backoff=RETRY_DELAY_S)
 async def release(
     body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, members_by_pool: kopf.Index, **_: Any
 ) -> None:

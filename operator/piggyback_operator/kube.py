@@ -3,23 +3,39 @@
 Children are written with server-side apply under one field manager, so a re-render (or a restarted
 operator rendering the same bodies) is a no-op, and a field this operator stops setting is removed. The
 client is synchronous; calls run in worker threads so that kopf's event loop keeps serving other objects.
+
+Transient API failures (5xx, 429, timeouts, a dropped connection) are retried here with exponential backoff
+and jitter, a few seconds in all, before the handler fails and kopf retries it later: an API server restart
+or a slow etcd should not cost a reconcile a whole handler retry delay. Every write is safe to repeat: applies
+are idempotent, and a status patch carries the resourceVersion it was computed from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from piggyback_operator.api import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "piggyback-operator"
 APPLY = "application/apply-patch+yaml"
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKOFF_S = 0.2  # the first retry's delay; doubled per attempt up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 5.0
+logger = logging.getLogger(__name__)
+
+
+def api_timeout_s() -> float:
+    return float(os.environ.get("PIGGYBACK_API_TIMEOUT_S", "30"))
 
 
 class Conflict(Exception):
@@ -36,31 +52,74 @@ def load_client_config() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
+def _retry_after(exc: ApiException) -> float | None:
+    try:
+        return float((exc.headers or {}).get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
 class Kube:
-    def __init__(self, api_client: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        timeout_s: float | None = None,
+        attempts: int = 6,
+        backoff_s: float = BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+    ) -> None:
         self.api_client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.timeout_s = timeout_s
+        self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
 
     def close(self) -> None:
         self.api_client.close()
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, _request_timeout=self.timeout_s, **kwargs)
+    async def _call(self, fn: Callable[..., Any], *args: Any, retry_conflict: bool = False, **kwargs: Any) -> Any:
+        """`fn` in a worker thread; transient failures (and 409 where `retry_conflict`) retried with backoff."""
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await asyncio.to_thread(fn, *args, _request_timeout=self.timeout_s, **kwargs)
+            except ApiException as exc:
+                transient = exc.status in TRANSIENT_STATUSES or (retry_conflict and exc.status == 409)
+                if not transient or attempt == self.attempts:
+                    raise
+                wait = max(delay, _retry_after(exc) or 0.0)
+                reason = f"HTTP {exc.status} {exc.reason}"
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # timeouts, refused or dropped connections
+                if attempt == self.attempts:
+                    raise
+                wait, reason = delay, f"{type(exc).__name__}: {exc}"
+            wait = min(wait, self.max_backoff_s) * random.uniform(0.8, 1.2)  # jitter: retries do not align
+            logger.warning("%s failed (attempt %d/%d, %s); retrying in %.2fs",
+                           getattr(fn, "__name__", fn), attempt, self.attempts, reason, wait)  # fmt: skip
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.max_backoff_s)
+        raise AssertionError("unreachable")
 
     async def apply(self, body: dict[str, Any]) -> None:
-        """Server-side apply of a ConfigMap, Service or Deployment body (force: this operator owns them)."""
+        """Server-side apply of a child body (force: this operator owns them).
+
+        A 409 is retried too: an apply that creates races with another creating the same object (e.g. this
+        operator's previous process, whose request was still in flight); applied again, it is an update.
+        """
         patchers = {
             "ConfigMap": self.core.patch_namespaced_config_map,
             "Service": self.core.patch_namespaced_service,
             "Deployment": self.apps.patch_namespaced_deployment,
+            "NetworkPolicy": self.networking.patch_namespaced_network_policy,
         }
         meta = body["metadata"]
         await self._call(
             patchers[body["kind"]], meta["name"], meta["namespace"], body,
-            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY, retry_conflict=True,
         )  # fmt: skip
 
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:

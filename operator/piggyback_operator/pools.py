@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from piggyback_operator.api import API_VERSION, KIND, LLMServiceSpec, Toleration
@@ -31,6 +32,13 @@ RUNTIME_PORT = 8000
 PVC_MOUNT_ROOT = "/models"  # where pvc://CLAIM/PATH is mounted; the runtime reads PIGGYBACK_PVC_MOUNT_ROOT
 BASE_MEMORY_BYTES = 4 * 2**30  # the runtime process itself: weights staging, tokenizer, Python
 BASE_CPU_CORES = 1
+RUNTIME_UID = 10001  # the image's `piggyback` user (Dockerfile)
+CACHE_DIR = "/var/cache/piggyback"  # emptyDir: the CPU-attention kernel build and the latency profile
+# The runtime's default (ServerConfig.drain_timeout_s), repeated so the grace period is derived from one number.
+DEFAULT_DRAIN_TIMEOUT_S = 20
+# The runtime exits within drain_timeout_s + 5 s (it fails what is left, then stops its workers); the other
+# 10 s cover process start-up of the teardown and a loaded node, so the kubelet's SIGKILL never cuts the drain.
+GRACE_MARGIN_S = 15
 
 
 def runtime_image() -> str:
@@ -79,6 +87,21 @@ def owner_reference(member: Member, controller: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def api_key_env(service: str) -> str:
+    """The environment variable holding a service's API key: PIGGYBACK_API_KEY_<NAME>, '-' as '_'."""
+    return "PIGGYBACK_API_KEY_" + service.upper().replace("-", "_")
+
+
+def drain_timeout_s(members: Sequence[Member]) -> int:
+    """The pool drains for the longest any member asked for: one process serves them all."""
+    asked = [m.spec.drain_timeout_seconds for m in members if m.spec.drain_timeout_seconds is not None]
+    return max(asked) if asked else DEFAULT_DRAIN_TIMEOUT_S
+
+
+def termination_grace_period_s(members: Sequence[Member]) -> int:
+    return math.ceil(drain_timeout_s(members)) + GRACE_MARGIN_S
+
+
 def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
     """The RuntimeConfig of a pool whose admitted members are `members` (all of one model)."""
     members = ordered(members)
@@ -91,6 +114,13 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
                 "ttft_ms": m.spec.slo.ttft_ms, "tpot_ms": m.spec.slo.tpot_ms,
                 "attainment_target": m.spec.slo.attainment_target,
             }  # fmt: skip
+        if m.spec.limits is not None:
+            if m.spec.limits.default_max_tokens is not None:
+                service["default_max_tokens"] = m.spec.limits.default_max_tokens
+            if m.spec.limits.max_tokens is not None:
+                service["max_tokens_limit"] = m.spec.limits.max_tokens
+        if m.spec.api_key_secret_ref is not None:
+            service["api_key_env"] = api_key_env(m.name)
         services.append(service)
     return RuntimeConfig.from_dict(
         {
@@ -100,7 +130,7 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
             },
             "services": services,
             "piggyback": piggyback_section(members),
-            "server": {"host": "0.0.0.0", "port": RUNTIME_PORT},
+            "server": {"host": "0.0.0.0", "port": RUNTIME_PORT, "drain_timeout_s": drain_timeout_s(members)},
         },
         source=f"pool {members[0].pool}",
     )
@@ -163,14 +193,17 @@ def labels(pool: str) -> dict[str, str]:
 
 
 def _volumes(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # The root filesystem is read-only; these are the only places the runtime writes.
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": "", "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # torch shares tensors through /dev/shm
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     if uri.startswith("pvc://"):
@@ -178,6 +211,35 @@ def _volumes(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
     return volumes, mounts
+
+
+def runtime_env(members: Sequence[Member]) -> list[dict[str, Any]]:
+    """The runtime container's environment: writable cache paths, and each service's API key from its Secret."""
+    env: list[dict[str, Any]] = [
+        {"name": "PIGGYBACK_PVC_MOUNT_ROOT", "value": PVC_MOUNT_ROOT},
+        # A read-only root: HOME and every cache the runtime fills point into emptyDirs. XDG_CACHE_HOME holds
+        # the CPU-attention kernel build (cpu_attention._cache_root) and torch's caches.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "PIGGYBACK_PROFILE_DIR", "value": f"{CACHE_DIR}/profiles"},
+    ]
+    for m in sorted(members, key=lambda m: m.name):
+        ref = m.spec.api_key_secret_ref
+        if ref is not None:
+            # Not optional: a missing Secret keeps the pod from starting (CreateContainerConfigError) rather
+            # than serving an unauthenticated endpoint the owner meant to protect.
+            env.append({"name": api_key_env(m.name),
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": False}}})
+    return env
+
+
+def container_security_context() -> dict[str, Any]:
+    """Pod Security Standards "restricted", repeated on the container so it holds whatever the pod says."""
+    return {
+        "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    }  # fmt: skip
 
 
 def render_children(
@@ -207,7 +269,7 @@ def render_children(
         "image": runtime_image(),
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
-        "env": [{"name": "PIGGYBACK_PVC_MOUNT_ROOT", "value": PVC_MOUNT_ROOT}],
+        "env": runtime_env(members),
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, GPU_RESOURCE: gpus},
@@ -217,10 +279,7 @@ def render_children(
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
         # Loading weights takes minutes on large models; liveness starts counting after this succeeds.
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
-        "securityContext": {
-            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
     deployment = {
@@ -238,9 +297,13 @@ def render_children(
                 "metadata": {"labels": pool_labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
                 "spec": {
                     "securityContext": {
-                        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
+                        "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+                        "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    # On SIGTERM the runtime drains for drain_timeout_s and exits within 5 s more; SIGKILL
+                    # comes only after this. No preStop hook: see operator/README.md (Shutdown).
+                    "terminationGracePeriodSeconds": termination_grace_period_s(members),
+                    "automountServiceAccountToken": False,  # the runtime never talks to the API server
                     "nodeSelector": selector,
                     "tolerations": tolerations,
                     "containers": [container],
@@ -251,6 +314,91 @@ def render_children(
         },
     }  # fmt: skip
     return configmap, deployment
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` as matchLabels; an empty string is an empty selector (everything)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label selector {text!r}: {part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class NetworkPolicySettings:
+    """Who may reach runtime pods besides the pool's own namespace; the operator's environment sets it."""
+
+    enabled: bool = True
+    client_namespaces: Mapping[str, str] = field(default_factory=lambda: {"piggyback.dev/llm-clients": "true"})
+    router_pods: Mapping[str, str] = field(default_factory=lambda: {LABEL_COMPONENT: "router"})
+    operator_namespace: str = "piggyback-system"
+    operator_pods: Mapping[str, str] = field(default_factory=lambda: {"app.kubernetes.io/name": "piggyback-operator"})
+    prometheus_namespaces: Mapping[str, str] = field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"})
+    prometheus_pods: Mapping[str, str] = field(default_factory=lambda: {"app.kubernetes.io/name": "prometheus"})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NetworkPolicySettings:
+        env = os.environ if env is None else env
+        default = cls()
+
+        def selector(name: str, fallback: Mapping[str, str]) -> Mapping[str, str]:
+            return parse_selector(env[name]) if name in env else fallback
+
+        return cls(
+            enabled=env.get("PIGGYBACK_NETWORK_POLICY", "true").lower() not in ("false", "0", "no", "off"),
+            client_namespaces=selector("PIGGYBACK_CLIENT_NAMESPACE_SELECTOR", default.client_namespaces),
+            router_pods=selector("PIGGYBACK_ROUTER_POD_SELECTOR", default.router_pods),
+            operator_namespace=env.get("PIGGYBACK_OPERATOR_NAMESPACE") or default.operator_namespace,
+            operator_pods=selector("PIGGYBACK_OPERATOR_POD_SELECTOR", default.operator_pods),
+            prometheus_namespaces=selector("PIGGYBACK_PROMETHEUS_NAMESPACE_SELECTOR", default.prometheus_namespaces),
+            prometheus_pods=selector("PIGGYBACK_PROMETHEUS_POD_SELECTOR", default.prometheus_pods),
+        )  # fmt: skip
+
+
+def render_network_policy(
+    pool: str, namespace: str, members: Sequence[Member], settings: NetworkPolicySettings
+) -> dict[str, Any]:
+    """Ingress to the pool's pods on the runtime port from clients, the router, the operator and Prometheus only.
+
+    Rendered per pool (not shipped in manifests/) because runtime pods live in the LLMServices' namespaces,
+    which the install does not know; owned like the pool's other children, it goes when the pool goes.
+    """
+    def peer(namespaces: Mapping[str, str] | None, pods: Mapping[str, str] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if namespaces is not None:
+            out["namespaceSelector"] = {"matchLabels": dict(namespaces)}
+        if pods is not None:
+            out["podSelector"] = {"matchLabels": dict(pods)}
+        return out
+
+    # kubernetes.io/metadata.name is set by the API server on every namespace: it names one namespace.
+    operator_namespace = {"kubernetes.io/metadata.name": settings.operator_namespace}
+    peers = [
+        peer({"kubernetes.io/metadata.name": namespace}, None),  # the LLMServices' own namespace (and its router)
+        peer(settings.client_namespaces, None) if settings.client_namespaces else None,  # {} would mean all
+        peer(operator_namespace, settings.router_pods),  # a router installed next to the operator
+        peer(operator_namespace, settings.operator_pods),  # the operator scrapes /metrics for admission and status
+        peer(settings.prometheus_namespaces, settings.prometheus_pods),
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {
+            "name": pool, "namespace": namespace, "labels": labels(pool),
+            "ownerReferences": [owner_reference(m, controller=False) for m in ordered(members)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_POOL: pool}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [p for p in peers if p is not None],
+                "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}],
+            }],
+        },
+    }  # fmt: skip
 
 
 def render_service(member: Member) -> dict[str, Any]:

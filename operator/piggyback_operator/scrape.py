@@ -107,6 +107,7 @@ class PoolFigures:
     headroom_rps: float | None  # None: no pod exports the headroom metric
     host_kv_free_bytes: float | None
     errors: tuple[str, ...] = ()
+    failed: frozenset[str] = frozenset()  # endpoints that did not answer this scrape
 
     def service(self, name: str) -> ServiceFigures | None:
         return self.services.get(name)
@@ -194,14 +195,16 @@ class PoolScraper:
             results = await asyncio.gather(*(self._scrape(e) for e in endpoints), return_exceptions=True)
             now: dict[str, PodSample] = {}
             errors: list[str] = []
+            failed: set[str] = set()
             for endpoint, result in zip(endpoints, results, strict=True):
                 if isinstance(result, BaseException):
                     errors.append(f"{endpoint}: {type(result).__name__}: {result}".rstrip(": "))
+                    failed.add(endpoint)
                 else:
                     now[endpoint] = result
             at = time.monotonic()
             figures = aggregate(now, self._last.get(pool, {}), at)
-            figures = PoolFigures(**{**figures.__dict__, "errors": tuple(errors)})
+            figures = PoolFigures(**{**figures.__dict__, "errors": tuple(errors), "failed": frozenset(failed)})
             self._last[pool] = {**{k: v for k, v in self._last.get(pool, {}).items() if k in endpoints}, **now}
             self._figures[pool] = figures
             return figures

@@ -16,13 +16,17 @@ from typing import Any
 # Fast timers and retries; read by piggyback_operator.handlers at import, so set before importing it.
 os.environ.setdefault("PIGGYBACK_SCRAPE_INTERVAL_S", "1")
 os.environ.setdefault("PIGGYBACK_RETRY_DELAY_S", "1")
+# The operator's API client gives up on a request after this long (and retries): the fault tests hold
+# responses past it. Long enough that a loaded 2-core machine does not time out ordinary requests.
+os.environ.setdefault("PIGGYBACK_API_TIMEOUT_S", "3")
 
 import httpx
 import kmock
 import kopf
 import pytest
 import yaml
-from emulated_apiserver import ApiServer
+from emulated_apiserver import OPERATOR_TOKEN, ApiServer
+from rbac import missing_permissions
 
 import piggyback_operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 from piggyback_operator import pools
@@ -42,6 +46,7 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True),
     "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True),
+    "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False),
 }
@@ -122,6 +127,9 @@ class Cluster:
     def service(self, name: str) -> dict[str, Any] | None:
         return self.api.live("v1/services", NAMESPACE, name)
 
+    def network_policy(self, pool: str) -> dict[str, Any] | None:
+        return self.api.live("networking.k8s.io/v1/networkpolicies", NAMESPACE, pool)
+
     def events(self, reason: str) -> list[dict[str, Any]]:
         return [e for e in self.api.all("v1/events", NAMESPACE) if e.get("reason") == reason]
 
@@ -132,6 +140,18 @@ class Cluster:
         for name in names:
             await self._request("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}")
         return names
+
+    async def set_pod_ready(self, name: str, ready: bool, restarted: bool = False) -> None:
+        """Be the kubelet: a failing readiness probe marks the pod not ready; a restarted container counts."""
+        pod = self.api.live("v1/pods", NAMESPACE, name)
+        assert pod is not None, f"no pod {name}"
+        statuses = pod["status"].get("containerStatuses") or [{"name": "runtime", "restartCount": 0}]
+        if restarted:
+            statuses = [{**c, "restartCount": c.get("restartCount", 0) + 1} for c in statuses]
+        await self._request("PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}", {"status": {
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [{**c, "ready": ready} for c in statuses],
+        }}, "application/merge-patch+json")  # fmt: skip
 
     async def run_replicas(self, pool: str, node: str, port: int, count: int | None = None) -> list[str]:
         """Be the Deployment controller, the scheduler and the kubelet: ready pods of the pool's template,
@@ -173,7 +193,7 @@ async def apiserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
             "clusters": [{"name": "kmock", "cluster": {"server": f"http://127.0.0.1:{server.port}"}}],
-            "users": [{"name": "kmock", "user": {"token": "test"}}],
+            "users": [{"name": "kmock", "user": {"token": OPERATOR_TOKEN}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
         }))  # fmt: skip
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
@@ -181,6 +201,10 @@ async def apiserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
             assert r.status == 200, await r.text()
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield api
+    # Every scenario doubles as an RBAC check: what the operator called must be granted by its ClusterRole.
+    missing = missing_permissions(api.operator_calls())
+    assert not missing, "the operator made calls manifests/base/rbac.yaml does not grant:\n" + "\n".join(
+        f"  {perm}: e.g. {call.method} {call.path}" for perm, call in sorted(missing.items()))
 
 
 @pytest.fixture
@@ -188,38 +212,54 @@ def cluster(apiserver: ApiServer) -> Cluster:
     return Cluster(apiserver)
 
 
-@contextlib.asynccontextmanager
-async def running_operator() -> AsyncIterator[None]:
-    """The real kopf operator with the real handlers, until the block ends.
+class OperatorThread:
+    """The real kopf operator with the real handlers, in its own thread and event loop.
 
-    It runs in its own thread and event loop, as kopf's KopfRunner does: on exit, kopf cancels every task
-    its loop spawned while it ran, which must not include the emulated API server's or the test's.
+    As kopf's KopfRunner does: on exit, kopf cancels every task its loop spawned while it ran, which must not
+    include the emulated API server's or the test's. Stopping is what SIGTERM does to the operator's pod:
+    kopf gives running handlers `settings.queueing.exit_timeout` (2 s) to finish, then cancels them.
     """
-    settings = kopf.OperatorSettings()
-    settings.watching.reconnect_backoff = 0.1
-    stop, ready = threading.Event(), threading.Event()
-    failures: list[BaseException] = []
 
-    def run() -> None:
+    def __init__(self) -> None:
+        self.settings = kopf.OperatorSettings()
+        self.settings.watching.reconnect_backoff = 0.1
+        self._stop, self._ready = threading.Event(), threading.Event()
+        self.failures: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
+
+    def _run(self) -> None:
         try:
             asyncio.run(kopf.operator(
-                clusterwide=True, standalone=True, settings=settings, stop_flag=stop, ready_flag=ready,
-                memo=kopf.Memo(),
+                clusterwide=True, standalone=True, settings=self.settings, stop_flag=self._stop,
+                ready_flag=self._ready, memo=kopf.Memo(),
             ))  # fmt: skip
         except BaseException as exc:  # reported by the test, not lost in the thread
-            failures.append(exc)
+            self.failures.append(exc)
 
-    thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
-    thread.start()
+    async def start(self) -> None:
+        self._thread.start()
+        assert await asyncio.to_thread(self._ready.wait, 20), f"the operator did not start: {self.failures}"
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 30)
+        assert not self._thread.is_alive(), "the operator did not stop within 30s"
+        if self.failures:
+            raise self.failures[0]
+
+
+@contextlib.asynccontextmanager
+async def running_operator() -> AsyncIterator[OperatorThread]:
+    """The real kopf operator with the real handlers, until the block ends."""
+    op = OperatorThread()
+    await op.start()
     try:
-        assert await asyncio.to_thread(ready.wait, 20), f"the operator did not start: {failures}"
-        yield
+        yield op
     finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 30)
-    assert not thread.is_alive(), "the operator did not stop within 30s"
-    if failures:
-        raise failures[0]
+        await op.stop()
 
 
 @pytest.fixture
@@ -228,36 +268,54 @@ async def operator(apiserver: ApiServer) -> AsyncIterator[None]:
         yield
 
 
+def _start_fake_runtime(port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "fake_runtime.py"), "--port", str(port)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("PORT "), f"fake runtime did not start: {line!r}"
+    return process, int(line.split()[1])
+
+
 class Runtime:
     """A runtime-like HTTP process on 127.0.0.1 whose /metrics figures the test sets."""
 
     def __init__(self, process: subprocess.Popen[str], port: int) -> None:
         self.process = process
         self.port = port
+        self.processes = [process]  # every process this runtime has been, for cleanup
 
     def set(self, **control: Any) -> None:
         httpx.post(f"http://127.0.0.1:{self.port}/control", json=control, timeout=5).raise_for_status()
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a crash would: no goodbye, the port stops answering."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """The container restarted: a new process on the same port, with fresh (empty) metrics."""
+        self.process, port = _start_fake_runtime(self.port)
+        self.processes.append(self.process)
+        assert port == self.port
+
 
 @pytest.fixture
 def runtime_factory() -> Iterator[Callable[[], Runtime]]:
-    started: list[subprocess.Popen[str]] = []
+    started: list[Runtime] = []
 
     def start() -> Runtime:
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_runtime.py")], stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )  # fmt: skip
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("PORT "), f"fake runtime did not start: {line!r}"
-        return Runtime(process, int(line.split()[1]))
+        runtime = Runtime(*_start_fake_runtime())
+        started.append(runtime)
+        return runtime
 
     yield start
-    for process in started:
-        process.terminate()
-        process.wait(timeout=10)
+    for process in (p for runtime in started for p in runtime.processes):
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -7,19 +7,26 @@ metadata.resourceVersion is stale (409); filters lists and watches by label sele
 apply patches (create when absent); and, through the garbage collector, deletes dependents whose owners
 are all gone and drops owner references to deleted owners. Everything here is what those do, simplified:
 server-side apply treats this operator as the only manager of the fields it applies.
+
+For the RBAC and fault tests it also records every request (who sent it, method, path) as the API server's
+audit log would, and injects faults into matching requests: an error status instead of executing, a
+response held back after executing (the client times out though the write landed), or a request held until
+the test releases it (the sender is stopped meanwhile), then executed or dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import itertools
 import json
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import jsonpatch
@@ -83,10 +90,99 @@ def _conflict(message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=409, reason="Conflict", message=message)
 
 
+OPERATOR_TOKEN = "operator"  # the kubeconfig's bearer token: requests carrying it are the operator's
+_REASONS = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+            504: "Timeout"}
+
+
+def _header(request: rendering.Request, name: str) -> str:
+    return next((v for k, v in request.headers.items() if k.lower() == name.lower()), "")
+
+
+@attrs.frozen
+class Call:
+    """One request as an audit log records it."""
+
+    user: str  # "operator" or "test" (the test's own hands on the cluster)
+    agent: str  # the User-Agent's product: "kopf" or the kubernetes client's "OpenAPI-Generator"
+    method: str
+    path: str
+    watch: bool
+    content_type: str
+    at: float = attrs.field(factory=time.monotonic, eq=False)  # when it arrived
+
+    def permissions(self) -> set[tuple[str, str, str]]:
+        """(apiGroup, resource[/subresource], verb) an RBAC authorizer checks for it; empty for discovery."""
+        m = re.fullmatch(r"/api/v1/(.+)|/apis/([^/]+)/[^/]+/(.+)", self.path)
+        if m is None:
+            return set()  # /api, /apis, /apis/<group>[/<version>], /version: discovery, granted to everyone
+        group, rest = ("", m[1]) if m[1] is not None else (m[2], m[3])
+        parts = rest.split("/")
+        if parts[0] == "namespaces" and len(parts) >= 3:
+            parts = parts[2:]  # namespaced: /namespaces/<ns>/<resource>[/<name>[/<subresource>]]
+        resource, named = parts[0], len(parts) >= 2
+        if len(parts) >= 3:
+            resource = f"{resource}/{parts[2]}"
+        verbs = {
+            "GET": {"get"} if named else {"watch"} if self.watch else {"list"},
+            "POST": {"create"}, "PUT": {"update"}, "PATCH": {"patch"},
+            "DELETE": {"delete"} if named else {"deletecollection"},
+        }[self.method]  # fmt: skip
+        if self.method == "PATCH" and self.content_type.startswith(_APPLY):
+            verbs = {"patch", "create"}  # server-side apply creates when absent: both are checked then
+        return {(group, resource, verb) for verb in verbs}
+
+
+SESSION_CALLS: list[Call] = []  # every ApiServer's calls in this pytest session, for the RBAC comparison
+
+
+@attrs.define(kw_only=True)
+class Fault:
+    """Requests of `user` whose method is in `methods` and whose path matches `path` fail as `mode` says.
+
+    - "status": answer `status` without executing, the first `times` matches;
+    - "late": execute, then hold the response `delay_s` (past the client's timeout), the first `times` matches;
+    - "hold": from the first match until `release()`, hold every match, then execute them ("land") or answer
+      500 without executing ("drop").
+    """
+
+    methods: frozenset[str]
+    path: re.Pattern[str]
+    mode: Literal["status", "late", "hold"]
+    status: int = 500
+    times: int = 1
+    delay_s: float = 0.0
+    then: Literal["land", "drop"] = "land"
+    user: str = OPERATOR_TOKEN
+    hits: list[Call] = attrs.field(factory=list)
+    _released: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    def matches(self, call: Call) -> bool:
+        if call.user != self.user or call.method not in self.methods or not self.path.search(call.path):
+            return False
+        if self.mode == "hold":
+            return not self._released.is_set()
+        return len(self.hits) < self.times
+
+    def release(self) -> None:
+        self._released.set()
+
+
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     _versions: Iterable[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
+    calls: list[Call] = attrs.field(factory=list, init=False)
+    faults: list[Fault] = attrs.field(factory=list, init=False)
+
+    def inject(self, methods: str, path: str, mode: Literal["status", "late", "hold"], **kwargs: Any) -> Fault:
+        """Add a fault for `methods` ("PATCH" or "POST,PATCH") on paths matching the regexp `path`."""
+        fault = Fault(methods=frozenset(methods.split(",")), path=re.compile(path), mode=mode, **kwargs)
+        self.faults.append(fault)
+        return fault
+
+    def operator_calls(self) -> list[Call]:
+        return [c for c in self.calls if c.user == OPERATOR_TOKEN]
 
     # --- helpers ---
 
@@ -157,6 +253,34 @@ class ApiServer(kmock.KubernetesEmulator):
     # --- request handling ---
 
     async def _handle(self, request: rendering.Request) -> Any:
+        authorization = _header(request, "Authorization")
+        call = Call(
+            user=authorization.removeprefix("Bearer ") if authorization else "test",
+            agent=_header(request, "User-Agent").split("/")[0],
+            method=request.method.value,
+            path=request.url.path,
+            watch=request.params.get("watch", "").lower() in ("true", "1"),
+            content_type=_header(request, "Content-Type"),
+        )  # fmt: skip
+        self.calls.append(call)
+        SESSION_CALLS.append(call)
+        fault = next((f for f in self.faults if f.matches(call)), None)
+        if fault is None:
+            return await self._execute(request)
+        fault.hits.append(call)
+        if fault.mode == "status":
+            raise kmock.KubernetesError(status=fault.status, reason=_REASONS.get(fault.status, "InternalError"),
+                                        message=f"injected fault: HTTP {fault.status}")
+        if fault.mode == "late":
+            response = await self._execute(request)
+            await asyncio.sleep(fault.delay_s)
+            return response
+        await fault._released.wait()
+        if fault.then == "drop":
+            raise kmock.KubernetesError(status=500, reason="InternalError", message="injected fault: dropped")
+        return await self._execute(request)
+
+    async def _execute(self, request: rendering.Request) -> Any:
         if request.resource is None or request.action not in (
             kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE
         ):

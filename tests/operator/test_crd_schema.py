@@ -119,7 +119,8 @@ def test_defaults_fill_in_what_a_minimal_be_spec_leaves_out():
     ({"slo": None}, api.MSG_LS_NEEDS_SLO),
     ({"scaling": {"minReplicas": 3, "maxReplicas": 2}, "replicas": 3}, api.MSG_MIN_LE_MAX),
     ({"replicas": 4}, api.MSG_REPLICAS_IN_RANGE),
-], ids=["ls-without-slo", "min-above-max", "replicas-outside-scaling"])
+    ({"limits": {"defaultMaxTokens": 4096, "maxTokens": 1024}}, api.MSG_DEFAULT_LE_MAX_TOKENS),
+], ids=["ls-without-slo", "min-above-max", "replicas-outside-scaling", "default-max-tokens-above-max"])
 def test_cel_rules_reject_inconsistent_specs_with_a_message_a_person_can_act_on(change, message):
     spec = {k: v for k, v in {**LS, **change}.items() if v is not None}
     assert admit(spec) == [message]
@@ -148,10 +149,31 @@ def test_other_fields_may_change():
     ({"resources": {"gpus": 0}}, "spec.resources.gpus"),
     ({"resources": {"hostMemory": "lots"}}, "spec.resources.hostMemory"),
     ({"placement": {"pool": "Not_A_Label"}}, "spec.placement.pool"),
-], ids=["ttft-zero", "attainment-above-one", "uri-scheme", "class-enum", "no-gpus", "memory-quantity", "pool-name"])
+    ({"limits": {"maxTokens": 0}}, "spec.limits.maxTokens"),
+    ({"apiKeySecretRef": {"name": "Keys_For_Chat"}}, "spec.apiKeySecretRef.name"),
+    ({"apiKeySecretRef": {"key": "api-key"}}, "spec.apiKeySecretRef"),
+    ({"drainTimeoutSeconds": 3601}, "spec.drainTimeoutSeconds"),
+    ({"drainTimeoutSeconds": -1}, "spec.drainTimeoutSeconds"),
+], ids=["ttft-zero", "attainment-above-one", "uri-scheme", "class-enum", "no-gpus", "memory-quantity", "pool-name",
+        "max-tokens-zero", "secret-name", "secret-without-name", "drain-too-long", "drain-negative"])
 def test_the_schema_bounds_reject_out_of_range_values(change, field):
     errors = admit({**LS, **change})
     assert errors and errors[0].startswith(field + ":"), errors
+
+
+@pytest.mark.parametrize("limits", [{"defaultMaxTokens": 512, "maxTokens": 512}, {"defaultMaxTokens": 64},
+                                    {"maxTokens": 8192}, {}], ids=["equal", "default-only", "max-only", "empty"])
+def test_limits_are_accepted_when_the_default_does_not_exceed_the_maximum(limits):
+    assert admit({**LS, "limits": limits}) == []
+    api.LLMServiceSpec.model_validate({**LS, "limits": limits})
+
+
+def test_an_api_key_secret_ref_names_a_secret_whose_key_defaults_to_api_key():
+    spec = with_defaults(SCHEMA, {"spec": {**LS, "apiKeySecretRef": {"name": "chat-keys"}}})["spec"]
+    assert spec["apiKeySecretRef"] == {"name": "chat-keys", "key": "api-key"}
+    assert admit({**LS, "apiKeySecretRef": {"name": "chat-keys", "key": "token.txt"}, "drainTimeoutSeconds": 60}) == []
+    parsed = api.LLMServiceSpec.model_validate({**LS, "apiKeySecretRef": {"name": "chat-keys"}})
+    assert parsed.api_key_secret_ref is not None and parsed.api_key_secret_ref.key == "api-key"
 
 
 def test_a_service_name_must_be_a_dns_label_because_clients_send_it_as_the_model_name():
@@ -163,3 +185,5 @@ def test_the_operator_side_models_refuse_what_cel_refuses_with_the_same_words():
         api.LLMServiceSpec.model_validate({k: v for k, v in LS.items() if k != "slo"})
     with pytest.raises(ValidationError, match=re.escape(api.MSG_MIN_LE_MAX)):
         api.LLMServiceSpec.model_validate({**LS, "scaling": {"minReplicas": 3, "maxReplicas": 2}})
+    with pytest.raises(ValidationError, match=re.escape(api.MSG_DEFAULT_LE_MAX_TOKENS)):
+        api.LLMServiceSpec.model_validate({**LS, "limits": {"defaultMaxTokens": 4096, "maxTokens": 1024}})

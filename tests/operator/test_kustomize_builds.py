@@ -69,3 +69,43 @@ def test_the_samples_are_an_ls_and_a_be_service_of_the_same_model_and_pool():
     assert (ls["spec"]["class"], be["spec"]["class"]) == ("LS", "BE")
     assert ls["spec"]["model"] == be["spec"]["model"]
     assert ls["spec"]["placement"]["pool"] == be["spec"]["placement"]["pool"]
+
+
+def test_the_operator_runs_hardened_and_writes_only_to_an_empty_dir():
+    (deployment,) = by_kind(build("manifests/base"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ctx = container["securityContext"]
+    for scope in (pod["securityContext"], ctx):
+        assert scope["runAsNonRoot"] is True and scope["runAsUser"] != 0
+        assert scope["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]} and ctx["privileged"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert writable and all("emptyDir" in volumes[m["name"]] for m in writable)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HOME"]["value"] in {m["mountPath"] for m in writable}
+    (namespace,) = by_kind(build("manifests/base"), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_operators_network_policy_settings_parse_and_let_the_operator_itself_in():
+    from piggyback_operator.pools import NetworkPolicySettings
+
+    (deployment,) = by_kind(build("manifests/base"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PIGGYBACK_OPERATOR_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    values = {name: e["value"] for name, e in env.items() if "value" in e}
+    settings = NetworkPolicySettings.from_env({**values, "PIGGYBACK_OPERATOR_NAMESPACE": "piggyback-system"})
+    assert settings.enabled
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in settings.operator_pods.items()), \
+        "runtime pods would refuse the operator's /metrics scrapes"
+
+
+def test_the_role_grants_network_policies_because_the_operator_renders_one_per_pool():
+    (role,) = by_kind(build("manifests/base"), "ClusterRole")
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    assert {("networkpolicies", "create"), ("networkpolicies", "patch")} <= granted

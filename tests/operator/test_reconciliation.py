@@ -170,3 +170,47 @@ async def test_an_operator_restarted_mid_way_converges_without_duplicating_child
     assert len(apiserver.all("v1/configmaps", NAMESPACE)) == 1
     assert sorted(s["metadata"]["name"] for s in apiserver.all("v1/services", NAMESPACE)) == ["batch", "chat"]
     assert owners(cluster.deployment(pool)) == {"chat", "batch"}
+
+
+async def test_each_pool_gets_a_network_policy_before_its_pods_and_loses_it_with_the_pool(cluster, apiserver,
+                                                                                          operator):
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.create("chat", ls_spec())
+    pool = await admitted_pool(cluster, "chat")
+    policy = await eventually(lambda: cluster.network_policy(pool), what="the pool's NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {pools.LABEL_POOL: pool}}
+    assert owners(policy) == {"chat"}
+    writes = [c.path.rsplit("/", 2)[-2] for c in apiserver.operator_calls()
+              if c.method == "PATCH" and c.path.endswith(f"/{pool}")]  # fmt: skip
+    assert writes.index("networkpolicies") < writes.index("deployments"), "no runtime pod may start unprotected"
+
+    await cluster.delete("chat")
+    await eventually(lambda: cluster.network_policy(pool) is None, what="the NetworkPolicy garbage-collected")
+
+
+async def test_an_operator_configured_without_network_policies_renders_none(cluster, monkeypatch):
+    monkeypatch.setenv("PIGGYBACK_NETWORK_POLICY", "false")  # e.g. a cluster whose CNI does not enforce them
+    await cluster.add_gpu_node("gpu-a")
+    async with running_operator():
+        await cluster.create("chat", ls_spec())
+        pool = await admitted_pool(cluster, "chat")
+        await eventually(lambda: cluster.deployment(pool), what="the pool")
+    assert cluster.network_policy(pool) is None
+
+
+async def test_limits_api_key_and_drain_of_an_llmservice_reach_the_runtime(cluster, operator):
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.create("chat", ls_spec(limits={"defaultMaxTokens": 128, "maxTokens": 1024},
+                                         apiKeySecretRef={"name": "chat-keys", "key": "token"},
+                                         drainTimeoutSeconds=45))  # fmt: skip
+    pool = await admitted_pool(cluster, "chat")
+    config = RuntimeConfig.from_dict(await eventually(lambda: cluster.runtime_config(pool), what="config"))
+    chat = config.service("chat")
+    assert (chat.default_max_tokens, chat.max_tokens_limit, chat.api_key_env) == (
+        128, 1024, "PIGGYBACK_API_KEY_CHAT")
+    assert config.server.drain_timeout_s == 45
+    pod = cluster.deployment(pool)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45 + pools.GRACE_MARGIN_S
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PIGGYBACK_API_KEY_CHAT"]["valueFrom"]["secretKeyRef"] == {
+        "name": "chat-keys", "key": "token", "optional": False}
