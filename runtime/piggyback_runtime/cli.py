@@ -4,9 +4,80 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+from typing import TYPE_CHECKING, Any
 
 from piggyback_runtime.config import ConfigError, RuntimeConfig
+
+if TYPE_CHECKING:
+    from piggyback_runtime.server.app import Runtime
+
+log = logging.getLogger("piggyback_runtime.serve")
+
+# After the drain, what uvicorn and the engine get to close down; the process is gone within
+# drain_timeout_s + EXIT_MARGIN_S (below the operator's grace period of drain + 15 s) whatever happens.
+SHUTDOWN_TIMEOUT_S = 1.0
+EXIT_MARGIN_S = 4.5
+
+
+def _draining_server(runtime: Runtime, config: Any, drain_timeout_s: float) -> Any:
+    """A uvicorn server whose SIGTERM drains the runtime (`Runtime.drain`) before it stops serving.
+
+    Uvicorn's own SIGTERM closes the listening socket at once (new requests would be refused, not answered
+    503) and waits for open requests without a bound. Here SIGTERM starts the drain on the event loop; the
+    server keeps answering (503 for new work) until the drain ends, then shuts down. A second SIGTERM or a
+    SIGINT falls back to uvicorn's handling.
+    """
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._drain_started = False
+
+        async def startup(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig != signal.SIGTERM or self._drain_started or self._loop is None:
+                super().handle_exit(sig, frame)
+                return
+            # Not recorded in uvicorn's captured signals: it would re-raise SIGTERM at exit (exit code -15).
+            self._drain_started = True
+            runtime.begin_drain()  # readiness fails from this instant
+            _exit_watchdog(drain_timeout_s + EXIT_MARGIN_S)
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            async def drain_then_exit() -> None:
+                try:
+                    await runtime.drain(drain_timeout_s)
+                finally:
+                    self.should_exit = True
+
+            self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+    return DrainingServer()
+
+
+def _exit_watchdog(after_s: float) -> None:
+    """Last resort: if shutting down hangs, leave anyway so the pod's grace period never runs out first."""
+
+    def expire() -> None:
+        log.error("shutdown did not finish within %.1f s of SIGTERM; exiting now", after_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(after_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -20,13 +91,17 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     runtime = Runtime(config)
     runtime.load_in_background()
-    uvicorn.run(
+    server_config = uvicorn.Config(
         create_app(runtime),
         host=config.server.host,
         port=config.server.port,
         log_level=args.log_level.lower(),
         access_log=False,
+        # Connections still open once the drain is over get this long before uvicorn cancels them.
+        timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_S),
     )
+    _draining_server(runtime, server_config, config.server.drain_timeout_s).run()
+    runtime.shutdown(SHUTDOWN_TIMEOUT_S)  # the engine loop and the CPU workers, bounded
     return 0
 
 

@@ -54,8 +54,9 @@ class ServiceConfig(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=63)]
     service_class: ServiceClass = Field(alias="class")
     slo: SLOConfig | None = None
-    # max_tokens of a request that sends none; None: what the model's context leaves after the prompt, capped
-    # at max_tokens_limit. A BE request reserves host KV for prompt + max_tokens, so keep this modest for BE.
+    # max_tokens of a request that sends none. None: 16 on /v1/completions (OpenAI's default); for chat, what the
+    # context leaves after the prompt (LS) or at most 1024 (BE: it reserves host KV for prompt + max_tokens).
+    # Any default is clamped to what the context leaves and to max_tokens_limit.
     default_max_tokens: Annotated[int, Field(ge=1)] | None = None
     # The most max_tokens a request may ask for (HTTP 400 names this field above it); None: the model's context.
     max_tokens_limit: Annotated[int, Field(ge=1)] | None = None

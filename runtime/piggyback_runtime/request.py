@@ -19,6 +19,10 @@ FINISH_ERROR = "error"
 FINISH_REJECTED = "rejected"  # refused at arrival (HTTP 429); never produced a token
 
 
+# A UTF-8 character is at most 4 bytes: split over tokens of at least one byte each, it spans at most 4.
+_MAX_CHAR_TOKENS = 4
+
+
 class Detokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
@@ -123,28 +127,56 @@ class Request:
         self.output_token_ids.append(token)
         params = self.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
+            self._flush(tokenizer, len(self.output_token_ids) - 1)  # the stop token's own text is not output
             return FINISH_STOP
         if self._detokenize(tokenizer):
             return FINISH_STOP
         if len(self.output_token_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
-            return FINISH_LENGTH
+            # Bytes still held back as a possible partial character never will complete: out as U+FFFD.
+            return FINISH_STOP if self._flush(tokenizer, len(self.output_token_ids)) else FINISH_LENGTH
         return None
 
     def _detokenize(self, tokenizer: Detokenizer) -> bool:
-        """Extend output_text with the newest token; True when a stop string completed (text cut before it)."""
+        """Extend output_text with the newest token; True when a stop string completed (text cut before it).
+
+        A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives, so text
+        ending in U+FFFD is held back. Not for ever: a character has at most 4 bytes and a token at least one,
+        so once 4 tokens are pending, everything before the last 3 is final (bytes that never form valid
+        UTF-8 go out as U+FFFD, as OpenAI and vLLM send them); `_flush` releases the rest at the end.
+        """
         ids = self.output_token_ids
+        end = len(ids)
+        full = tokenizer.decode(ids[self.prefix_offset : end])
+        if full.endswith("\ufffd"):
+            if end - self.read_offset < _MAX_CHAR_TOKENS:
+                return False
+            end -= _MAX_CHAR_TOKENS - 1
+            full = tokenizer.decode(ids[self.prefix_offset : end])
         prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset])
-        full = tokenizer.decode(ids[self.prefix_offset :])
-        # A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives.
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            previous_len = len(self.output_text)
-            self.output_text += full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            for stop in self.params.stop:
-                index = self.output_text.find(stop, max(0, previous_len - len(stop) + 1))
-                if index != -1:
-                    self.output_text = self.output_text[:index]
-                    return True
+        if len(full) <= len(prefix):
+            return False
+        return self._commit(full[len(prefix) :], end)
+
+    def _flush(self, tokenizer: Detokenizer, end: int) -> bool:
+        """Release the text of tokens [read_offset, end) as it decodes now, U+FFFD included."""
+        ids = self.output_token_ids
+        if end <= self.read_offset:
+            return False
+        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset])
+        full = tokenizer.decode(ids[self.prefix_offset : end])
+        if len(full) <= len(prefix):
+            return False
+        return self._commit(full[len(prefix) :], end)
+
+    def _commit(self, new_text: str, read_to: int) -> bool:
+        previous_len = len(self.output_text)
+        self.output_text += new_text
+        self.prefix_offset, self.read_offset = self.read_offset, read_to
+        for stop in self.params.stop:
+            index = self.output_text.find(stop, max(0, previous_len - len(stop) + 1))
+            if index != -1:
+                self.output_text = self.output_text[:index]
+                return True
         return False
 
     def take_text(self, final: bool) -> str:

@@ -21,6 +21,7 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.demo import _free_port, wait_ready
 from piggyback_runtime.server.app import Runtime, create_app
 from tests.runtime.helpers import LS_SLO
+from tests.runtime.test_api_errors import assert_adds_up
 
 
 def _config(port: int) -> RuntimeConfig:
@@ -158,6 +159,7 @@ def test_ls_request_that_cannot_meet_its_slo_is_rejected_with_429_and_retry_afte
         client.completions.create(model="strict", prompt="hello", max_tokens=4)
     assert "TTFTUnattainable" in str(info.value)
     assert int(info.value.response.headers["retry-after"]) >= 1
+    assert_adds_up(info.value.message)  # "predicted TTFT T ms = waited W ms + n iterations × I ms", T = W + n·I
     samples = _scrape(server)
     strict = (("class", "LS"), ("model_name", "strict"))
     assert samples[f"{m.REQUESTS}_total"][(*strict, ("outcome", "rejected"))] >= 1

@@ -14,10 +14,12 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,29 @@ class WorkerDeath:
     slots: list[int]
 
 
+class WorkerStartError(RuntimeError):
+    """A CPU attention worker died before it was ready (most often: a main module without a main guard)."""
+
+
+MAIN_GUARD_HINT = (
+    "CPU attention workers are started with multiprocessing's 'spawn' method, which re-imports the program's main "
+    "module in every worker. A program that builds the engine (Engine, Runtime, run_demo) at import time makes "
+    "each worker try to start an engine of its own, which fails. Fix: put the program's entry point under "
+    '`if __name__ == "__main__":` (Python docs, multiprocessing, "Safe importing of main module").'
+)
+
+
+def _main_module_hint() -> str:
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path:
+        return ""
+    try:
+        guarded = "__main__" in Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f" The main module is {path}."
+    return f" The main module is {path}{'' if guarded else ', and it has no such guard'}."
+
+
 class CPUAttentionPool:
     def __init__(self, buffers: SharedBuffers, num_workers: int, threads_per_worker: int, scale: float) -> None:
         self.buffers = buffers
@@ -68,6 +93,10 @@ class CPUAttentionPool:
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def _spawn(self, index: int) -> Worker:
+        if getattr(mp.process.current_process(), "_inheriting", False):
+            # We are a worker re-importing an unguarded main module: say why, instead of multiprocessing's
+            # generic bootstrapping error (the parent reports the same in WorkerStartError).
+            raise WorkerStartError(MAIN_GUARD_HINT)
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main, args=(child, self.buffers, self.scale, self.threads_per_worker),
@@ -83,7 +112,14 @@ class CPUAttentionPool:
             if not worker.ready:
                 if not worker.conn.poll(timeout_s):
                     raise TimeoutError(f"CPU attention worker {worker.index} did not start within {timeout_s:.0f}s")
-                message = worker.conn.recv()
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):  # the worker died before saying "ready": not a bare EOFError
+                    worker.process.join(timeout=5)
+                    raise WorkerStartError(
+                        f"CPU attention worker {worker.index} exited during start-up (exit code "
+                        f"{worker.process.exitcode}) before it was ready. {MAIN_GUARD_HINT}{_main_module_hint()}"
+                    ) from None
                 assert message[0] == "ready", message
                 worker.ready = True
 

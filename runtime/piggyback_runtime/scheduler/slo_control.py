@@ -265,20 +265,41 @@ class SLOController:
             return AdmissionDecision(False, reason, message, float(max(1, math.ceil(drain))), ttft, worst_iteration)
 
         if ttft > new_request.ttft_s * scale:
+            # The parts are rounded first and the total is their sum, so the numbers shown add up exactly.
+            waited_t, iteration_t = _tenths_ms(waited), _tenths_ms(prefill_iteration)
+            total_t = waited_t + iterations * iteration_t
             return reject(
                 REASON_TTFT,
-                f"predicted time to first token {ttft:.3f} s exceeds the TTFT SLO {new_request.ttft_s:.3f} s "
-                f"({budgets.queued_prefill_tokens} LS prompt tokens queued ahead, {iterations} iterations of "
-                f"{prefill_iteration * 1000:.1f} ms); retry later",
+                f"predicted TTFT {_ms(total_t)} ms = waited {_ms(waited_t)} ms + {iterations} iterations × "
+                f"{_ms(iteration_t)} ms exceeds {self._limit_text('TTFT', new_request.ttft_s)} "
+                f"({budgets.queued_prefill_tokens} LS prompt tokens queued ahead + {new_request.prompt_tokens} of "
+                f"its own, {chunk} per iteration next to {rows} LS decode rows); retry later",
             )
         # The TPOT of running decodes is held during its prefill; its own and theirs once it decodes.
-        if prefill_iteration > budgets.tpot_s * scale or decode_iteration > tpot_budget * scale:
+        if prefill_iteration > budgets.tpot_s * scale:
             return reject(
                 REASON_TPOT,
-                f"with this request, predicted iteration time {worst_iteration * 1000:.1f} ms exceeds the "
-                f"tightest TPOT SLO {tpot_budget * 1000:.1f} ms of {rows} decoding LS requests; retry later",
+                f"while it prefills, a predicted iteration of {_ms(_tenths_ms(prefill_iteration))} ms ({rows} LS "
+                f"decode rows + a {chunk_tokens}-token prefill chunk) exceeds "
+                f"{self._limit_text('TPOT', budgets.tpot_s)} of the {rows} decoding LS requests; retry later",
+            )
+        if decode_iteration > tpot_budget * scale:
+            return reject(
+                REASON_TPOT,
+                f"once it decodes, a predicted iteration of {_ms(_tenths_ms(decode_iteration))} ms ({rows + 1} LS "
+                f"decode rows) exceeds {self._limit_text('TPOT', tpot_budget)} (the tightest of its own and "
+                f"{rows} decoding LS requests'); retry later",
             )
         return AdmissionDecision(True, REASON_ADMITTED, "admitted", 0.0, ttft, worst_iteration)
+
+    def _limit_text(self, kind: str, slo_s: float) -> str:
+        """The bound a prediction was compared with, as the message shows it (the SLO less any margin)."""
+        slo_t = _tenths_ms(slo_s)
+        if not self.admission_margin:
+            return f"the {kind} SLO {_ms(slo_t)} ms"
+        bound_t = _tenths_ms(slo_s * (1 - self.admission_margin))
+        margin = f"{self.admission_margin:.0%}"
+        return f"{_ms(bound_t)} ms (the {kind} SLO {_ms(slo_t)} ms less the {margin} admission margin)"
 
     # --- capacity ----------------------------------------------------------------------------------------
     def headroom_rps(self, ls_state: Sequence[LSRequestState], mix: LSMix, now_s: float, max_rps: float = 1e4) -> float:
@@ -349,3 +370,12 @@ def _largest(fits: Callable[[int], bool], upper: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def _tenths_ms(seconds: float) -> int:
+    """Seconds as a whole number of 0.1 ms: sums of these are exact, unlike sums of rounded floats."""
+    return round(seconds * 10_000)
+
+
+def _ms(tenths: int) -> str:
+    return f"{tenths // 10}.{tenths % 10}"

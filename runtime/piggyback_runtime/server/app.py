@@ -2,36 +2,68 @@
 
 The request's `model` field names the service (the LLMService name). The model loads in the background
 after the server starts, so /healthz answers at once and /readyz turns ready when the engine can serve.
+
+Every answer other than a 200 carries OpenAI's error envelope `{"error": {message, type, param, code}}`
+(never FastAPI's `{"detail": ...}`, never 422), and the OpenAPI document at /openapi.json lists each status an
+endpoint can return. Services whose `api_key_env` names a non-empty variable need `Authorization: Bearer`.
+On SIGTERM `piggyback serve` drains (`Runtime.drain`): readiness fails, new requests get 503, requests in
+flight get `server.drain_timeout_s` to finish and are then ended with a retryable error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import math
+import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.config import RuntimeConfig, ServiceClass, ServiceConfig
 from piggyback_runtime.engine import Engine, RequestError, UnknownServiceError
 from piggyback_runtime.metrics import RuntimeMetrics
 from piggyback_runtime.request import FINISH_ABORT, FINISH_ERROR, FINISH_REJECTED, RequestOutput, SLOTarget
 from piggyback_runtime.request import Request as EngineRequest
 from piggyback_runtime.server.async_engine import AsyncEngine, EngineDeadError
-from piggyback_runtime.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from piggyback_runtime.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-slo-tpot-ms"
+
+# max_tokens of a request that sends none, when its service sets no default_max_tokens:
+# - legacy completions: OpenAI's documented default;
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# - chat on a BE service: a BE request reserves host KV for prompt + max_tokens when admitted, so "the rest
+#   of the context" would reserve 16 GiB per request for Llama-3.1-8B's 128k context. LS chat gets the rest.
+BE_DEFAULT_MAX_TOKENS = 1024
+# A draining replica is going away: a client should retry at once (elsewhere, through the Service).
+DRAIN_RETRY_AFTER_S = 1
+# After the drain deadline, how long the handlers get to write the retryable errors out.
+DRAIN_CUTOFF_GRACE_S = 1.0
 
 
 class APIError(Exception):
@@ -54,6 +86,22 @@ class Runtime:
         self.load_error: str | None = None
         self._factory = engine_factory or (lambda: Engine(config, metrics=self.metrics))
         self.created = int(time.time())
+        # Keys are read once at start-up from the environment the operator fills from Secrets.
+        self.api_keys: dict[str, bytes] = {}
+        for service in config.services:
+            if service.api_key_env is None:
+                continue
+            key = os.environ.get(service.api_key_env, "")
+            if key:
+                self.api_keys[service.name] = key.encode()
+            else:
+                log.warning("service %s: api_key_env %s is unset or empty: the service is open to every client",
+                            service.name, service.api_key_env)  # fmt: skip
+        # Drain state: the request ids whose responses are still being written, and those cut off at the
+        # drain deadline (their engine error becomes a retryable 503 / SSE error instead of a 500).
+        self.in_flight: dict[str, ServiceClass] = {}
+        self.cut_off: set[str] = set()
+        self.draining = False
 
     def load(self) -> None:
         try:
@@ -70,12 +118,68 @@ class Runtime:
         return thread
 
     def ready_engine(self) -> AsyncEngine:
+        if self.draining:
+            raise draining_error()
         if self.engine is None:
             detail = f"model load failed: {self.load_error}" if self.load_error else "the model is still loading"
             raise APIError(503, f"Not ready: {detail}", "service_unavailable", "not_ready")
         if not self.engine.alive:
             raise APIError(503, f"Engine stopped: {self.engine.dead_reason}", "service_unavailable", "engine_dead")
         return self.engine
+
+    # --- API keys --------------------------------------------------------------------------------------------
+    def may_use(self, service: str, authorization: str | None) -> bool:
+        """Whether a caller presenting this Authorization header may use the service."""
+        key = self.api_keys.get(service)
+        if key is None:
+            return True
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        # compare_digest: the time taken does not reveal how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+    def visible_services(self, authorization: str | None) -> list[ServiceConfig]:
+        return [s for s in self.config.services if self.may_use(s.name, authorization)]
+
+    # --- drain -------------------------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Readiness fails and new requests get 503 from now on (safe to call from a signal handler)."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: readiness fails, new requests get 503, %d in flight", len(self.in_flight))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let requests in flight finish for up to `timeout_s`, then end the rest with a retryable error."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            ids = list(self.in_flight)
+            log.warning("drain timeout (%.1f s) reached: ending %d request(s) with a retryable error",
+                        timeout_s, len(ids))  # fmt: skip
+            self.cut_off.update(ids)
+            if self.engine is not None and self.engine.alive:
+                self.engine.fail(ids, f"the runtime is shutting down and its drain timeout ({timeout_s:g} s) "
+                                      "ended this request before it finished; retry it")  # fmt: skip
+            grace_end = time.monotonic() + DRAIN_CUTOFF_GRACE_S
+            while self.in_flight and time.monotonic() < grace_end:
+                await asyncio.sleep(0.02)
+        log.info("drain complete (%d request(s) still open)", len(self.in_flight))
+
+    def shutdown(self, timeout_s: float = 1.0) -> None:
+        """Stop the engine loop and the CPU workers, waiting at most about `timeout_s`."""
+        engine = self.engine
+        if engine is None:
+            return
+        stopper = threading.Thread(target=engine.stop, args=(timeout_s,), name="engine-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s + 1.0)
+
+
+def draining_error() -> APIError:
+    return APIError(503, "The runtime is shutting down (draining) and takes no new requests; retry the request "
+                         "(another replica will take it)", "service_unavailable", "draining",
+                    headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})  # fmt: skip
 
 
 def _slo_from_headers(request: Request, runtime: Runtime, service: str) -> SLOTarget | None:
@@ -100,8 +204,102 @@ def _slo_from_headers(request: Request, runtime: Runtime, service: str) -> SLOTa
     return SLOTarget(ttft_s, tpot_s)
 
 
+# What the OpenAPI document says each endpoint can answer (the fuzz test in tests/runtime/test_api_fuzz.py
+# holds the server to it).
+_ERROR = {"model": ErrorResponse}
+POST_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        **_ERROR,
+        "description": "Invalid request: unparseable body, a bad or unsupported field (`param` names "
+        "it), max_tokens over the service's limit, a prompt longer than the context",
+    },
+    401: {**_ERROR, "description": "The service needs `Authorization: Bearer <key>` (code `invalid_api_key`)"},
+    404: {**_ERROR, "description": "No hosted service of that name (code `model_not_found`)"},
+    429: {
+        **_ERROR,
+        "description": "Rejected at arrival: an LS request predicted to miss its SLO, or the BE queue "
+        "is full; see `Retry-After`",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
+    500: {**_ERROR, "description": "The runtime failed the request (an engine error)"},
+    503: {
+        **_ERROR,
+        "description": "Not ready (loading), engine stopped, or draining for shutdown (code "
+        "`draining`, with `Retry-After`); also a request cut off by the drain timeout",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
+}
+_SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "`stream: true`: server-sent events, "
+            "each `data: <chunk JSON>`, ending with `data: [DONE]`; a failure is "
+            'a `data: {"error": ...}` event before `[DONE]`',
+        }
+    }
+}
+_UNION_TAG = re.compile(
+    r"^(str|int|float|bool|none|literal\[.*\]|list\[.*\]|dict\[.*\]|tuple\[.*\]|function-.*|"
+    r"[A-Z]\w*)$"
+)
+
+
+def _param(loc: Sequence[int | str]) -> str | None:
+    """The dotted field path of a validation error (`messages.0.content`), without pydantic's union tags."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_TAG.match(p))]
+    return ".".join(parts) or None
+
+
+def _validation_problems(errors: Sequence[Any], content_type: str) -> tuple[str, str | None]:
+    """(message, param) for a body that did not validate; the body-level cases get a sentence of their own."""
+    problems: list[str] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return f"The request body is not valid JSON ({detail}); send a JSON object", None
+        if loc in ((), ("body",)):
+            if err["type"] == "missing":
+                return "The request body is missing; send a JSON object (content-type: application/json)", None
+            got = f" (got content-type {content_type!r})" if "json" not in content_type else ""
+            return f"The request body must be a JSON object sent as content-type application/json{got}", None
+        param = _param(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not an OpenAI parameter this runtime accepts)"
+        text = f"{param}: {msg}" if param else msg
+        if text not in problems:  # one line per union member would repeat the same field
+            problems.append(text)
+    first = _param(errors[0]["loc"]) if errors else None
+    return "Invalid request: " + "; ".join(problems), first
+
+
+def custom_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less the 422 it adds to every body-taking route (this server answers 400)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.setdefault("components", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "only for services with an API key"}
+    }
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(runtime: Runtime) -> FastAPI:
-    app = FastAPI(title="Piggyback runtime", version="0.1.0")
+    app = FastAPI(
+        title="Piggyback runtime",
+        version="0.1.0",
+        description="OpenAI-compatible API of a Piggyback runtime: one `model` per hosted service.",
+    )
+    app.openapi = lambda: custom_openapi(app)  # type: ignore[method-assign]
     app.state.runtime = runtime
 
     @app.exception_handler(APIError)
@@ -111,83 +309,120 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "body")
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (not an OpenAI parameter this runtime accepts)"
-            problems.append(f"{loc}: {msg}" if loc else msg)
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        param = ".".join(str(p) for p in first if p != "body") or None
-        return JSONResponse(
-            error_body("Invalid request: " + "; ".join(problems), "invalid_request_error", "invalid_request", param),
-            status_code=400,
-        )
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_problems(exc.errors(), request.headers.get("content-type", ""))
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)
 
-    @app.get("/healthz")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own errors: unknown path (404), wrong method (405), and a body it cannot even decode
+        # (invalid UTF-8), which it reports as a bare 400 "There was an error parsing the body".
+        message = str(exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        if exc.status_code == 400:
+            message = "The request body could not be parsed; send a JSON object encoded as UTF-8"
+        return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in a request handler")
+        return JSONResponse(error_body(f"Internal error: {type(exc).__name__}", "server_error", "internal_error"),
+                            status_code=500)  # fmt: skip
+
+    health_responses: dict[int | str, dict[str, Any]] = {503: {"model": Health, "description": "not healthy"}}
+
+    @app.get("/healthz", response_model=Health, responses=health_responses)
     async def healthz() -> JSONResponse:
+        """Liveness: the process and its engine loop work (draining is still healthy)."""
         if runtime.engine is not None and not runtime.engine.alive:
             return JSONResponse({"status": "unhealthy", "reason": runtime.engine.dead_reason}, status_code=503)
         if runtime.load_error:
             return JSONResponse({"status": "unhealthy", "reason": runtime.load_error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "loading, engine stopped, or draining"}},
+    )
     async def readyz() -> JSONResponse:
+        """Readiness: the model has loaded and the runtime is not draining."""
         try:
             runtime.ready_engine()
         except APIError as exc:
             return JSONResponse({"status": "not ready", "reason": exc.message}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format (version 0.0.4)",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": service.name,
-                    "object": "model",
-                    "created": runtime.created,
-                    "owned_by": "piggyback",
-                    "root": runtime.config.model.served_model_name or runtime.config.model.uri,
-                    "service_class": service.service_class,
-                    "max_model_len": runtime.config.model.max_model_len,
-                }
-                for service in runtime.config.services
-            ],
-        }
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(http: Request) -> JSONResponse:
+        """The hosted services; when API keys are configured, only those the caller's key (or none) opens."""
+        max_len = runtime.engine.engine.loaded.max_model_len if runtime.engine is not None else None
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": service.name,
+                        "object": "model",
+                        "created": runtime.created,
+                        "owned_by": "piggyback",
+                        "root": runtime.config.model.served_model_name or runtime.config.model.uri,
+                        "service_class": service.service_class,
+                        "max_model_len": max_len if max_len is not None else runtime.config.model.max_model_len,
+                    }
+                    for service in runtime.visible_services(http.headers.get("authorization"))
+                ],
+            }
+        )
 
-    def _check_service(name: str) -> None:
-        if runtime.config.service(name) is None:
-            hosted = ", ".join(s.name for s in runtime.config.services)
+    def _admit(name: str, http: Request) -> ServiceConfig:
+        """Draining (503), unknown service (404) and API key (401) checks, in that order."""
+        if runtime.draining:
+            raise draining_error()
+        authorization = http.headers.get("authorization")
+        service = runtime.config.service(name)
+        if service is None:
+            hosted = ", ".join(s.name for s in runtime.visible_services(authorization))
             raise APIError(
                 404,
-                f"The model `{name}` does not exist. Hosted models: {hosted}",
+                f"The model `{name}` does not exist. Hosted models: {hosted or '(none for this API key)'}",
                 "invalid_request_error",
                 "model_not_found",
                 "model",
             )
+        if not runtime.may_use(name, authorization):
+            raise APIError(401, f"Incorrect or missing API key for the model `{name}`: send the service's key as "
+                                "`Authorization: Bearer <key>`", "invalid_request_error", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return service
 
     async def _run(
         body: CompletionRequest | ChatCompletionRequest,
         http: Request,
         prompt_ids: list[int],
-        max_tokens: int | None,
+        requested_max_tokens: int | None,
+        max_tokens_field: str,
         chat: bool,
     ) -> Response:
         engine = runtime.ready_engine()
         service = runtime.config.service(body.model)
         assert service is not None
-        max_len = engine.engine.loaded.max_model_len
-        if max_tokens is None:
-            max_tokens = max(1, max_len - len(prompt_ids))
+        max_tokens = _max_tokens(service, requested_max_tokens, max_tokens_field, len(prompt_ids),
+                                 engine.engine.loaded.max_model_len, chat)  # fmt: skip
         try:
             params = body.sampling_params(max_tokens)
         except ValueError as exc:
@@ -201,33 +436,41 @@ def create_app(runtime: Runtime) -> FastAPI:
             params,
             slo=_slo_from_headers(http, runtime, service.name),
         )
+        runtime.in_flight[request_id] = service.service_class
+        handed_to_stream = False
         try:
-            stream = engine.generate(request)
-            first = await anext(stream)
-        except RequestError as exc:
-            raise APIError(400, str(exc), "invalid_request_error", "invalid_request") from None
-        except UnknownServiceError as exc:
-            raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "model") from None
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), "service_unavailable") from None
-        if first.finish_reason == FINISH_REJECTED:
-            retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
-            raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
-                           headers={"Retry-After": retry_after})  # fmt: skip
-        created = int(time.time())
-        if body.stream:
-            return StreamingResponse(
-                _sse(first, stream, request_id, created, body.model, chat, body.include_usage),
-                media_type="text/event-stream",
-            )
-        text, last = first.text_delta, first
-        async for output in stream:
-            text += output.text_delta
-            last = output
-            if await http.is_disconnected():  # nobody to answer: free the KV now, not at max_tokens
-                await stream.aclose()
-                raise APIError(499, "client disconnected", "client_closed_request")
-        _raise_for_failure(last)
+            try:
+                stream = engine.generate(request)
+                first = await anext(stream)
+            except RequestError as exc:
+                raise APIError(400, str(exc), "invalid_request_error", "invalid_request") from None
+            except UnknownServiceError as exc:
+                raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "model") from None
+            except EngineDeadError as exc:
+                raise APIError(503, str(exc), "service_unavailable") from None
+            if first.finish_reason == FINISH_REJECTED:
+                retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
+                raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
+                               headers={"Retry-After": retry_after})  # fmt: skip
+            created = int(time.time())
+            if body.stream:
+                handed_to_stream = True  # the SSE generator leaves in_flight when the stream ends
+                return StreamingResponse(
+                    _sse(first, stream, request_id, created, body.model, chat, body.include_usage, runtime),
+                    media_type="text/event-stream",
+                )
+            text, last = first.text_delta, first
+            async for output in stream:
+                text += output.text_delta
+                last = output
+                if await http.is_disconnected():  # nobody to answer: free the KV now, not at max_tokens
+                    await stream.aclose()
+                    raise APIError(499, "client disconnected", "client_closed_request")
+            _raise_for_failure(last, request_id in runtime.cut_off)
+        finally:
+            if not handed_to_stream:
+                runtime.in_flight.pop(request_id, None)
+                runtime.cut_off.discard(request_id)
         usage = _usage(last)
         if chat:
             return JSONResponse({
@@ -242,17 +485,29 @@ def create_app(runtime: Runtime) -> FastAPI:
             "usage": usage,
         })  # fmt: skip
 
-    @app.post("/v1/completions")
+    post_security: list[dict[str, list[str]]] = [{}, {"bearer": []}]  # the key is per service, optional
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        openapi_extra={"security": post_security},
+        responses={200: {"model": CompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES},
+    )
     async def completions(body: CompletionRequest, http: Request) -> Response:
-        _check_service(body.model)
+        _admit(body.model, http)
         engine = runtime.ready_engine()
         prompt = body.single_prompt()
         prompt_ids = list(prompt) if isinstance(prompt, list) else engine.engine.tokenizer.encode(prompt)
-        return await _run(body, http, prompt_ids, body.max_tokens, chat=False)
+        return await _run(body, http, prompt_ids, body.max_tokens, "max_tokens", chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        openapi_extra={"security": post_security},
+        responses={200: {"model": ChatCompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES},
+    )
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
-        _check_service(body.model)
+        _admit(body.model, http)
         tokenizer = runtime.ready_engine().engine.tokenizer
         try:
             text = tokenizer.apply_chat_template(body.message_dicts())
@@ -260,12 +515,40 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise APIError(400, str(exc), "invalid_request_error", param="messages") from None
         # The template writes BOS itself; adding it again would double it.
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        return await _run(body, http, prompt_ids, body.requested_max_tokens(), chat=True)
+        return await _run(body, http, prompt_ids, body.requested_max_tokens(), body.max_tokens_field, chat=True)
 
     return app
 
 
-def _raise_for_failure(output: RequestOutput) -> None:
+def _max_tokens(
+    service: ServiceConfig, requested: int | None, field: str, prompt_len: int, max_model_len: int, chat: bool
+) -> int:
+    """The request's output limit: as sent (at most the service's max_tokens_limit), else the service default."""
+    limit = service.max_tokens_limit
+    if requested is not None:
+        if limit is not None and requested > limit:
+            also = "" if field == "max_tokens" else " (max_tokens)"
+            raise APIError(400, f"{field}{also} is {requested}, above the limit of {limit} for the model "
+                                f"`{service.name}` (its max_tokens_limit); ask for at most {limit}",
+                           "invalid_request_error", "invalid_request", field)  # fmt: skip
+        return requested
+    remaining = max(1, max_model_len - prompt_len)
+    if service.default_max_tokens is not None:
+        default = service.default_max_tokens
+    elif not chat:
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+    elif service.service_class == "BE":
+        default = BE_DEFAULT_MAX_TOKENS
+    else:
+        default = remaining
+    # A default the client never asked for must not turn into a context-length 400: clamp it to what fits.
+    return max(1, min(default, remaining, limit or default))
+
+
+def _raise_for_failure(output: RequestOutput, cut_off: bool = False) -> None:
+    if output.finish_reason == FINISH_ERROR and cut_off:
+        raise APIError(503, f"The runtime is shutting down: {output.error}", "service_unavailable", "draining",
+                       headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})  # fmt: skip
     if output.finish_reason == FINISH_ERROR:
         raise APIError(500, f"The runtime failed this request: {output.error}", "server_error", "engine_error")
     if output.finish_reason == FINISH_ABORT:
@@ -288,6 +571,7 @@ async def _sse(
     model: str,
     chat: bool,
     include_usage: bool,
+    runtime: Runtime,
 ) -> AsyncIterator[str]:
     """Server-sent events exactly as OpenAI sends them, ending with `data: [DONE]`."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -311,10 +595,15 @@ async def _sse(
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "text": output.text_delta, "logprobs": None, "finish_reason": finish}
 
+    def error(output: RequestOutput) -> str:
+        return _sse_error(output, request_id in runtime.cut_off)
+
     try:
-        async for chunk in _sse_events(first, rest, event, choice, chat, include_usage):
+        async for chunk in _sse_events(first, rest, event, choice, error, chat, include_usage):
             yield chunk
     finally:
+        runtime.in_flight.pop(request_id, None)
+        runtime.cut_off.discard(request_id)
         await rest.aclose()  # a client that went away mid-stream aborts its request and frees its KV
 
 
@@ -323,6 +612,7 @@ async def _sse_events(
     rest: AsyncIterator[RequestOutput],
     event: Callable[..., str],
     choice: Callable[..., dict[str, Any]],
+    error: Callable[[RequestOutput], str],
     chat: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
@@ -331,15 +621,21 @@ async def _sse_events(
         yield event(
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         )
+    # A failure ends the stream with an error event, then [DONE] as for any stream (clients wait for it).
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
-        yield _sse_error(first)
+        yield error(first)
+        yield "data: [DONE]\n\n"
         return
     if first.text_delta or first.finished:
         yield event(choice(first))
     async for output in rest:
         last = output
         if output.finished and output.finish_reason in (FINISH_ERROR, FINISH_ABORT):
-            yield _sse_error(output)
+            # Text the request produced before it failed is still sent, then the error.
+            if output.text_delta:
+                yield event({**choice(output), "finish_reason": None})
+            yield error(output)
+            yield "data: [DONE]\n\n"
             return
         if output.text_delta or output.finished:
             yield event(choice(output))
@@ -348,6 +644,11 @@ async def _sse_events(
     yield "data: [DONE]\n\n"
 
 
-def _sse_error(output: RequestOutput) -> str:
-    message = f"The runtime failed this request: {output.error or output.finish_reason}"
-    return f"data: {json.dumps(error_body(message, 'server_error', 'engine_error'))}\n\n"
+def _sse_error(output: RequestOutput, cut_off: bool = False) -> str:
+    if cut_off and output.finish_reason == FINISH_ERROR:
+        # Retryable: the request did nothing wrong; the replica is going away.
+        body = error_body(f"The runtime is shutting down: {output.error}", "service_unavailable", "draining")
+    else:
+        message = f"The runtime failed this request: {output.error or output.finish_reason}"
+        body = error_body(message, "server_error", "engine_error")
+    return f"data: {json.dumps(body)}\n\n"

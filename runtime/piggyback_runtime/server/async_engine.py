@@ -39,6 +39,8 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        if self._stop.is_set():  # idempotent: a test and the app's shutdown may both stop it
+            return
         self._stop.set()
         self._wakeup.set()
         self._thread.join(timeout_s)
@@ -69,6 +71,11 @@ class AsyncEngine:
             if not finished:
                 self._post("abort", request.request_id)
 
+    def fail(self, request_ids: list[str], error: str) -> None:
+        """End these requests with FINISH_ERROR and `error` (the drain deadline); their streams get the output."""
+        for request_id in request_ids:
+            self._post("fail", (request_id, error))
+
     def _post(self, command: str, payload: object) -> None:
         self._commands.put((command, payload))
         self._wakeup.set()
@@ -98,6 +105,10 @@ class AsyncEngine:
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)
+            elif command == "fail":
+                assert isinstance(payload, tuple)
+                if (output := self.engine.fail(*payload)) is not None:
+                    self._deliver(output)
 
     def _run(self) -> None:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from piggyback_runtime.request import SamplingParams
 
@@ -41,15 +41,28 @@ class _SamplingFields(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
-    @model_validator(mode="after")
-    def _unsupported_at_neutral(self) -> _SamplingFields:
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported; send separate requests for several completions")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty/frequency_penalty are not supported; leave them at 0")
-        if self.logit_bias:
+    # Field validators (not one model validator) so that a refusal's error location, and so the error's
+    # `param`, names the field.
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported; send separate requests for several completions")
+        return n
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float) -> float:
+        if value:
+            raise ValueError("penalties are not supported; leave presence_penalty and frequency_penalty at 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
             raise ValueError("logit_bias is not supported")
-        return self
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -81,28 +94,49 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # None: the service's default_max_tokens, else OpenAI's 16 for completions (server/app.py).
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        is_text_list = isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
-        if is_text_list and len(self.prompt) != 1:
-            raise ValueError("prompt: send one prompt per request (batches of prompts are not supported)")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: must not be empty")
-        if self.echo:
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("must not be empty")
+        if isinstance(prompt, list) and not isinstance(prompt[0], int) and len(prompt) != 1:
+            raise ValueError("send one prompt per request (batches of prompts are not supported)")
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
             raise ValueError("echo is not supported")
-        if self.logprobs is not None:
+        return echo
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs: int | None) -> int | None:
+        if logprobs is not None:
             raise ValueError("logprobs are not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only 1 is supported")
-        if self.suffix:
+        return logprobs
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
             raise ValueError("suffix is not supported")
-        return self
+        return suffix
 
     def single_prompt(self) -> str | list[int]:
         prompt: Any = self.prompt
@@ -142,24 +176,122 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
             raise ValueError("logprobs are not supported")
-        if self.tools:
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if tools:
             raise ValueError("tools are not supported by this runtime")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
-        return self
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format and response_format.get("type") != "text":
+            raise ValueError("only {'type': 'text'} is supported")
+        return response_format
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the request's output limit came from (what a 400 about it names as `param`)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def message_dicts(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role; templates know "system".
         return [
             {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()} for msg in self.messages
         ]
+
+
+# --- response bodies (for the OpenAPI document; handlers build the same shapes as plain dicts) --------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(description="the offending request field, dotted (`messages.0.content`), if any")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every non-200 answer of this server has this body."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    service_class: Literal["LS", "BE"]
+    max_model_len: int | None = Field(
+        description="the runtime's maximum context (prompt + output tokens); null only while the model is still loading"
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    reason: str | None = None
 
 
 def error_body(message: str, err_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
