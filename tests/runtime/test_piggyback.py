@@ -7,15 +7,25 @@ requests while LS requests and later BE requests carry on.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.connection as mp_connection
+import multiprocessing.process
 import os
+import queue
 import signal
-from collections.abc import Iterator
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.engine import Engine
+from piggyback_runtime.piggyback import pool as pool_module
 from piggyback_runtime.request import Request
 from tests.runtime.helpers import (
     assert_matches_reference,
@@ -80,35 +90,202 @@ def test_be_outputs_match_transformers_and_ls_outputs_are_unchanged_by_be(engine
     assert [r.output_token_ids for r in ls_alone] == [mixed[1].output_token_ids, mixed[3].output_token_ids]
 
 
+@dataclass(frozen=True)
+class BlockingCall:
+    primitive: str
+    timeout: float | None  # None: unbounded
+    during_run: bool  # inside ModelRunner.run, i.e. while the accelerator has a pass to run
+    idle_wait: bool  # inside PiggybackPath.idle_wait
+    accelerator_idle: bool  # the planner had nothing to run (no LS work, no BE prefill)
+    where: str
+
+
+@dataclass
+class BlockingWaitMonitor:
+    """Records every call on the engine thread that may block, bounded or not, instead of timing anything.
+
+    Instrumented: multiprocessing.connection.wait (which Connection.poll(timeout) also goes through) and
+    the pool's import of it, a Connection.recv with nothing to read, time.sleep, threading.Event.wait,
+    threading.Condition.wait, queue.Queue.get, the pool's SimpleQueue outbox, Thread/Process.join and CUDA
+    synchronisation. A call with timeout 0 (a non-blocking poll) is not a wait. Other threads (the pool's
+    sender thread) may block as they like: only the engine's thread is watched.
+    """
+
+    engine: Engine
+    calls: list[BlockingCall] = field(default_factory=list)
+    _thread: int = field(default_factory=threading.get_ident)
+    _depth: threading.local = field(default_factory=threading.local)
+    _in_run: bool = False
+    _in_idle_wait: bool = False
+
+    def _record(self, primitive: str, timeout: float | None) -> None:
+        if threading.get_ident() != self._thread or getattr(self._depth, "inside", False):
+            return
+        if timeout is not None and timeout <= 0:
+            return  # a non-blocking poll
+        where = "".join(traceback.format_stack(limit=6)[:-2])
+        self.calls.append(BlockingCall(primitive, timeout, self._in_run, self._in_idle_wait,
+                                       not self.engine.planner.has_work(), where))  # fmt: skip
+
+    def _quiet(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an original primitive without recording the calls it makes itself."""
+        outer = getattr(self._depth, "inside", False)
+        self._depth.inside = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._depth.inside = outer
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[BlockingWaitMonitor]:
+        monitor = self
+        mp = pytest.MonkeyPatch()
+        real_wait = mp_connection.wait
+
+        def wait(object_list: Any, timeout: float | None = None) -> Any:
+            monitor._record("multiprocessing.connection.wait", timeout)
+            return monitor._quiet(real_wait, object_list, timeout)
+
+        mp.setattr(mp_connection, "wait", wait)
+        mp.setattr(pool_module, "wait", wait)
+        for name in ("recv", "recv_bytes"):
+            real = getattr(mp_connection.Connection, name)
+
+            def recv(conn: Any, *args: Any, _real: Any = real, _name: str = name) -> Any:
+                if not monitor._quiet(conn.poll):  # nothing to read yet: this recv would block
+                    monitor._record(f"Connection.{_name} with nothing to read", None)
+                return monitor._quiet(_real, conn, *args)
+
+            mp.setattr(mp_connection.Connection, name, recv)
+
+        def with_timeout(primitive: str, real: Callable[..., Any], timeout_of: Callable[..., float | None]) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                monitor._record(primitive, timeout_of(*args, **kwargs))
+                return monitor._quiet(real, *args, **kwargs)
+
+            return wrapper
+
+        def first_timeout(_self: Any, timeout: float | None = None, *_: Any, **__: Any) -> float | None:
+            return timeout
+
+        def get_timeout(_self: Any, block: bool = True, timeout: float | None = None) -> float | None:
+            return timeout if block else 0.0
+
+        mp.setattr(time, "sleep", with_timeout("time.sleep", time.sleep, lambda seconds: seconds))
+        mp.setattr(threading.Event, "wait", with_timeout("Event.wait", threading.Event.wait, first_timeout))
+        mp.setattr(threading.Condition, "wait", with_timeout("Condition.wait", threading.Condition.wait, first_timeout))
+        mp.setattr(queue.Queue, "get", with_timeout("Queue.get", queue.Queue.get, get_timeout))
+        mp.setattr(threading.Thread, "join", with_timeout("Thread.join", threading.Thread.join, first_timeout))
+        process_cls = multiprocessing.process.BaseProcess
+        mp.setattr(process_cls, "join", with_timeout("Process.join", process_cls.join, first_timeout))
+        for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                            (torch.cuda.Stream, "synchronize")):  # fmt: skip
+            mp.setattr(owner, name, with_timeout(f"torch.cuda {name}", getattr(owner, name), lambda *a, **k: None))
+
+        pb = self.engine.piggyback
+        assert pb is not None
+        outbox = pb.pool._outbox
+
+        class WatchedOutbox:  # SimpleQueue is a C type: watch the pool's instance instead
+            def get(self, block: bool = True, timeout: float | None = None) -> Any:
+                monitor._record("SimpleQueue.get", timeout if block else 0.0)
+                return monitor._quiet(outbox.get, block, timeout)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(outbox, name)
+
+        mp.setattr(pb.pool, "_outbox", WatchedOutbox())
+        outbox.put((None, lambda: None))  # wake the sender thread so it reads the watched outbox
+
+        real_run, real_idle_wait = self.engine.runner.run, pb.idle_wait
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            monitor._in_run = True
+            try:
+                return real_run(*args, **kwargs)
+            finally:
+                monitor._in_run = False
+
+        def idle_wait(timeout_s: float) -> None:
+            monitor._in_idle_wait = True
+            try:
+                real_idle_wait(timeout_s)
+            finally:
+                monitor._in_idle_wait = False
+
+        mp.setattr(self.engine.runner, "run", run)
+        mp.setattr(pb, "idle_wait", idle_wait)
+        try:
+            yield self
+        finally:
+            mp.undo()
+
+    def waits_with_work_to_do(self) -> list[BlockingCall]:
+        """Blocking calls other than the one allowed wait: sleeping on the workers when the accelerator has
+        nothing at all to run (no LS work, no BE prefill, no BE row ready) until a CPU result lands."""
+        return [c for c in self.calls if c.during_run or not (c.idle_wait and c.accelerator_idle)]
+
+
+def _describe(calls: list[BlockingCall]) -> str:
+    return "\n".join(f"{c.primitive} (timeout {c.timeout}) during_run={c.during_run} idle_wait={c.idle_wait}\n"
+                     f"{c.where}" for c in calls[:3])  # fmt: skip
+
+
 def test_engine_never_waits_for_cpu_attention(engine: Engine, references) -> None:
+    """No blocking wait on the engine thread, bounded or not, while there is accelerator work; shown by
+    counting every blocking primitive the engine thread calls (see BlockingWaitMonitor), not by timing."""
     pb = engine.piggyback
     assert pb is not None
     waited_before = engine.metrics.cpu_attention_wait_seconds._value.get()
-    pb.hold()  # workers take no task until released
-    try:
-        requests = _submit(engine, "BLBLBB", "held")
-        ls = [r for r in requests if r.is_ls]
-        be = [r for r in requests if not r.is_ls]
-        iterations = 0
-        while any(r.finish_reason is None for r in ls):
-            engine.step()
-            iterations += 1
-            assert iterations < 2_000, "LS requests did not finish while BE attention was held"
-        # LS done, BE stuck after their first token (prefill and first sample run on the accelerator).
-        assert all(r.finish_reason == "length" for r in ls)
-        assert all(r.finish_reason is None and len(r.output_token_ids) == 1 for r in be)
-        assert engine.metrics.cpu_attention_queue_depth._value.get() > 0
-        # The engine keeps iterating (and returns) with nothing but held BE work.
-        for _ in range(5):
-            engine.step()
-        assert all(r.finish_reason is None for r in be)
-    finally:
-        pb.release_hold()
-    run_to_completion(engine)
+    monitor = BlockingWaitMonitor(engine)
+    with monitor.watching():
+        pb.hold()  # workers take no task until released
+        try:
+            requests = _submit(engine, "BLBLBB", "held")
+            ls = [r for r in requests if r.is_ls]
+            be = [r for r in requests if not r.is_ls]
+            iterations = 0
+            while any(r.finish_reason is None for r in ls):
+                engine.step()
+                iterations += 1
+                assert iterations < 2_000, "LS requests did not finish while BE attention was held"
+            # While LS work ran next to held BE work, the engine thread made no blocking call at all.
+            assert monitor.calls == [], _describe(monitor.calls)
+            # LS done, BE stuck after their first token (prefill and first sample run on the accelerator).
+            assert all(r.finish_reason == "length" for r in ls)
+            assert all(r.finish_reason is None and len(r.output_token_ids) == 1 for r in be)
+            assert engine.metrics.cpu_attention_queue_depth._value.get() > 0
+            # The engine keeps iterating (and returns) with nothing but held BE work; with nothing for the
+            # accelerator it sleeps on the workers, a bounded wait, and only there.
+            for _ in range(5):
+                engine.step()
+            assert all(r.finish_reason is None for r in be)
+            assert monitor.calls and all(c.timeout is not None for c in monitor.calls), _describe(monitor.calls)
+        finally:
+            pb.release_hold()
+        run_to_completion(engine)
+    assert monitor.waits_with_work_to_do() == [], _describe(monitor.waits_with_work_to_do())
     for request, (ref, logits) in zip(requests, references, strict=True):
         assert_matches_reference(request.output_token_ids, ref, logits)
     assert engine.metrics.cpu_attention_wait_seconds._value.get() == waited_before == 0
     _assert_idle(engine)
+
+
+def test_the_wait_instrumentation_sees_the_neo_baseline_wait() -> None:
+    """Control: policy `neo` waits for every CPU attention result inside the forward pass; the same
+    instrumentation must see those waits, or the test above would prove nothing."""
+    engine = Engine(tiny_config(policy="neo"))
+    try:
+        monitor = BlockingWaitMonitor(engine)
+        with monitor.watching():
+            requests = _submit(engine, "BLBLBB", "neo")
+            run_to_completion(engine)
+        assert all(r.finish_reason == "length" for r in requests)
+        in_pass = [c for c in monitor.calls if c.during_run]
+        assert in_pass and monitor.waits_with_work_to_do(), "the instrumentation missed neo's waits"
+        assert engine.metrics.cpu_attention_wait_seconds._value.get() > 0
+    finally:
+        engine.close()
 
 
 def test_cancelled_be_requests_free_host_kv_queue_entries_and_residuals(engine: Engine) -> None:

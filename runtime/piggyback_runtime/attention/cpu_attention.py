@@ -28,10 +28,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "cpu_lacks",
+    "cxx_compiler",
     "gather_pages",
     "head_major",
     "kernel_name",
     "native_available",
+    "native_build_error",
     "paged_decode_attention",
     "paged_decode_attention_torch",
     "stream_read_bytes_per_s",
@@ -49,6 +52,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _lock = threading.Lock()
 _native: dict[str, Any] = {}  # isa -> the built extension module
 _errors: dict[str, str] = {}  # isa -> why the native build is unavailable
+_error_details: dict[str, str] = {}  # isa -> the build's whole error output (for the test suite's report)
 _warned: set[str] = set()
 
 
@@ -131,6 +135,7 @@ def _load(isa: str | None = None) -> Any | None:
             _native[isa] = _build(isa)
         except Exception as exc:  # any build/load failure means: use the torch fallback
             _errors[isa] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+            _error_details[isa] = f"{type(exc).__name__}: {str(exc).strip()}"
             log.debug("cpu attention native build failed", exc_info=True)
     return _native.get(isa)
 
@@ -174,6 +179,25 @@ def _fallback_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 def native_available() -> bool:
     """True when the native kernel is built (or buildable now) and not disabled by the environment."""
     return _backend() is not None
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.utils.cpp_extension would build with ($CXX, else c++), or None if there is none."""
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
+def cpu_lacks() -> list[str]:
+    """The instruction-set extensions the native kernel needs that this CPU does not have."""
+    flags = _cpu_flags()
+    return [f for f in _REQUIRED_FLAGS if f not in flags]
+
+
+def native_build_error() -> str | None:
+    """Why the native kernel (for the selected ISA) did not build, with the compiler's output; None if it did."""
+    if native_available():
+        return None
+    isa = os.environ.get(ENV_ISA, "native")
+    return _error_details.get(isa) or (_selected[1] if _selected else None) or "native kernel unavailable"
 
 
 def kernel_name() -> str:

@@ -1,7 +1,8 @@
 """Tokenizer and chat template: a Hugging Face tokenizer.json read with `tokenizers`, or one built in code.
 
 The built-in tokenizer (for synthetic:// models) is a byte-level BPE trained at start-up on a fixed text,
-so it is the same on every machine and round-trips any UTF-8 string.
+so it is the same on every machine and round-trips any UTF-8 string; it covers its model's whole
+vocabulary, so every token id a model can sample decodes to text.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ _JINJA.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=i
 
 
 def builtin_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE of at most `vocab_size` tokens (and at most 4096: merges need training text)."""
+    """A byte-level BPE of exactly `vocab_size` tokens: the merges the training text yields (at most 4096),
+    then filler tokens up to the model's vocabulary size."""
     backend = HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -113,6 +115,7 @@ def builtin_tokenizer(vocab_size: int) -> Tokenizer:
     )
     backend.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend = _cover_vocabulary(backend, vocab_size)
     return Tokenizer(
         backend,
         bos_token=BUILTIN_SPECIAL_TOKENS[BUILTIN_BOS_ID],
@@ -120,6 +123,41 @@ def builtin_tokenizer(vocab_size: int) -> Tokenizer:
         chat_template=BUILTIN_CHAT_TEMPLATE,
         add_bos_token=True,
     )
+
+
+_CONSONANTS = "bcdfghjklmnprstvwxz"
+_VOWELS = "aeiou"
+
+
+def _filler_word(index: int) -> str:
+    """The index-th pseudo-word (" ba", " be", ..., " zu", " baba", ...) in the byte-level alphabet ("Ġ" is a
+    space), so every filler token decodes to visible ASCII text."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    word = ""
+    index += 1  # bijective base-len(syllables): every index gets a distinct, non-empty word
+    while index > 0:
+        index, digit = divmod(index - 1, len(syllables))
+        word = syllables[digit] + word
+    return "\u0120" + word
+
+
+def _cover_vocabulary(backend: HFTokenizer, vocab_size: int) -> HFTokenizer:
+    """Give every id in [0, vocab_size) a token. The training text yields only a few hundred merges, but a
+    synthetic model samples from its whole vocabulary; an id the tokenizer does not know decodes to nothing,
+    so a stream of such ids shows the client no text at all. The filler tokens have no merges leading to
+    them: encoding (and so every prompt's token ids) is unchanged, decoding gives each a pseudo-word."""
+    spec = json.loads(backend.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    if len(vocab) >= vocab_size:
+        return backend
+    next_id, index = len(vocab), 0
+    while next_id < vocab_size:
+        word = _filler_word(index)
+        index += 1
+        if word not in vocab:  # a trained token may already spell it
+            vocab[word] = next_id
+            next_id += 1
+    return HFTokenizer.from_str(json.dumps(spec))
 
 
 def _token_text(entry: Any) -> str | None:

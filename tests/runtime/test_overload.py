@@ -1,0 +1,44 @@
+"""Overload, short: benchmarks/overload.py's run at a smaller multiple for ~10 s, with the same checks.
+
+A real `piggyback serve` on loopback, its capacity measured first, then LS (and BE) load well past it:
+every request ends in success or an explicit error (none lost), admission refuses what does not fit, the
+runtime's counters equal what the client saw, memory is flat, and the admitted LS requests meet their SLO.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from overload import Report, Settings, render, run_overload
+
+SLO_CHECK = "admitted LS requests meet their SLO at the target rate"
+
+
+@pytest.fixture(scope="module")
+def report() -> Report:
+    # small-llama: slow enough on a CPU that the engine, not the HTTP layer or this client, is the bottleneck.
+    return run_overload(Settings(model="synthetic://small-llama", duration_s=10.0, multiple=3.0, ramp_s=6.0,
+                                 drain_s=60.0))  # fmt: skip
+
+
+def _failed(report: Report, names: set[str] | None = None, exclude: set[str] | None = None) -> str:
+    failed = [f"{name}: {detail}" for name, passed, detail in report.checks
+              if not passed and (names is None or name in names) and name not in (exclude or set())]  # fmt: skip
+    return "\n".join(failed) + ("\n\n" + render(report) if failed else "")
+
+
+def test_overload_loses_nothing_and_the_runtime_counts_what_the_client_saw(report: Report) -> None:
+    assert len(report.checks) == 7  # every check ran
+    assert not (failed := _failed(report, exclude={SLO_CHECK})), failed
+
+
+@pytest.mark.xfail(reason="known defect: under overload on a small CPU host, LS admission admits requests that then "
+                          "miss TTFT (the latency model, profiled on an idle host, does not see the CPU the HTTP "
+                          "front end and the clients take); see benchmarks/results/overload.md", strict=False)
+def test_overload_admitted_ls_requests_meet_their_slo(report: Report) -> None:
+    assert not (failed := _failed(report, names={SLO_CHECK})), failed
