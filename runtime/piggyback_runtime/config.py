@@ -152,7 +152,8 @@ class SLOControlConfig(_Strict):
     """Dynamic BE batching and LS admission from a profiled latency model (policy `piggyback`)."""
 
     enabled: bool = True
-    # The planner keeps predicted iteration latency this share below the tightest LS budget.
+    # The planner keeps predicted iteration latency this share below the tightest LS budget, and LS admission
+    # keeps predicted TTFT and TPOT this share below the request's SLO.
     safety_margin: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Reject (HTTP 429) an LS request the model predicts would miss its SLO or make running ones miss theirs.
     admission: bool = True

@@ -226,6 +226,7 @@ class Engine:
             result = self.runner.run(plan, self.planner.complete(plan))
             finished = time.perf_counter()
             outputs = self._postprocess(result)
+            self.planner.observe(time.perf_counter() - started)
             self.metrics.iteration_seconds.observe(finished - started)
             if self.planner.slo is not None:
                 self._record_prediction(plan, result, finished - forward_started)

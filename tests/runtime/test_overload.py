@@ -37,8 +37,5 @@ def test_overload_loses_nothing_and_the_runtime_counts_what_the_client_saw(repor
     assert not (failed := _failed(report, exclude={SLO_CHECK})), failed
 
 
-@pytest.mark.xfail(reason="known defect: under overload on a small CPU host, LS admission admits requests that then "
-                          "miss TTFT (the latency model, profiled on an idle host, does not see the CPU the HTTP "
-                          "front end and the clients take); see benchmarks/results/overload.md", strict=False)
 def test_overload_admitted_ls_requests_meet_their_slo(report: Report) -> None:
     assert not (failed := _failed(report, names={SLO_CHECK})), failed

@@ -170,3 +170,33 @@ def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "planned 80 3"  # 3 rows ready, under the cap of 64
+
+
+def test_admission_holds_the_model_to_the_rate_ls_prefill_has_really_drained_at() -> None:
+    clock = Clock()
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
+    # The model says a 10-token prompt takes one 10 ms iteration: well inside the 1 s TTFT.
+    assert planner.admission(_request("c0", "chat", 10, 0.0)) is None
+    # The host turned out slow: while LS prompts were backlogged, 10 tokens drained per simulated second.
+    for _ in range(8):
+        planner._backlog = (10, True)
+        planner.observe(1.0)
+    planner._backlog = (500, False)  # an iteration with nothing left waiting says nothing about the drain rate
+    planner.observe(0.001)
+    assert planner.ls_prefill_rate.tokens_per_s() == pytest.approx(10.0)
+    rejection = planner.admission(_request("c1", "chat", 10, 0.0))
+    assert rejection is not None and rejection.reason == "TTFTUnattainable"
+    assert "1000.0 ms for 10 LS prompt tokens" in rejection.message and "10 tokens/s" in rejection.message
+
+
+def test_only_iterations_that_left_ls_prompts_waiting_measure_the_prefill_rate() -> None:
+    planner = Planner(_config("priority"), num_kv_blocks=64, clock=Clock())
+    for i in range(3):
+        planner.add(_request(f"c{i}", "chat", 20, 0.0))  # 60 prompt tokens, 32 a plan
+    first = planner.plan()
+    planner.complete(first)
+    planner.observe(0.5)
+    second = planner.plan()
+    planner.complete(second)
+    planner.observe(0.5)  # this one finished every prompt: not backlogged
+    assert [s for s in planner.ls_prefill_rate._samples] == [(32, 0.5)]

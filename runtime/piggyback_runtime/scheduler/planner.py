@@ -39,6 +39,26 @@ from piggyback_runtime.scheduler.slo_control import (
 REASON_BE_QUEUE_FULL = "BEQueueFull"
 
 
+class PrefillRate:
+    """LS prefill tokens per second over recent iterations in which LS prefill was backlogged (some LS prompt
+    was left waiting after the plan): how fast a queue of LS prompts really drains, whatever held it back
+    (token budget, running-request slots, the host's speed). None until enough such iterations were seen."""
+
+    def __init__(self, window: int = 64, min_iterations: int = 8) -> None:
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._min = min_iterations
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if seconds > 0:
+            self._samples.append((tokens, seconds))
+
+    def tokens_per_s(self) -> float | None:
+        if len(self._samples) < self._min:
+            return None
+        seconds = sum(s for _, s in self._samples)
+        return max(sum(t for t, _ in self._samples), 1) / seconds
+
+
 @dataclass(frozen=True)
 class Rejection:
     """Why a request is refused at arrival (HTTP 429), and when a retry may succeed."""
@@ -94,10 +114,15 @@ class Planner:
                 ls_chunk_tokens=engine.max_num_batched_tokens,
                 max_be_rows_per_layer=config.piggyback.max_be_rows_per_layer,
                 max_be_prefill_tokens=engine.max_num_batched_tokens,
+                # Admission keeps the same margin: a queue admitted up to a prediction exactly at the SLO
+                # finishes around the SLO, and then misses it about half the time.
+                admission_margin=config.slo_control.safety_margin,
             )
         self.static_rows_per_layer = self.policy.rows_per_layer(config.piggyback.max_be_rows_per_layer)
         self.last_allowance: BEAllowance | None = None
         self._finished_ls_lengths: deque[tuple[int, int]] = deque(maxlen=200)
+        self.ls_prefill_rate = PrefillRate()
+        self._backlog: tuple[int, bool] = (0, False)  # the last completed plan: LS prefill tokens, backlogged
 
     # --- requests in ---------------------------------------------------------------------------------
     def on_host_path(self, request: Request) -> bool:
@@ -112,7 +137,7 @@ class Planner:
         if self.slo is not None and request.is_ls and request.slo is not None and self.config.slo_control.admission:
             decision = self.slo.admit_ls(
                 NewLSRequest(len(request.prompt_token_ids), request.slo.ttft_s, request.slo.tpot_s, request.arrival_s),
-                self.ls_state(), IterationDemand(), self.clock(),
+                self.ls_state(), IterationDemand(), self.clock(), self.ls_prefill_rate.tokens_per_s(),
             )  # fmt: skip
             if not decision.admitted:
                 return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
@@ -183,7 +208,18 @@ class Planner:
             chunk.request.num_computed_tokens += chunk.num_tokens
             if chunk.samples:
                 sampling.append(chunk.request)
+        tokens = sum(c.num_tokens for c in plan.prefills if c.request.is_ls)
+        backlogged = any(r.is_ls for r in self.scheduler.waiting) or any(
+            r.is_ls and not r.output_token_ids and r.num_remaining_tokens > 0 for r in self.scheduler.running)
+        self._backlog = (tokens, backlogged)
         return sampling
+
+    def observe(self, seconds: float) -> None:
+        """The last completed plan took `seconds` (wall or simulated, planning included): feeds the measured
+        LS prefill rate that admission holds its model to."""
+        tokens, backlogged = self._backlog
+        if backlogged:
+            self.ls_prefill_rate.observe(tokens, seconds)
 
     def leave_for_host_path(self, request: Request) -> None:
         """A host-path request sampled its first token: it leaves batching and frees its accelerator KV.

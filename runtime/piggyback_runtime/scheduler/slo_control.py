@@ -229,6 +229,7 @@ class SLOController:
         running_ls: Sequence[LSRequestState],
         demand: IterationDemand,
         now_s: float,
+        measured_prefill_tokens_per_s: float | None = None,
     ) -> AdmissionDecision:
         """Admit a new LS request only if the model predicts it meets its TTFT and, with it added, every
         decoding LS request (and then itself) still meets its TPOT. BE is left out of these predictions: the
@@ -237,6 +238,10 @@ class SLOController:
         - TTFT: it queues behind every LS prefill already held (FCFS), so it needs n = ceil((queued + its
           prompt) / ls_chunk_tokens) iterations, each one a full LS chunk next to the LS decodes:
           predicted TTFT = (now − arrival) + n × latency(decode rows, a full prefill chunk).
+          `measured_prefill_tokens_per_s` (the rate LS prefill actually drained while it was backlogged; the
+          planner measures it) closes the loop: the queue takes at least (queued + its prompt) / that rate,
+          whatever the model says. It sees what the model cannot: slots held by running requests
+          (max_num_seqs), decode rows sharing the token budget, and the host's real speed.
         - TPOT: while it prefills, iterations hold the LS decodes plus a full chunk; once it decodes, one more
           decode row with its prompt as context. Both must fit the tightest TPOT, its own included.
         """
@@ -255,6 +260,11 @@ class SLOController:
         iterations = -(-queued // chunk)
         waited = max(0.0, now_s - new_request.arrival_s)
         ttft = waited + iterations * prefill_iteration
+        rate = measured_prefill_tokens_per_s
+        measured_wait = queued / rate if rate else 0.0
+        by_measurement = measured_wait > iterations * prefill_iteration
+        if by_measurement:
+            ttft = waited + measured_wait
         decode_iteration = model(rows + 1, 0.0, load + new_request.prompt_tokens + 1, rows + 1)
         tpot_budget = min(budgets.tpot_s, new_request.tpot_s)
         worst_iteration = max(prefill_iteration, decode_iteration)
@@ -262,8 +272,20 @@ class SLOController:
         def reject(reason: str, message: str) -> AdmissionDecision:
             # Retry once the LS prefill queue ahead has drained (whole seconds, for Retry-After).
             drain = (budgets.queued_prefill_tokens / chunk) * prefill_iteration
+            if rate:
+                drain = max(drain, budgets.queued_prefill_tokens / rate)
             return AdmissionDecision(False, reason, message, float(max(1, math.ceil(drain))), ttft, worst_iteration)
 
+        if ttft > new_request.ttft_s * scale and by_measurement:
+            assert rate is not None
+            waited_t, queue_t = _tenths_ms(waited), _tenths_ms(measured_wait)
+            return reject(
+                REASON_TTFT,
+                f"predicted TTFT {_ms(waited_t + queue_t)} ms = waited {_ms(waited_t)} ms + {_ms(queue_t)} ms for "
+                f"{queued} LS prompt tokens ({budgets.queued_prefill_tokens} queued ahead + "
+                f"{new_request.prompt_tokens} of its own) at the {rate:.0f} tokens/s LS prefill has drained at "
+                f"while backlogged, exceeds {self._limit_text('TTFT', new_request.ttft_s)}; retry later",
+            )
         if ttft > new_request.ttft_s * scale:
             # The parts are rounded first and the total is their sum, so the numbers shown add up exactly.
             waited_t, iteration_t = _tenths_ms(waited), _tenths_ms(prefill_iteration)

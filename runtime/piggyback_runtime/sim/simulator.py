@@ -320,6 +320,7 @@ class Simulator:
                 end += self._logits(len(sampling) + len(done_rows)) - self._logits(len(sampling))
         self._copy_prefill_kv(plan, end)
         self.iterations += 1
+        self.planner.observe(end - t)
         self.gpu_busy_s += end - t
         self._account_host_kv(end - t)
         for request in sampling:
