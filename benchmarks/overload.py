@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.demo import _free_port, start_server, wait_ready
+from piggyback_runtime.hardware import cpu_model_name
 
 RESULTS = Path(__file__).parent / "results"
 LS, BE = "chat", "batch"
@@ -461,7 +463,8 @@ def main() -> int:
     table = render(report)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overload.md").write_text(f"# Overload\n\n`python benchmarks/overload.py`\n\n{table}\n")
+    machine = f"{cpu_model_name()}, {os.cpu_count()} cores, client and runtime on the same host"
+    (RESULTS / "overload.md").write_text(f"# Overload\n\n`python benchmarks/overload.py` on {machine}\n\n{table}\n")
     plot(report, RESULTS / "overload.png")
     return 0 if report.ok else 1
 
