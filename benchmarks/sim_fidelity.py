@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--model", default="synthetic://small-llama")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--ls-rate", type=float, default=2.0)
-    parser.add_argument("--be-count", type=int, default=400, help="BE batch size (enough to last the run)")
+    parser.add_argument("--be-count", type=int, default=3000, help="BE batch size (enough to last the run)")
     parser.add_argument("--ttft-ms", type=float, default=2000)
     parser.add_argument("--tpot-ms", type=float, default=250)
     parser.add_argument("--seed", type=int, default=0)
