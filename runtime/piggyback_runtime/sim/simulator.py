@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.metrics import RequestTiming, slo_attained
 from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
@@ -81,23 +82,23 @@ class RequestRecord:
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
 
+    def timing(self) -> RequestTiming:
+        return RequestTiming(self.arrival_s, None, self.first_token_s, self.last_token_s, self.tokens_out)
+
     @property
     def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+        return self.timing().ttft_s
 
     @property
     def tpot_s(self) -> float | None:
-        if self.first_token_s is None or self.last_token_s is None or self.tokens_out < 2:
-            return None
-        return (self.last_token_s - self.first_token_s) / (self.tokens_out - 1)
+        return self.timing().tpot_s
 
     @property
     def attained(self) -> bool:
-        """DESIGN.md: TTFT ≤ SLO and TPOT ≤ SLO, finished; a rejected or unfinished LS request is a miss."""
+        """DESIGN.md's definition (metrics.slo_attained), finished; a rejected or unfinished request is a miss."""
         if self.rejected or self.finished_s is None or self.ttft_slo_s is None or self.tpot_slo_s is None:
             return False
-        ttft, tpot = self.ttft_s, self.tpot_s
-        return ttft is not None and ttft <= self.ttft_slo_s and (tpot is None or tpot <= self.tpot_slo_s)
+        return all(slo_attained(self.timing(), self.ttft_slo_s, self.tpot_slo_s))
 
 
 @dataclass
