@@ -230,13 +230,37 @@ class RuntimeConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem, each naming the field by its dotted YAML path."""
-    lines = [f"{source}: invalid runtime config:"]
+def format_validation_error(
+    exc: ValidationError, source: str, what: str = "runtime config", schema: str = "RuntimeConfig in config.py",
+    data: Any = None,
+) -> str:  # fmt: skip
+    """One line per problem, each naming the field by its dotted YAML path.
+
+    `what` and `schema` name the document and where its fields are described; with the validated `data`,
+    the discriminator tags pydantic puts in locations of tagged unions are dropped (`sources.0.poisson.x`
+    reads `sources.0.x`, the path as written in the file)."""
+    lines = [f"{source}: invalid {what}:"]
     for err in exc.errors():
-        field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        field = ".".join(str(part) for part in _yaml_path(err["loc"], data)) or "(top level)"
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see RuntimeConfig in config.py)"
+            message = f"unknown field (check the spelling; see {schema})"
         lines.append(f"  {field}: {message}")
     return "\n".join(lines)
+
+
+def _yaml_path(loc: tuple[str | int, ...], data: Any) -> list[str | int]:
+    """`loc` without union tags: a step equal to the node's `kind` that is not one of the node's keys."""
+    if data is None:
+        return list(loc)
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("kind") == part:
+            continue
+        path.append(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return path

@@ -166,7 +166,7 @@ def test_a_sweep_is_the_product_of_its_varied_fields_and_each_point_is_validated
         (r, p) for r in (1, 2, 4) for p in ("piggyback", "headroom")}
     assert scenario()["workload"]["sources"][0]["rate_per_s"] == 2.0  # the base is not modified
     broken = copy.deepcopy(scenario())
-    with pytest.raises(ConfigError, match="rate_per_s"):
+    with pytest.raises(ConfigError, match=r"workload\.sources\.0\.rate_per_s: Input should be greater than 0"):
         load_sweep({"base": broken, "vary": {"workload.sources.0.rate_per_s": [-1]}})
 
 

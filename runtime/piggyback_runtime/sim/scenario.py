@@ -94,8 +94,8 @@ def _validate(model: type[BaseModel], data: Any, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source).replace("invalid runtime config",
-                                                                        f"invalid {model.__name__}")) from None
+        raise ConfigError(format_validation_error(exc, source, model.__name__, f"{model.__name__} in sim/scenario.py",
+                                                  data)) from None  # fmt: skip
 
 
 def load_yaml(path: str | Path) -> Any:

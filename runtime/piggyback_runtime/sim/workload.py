@@ -325,36 +325,8 @@ def load_workload(data: dict[str, Any], source: str) -> WorkloadSpec:
     try:
         return WorkloadSpec.model_validate(data)
     except ValidationError as exc:
-        message = format_validation_error(_without_union_tags(exc, data), source)
-        # format_validation_error words its header and hints for RuntimeConfig; say what this is instead.
-        message = message.replace("invalid runtime config", "invalid workload spec", 1)
-        message = message.replace("see RuntimeConfig in config.py", "see WorkloadSpec in sim/workload.py")
-        raise ValueError(message) from None
-
-
-def _without_union_tags(exc: ValidationError, data: Any) -> ValidationError:
-    """Drop the discriminator tag pydantic puts in error locations: `sources.0.poisson.x` -> `sources.0.x`."""
-    errors = []
-    for err in exc.errors():
-        loc: list[str | int] = []
-        node = data
-        for part in err["loc"]:
-            # A tag is a loc step equal to the node's `kind` that is not one of the node's keys.
-            if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("kind") == part:
-                continue
-            loc.append(part)
-            try:
-                node = node[part]  # type: ignore[index]
-            except (KeyError, IndexError, TypeError):
-                node = None
-        details: dict[str, Any] = {"type": err["type"], "loc": tuple(loc), "input": err["input"]}
-        if "ctx" in err:
-            details["ctx"] = err["ctx"]
-        errors.append(details)
-    try:
-        return ValidationError.from_exception_data(exc.title, errors)  # type: ignore[arg-type]
-    except Exception:  # pydantic-internal error shapes vary: the original error is still correct, only noisier
-        return exc
+        raise ValueError(format_validation_error(exc, source, "workload spec", "WorkloadSpec in sim/workload.py",
+                                                 data)) from None  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
