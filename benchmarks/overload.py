@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
@@ -36,12 +35,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import _free_port, start_server, wait_ready
+from piggyback_runtime.demo import STREAM_OK, STREAM_REJECTED, _free_port, start_server, stream_completion, wait_ready
 from piggyback_runtime.hardware import cpu_model_name
 
 RESULTS = Path(__file__).parent / "results"
 LS, BE = "chat", "batch"
-OK, REJECTED = "ok", "429"
+OK, REJECTED = STREAM_OK, STREAM_REJECTED
 MiB = 2**20
 
 
@@ -128,34 +127,7 @@ def _prompt(rng: random.Random, words: int) -> str:
 
 
 async def _send(client: httpx.AsyncClient, record: Record, prompt: str, max_tokens: int) -> None:
-    body = {"model": record.service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                record.outcome = REJECTED if response.status_code == 429 else f"HTTP {response.status_code}"
-                return
-            done = False
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                if not line.startswith("data: "):
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    record.outcome = f"stream error {chunk['error'].get('code')}"
-                    return
-                now = time.monotonic()
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    record.first_token_s = record.first_token_s or now
-                    record.last_token_s = now
-                if chunk.get("usage"):
-                    record.output_tokens = chunk["usage"]["completion_tokens"]
-            record.outcome = OK if done else "stream cut"
-    except httpx.HTTPError as exc:
-        record.outcome = type(exc).__name__
+    record.outcome = await stream_completion(client, record.service, prompt, max_tokens, record)
 
 
 def _attained(record: Record, settings: Settings) -> bool:

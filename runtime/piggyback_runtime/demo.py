@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -59,6 +60,12 @@ _WORDS = [
     "scheduler",
     "queue",
 ]
+
+
+class StreamTiming(Protocol):
+    first_token_s: float | None
+    last_token_s: float | None
+    output_tokens: int
 
 
 @dataclass
@@ -116,39 +123,51 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
-async def _stream_one(
-    client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: RequestRecord
-) -> None:
-    body = {
-        "model": service,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
+STREAM_OK, STREAM_REJECTED = "ok", "429"
+
+
+async def stream_completion(
+    client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: StreamTiming
+) -> str:
+    """Send one streaming completion and time it into `record` (first and last token read, output tokens).
+
+    Returns STREAM_OK, STREAM_REJECTED (429 at admission), or what went wrong: "HTTP <status>", "stream error
+    <code>" (the runtime ended the stream with an error event), "stream cut" (no [DONE]), or the transport
+    error's type."""
+    body = {"model": service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code == 429:
-                record.rejected = True
-                await response.aread()
-                return
             if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-                return
+                await response.aread()
+                return STREAM_REJECTED if response.status_code == 429 else f"HTTP {response.status_code}"
+            done = False
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                if not line.startswith("data: "):
                     continue
                 chunk = json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    return f"stream error {chunk['error'].get('code')}"
                 now = time.monotonic()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     record.first_token_s = record.first_token_s or now
                     record.last_token_s = now
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
+            return STREAM_OK if done else "stream cut"
     except httpx.HTTPError as exc:
-        record.error = f"{type(exc).__name__}: {exc}"
+        return type(exc).__name__
+
+
+async def _stream_one(
+    client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: RequestRecord
+) -> None:
+    outcome = await stream_completion(client, service, prompt, max_tokens, record)
+    record.rejected = outcome == STREAM_REJECTED
+    record.error = None if outcome in (STREAM_OK, STREAM_REJECTED) else outcome
 
 
 async def drive_load(
