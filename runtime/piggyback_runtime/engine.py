@@ -82,7 +82,7 @@ class Engine:
             latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir)),
         )  # fmt: skip
         self.runner = ModelRunner(config, self.loaded, self.planner.allocator, self.planner.policy,
-                                  self.planner.host_kv, self.metrics, self.planner.static_rows_per_layer)  # fmt: skip
+                                  self.planner.host_kv, self.metrics)  # fmt: skip
         self.model = self.loaded.model
         self.requests: dict[str, Request] = {}
         self._be_token_times: deque[float] = deque()

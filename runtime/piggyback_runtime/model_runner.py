@@ -50,7 +50,6 @@ class ModelRunner:
         policy: Policy,
         host_kv: HostKV | None,
         metrics: m.RuntimeMetrics,
-        rows_per_layer: int,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -65,8 +64,7 @@ class ModelRunner:
         self.piggyback: PiggybackPath | None = None
         if policy.uses_host_path:
             assert host_kv is not None
-            self.piggyback = PiggybackPath(config, self.arch, loaded.dtype, self.device, host_kv, metrics,
-                                           rows_per_layer)  # fmt: skip
+            self.piggyback = PiggybackPath(config, self.arch, loaded.dtype, self.device, host_kv, metrics)
 
     def close(self) -> None:
         if self.piggyback is not None:

@@ -71,7 +71,7 @@ def share_cores_with_cpu_workers(pb: PiggybackConfig, device: torch.device) -> i
 class PiggybackPath:
     def __init__(
         self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device, host_kv: HostKV,
-        metrics: m.RuntimeMetrics, max_rows_per_layer: int,
+        metrics: m.RuntimeMetrics,
     ) -> None:  # fmt: skip
         """`host_kv` is the planner's: it reserves at admission, this path frees when a request is done."""
         pb = config.piggyback
@@ -82,7 +82,7 @@ class PiggybackPath:
         self.host_kv = host_kv
         self.block_size = host_kv.block_size  # host KV blocks (the accelerator's may differ)
         self.block_bytes = kv_block_bytes(arch, self.block_size, dtype)
-        self.max_rows_per_layer = max_rows_per_layer
+        self.max_rows_per_layer = 0  # the engine sets it from each iteration's plan before the forward pass
         import multiprocessing as mp
 
         self._hold = mp.get_context("spawn").RawValue("b", 1)
