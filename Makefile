@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	# torch first, the CPU build: anything that depends on torch installed before it would pull the CUDA build.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Prometheus and promtool (Debian's package): the dashboard and alert-rule tests run them for real.
+	command -v promtool >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "note: prometheus not installed (needs root and apt-get); the Prometheus-backed tests will skip and say so"
 	touch $(STAMP)
 
 setup: $(STAMP)
