@@ -1,20 +1,113 @@
-# One image for the runtime (`piggyback serve --config ...`) and the operator (`piggyback-operator run`).
-# TORCH_INDEX selects the torch build: CPU by default; e.g. https://download.pytorch.org/whl/cu128 for GPUs.
-FROM python:3.11-slim AS base
+# syntax=docker/dockerfile:1
+# Two images from one file (build context: the repository root):
+#   docker build --target runtime  -t ghcr.io/piggyback-dev/piggyback-runtime:0.1.0 .   # `piggyback serve`, CUDA
+#   docker build --target operator -t ghcr.io/piggyback-dev/piggyback-operator:0.1.0 .  # `piggyback-operator run`
+# Compilers live only in the *-build stages; the final stages copy a finished virtualenv out of them.
+# Base images are pinned by exact tag; add @sha256 digests where the registry is reachable when releasing.
+
+ARG CUDA_TAG=12.8.1
+ARG UBUNTU_TAG=ubuntu24.04
+ARG PYTHON_TAG=3.11.13-slim-bookworm
+ARG VERSION=0.1.0
+
+# ---------------------------------------------------------------------------------------------------------
+# Runtime build: CUDA torch + Triton, the project, and the CPU attention kernel compiled for each x86 level.
+FROM nvidia/cuda:${CUDA_TAG}-devel-${UBUNTU_TAG} AS runtime-build
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+ARG TRITON_VERSION=3.9.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Distribution packages go unpinned (DL3008): the archive drops superseded versions, so a pin breaks the
+# build within weeks; the base image's exact tag fixes the release they come from.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev gcc g++ \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3.12 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, pinned, from the CUDA index: anything that depends on torch installed before it would pull
+# another build. The CUDA torch wheel brings its CUDA libraries as pip packages.
+RUN pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple \
+      "torch==${TORCH_VERSION}" "triton==${TRITON_VERSION}"
 WORKDIR /src
-# torch first and pinned: anything depending on torch installed before it would pull another build.
-RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
+COPY docker/requirements-runtime.txt docker/
+RUN pip install --requirement docker/requirements-runtime.txt
 COPY pyproject.toml README.md ./
 COPY runtime ./runtime
 COPY operator ./operator
-RUN pip install . && rm -rf /src
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp piggyback
+RUN pip install --no-deps . \
+ && python -m piggyback_runtime.attention.prebuilt /opt/piggyback/cpu-attention
+# Triton compiles a C helper (cuda_utils) at first GPU use; compile it here, linked against the toolkit's stub
+# libcuda. TRITON_LIBCUDA_PATH is part of Triton's cache key, so the runtime stage sets the same string.
+ENV TRITON_LIBCUDA_PATH=/opt/piggyback/libcuda-stub
+RUN mkdir -p "$TRITON_LIBCUDA_PATH" \
+ && ln -s /usr/local/cuda/lib64/stubs/libcuda.so "$TRITON_LIBCUDA_PATH/libcuda.so.1" \
+ && python -m piggyback_runtime.attention.triton_cache /opt/piggyback/triton-cache
+
+# ---------------------------------------------------------------------------------------------------------
+# Runtime: CUDA base (driver libraries come from the node), Python, the virtualenv and the prebuilt kernels.
+FROM nvidia/cuda:${CUDA_TAG}-base-${UBUNTU_TAG} AS runtime
+ARG VERSION
+LABEL org.opencontainers.image.title="piggyback-runtime" \
+      org.opencontainers.image.description="Piggyback node-local runtime: LS and BE LLM services on one accelerator" \
+      org.opencontainers.image.source="https://github.com/piggyback-dev/piggyback" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}"
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=runtime-build /opt/venv /opt/venv
+COPY --from=runtime-build /opt/piggyback/cpu-attention /opt/piggyback/cpu-attention
+COPY --from=runtime-build /opt/piggyback/triton-cache /opt/piggyback/triton-cache
+# PIGGYBACK_CPU_ATTENTION_PREBUILT: the kernels above are loaded before any JIT build is tried; the JIT
+# build (which needs a compiler, absent here) and then the pure-torch path stay the fallbacks.
+# TRITON_CACHE_MANAGER: Triton's writable cache (under HOME) first, then the prebuilt cuda_utils.
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
+    PIGGYBACK_CPU_ATTENTION_PREBUILT=/opt/piggyback/cpu-attention \
+    PIGGYBACK_TRITON_PREBUILT=/opt/piggyback/triton-cache \
+    TRITON_CACHE_MANAGER=piggyback_runtime.attention.triton_cache:PrebuiltFirstCacheManager \
+    TRITON_LIBCUDA_PATH=/opt/piggyback/libcuda-stub
+# uid/gid 10001: the pods' securityContext (operator/piggyback_operator/pools.py RUNTIME_UID).
+RUN groupadd --gid 10001 piggyback && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp piggyback
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000 8080 9090
-# No ENTRYPOINT: the runtime Deployment runs `piggyback serve ...`, the operator `piggyback-operator run`.
-CMD ["piggyback", "--help"]
+EXPOSE 8000
+ENTRYPOINT ["piggyback"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------------------------
+# Operator build: no torch. The operator imports piggyback_runtime.config and .metrics only, which import
+# neither torch nor numpy (tests/operator/test_images.py), so the project goes in with --no-deps.
+FROM python:${PYTHON_TAG} AS operator-build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY docker/requirements-operator.txt docker/
+RUN pip install --requirement docker/requirements-operator.txt
+COPY pyproject.toml README.md ./
+COPY runtime ./runtime
+COPY operator ./operator
+RUN pip install --no-deps .
+
+# ---------------------------------------------------------------------------------------------------------
+# Operator: the last stage, so a plain `docker build .` gives the small image.
+FROM python:${PYTHON_TAG} AS operator
+ARG VERSION
+LABEL org.opencontainers.image.title="piggyback-operator" \
+      org.opencontainers.image.description="Piggyback Kubernetes operator for LLMService resources" \
+      org.opencontainers.image.source="https://github.com/piggyback-dev/piggyback" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}"
+COPY --from=operator-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
+# uid/gid 10001: manifests/base/deployment.yaml's securityContext.
+RUN groupadd --gid 10001 piggyback && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp piggyback
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080 9090
+ENTRYPOINT ["piggyback-operator"]
+CMD ["run"]

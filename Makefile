@@ -26,9 +26,9 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
-test: setup
-	$(VENV)/bin/ruff check .
+test: lint
 	$(VENV)/bin/pytest -q
 
 bench: setup

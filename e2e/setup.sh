@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Create a kind cluster, build and load the image, install the operator with kustomize.
+# Create a kind cluster, build and load both images (Dockerfile targets runtime and operator), install the
+# operator with kustomize, naming the e2e images through the base's `images:` entries.
 # Usage: e2e/setup.sh            (needs docker, kind, kubectl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=piggyback-e2e
-IMAGE=ghcr.io/piggyback-dev/piggyback:e2e
+TAG=e2e
+RUNTIME_IMAGE=ghcr.io/piggyback-dev/piggyback-runtime:$TAG
+OPERATOR_IMAGE=ghcr.io/piggyback-dev/piggyback-operator:$TAG
 
 for tool in docker kind kubectl; do
   command -v "$tool" >/dev/null || { echo "e2e/setup.sh: $tool is required" >&2; exit 2; }
 done
 
 kind get clusters | grep -qx "$CLUSTER" || kind create cluster --config e2e/kind-config.yaml
-docker build -t "$IMAGE" .
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+# The runtime image is CUDA-based; kind nodes have no GPU, so its pods run the CPU path of the same image.
+docker build --target operator -t "$OPERATOR_IMAGE" .
+docker build --target runtime -t "$RUNTIME_IMAGE" .
+kind load docker-image "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" --name "$CLUSTER"
 
 # Fake GPU capacity on the worker (a device plugin would advertise it on a real GPU node).
 WORKER=$(kubectl get nodes -l piggyback.dev/e2e-gpu=true -o jsonpath='{.items[0].metadata.name}')
@@ -24,22 +29,21 @@ curl -fsS -H 'Content-Type: application/json-patch+json' -X PATCH \
   "http://127.0.0.1:8089/api/v1/nodes/$WORKER/status" \
   --data '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"2"}]' >/dev/null
 
-# Install with the e2e image for the operator and for the runtimes it creates.
+# Install with the e2e images: the images entries rename the operator's image and PIGGYBACK_RUNTIME_IMAGE.
 TMP=$(mktemp -d)
 cat >"$TMP/kustomization.yaml" <<KUST
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
-  - $(pwd)/manifests/base
+  - $(realpath --relative-to="$TMP" manifests/base)
 images:
-  - name: ghcr.io/piggyback-dev/piggyback
-    newTag: e2e
+  - name: ghcr.io/piggyback-dev/piggyback-operator
+    newTag: $TAG
+  - name: ghcr.io/piggyback-dev/piggyback-runtime
+    newTag: $TAG
 patches:
   - target: {kind: Deployment, name: piggyback-operator}
     patch: |-
-      - op: replace
-        path: /spec/template/spec/containers/0/env/0/value
-        value: $IMAGE
       - op: replace
         path: /spec/template/spec/containers/0/env/1/value
         value: "3"

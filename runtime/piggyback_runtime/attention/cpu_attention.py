@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from piggyback_runtime.attention import prebuilt
+
 __all__ = [
     "cpu_lacks",
     "cxx_compiler",
@@ -94,6 +96,10 @@ def _build(isa: str) -> Any:
     missing = [f for f in _REQUIRED_FLAGS if f not in flags]
     if missing:
         raise RuntimeError(f"CPU lacks {', '.join(missing)}")
+    # Kernels compiled with the image (prebuilt.py) come first: a runtime image has no compiler.
+    module = prebuilt.load(isa, flags, torch.__version__)
+    if module is not None:
+        return module
     from torch.utils import cpp_extension
 
     cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
