@@ -1,0 +1,1 @@
+"""Grafana dashboards and Prometheus alert rules for Piggyback, defined once and checked against real metrics."""

@@ -1,0 +1,258 @@
+"""The four Grafana dashboards, defined once here; `python -m dashboards.build` writes their JSON.
+
+Every query filters on the dashboard variables: `$namespace` (the Kubernetes namespace Prometheus attaches to a
+runtime pod's series), `$service` (the LLMService: `model_name` on runtime series, `service` on the operator's),
+and `$class` (LS or BE). Each LS service's SLO comes from the `piggyback_slo_*_target_*` gauges the runtime
+exports from its config, so thresholds drawn on the panels follow the config instead of numbers typed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Series filters for the three kinds of series (runtime by service and class, runtime by service, per runtime).
+NS = 'namespace=~"$namespace"'
+SVC = f'{NS}, model_name=~"$service"'
+SVC_CLASS = f'{SVC}, class=~"$class"'
+# The operator's per-service series carry the LLMService's namespace and name (its ServiceMonitor honours labels).
+OP_SVC = 'namespace=~"$namespace", service=~"$service"'
+# SLO panels show LS requests only: BE requests have no SLO (and their queueing would dwarf the LS scale).
+SVC_LS = f'{SVC}, class="LS"'
+RATE = "$__rate_interval"
+
+# A series whose legend matches this is a target drawn as a dashed red threshold line (Grafana override; the
+# render script does the same).
+THRESHOLD_LEGEND_REGEX = "^.* (SLO|target)$"
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    kind: str = "timeseries"  # or "stat"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    panels: tuple[Panel, ...]
+    tags: tuple[str, ...] = field(default=("piggyback",))
+
+
+def _quantiles(metric: str, labels: str, by: str, legend: str) -> tuple[Query, ...]:
+    return tuple(
+        Query(f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{labels}}}[{RATE}])))",
+              f"{legend} p{int(q * 100)}")
+        for q in (0.5, 0.99)
+    )  # fmt: skip
+
+
+SLO_OVERVIEW = Dashboard(
+    uid="piggyback-slo",
+    title="Piggyback / SLO overview",
+    description="Per LS service: attainment against its target, TTFT and TPOT against the SLO, violations, "
+    "admission rejections and predicted headroom.",
+    panels=(
+        Panel("LS SLO attainment against target", (
+            Query(f"piggyback_slo_attainment_ratio{{{SVC}}}", "{{model_name}} attained (sliding window)"),
+            Query(f"max by (model_name) (piggyback_slo_attainment_target_ratio{{{SVC}}})", "{{model_name}} target"),
+        ), unit="percentunit", description="Share of LS requests that met both TTFT and TPOT SLOs."),
+        Panel("LS SLO attainment over the last hour", (
+            Query(f'sum by (model_name) (increase(piggyback_slo_requests_total{{{SVC}, attained="true"}}[1h])) / '
+                  f"sum by (model_name) (increase(piggyback_slo_requests_total{{{SVC}}}[1h]))", "{{model_name}}"),
+        ), unit="percentunit", kind="stat"),
+        Panel("TTFT p50 / p99 against SLO", (
+            *_quantiles("vllm:time_to_first_token_seconds", SVC_LS, "model_name", "{{model_name}}"),
+            Query(f"max by (model_name) (piggyback_slo_ttft_target_seconds{{{SVC}}})", "{{model_name}} SLO"),
+        ), unit="s"),
+        Panel("TPOT p50 / p99 against SLO", (
+            *_quantiles("vllm:request_time_per_output_token_seconds", SVC_LS, "model_name", "{{model_name}}"),
+            Query(f"max by (model_name) (piggyback_slo_tpot_target_seconds{{{SVC}}})", "{{model_name}} SLO"),
+        ), unit="s"),
+        Panel("SLO violations by type", (
+            Query(f"sum by (model_name, type) (rate(piggyback_slo_violations_total{{{SVC}}}[{RATE}]))",
+                  "{{model_name}} {{type}}"),
+        ), unit="reqps"),
+        Panel("Admission rejections by reason", (
+            Query(f"sum by (model_name, reason) (rate(piggyback_admission_rejections_total{{{SVC_CLASS}}}[{RATE}]))",
+                  "{{model_name}} {{reason}}"),
+        ), unit="reqps", description="HTTP 429 at arrival: LS requests predicted to miss their SLO, BE queue full."),
+        Panel("Predicted LS headroom against LS arrivals", (
+            Query(f"sum(piggyback_ls_headroom_requests_per_second{{{NS}}})", "predicted headroom"),
+            Query(f'sum(rate(piggyback_requests_total{{{NS}, class="LS"}}[{RATE}]))', "LS arrivals"),
+        ), unit="reqps", description="Extra LS request rate the latency model predicts fits under the SLOs."),
+    ),
+)
+
+COLOCATION = Dashboard(
+    uid="piggyback-colocation",
+    title="Piggyback / Colocation",
+    description="How BE work rides along LS work: BE throughput, rows merged, CPU attention, KV memory on both "
+    "sides, and how well the latency model predicts iteration time.",
+    panels=(
+        Panel("BE output tokens/s", (
+            Query(f"sum by (pod) (piggyback_be_tokens_per_second{{{NS}}})", "{{pod}}"),
+        ), unit="short"),
+        Panel("BE rows merged per iteration", (
+            *_quantiles("piggyback_be_rows_merged", NS, "pod", "{{pod}}"),
+            Query(f"max by (pod) (piggyback_be_rows_allowed_per_layer{{{NS}}})", "{{pod}} allowed per layer"),
+        )),
+        Panel("CPU attention queue depth", (
+            Query(f"sum by (pod) (piggyback_cpu_attention_queue_depth{{{NS}}})", "{{pod}} rows on CPU workers"),
+        )),
+        Panel("Engine blocked on CPU attention", (
+            Query(f"sum by (pod) (rate(piggyback_cpu_attention_wait_seconds_total{{{NS}}}[{RATE}]))", "{{pod}}"),
+        ), unit="percentunit", description="Share of time the engine waited for CPU results (should stay 0)."),
+        Panel("KV cache usage: accelerator and host", (
+            Query(f"sum by (pod) (vllm:kv_cache_usage_perc{{{NS}}})", "{{pod}} accelerator"),
+            Query(f"max by (pod) (piggyback_host_kv_usage_ratio{{{NS}}})", "{{pod}} host"),
+        ), unit="percentunit"),
+        Panel("Iteration latency: predicted and measured", (
+            Query(f"max by (pod) (piggyback_iteration_predicted_seconds{{{NS}}})", "{{pod}} predicted"),
+            Query(f"max by (pod) (piggyback_iteration_measured_seconds{{{NS}}})", "{{pod}} measured"),
+            *_quantiles("piggyback_iteration_seconds", NS, "pod", "{{pod}} iteration"),
+        ), unit="s"),
+        Panel("Latency model error", (
+            Query(f"max by (pod) (piggyback_latency_model_error_ratio{{{NS}}})", "{{pod}} MAPE"),
+        ), unit="percentunit"),
+    ),
+)
+
+CAPACITY = Dashboard(
+    uid="piggyback-capacity",
+    title="Piggyback / Capacity and admission",
+    description="Pools and replicas, predicted headroom against the LS load, host memory, and why services "
+    "are or are not admitted.",
+    panels=(
+        Panel("Replicas: rendered by the operator and serving", (
+            Query(f'sum by (pool) (piggyback_operator_pool_replicas{{{NS}}})', "{{pool}} rendered"),
+            Query(f"count(vllm:cache_config_info{{{NS}}})", "runtimes serving"),
+        )),
+        Panel("Headroom against expected LS load", (
+            Query(f"sum(piggyback_ls_headroom_requests_per_second{{{NS}}})", "predicted headroom"),
+            Query(f'sum(rate(piggyback_requests_total{{{NS}, class="LS"}}[{RATE}]))', "LS load now"),
+            Query(f'max_over_time(sum(rate(piggyback_requests_total{{{NS}, class="LS"}}[{RATE}]))[1h:])',
+                  "LS load, 1h peak"),
+        ), unit="reqps"),
+        Panel("Host memory free for BE KV", (
+            Query(f"sum by (pod) (piggyback_host_kv_free_bytes{{{NS}}})", "{{pod}}"),
+        ), unit="bytes"),
+        Panel("Requests running and waiting", (
+            Query(f"sum by (class) (vllm:num_requests_running{{{SVC_CLASS}}})", "{{class}} running"),
+            Query(f"sum by (class) (vllm:num_requests_waiting{{{SVC_CLASS}}})", "{{class}} waiting"),
+        )),
+        Panel("Services by Admitted reason", (
+            Query(f'count by (reason) (llmservice_status_condition{{{OP_SVC}, condition="Admitted"}})', "{{reason}}"),
+        ), kind="stat"),
+        Panel("Admission decisions", (
+            Query(f"sum by (decision, reason) (increase(llmservice_admission_decisions_total[{RATE}]))",
+                  "{{decision}} {{reason}}"),
+        )),
+    ),
+)
+
+OPERATOR = Dashboard(
+    uid="piggyback-operator",
+    title="Piggyback / Operator",
+    description="The operator's reconciles, errors, admission decisions and the conditions it writes.",
+    panels=(
+        Panel("Reconciles by handler", (
+            Query(f"sum by (handler) (rate(piggyback_operator_reconciles_total[{RATE}]))", "{{handler}}"),
+        ), unit="ops"),
+        Panel("Reconcile errors by handler and kind", (
+            Query(f"sum by (handler, kind) (rate(piggyback_operator_reconcile_errors_total[{RATE}]))",
+                  "{{handler}} {{kind}}"),
+        ), unit="ops", description="temporary: retried (e.g. waiting for admission); permanent: needs a spec change."),
+        Panel("Admission decisions by class and outcome", (
+            Query(f"sum by (class, decision) (rate(llmservice_admission_decisions_total[{RATE}]))",
+                  "{{class}} {{decision}}"),
+        ), unit="ops"),
+        Panel("Services by condition", (
+            Query(f"sum by (condition, status) (llmservice_status_condition{{{OP_SVC}}})", "{{condition}}={{status}}"),
+        ), kind="stat"),
+        Panel("Runtime scrapes by outcome", (
+            Query(f"sum by (outcome) (rate(piggyback_operator_runtime_scrapes_total[{RATE}]))", "{{outcome}}"),
+        ), unit="ops"),
+        Panel("Measured LS attainment in status", (
+            Query(f"llmservice_slo_attainment_ratio{{{OP_SVC}}}", "{{namespace}}/{{service}}"),
+        ), unit="percentunit"),
+    ),
+)
+
+DASHBOARDS: tuple[Dashboard, ...] = (SLO_OVERVIEW, COLOCATION, CAPACITY, OPERATOR)
+
+# Grafana template variables: (name, label, query). `label_values(metric, label)` is Grafana's Prometheus syntax.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("namespace", "Namespace", "label_values(vllm:cache_config_info, namespace)"),
+    ("service", "Service", 'label_values(vllm:num_requests_running{namespace=~"$namespace"}, model_name)'),
+    ("class", "Class", 'label_values(vllm:num_requests_running{namespace=~"$namespace"}, class)'),
+)
+
+_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _panel_json(panel: Panel, panel_id: int) -> dict[str, Any]:
+    width, height = 12, 8
+    return {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": _DATASOURCE,
+        "gridPos": {"x": (panel_id - 1) % 2 * width, "y": (panel_id - 1) // 2 * height, "w": width, "h": height},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": _DATASOURCE, "expr": q.expr, "legendFormat": q.legend}
+            for i, q in enumerate(panel.queries)
+        ],
+        "fieldConfig": {
+            "defaults": {"unit": panel.unit},
+            "overrides": [{
+                "matcher": {"id": "byRegexp", "options": THRESHOLD_LEGEND_REGEX},
+                "properties": [
+                    {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+                    {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                ],
+            }],
+        },
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+    }
+
+
+def dashboard_json(dashboard: Dashboard) -> dict[str, Any]:
+    """The dashboard as Grafana's JSON model (schemaVersion 39), provisionable as is."""
+    templating: list[dict[str, Any]] = [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"}
+    ]
+    for name, label, query in VARIABLES:
+        templating.append({
+            "name": name, "label": label, "type": "query", "datasource": _DATASOURCE,
+            "query": {"query": query, "refId": f"var-{name}"}, "definition": query, "refresh": 2,
+            "includeAll": True, "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"},
+        })  # fmt: skip
+    return {
+        "uid": dashboard.uid,
+        "title": dashboard.title,
+        "description": dashboard.description,
+        "tags": list(dashboard.tags),
+        "schemaVersion": 39,
+        "editable": True,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "templating": {"list": templating},
+        "panels": [_panel_json(p, i + 1) for i, p in enumerate(dashboard.panels)],
+    }
+
+
+def file_name(dashboard: Dashboard) -> str:
+    return f"{dashboard.uid}.json"

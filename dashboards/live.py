@@ -1,0 +1,245 @@
+"""A live stack for the dashboards: a real `piggyback serve` under mixed load, the operator's metrics, Prometheus.
+
+Used by the Prometheus-backed tests and by `python dashboards/render.py --demo`:
+
+- the runtime is a real `piggyback serve` process on loopback (synthetic tiny model, one LS and one BE
+  service, policy piggyback with SLO control), driven by the demo's Poisson LS / closed-loop BE load;
+- the operator's metrics are its real registry (`piggyback_operator.telemetry.REGISTRY`) served over HTTP the
+  way `piggyback-operator run --metrics-port` serves it. No Kubernetes API server is involved, so the handlers
+  do not run: the test records what they record (conditions of an admitted LS service and of a BE service
+  waiting for host memory, its admission retries every few seconds) and, each second, what the `observe` timer
+  records after scraping the real runtime with the operator's own `PoolScraper`;
+- Prometheus is Debian's `prometheus` binary on loopback with a generated config (1 s scrapes, temporary
+  storage) that loads dashboards/rules/piggyback-rules.yaml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.demo import _free_port, drive_load, start_server, wait_ready
+
+RULES_FILE = Path(__file__).resolve().parent / "rules" / "piggyback-rules.yaml"
+NAMESPACE = "serving"  # what a PodMonitor would attach to the runtime's series
+POOL = "tiny-llama"
+RUNTIME_POD = "piggyback-chat-0"
+INSTALL_HINT = "install Prometheus: `apt-get install prometheus` (or `make setup` as root)"
+
+
+def missing_prometheus() -> str | None:
+    """Why the Prometheus-backed checks cannot run here, or None."""
+    missing = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not on PATH: {INSTALL_HINT}" if missing else None
+
+
+# The tests' LS SLO: tight enough for the tiny model on a busy CPU to miss some requests (so violation and
+# rejection panels have data). The rendered demo uses a looser one, closer to what a user would set.
+TEST_SLO_MS = (150.0, 15.0)
+
+
+def runtime_config(
+    port: int, ttft_slo_ms: float = TEST_SLO_MS[0], tpot_slo_ms: float = TEST_SLO_MS[1]
+) -> RuntimeConfig:
+    """One LS and one BE service of the tiny model; a BE queue small enough that a BE burst gets 429s."""
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 1024},
+        "device": "cpu",
+        "services": [
+            {"name": "chat", "class": "LS",
+             "slo": {"ttft_ms": ttft_slo_ms, "tpot_ms": tpot_slo_ms, "attainment_target": 0.9}},
+            {"name": "batch", "class": "BE"},
+        ],
+        "engine": {"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 128, "policy": "piggyback"},
+        "piggyback": {"host_block_size": 16, "num_host_kv_blocks": 96, "max_be_requests": 4, "num_cpu_workers": 1,
+                      "cpu_threads_per_worker": 1},
+        "slo_control": {"max_be_queue": 2},
+        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_s": 1},
+        "metrics": {"attainment_window_s": 60},
+    })  # fmt: skip
+
+
+def fill_operator_telemetry() -> None:
+    """What the operator records for a pool with an admitted LS service and a BE service waiting for memory."""
+    from piggyback_operator import telemetry as t
+
+    ready = [("Admitted", "True", "Admitted"), ("Placed", "True", "Placed"), ("RuntimeReady", "True", "Ready"),
+             ("SLOMet", "True", "SLOMet"), ("Ready", "True", "Ready")]  # fmt: skip
+    waiting = [("Admitted", "False", "InsufficientHostMemory"), ("Placed", "False", "NotAdmitted"),
+               ("RuntimeReady", "False", "NotAdmitted"), ("SLOMet", "Unknown", "NotAdmitted"),
+               ("Ready", "False", "InsufficientHostMemory")]  # fmt: skip
+    t.record_conditions(NAMESPACE, "chat", [{"type": c, "status": s, "reason": r} for c, s, r in ready])
+    t.record_conditions(NAMESPACE, "batch", [{"type": c, "status": s, "reason": r} for c, s, r in waiting])
+    t.POOL_REPLICAS.labels(NAMESPACE, POOL).set(1)
+    t.RECONCILES.labels("reconcile").inc(2)  # the create handler, once per service
+    t.ADMISSION_DECISIONS.labels("LS", "admitted", "Admitted").inc()
+    t.ADMISSION_DECISIONS.labels("BE", "rejected", "InsufficientHostMemory").inc()
+    t.RECONCILE_ERRORS.labels("reconcile", "temporary").inc()  # not admitted: kopf retries it later
+
+
+async def operator_observe_loop(runtime_endpoint: str, deadline_s: float, retry_every_s: float = 5.0) -> None:
+    """Until `deadline_s` (time.monotonic): the observe timer's telemetry each second, with real scrapes of the
+    runtime, and the waiting BE service's admission retry (a temporary error) every `retry_every_s`."""
+    from piggyback_operator import telemetry as t
+    from piggyback_operator.scrape import PoolScraper
+
+    scraper = PoolScraper(min_interval_s=0.5)
+    next_retry_s = time.monotonic() + retry_every_s
+    try:
+        while time.monotonic() < deadline_s:
+            t.RECONCILES.labels("observe").inc(2)  # the timer runs per service: chat and batch
+            figures = await scraper.figures(POOL, [runtime_endpoint])
+            t.SCRAPES.labels("ok").inc(figures.pods)
+            t.SCRAPES.labels("error").inc(len(figures.errors))
+            chat = figures.service("chat")
+            if chat is not None and chat.attainment is not None:
+                t.SLO_ATTAINMENT.labels(NAMESPACE, "chat").set(chat.attainment)
+            if time.monotonic() >= next_retry_s:
+                next_retry_s += retry_every_s
+                t.RECONCILES.labels("reconcile").inc()
+                t.ADMISSION_DECISIONS.labels("BE", "rejected", "InsufficientHostMemory").inc()
+                t.RECONCILE_ERRORS.labels("reconcile", "temporary").inc()
+            await asyncio.sleep(1.0)
+    finally:
+        await scraper.close()
+
+
+async def _load_and_observe(runtime_url: str, load_s: float, ls_rate_per_s: float, be_concurrency: int) -> int:
+    deadline_s = time.monotonic() + load_s
+    result, _ = await asyncio.gather(
+        drive_load(runtime_url, load_s, ls_rate_per_s, be_concurrency, progress=False),
+        operator_observe_loop(runtime_url.removeprefix("http://"), deadline_s),
+    )
+    return len(result.records)
+
+
+def serve_operator_metrics() -> int:
+    """Serve the operator's registry on a free loopback port, as `piggyback-operator run` does; returns the port."""
+    from prometheus_client import start_http_server
+
+    from piggyback_operator.telemetry import REGISTRY
+
+    port = _free_port()
+    start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+    return port
+
+
+def prometheus_config(runtime_port: int, operator_port: int) -> dict[str, Any]:
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            {"job_name": "piggyback-runtime", "static_configs": [
+                {"targets": [f"127.0.0.1:{runtime_port}"], "labels": {"namespace": NAMESPACE, "pod": RUNTIME_POD}}]},
+            # As the ServiceMonitor: the operator's series keep the LLMService's namespace label.
+            {"job_name": "piggyback-operator", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
+        ],
+    }  # fmt: skip
+
+
+@dataclass
+class LiveStack:
+    prometheus_url: str
+    runtime_url: str
+    load_started_s: float  # time.time()
+    load_ended_s: float
+    requests_sent: int
+
+    def query(self, expr: str, at_s: float | None = None) -> list[dict[str, Any]]:
+        """Instant query; raises with Prometheus' own error text when the expression does not parse or evaluate."""
+        params: dict[str, Any] = {"query": expr}
+        if at_s is not None:
+            params["time"] = at_s
+        response = httpx.get(f"{self.prometheus_url}/api/v1/query", params=params, timeout=30)
+        body = response.json()
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus rejected {expr!r}: {body.get('errorType')}: {body.get('error')}")
+        return list(body["data"]["result"])
+
+    def query_range(self, expr: str, start_s: float, end_s: float, step_s: float) -> list[dict[str, Any]]:
+        params = {"query": expr, "start": start_s, "end": end_s, "step": step_s}
+        body = httpx.get(f"{self.prometheus_url}/api/v1/query_range", params=params, timeout=60).json()
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus rejected {expr!r}: {body.get('errorType')}: {body.get('error')}")
+        return list(body["data"]["result"])
+
+    def get(self, path: str, **params: Any) -> Any:
+        body = httpx.get(f"{self.prometheus_url}{path}", params=params, timeout=30).json()
+        if body.get("status") != "success":
+            raise ValueError(f"{path}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+
+def _wait_scraped(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Until Prometheus reports every target up (it scrapes every second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            targets = httpx.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+            if len(targets) == 2 and all(t["health"] == "up" for t in targets):
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"Prometheus did not scrape both targets within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def live_stack(
+    load_s: float,
+    ls_rate_per_s: float = 4.0,
+    be_concurrency: int = 8,
+    settle_s: float = 3.0,
+    slo_ms: tuple[float, float] = TEST_SLO_MS,
+    workdir: Path | None = None,
+) -> Iterator[LiveStack]:
+    """Start everything, drive `load_s` seconds of mixed load, let Prometheus scrape the end, then yield."""
+    reason = missing_prometheus()
+    if reason:
+        raise RuntimeError(reason)
+    with contextlib.ExitStack() as stack:
+        tmp = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="piggyback-dashboards-")))
+        runtime_port = _free_port()
+        config = runtime_config(runtime_port, *slo_ms)
+        runtime_log = tmp / "runtime.log"
+        runtime = start_server(config, tmp, runtime_log)
+        stack.callback(lambda: (runtime.terminate(), runtime.wait(timeout=30)))
+        fill_operator_telemetry()
+        operator_port = serve_operator_metrics()
+
+        prometheus_port = _free_port()
+        config_path = tmp / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(prometheus_config(runtime_port, operator_port)))
+        prometheus_log = tmp / "prometheus.log"
+        with prometheus_log.open("wb") as log_file:
+            prometheus = subprocess.Popen(
+                ["prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}", "--storage.tsdb.retention.time=1d"],
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        stack.callback(lambda: (prometheus.terminate(), prometheus.wait(timeout=30)))
+        runtime_url = f"http://127.0.0.1:{runtime_port}"
+        prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+        try:
+            wait_ready(runtime_url, runtime, timeout_s=180)
+            _wait_scraped(prometheus_url, prometheus, prometheus_log, timeout_s=30)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}\nruntime log:\n{runtime_log.read_text()[-3000:]}") from exc
+        started = time.time()
+        requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency))
+        ended = time.time()
+        time.sleep(settle_s)  # a few more scrapes after the last request
+        yield LiveStack(prometheus_url, runtime_url, started, ended, requests_sent)
