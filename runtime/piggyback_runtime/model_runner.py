@@ -3,6 +3,14 @@
 It owns what touches tensors: the model, the accelerator's paged KV cache and, when the policy decodes on
 the host, the piggyback path (host KV, CPU attention workers, the residual store). Decisions come from the
 planner; what the sampled tokens mean (detokenising, stop strings, finishing) is the engine's postprocess.
+
+The forward step never reads a device value on the host (on a GPU that would stall the host until the
+queue drains). Everything it needs per iteration (token ids, positions, the attention metadata, BE rows'
+tokens, positions and slots, BE prefill rows) is built on the host and goes up in one non-blocking copy
+(`HostStaging`; `AttentionBatch.stage` adds the attention part); BE rows move through pinned buffers (see
+piggyback/be_path.py); sampling runs on the device for the whole batch, its parameters in a second upload at
+the end (which BE rows finish is known only after the last layer). The one read is the sampled token
+ids, once, at the end (`_read_tokens`); tests/runtime/test_no_host_sync.py holds the step to this.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.loader import LoadedModel
 from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
 from piggyback_runtime.request import Request
-from piggyback_runtime.sampling import sample
+from piggyback_runtime.sampling import SamplingTensors, sample_on_device, upload_sampling_tensors
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.policy import Policy
+from piggyback_runtime.staging import HostStaging
 
 
 @dataclass
@@ -74,6 +83,22 @@ class ModelRunner:
     def run(self, plan: IterationPlan, sampling: list[Request]) -> RunResult:
         """One forward pass: the plan's rows on the accelerator, plus BE rows merged layer by layer; then a
         token for each of `sampling` (the plan's requests that reach their end) and each BE row done."""
+        requests, token_ids, done_rows, merged = self.launch(plan, sampling)
+        tokens = self._read_tokens(token_ids) if requests else []
+        return RunResult(requests, tokens, done_rows, merged)
+
+    def _read_tokens(self, token_ids: torch.Tensor) -> list[int]:
+        """The iteration's one device-to-host read: the sampled token ids."""
+        return token_ids.tolist()
+
+    def launch(
+        self, plan: IterationPlan, sampling: list[Request]
+    ) -> tuple[list[Request], torch.Tensor, list[BERow], int]:
+        """Queue the forward pass and sampling on the device without reading any device value.
+
+        Returns the requests that sample (the plan's, then the BE rows done), their token ids as a device
+        tensor, those BE rows, and the BE rows merged (summed over layers).
+        """
         token_ids: list[int] = []
         positions: list[int] = []
         be_prefills: list[tuple[Request, int, int, int]] = []
@@ -83,29 +108,39 @@ class ModelRunner:
                 be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
             token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+        staging = HostStaging(self.device)
         blocks = self.allocator.blocks_of
-        batch = AttentionBatch.build(
+        staged_attention = AttentionBatch.stage(
             decodes=[(blocks(c.request.request_id), c.start) for c in plan.decodes],
             prefills=[(blocks(c.request.request_id), c.start, c.num_tokens) for c in plan.prefills],
             block_size=self.block_size,
-            device=self.device,
+            staging=staging,
         )
         prefill_targets = pb.prefill_targets(be_prefills) if pb is not None else None
-        model = self.model
-        hidden = model.embed(self._tensor(token_ids))
-        cos, sin = model.rope(self._tensor(positions), hidden.dtype)
-        num_rows = len(token_ids)
         # BE rows travelling with this pass: at layer 0 the tokens that enter the model, after layer l the
         # rows whose layer-l CPU attention was merged into post_attention(l).
         carry: list[BERow] = pb.entering() if pb is not None else []
-        carry_hidden = model.embed(self._tensor([r.request.output_token_ids[-1] for r in carry]))
+        staging.add("token_ids", torch.tensor(token_ids, dtype=torch.long))
+        staging.add("positions", torch.tensor(positions, dtype=torch.long))
+        staging.add("carry_tokens", torch.tensor([r.request.output_token_ids[-1] for r in carry], dtype=torch.long))
+        staging.add("carry_positions", torch.tensor([r.position for r in carry], dtype=torch.long))
+        staging.add("carry_slots", torch.tensor([r.slot for r in carry], dtype=torch.long))
+        staging.add("prefill_rows", torch.tensor(prefill_targets.rows if prefill_targets else [], dtype=torch.long))
+        step = staging.upload()  # the iteration's one upload before the layers
+        batch = staged_attention.on_device(step)
+        model = self.model
+        hidden = model.embed(step["token_ids"])
+        cos, sin = model.rope(step["positions"], hidden.dtype)
+        num_rows = len(token_ids)
+        carry_hidden = model.embed(step["carry_tokens"])
+        carry_positions, carry_slots = step["carry_positions"], step["carry_slots"]
         merged = len(carry)
         for index, layer in enumerate(model.layers):
             attn = hidden.new_empty((0, self.arch.num_attention_heads, self.arch.head_dim))
             if num_rows or carry:
                 x, row_cos, row_sin = hidden, cos, sin
                 if carry:
-                    carry_cos, carry_sin = model.rope(self._tensor([r.position for r in carry]), hidden.dtype)
+                    carry_cos, carry_sin = model.rope(carry_positions, hidden.dtype)
                     x = torch.cat((hidden, carry_hidden))
                     row_cos, row_sin = torch.cat((cos, carry_cos)), torch.cat((sin, carry_sin))
                 q, k, v = layer.pre_attention(x, row_cos, row_sin)
@@ -114,16 +149,16 @@ class ModelRunner:
                                            self.scale)  # fmt: skip
                     if prefill_targets is not None:
                         assert pb is not None
-                        pb.write_prefill_kv(index, prefill_targets, k, v)
+                        pb.write_prefill_kv(index, prefill_targets, step["prefill_rows"], k, v)
                 if carry:
                     assert pb is not None
-                    pb.submit(index, carry, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
+                    pb.submit(index, carry, carry_slots, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
                     if self.policy.synchronous_cpu_attention:
                         self._wait_for_cpu(carry)
             ready = pb.ready(index) if pb is not None else []
             if ready:
                 assert pb is not None
-                be_attn, be_residual = pb.take(index, ready)
+                be_attn, be_residual, carry_slots, carry_positions = pb.take(index, ready)
                 attn, residual = torch.cat((attn, be_attn)), torch.cat((hidden, be_residual))
                 merged += len(ready)
             else:
@@ -134,7 +169,8 @@ class ModelRunner:
             carry = ready
         if pb is not None:
             self.metrics.be_rows_merged.observe(merged)
-        return self._sample(plan, sampling, hidden, carry, carry_hidden, merged)
+        requests, tokens = self._sample(plan, sampling, hidden, carry, carry_hidden)
+        return requests, tokens, carry, merged
 
     def _wait_for_cpu(self, rows: list[BERow]) -> None:
         """Policy `neo`: block until these rows' CPU attention is back (counted: the piggyback path never does)."""
@@ -145,22 +181,26 @@ class ModelRunner:
             self.piggyback.collect()
         self.metrics.cpu_attention_wait_seconds.inc(time.perf_counter() - started)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
     def _sample(
         self, plan: IterationPlan, sampling: list[Request], hidden: torch.Tensor, done_rows: list[BERow],
-        done_hidden: torch.Tensor, merged: int,
-    ) -> RunResult:  # fmt: skip
-        """Sample the plan's rows that reached their last token and the BE rows that left the last layer."""
+        done_hidden: torch.Tensor,
+    ) -> tuple[list[Request], torch.Tensor]:  # fmt: skip
+        """Sample, on the device and for the whole batch at once, the plan's rows that reached their last token
+        and the BE rows that left the last layer. The per-row parameters and the rows to sample go up in one
+        non-blocking copy; what comes back is a device tensor of token ids."""
+        requests = sampling + [r.request for r in done_rows]
+        if not requests:
+            return [], torch.empty(0, dtype=torch.long, device=self.device)
         sample_rows: list[int] = []
         row = 0
         for chunk in plan.chunks:
             row += chunk.num_tokens
             if chunk.samples:
                 sample_rows.append(row - 1)
-        requests = sampling + [r.request for r in done_rows]
-        if not requests:
-            return RunResult([], [], [], merged)
-        logits = self.model.compute_logits(torch.cat((hidden[sample_rows], done_hidden)))
-        return RunResult(requests, sample(logits, requests), done_rows, merged)
+        staging = HostStaging(self.device)
+        staging.add("sample_rows", torch.tensor(sample_rows, dtype=torch.long))
+        upload_sampling_tensors(staging, requests, self.arch.vocab_size)
+        uploaded = staging.upload()
+        params = SamplingTensors.from_fields(uploaded)
+        logits = self.model.compute_logits(torch.cat((hidden.index_select(0, uploaded["sample_rows"]), done_hidden)))
+        return requests, sample_on_device(logits, params)

@@ -1,7 +1,9 @@
 """Sampling on fixed logits: which tokens each filter keeps, the distribution it samples from, and seeds.
 
-Each filter is checked two ways: the exact distribution handed to the draw (captured from
-`torch.multinomial`), and many seeded draws that must stay inside the kept set and reach every token in it.
+Each filter is checked two ways: the exact distribution handed to the draw (captured at `sampling.draw`,
+the inverse-CDF step), and many seeded draws that must stay inside the kept set and reach every token in it.
+A request's draws advance with its output tokens (the draw for token n hashes (seed, n)), so the helpers
+append every sampled token to the request, as the engine does.
 """
 
 from __future__ import annotations
@@ -26,22 +28,29 @@ def _request(seed: int | None = 0, **params: float | int) -> Request:
 
 def _draws(logits: torch.Tensor, n: int = DRAWS, **params: float | int) -> list[int]:
     request = _request(seed=1234, **params)  # one seeded request: the draws are the same on every run
-    return [sampling.sample(logits[None], [request])[0] for _ in range(n)]
+    return [_sample_and_append(logits[None], [request])[0] for _ in range(n)]
+
+
+def _sample_and_append(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    tokens = sampling.sample(logits, requests)
+    for request, token in zip(requests, tokens, strict=True):
+        request.output_token_ids.append(token)
+    return tokens
 
 
 def _distribution(logits: torch.Tensor, monkeypatch: pytest.MonkeyPatch, **params: float | int) -> torch.Tensor:
-    """The probabilities the sampler draws from (normalised), captured at torch.multinomial."""
+    """The probabilities the sampler draws from (normalised), captured at sampling.draw."""
     seen: list[torch.Tensor] = []
-    real = torch.multinomial
+    real = sampling.draw
 
-    def spy(probs: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(probs.clone())
-        return real(probs, *args, **kwargs)
+    def spy(kept_probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        seen.append(kept_probs.clone())
+        return real(kept_probs, uniform)
 
-    monkeypatch.setattr(torch, "multinomial", spy)
+    monkeypatch.setattr(sampling, "draw", spy)
     sampling.sample(logits[None], [_request(**params)])
     assert len(seen) == 1
-    return seen[0] / seen[0].sum()
+    return (seen[0] / seen[0].sum())[0]
 
 
 def _probs_of(logits: list[float]) -> list[float]:
@@ -124,7 +133,7 @@ def test_a_seed_gives_the_same_tokens_whatever_else_is_in_the_batch() -> None:
         tokens = []
         for _ in range(200):
             batch = [*others, request]
-            tokens.append(sampling.sample(LOGITS.expand(len(batch), -1).clone(), batch)[-1])
+            tokens.append(_sample_and_append(LOGITS.expand(len(batch), -1).clone(), batch)[-1])
         return tokens
 
     alone = run(7, batch_with_others=False)
@@ -136,6 +145,6 @@ def test_greedy_and_random_rows_in_one_batch_each_get_their_own_treatment() -> N
     rows = torch.stack([LOGITS, TOP_P_LOGITS.repeat(2)])
     greedy = _request(seed=None, temperature=0.0)
     sampled = _request(seed=3, top_k=2)
-    picks = {sampling.sample(rows, [greedy, sampled])[1] for _ in range(300)}
+    picks = {_sample_and_append(rows, [greedy, sampled])[1] for _ in range(300)}
     assert sampling.sample(rows, [greedy, sampled])[0] == RANKED[0]
     assert picks == {1, 5}  # TOP_P_LOGITS repeated: ids 1 and 5 share the top logit

@@ -5,6 +5,7 @@ first token there, then leaves the accelerator. From then on each of its tokens 
 
     ENTER    the token waits to enter layer 0 (embedding -> pre_attention(0))
     WAITING  its attention at `layer` runs on a CPU worker; its layer input waits in the residual store
+             (a device tensor with one row per slot: a row has at most one layer in flight)
     READY    the CPU result for `layer` is in its out slot; the engine merges it into post_attention(layer)
              of a later iteration, and the row goes straight on into pre_attention(layer + 1)
     MERGED   in the Dense batch of the current pass (between post_attention(layer) and the next step)
@@ -12,6 +13,13 @@ first token there, then leaves the accelerator. From then on each of its tokens 
 After post_attention of the last layer the row is sampled with the LS rows and its next token re-enters
 at layer 0. The engine never waits: a row that is not READY when the engine reaches its layer is simply
 picked up in a later iteration.
+
+Nothing here reads a device value on the host. q/k/v leave the device by non-blocking copies into pinned
+memory on a side stream, ordered by a CUDA event that only the sender thread waits on (it then stages them
+into the workers' shared slots). Results come straight from the shared `out` buffer, which is registered
+with the CUDA driver (cudaHostRegister): the slot range of the READY rows goes up in one non-blocking DMA
+and the rows are picked on the device; their indices, slots and positions go up in one pinned buffer
+(`HostStaging`). Residuals are kept and gathered on the device by slot.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ from piggyback_runtime.model.arch import ModelArch
 from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_per_worker
 from piggyback_runtime.piggyback.worker import SharedBuffers
 from piggyback_runtime.request import Request
+from piggyback_runtime.staging import (
+    HostStaging,
+    register_host_memory,
+    to_host_async,
+    unregister_host_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +68,7 @@ class BERow:
 class PrefillTargets:
     """Where this iteration's BE prefill rows go in host KV: flat batch rows -> host cache slots."""
 
-    rows: torch.Tensor  # [n] int64 on the accelerator
+    rows: list[int]  # flat batch rows (the model runner uploads them with the step's metadata)
     host_slots: torch.Tensor  # [n] int64 on the host
 
 
@@ -90,12 +104,18 @@ class PiggybackPath:
             arch.num_hidden_layers, host_kv.num_blocks, self.block_size, arch.num_key_value_heads,
             arch.num_attention_heads, arch.head_dim, host_kv.max_requests, dtype, self._hold,
         )  # fmt: skip
+        self._registered = device.type == "cuda"
+        if self._registered:
+            register_host_memory(self.buffers.out)
         threads = share_cores_with_cpu_workers(pb, device)
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
         self.pool.wait_ready()
         self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
         self.row_by_slot: dict[int, BERow] = {}
-        self.residuals: dict[tuple[str, int], torch.Tensor] = {}  # (request id, layer) -> layer input
+        # Layer inputs of rows whose CPU attention is in flight, one device row per slot; `residuals` says which
+        # entries are live: (request id, layer) -> slot.
+        self.residual_store = torch.zeros((host_kv.max_requests, arch.hidden_size), dtype=dtype, device=device)
+        self.residuals: dict[tuple[str, int], int] = {}
         self.failed: list[tuple[Request, str]] = []
         log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads", host_kv.num_blocks,
                  host_kv.num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
@@ -131,21 +151,25 @@ class PiggybackPath:
                 slots.append(flat_slot(blocks, position, self.block_size))
         if not rows:
             return None
-        return PrefillTargets(torch.tensor(rows, device=self.device), torch.tensor(slots))
+        return PrefillTargets(rows, torch.tensor(slots))
 
-    def write_prefill_kv(self, layer: int, targets: PrefillTargets, k: torch.Tensor, v: torch.Tensor) -> None:
-        key = k.index_select(0, targets.rows)
-        value = v.index_select(0, targets.rows)
+    def write_prefill_kv(
+        self, layer: int, targets: PrefillTargets, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Copy the BE prefill rows' k/v (rows: `targets.rows` on the device) of one layer to host KV."""
+        key = k.index_select(0, rows)
+        value = v.index_select(0, rows)
         key_cache, value_cache = self.buffers.key_cache[layer], self.buffers.value_cache[layer]
+        # Off the accelerator without stalling it; the store runs on the sender thread once the copy landed.
+        (host_key, host_value), event = to_host_async(key, value)
 
-        def store(key: torch.Tensor = key, value: torch.Tensor = value) -> None:
-            write_kv(key_cache, value_cache, targets.host_slots, key, value)
+        def store() -> None:
+            write_kv(key_cache, value_cache, targets.host_slots, host_key, host_value)
 
-        if self.device.type == "cpu":
+        if event is None:
             store()
-        else:  # copy off the accelerator without stalling it; the store runs once the copy has landed
-            key, value, event = _to_host_async(key, value)
-            self.pool.after(event, lambda: store(key, value))
+        else:
+            self.pool.after(event, store)
 
     # --- decode rows -----------------------------------------------------------------------------------
     def start_decode(self, request: Request) -> None:
@@ -165,26 +189,30 @@ class PiggybackPath:
         cap = self.max_rows_per_layer
         return [row for row in self.rows.values() if row.state == READY and row.layer == layer][:cap]
 
-    def submit(self, layer: int, rows: list[BERow], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               hidden: torch.Tensor) -> None:  # fmt: skip
-        """Send these rows' layer-`layer` attention to the CPU; keep their layer input until it returns."""
+    def submit(self, layer: int, rows: list[BERow], slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, hidden: torch.Tensor) -> None:  # fmt: skip
+        """Send these rows' layer-`layer` attention to the CPU; keep their layer input until it returns.
+
+        `slots` [n] int64 on the device holds the rows' slots (uploaded by the caller: no host read here).
+        """
         tasks: dict[int, list[tuple[int, int, int, int]]] = {}
-        for index, row in enumerate(rows):
-            self.residuals[(row.request.request_id, layer)] = hidden[index]
+        for row in rows:
+            self.residuals[(row.request.request_id, layer)] = row.slot
             row.layer, row.state = layer, WAITING
             tasks.setdefault(row.worker, []).append((row.slot, layer, row.position, row.generation))
-        slots = torch.tensor([row.slot for row in rows])
-        event = None
-        if self.device.type == "cpu":
-            host_q, host_k, host_v = q.float(), k.float(), v.float()
-        else:
-            host_q, host_k, host_v, event = _to_host_async(q.float(), k.float(), v.float())
+        self.residual_store.index_copy_(0, slots, hidden)
+        host_slots = torch.tensor([row.slot for row in rows])
+        q_width, kv_width = q[0].numel(), k[0].numel()
+        # One packed copy instead of three: q | k | v per row, float32 (what the CPU kernel reads).
+        packed = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1).float()
+        (host_packed,), event = to_host_async(packed)
         buffers = self.buffers
 
         def stage() -> None:
-            buffers.q_in.index_copy_(0, slots, host_q)
-            buffers.k_in.index_copy_(0, slots, host_k)
-            buffers.v_in.index_copy_(0, slots, host_v)
+            host_q, host_k, host_v = host_packed.split((q_width, kv_width, kv_width), dim=1)
+            buffers.q_in.index_copy_(0, host_slots, host_q.view(-1, *buffers.q_in.shape[1:]))
+            buffers.k_in.index_copy_(0, host_slots, host_k.view(-1, *buffers.k_in.shape[1:]))
+            buffers.v_in.index_copy_(0, host_slots, host_v.view(-1, *buffers.v_in.shape[1:]))
 
         if event is None:
             stage()
@@ -192,14 +220,32 @@ class PiggybackPath:
             self.pool.after(event, stage)
         self.pool.submit(tasks)
 
-    def take(self, layer: int, rows: list[BERow]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CPU attention results and stored layer inputs of READY rows, as accelerator tensors."""
-        slots = torch.tensor([row.slot for row in rows])
-        attn = self.buffers.out.index_select(0, slots).to(self.device, self.dtype)
-        residual = torch.stack([self.residuals.pop((row.request.request_id, layer)) for row in rows])
+    def take(self, layer: int, rows: list[BERow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """READY rows' CPU attention results [n, Hq, D] and stored layer inputs [n, H] on the device, with their
+        slots and token positions [n] int64 on the device (for the next layer's submit and RoPE).
+
+        The results go up from the shared `out` buffer in one non-blocking copy of the rows' slot range (the
+        engine thread copies nothing on the host); the rows are picked from it on the device. Other slots in
+        the range may be mid-write by a worker: their values are never used. These rows' own slots are not
+        written again until their next task, which is sent only after this pass's later copies (ordered
+        after this one on the stream) have completed.
+        """
+        slots = [row.slot for row in rows]
+        first, last = min(slots), max(slots)
+        staging = HostStaging(self.device)
+        staging.add("rows", torch.tensor([slot - first for slot in slots]))
+        staging.add("slots", torch.tensor(slots))
+        staging.add("positions", torch.tensor([row.position for row in rows]))
+        uploaded = staging.upload()
+        window = self.buffers.out[first : last + 1]
+        if self.device.type != "cpu":
+            window = window.to(self.device, non_blocking=True)
+        attn = window.index_select(0, uploaded["rows"]).to(self.dtype)
         for row in rows:
+            self.residuals.pop((row.request.request_id, layer))
             row.layer, row.state = layer + 1, MERGED
-        return attn, residual
+        residual = self.residual_store.index_select(0, uploaded["slots"])
+        return attn, residual, uploaded["slots"], uploaded["positions"]
 
     def token_done(self, row: BERow) -> None:
         """The row finished the last layer and was sampled; its next token enters at layer 0."""
@@ -267,27 +313,7 @@ class PiggybackPath:
     def close(self) -> None:
         self._hold.value = 1
         self.pool.close()
+        if self._registered:
+            self._registered = False
+            unregister_host_memory(self.buffers.out)
 
-
-_copy_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _to_host_async(*tensors: torch.Tensor) -> tuple:
-    """Device-to-host copies into pinned memory on a side stream, so they overlap the next layer's compute.
-
-    Returns the host tensors and an event that completes when they have landed (the sender thread waits on
-    it; the engine never does).
-    """
-    device = tensors[0].device
-    stream = _copy_streams.get(device.index or 0)
-    if stream is None:
-        stream = _copy_streams[device.index or 0] = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # the copies read what this layer just computed
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    with torch.cuda.stream(stream):
-        for dst, src in zip(host, tensors, strict=True):
-            dst.copy_(src, non_blocking=True)
-            src.record_stream(stream)  # keep the source alive for the copy, whatever the allocator does
-        event = torch.cuda.Event()
-        event.record(stream)
-    return (*host, event)
