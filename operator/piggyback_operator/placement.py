@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,3 +106,34 @@ def room(nodes: Iterable[NodeInfo], usages: Iterable[PodUsage]) -> dict[str, Nod
             rooms[usage.node].gpus -= usage.gpus
             rooms[usage.node].memory_bytes -= usage.memory_bytes
     return rooms
+
+
+# Labels NVIDIA's GPU feature discovery puts on GPU nodes: the product name and each GPU's memory in MiB (for a
+# MIG-partitioned GPU in the "single" strategy, the product carries the slice's profile, e.g. -MIG-1g.5gb).
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+# Products whose names carry no size: the memory the driver reports, in MiB.
+_GPU_MEMORY_MIB_BY_PRODUCT = {
+    "NVIDIA-L4": 23034, "NVIDIA-A10": 23028, "NVIDIA-A10G": 23028, "NVIDIA-L40": 46068, "NVIDIA-L40S": 46068,
+    "NVIDIA-H200": 143771, "Tesla-T4": 15360, "Tesla-V100-SXM2-16GB": 16384,
+}  # fmt: skip
+_SIZE_IN_NAME = re.compile(r"(\d+)GB", re.IGNORECASE)
+
+
+def gpu_memory_bytes(labels: Mapping[str, str]) -> float | None:
+    """One GPU's memory from node labels (or a nodeSelector pinning them); None when they do not say.
+
+    gpu.memory wins; else the size in the product name, as decimal GB (80GB is 80e9 bytes, at or below what such
+    a GPU reports, so a figure from a name never overstates the device); else the table above."""
+    memory_mib = labels.get(GPU_MEMORY_LABEL, "").strip()
+    if memory_mib.isdigit() and int(memory_mib) > 0:
+        return int(memory_mib) * 2**20
+    product = labels.get(GPU_PRODUCT_LABEL, "").strip()
+    if not product:
+        return None
+    # A MIG slice's size is in its profile (the last size in the name), not the parent GPU's.
+    sizes = _SIZE_IN_NAME.findall(product.rsplit("-MIG-", 1)[-1] if "-MIG-" in product else product)
+    if sizes:
+        return int(sizes[-1]) * 1e9
+    mib = _GPU_MEMORY_MIB_BY_PRODUCT.get(product)
+    return None if mib is None else mib * 2**20

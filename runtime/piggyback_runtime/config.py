@@ -104,9 +104,17 @@ class ModelConfig(_Strict):
 
 class EngineConfig(_Strict):
     block_size: Annotated[int, Field(ge=1, le=1024)] = 16
-    # Accelerator KV cache size. num_kv_blocks wins when set; else kv_cache_memory_gib sizes it.
+    # Accelerator KV cache size. num_kv_blocks wins when set; else kv_cache_memory_gib; else device memory:
+    # gpu_memory_utilization x the device's memory, less what is in use once the weights are loaded and the
+    # activation peak of the largest iteration (kv/sizing.py says how each figure is read).
     num_kv_blocks: Annotated[int, Field(ge=1)] | None = None
-    kv_cache_memory_gib: Annotated[float, Field(gt=0)] = 1.0
+    kv_cache_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    # The share of a GPU's memory this runtime may fill (weights, activations and KV together). A CPU device's
+    # cache is host memory and takes piggyback.host_memory_utilization of what is available instead.
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # Treat the device as having at most this much memory (the operator sets it from the GPU product the pool
+    # is pinned to; on a CPU device, where the host's memory is the device's, it fixes the figure). None: all.
+    accelerator_memory_gib: Annotated[float, Field(gt=0)] | None = None
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 256
     # Token budget of one iteration (Sarathi-Serve chunk size): decodes + prefill chunks together.
     max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
@@ -136,9 +144,12 @@ class PiggybackConfig(_Strict):
     # hardware prefetchers stop and retrain, so the CPU attention kernel reads 64-token blocks 5-15 % faster
     # (benchmarks/cpu_attention.py). Host DRAM is plentiful: the half-block lost per request is negligible.
     host_block_size: Annotated[int, Field(ge=1, le=1024)] = 64
-    # Host KV cache size. num_host_kv_blocks wins when set; else host_kv_memory_gib sizes it.
+    # Host KV cache size. num_host_kv_blocks wins when set; else host_kv_memory_gib; else host memory:
+    # host_memory_utilization x what the pod's memory limit (or, without one, the machine) still has available
+    # at start-up; the rest stays for the CPU workers, pinned buffers and the process itself.
     num_host_kv_blocks: Annotated[int, Field(ge=1)] | None = None
-    host_kv_memory_gib: Annotated[float, Field(gt=0)] = 4.0
+    host_kv_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    host_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.5
     # BE requests that can hold host KV at once (each owns one row of the shared q/k/v/out buffers).
     max_be_requests: Annotated[int, Field(ge=1, le=65536)] = 256
     num_cpu_workers: Annotated[int, Field(ge=1, le=256)] = 1

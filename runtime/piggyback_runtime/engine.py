@@ -11,8 +11,8 @@ from collections import deque
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.kv.cache import kv_block_bytes
 from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.kv.sizing import size_kv_caches
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model.tokenizer import Tokenizer
 from piggyback_runtime.model_runner import ModelRunner, RunResult
@@ -68,12 +68,15 @@ class Engine:
         self.device = self.loaded.device
         self.metrics = metrics or m.RuntimeMetrics()
         engine_cfg = config.engine
-        block_bytes = kv_block_bytes(self.arch, engine_cfg.block_size, self.loaded.dtype)
-        num_blocks = engine_cfg.num_kv_blocks or max(1, int(engine_cfg.kv_cache_memory_gib * 2**30) // block_bytes)
         pb = config.piggyback
-        host_block_bytes = kv_block_bytes(self.arch, pb.host_block_size, self.loaded.dtype)
-        host_blocks = pb.num_host_kv_blocks or max(1, int(pb.host_kv_memory_gib * 2**30) // host_block_bytes)
-        host_kv = HostKV(host_blocks, pb.host_block_size, pb.max_be_requests)
+        # Before any cache exists: sizing from memory measures the largest iteration's activation peak.
+        kv_sizes = size_kv_caches(config, self.loaded)
+        num_blocks = kv_sizes.accelerator.num_blocks
+        log.info("accelerator KV: %d blocks of %d tokens (%s)", num_blocks, engine_cfg.block_size,
+                 kv_sizes.accelerator.explanation)  # fmt: skip
+        log.info("host KV: %d blocks of %d tokens (%s)", kv_sizes.host.num_blocks, pb.host_block_size,
+                 kv_sizes.host.explanation)  # fmt: skip
+        host_kv = HostKV(kv_sizes.host.num_blocks, pb.host_block_size, pb.max_be_requests)
         if POLICIES[engine_cfg.policy].host_path_classes:
             share_cores_with_cpu_workers(pb, self.device)  # before the latency model is profiled
         loaded_model = self.loaded
@@ -197,6 +200,7 @@ class Engine:
         if request.is_ls:  # a rejected LS request is an SLO miss (DESIGN.md)
             self.metrics.slo_violations.labels(request.service, m.VIOLATION_REJECTED).inc()
             self.attainment[request.service].record(False)
+            self.metrics.record_slo_outcome(request.service, False)
         self._update_gauges()  # the loop may stay idle: attainment must show the miss now
         raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
 
@@ -222,14 +226,16 @@ class Engine:
             self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
         outputs: list[RequestOutput] = []
         if plan or (pb is not None and pb.has_ready_work()):
-            forward_started = time.perf_counter()
             result = self.runner.run(plan, self.planner.complete(plan))
             finished = time.perf_counter()
             outputs = self._postprocess(result)
-            self.planner.observe(time.perf_counter() - started)
+            step_s = time.perf_counter() - started
+            self.planner.observe(step_s)
             self.metrics.iteration_seconds.observe(finished - started)
             if self.planner.slo is not None:
-                self._record_prediction(plan, result, finished - forward_started)
+                # The whole step (planning to tokens out) is what a TPOT waits for, and what the closed loop
+                # holds the latency model to.
+                self._record_prediction(plan, result, step_s)
         elif pb is not None and pb.has_work():
             # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
             pb.idle_wait(0.05)
@@ -241,10 +247,13 @@ class Engine:
         return outputs
 
     def _record_prediction(self, plan: IterationPlan, result: RunResult, measured_s: float) -> None:
-        """Compare the latency model with the iteration as it actually ran (its error is a metric)."""
-        assert self.planner.slo is not None
-        shape = iteration_shape(plan, result.merged_rows / self.arch.num_hidden_layers, result.num_sampled)
-        predicted = self.planner.slo.latency_model.predict(shape)
+        """Compare the controller's prediction with the iteration as it actually ran (its error is a metric),
+        and feed the measurement back into the controller's online correction (the closed loop)."""
+        slo = self.planner.slo
+        assert slo is not None
+        shape = iteration_shape(plan, result.merged_rows / self.arch.num_hidden_layers, result.num_sampled,
+                                slo.latency_model)  # fmt: skip
+        predicted = slo.observe(shape, measured_s)
         self.model_error.record(predicted, measured_s)
         self.metrics.iteration_predicted_seconds.set(predicted)
         self.metrics.iteration_measured_seconds.set(measured_s)
@@ -334,6 +343,7 @@ class Engine:
         if not tpot_ok:
             self.metrics.slo_violations.labels(service, m.VIOLATION_TPOT).inc()
         self.attainment[service].record(attained)
+        self.metrics.record_slo_outcome(service, attained)
 
     def refresh_gauges(self) -> None:
         """Recompute time-based gauges (sliding windows, headroom) while the engine is idle."""

@@ -1,4 +1,6 @@
-"""Profile the latency model on the real device: Dense rows, logits rows and accelerator attention loads.
+"""Profile the latency model on the real device: Dense rows, logits rows, accelerator attention loads, whole
+forward steps (the fixed per-iteration cost and per-row sampling cost beyond the modules) and the piggyback
+path's extra per-layer work for merged BE rows.
 
 `profile_latency` times the loaded model's own modules (so the profile reflects this model, dtype, device and
 kernels) and fits `latency_model.LatencyModel`. `load_or_profile` is what the engine calls at startup: the
@@ -22,17 +24,24 @@ from typing import Literal
 
 import torch
 
-from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.attention.paged import AttentionBatch, attention_kernel, paged_attention
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel
+from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.sampling import sample
 from piggyback_runtime.scheduler.latency_model import (
+    DECODE_COST_PADDED,
+    DECODE_COST_SUM,
+    IterationShape,
     LatencyModel,
     LinearAttentionModel,
     ProfileKey,
     StaircaseModel,
     arch_hash,
     default_profile_dir,
+    fit_nonnegative_line,
+    fit_step_overhead,
     load_or_none,
     prefill_chunk_load,
 )
@@ -54,6 +63,14 @@ CPU_ATTENTION_GRID: tuple[tuple[int, int, int, int], ...] = tuple(
     + [(0, 0, q, s) for q in (32, 128, 256) for s in (0, 256)]
     + [(8, 256, 128, 0), (32, 512, 64, 256)]
 )
+# Whole forward steps: decoding rows (each sampling a token) at one context length.
+GPU_STEP_ROWS: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+CPU_STEP_ROWS: tuple[int, ...] = (1, 8, 32)
+GPU_STEP_CONTEXT, CPU_STEP_CONTEXT = 1024, 64
+# BE rows merged per layer (the piggyback path's copies out and back), next to this many LS rows.
+GPU_BE_ROWS: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+CPU_BE_ROWS: tuple[int, ...] = (1, 8, 32)
+_BE_BASE_ROWS = 8
 # KV memory the attention profile may use; beyond it decodes share blocks (wrapping around).
 _GPU_KV_BYTES = 4 << 30
 _CPU_KV_BYTES = 256 << 20
@@ -185,15 +202,141 @@ def _profile_attention(
     return samples
 
 
+def decode_cost_in_use(loaded: LoadedModel, device: torch.device | None = None) -> str:
+    """How the decode attention `paged_attention` runs for this model costs (the kernel it dispatches to):
+    DECODE_COST_SUM for a paged kernel that reads each decode's own context, DECODE_COST_PADDED for the padded
+    torch batch (every row gathers and attends over the longest context)."""
+    kernel = attention_kernel(device or loaded.device, loaded.arch.head_dim)
+    return DECODE_COST_SUM if kernel.decode_cost_is_sum_of_contexts else DECODE_COST_PADDED
+
+
+@torch.inference_mode()
+def _profile_steps(
+    loaded: LoadedModel, device: torch.device, model: LatencyModel, row_counts: Sequence[int], context: int,
+    repeats: int,
+) -> list[tuple[IterationShape, float]]:  # fmt: skip
+    """Timed whole forward steps of `rows` decodes at `context` tokens, as the model runner runs them: host
+    metadata built and uploaded, embedding and rotary tables, every layer with paged attention, logits and
+    sampling with the API's default parameters, token ids back on the host.
+
+    Each step is timed right next to its modules alone (layers and logits on a prepared batch); the sample is
+    the model's own prediction plus what the step took beyond its modules, so that errors of the module fits
+    are not read as overhead: on a GPU the median of the paired differences, on shared CPU cores (where
+    foreign load only ever adds time) the fastest step less the fastest modules-only run."""
+    arch, net = loaded.arch, loaded.model
+    per_row = -(-context // _BLOCK_SIZE)
+    cap = _GPU_KV_BYTES if device.type == "cuda" else _CPU_KV_BYTES
+    num_blocks = max(
+        per_row + 1, min(max(row_counts) * per_row + 1, cap // kv_block_bytes(arch, _BLOCK_SIZE, loaded.dtype))
+    )
+    cache = PagedKVCache(arch, num_blocks, _BLOCK_SIZE, loaded.dtype, device)
+    scale = arch.head_dim**-0.5
+    # Rows share blocks when the cache cap is reached: what is timed is the work, not the values read.
+    tables = [[(i * per_row + b) % num_blocks for b in range(per_row)] for i in range(max(row_counts))]
+    requests = [Request(f"profile-{i}", "profile", "LS", [1], SamplingParams()) for i in range(max(row_counts))]
+
+    def layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        for index, layer in enumerate(net.layers):
+            q, k, v = layer.pre_attention(hidden, cos, sin)
+            hidden = layer.post_attention(paged_attention(index, q, k, v, cache, batch, scale), hidden)
+        return hidden
+
+    def step(rows: int) -> Callable[[], object]:
+        def run() -> object:
+            batch = AttentionBatch.build([(tables[i], context - 1) for i in range(rows)], [], _BLOCK_SIZE, device)
+            hidden = net.embed(torch.tensor([1] * rows, dtype=torch.long, device=device))
+            cos, sin = net.rope(torch.tensor([context - 1] * rows, dtype=torch.long, device=device), hidden.dtype)
+            return sample(net.compute_logits(layers(hidden, cos, sin, batch)), requests[:rows])
+
+        return run
+
+    def modules(rows: int) -> Callable[[], object]:
+        batch = AttentionBatch.build([(tables[i], context - 1) for i in range(rows)], [], _BLOCK_SIZE, device)
+        hidden = net.embed(torch.tensor([1] * rows, dtype=torch.long, device=device))
+        cos, sin = net.rope(torch.tensor([context - 1] * rows, dtype=torch.long, device=device), hidden.dtype)
+        return lambda: net.compute_logits(layers(hidden, cos, sin, batch))
+
+    step(max(row_counts))()  # warm up
+    order = list(row_counts)
+    rng = random.Random(2)
+    pairs: dict[int, list[tuple[float, float]]] = {rows: [] for rows in row_counts}
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for rows in order:
+            pairs[rows].append((_timed(step(rows), device, 1)[0], _timed(modules(rows), device, 1)[0]))
+    samples: list[tuple[IterationShape, float]] = []
+    for rows, timed in pairs.items():
+        if device.type == "cuda":
+            beyond = statistics.median(whole - parts for whole, parts in timed)
+        else:
+            beyond = min(whole for whole, _ in timed) - min(parts for _, parts in timed)
+        shape = IterationShape(rows, 0.0, model.decode_load(rows, rows * context, context), rows)
+        samples.append((shape, model.predict(shape) + beyond))
+    return samples
+
+
+@torch.inference_mode()
+def _profile_be_merge(
+    loaded: LoadedModel, device: torch.device, row_counts: Sequence[int], repeats: int
+) -> tuple[float, float]:
+    """(fixed s, s per BE row per layer) of the piggyback path's extra work in every layer when BE rows are
+    merged: their q/k/v copied to host memory for CPU attention, their attention output and residual copied
+    back, and both concatenated with the accelerator's rows. Fitted over all layers as a non-negative line."""
+    arch = loaded.arch
+    heads, kv_heads, head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
+    largest = max(row_counts)
+    pin = device.type == "cuda"  # the runtime registers its host buffers with the driver: pinned, as here
+    host_q = torch.empty(largest, heads, head_dim, dtype=loaded.dtype, pin_memory=pin)
+    host_kv = torch.empty(2, largest, kv_heads, head_dim, dtype=loaded.dtype, pin_memory=pin)
+    host_out = torch.zeros(largest, heads * head_dim, dtype=loaded.dtype, pin_memory=pin)
+    host_residual = torch.zeros(largest, arch.hidden_size, dtype=loaded.dtype, pin_memory=pin)
+    gen = torch.Generator(device=device).manual_seed(3)
+    hidden = torch.randn(_BE_BASE_ROWS + largest, arch.hidden_size, generator=gen, device=device).to(loaded.dtype)
+    q = torch.randn(_BE_BASE_ROWS + largest, heads, head_dim, generator=gen, device=device).to(loaded.dtype)
+    kv = torch.randn(2, _BE_BASE_ROWS + largest, kv_heads, head_dim, generator=gen, device=device).to(loaded.dtype)
+
+    def merge(rows: int) -> Callable[[], object]:
+        base, end = _BE_BASE_ROWS, _BE_BASE_ROWS + rows
+
+        def run() -> object:
+            out = None
+            for _ in range(arch.num_hidden_layers):
+                host_q[:rows].copy_(q[base:end], non_blocking=pin)
+                host_kv[:, :rows].copy_(kv[:, base:end], non_blocking=pin)
+                back = host_out[:rows].to(device, non_blocking=pin)
+                residual = host_residual[:rows].to(device, non_blocking=pin)
+                attn = torch.cat((q[:base].flatten(1), back))
+                out = torch.cat((hidden[:base], residual)) + attn
+            return out
+
+        return run
+
+    merge(largest)()  # warm up
+    order = list(row_counts)
+    rng = random.Random(3)
+    by_rows: dict[int, list[float]] = {}
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for rows in order:
+            by_rows.setdefault(rows, []).extend(_timed(merge(rows), device, 1))
+    # Contended CPU timings only ever gain time: their fastest run; a GPU's symmetric noise: the median.
+    pick = statistics.median if device.type == "cuda" else min
+    return fit_nonnegative_line([(float(rows), pick(ts)) for rows, ts in sorted(by_rows.items())])
+
+
 def profile_latency(
     loaded: LoadedModel,
     device: torch.device | None = None,
     row_counts: Sequence[int] | None = None,
     repeats: int | None = None,
     attention_grid: Sequence[tuple[int, int, int, int]] | None = None,
+    step_rows: Sequence[int] | None = None,
+    be_rows: Sequence[int] | None = None,
 ) -> LatencyModel:
     """Time the model's Dense modules over `row_counts`, its logits, and paged attention over
-    `attention_grid` (decode requests, decode context, prefill chunk, chunk start); fit the latency model."""
+    `attention_grid` (decode requests, decode context, prefill chunk, chunk start); fit the latency model.
+    Then the BE path's per-layer merge work over `be_rows`, and whole forward steps of `step_rows` decodes,
+    whose time beyond the fitted modules gives the fixed per-iteration cost and the per-sampled-row cost."""
     device = device or loaded.device
     gpu = device.type == "cuda"
     row_counts = row_counts or (GPU_ROW_COUNTS if gpu else CPU_ROW_COUNTS)
@@ -211,12 +354,21 @@ def profile_latency(
     by_load: dict[tuple[float, float], list[float]] = {}
     for prefill_load, decode_load, seconds in attention_samples:
         by_load.setdefault((prefill_load, decode_load), []).append(seconds)
+    be_fixed_s, be_row_s = _profile_be_merge(loaded, device, be_rows or (GPU_BE_ROWS if gpu else CPU_BE_ROWS),
+                                             repeats)  # fmt: skip
     model = LatencyModel(
         dense=StaircaseModel.fit(dense_samples, reduce=reduce),
         attention=LinearAttentionModel.fit([(p, d, pick(ts)) for (p, d), ts in by_load.items()]),
         logits=StaircaseModel.fit(logit_samples, reduce=reduce),
+        be_merge_fixed_s=be_fixed_s,
+        be_merge_row_s=be_row_s,
+        decode_cost=decode_cost_in_use(loaded, device),
         dense_samples=tuple((rows, pick(ts)) for rows, ts in sorted(by_rows.items())),
     )
+    steps = _profile_steps(loaded, device, model, step_rows or (GPU_STEP_ROWS if gpu else CPU_STEP_ROWS),
+                           GPU_STEP_CONTEXT if gpu else CPU_STEP_CONTEXT, repeats)  # fmt: skip
+    overhead_s, per_sampled_row_s = fit_step_overhead(model, steps)
+    model = dataclasses.replace(model, overhead_s=overhead_s, per_sampled_row_s=per_sampled_row_s)
     log.info("profiled %s on %s in %.1f s", loaded.uri, device_name(device), time.perf_counter() - started)
     return model
 
@@ -275,8 +427,11 @@ def profile_main(argv: list[str] | None = None) -> int:
     print(f"dense: {len(model.dense.steps)} steps, tile {model.dense.tile or 'none (smooth)'}, MAPE {mape:.1%}")
     print(
         f"attention: {a.intercept * 1e3:.3f} ms + {a.per_prefill_load * 1e9:.3f} ns/prefill pair "
-        f"+ {a.per_decode_load * 1e9:.3f} ns/decode token"
+        f"+ {a.per_decode_load * 1e9:.3f} ns/decode token ({model.decode_cost})"
     )
+    print(f"step: {model.overhead_s * 1e3:.3f} ms per iteration + {model.per_sampled_row_s * 1e6:.2f} us per "
+          "sampled row")  # fmt: skip
+    print(f"BE merge: {model.be_merge_fixed_s * 1e3:.3f} ms + {model.be_merge_row_s * 1e6:.2f} us per BE row per layer")
     print(f"wrote {path}")
     return 0
 

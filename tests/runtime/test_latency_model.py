@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from piggyback_runtime.scheduler.latency_model import (
+    DECODE_COST_PADDED,
+    DECODE_COST_SUM,
+    DECODE_COSTS,
     PROFILE_DIR_ENV,
     IterationShape,
     LatencyModel,
@@ -19,7 +22,10 @@ from piggyback_runtime.scheduler.latency_model import (
     ModelError,
     ProfileKey,
     StaircaseModel,
+    decode_attention_load,
     default_profile_dir,
+    fit_nonnegative_line,
+    fit_step_overhead,
     load_or_none,
     prefill_chunk_load,
 )
@@ -154,6 +160,60 @@ def test_iteration_latency_is_the_sum_of_its_parts() -> None:
     assert model.predict_parts(100, 1e5, 1e4, 10) == model.predict(shape)
 
 
+def test_merged_be_rows_add_the_piggyback_paths_per_layer_work_and_nothing_without_them() -> None:
+    dense = StaircaseModel.fit([(x, cpu_like(x)) for x in (1, 512)])
+    bare = LatencyModel(dense, LinearAttentionModel(0.0, 0.0, 0.0))
+    model = LatencyModel(dense, LinearAttentionModel(0.0, 0.0, 0.0), be_merge_fixed_s=1e-3, be_merge_row_s=2e-5,
+                         per_sampled_row_s=1e-5)  # fmt: skip
+    assert model.predict_parts(40, 0, 0, 0, 0) == bare.predict_parts(40, 0, 0)
+    assert model.predict_parts(40, 0, 0, 0, 30) == pytest.approx(bare.predict_parts(40, 0, 0) + 1e-3 + 30 * 2e-5)
+    assert model.predict_parts(40, 0, 0, 8) == pytest.approx(bare.predict_parts(40, 0, 0) + 8e-5)
+
+
+def test_decode_load_follows_the_kernel_sum_of_contexts_when_paged_rows_times_longest_when_padded() -> None:
+    contexts = [100, 100, 4000]
+    assert decode_attention_load(DECODE_COST_SUM, 3, sum(contexts), max(contexts)) == 4200
+    assert decode_attention_load(DECODE_COST_PADDED, 3, sum(contexts), max(contexts)) == 12000
+    # A caller that knows only the sum (longest 0) is charged the sum, never less.
+    assert decode_attention_load(DECODE_COST_PADDED, 3, 4200, 0) == pytest.approx(4200)
+    dense = StaircaseModel.fit([(x, cpu_like(x)) for x in (1, 512)])
+    padded = LatencyModel(dense, LinearAttentionModel(0.0, 0.0, 1e-8), decode_cost=DECODE_COST_PADDED)
+    assert padded.decode_load(3, 4200, 4000) == 12000
+    with pytest.raises(ValueError, match="decode_cost"):
+        LatencyModel(dense, LinearAttentionModel(0.0, 0.0, 0.0), decode_cost="quadratic")
+    with pytest.raises(ValueError, match="sum_of_contexts"):
+        decode_attention_load("quadratic", 1, 1, 1)
+
+
+def test_a_nonnegative_line_fit_is_exact_on_a_line_and_clips_a_falling_one() -> None:
+    assert fit_nonnegative_line([(1, 3.0), (2, 5.0), (4, 9.0)]) == pytest.approx((1.0, 2.0))
+    intercept, slope = fit_nonnegative_line([(1, 3.0), (2, 2.0), (3, 1.0)])
+    assert slope == 0 and intercept == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        fit_nonnegative_line([])
+
+
+def test_the_fixed_per_iteration_cost_is_recovered_from_whole_step_timings() -> None:
+    rng = random.Random(3)
+    dense = StaircaseModel.fit([(x, gpu_like(x)) for x in STEP_GRID])
+    logits = StaircaseModel.fit([(x, 1e-5 * x) for x in (1, 512)])
+    model = LatencyModel(dense, LinearAttentionModel(1e-4, 1e-9, 1e-8), logits, be_merge_fixed_s=5e-4)
+    fixed_s, per_row_s = 3e-3, 4e-5  # what a step costs beyond the modules: the truth to recover
+    samples = []
+    for rows in (1, 8, 32, 64, 128, 256):
+        shape = IterationShape(rows, 0.0, rows * 1024.0, rows, be_rows_per_layer=rows % 3)
+        for _ in range(9):
+            noise = rng.gauss(0, 5e-5) + (0.02 if rng.random() < 0.1 else 0.0)  # jitter and an odd stall
+            samples.append((shape, model.predict(shape) + fixed_s + per_row_s * rows + noise))
+    fitted_fixed, fitted_per_row = fit_step_overhead(model, samples)
+    assert fitted_fixed == pytest.approx(fixed_s, rel=0.05)
+    assert fitted_per_row == pytest.approx(per_row_s, rel=0.05)
+    # Already folded into the model, the fit finds nothing left over.
+    folded = LatencyModel(dense, model.attention, logits, overhead_s=fixed_s, per_sampled_row_s=per_row_s,
+                          be_merge_fixed_s=5e-4)  # fmt: skip
+    assert fit_step_overhead(folded, samples)[0] == pytest.approx(fixed_s, rel=0.05)
+
+
 # --- profile cache ------------------------------------------------------------------------------------------------
 def _key(**change: str) -> ProfileKey:
     fields = {"model_uri": "synthetic://tiny-llama", "dtype": "float32", "device_name": "cpu x2", "arch_hash": "ab12"}
@@ -166,6 +226,10 @@ def _model() -> LatencyModel:
         LinearAttentionModel(1e-4, 2e-9, 3e-8),
         StaircaseModel.fit([(x, cpu_like(x)) for x in (1, 64, 512)]),
         overhead_s=1e-4,
+        per_sampled_row_s=2e-6,
+        be_merge_fixed_s=3e-4,
+        be_merge_row_s=4e-6,
+        decode_cost=DECODE_COST_PADDED,
         dense_samples=((1.0, 1e-3), (8.0, 2e-3)),
     )
 
@@ -177,7 +241,8 @@ def test_profile_cache_round_trips_through_json(tmp_path: Path) -> None:
     loaded = load_or_none(tmp_path, _key())
     assert loaded == model
     assert loaded is not None and loaded.dense_samples == model.dense_samples
-    assert all(loaded.predict_parts(r, 1e5, 1e3, 4) == model.predict_parts(r, 1e5, 1e3, 4) for r in range(1, 700))
+    assert all(loaded.predict_parts(r, 1e5, 1e3, 4, 2) == model.predict_parts(r, 1e5, 1e3, 4, 2) for r in range(1, 700))
+    assert loaded.decode_cost == DECODE_COST_PADDED
 
 
 @pytest.mark.parametrize(
@@ -243,6 +308,11 @@ def test_profiling_tiny_llama_fits_its_own_grid(tmp_path: Path, capsys: pytest.C
     assert len(table) >= 10 and all(model.dense.predict(r) > 0 for r, *_ in table)
     a = model.attention
     assert min(a.intercept, a.per_prefill_load, a.per_decode_load) >= 0 and max(a.per_prefill_load, a.per_decode_load)
+    # Whole steps cost more than their modules (metadata, embedding, sampling): a fixed cost is fitted, and the
+    # BE path's merge work and the decode kernel's cost kind are part of the profile.
+    assert model.overhead_s > 0 and model.per_sampled_row_s >= 0
+    assert model.be_merge_fixed_s >= 0 and model.be_merge_row_s >= 0 and model.be_merge_fixed_s + model.be_merge_row_s
+    assert model.decode_cost in DECODE_COSTS
 
     config = tmp_path / "runtime.yaml"
     config.write_text(
@@ -253,6 +323,7 @@ def test_profiling_tiny_llama_fits_its_own_grid(tmp_path: Path, capsys: pytest.C
     assert profile_main(["--config", str(config), "--out", str(out), "--repeats", "2"]) == 0
     printed = capsys.readouterr().out
     assert "measured ms" in printed and "predicted ms" in printed and str(out) in printed
+    assert "ms per iteration" in printed and "per BE row per layer" in printed
     key, written = LatencyModel.load(out)
     assert key.model_uri == "synthetic://tiny-llama" and key.dtype == "float32"
     assert written.dense.predict(64) > 0

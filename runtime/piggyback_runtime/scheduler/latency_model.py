@@ -1,12 +1,24 @@
 """Latency model of one engine iteration on the accelerator (OmniServe §3.4), pure Python: no torch.
 
-    latency = overhead + f_D(dense_rows) + f_A(prefill_attention_load, decode_attention_load) + f_L(logit_rows)
+    latency = overhead + per_sampled_row × logit_rows + f_D(dense_rows)
+              + f_A(prefill_attention_load, decode_attention_load) + f_L(logit_rows)
+              + [BE rows merged] (be_merge_fixed + be_merge_per_row × be_rows_per_layer)
 
 - `f_D` (`StaircaseModel`): Dense work of **all layers** (pre_attention + post_attention) for `dense_rows`
   rows. GPUs run a GEMM in tiles and waves, so latency is flat while the row count stays inside a tile/wave
   and jumps when it crosses a boundary: the fit is a monotone staircase, not a line.
 - `f_A` (`LinearAttentionModel`): accelerator attention of all layers, linear in the attention load.
 - `f_L` (optional `StaircaseModel`): final norm + lm_head for the rows that sample a token.
+- `overhead_s` + `per_sampled_row_s` × logit_rows: what a whole forward step costs beyond the modules
+  (metadata built and uploaded, embedding, sampling), fitted from timed whole steps (`fit_step_overhead`).
+- `be_merge_*`: the piggyback path's extra per-layer work when BE rows are merged (rows copied out for CPU
+  attention and their results copied back and concatenated in every layer), profiled separately.
+
+Decode attention load follows the kernel in use (`decode_cost`): paged kernels read each decode's own context
+(load = sum of contexts); a padded batch pays every row the longest context (load = rows × longest).
+
+Closed loop (`OnlineCorrection`): the profile is a prediction made once; measured iteration times correct it
+online, per regime, so that the SLO controller turns conservative when reality drifts from the profile.
 
 Units the engine must use (one meaning everywhere):
 - A Dense row is one token through all layers. A BE decode row merged at one layer costs 1/num_layers of a
@@ -23,6 +35,7 @@ The profile is cached as JSON keyed by `ProfileKey` (model, dtype, device, archi
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -38,7 +51,7 @@ from typing import Any, Literal
 PROFILE_DIR_ENV = "PIGGYBACK_PROFILE_DIR"
 DEFAULT_PROFILE_DIR = Path("~/.cache/piggyback/profiles")
 # Bump when what is measured or how it is fitted changes: old cache files then stop matching their key.
-PROFILE_FORMAT_VERSION = "1"
+PROFILE_FORMAT_VERSION = "2"  # 2: step overhead, BE merge cost, decode cost kind
 
 Sample = tuple[float, float]  # (x, seconds)
 
@@ -46,6 +59,22 @@ Sample = tuple[float, float]  # (x, seconds)
 def prefill_chunk_load(start: float, num_tokens: float) -> float:
     """Attention load of a prefill chunk: queries start..start+n-1, each attends to every earlier position."""
     return num_tokens * start + num_tokens * (num_tokens + 1) / 2
+
+
+# How decode attention cost grows with the batch's contexts, by kernel (see the module docstring).
+DECODE_COST_SUM = "sum_of_contexts"  # paged kernels (Triton, the native CPU kernel): no padding
+DECODE_COST_PADDED = "rows_times_longest"  # the padded torch path: every row gathers the longest context
+DECODE_COSTS = (DECODE_COST_SUM, DECODE_COST_PADDED)
+
+
+def decode_attention_load(cost: str, rows: float, total_context: float, longest_context: float) -> float:
+    """The decode attention load f_A is fitted on, for `rows` decodes whose contexts sum to `total_context`."""
+    if cost == DECODE_COST_PADDED:
+        # The longest context is at least the mean (a caller that knows only the sum gets the sum back).
+        return rows * max(longest_context, total_context / rows) if rows > 0 else 0.0
+    if cost == DECODE_COST_SUM:
+        return total_context
+    raise ValueError(f"unknown decode attention cost {cost!r}; expected one of {', '.join(DECODE_COSTS)}")
 
 
 def default_profile_dir() -> Path:
@@ -339,6 +368,7 @@ class IterationShape:
     prefill_attention_load: float = 0.0  # LS and BE prefill chunks on the accelerator
     decode_attention_load: float = 0.0  # LS decodes (BE decode attention runs on the host)
     logit_rows: float = 0.0  # rows that sample a token this iteration (final norm + lm_head)
+    be_rows_per_layer: float = 0.0  # BE rows merged per layer (the piggyback path's extra per-layer work)
 
 
 @dataclass(frozen=True)
@@ -361,25 +391,39 @@ class LatencyModel:
     dense: StaircaseModel
     attention: LinearAttentionModel
     logits: StaircaseModel | None = None
-    overhead_s: float = 0.0  # fixed per-iteration cost outside the profiled modules
+    overhead_s: float = 0.0  # fixed per-iteration cost outside the profiled modules (fitted: fit_step_overhead)
+    per_sampled_row_s: float = 0.0  # per sampled row beyond lm_head (sampling, token ids out)
+    be_merge_fixed_s: float = 0.0  # per iteration that merges any BE rows: all layers' copy-out/copy-back setup
+    be_merge_row_s: float = 0.0  # per BE row per layer, over all layers (copies and concatenation)
+    decode_cost: str = DECODE_COST_SUM  # how decode attention load is counted (decode_attention_load)
     # Profile points kept for reports (the `profile` CLI table, benchmarks): (rows, measured seconds).
     dense_samples: tuple[Sample, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        if self.decode_cost not in DECODE_COSTS:
+            raise ValueError(f"decode_cost {self.decode_cost!r} is not one of {', '.join(DECODE_COSTS)}")
+
     def predict(self, shape: IterationShape) -> float:
-        seconds = self.overhead_s + self.dense.predict(shape.dense_rows)
-        seconds += self.attention.predict(shape.prefill_attention_load, shape.decode_attention_load)
-        if self.logits is not None and shape.logit_rows > 0:
-            seconds += self.logits.predict(shape.logit_rows)
-        return seconds
+        return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
+                                  shape.logit_rows, shape.be_rows_per_layer)  # fmt: skip
 
     def predict_parts(
-        self, dense_rows: float, prefill_load: float, decode_load: float, logit_rows: float = 0.0
-    ) -> float:
+        self, dense_rows: float, prefill_load: float, decode_load: float, logit_rows: float = 0.0,
+        be_rows_per_layer: float = 0.0,
+    ) -> float:  # fmt: skip
         """predict() without building an IterationShape (the planner's inner loop)."""
         seconds = self.overhead_s + self.dense.predict(dense_rows) + self.attention.predict(prefill_load, decode_load)
-        if self.logits is not None and logit_rows > 0:
-            seconds += self.logits.predict(logit_rows)
+        if logit_rows > 0:
+            seconds += self.per_sampled_row_s * logit_rows
+            if self.logits is not None:
+                seconds += self.logits.predict(logit_rows)
+        if be_rows_per_layer > 0:
+            seconds += self.be_merge_fixed_s + self.be_merge_row_s * be_rows_per_layer
         return seconds
+
+    def decode_load(self, rows: float, total_context: float, longest_context: float) -> float:
+        """The decode attention load of `rows` decodes on the kernel this model was profiled with."""
+        return decode_attention_load(self.decode_cost, rows, total_context, longest_context)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -388,6 +432,10 @@ class LatencyModel:
             "attention": self.attention.to_dict(),
             "logits": None if self.logits is None else self.logits.to_dict(),
             "overhead_s": self.overhead_s,
+            "per_sampled_row_s": self.per_sampled_row_s,
+            "be_merge_fixed_s": self.be_merge_fixed_s,
+            "be_merge_row_s": self.be_merge_row_s,
+            "decode_cost": self.decode_cost,
             "dense_samples": [list(s) for s in self.dense_samples],
         }
 
@@ -399,6 +447,10 @@ class LatencyModel:
             attention=LinearAttentionModel.from_dict(data["attention"]),
             logits=None if logits is None else StaircaseModel.from_dict(logits),
             overhead_s=float(data.get("overhead_s", 0.0)),
+            per_sampled_row_s=float(data.get("per_sampled_row_s", 0.0)),
+            be_merge_fixed_s=float(data.get("be_merge_fixed_s", 0.0)),
+            be_merge_row_s=float(data.get("be_merge_row_s", 0.0)),
+            decode_cost=str(data.get("decode_cost", DECODE_COST_SUM)),
             dense_samples=tuple((float(x), float(s)) for x, s in data.get("dense_samples", ())),
         )
 
@@ -466,3 +518,104 @@ class ModelError:
 
     def bias(self) -> float:
         return self._signed_sum / len(self._errors) if self._errors else 0.0
+
+
+# --- fixed per-iteration cost ---------------------------------------------------------------------------------
+def fit_nonnegative_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of y on x with both ≥ 0 (exact: the best of the feasible subsets)."""
+    if not points:
+        raise ValueError("no points to fit a line to")
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    candidates = [(max(0.0, mean_y), 0.0)]
+    squares = sum(x * x for x, _ in points)
+    if squares > 0:
+        candidates.append((0.0, max(0.0, sum(x * y for x, y in points) / squares)))
+    if spread > 0:
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+        if slope >= 0 and mean_y - slope * mean_x >= 0:
+            candidates.append((mean_y - slope * mean_x, slope))
+    return min(candidates, key=lambda c: sum((c[0] + c[1] * x - y) ** 2 for x, y in points))
+
+
+def fit_step_overhead(model: LatencyModel, samples: Iterable[tuple[IterationShape, float]]) -> tuple[float, float]:
+    """(overhead_s, per_sampled_row_s) from timed whole iterations: what each took beyond the modules' profile.
+
+    The residual measured − (f_D + f_A + f_L + BE merge) of every sample is reduced to its median per sampled
+    row count (a disturbed run does not move a median), then fitted as a non-negative line in sampled rows:
+    the intercept is the fixed per-iteration cost, the slope the per-row cost of sampling and token output.
+    """
+    bare = dataclasses.replace(model, overhead_s=0.0, per_sampled_row_s=0.0)
+    by_rows: dict[float, list[float]] = {}
+    for shape, measured_s in samples:
+        by_rows.setdefault(float(shape.logit_rows), []).append(measured_s - bare.predict(shape))
+    if not by_rows:
+        raise ValueError("no timed iterations to fit the per-iteration overhead from")
+    return fit_nonnegative_line([(rows, statistics.median(r)) for rows, r in sorted(by_rows.items())])
+
+
+# --- closed loop: online correction -----------------------------------------------------------------------------
+REGIMES = ("decode", "prefill", "decode+be", "prefill+be")
+
+
+def regime_of(prefill_load: float, be_rows_per_layer: float) -> int:
+    """Which kind of iteration this is (an index into REGIMES): drift is tracked per kind, because what runs
+    differs (prefill kernels, the BE path's copies) and so does how far each strays from the profile."""
+    return (prefill_load > 0) + 2 * (be_rows_per_layer > 0)
+
+
+class OnlineCorrection:
+    """Measured ÷ predicted iteration time, tracked online per regime; predictions are multiplied by factor().
+
+    Per regime an exponentially weighted mean of the ratio r = measured / predicted and of its absolute
+    deviation from that mean. factor = mean + deviation_weight × deviation: when reality drifts, the mean
+    follows it and the deviation (large while it moves, or when timings are erratic) adds margin, so the
+    controller turns conservative; when reality returns to the profile both settle back and the factor goes
+    back towards 1. A regime seen fewer than `min_samples` times borrows the all-regime figures (and 1.0
+    before anything was seen). Each observed ratio is clipped to [min_factor, max_factor]: one stalled
+    iteration (a page fault, a collection) must not throw the controller off for the next hundred.
+    """
+
+    def __init__(self, smoothing: float = 0.1, deviation_weight: float = 1.0, min_samples: int = 8,
+                 min_factor: float = 0.5, max_factor: float = 10.0) -> None:  # fmt: skip
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if not 0 < min_factor <= 1 <= max_factor:
+            raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {min_factor}, {max_factor}")
+        self.smoothing = smoothing
+        self.deviation_weight = deviation_weight
+        self.min_samples = min_samples
+        self.min_factor, self.max_factor = min_factor, max_factor
+        # Per regime, and one more slot (index len(REGIMES)) for all regimes together: [mean, deviation, count].
+        self._stats = [[1.0, 0.0, 0] for _ in range(len(REGIMES) + 1)]
+
+    def observe(self, regime: int, predicted_s: float, measured_s: float) -> None:
+        """One iteration ran: `predicted_s` is the uncorrected model's prediction, `measured_s` what it took."""
+        if predicted_s <= 0 or measured_s <= 0:
+            return
+        ratio = min(self.max_factor, max(self.min_factor, measured_s / predicted_s))
+        for stats in (self._stats[regime], self._stats[-1]):
+            mean, deviation, count = stats
+            if count == 0:
+                stats[:] = [ratio, 0.0, 1]
+                continue
+            # A running average over the first samples, exponential once 1/smoothing were seen: an early start
+            # is not stuck near the first value.
+            weight = max(self.smoothing, 1.0 / (count + 1))
+            deviation += weight * (abs(ratio - mean) - deviation)
+            mean += weight * (ratio - mean)
+            stats[:] = [mean, deviation, count + 1]
+
+    def factor(self, regime: int) -> float:
+        stats = self._stats[regime]
+        if stats[2] < self.min_samples:
+            stats = self._stats[-1]
+            if stats[2] < self.min_samples:
+                return 1.0
+        mean, deviation, _ = stats
+        return min(self.max_factor, max(self.min_factor, mean + self.deviation_weight * deviation))
+
+    def samples(self, regime: int) -> int:
+        return int(self._stats[regime][2])

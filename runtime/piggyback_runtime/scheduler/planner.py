@@ -69,13 +69,18 @@ class Rejection:
     decision: AdmissionDecision | None = None  # the SLO prediction, for LS rejections
 
 
-def iteration_shape(plan: IterationPlan, merged_rows_per_layer: float, logit_rows: int) -> IterationShape:
-    """The latency model's view of an iteration that ran `plan` and merged BE rows at this rate per layer."""
+def iteration_shape(plan: IterationPlan, merged_rows_per_layer: float, logit_rows: int,
+                    model: LatencyModel | None = None) -> IterationShape:  # fmt: skip
+    """The latency model's view of an iteration that ran `plan` and merged BE rows at this rate per layer
+    (decode load counted as `model`'s attention kernel pays it; the sum of contexts without a model)."""
+    contexts = [c.start + 1 for c in plan.decodes]
+    total = float(sum(contexts))
     return IterationShape(
         dense_rows=plan.num_tokens + merged_rows_per_layer,
         prefill_attention_load=sum(prefill_chunk_load(c.start, c.num_tokens) for c in plan.prefills),
-        decode_attention_load=float(sum(c.start + 1 for c in plan.decodes)),
+        decode_attention_load=model.decode_load(len(contexts), total, max(contexts, default=0)) if model else total,
         logit_rows=logit_rows,
+        be_rows_per_layer=merged_rows_per_layer,
     )
 
 
@@ -191,6 +196,7 @@ class Planner:
         demand = IterationDemand(
             ls_decode_rows=len(ls_plan.decodes),
             ls_decode_attention_load=float(sum(c.start + 1 for c in ls_plan.decodes)),
+            ls_decode_longest_context=max((c.start + 1 for c in ls_plan.decodes), default=0),
             ls_prefill_chunks=[PrefillChunk(c.num_tokens, prefill_chunk_load(c.start, c.num_tokens))
                                for c in ls_plan.prefills],
             be_prefill_tokens_available=min(self.scheduler.max_num_batched_tokens - ls_plan.num_tokens,

@@ -15,6 +15,11 @@ prefill ahead of it. Assuming the next iterations look like this one, it meets i
 n_i × latency ≤ D_i − now, so its budget is (D_i − now) / n_i; the TTFT budget is the smallest of these.
 A request already past its deadline is a miss whatever happens: it is left out rather than starving BE.
 
+Closed loop. Every prediction the controller makes (BE allowance, admission, headroom) is the latency model's
+times `OnlineCorrection.factor` for the iteration's regime, and the engine reports each iteration's measured
+time (`observe`): when iterations run slower than the profile says, the factor rises and fewer BE rows and
+tokens fit; when they return to the profile, it settles back.
+
 Cost: gathering the budgets is one pass over the LS states (O(n)); the searches are O(log max) latency
 predictions each, with no per-request work inside them.
 """
@@ -25,7 +30,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
+from piggyback_runtime.scheduler.latency_model import (
+    IterationShape,
+    LatencyModel,
+    OnlineCorrection,
+    prefill_chunk_load,
+    regime_of,
+)
 
 # Predictions equal to a budget up to float rounding count as meeting it ("exactly at the SLO" is admitted).
 _REL_EPS = 1e-9
@@ -65,6 +76,7 @@ class IterationDemand:
     be_prefill_tokens_available: int = 0  # BE prompt tokens that could be prefilled now (token budget left)
     be_prefill_context_start: int = 0  # tokens already cached for the BE request chunked next (load estimate)
     be_decode_rows_ready: int = 0  # BE rows one layer could take now (CPU attention results ready)
+    ls_decode_longest_context: int = 0  # the longest of them (a padded decode kernel pays it for every row)
 
     @property
     def ls_prefill_tokens(self) -> int:
@@ -118,6 +130,7 @@ class _Budgets:
     ttft_s: float = math.inf
     queued_prefill_tokens: int = 0  # remaining LS prompt tokens, running and queued
     decode_rows: int = 0
+    decode_longest: int = 0  # longest LS decode context
     decode_load: float = 0.0
 
     @property
@@ -139,6 +152,8 @@ class SLOController:
     max_be_rows_per_layer: int = 1024
     max_be_prefill_tokens: int = 512
     admission_margin: float = 0.0  # admission compares predictions to the SLO itself by default
+    # Measured ÷ predicted per regime, fed by observe(); a fresh one (factor 1) until iterations are reported.
+    correction: OnlineCorrection = field(default_factory=OnlineCorrection)
     _last: BEAllowance | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -146,6 +161,26 @@ class SLOController:
             raise ValueError("safety_margin and admission_margin must be in [0, 1)")
         if self.ls_chunk_tokens < 1:
             raise ValueError("ls_chunk_tokens must be at least 1")
+
+    # --- the closed-loop prediction ------------------------------------------------------------------------
+    def predict_parts(self, dense_rows: float, prefill_load: float, decode_load: float, logit_rows: float = 0.0,
+                      be_rows_per_layer: float = 0.0) -> float:  # fmt: skip
+        """The latency model's prediction corrected by what iterations of this regime measured lately."""
+        raw = self.latency_model.predict_parts(dense_rows, prefill_load, decode_load, logit_rows, be_rows_per_layer)
+        return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer))
+
+    def predict(self, shape: IterationShape) -> float:
+        return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
+                                  shape.logit_rows, shape.be_rows_per_layer)  # fmt: skip
+
+    def observe(self, shape: IterationShape, measured_s: float) -> float:
+        """An iteration of `shape` took `measured_s`: returns what the controller had predicted for it (the
+        corrected prediction, for the error metric), then updates the correction with the profile's own."""
+        regime = regime_of(shape.prefill_attention_load, shape.be_rows_per_layer)
+        raw = self.latency_model.predict(shape)
+        predicted = raw * self.correction.factor(regime)
+        self.correction.observe(regime, raw, measured_s)
+        return predicted
 
     # --- budgets ------------------------------------------------------------------------------------------
     def _budgets(self, ls_state: Sequence[LSRequestState], now_s: float) -> _Budgets:
@@ -157,6 +192,7 @@ class SLOController:
             if s.remaining_prefill_tokens == 0:
                 b.decode_rows += 1
                 b.decode_load += s.context_len
+                b.decode_longest = max(b.decode_longest, s.context_len)
                 if s.tpot_s < b.tpot_s:
                     b.tpot_s = s.tpot_s
                 continue
@@ -176,10 +212,11 @@ class SLOController:
     def choose(self, demand: IterationDemand, ls_state: Sequence[LSRequestState], now_s: float) -> BEAllowance:
         """The largest BE allowance (BE prefill first, then BE decode rows) whose predicted latency fits."""
         budgets = self._budgets(ls_state, now_s)
-        model = self.latency_model.predict_parts
+        model = self.predict_parts
         ls_rows = demand.ls_decode_rows + demand.ls_prefill_tokens
         prefill_load = demand.ls_prefill_load
-        decode_load = demand.ls_decode_attention_load
+        decode_load = self.latency_model.decode_load(demand.ls_decode_rows, demand.ls_decode_attention_load,
+                                                     demand.ls_decode_longest_context)  # fmt: skip
         max_prefill = max(0, min(demand.be_prefill_tokens_available, self.max_be_prefill_tokens))
         max_rows = max(0, min(demand.be_decode_rows_ready, self.max_be_rows_per_layer))
         start = demand.be_prefill_context_start
@@ -195,6 +232,7 @@ class SLOController:
                 prefill_chunk_load(start, max_prefill) if max_prefill else 0.0,
                 0.0,
                 (max_prefill > 0) + max_rows,
+                max_rows,
             )
             allowance = BEAllowance(max_rows, max_prefill, predicted)
             self._last = allowance
@@ -210,10 +248,10 @@ class SLOController:
         logits = ls_logits + (prefill > 0)
 
         def rows_fit(rows: int) -> bool:
-            return model(ls_rows + prefill + rows, be_load, decode_load, logits + rows) <= limit
+            return model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows) <= limit
 
         rows = _largest(rows_fit, max_rows)
-        predicted = model(ls_rows + prefill + rows, be_load, decode_load, logits + rows)
+        predicted = model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows)
         allowance = BEAllowance(rows, prefill, predicted, target, budgets.binding)
         self._last = allowance
         return allowance
@@ -246,7 +284,8 @@ class SLOController:
           decode row with its prompt as context. Both must fit the tightest TPOT, its own included.
         """
         budgets = self._budgets(running_ls, now_s)
-        model = self.latency_model.predict_parts
+        model = self.predict_parts
+        decode_load = self.latency_model.decode_load
         scale = (1 - self.admission_margin) * (1 + _REL_EPS)
         chunk = self.ls_chunk_tokens
         queued = budgets.queued_prefill_tokens + new_request.prompt_tokens
@@ -256,7 +295,8 @@ class SLOController:
         # as that of the new prompt's last chunk, the heaviest chunk of it (conservative).
         chunk_tokens = min(chunk, queued)
         chunk_start = max(0, new_request.prompt_tokens - chunk_tokens)
-        prefill_iteration = model(rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens), load, rows + 1)
+        prefill_iteration = model(rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
+                                  decode_load(rows, load, budgets.decode_longest), rows + 1)  # fmt: skip
         iterations = -(-queued // chunk)
         waited = max(0.0, now_s - new_request.arrival_s)
         ttft = waited + iterations * prefill_iteration
@@ -265,7 +305,10 @@ class SLOController:
         by_measurement = measured_wait > iterations * prefill_iteration
         if by_measurement:
             ttft = waited + measured_wait
-        decode_iteration = model(rows + 1, 0.0, load + new_request.prompt_tokens + 1, rows + 1)
+        own_context = new_request.prompt_tokens + 1
+        decode_iteration = model(
+            rows + 1, 0.0, decode_load(rows + 1, load + own_context, max(budgets.decode_longest, own_context)), rows + 1
+        )
         tpot_budget = min(budgets.tpot_s, new_request.tpot_s)
         worst_iteration = max(prefill_iteration, decode_iteration)
 
@@ -342,7 +385,8 @@ class SLOController:
         target = mix.tpot_s * (1 - self.safety_margin)
         if budgets.tpot_s < math.inf:
             target = min(target, budgets.tpot_s * (1 - self.safety_margin))
-        model = self.latency_model.predict_parts
+        model = self.predict_parts
+        decode_load = self.latency_model.decode_load
         chunk = self.ls_chunk_tokens
         base_rows = budgets.decode_rows
         base_load = budgets.decode_load
@@ -359,9 +403,11 @@ class SLOController:
                 return False
             # A prompt of P tokens carries load P(P+1)/2 over its P tokens: (P+1)/2 per prefilled token.
             load = prefill * (mix.avg_prompt_tokens + 1) / 2
-            return model(rows + prefill, load, base_load + (rows - base_rows) * context, rows) <= target
+            decode = decode_load(rows, base_load + (rows - base_rows) * context, max(budgets.decode_longest, context))
+            return model(rows + prefill, load, decode, rows) <= target
 
-        ls_alone = model(base_rows + base_prefill, 0.0, base_load, base_rows)
+        ls_alone = model(base_rows + base_prefill, 0.0, decode_load(base_rows, base_load, budgets.decode_longest),
+                         base_rows)  # fmt: skip
         if not fits(0.0) or budgets.ttft_s * (1 + _REL_EPS) < ls_alone:
             return 0.0
         lo, hi = 0.0, max_rps

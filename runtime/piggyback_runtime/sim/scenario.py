@@ -201,8 +201,10 @@ def run_scenario(
         if config.engine.num_kv_blocks is None:
             num_blocks = max(1, device.gpu_kv_capacity_tokens() // config.engine.block_size)
         if config.piggyback.num_host_kv_blocks is None:
-            by_config = int(config.piggyback.host_kv_memory_gib * 2**30) // device.shape.kv_bytes_per_token()
-            host_blocks = max(1, min(by_config, device.host_kv_capacity_tokens()) // config.piggyback.host_block_size)
+            by_device = device.host_kv_capacity_tokens()
+            gib = config.piggyback.host_kv_memory_gib  # None: as much as the simulated host holds
+            by_config = by_device if gib is None else int(gib * 2**30) // device.shape.kv_bytes_per_token()
+            host_blocks = max(1, min(by_config, by_device) // config.piggyback.host_block_size)
     started = time.perf_counter()
     result = Simulator(config, device, requests, spec.workload.duration_s, spec.drain_s, num_blocks, host_blocks,
                        progress).run()  # fmt: skip

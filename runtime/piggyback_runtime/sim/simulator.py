@@ -40,9 +40,13 @@ from piggyback_runtime.metrics import RequestTiming, slo_attained
 from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
-from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.scheduler.planner import Planner, iteration_shape
 from piggyback_runtime.sim.devices import DeviceProfile
 from piggyback_runtime.sim.workload import SimRequest
+
+# Cache sizes of a simulation whose config sets none and whose scenario names no GPU to size them from.
+UNSIZED_KV_CACHE_GIB = 1.0
+UNSIZED_HOST_KV_GIB = 4.0
 
 
 @dataclass
@@ -175,12 +179,14 @@ class Simulator:
         shape = device.shape
         self.num_layers = shape.num_layers
         pb = config.piggyback
+        host_gib = pb.host_kv_memory_gib or UNSIZED_HOST_KV_GIB
         host_blocks = num_host_kv_blocks or pb.num_host_kv_blocks or max(
-            1, int(pb.host_kv_memory_gib * 2**30) // (pb.host_block_size * shape.kv_bytes_per_token()))
+            1, int(host_gib * 2**30) // (pb.host_block_size * shape.kv_bytes_per_token()))
         self.host_kv = HostKV(host_blocks, pb.host_block_size, pb.max_be_requests)
         engine = config.engine
+        kv_gib = engine.kv_cache_memory_gib or UNSIZED_KV_CACHE_GIB
         blocks = num_kv_blocks or engine.num_kv_blocks or max(
-            1, int(engine.kv_cache_memory_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
+            1, int(kv_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
                                clock=lambda: self.now)  # fmt: skip
         self.policy = self.planner.policy
@@ -315,6 +321,7 @@ class Simulator:
         base = self.device.iteration_s(n, prefill_load, [c.start + 1 for c in plan.decodes], len(sampling))
         done_rows: list[_Row] = []
         end = t + base
+        merged_before = self.be_rows_merged
         if rows_waiting:
             end, done_rows = self._layer_walk(t, base, n, plan)
             if done_rows:
@@ -322,6 +329,10 @@ class Simulator:
         self._copy_prefill_kv(plan, end)
         self.iterations += 1
         self.planner.observe(end - t)
+        slo = self.planner.slo
+        if slo is not None:  # the closed loop, as the engine runs it: the controller learns the device's truth
+            merged = (self.be_rows_merged - merged_before) / self.num_layers
+            slo.observe(iteration_shape(plan, merged, len(sampling) + len(done_rows), slo.latency_model), end - t)
         self.gpu_busy_s += end - t
         self._account_host_kv(end - t)
         for request in sampling:

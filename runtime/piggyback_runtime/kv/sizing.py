@@ -1,0 +1,369 @@
+"""How many KV blocks fit: the accelerator's cache from device memory, the host cache from the pod's memory.
+
+Accelerator KV (LS requests, and BE requests while they prefill):
+    budget = gpu_memory_utilization x device total - in use after loading - activation peak
+where "in use after loading" is the device's total minus its free memory once the weights are resident (the
+weights, the CUDA context, and anything another process holds), and the activation peak is measured by running
+the largest iteration the config allows (max_num_batched_tokens tokens through every layer, then logits for
+max_num_seqs rows). `engine.kv_cache_memory_gib` and `engine.num_kv_blocks` override the measurement.
+
+Device memory: on CUDA, torch.cuda.mem_get_info, capped by `engine.accelerator_memory_gib` when set (the
+operator sets it from the GPU product a pool is pinned to). On a CPU device the host is the accelerator: its
+cache is host memory, shared with the host cache, the CPU workers and the process, so it is sized like the host
+cache: budget = host_memory_utilization x (available - a host cache of fixed size) - activation peak, from the
+host memory reading below (or `engine.accelerator_memory_gib`, which makes the figure deterministic); the peak is
+estimated from the shapes there (the CPU allocator keeps no peak).
+
+Host KV (BE requests on the CPU path): `piggyback.host_memory_utilization` x host memory still available, where
+available is the pod's memory limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes) minus its working set,
+or /proc/meminfo's MemAvailable where no limit is set; on a CPU device, minus what the accelerator cache took.
+`piggyback.host_kv_memory_gib` and `piggyback.num_host_kv_blocks` override it.
+
+A cache sized from memory that cannot hold one max_model_len request is an error at start-up naming the numbers.
+Explicit block counts are taken as given: requests that do not fit are refused one by one (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from piggyback_runtime.config import ConfigError, RuntimeConfig
+from piggyback_runtime.kv.cache import kv_block_bytes
+from piggyback_runtime.model.loader import LoadedModel
+from piggyback_runtime.scheduler.policy import POLICIES
+
+GIB = 2**30
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMINFO = Path("/proc/meminfo")
+# cgroup v1 writes "no limit" as the largest page-aligned int64; anything at or above this is unlimited.
+_CGROUP_V1_UNLIMITED = 2**62
+
+
+class KVSizingError(ConfigError):
+    """Too little memory for the KV cache; the message names bytes per token, tokens needed and bytes found."""
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory of one pool (a device, or the host within the pod's limit), and where the figures come from."""
+
+    total_bytes: int
+    available_bytes: int
+    source: str
+
+
+def parse_cgroup_limit(text: str) -> int | None:
+    """Bytes of a cgroup memory limit file (v2 memory.max or v1 memory.limit_in_bytes); None when unlimited."""
+    value = text.strip()
+    if value == "max":
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"cgroup memory limit {value!r} is neither 'max' nor a byte count") from None
+    return None if limit >= _CGROUP_V1_UNLIMITED else limit
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as bytes per field (its figures are in kB)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def _inactive_file(stat_path: Path, key: str) -> int:
+    # Page cache the kernel reclaims before it kills anything: not part of the working set (as the kubelet counts).
+    try:
+        for line in stat_path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def read_host_memory(cgroup_root: Path = CGROUP_ROOT, meminfo: Path = MEMINFO) -> MemoryReading:
+    """The host memory this process may use: the pod's (cgroup) limit when it has one, else the machine's."""
+    info = parse_meminfo(meminfo.read_text())
+    machine_total, machine_available = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    # cgroup v2 (unified hierarchy) first, then v1's memory controller.
+    candidates = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file", cgroup_root),
+        ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file",
+         cgroup_root / "memory"),
+    )  # fmt: skip
+    for limit_name, usage_name, stat_name, inactive_key, folder in candidates:
+        limit_path = folder / limit_name
+        if not limit_path.is_file():
+            continue
+        limit = parse_cgroup_limit(limit_path.read_text())
+        if limit is None or (machine_total and limit >= machine_total):
+            break  # no limit below the machine's memory: the machine's figures are the binding ones
+        try:
+            usage = int((folder / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            usage = 0
+        working_set = max(0, usage - _inactive_file(folder / stat_name, inactive_key))
+        available = max(0, min(limit - working_set, machine_available or limit))
+        return MemoryReading(limit, available, f"cgroup limit {limit_path} ({usage_name} {working_set} B in use)")
+    return MemoryReading(machine_total, machine_available, f"{meminfo} (MemTotal, MemAvailable)")
+
+
+def read_device_memory(device: torch.device) -> MemoryReading:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return MemoryReading(total, free, f"torch.cuda.mem_get_info on {torch.cuda.get_device_name(device)}")
+    host = read_host_memory()
+    return MemoryReading(host.total_bytes, host.available_bytes, f"host memory (CPU device): {host.source}")
+
+
+def cap_total(reading: MemoryReading, cap_gib: float | None) -> MemoryReading:
+    """The reading as if the device had at most `cap_gib` (engine.accelerator_memory_gib)."""
+    if cap_gib is None or cap_gib * GIB >= reading.total_bytes:
+        return reading
+    cap = int(cap_gib * GIB)
+    used = reading.total_bytes - reading.available_bytes
+    return MemoryReading(cap, max(0, cap - used), f"engine.accelerator_memory_gib {cap_gib:g} ({reading.source})")
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.inference_mode()
+def _largest_iteration(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> None:
+    """One iteration at the largest shape: `num_tokens` through every layer, causal attention over the chunk
+    (a fused kernel, as the paged kernels: no score matrix), then fp32 logits for `num_logit_rows` (at most
+    `num_tokens`) rows."""
+    device, arch = loaded.device, loaded.arch
+    tokens = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    positions = torch.arange(num_tokens, device=device)
+
+    def attention(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            is_causal=True, enable_gqa=arch.num_key_value_heads != arch.num_attention_heads,
+        )  # fmt: skip
+        return out.squeeze(0).transpose(0, 1)
+
+    hidden = loaded.model.forward_layers(tokens, positions, attention)
+    loaded.model.compute_logits(hidden[:num_logit_rows])
+
+
+def estimate_activation_bytes(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> int:
+    """What one iteration at the largest shape holds at its peak, from the shapes (CPU has no allocator peak):
+    a layer's live tensors (residual, normed input, q/k/v, the MLP's two intermediate activations and their
+    product) plus fp32 logits and their sampling copy."""
+    arch = loaded.arch
+    element = torch.empty((), dtype=loaded.dtype).element_size()
+    per_token = 3 * arch.hidden_size + arch.q_size + 2 * arch.kv_size + 3 * arch.intermediate_size
+    return num_tokens * per_token * element + 2 * num_logit_rows * arch.vocab_size * 4
+
+
+def measure_activation_bytes(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> tuple[int, str]:
+    """(bytes, how): the allocator's peak above the resident weights at the largest iteration on CUDA."""
+    device = loaded.device
+    if device.type != "cuda":
+        return estimate_activation_bytes(loaded, num_tokens, num_logit_rows), "estimated from the shapes (CPU)"
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    _largest_iteration(loaded, num_tokens, num_logit_rows)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline
+    torch.cuda.empty_cache()  # the profile's blocks go back before the cache takes its share
+    return peak, f"measured at {num_tokens} tokens and {num_logit_rows} logit rows"
+
+
+@dataclass(frozen=True)
+class CacheSize:
+    """One cache's size and the figures it came from (for the start-up log and errors)."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    budget_bytes: int
+    explanation: str
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def blocks_in(budget_bytes: int, block_bytes: int) -> int:
+    return max(0, budget_bytes) // block_bytes
+
+
+def require_one_request(size: CacheSize, max_model_len: int, cache: str, fix: str) -> None:
+    """A cache sized from memory must hold one request of max_model_len tokens, or the runtime cannot serve."""
+    needed_blocks = math.ceil(max_model_len / size.block_size)
+    if size.num_blocks >= needed_blocks:
+        return
+    needed_bytes = needed_blocks * size.block_size * size.bytes_per_token
+    raise KVSizingError(
+        f"{cache} KV cache too small for one request of max_model_len {max_model_len} tokens: it needs "
+        f"{needed_bytes} bytes ({size.bytes_per_token} bytes per token x {needed_blocks * size.block_size} tokens "
+        f"in blocks of {size.block_size}) but {max(0, size.budget_bytes)} bytes are available "
+        f"({size.explanation}); {fix}"
+    )
+
+
+def accelerator_kv_size(
+    *,
+    reading: MemoryReading,
+    utilization: float,
+    weights: int,
+    activation: int,
+    activation_how: str,
+    block_size: int,
+    bytes_per_token: int,
+) -> CacheSize:
+    """budget = utilization x total - (total - available) - activation; (total - available) holds the weights."""
+    in_use = reading.total_bytes - reading.available_bytes
+    budget = int(utilization * reading.total_bytes) - in_use - activation
+    explanation = (
+        f"gpu_memory_utilization {utilization:g} x {reading.total_bytes} B total from {reading.source}, minus "
+        f"{in_use} B in use after loading (weights {weights} B), minus activation peak {activation} B "
+        f"({activation_how})"
+    )
+    return CacheSize(blocks_in(budget, block_size * bytes_per_token), block_size, bytes_per_token, budget,
+                     explanation)  # fmt: skip
+
+
+def cpu_device_kv_size(
+    *,
+    reading: MemoryReading,
+    utilization: float,
+    reserved_bytes: int,
+    activation: int,
+    activation_how: str,
+    block_size: int,
+    bytes_per_token: int,
+) -> CacheSize:
+    """A CPU device: budget = host share x (available - a fixed-size host cache) - activation."""
+    budget = int(utilization * max(0, reading.available_bytes - reserved_bytes)) - activation
+    reserved = f", less {reserved_bytes} B of host KV on the same memory" if reserved_bytes else ""
+    explanation = (
+        f"host_memory_utilization {utilization:g} x {reading.available_bytes} B available of {reading.total_bytes} B "
+        f"from {reading.source}{reserved}, minus activation peak {activation} B ({activation_how})"
+    )
+    return CacheSize(blocks_in(budget, block_size * bytes_per_token), block_size, bytes_per_token, budget,
+                     explanation)  # fmt: skip
+
+
+def host_kv_size(
+    *, reading: MemoryReading, utilization: float, taken_bytes: int, block_size: int, bytes_per_token: int
+) -> CacheSize:
+    """budget = utilization x (available - what the accelerator cache took from the same memory)."""
+    budget = int(utilization * max(0, reading.available_bytes - taken_bytes))
+    taken = f", less {taken_bytes} B of accelerator KV on the same memory" if taken_bytes else ""
+    explanation = (
+        f"host_memory_utilization {utilization:g} x {reading.available_bytes} B available of {reading.total_bytes} B "
+        f"from {reading.source}{taken}"
+    )
+    return CacheSize(blocks_in(budget, block_size * bytes_per_token), block_size, bytes_per_token, budget,
+                     explanation)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KVSizes:
+    accelerator: CacheSize
+    host: CacheSize
+
+
+def size_kv_caches(
+    config: RuntimeConfig,
+    loaded: LoadedModel,
+    read_device: Callable[[torch.device], MemoryReading] | None = None,
+    read_host: Callable[[], MemoryReading] | None = None,
+    measure_activation: Callable[[LoadedModel, int, int], tuple[int, str]] | None = None,
+) -> KVSizes:
+    """Both caches' sizes, from the config's overrides or from memory. The readers default to this module's
+    (looked up at call time, so a test can replace them under an Engine)."""
+    read_device = read_device or read_device_memory
+    read_host = read_host or read_host_memory
+    measure_activation = measure_activation or measure_activation_bytes
+    engine, pb = config.engine, config.piggyback
+    bytes_per_token = kv_block_bytes(loaded.arch, 1, loaded.dtype)
+    max_len = loaded.max_model_len
+
+    on_cpu = loaded.device.type == "cpu"
+    # Only a service whose class takes the host path ever holds host KV (an LS-only pool under `piggyback` never).
+    uses_host = any(s.service_class in POLICIES[engine.policy].host_path_classes for s in config.services)
+    host: CacheSize | None = None
+    if pb.num_host_kv_blocks is not None:
+        host = CacheSize(pb.num_host_kv_blocks, pb.host_block_size, bytes_per_token,
+                         pb.num_host_kv_blocks * pb.host_block_size * bytes_per_token,
+                         "piggyback.num_host_kv_blocks")  # fmt: skip
+    elif pb.host_kv_memory_gib is not None:
+        budget = int(pb.host_kv_memory_gib * GIB)
+        host = CacheSize(blocks_in(budget, pb.host_block_size * bytes_per_token), pb.host_block_size,
+                         bytes_per_token, budget, f"piggyback.host_kv_memory_gib {pb.host_kv_memory_gib:g}")
+        if uses_host:
+            require_one_request(host, max_len, "host", "raise piggyback.host_kv_memory_gib or lower "
+                                "model.max_model_len")  # fmt: skip
+
+    if engine.num_kv_blocks is not None:
+        accelerator = CacheSize(engine.num_kv_blocks, engine.block_size, bytes_per_token,
+                                engine.num_kv_blocks * engine.block_size * bytes_per_token,
+                                "engine.num_kv_blocks")  # fmt: skip
+    elif engine.kv_cache_memory_gib is not None:
+        budget = int(engine.kv_cache_memory_gib * GIB)
+        accelerator = CacheSize(blocks_in(budget, engine.block_size * bytes_per_token), engine.block_size,
+                                bytes_per_token, budget, f"engine.kv_cache_memory_gib {engine.kv_cache_memory_gib:g}")
+        require_one_request(accelerator, max_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
+                            "model.max_model_len")  # fmt: skip
+    else:
+        reading = cap_total(read_device(loaded.device), engine.accelerator_memory_gib)
+        rows = min(engine.max_num_seqs, engine.max_num_batched_tokens)
+        activation, how = measure_activation(loaded, engine.max_num_batched_tokens, rows)
+        if on_cpu:
+            # The CPU device's cache is host memory, shared with the host cache, the CPU workers and the process:
+            # it takes the host share of what is available, after a host cache whose size the config fixes.
+            reserved = host.budget_bytes if host is not None else 0
+            accelerator = cpu_device_kv_size(
+                reading=reading, utilization=pb.host_memory_utilization, reserved_bytes=reserved,
+                activation=activation, activation_how=how, block_size=engine.block_size,
+                bytes_per_token=bytes_per_token,
+            )  # fmt: skip
+            fix = "give the process more memory, raise piggyback.host_memory_utilization"
+        else:
+            accelerator = accelerator_kv_size(
+                reading=reading, utilization=engine.gpu_memory_utilization, weights=weights_bytes(loaded.model),
+                activation=activation, activation_how=how, block_size=engine.block_size,
+                bytes_per_token=bytes_per_token,
+            )  # fmt: skip
+            fix = "use a device with more memory, raise engine.gpu_memory_utilization"
+        require_one_request(accelerator, max_len, "accelerator", f"{fix}, lower engine.max_num_batched_tokens or "
+                            "model.max_model_len")  # fmt: skip
+
+    if host is None:
+        # On a CPU device both caches live in the same memory: the host cache gets a share of what is left.
+        taken = accelerator.num_blocks * accelerator.block_size * bytes_per_token if on_cpu else 0
+        host = host_kv_size(reading=read_host(), utilization=pb.host_memory_utilization, taken_bytes=taken,
+                            block_size=pb.host_block_size, bytes_per_token=bytes_per_token)  # fmt: skip
+        if uses_host:
+            require_one_request(host, max_len, "host", "give the pod more memory (LLMService "
+                                "spec.resources.hostMemory), raise piggyback.host_memory_utilization or lower "
+                                "model.max_model_len")  # fmt: skip
+    # The host cache exists for every policy (the planner's bookkeeping); one that is never used may be tiny.
+    if host.num_blocks < 1:
+        host = CacheSize(1, host.block_size, host.bytes_per_token, host.budget_bytes, host.explanation)
+    return KVSizes(accelerator, host)

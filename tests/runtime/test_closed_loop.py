@@ -1,0 +1,169 @@
+"""The closed-loop latency model: measured iteration times correct the profile online, per regime, so that the
+SLO controller turns conservative when reality drifts from the profile and recovers when it returns."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+
+from piggyback_runtime.scheduler.latency_model import (
+    REGIMES,
+    IterationShape,
+    LatencyModel,
+    LinearAttentionModel,
+    OnlineCorrection,
+    StaircaseModel,
+    Step,
+    regime_of,
+)
+from piggyback_runtime.scheduler.slo_control import IterationDemand, LSRequestState, SLOController
+from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
+
+BASE_S, PER_ROW_S = 0.010, 0.001
+DECODE, PREFILL, DECODE_BE = REGIMES.index("decode"), REGIMES.index("prefill"), REGIMES.index("decode+be")
+
+
+def linear_model(base_s: float = BASE_S, per_row_s: float = PER_ROW_S) -> LatencyModel:
+    """base_s + per_row_s per Dense row, attention free: every prediction is known on paper."""
+    top = 1 << 16
+    dense = StaircaseModel((Step(1, 1, base_s + per_row_s), Step(top, top, base_s + per_row_s * top)), tile=0,
+                           tail_slope=per_row_s)  # fmt: skip
+    return LatencyModel(dense, LinearAttentionModel(0.0, 0.0, 0.0))
+
+
+def test_regimes_separate_decode_prefill_and_iterations_that_merge_be_rows() -> None:
+    assert [regime_of(0, 0), regime_of(10, 0), regime_of(0, 3), regime_of(10, 3)] == [0, 1, 2, 3]
+    assert REGIMES[regime_of(0, 3)] == "decode+be"
+
+
+def test_the_correction_converges_to_the_measured_ratio_and_returns_to_one_when_reality_does() -> None:
+    correction = OnlineCorrection(smoothing=0.1, deviation_weight=1.0, min_samples=8)
+    assert correction.factor(DECODE) == 1.0  # nothing seen: the profile as it is
+    for _ in range(7):
+        correction.observe(DECODE, predicted_s=0.010, measured_s=0.020)
+    assert correction.factor(DECODE) == 1.0  # too few samples to act on
+    for _ in range(100):
+        correction.observe(DECODE, predicted_s=0.010, measured_s=0.020)
+    assert correction.factor(DECODE) == pytest.approx(2.0, rel=0.01)
+    for _ in range(100):  # the drift ends
+        correction.observe(DECODE, predicted_s=0.010, measured_s=0.010)
+    assert correction.factor(DECODE) == pytest.approx(1.0, rel=0.01)
+
+
+def test_erratic_timings_add_margin_above_their_mean() -> None:
+    rng = random.Random(0)
+    ratios = [1.2 * rng.choice([0.5, 1.5]) for _ in range(400)]  # mean ratio 1.2, each one 0.6 away from it
+    plain, cautious = OnlineCorrection(deviation_weight=0.0), OnlineCorrection(deviation_weight=1.0)
+    steady = OnlineCorrection(deviation_weight=1.0)
+    for ratio in ratios:
+        plain.observe(DECODE, 0.010, 0.010 * ratio)
+        cautious.observe(DECODE, 0.010, 0.010 * ratio)
+        steady.observe(DECODE, 0.010, 0.012)
+    assert steady.factor(DECODE) == pytest.approx(1.2, rel=0.01)  # steady timings: no margin
+    # Erratic ones: the mean plus their mean absolute deviation (0.6) on top.
+    assert cautious.factor(DECODE) - plain.factor(DECODE) == pytest.approx(0.6, abs=0.1)
+
+
+def test_a_regime_seen_too_rarely_borrows_the_all_regime_figure_and_a_single_stall_is_clipped() -> None:
+    correction = OnlineCorrection(min_samples=8, max_factor=10.0)
+    for _ in range(50):
+        correction.observe(DECODE, 0.010, 0.015)
+    assert correction.samples(PREFILL) == 0
+    assert correction.factor(PREFILL) == pytest.approx(correction.factor(DECODE))
+    before = correction.factor(DECODE)
+    correction.observe(DECODE, 0.010, 100.0)  # a stall of 100 s: counted as 10 ×, and smoothed
+    assert before < correction.factor(DECODE) < before + 0.1 * 10 + 1.0
+    with pytest.raises(ValueError, match="smoothing"):
+        OnlineCorrection(smoothing=0.0)
+
+
+def _decoding(n: int, tpot_s: float) -> list[LSRequestState]:
+    return [LSRequestState(tpot_s, None, 0, 100) for _ in range(n)]
+
+
+def test_the_controller_admits_fewer_be_rows_while_iterations_run_slower_than_predicted_and_recovers() -> None:
+    model = linear_model()
+    controller = SLOController(model, safety_margin=0.0, max_be_rows_per_layer=1000)
+    states = _decoding(10, tpot_s=0.1)
+    demand = IterationDemand(10, 1000.0, be_decode_rows_ready=1000)
+    # On the profile: 100 ms allow 10 ms + 1 ms × (10 LS + 80 BE rows).
+    assert controller.choose(demand, states, 0.0).be_rows_per_layer == 80
+    shape = IterationShape(dense_rows=90, decode_attention_load=1000.0, logit_rows=90, be_rows_per_layer=80)
+    predicted = [controller.observe(shape, 1.5 * model.predict(shape)) for _ in range(60)]
+    # Reality is 1.5 × the profile: the corrected prediction converges on it, and BE shrinks to fit.
+    assert predicted[0] == pytest.approx(model.predict(shape))
+    assert predicted[-1] == pytest.approx(1.5 * model.predict(shape), rel=0.02)
+    slow = controller.choose(demand, states, 0.0).be_rows_per_layer
+    # 1.5 × (10 ms + 1 ms × (10 + r)) ≤ 100 ms → r ≤ 46 (a little less while the deviation still adds margin).
+    assert 40 <= slow <= 46
+    for _ in range(120):
+        controller.observe(shape, model.predict(shape))
+    assert controller.choose(demand, states, 0.0).be_rows_per_layer == pytest.approx(80, abs=1)
+
+
+def test_drift_in_iterations_that_merge_be_rows_does_not_penalise_iterations_without_them() -> None:
+    model = linear_model()
+    controller = SLOController(model, safety_margin=0.0)
+    with_be = IterationShape(dense_rows=40, logit_rows=40, be_rows_per_layer=30)
+    without_be = IterationShape(dense_rows=10, decode_attention_load=100.0, logit_rows=10)
+    for _ in range(50):
+        controller.observe(with_be, 2.0 * model.predict(with_be))
+        controller.observe(without_be, model.predict(without_be))
+    assert controller.correction.factor(DECODE_BE) == pytest.approx(2.0, rel=0.05)
+    assert controller.correction.factor(DECODE) == pytest.approx(1.0, rel=0.01)
+    assert controller.predict(without_be) == pytest.approx(model.predict(without_be), rel=0.01)
+
+
+def test_the_engine_feeds_measured_steps_back_and_the_error_metric_shows_the_loop_closing() -> None:
+    from piggyback_runtime.engine import Engine
+
+    # A profile that predicts a third of what a step of synthetic://tiny-llama takes on this machine: its base
+    # is set from the median of the steps a first engine measured.
+    config = tiny_config(policy="piggyback", max_num_batched_tokens=32)
+    probe = Engine(config, latency_model=linear_model())
+    try:
+        probe.add_request(make_request("probe", [1, 2, 3], greedy(10)))
+        measured: list[float] = []
+        while probe.has_work():
+            probe.step()
+            measured.append(probe.model_error.last_measured_s)
+        typical_s = statistics.median(measured)
+    finally:
+        probe.close()
+    engine = Engine(config, latency_model=linear_model(base_s=typical_s / 3, per_row_s=0.0))
+    try:
+        for i in range(4):
+            engine.add_request(make_request(f"ls{i}", [1, 2, 3, 4], greedy(36)))
+        run_to_completion(engine)
+        slo = engine.planner.slo
+        assert slo is not None and slo.correction.samples(DECODE) >= 30
+        assert slo.correction.factor(DECODE) > 1.5  # it learnt that steps take longer than the profile says
+        # The gauge holds the controller's (corrected) prediction of the last step, well above the profile's.
+        last_predicted = engine.metrics.iteration_predicted_seconds._value.get()
+        assert last_predicted > 1.5 * slo.latency_model.predict(IterationShape(4, 0.0, 0.0, 4))
+        # The error metric is that of the corrected predictions: open loop they would sit near -2/3 of every
+        # measured step (the unsafe direction); closed, the signed error over the run is far from it.
+        assert engine.metrics.latency_model_error._value.get() == pytest.approx(engine.model_error.mape())
+        assert engine.model_error.bias() > -0.3
+    finally:
+        engine.close()
+
+
+def test_with_a_padded_decode_kernel_one_long_context_costs_every_row_and_leaves_less_room_for_be() -> None:
+    top = 1 << 16
+    dense = StaircaseModel((Step(1, 1, BASE_S + PER_ROW_S), Step(top, top, BASE_S + PER_ROW_S * top)), tile=0,
+                           tail_slope=PER_ROW_S)  # fmt: skip
+    attention = LinearAttentionModel(0.0, 0.0, 1e-6)  # 1 us per decode token of attention load
+    contexts = [100] * 9 + [8000]  # nine short decodes and one long one
+    states = [LSRequestState(0.1, None, 0, c) for c in contexts]
+    demand = IterationDemand(10, float(sum(contexts)), be_decode_rows_ready=1000,
+                             ls_decode_longest_context=max(contexts))  # fmt: skip
+    allowed = {}
+    for cost in ("sum_of_contexts", "rows_times_longest"):
+        model = LatencyModel(dense, attention, decode_cost=cost)
+        allowed[cost] = SLOController(model, safety_margin=0.0, max_be_rows_per_layer=1000).choose(demand, states, 0)
+    # Paged: 8.9 ms of attention; padded: 10 rows × 8000 = 80 ms of it. 100 ms budget, 10 ms + 1 ms per row.
+    assert allowed["sum_of_contexts"].be_rows_per_layer == 71
+    assert allowed["rows_times_longest"].be_rows_per_layer == 0

@@ -1,0 +1,221 @@
+"""KV caches sized from memory: the arithmetic with fake memory readers, cgroup and meminfo parsing, the start-up
+error, and the engine built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from piggyback_runtime.config import ModelConfig, RuntimeConfig
+from piggyback_runtime.engine import Engine
+from piggyback_runtime.kv import sizing
+from piggyback_runtime.kv.sizing import KVSizingError, MemoryReading, size_kv_caches
+from piggyback_runtime.model.loader import LoadedModel, load_model
+
+GIB = 2**30
+# tiny-llama in fp32 on the CPU: 2 layers x (K and V) x 2 kv heads x 32 dims x 4 bytes.
+BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 4
+MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    model = load_model(ModelConfig(uri="synthetic://tiny-llama"), "cpu")
+    assert model.arch.kv_bytes_per_token(4) == BYTES_PER_TOKEN and model.max_model_len == MAX_MODEL_LEN
+    return model
+
+
+@pytest.fixture(scope="module")
+def on_gpu(loaded: LoadedModel) -> LoadedModel:
+    """The same model as a CUDA runtime sees it: only the device differs (memory readers are faked)."""
+    return dataclasses.replace(loaded, device=torch.device("cuda"))
+
+
+def config(policy: str = "piggyback", engine: dict[str, Any] | None = None,
+           piggyback: dict[str, Any] | None = None) -> RuntimeConfig:  # fmt: skip
+    """No cache size set anywhere: both caches come from memory."""
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama"}, "device": "cpu",
+        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                     {"name": "batch", "class": "BE"}],
+        "engine": {"block_size": 16, "max_num_batched_tokens": 64, "max_num_seqs": 8, "policy": policy,
+                   **(engine or {})},
+        "piggyback": {"host_block_size": 64, "max_be_requests": 4, "num_cpu_workers": 1, **(piggyback or {})},
+    })  # fmt: skip
+
+
+def device(total: int, available: int) -> Any:
+    return lambda _device: MemoryReading(total, available, "fake-gpu mem_get_info")
+
+
+def host(total: int, available: int) -> Any:
+    return lambda: MemoryReading(total, available, "fake pod limit")
+
+
+def activation(nbytes: int) -> Any:
+    return lambda _loaded, _tokens, _rows: (nbytes, "fake profile")
+
+
+def never(*_: Any) -> Any:
+    raise AssertionError("an explicit size was set: memory must not be read")
+
+
+# --- the arithmetic ---------------------------------------------------------------------------------------------
+def test_accelerator_cache_is_the_utilization_share_minus_what_is_in_use_and_the_activation_peak(on_gpu):
+    sizes = size_kv_caches(config(), on_gpu, device(80 * GIB, 64 * GIB), host(512 * GIB, 500 * GIB),
+                           activation(2 * GIB))  # fmt: skip
+    budget = int(0.9 * 80 * GIB) - 16 * GIB - 2 * GIB  # 72 GiB share, 16 GiB in use (weights, context), activations
+    assert sizes.accelerator.num_blocks == budget // (16 * BYTES_PER_TOKEN)
+    assert sizes.accelerator.budget_bytes == budget
+    # The host cache is not on the accelerator: its share is of the host's own available memory.
+    assert sizes.host.num_blocks == int(0.5 * 500 * GIB) // (64 * BYTES_PER_TOKEN)
+
+
+def test_utilization_and_host_share_come_from_the_config(on_gpu):
+    cfg = config(engine={"gpu_memory_utilization": 0.5}, piggyback={"host_memory_utilization": 0.25})
+    sizes = size_kv_caches(cfg, on_gpu, device(80 * GIB, 80 * GIB), host(100 * GIB, 100 * GIB), activation(0))
+    assert sizes.accelerator.budget_bytes == 40 * GIB
+    assert sizes.host.budget_bytes == 25 * GIB
+
+
+def test_accelerator_memory_gib_caps_the_device(on_gpu):
+    # The operator pins a 24 GiB product; the device (here) reports more: the cap binds, usage stays counted.
+    cfg = config(engine={"accelerator_memory_gib": 24})
+    sizes = size_kv_caches(cfg, on_gpu, device(80 * GIB, 76 * GIB), host(8 * GIB, 8 * GIB), activation(GIB))
+    assert sizes.accelerator.budget_bytes == int(0.9 * 24 * GIB) - 4 * GIB - GIB
+    assert "engine.accelerator_memory_gib 24" in sizes.accelerator.explanation
+
+
+def test_on_a_cpu_device_both_caches_take_host_shares_of_the_same_memory(loaded):
+    # The CPU device's cache is host memory: the host share (0.5) of what is available, less activations...
+    sizes = size_kv_caches(config(), loaded, device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB), activation(GIB))
+    assert sizes.accelerator.budget_bytes == 4 * GIB - GIB
+    # ...and the host cache the host share of what that left.
+    accelerator_bytes = sizes.accelerator.num_blocks * 16 * BYTES_PER_TOKEN
+    assert sizes.host.budget_bytes == int(0.5 * (8 * GIB - accelerator_bytes))
+    # A host cache of fixed size is set aside first (a pod's limit is the operator's host KV plus a base).
+    sizes = size_kv_caches(config(piggyback={"host_kv_memory_gib": 2}), loaded, device(6 * GIB, 5 * GIB), never,
+                           activation(0))  # fmt: skip
+    assert sizes.accelerator.budget_bytes == int(0.5 * (5 * GIB - 2 * GIB))
+    assert sizes.accelerator.budget_bytes + sizes.host.budget_bytes < 5 * GIB
+
+
+def test_explicit_sizes_override_memory_and_read_nothing(loaded):
+    cfg = config(engine={"kv_cache_memory_gib": 0.5}, piggyback={"host_kv_memory_gib": 0.25})
+    sizes = size_kv_caches(cfg, loaded, never, never, never)
+    assert sizes.accelerator.num_blocks == GIB // 2 // (16 * BYTES_PER_TOKEN)
+    assert sizes.host.num_blocks == GIB // 4 // (64 * BYTES_PER_TOKEN)
+    cfg = config(engine={"num_kv_blocks": 7, "kv_cache_memory_gib": 0.5}, piggyback={"num_host_kv_blocks": 3})
+    sizes = size_kv_caches(cfg, loaded, never, never, never)
+    assert (sizes.accelerator.num_blocks, sizes.host.num_blocks) == (7, 3)
+
+
+# --- the start-up error -----------------------------------------------------------------------------------------
+def test_too_little_device_memory_for_one_request_names_the_numbers(on_gpu):
+    # One request of 2048 tokens needs 2048 x 1024 B = 2 MiB; 0.9 x 5 MiB - 2 MiB in use - 1 MiB peak leaves 1.5.
+    total, in_use, peak = 5 * 2**20, 2 * 2**20, 2**20
+    budget = int(0.9 * total) - in_use - peak
+    assert budget < MAX_MODEL_LEN * BYTES_PER_TOKEN
+    with pytest.raises(KVSizingError) as error:
+        size_kv_caches(config(), on_gpu, device(total, total - in_use), host(GIB, GIB), activation(peak))
+    message = str(error.value)
+    for figure in (f"{BYTES_PER_TOKEN} bytes per token", f"x {MAX_MODEL_LEN} tokens",
+                   f"{MAX_MODEL_LEN * BYTES_PER_TOKEN} bytes", f"{budget} bytes are available",
+                   "fake-gpu mem_get_info", f"activation peak {peak} B", "max_model_len 2048",
+                   "gpu_memory_utilization"):  # fmt: skip
+        assert figure in message, (figure, message)
+
+
+def test_too_little_host_memory_fails_only_where_the_policy_uses_the_host_path(loaded):
+    small_host = host(GIB, 2**20)  # half of 1 MiB available: far from one 2048-token request
+    with pytest.raises(KVSizingError, match=r"host KV cache too small.*fake pod limit.*hostMemory"):
+        size_kv_caches(config("piggyback"), loaded, device(GIB, GIB), small_host, activation(0))
+    sizes = size_kv_caches(config("priority"), loaded, device(GIB, GIB), small_host, activation(0))
+    assert sizes.host.num_blocks >= 1  # kept for the planner's bookkeeping, never used by this policy
+    ls_only = config("piggyback").model_copy(update={"services": config().services[:1]})
+    assert size_kv_caches(ls_only, loaded, device(GIB, GIB), small_host, activation(0)).host.num_blocks >= 1
+
+
+def test_an_explicit_byte_size_too_small_is_an_error_too(loaded):
+    with pytest.raises(KVSizingError, match=r"engine.kv_cache_memory_gib 0.001.*raise engine.kv_cache_memory_gib"):
+        size_kv_caches(config(engine={"kv_cache_memory_gib": 0.001}), loaded, never, never, never)
+
+
+def test_the_engine_sizes_its_caches_from_memory_and_refuses_to_start_without_room(loaded, monkeypatch):
+    monkeypatch.setattr(sizing, "read_device_memory", device(64 * 2**20, 64 * 2**20))
+    monkeypatch.setattr(sizing, "read_host_memory", host(64 * 2**20, 64 * 2**20))
+    monkeypatch.setattr(sizing, "measure_activation_bytes", activation(0))
+    engine = Engine(config("priority"), loaded=loaded)
+    try:
+        assert engine.allocator.num_blocks == int(0.5 * 64 * 2**20) // (16 * BYTES_PER_TOKEN)
+    finally:
+        engine.close()
+    monkeypatch.setattr(sizing, "read_device_memory", device(3 * 2**20, 3 * 2**20))  # 1.5 MiB < 2 MiB needed
+    with pytest.raises(KVSizingError, match=r"accelerator KV cache too small.*host_memory_utilization 0.5"):
+        Engine(config("priority"), loaded=loaded)
+
+
+# --- the readings -----------------------------------------------------------------------------------------------
+def test_cgroup_limits_parse_and_unlimited_is_none():
+    assert sizing.parse_cgroup_limit("max\n") is None
+    assert sizing.parse_cgroup_limit("8589934592\n") == 8 * GIB
+    assert sizing.parse_cgroup_limit("9223372036854771712") is None  # cgroup v1's "no limit"
+    with pytest.raises(ValueError, match="neither 'max' nor a byte count"):
+        sizing.parse_cgroup_limit("lots")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+MEMINFO = "MemTotal:       67108864 kB\nMemFree:         1000000 kB\nMemAvailable:   62914560 kB\n"  # 64 GiB, 60 GiB
+
+
+def test_cgroup_v2_limit_minus_the_working_set_is_what_is_available(tmp_path):
+    write(tmp_path / "meminfo", MEMINFO)
+    write(tmp_path / "cg" / "memory.max", f"{8 * GIB}\n")
+    write(tmp_path / "cg" / "memory.current", f"{3 * GIB}\n")
+    write(tmp_path / "cg" / "memory.stat", f"anon {2 * GIB}\nfile {GIB}\ninactive_file {GIB}\n")
+    reading = sizing.read_host_memory(tmp_path / "cg", tmp_path / "meminfo")
+    assert (reading.total_bytes, reading.available_bytes) == (8 * GIB, 6 * GIB)  # reclaimable page cache is free
+    assert "memory.max" in reading.source
+
+
+def test_cgroup_v1_limit_is_read_from_the_memory_controller(tmp_path):
+    write(tmp_path / "meminfo", MEMINFO)
+    write(tmp_path / "cg" / "memory" / "memory.limit_in_bytes", f"{16 * GIB}\n")
+    write(tmp_path / "cg" / "memory" / "memory.usage_in_bytes", f"{4 * GIB}\n")
+    write(tmp_path / "cg" / "memory" / "memory.stat", f"total_inactive_file {GIB}\n")
+    reading = sizing.read_host_memory(tmp_path / "cg", tmp_path / "meminfo")
+    assert (reading.total_bytes, reading.available_bytes) == (16 * GIB, 13 * GIB)
+    assert "memory.limit_in_bytes" in reading.source
+
+
+@pytest.mark.parametrize("limit", ["max", str(128 * GIB), None])
+def test_without_a_binding_limit_the_machine_figures_count(tmp_path, limit):
+    write(tmp_path / "meminfo", MEMINFO)
+    if limit is not None:
+        write(tmp_path / "cg" / "memory.max", limit)
+        write(tmp_path / "cg" / "memory.current", str(GIB))
+    reading = sizing.read_host_memory(tmp_path / "cg", tmp_path / "meminfo")
+    assert (reading.total_bytes, reading.available_bytes) == (64 * GIB, 60 * GIB)
+    assert "MemAvailable" in reading.source
+
+
+def test_this_machine_can_be_read():
+    reading = sizing.read_device_memory(torch.device("cpu"))
+    assert 0 < reading.available_bytes <= reading.total_bytes and "host memory (CPU device)" in reading.source
+
+
+# --- the activation peak ----------------------------------------------------------------------------------------
+def test_the_largest_iteration_runs_and_its_estimate_grows_with_the_shape(loaded):
+    sizing._largest_iteration(loaded, 64, 8)  # the profile CUDA runs for its peak: shapes and GQA must hold
+    small = sizing.estimate_activation_bytes(loaded, 64, 8)
+    assert sizing.estimate_activation_bytes(loaded, 128, 8) > small
+    assert sizing.estimate_activation_bytes(loaded, 64, 16) - small == 2 * 8 * loaded.arch.vocab_size * 4
+    assert sizing.measure_activation_bytes(loaded, 64, 8) == (small, "estimated from the shapes (CPU)")
