@@ -177,6 +177,10 @@ class Placement(_Model):
     """Pool name. LS and BE services of one model in one pool share runtime pods (and so the weights)."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    routing: Literal["roundRobin", "leastLoaded", "lengthAware"] = "roundRobin"
+    """How the pool's router spreads requests over its replicas (deployed when the pool has more than one):
+    roundRobin, leastLoaded (shortest queue, Llumnix-style rebalancing), lengthAware (L4: length-specialised
+    stages, requests live-migrated with their KV as they grow). A pool follows its first member (by name)."""
 
 
 class LLMServiceSpec(_Model):

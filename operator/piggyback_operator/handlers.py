@@ -198,6 +198,10 @@ async def apply_pool(
     if memo.network_policy.enabled:  # before the pods exist, so no pod ever runs unprotected
         await memo.kube.apply(pools.render_network_policy(pool, namespace, members, memo.network_policy))
     await memo.kube.apply(deployment)
+    # The pool router, once the pool has several replicas; scaled to 0 (not deleted) if it shrinks back to one.
+    if replicas > 1 or await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None:
+        for child in pools.render_router(pool, namespace, members, replicas):
+            await memo.kube.apply(child)
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
     return replicas
@@ -341,6 +345,9 @@ async def write_status(
                 await memo.kube.patch_status(member.namespace, member.name, status, body["metadata"]["resourceVersion"])
             except Conflict:
                 continue
+            t.record_conditions(member.namespace, member.name, status["conditions"])
+            if admitted_in_pool:
+                t.POOL_REPLICAS.labels(member.namespace, member.pool).set(replicas)
             return old_conditions, status["conditions"]
         # Returning would lose this status (nothing else writes Admitted): let kopf retry the handler.
         raise kopf.TemporaryError(f"status of {member.namespace}/{member.name} kept changing underneath (409)",
@@ -440,7 +447,7 @@ async def _reconcile(
         if decision.admitted:
             memo.admitted[key][member.name] = member
             replicas = await apply_pool(key, [*others, member], memo, logger)
-            await memo.kube.apply(pools.render_service(member))
+            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
         elif decision.scale_to is not None and others:
             replicas = await apply_pool(key, others, memo, logger, scale_to=decision.scale_to)
             kopf.event(body, type="Normal", reason="ScalingPool", message=decision.message)
@@ -483,6 +490,7 @@ async def release(
     except kopf.PermanentError:
         return  # never rendered into any pool
     key = (member.namespace, member.pool)
+    t.forget_service(member.namespace, member.name)
     try:
         async with memo.pool_locks[key]:
             memo.admitted[key].pop(member.name, None)
@@ -532,7 +540,7 @@ async def observe(
         replicas = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
         if deployment is None or memo.rendered.get(key) != signature(members, replicas):
             replicas = await apply_pool(key, members, memo, logger)  # drift, restart, or a missed event
-            await memo.kube.apply(pools.render_service(member))
+            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)
     if result is None:

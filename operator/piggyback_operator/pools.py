@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from piggyback_operator.api import API_VERSION, KIND, LLMServiceSpec, Toleration
-from piggyback_operator.placement import GPU_RESOURCE
+from piggyback_operator.placement import GPU_RESOURCE, gpu_memory_bytes
 from piggyback_operator.quantity import format_bytes, parse_quantity
-from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.config import EngineConfig, RuntimeConfig
 
 LABEL_POOL = "piggyback.dev/pool"
 LABEL_SERVICE = "piggyback.dev/llmservice"
@@ -39,10 +39,12 @@ DEFAULT_DRAIN_TIMEOUT_S = 20
 # The runtime exits within drain_timeout_s + 5 s (it fails what is left, then stops its workers); the other
 # 10 s cover process start-up of the teardown and a loaded node, so the kubelet's SIGKILL never cuts the drain.
 GRACE_MARGIN_S = 15
+# The share of GPU memory a runtime fills: the runtime's own default, rendered so the ConfigMap states it.
+GPU_MEMORY_UTILIZATION = EngineConfig.model_fields["gpu_memory_utilization"].default
 
 
 def runtime_image() -> str:
-    return os.environ.get("PIGGYBACK_RUNTIME_IMAGE", "ghcr.io/piggyback-dev/piggyback:0.1.0")
+    return os.environ.get("PIGGYBACK_RUNTIME_IMAGE", "ghcr.io/piggyback-dev/piggyback-runtime:0.1.0")
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,24 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
                 "max_model_len": model.max_context_length,
             },
             "services": services,
+            "engine": engine_section(members),
             "piggyback": piggyback_section(members),
             "server": {"host": "0.0.0.0", "port": RUNTIME_PORT, "drain_timeout_s": drain_timeout_s(members)},
         },
         source=f"pool {members[0].pool}",
     )
+
+
+def engine_section(members: Sequence[Member]) -> dict[str, Any]:
+    """The accelerator KV cache's share of GPU memory, and the GPU's memory where the pool's nodeSelector pins
+    its product (node labels from GPU feature discovery). The runtime measures the device it lands on and sizes
+    the cache from it; the pinned figure caps that, so a replica never counts on more than the product has."""
+    section: dict[str, Any] = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
+    selector, _ = merged_node_selector(members)
+    memory = gpu_memory_bytes(selector)
+    if memory is not None:
+        section["accelerator_memory_gib"] = math.floor(memory / 2**20) / 1024  # whole MiB: a stable rendering
+    return section
 
 
 def piggyback_section(members: Sequence[Member]) -> dict[str, Any]:
@@ -401,8 +416,10 @@ def render_network_policy(
     }  # fmt: skip
 
 
-def render_service(member: Member) -> dict[str, Any]:
-    """The Service of one LLMService: the pool's pods, owned by that LLMService alone."""
+def render_service(member: Member, routed: bool = False) -> dict[str, Any]:
+    """The Service of one LLMService: the pool's pods (or, `routed`, the pool's router), owned by that
+    LLMService alone."""
+    selector = {LABEL_ROUTER_FOR: member.pool} if routed else {LABEL_POOL: member.pool}
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {
@@ -411,10 +428,82 @@ def render_service(member: Member) -> dict[str, Any]:
             "ownerReferences": [owner_reference(member, controller=True)],
         },
         "spec": {
-            "selector": {LABEL_POOL: member.pool},
+            "selector": selector,
             "ports": [{"name": "http", "port": RUNTIME_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }  # fmt: skip
+
+
+# --- the pool router (runtime/piggyback_runtime/router/app.py), deployed when the pool has several replicas ---
+LABEL_ROUTER_FOR = "piggyback.dev/router-for"  # router pods: not LABEL_POOL, so pool selectors never match them
+ROUTER_REPLICAS = 2  # two, so that a router restart (rollout, node loss) never leaves the pool unreachable
+# lengthAware stage bounds (tokens) before any length distribution is known: exponential, as L4's buckets.
+LENGTH_AWARE_STAGE_BOUNDARIES = (4096, 16384, 65536)
+
+
+def router_name(pool: str) -> str:
+    return f"{pool}-router"
+
+
+def replicas_service_name(pool: str) -> str:
+    return f"{pool}-replicas"
+
+
+def pool_routing(members: Sequence[Member]) -> str:
+    """The pool's routing policy: its first member's (by name), as for every other pool-wide choice."""
+    return ordered(members)[0].spec.placement.routing
+
+
+def render_router(pool: str, namespace: str, members: Sequence[Member], replicas: int) -> list[dict[str, Any]]:
+    """Headless Service of the pool's runtime pods (the router resolves it to find the replicas), the router
+    Deployment (0 replicas while the pool has one runtime replica: clients then reach the runtime directly),
+    and the router's Service. Owned by every member, hardened like the runtime pods."""
+    members = ordered(members)
+    owners = [owner_reference(m, controller=False) for m in members]
+    name = router_name(pool)
+    router_labels = {**BASE_LABELS, LABEL_COMPONENT: "router", LABEL_ROUTER_FOR: pool}
+    routing = pool_routing(members)
+    args = ["router", "--pool-dns", f"{replicas_service_name(pool)}.{namespace}.svc:{RUNTIME_PORT}",
+            "--policy", routing, "--host", "0.0.0.0", "--port", str(RUNTIME_PORT)]  # fmt: skip
+    if routing == "lengthAware" and replicas > 1:
+        boundaries = LENGTH_AWARE_STAGE_BOUNDARIES[: replicas - 1]
+        args += ["--stage-boundaries", ",".join(str(b) for b in boundaries)]
+    headless = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": replicas_service_name(pool), "namespace": namespace, "labels": labels(pool),
+                     "ownerReferences": owners},
+        "spec": {"clusterIP": "None", "selector": {LABEL_POOL: pool},
+                 "ports": [{"name": "http", "port": RUNTIME_PORT, "targetPort": "http", "protocol": "TCP"}]},
+    }  # fmt: skip
+    container = {
+        "name": "router", "image": runtime_image(), "command": ["piggyback"], "args": args,
+        "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "securityContext": container_security_context(),
+    }  # fmt: skip
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": router_labels, "ownerReferences": owners},
+        "spec": {
+            "replicas": ROUTER_REPLICAS if replicas > 1 else 0,
+            "selector": {"matchLabels": {LABEL_ROUTER_FOR: pool}},
+            "template": {
+                "metadata": {"labels": router_labels},
+                "spec": {
+                    "securityContext": {
+                        "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "automountServiceAccountToken": False,  # the router never talks to the API server
+                    "enableServiceLinks": False,
+                    "containers": [container],
+                },
+            },
+        },
+    }  # fmt: skip
+    return [headless, deployment]
 
 
 def endpoint_url(member: Member) -> str:

@@ -105,6 +105,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router(args: argparse.Namespace) -> int:
+    import os
+
+    from piggyback_runtime.router import INTERNAL_TOKEN_ENV
+    from piggyback_runtime.router.app import run_router, settings_from
+
+    try:
+        settings = settings_from(args.pool_endpoints, args.policy, args.stage_boundaries, args.poll_interval_s,
+                                 os.environ.get(INTERNAL_TOKEN_ENV, ""), args.pool_dns,
+                                 refine_interval_s=args.refine_interval_s, replan_interval_s=args.replan_interval_s,
+                                 replan_min_requests=args.replan_min_requests)  # fmt: skip
+    except ValueError as exc:
+        print(f"piggyback router: {exc}", file=sys.stderr)
+        return 2
+    run_router(settings, args.host, args.port)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from piggyback_runtime.demo import run_demo
 
@@ -128,6 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.set_defaults(func=_serve)
+    router = sub.add_parser("router", help="route one pool's requests over its replicas (router/app.py)")
+    router.add_argument("--pool-endpoints", help="comma-separated replica base URLs")
+    router.add_argument("--pool-dns", help="host:port of a headless Service whose addresses are the replicas")
+    router.add_argument("--policy", default="roundRobin", help="roundRobin | leastLoaded | lengthAware")
+    router.add_argument("--stage-boundaries", help="lengthAware: stage upper bounds in tokens, e.g. 2048,16384")
+    router.add_argument("--poll-interval-s", type=float, default=0.2, help="how often replicas' loads are read")
+    router.add_argument("--refine-interval-s", type=float,
+                        help="lengthAware: seconds between boundary refinements (0: never)")  # fmt: skip
+    router.add_argument("--replan-interval-s", type=float,
+                        help="lengthAware: least seconds between DP re-plans (0: never)")  # fmt: skip
+    router.add_argument("--replan-min-requests", type=int,
+                        help="lengthAware: finished requests observed before the first DP re-plan")  # fmt: skip
+    router.add_argument("--host", default="0.0.0.0", help="listen address")
+    router.add_argument("--port", type=int, default=8000, help="listen port")
+    router.set_defaults(func=_router)
     demo = sub.add_parser("demo", help="serve an LS and a BE service of a synthetic model under mixed load")
     demo.add_argument("--duration-s", type=float, default=60.0, help="how long to drive load")
     demo.add_argument("--ls-rate", type=float, default=2.0, help="LS Poisson arrival rate, requests/s")

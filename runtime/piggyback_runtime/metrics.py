@@ -11,10 +11,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # the config schema is only needed for type hints: importing metrics stays light
+    from collections.abc import Iterable
+
+    from piggyback_runtime.config import ServiceConfig
 
 # --- names (exposition names; counters gain `_total` on the wire) -----------------------------------
 TTFT_SECONDS = "vllm:time_to_first_token_seconds"
@@ -50,6 +56,34 @@ ITERATION_PREDICTED_SECONDS = "piggyback_iteration_predicted_seconds"
 ITERATION_MEASURED_SECONDS = "piggyback_iteration_measured_seconds"
 LATENCY_MODEL_ERROR = "piggyback_latency_model_error_ratio"
 BE_ROWS_ALLOWED = "piggyback_be_rows_allowed_per_layer"
+# Each LS service's SLO as configured, so dashboards and alert rules follow the config instead of typed numbers.
+SLO_TTFT_TARGET_SECONDS = "piggyback_slo_ttft_target_seconds"
+SLO_TPOT_TARGET_SECONDS = "piggyback_slo_tpot_target_seconds"
+SLO_ATTAINMENT_TARGET = "piggyback_slo_attainment_target_ratio"
+# LS requests counted in attainment, by whether they attained their SLO (label `attained`: true/false); the
+# burn-rate alerts divide the misses by the total over each window.
+SLO_REQUESTS = "piggyback_slo_requests"
+# Live migration of running requests between replicas (migration.py), label `direction` (out/in) and `outcome`.
+MIGRATIONS = "piggyback_migrations"
+MIGRATION_SECONDS = "piggyback_migration_seconds"
+MIGRATION_DONE = "migrated"
+MIGRATION_REFUSED = "refused"  # the target said no (no room, draining, bad state): the request stays put
+MIGRATION_FAILED = "failed"  # the target was unreachable or timed out: the request stays put
+MIGRATION_NOT_READY = "not_ready"  # the request was not between two decode steps, or already gone
+# The pool router (router/app.py).
+ROUTER_STAGE_LOWER_TOKENS = "piggyback_router_stage_lower_tokens"
+ROUTER_STAGE_UPPER_TOKENS = "piggyback_router_stage_upper_tokens"  # absent for the last (unbounded) stage
+ROUTER_REPLICA_QUEUE = "piggyback_router_replica_queue_requests"  # running + waiting, labels replica, stage
+ROUTER_STAGE_QUEUE = "piggyback_router_stage_queue_requests"
+ROUTER_REPLICA_UP = "piggyback_router_replica_up"
+ROUTER_MIGRATIONS = "piggyback_router_migrations"  # label outcome (MIGRATION_*)
+ROUTER_REQUESTS = "piggyback_router_requests"  # label outcome: completed, rejected, failed
+ROUTER_RETRIES = "piggyback_router_admission_retries"  # 429s answered by trying the next candidate
+ROUTER_STAGE_REPLANS = "piggyback_router_stage_replans"  # label outcome (REPLAN_*): DP re-planning attempts
+REPLAN_DONE = "replanned"  # the DP chose other stages and the router switched to them
+REPLAN_UNCHANGED = "unchanged"  # the DP chose the plan already in use
+REPLAN_BAD_PROFILE = "bad_profile"  # a replica's latency profile was missing or invalid: the plan was kept
+REPLAN_TOO_FEW_LENGTHS = "too_few_lengths"  # fewer finished requests observed than the minimum: plan kept
 
 LABELS = ("model_name", "class")
 
@@ -199,6 +233,14 @@ class RuntimeMetrics:
         self.num_preemptions = Counter(
             NUM_PREEMPTIONS, "Requests preempted (KV freed, recomputed later).", LABELS, registry=r
         )
+        self.migrations = Counter(
+            MIGRATIONS, "Live migrations of running requests, by direction (out, in) and outcome.",
+            ("direction", "outcome"), registry=r,
+        )  # fmt: skip
+        self.migration_seconds = Histogram(
+            MIGRATION_SECONDS, "Freeze to commit of an outgoing live migration (KV export and import).",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.requests = Counter(
             REQUESTS, "Requests by outcome: finished, aborted, rejected, failed.", (*LABELS, "outcome"), registry=r
         )
@@ -211,6 +253,18 @@ class RuntimeMetrics:
         self.slo_violations = Counter(
             SLO_VIOLATIONS, "LS SLO violations by type: ttft, tpot, rejected.", ("model_name", "type"), registry=r
         )
+        self.slo_requests = Counter(
+            SLO_REQUESTS, "LS requests counted in attainment, by attained (true, false); rejected ones count as false.",
+            ("model_name", "attained"), registry=r,
+        )  # fmt: skip
+        self.slo_ttft_target = Gauge(SLO_TTFT_TARGET_SECONDS, "Configured TTFT SLO of each LS service.",
+                                     ("model_name",), registry=r)  # fmt: skip
+        self.slo_tpot_target = Gauge(SLO_TPOT_TARGET_SECONDS, "Configured TPOT SLO of each LS service.",
+                                     ("model_name",), registry=r)  # fmt: skip
+        self.slo_attainment_target = Gauge(
+            SLO_ATTAINMENT_TARGET, "Configured share (0-1) of LS requests that must attain their SLO.", ("model_name",),
+            registry=r,
+        )  # fmt: skip
         self.iteration_seconds = Histogram(
             ITERATION_SECONDS, "Wall time of one engine iteration.", buckets=_LATENCY_BUCKETS_S, registry=r
         )
@@ -266,6 +320,20 @@ class RuntimeMetrics:
             "mix; absent until the runtime has seen LS requests.", registry=r,
         )  # fmt: skip
 
+    def export_slo_targets(self, services: Iterable[ServiceConfig]) -> None:
+        """Publish every LS service's configured SLO (and zero its attainment counters) from the start."""
+        for service in services:
+            if service.slo is None:
+                continue
+            self.slo_ttft_target.labels(service.name).set(service.slo.ttft_s)
+            self.slo_tpot_target.labels(service.name).set(service.slo.tpot_s)
+            self.slo_attainment_target.labels(service.name).set(service.slo.attainment_target)
+            for attained in ("true", "false"):
+                self.slo_requests.labels(service.name, attained)
+
+    def record_slo_outcome(self, service: str, attained: bool) -> None:
+        self.slo_requests.labels(service, "true" if attained else "false").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -273,3 +341,32 @@ class RuntimeMetrics:
 def metric_family_names() -> list[str]:
     """Every metric family the runtime exports (counters without `_total`), from a fresh registry."""
     return sorted(family.name for family in RuntimeMetrics().registry.collect())
+
+
+class RouterMetrics:
+    """The pool router's metrics: stage boundaries, per-stage and per-replica load, migrations, retries."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.stage_lower_tokens = Gauge(ROUTER_STAGE_LOWER_TOKENS, "Lower length bound of a stage (tokens).",
+                                        ("stage",), registry=r)  # fmt: skip
+        self.stage_upper_tokens = Gauge(ROUTER_STAGE_UPPER_TOKENS, "Upper length bound of a stage (tokens).",
+                                        ("stage",), registry=r)  # fmt: skip
+        self.replica_queue = Gauge(ROUTER_REPLICA_QUEUE, "A replica's running + waiting requests, last polled.",
+                                   ("replica", "stage"), registry=r)  # fmt: skip
+        self.stage_queue = Gauge(ROUTER_STAGE_QUEUE, "Running + waiting requests over a stage's replicas.",
+                                 ("stage",), registry=r)  # fmt: skip
+        self.replica_up = Gauge(ROUTER_REPLICA_UP, "1 if the replica answered its last load poll.", ("replica",),
+                                registry=r)  # fmt: skip
+        self.migrations = Counter(ROUTER_MIGRATIONS, "Live migrations the router started, by outcome.",
+                                  ("outcome",), registry=r)  # fmt: skip
+        self.requests = Counter(ROUTER_REQUESTS, "Requests through the router, by outcome.", ("outcome",),
+                                registry=r)  # fmt: skip
+        self.retries = Counter(ROUTER_RETRIES, "Admission rejections answered by trying the next replica.",
+                               registry=r)  # fmt: skip
+        self.stage_replans = Counter(ROUTER_STAGE_REPLANS, "Stage re-planning (DP) attempts, by outcome.",
+                                     ("outcome",), registry=r)  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

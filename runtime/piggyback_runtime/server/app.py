@@ -82,6 +82,7 @@ class Runtime:
     def __init__(self, config: RuntimeConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.config = config
         self.metrics = RuntimeMetrics()
+        self.metrics.export_slo_targets(config.services)  # before the model loads: thresholds show at once
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self._factory = engine_factory or (lambda: Engine(config, metrics=self.metrics))
@@ -517,6 +518,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         return await _run(body, http, prompt_ids, body.requested_max_tokens(), body.max_tokens_field, chat=True)
 
+    # The pool router's endpoints: token-level streams and live migration (migration.py).
+    from piggyback_runtime.migration import register_internal_routes
+
+    register_internal_routes(app, runtime)
     return app
 
 

@@ -12,7 +12,8 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future
 
 from piggyback_runtime.engine import AdmissionRejected, Engine
 from piggyback_runtime.request import FINISH_ERROR, FINISH_REJECTED, Request, RequestOutput
@@ -55,21 +56,53 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        with self._streams_lock:
-            self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
+        stream = self.attach(request.request_id)  # registered before the request exists: no output is missed
         self._post("add", request)
-        finished = False
         try:
-            while not finished:
-                output = await outputs.get()
-                finished = output.finished
+            async for output in stream:
                 yield output
         finally:
-            with self._streams_lock:
-                self._streams.pop(request.request_id, None)
-            if not finished:
-                self._post("abort", request.request_id)
+            await stream.aclose()  # runs attach's cleanup: unregister, and abort if unfinished
+
+    def attach(self, request_id: str) -> AsyncGenerator[RequestOutput, None]:
+        """The outputs of a request that enters the engine some other way (a live migration's import): the
+        stream is registered now, before the request exists, so no output is missed; closing it early aborts."""
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+
+        async def stream() -> AsyncGenerator[RequestOutput, None]:
+            finished = False
+            try:
+                while not finished:
+                    output = await outputs.get()
+                    finished = output.finished
+                    yield output
+            finally:
+                with self._streams_lock:
+                    self._streams.pop(request_id, None)
+                if not finished:
+                    self._post("abort", request_id)
+
+        return stream()
+
+    def detach(self, request_id: str, abort: bool) -> None:
+        """Undo attach() for a stream nobody iterated: closing a never-started generator skips its cleanup."""
+        with self._streams_lock:
+            self._streams.pop(request_id, None)
+        if abort:
+            self._post("abort", request_id)
+
+    def call(self, fn: Callable[[], object]) -> Future[object]:
+        """Run `fn` on the engine thread between two iterations (migration export/import); its result or
+        exception lands in the returned future."""
+        future: Future[object] = Future()
+        self._post("call", (fn, future))
+        return future
+
+    def deliver(self, output: RequestOutput) -> None:
+        """Hand an output produced outside `step` (a migration's commit) to its request's stream."""
+        self._deliver(output)
 
     def fail(self, request_ids: list[str], error: str) -> None:
         """End these requests with FINISH_ERROR and `error` (the drain deadline); their streams get the output."""
@@ -105,6 +138,12 @@ class AsyncEngine:
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)
+            elif command == "call":
+                fn, future = payload  # type: ignore[misc]
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller's to handle (e.g. a refused migration)
+                    future.set_exception(exc)
             elif command == "fail":
                 assert isinstance(payload, tuple)
                 if (output := self.engine.fail(*payload)) is not None:

@@ -1,4 +1,4 @@
-"""`piggyback sim run SCENARIO.yaml` and `piggyback sim sweep SWEEP.yaml`."""
+"""`piggyback sim run SCENARIO.yaml`, `piggyback sim sweep SWEEP.yaml` and `piggyback sim cluster`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,27 @@ def _plot(rows: list[dict], varied: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    """Several replicas behind each router (sim/cluster.py), one skewed long-context trace for all."""
+    from piggyback_runtime.router.policy import POLICIES
+    from piggyback_runtime.sim.cluster import h100_llama3_8b_profile, run_router, skewed_workload
+
+    routers = args.router or list(POLICIES)
+    unknown = sorted(set(routers) - set(POLICIES))
+    if unknown or args.instances < 1 or args.rate <= 0 or args.duration_s <= 0:
+        raise ValueError(f"need known routers ({', '.join(POLICIES)}; got {', '.join(unknown) or 'ok'}), "
+                         "--instances >= 1, --rate and --duration-s > 0")  # fmt: skip
+    device = h100_llama3_8b_profile()
+    trace = skewed_workload(args.rate * args.instances, args.duration_s, seed=args.seed)
+    sample = skewed_workload(args.rate * args.instances, args.duration_s, seed=args.seed + 1000)
+    for router in routers:
+        result = run_router(router, device, args.instances, trace, args.duration_s, plan_sample=sample)
+        print(f"{router:<12} mean {result.mean_latency_s:7.2f} s  p99 {result.latency_percentile_s(99):7.2f} s  "
+              f"{result.throughput_tokens_s:8.0f} tok/s  SLO@5x {result.slo_attainment:6.1%}  "
+              f"migrations {result.migrations}" + (f"  stages {result.plan}" if result.plan else ""))  # fmt: skip
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser("sim", help="simulate the planner on measured GPU timings (run, sweep)")
     commands = sim.add_subparsers(dest="sim_command", required=True)
@@ -115,6 +136,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("sweep", help="sweep YAML: {base: SCENARIO, vary: {dotted.path: [values]}}")
     sweep.add_argument("--out", default="sim-sweep", help="output folder")
     sweep.set_defaults(func=_guarded(_sweep))
+    cluster = commands.add_parser("cluster", help="Llama-3-8B replicas on H100 behind each router (100-100K contexts)")
+    cluster.add_argument("--instances", type=int, default=8, help="replicas in the pool")
+    cluster.add_argument("--rate", type=float, default=2.0, help="offered load, requests/s per replica")
+    cluster.add_argument("--duration-s", type=float, default=60.0, help="simulated arrival window")
+    cluster.add_argument("--router", action="append", help="roundRobin, leastLoaded, lengthAware (repeatable)")
+    cluster.add_argument("--seed", type=int, default=1)
+    cluster.set_defaults(func=_guarded(_cluster))
 
 
 def _guarded(command):  # type: ignore[no-untyped-def]

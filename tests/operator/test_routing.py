@@ -1,0 +1,58 @@
+"""spec.placement.routing: with more than one replica the operator deploys the pool router, and the
+LLMService's Service sends clients to it; with one replica clients reach the runtime directly.
+
+Specification:
+- The CRD accepts roundRobin | leastLoaded | lengthAware (default roundRobin) and refuses anything else.
+- One replica: no router Deployment; the Service selects the pool's runtime pods.
+- Two replicas: a router Deployment (owned by the pool's members, hardened like the runtime pods: non-root,
+  read-only root filesystem, no capabilities, no service account token) running `piggyback router` with the
+  service's policy over a headless Service of the runtime pods; the LLMService's Service selects the router.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import NAMESPACE, eventually, ls_spec
+
+from piggyback_operator import api, pools
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_routing_is_an_enum_with_round_robin_by_default() -> None:
+    assert api.Placement().routing == "roundRobin"
+    schema = api.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    routing = schema["properties"]["spec"]["properties"]["placement"]["properties"]["routing"]
+    assert routing["enum"] == ["roundRobin", "leastLoaded", "lengthAware"] and routing["default"] == "roundRobin"
+    with pytest.raises(ValueError, match="roundRobin"):
+        api.Placement.model_validate({"routing": "random"})
+
+
+async def test_several_replicas_get_a_router_and_the_service_points_at_it(cluster, operator) -> None:
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.add_gpu_node("gpu-b")
+    await cluster.create("chat", ls_spec(placement={"routing": "lengthAware"}))
+    await eventually(lambda: cluster.condition("chat", "Admitted").get("status") == "True", what="admitted")
+    pool = cluster.status("chat")["pool"]
+    service = await eventually(lambda: cluster.service("chat"), what="service")
+    assert service["spec"]["selector"] == {pools.LABEL_POOL: pool}  # one replica: straight to the runtime
+    assert cluster.deployment(pools.router_name(pool)) is None
+
+    await cluster.patch("chat", {"spec": {"replicas": 2, "scaling": {"maxReplicas": 3}}})
+    router = await eventually(lambda: cluster.deployment(pools.router_name(pool)), what="router deployment")
+    await eventually(lambda: cluster.service("chat")["spec"]["selector"] == {pools.LABEL_ROUTER_FOR: pool},
+                     what="service selects the router")  # fmt: skip
+    assert {ref["name"] for ref in router["metadata"]["ownerReferences"]} == {"chat"}
+    assert router["spec"]["replicas"] == pools.ROUTER_REPLICAS
+    pod = router["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"][:2] == ["router", "--pool-dns"]
+    assert container["args"][2] == f"{pools.replicas_service_name(pool)}.{NAMESPACE}.svc:{pools.RUNTIME_PORT}"
+    assert container["args"][container["args"].index("--policy") + 1] == "lengthAware"
+    assert container["args"][container["args"].index("--stage-boundaries") + 1] == "4096"  # 2 replicas: 2 stages
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert pools.LABEL_POOL not in router["spec"]["template"]["metadata"]["labels"]  # not a runtime pod
+    headless = cluster.service(pools.replicas_service_name(pool))
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == {pools.LABEL_POOL: pool}
