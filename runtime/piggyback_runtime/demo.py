@@ -124,6 +124,8 @@ def _prompt(rng: random.Random, words: int) -> str:
 
 
 STREAM_OK, STREAM_REJECTED = "ok", "429"
+# The runtime's Retry-After is at least 1 s; a batch client that retried at once would only count 429s.
+BE_BACKOFF_AFTER_429_S = 1.0
 
 
 async def stream_completion(
@@ -164,10 +166,11 @@ async def stream_completion(
 
 async def _stream_one(
     client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: RequestRecord
-) -> None:
+) -> RequestRecord:
     outcome = await stream_completion(client, service, prompt, max_tokens, record)
     record.rejected = outcome == STREAM_REJECTED
     record.error = None if outcome in (STREAM_OK, STREAM_REJECTED) else outcome
+    return record
 
 
 async def drive_load(
@@ -178,9 +181,9 @@ async def drive_load(
     deadline = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=be_concurrency + 256)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: set[asyncio.Task[RequestRecord]] = set()
 
-        def launch(service: str, prompt: str, max_tokens: int) -> asyncio.Task[None]:
+        def launch(service: str, prompt: str, max_tokens: int) -> asyncio.Task[RequestRecord]:
             record = RequestRecord(service, time.monotonic())
             result.records.append(record)
             task = asyncio.create_task(_stream_one(client, service, prompt, max_tokens, record))
@@ -191,11 +194,13 @@ async def drive_load(
         async def be_worker() -> None:
             # LongBench-like: long prompts, medium outputs; closed loop keeps the batch full.
             while time.monotonic() < deadline:
-                await launch(
+                record = await launch(
                     BE_SERVICE,
                     _prompt(rng, _lognormal_int(rng, 300, 0.4, 64, 900)),
                     _lognormal_int(rng, 64, 0.3, 16, 128),
                 )
+                if record.rejected:  # the BE queue is full: back off as Retry-After asks, not hammer it
+                    await asyncio.sleep(BE_BACKOFF_AFTER_429_S)
 
         async def ls_arrivals() -> None:
             # ShareGPT-like: short prompts and outputs, Poisson arrivals.
