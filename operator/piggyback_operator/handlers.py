@@ -80,6 +80,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     memo.status_locks = defaultdict(asyncio.Lock)
     memo.admitted = defaultdict(dict)  # pool key -> {name: Member} admitted by this process, ahead of the index
     memo.rendered = {}  # pool key -> signature of what was last applied
+    memo.token_secrets = set()  # pool keys whose internal-token Secret is known to exist
     try:
         memo.network_policy = pools.NetworkPolicySettings.from_env()
     except ValueError as exc:
@@ -198,6 +199,11 @@ async def apply_pool(
     if memo.network_policy.enabled:  # before the pods exist, so no pod ever runs unprotected
         await memo.kube.apply(pools.render_network_policy(pool, namespace, members, memo.network_policy))
     await memo.kube.apply(deployment)
+    if key not in memo.token_secrets:  # the pods wait for it (secretKeyRef): create it right after its owner
+        owner = current or await memo.kube.read_deployment(namespace, pool)
+        if owner is not None:
+            await memo.kube.create_if_absent(pools.render_internal_token_secret(pool, namespace, owner))
+            memo.token_secrets.add(key)
     # The pool router, once the pool has several replicas; scaled to 0 (not deleted) if it shrinks back to one.
     if replicas > 1 or await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None:
         for child in pools.render_router(pool, namespace, members, replicas):

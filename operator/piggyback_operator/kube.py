@@ -122,6 +122,22 @@ class Kube:
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY, retry_conflict=True,
         )  # fmt: skip
 
+    async def create_if_absent(self, body: dict[str, Any]) -> bool:
+        """Create `body` unless an object of its name exists (409); True if this call created it.
+
+        For values set once and never rewritten (a generated token): the operator never reads them back, so
+        its role needs `create` on Secrets and nothing that reveals one.
+        """
+        creators = {"Secret": self.core.create_namespaced_secret}
+        meta = body["metadata"]
+        try:
+            await self._call(creators[body["kind"]], meta["namespace"], body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             response = await self._call(

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from piggyback_operator.api import API_VERSION, KIND, LLMServiceSpec, Toleration
 from piggyback_operator.placement import GPU_RESOURCE, gpu_memory_bytes
 from piggyback_operator.quantity import format_bytes, parse_quantity
 from piggyback_runtime.config import EngineConfig, RuntimeConfig
+from piggyback_runtime.router import INTERNAL_TOKEN_ENV
 
 LABEL_POOL = "piggyback.dev/pool"
 LABEL_SERVICE = "piggyback.dev/llmservice"
@@ -228,6 +230,34 @@ def _volumes(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
+INTERNAL_TOKEN_KEY = "token"
+
+
+def internal_token_secret_name(pool: str) -> str:
+    return f"{pool}-internal-token"
+
+
+def internal_token_env(pool: str) -> dict[str, Any]:
+    """The pool's internal token (migration and profile endpoints) for its runtime and router containers."""
+    ref = {"name": internal_token_secret_name(pool), "key": INTERNAL_TOKEN_KEY, "optional": False}
+    return {"name": INTERNAL_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}}
+
+
+def render_internal_token_secret(pool: str, namespace: str, deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """A random token, created once per pool and never rewritten. Without it the runtime's internal endpoints
+    (export a request with its KV, import one) would be open to every pod that may reach the runtime port.
+    Owned by the pool's runtime Deployment, which lives exactly as long as the pool."""
+    meta = deployment["metadata"]
+    owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"], "uid": meta["uid"],
+             "controller": False, "blockOwnerDeletion": True}  # fmt: skip
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": internal_token_secret_name(pool), "namespace": namespace, "labels": labels(pool),
+                     "ownerReferences": [owner]},
+        "stringData": {INTERNAL_TOKEN_KEY: secrets.token_urlsafe(32)},
+    }  # fmt: skip
+
+
 def runtime_env(members: Sequence[Member]) -> list[dict[str, Any]]:
     """The runtime container's environment: writable cache paths, and each service's API key from its Secret."""
     env: list[dict[str, Any]] = [
@@ -284,7 +314,7 @@ def render_children(
         "image": runtime_image(),
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
-        "env": runtime_env(members),
+        "env": [*runtime_env(members), internal_token_env(pool)],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, GPU_RESOURCE: gpus},
@@ -477,6 +507,7 @@ def render_router(pool: str, namespace: str, members: Sequence[Member], replicas
     }  # fmt: skip
     container = {
         "name": "router", "image": runtime_image(), "command": ["piggyback"], "args": args,
+        "env": [internal_token_env(pool)],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},

@@ -127,7 +127,7 @@ def test_a_permission_no_request_shows_is_listed_with_its_reason_and_is_granted(
 
 
 def test_the_role_reads_no_secrets_and_writes_no_pods():
-    """The API key reaches the runtime through secretKeyRef: the operator itself never needs Secrets."""
-    resources = {resource for _, resource, _ in granted_permissions()}
-    assert "secrets" not in resources
+    """API keys and the pool's internal token reach the pods through secretKeyRef: the operator creates the
+    token's Secret once and can neither read nor rewrite any Secret."""
+    assert {verb for _, resource, verb in granted_permissions() if resource == "secrets"} == {"create"}
     assert {verb for _, resource, verb in granted_permissions() if resource == "pods"} == {"list", "watch"}

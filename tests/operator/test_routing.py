@@ -56,3 +56,28 @@ async def test_several_replicas_get_a_router_and_the_service_points_at_it(cluste
     assert pools.LABEL_POOL not in router["spec"]["template"]["metadata"]["labels"]  # not a runtime pod
     headless = cluster.service(pools.replicas_service_name(pool))
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == {pools.LABEL_POOL: pool}
+
+
+async def test_the_pool_internal_token_is_a_secret_created_once_and_given_to_runtime_and_router(cluster, operator
+                                                                                                ) -> None:
+    """The runtimes' internal endpoints move requests with their KV: every pod that may reach the runtime port
+    must not be able to call them, so each pool gets a random token that only its runtime and router pods see."""
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.add_gpu_node("gpu-b")
+    await cluster.create("chat", ls_spec(placement={"routing": "leastLoaded"}))
+    await eventually(lambda: cluster.condition("chat", "Admitted").get("status") == "True", what="admitted")
+    pool = cluster.status("chat")["pool"]
+    name = pools.internal_token_secret_name(pool)
+    secret = await eventually(lambda: cluster.api.live("v1/secrets", NAMESPACE, name), what="token secret")
+    token = secret["stringData"][pools.INTERNAL_TOKEN_KEY]
+    assert len(token) >= 32
+    runtime = cluster.deployment(pool)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == runtime["metadata"]["uid"]  # goes with the pool
+
+    await cluster.patch("chat", {"spec": {"replicas": 2, "scaling": {"maxReplicas": 3}}})
+    router = await eventually(lambda: cluster.deployment(pools.router_name(pool)), what="router deployment")
+    expected = pools.internal_token_env(pool)
+    for deployment in (cluster.deployment(pool), router):
+        assert expected in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    # Reconciled again (scaled): the token is not rewritten, or running pods and new ones would disagree.
+    assert cluster.api.live("v1/secrets", NAMESPACE, name)["stringData"][pools.INTERNAL_TOKEN_KEY] == token
