@@ -119,20 +119,22 @@ def test_drift_in_iterations_that_merge_be_rows_does_not_penalise_iterations_wit
 def test_the_engine_feeds_measured_steps_back_and_the_error_metric_shows_the_loop_closing() -> None:
     from piggyback_runtime.engine import Engine
 
-    # A profile that predicts a third of what a step of synthetic://tiny-llama takes on this machine: its base
-    # is set from the median of the steps a first engine measured.
+    # A profile that predicts a sixth of what a step of synthetic://tiny-llama takes on this machine: its base
+    # is set from the median of the steps a first engine measured, warm-up steps left out. A sixth, not less
+    # and not a third: the factor (clipped at 10) must clear 1.5 even when this shared machine makes the
+    # probe's median several times off (a third failed once in CI at 1.37).
     config = tiny_config(policy="piggyback", max_num_batched_tokens=32)
     probe = Engine(config, latency_model=linear_model())
     try:
-        probe.add_request(make_request("probe", [1, 2, 3], greedy(10)))
+        probe.add_request(make_request("probe", [1, 2, 3], greedy(24)))
         measured: list[float] = []
         while probe.has_work():
             probe.step()
             measured.append(probe.model_error.last_measured_s)
-        typical_s = statistics.median(measured)
+        typical_s = statistics.median(measured[3:])
     finally:
         probe.close()
-    engine = Engine(config, latency_model=linear_model(base_s=typical_s / 3, per_row_s=0.0))
+    engine = Engine(config, latency_model=linear_model(base_s=typical_s / 6, per_row_s=0.0))
     try:
         for i in range(4):
             engine.add_request(make_request(f"ls{i}", [1, 2, 3, 4], greedy(36)))
@@ -143,10 +145,10 @@ def test_the_engine_feeds_measured_steps_back_and_the_error_metric_shows_the_loo
         # The gauge holds the controller's (corrected) prediction of the last step, well above the profile's.
         last_predicted = engine.metrics.iteration_predicted_seconds._value.get()
         assert last_predicted > 1.5 * slo.latency_model.predict(IterationShape(4, 0.0, 0.0, 4))
-        # The error metric is that of the corrected predictions: open loop they would sit near -2/3 of every
+        # The error metric is that of the corrected predictions: open loop they would sit near -5/6 of every
         # measured step (the unsafe direction); closed, the signed error over the run is far from it.
         assert engine.metrics.latency_model_error._value.get() == pytest.approx(engine.model_error.mape())
-        assert engine.model_error.bias() > -0.3
+        assert engine.model_error.bias() > -0.5  # open loop: -5/6; the early steps, before it learnt, weigh in
     finally:
         engine.close()
 
