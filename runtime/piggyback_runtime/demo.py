@@ -304,14 +304,15 @@ def wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"runtime exited with code {process.returncode} before becoming ready")
+            raise RuntimeError(f"the process serving {base_url} exited with code {process.returncode} before it "
+                               "became ready")  # fmt: skip
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"runtime at {base_url} was not ready after {timeout_s:.0f}s")
+    raise TimeoutError(f"{base_url} was not ready after {timeout_s:.0f}s")
 
 
 def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model_uri: str) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from piggyback_runtime.demo import _free_port
+from piggyback_runtime.demo import _free_port, wait_ready
 from tests.runtime.test_migration import AUTH, PROMPT, TOKEN, Replica, shared_pool
 
 pytestmark = pytest.mark.slow  # real runtime processes
@@ -43,16 +43,7 @@ class RouterProcess:
              *(["--stage-boundaries", str(BOUNDARY)] if policy == "lengthAware" else [])],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PIGGYBACK_INTERNAL_TOKEN": TOKEN},
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"router exited with {self.process.returncode}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("router never became ready")
+        wait_ready(self.url, self.process, timeout_s=60)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -62,6 +62,7 @@ from piggyback_runtime.router.stages import (
     token_rate_from_step_time,
 )
 from piggyback_runtime.scheduler.latency_model import LatencyModel
+from piggyback_runtime.server.protocol import chat_role_choice, error_body, sse_data, stream_choice, stream_chunk
 
 log = logging.getLogger(__name__)
 
@@ -527,8 +528,7 @@ def _openai_error(status: int, message: str, code: str | None = None, err_type: 
                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     if status >= 500 and err_type == "invalid_request_error":
         err_type = "server_error"
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, err_type, code), status_code=status, headers=headers)
 
 
 def estimate_prompt_tokens(kind: str, body: dict[str, Any]) -> int:
@@ -644,33 +644,24 @@ def _usage(line: dict[str, Any]) -> dict[str, int]:
 
 async def _sse(lines: AsyncIterator[dict[str, Any]], kind: str, request_id: str, created: int, model: str,
                include_usage: bool, router: Router) -> AsyncIterator[str]:  # fmt: skip
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    chat = kind == "chat"
 
     def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model,
-                                   "choices": [choice] if choice is not None else []}  # fmt: skip
-        if include_usage:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        if kind == "chat":
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return stream_chunk(request_id, chat, created, model, choice, include_usage, usage)
 
     def error(message: str, code: str) -> str:
-        return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': code}})}\n\n"  # noqa: E501
+        return sse_data(error_body(message, "server_error", code), ensure_ascii=True)
 
-    if kind == "chat":
-        yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None})  # fmt: skip
+    if chat:
+        yield event(chat_role_choice())
     last: dict[str, Any] | None = None
     try:
         async for line in lines:
             last = line
             failed = line["finished"] and line["finish_reason"] not in ("stop", "length")
             if line["text"] or (line["finished"] and not failed):
-                yield event(choice(line["text"], line["finish_reason"] if line["finished"] and not failed else None))
+                finish = line["finish_reason"] if line["finished"] and not failed else None
+                yield event(stream_choice(chat, line["text"], finish))
             if failed:
                 router.metrics.requests.labels("failed").inc()
                 yield error(f"The runtime failed this request: {line['error'] or line['finish_reason']}",

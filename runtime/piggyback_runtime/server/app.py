@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import math
 import os
@@ -46,7 +45,11 @@ from piggyback_runtime.server.protocol import (
     ErrorResponse,
     Health,
     ModelList,
+    chat_role_choice,
     error_body,
+    sse_data,
+    stream_choice,
+    stream_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -579,26 +582,12 @@ async def _sse(
     runtime: Runtime,
 ) -> AsyncIterator[str]:
     """Server-sent events exactly as OpenAI sends them, ending with `data: [DONE]`."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {
-            "id": request_id,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "choices": [choice] if choice is not None else [],
-        }
-        if include_usage:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return stream_chunk(request_id, chat, created, model, choice, include_usage, usage)
 
     def choice(output: RequestOutput) -> dict[str, Any]:
-        finish = output.finish_reason if output.finished else None
-        if chat:
-            delta: dict[str, Any] = {"content": output.text_delta} if output.text_delta else {}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": output.text_delta, "logprobs": None, "finish_reason": finish}
+        return stream_choice(chat, output.text_delta, output.finish_reason if output.finished else None)
 
     def error(output: RequestOutput) -> str:
         return _sse_error(output, request_id in runtime.cut_off)
@@ -623,9 +612,7 @@ async def _sse_events(
 ) -> AsyncIterator[str]:
     last = first
     if chat:
-        yield event(
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        )
+        yield event(chat_role_choice())
     # A failure ends the stream with an error event, then [DONE] as for any stream (clients wait for it).
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
         yield error(first)
@@ -656,4 +643,4 @@ def _sse_error(output: RequestOutput, cut_off: bool = False) -> str:
     else:
         message = f"The runtime failed this request: {output.error or output.finish_reason}"
         body = error_body(message, "server_error", "engine_error")
-    return f"data: {json.dumps(body)}\n\n"
+    return sse_data(body, ensure_ascii=True)

@@ -7,6 +7,7 @@ Unknown fields are rejected too: a typo in a parameter name should not silently 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -296,3 +297,35 @@ class Health(BaseModel):
 
 def error_body(message: str, err_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+# -- streaming: the runtime's server and the pool router send the same events ---------------------------------
+def sse_data(payload: dict[str, Any], ensure_ascii: bool = False) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=ensure_ascii)}\n\n"
+
+
+def stream_chunk(request_id: str, chat: bool, created: int, model: str, choice: dict[str, Any] | None,
+                 include_usage: bool, usage: dict[str, int] | None = None) -> str:  # fmt: skip
+    """One streamed event as OpenAI sends it; with include_usage every chunk carries `usage` (null but the last)."""
+    payload: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice] if choice is not None else [],
+    }
+    if include_usage:
+        payload["usage"] = usage
+    return sse_data(payload)
+
+
+def stream_choice(chat: bool, text: str, finish_reason: str | None) -> dict[str, Any]:
+    if chat:
+        delta = {"content": text} if text else {}  # the closing chunk carries only finish_reason
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_role_choice() -> dict[str, Any]:
+    """The first chunk of a chat stream: the role, no content yet."""
+    return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
