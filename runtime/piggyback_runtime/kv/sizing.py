@@ -288,6 +288,20 @@ class KVSizes:
     host: CacheSize
 
 
+def configured_size(num_blocks: int | None, memory_gib: float | None, block_size: int, bytes_per_token: int,
+                    blocks_field: str, gib_field: str) -> CacheSize | None:  # fmt: skip
+    """The size a config fixes: a block count first, then GiB; None when the cache is to be sized from memory.
+    Explicit block counts are taken as given (tests rely on tiny caches); GiB figures are checked by the caller."""
+    if num_blocks is not None:
+        return CacheSize(num_blocks, block_size, bytes_per_token, num_blocks * block_size * bytes_per_token,
+                         blocks_field)  # fmt: skip
+    if memory_gib is not None:
+        budget = int(memory_gib * GIB)
+        return CacheSize(blocks_in(budget, block_size * bytes_per_token), block_size, bytes_per_token, budget,
+                         f"{gib_field} {memory_gib:g}")  # fmt: skip
+    return None
+
+
 def size_kv_caches(
     config: RuntimeConfig,
     loaded: LoadedModel,
@@ -307,29 +321,18 @@ def size_kv_caches(
     on_cpu = loaded.device.type == "cpu"
     # Only a service whose class takes the host path ever holds host KV (an LS-only pool under `piggyback` never).
     uses_host = any(s.service_class in POLICIES[engine.policy].host_path_classes for s in config.services)
-    host: CacheSize | None = None
-    if pb.num_host_kv_blocks is not None:
-        host = CacheSize(pb.num_host_kv_blocks, pb.host_block_size, bytes_per_token,
-                         pb.num_host_kv_blocks * pb.host_block_size * bytes_per_token,
-                         "piggyback.num_host_kv_blocks")  # fmt: skip
-    elif pb.host_kv_memory_gib is not None:
-        budget = int(pb.host_kv_memory_gib * GIB)
-        host = CacheSize(blocks_in(budget, pb.host_block_size * bytes_per_token), pb.host_block_size,
-                         bytes_per_token, budget, f"piggyback.host_kv_memory_gib {pb.host_kv_memory_gib:g}")
-        if uses_host:
-            require_one_request(host, max_len, "host", "raise piggyback.host_kv_memory_gib or lower "
-                                "model.max_model_len")  # fmt: skip
+    host = configured_size(pb.num_host_kv_blocks, pb.host_kv_memory_gib, pb.host_block_size, bytes_per_token,
+                           "piggyback.num_host_kv_blocks", "piggyback.host_kv_memory_gib")  # fmt: skip
+    if host is not None and pb.num_host_kv_blocks is None and uses_host:
+        require_one_request(host, max_len, "host", "raise piggyback.host_kv_memory_gib or lower model.max_model_len")
 
-    if engine.num_kv_blocks is not None:
-        accelerator = CacheSize(engine.num_kv_blocks, engine.block_size, bytes_per_token,
-                                engine.num_kv_blocks * engine.block_size * bytes_per_token,
-                                "engine.num_kv_blocks")  # fmt: skip
-    elif engine.kv_cache_memory_gib is not None:
-        budget = int(engine.kv_cache_memory_gib * GIB)
-        accelerator = CacheSize(blocks_in(budget, engine.block_size * bytes_per_token), engine.block_size,
-                                bytes_per_token, budget, f"engine.kv_cache_memory_gib {engine.kv_cache_memory_gib:g}")
-        require_one_request(accelerator, max_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
-                            "model.max_model_len")  # fmt: skip
+    configured = configured_size(engine.num_kv_blocks, engine.kv_cache_memory_gib, engine.block_size,
+                                 bytes_per_token, "engine.num_kv_blocks", "engine.kv_cache_memory_gib")  # fmt: skip
+    if configured is not None:
+        accelerator = configured
+        if engine.num_kv_blocks is None:
+            require_one_request(accelerator, max_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
+                                "model.max_model_len")  # fmt: skip
     else:
         reading = cap_total(read_device(loaded.device), engine.accelerator_memory_gib)
         rows = min(engine.max_num_seqs, engine.max_num_batched_tokens)
