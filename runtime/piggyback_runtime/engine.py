@@ -1,4 +1,5 @@
-"""The engine: one iteration = plan (the planner) → run (the model runner) → postprocess (tokens out, metrics).
+"""The engine: one iteration = schedule (the planner) → run (the model runner) → update (the planner's
+bookkeeping), then tokens out to the clients and the iteration's stats into the metrics.
 
 Single-threaded by design: only the engine thread (server/async_engine.py) calls into it.
 """
@@ -15,22 +16,20 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.kv.sizing import size_kv_caches
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model.tokenizer import Tokenizer
-from piggyback_runtime.model_runner import ModelRunner, RunResult
-from piggyback_runtime.piggyback.be_path import PiggybackPath, share_cores_with_cpu_workers
+from piggyback_runtime.model_runner import ModelRunner
+from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath, share_cores_with_cpu_workers
 from piggyback_runtime.profiler import load_or_profile
 from piggyback_runtime.request import (
     FINISH_ABORT,
     FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
     Request,
     RequestOutput,
-    RequestStatus,
 )
-from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
-from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.outputs import TokenEvent
+from piggyback_runtime.scheduler.planner import Planner
 from piggyback_runtime.scheduler.policy import POLICIES
+from piggyback_runtime.scheduler.stats import IterationStats
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +79,21 @@ class Engine:
         if POLICIES[engine_cfg.policy].host_path_classes:
             share_cores_with_cpu_workers(pb, self.device)  # before the latency model is profiled
         loaded_model = self.loaded
+
+        def append_token(request: Request, token: int) -> str | None:  # detokenise, check stops and lengths
+            return request.append_token(token, self.tokenizer, loaded_model.eos_token_ids,
+                                        loaded_model.max_model_len)  # fmt: skip
+
         self.planner = Planner(
             config, num_blocks, host_kv,
             latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir)),
+            append_token=append_token,
         )  # fmt: skip
         self.runner = ModelRunner(config, self.loaded, self.planner.allocator, self.planner.policy,
                                   self.planner.host_kv, self.metrics)  # fmt: skip
         self.model = self.loaded.model
         self.requests: dict[str, Request] = {}
         self._be_token_times: deque[float] = deque()
-        self.model_error = ModelError()
         self._headroom_due_s = 0.0
         self.attainment = {s.name: m.SlidingAttainment(config.metrics.attainment_window_s) for s in config.services}
         self.services = {s.name: s for s in config.services}
@@ -128,6 +132,10 @@ class Engine:
     @property
     def piggyback(self) -> PiggybackPath | None:
         return self.runner.piggyback
+
+    @property
+    def model_error(self) -> ModelError:
+        return self.planner.stats.model_error
 
     # --- requests in and out ------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -211,34 +219,25 @@ class Engine:
     def close(self) -> None:
         self.runner.close()
 
-    # --- one iteration: plan -> run -> postprocess ----------------------------------------------------
+    # --- one iteration: schedule -> run -> update ------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
+        started = time.monotonic()  # the planner's clock: the update measures the iteration against it
         pb = self.runner.piggyback
         if pb is not None:
             pb.collect()
-        plan = self.planner.plan(be_rows_ready=pb.runnable_rows() if pb is not None else 0)
+        plan = self.planner.schedule(be_rows_ready=pb.runnable_rows() if pb is not None else 0)
         if pb is not None:
             pb.max_rows_per_layer = plan.be_rows_per_layer
-        if self.planner.last_allowance is not None:
-            self.metrics.be_rows_allowed.set(plan.be_rows_per_layer)
-        for victim in plan.preempted:
-            self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
         outputs: list[RequestOutput] = []
         if plan or (pb is not None and pb.has_ready_work()):
-            result = self.runner.run(plan, self.planner.complete(plan))
-            finished = time.perf_counter()
-            outputs = self._postprocess(result)
-            step_s = time.perf_counter() - started
-            self.planner.observe(step_s)
-            self.metrics.iteration_seconds.observe(finished - started)
-            if self.planner.slo is not None:
-                # The whole step (planning to tokens out) is what a TPOT waits for, and what the closed loop
-                # holds the latency model to.
-                self._record_prediction(plan, result, step_s)
+            result = self.runner.run(plan)
+            events = self.planner.update(plan, result.outputs(started, self.arch.num_hidden_layers),
+                                         time.monotonic())  # fmt: skip
+            outputs = self._deliver(events, result.done_rows)
         elif pb is not None and pb.has_work():
             # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
             pb.idle_wait(0.05)
+        self._export_stats(self.planner.stats.last)
         if pb is not None:
             for request, error in pb.take_failures():
                 if (output := self.fail(request.request_id, error)) is not None:
@@ -246,72 +245,77 @@ class Engine:
         self._update_gauges()
         return outputs
 
-    def _record_prediction(self, plan: IterationPlan, result: RunResult, measured_s: float) -> None:
-        """Compare the controller's prediction with the iteration as it actually ran (its error is a metric),
-        and feed the measurement back into the controller's online correction (the closed loop)."""
-        slo = self.planner.slo
-        assert slo is not None
-        shape = iteration_shape(plan, result.merged_rows / self.arch.num_hidden_layers, result.num_sampled,
-                                slo.latency_model)  # fmt: skip
-        predicted = slo.observe(shape, measured_s)
-        self.model_error.record(predicted, measured_s)
-        self.metrics.iteration_predicted_seconds.set(predicted)
-        self.metrics.iteration_measured_seconds.set(measured_s)
-        self.metrics.latency_model_error.set(self.model_error.mape())
+    def _export_stats(self, stats: IterationStats | None) -> None:
+        """This step's iteration, as the planner's stats recorder has it, into the Prometheus metrics (every
+        step plans once, so each iteration is exported once)."""
+        if stats is None:
+            return
+        if stats.be_rows_allowed is not None:
+            self.metrics.be_rows_allowed.set(stats.be_rows_allowed)
+        for victim in stats.preempted:
+            self.metrics.num_preemptions.labels(victim.service, victim.service_class).inc()
+        if not stats.ran:
+            return
+        if self.runner.piggyback is not None:
+            self.metrics.be_rows_merged.observe(stats.be_rows_merged)
+        self.metrics.iteration_seconds.observe(stats.run_s)
+        if stats.predicted_s is not None:
+            self.metrics.iteration_predicted_seconds.set(stats.predicted_s)
+            self.metrics.iteration_measured_seconds.set(stats.measured_s)
+            self.metrics.latency_model_error.set(self.model_error.mape())
 
-    def _postprocess(self, result: RunResult) -> list[RequestOutput]:
-        """Hand each sampled token to its request; move prefilled host-path requests onto the CPU path."""
-        now = time.monotonic()
-        outputs = [self._append_token(r, t, now) for r, t in zip(result.requests, result.tokens, strict=True)]
+    def _deliver(self, events: list[TokenEvent], done_rows: list[BERow]) -> list[RequestOutput]:
+        """Each token the planner took goes out to its client; the CPU path learns what it carries next."""
         pb = self.runner.piggyback
+        outputs = [self._token_output(event) for event in events]
         if pb is not None:
-            num_plan = len(result.requests) - len(result.done_rows)
-            for request, output in zip(result.requests[:num_plan], outputs, strict=False):
-                if self.planner.on_host_path(request) and not output.finished:
-                    # Prefill done and first token out: the request leaves the accelerator for the CPU path.
-                    self.planner.leave_for_host_path(request)
-                    pb.start_decode(request)
-            for be_row, output in zip(result.done_rows, outputs[num_plan:], strict=True):
-                if not output.finished:
+            for event in events:
+                if event.finish_reason is not None and self.planner.on_host_path(event.request):
+                    pb.release(event.request)
+                elif event.left_for_host_path:  # prefill done: the request decodes on the CPU path
+                    pb.start_decode(event.request)
+            for be_row, event in zip(done_rows, [e for e in events if e.from_host_path], strict=True):
+                if event.finish_reason is None:
                     pb.token_done(be_row)
         return outputs
 
-    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+    def _token_output(self, event: TokenEvent) -> RequestOutput:
+        request, now = event.request, event.request.last_token_s
+        assert now is not None
         labels = (request.service, request.service_class)
-        if request.first_token_s is None:
-            request.first_token_s = now
+        if event.first:
             self.metrics.ttft.labels(*labels).observe(now - request.arrival_s)
             if request.scheduled_s is not None:
                 self.metrics.queue_time.labels(*labels).observe(request.scheduled_s - request.arrival_s)
-        elif request.last_token_s is not None:
-            self.metrics.inter_token_latency.labels(*labels).observe(now - request.last_token_s)
-        request.last_token_s = now
+        elif event.previous_token_s is not None:
+            self.metrics.inter_token_latency.labels(*labels).observe(now - event.previous_token_s)
         self.metrics.generation_tokens.labels(*labels).inc()
         if not request.is_ls:
             self._be_token_times.append(now)
-        finish_reason = request.append_token(token, self.tokenizer, self.loaded.eos_token_ids,
-                                             self.loaded.max_model_len)  # fmt: skip
-        if finish_reason is not None:
-            return self._finish(request, finish_reason, new_token_ids=[token])
+        if event.finish_reason is not None:
+            return self._finished_output(request, [event.token_id])
         return RequestOutput(
             request.request_id,
-            [token],
+            [event.token_id],
             request.take_text(final=False),
             False,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_output_tokens=len(request.output_token_ids),
         )
 
-    def _finish(self, request: Request, reason: str, new_token_ids: list[int] | None = None) -> RequestOutput:
-        self.planner.finish(request)
+    def _finish(self, request: Request, reason: str) -> RequestOutput:
+        """End a request the iteration did not finish (aborted, failed)."""
+        self.planner.finish(request, reason)
         if self.runner.piggyback is not None and self.planner.on_host_path(request):
             self.runner.piggyback.release(request)
+        return self._finished_output(request, [])
+
+    def _finished_output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
+        """A request the planner has finished: its last output, and its outcome in the metrics."""
         self.requests.pop(request.request_id, None)
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
+        reason = request.finish_reason
+        assert reason is not None
         labels = (request.service, request.service_class)
-        if request.is_ls and reason in (FINISH_STOP, FINISH_LENGTH):
-            self.planner.record_finished_ls(len(request.prompt_token_ids), len(request.output_token_ids))
         outcome = {FINISH_ABORT: m.OUTCOME_ABORTED, FINISH_ERROR: m.OUTCOME_FAILED}.get(reason, m.OUTCOME_FINISHED)
         self.metrics.requests.labels(*labels, outcome).inc()
         timing = request.timing()
@@ -328,7 +332,7 @@ class Engine:
             self.record_ls_attainment(request.service, ok, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
         return RequestOutput(
             request.request_id,
-            new_token_ids or [],
+            new_token_ids,
             request.take_text(final=True),
             True,
             reason,

@@ -32,6 +32,7 @@ from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
 from piggyback_runtime.request import Request
 from piggyback_runtime.sampling import SamplingTensors, sample_on_device, upload_sampling_tensors
 from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.outputs import IterationOutputs, sampling_requests
 from piggyback_runtime.scheduler.policy import Policy
 from piggyback_runtime.staging import HostStaging
 
@@ -48,6 +49,17 @@ class RunResult:
     @property
     def num_sampled(self) -> int:
         return len(self.requests)
+
+    def outputs(self, started_s: float, num_layers: int) -> IterationOutputs:
+        """This pass as the planner's update takes it (`started_s`: when the iteration began)."""
+        num_plan = len(self.requests) - len(self.done_rows)
+        return IterationOutputs(
+            started_s=started_s,
+            plan_token_ids=self.tokens[:num_plan],
+            host_path_tokens=list(zip(self.requests[num_plan:], self.tokens[num_plan:], strict=True)),
+            be_rows_merged=self.merged_rows,
+            num_layers=num_layers,
+        )
 
 
 class ModelRunner:
@@ -80,10 +92,10 @@ class ModelRunner:
             self.piggyback.close()
 
     @torch.inference_mode()
-    def run(self, plan: IterationPlan, sampling: list[Request]) -> RunResult:
+    def run(self, plan: IterationPlan) -> RunResult:
         """One forward pass: the plan's rows on the accelerator, plus BE rows merged layer by layer; then a
-        token for each of `sampling` (the plan's requests that reach their end) and each BE row done."""
-        requests, token_ids, done_rows, merged = self.launch(plan, sampling)
+        token for each of the plan's requests that reach their end and each BE row done."""
+        requests, token_ids, done_rows, merged = self.launch(plan, sampling_requests(plan))
         tokens = self._read_tokens(token_ids) if requests else []
         return RunResult(requests, tokens, done_rows, merged)
 
@@ -167,8 +179,6 @@ class ModelRunner:
                 out = layer.post_attention(attn, residual)
                 hidden, carry_hidden = out[:num_rows], out[num_rows:]
             carry = ready
-        if pb is not None:
-            self.metrics.be_rows_merged.observe(merged)
         requests, tokens = self._sample(plan, sampling, hidden, carry, carry_hidden)
         return requests, tokens, carry, merged
 

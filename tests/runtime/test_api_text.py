@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.tokenizer import Tokenizer, builtin_tokenizer
-from piggyback_runtime.request import FINISH_LENGTH, Request, RequestOutput, SamplingParams
+from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
 from piggyback_runtime.server.app import Runtime, create_app
 from tests.runtime.helpers import LS_SLO
 
@@ -115,12 +115,12 @@ def http() -> Iterator[TestClient]:
         # The model samples whatever it samples; each request's i-th token is replaced by FORCED's i-th byte.
         engine = Engine(config)
         forced = byte_tokens(engine.tokenizer, FORCED)
-        append = engine._append_token
+        append = engine.planner.append_token
 
-        def forced_token(request: Request, token: int, now: float) -> RequestOutput:
-            return append(request, forced[len(request.output_token_ids) % len(forced)], now)
+        def forced_token(request: Request, token: int) -> str | None:
+            return append(request, forced[len(request.output_token_ids) % len(forced)])
 
-        engine._append_token = forced_token  # type: ignore[method-assign]
+        engine.planner.append_token = forced_token
         return engine
 
     runtime = Runtime(config, engine_factory=engine_emitting_forced_bytes)

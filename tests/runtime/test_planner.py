@@ -11,7 +11,9 @@ import pytest
 from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
+from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import REASON_BE_QUEUE_FULL, Planner
 from piggyback_runtime.scheduler.policy import POLICIES, Policy, make_policy
 
@@ -44,6 +46,18 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _ran(
+    planner: Planner, clock: Clock, plan: IterationPlan, seconds: float, token: int = 7,
+    host_path_tokens: list[tuple[Request, int]] | None = None, be_rows_merged: int = 0,
+) -> list[TokenEvent]:  # fmt: skip
+    """The plan ran for `seconds` of the fake clock and sampled `token` for each request that samples."""
+    started = clock.now
+    clock.now += seconds
+    outputs = IterationOutputs(started, [token] * len(sampling_requests(plan)), host_path_tokens or [],
+                               be_rows_merged, num_layers=2)  # fmt: skip
+    return planner.update(plan, outputs, clock.now)
 
 
 def test_every_policy_is_one_registered_class_and_the_config_accepts_exactly_those() -> None:
@@ -95,7 +109,7 @@ def test_planner_reserves_host_kv_queues_be_requests_and_refuses_past_the_queue_
     assert refused is not None and refused.reason == REASON_BE_QUEUE_FULL and "max_be_queue" in refused.message
     # The path frees b0's host KV: the head of the queue moves to batching at the next plan.
     host.free("b0")
-    planner.plan()
+    planner.schedule()
     assert "w0" in host.slot_of and list(planner.host_kv_waiting) == [waiting[1]]
 
 
@@ -107,19 +121,18 @@ def test_planner_plans_the_ls_work_first_and_sizes_the_be_share_with_the_latency
     for request in (ls, be):
         assert planner.admission(request) is None  # fills in the service's SLO
         planner.add(request)
-    plan = planner.plan(be_rows_ready=20)
+    plan = planner.schedule(be_rows_ready=20)
     assert [c.request.request_id for c in plan.prefills] == ["c0", "b0"]
     allowance = planner.last_allowance
     assert allowance is not None and plan.be_rows_per_layer == allowance.be_rows_per_layer
     # 1 ms per Dense row, TTFT budget 1 s: the BE prefill takes the rest of the 32-token budget.
     assert plan.prefills[1].num_tokens == 22 and allowance.be_prefill_tokens == 22
     assert plan.be_rows_per_layer == 8  # every ready row up to the configured cap fits
-    assert planner.complete(plan) == [ls]
-    assert ls.num_computed_tokens == 10 and be.num_computed_tokens == 22
+    assert sampling_requests(plan) == [ls]
+    _ran(planner, clock, plan, 0.5)
+    assert ls.num_computed_tokens == 10 and be.num_computed_tokens == 22 and ls.output_token_ids == [7]
     # A tight clock: c0 decodes with a 100 ms TPOT; 1 ms/row still fits, so BE keeps its share.
-    ls.output_token_ids.append(1)
-    clock.now = 0.5
-    plan = planner.plan(be_rows_ready=200)
+    plan = planner.schedule(be_rows_ready=200)
     assert [c.request.request_id for c in plan.decodes] == ["c0"]
     assert planner.last_allowance is not None and planner.last_allowance.binding == "tpot"
 
@@ -137,12 +150,12 @@ def test_baseline_policies_plan_without_a_latency_model_and_ls_only_holds_be_bac
     planner = Planner(_config("ls-only"), num_kv_blocks=64)
     planner.add(_request("c0", "chat", 10, 0.0))
     planner.add(_request("b0", "batch", 10, 0.0))
-    plan = planner.plan()
+    plan = planner.schedule()
     assert [c.request.request_id for c in plan.chunks] == ["c0"] and planner.slo is None
     priority = Planner(_config("priority"), num_kv_blocks=64)
     priority.add(_request("c0", "chat", 10, 0.0))
     priority.add(_request("b0", "batch", 10, 0.0))
-    assert [c.request.request_id for c in priority.plan().chunks] == ["c0", "b0"]
+    assert [c.request.request_id for c in priority.schedule().chunks] == ["c0", "b0"]
 
 
 def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
@@ -162,7 +175,7 @@ def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
         p = planner.Planner(config, 256, HostKV(64, 64, 8), model, clock=lambda: 0.0)
         p.add(Request("c0", "chat", "LS", [1] * 40, SamplingParams(max_tokens=4), arrival_s=0.0))
         p.add(Request("b0", "batch", "BE", [1] * 40, SamplingParams(max_tokens=4), arrival_s=0.0))
-        plan = p.plan(be_rows_ready=3)
+        plan = p.schedule(be_rows_ready=3)
         assert [c.num_tokens for c in plan.prefills] == [40, 40], plan
         assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
         print("planned", plan.num_tokens, plan.be_rows_per_layer)
@@ -179,10 +192,7 @@ def test_admission_holds_the_model_to_the_rate_ls_prefill_has_really_drained_at(
     assert planner.admission(_request("c0", "chat", 10, 0.0)) is None
     # The host turned out slow: while LS prompts were backlogged, 10 tokens drained per simulated second.
     for _ in range(8):
-        planner._backlog = (10, True)
-        planner.observe(1.0)
-    planner._backlog = (500, False)  # an iteration with nothing left waiting says nothing about the drain rate
-    planner.observe(0.001)
+        planner.ls_prefill_rate.observe(10, 1.0)
     assert planner.ls_prefill_rate.tokens_per_s() == pytest.approx(10.0)
     rejection = planner.admission(_request("c1", "chat", 10, 0.0))
     assert rejection is not None and rejection.reason == "TTFTUnattainable"
@@ -190,13 +200,10 @@ def test_admission_holds_the_model_to_the_rate_ls_prefill_has_really_drained_at(
 
 
 def test_only_iterations_that_left_ls_prompts_waiting_measure_the_prefill_rate() -> None:
-    planner = Planner(_config("priority"), num_kv_blocks=64, clock=Clock())
+    clock = Clock()
+    planner = Planner(_config("priority"), num_kv_blocks=64, clock=clock)
     for i in range(3):
         planner.add(_request(f"c{i}", "chat", 20, 0.0))  # 60 prompt tokens, 32 a plan
-    first = planner.plan()
-    planner.complete(first)
-    planner.observe(0.5)
-    second = planner.plan()
-    planner.complete(second)
-    planner.observe(0.5)  # this one finished every prompt: not backlogged
+    _ran(planner, clock, planner.schedule(), 0.5)
+    _ran(planner, clock, planner.schedule(), 0.5)  # this one finished every prompt: not backlogged
     assert [s for s in planner.ls_prefill_rate._samples] == [(32, 0.5)]

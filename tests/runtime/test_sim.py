@@ -52,13 +52,13 @@ def run(data: dict[str, Any]) -> SimResult:
 @needs_vidur
 def test_the_simulator_plans_with_the_runtime_planner_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"plan": 0}
-    real_plan = Planner.plan
+    real_plan = Planner.schedule
 
     def counting(self: Planner, be_rows_ready: int = 0):  # type: ignore[no-untyped-def]
         calls["plan"] += 1
         return real_plan(self, be_rows_ready)
 
-    monkeypatch.setattr(Planner, "plan", counting)
+    monkeypatch.setattr(Planner, "schedule", counting)
     result = run(scenario())
     assert result.iterations > 0 and calls["plan"] >= result.iterations
 

@@ -3,7 +3,9 @@
 Input: requests (lengths, classes, SLOs, arrival times), the BE rows the CPU path could merge now, and a
 clock. Output: admission decisions and the iteration plan (LS and BE tokens, BE rows allowed per layer).
 The engine runs it against the wall clock and a real model; the simulator (sim/) runs the same object in
-simulated time with a latency model in place of the forward pass.
+simulated time with a latency model in place of the forward pass. Both drive it the same way, an iteration at
+a time: `plan = planner.schedule()`, run it (or time it), `planner.update(plan, outputs, now)`; the update
+does every piece of bookkeeping that follows an iteration (see `update`), and `planner.stats` records it.
 
 It owns the accelerator's continuous batching (`BatchScheduler`), the policy, the SLO controller (BE share
 per iteration and LS admission), and the BE side of admission: host-KV reservation and the queue of BE
@@ -21,9 +23,15 @@ from dataclasses import dataclass
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
-from piggyback_runtime.request import Request, SLOTarget
+from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SLOTarget
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
 from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load
+from piggyback_runtime.scheduler.outputs import (
+    IterationOutputs,
+    TokenEvent,
+    append_until_max_tokens,
+    sampling_requests,
+)
 from piggyback_runtime.scheduler.policy import Policy, make_policy
 from piggyback_runtime.scheduler.slo_control import (
     AdmissionDecision,
@@ -35,6 +43,7 @@ from piggyback_runtime.scheduler.slo_control import (
     PrefillChunk,
     SLOController,
 )
+from piggyback_runtime.scheduler.stats import StatsRecorder
 
 REASON_BE_QUEUE_FULL = "BEQueueFull"
 
@@ -92,12 +101,18 @@ class Planner:
         host_kv: HostKV | None = None,
         latency_model: LatencyModel | Callable[[], LatencyModel] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        append_token: Callable[[Request, int], str | None] = append_until_max_tokens,
+        stats: StatsRecorder | None = None,
     ) -> None:
         """`latency_model`: the model itself, or a function that makes it (profiling is only paid for when
-        the policy is SLO-controlled). `host_kv` is required when the policy uses the host path."""
+        the policy is SLO-controlled). `host_kv` is required when the policy uses the host path.
+        `append_token(request, token)` adds a sampled token to a request and returns its finish reason when
+        it is done (the engine detokenises and checks stop strings; the default ends at max_tokens)."""
         engine = config.engine
         self.config = config
         self.clock = clock
+        self.append_token = append_token
+        self.stats = stats or StatsRecorder()
         self.policy: Policy = make_policy(engine.policy, engine.headroom_be_kv_share,
                                           config.piggyback.max_be_requests)  # fmt: skip
         self.allocator = BlockAllocator(num_kv_blocks, engine.block_size)
@@ -174,7 +189,7 @@ class Planner:
             self.scheduler.add(self.host_kv_waiting.popleft())
 
     # --- one iteration -------------------------------------------------------------------------------
-    def plan(self, be_rows_ready: int = 0) -> IterationPlan:
+    def schedule(self, be_rows_ready: int = 0) -> IterationPlan:
         """Plan one iteration; `be_rows_ready` is what the CPU path could merge now (entering or with a
         CPU result back), the demand the SLO controller sizes the BE share against."""
         self._admit_be()
@@ -187,6 +202,8 @@ class Planner:
         plan = self.scheduler.schedule(be_prefill_limit=limit)
         plan.be_rows_per_layer = (self.last_allowance.be_rows_per_layer if self.last_allowance is not None
                                   else self.static_rows_per_layer)  # fmt: skip
+        self.stats.planned(plan.num_tokens, plan.preempted,
+                           plan.be_rows_per_layer if self.last_allowance is not None else None)  # fmt: skip
         return plan
 
     def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int) -> int:
@@ -207,39 +224,82 @@ class Planner:
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
         return self.last_allowance.be_prefill_tokens
 
-    def complete(self, plan: IterationPlan) -> list[Request]:
-        """The plan ran: its tokens are in the KV cache. Returns the requests that sample a token now."""
-        sampling: list[Request] = []
+    def update(self, plan: IterationPlan, outputs: IterationOutputs, now: float) -> list[TokenEvent]:
+        """The plan ran and produced `outputs`; its tokens left at `now`. Does all the planner's bookkeeping
+        after an iteration, in this order:
+
+        - the plan's tokens are in the KV cache (computed tokens advance; whether LS prefill was backlogged);
+        - each sampled token joins its request (first/last token times, `append_token`); a request that is
+          done is dropped (accelerator KV freed; an LS one joins the mix headroom is computed for); a host-path
+          request that sampled its first token leaves batching for the CPU path;
+        - the iteration's duration (start to now, bookkeeping included) feeds the LS prefill rate and the
+          SLO controller's closed loop, and the stats recorder.
+
+        Returns a `TokenEvent` per token (the plan's, then the host-path rows'): what the caller still does
+        (text, metrics, its CPU path: start decoding, release host KV, send a row round again)."""
+        sampling = sampling_requests(plan)
+        if len(sampling) != len(outputs.plan_token_ids):
+            raise ValueError(f"the plan samples {len(sampling)} requests but the outputs hold "
+                             f"{len(outputs.plan_token_ids)} plan tokens")  # fmt: skip
+        self._advance(plan)
+        events: list[TokenEvent] = []
+        for request, token in zip(sampling, outputs.plan_token_ids, strict=True):
+            event = self._take_token(request, token, now, from_host_path=False)
+            if event.finish_reason is None and self.on_host_path(request):
+                self._leave_for_host_path(request)
+                event = TokenEvent(request, token, event.first, event.previous_token_s, None,
+                                   left_for_host_path=True)  # fmt: skip
+            events.append(event)
+        for request, token in outputs.host_path_tokens:
+            events.append(self._take_token(request, token, now, from_host_path=True))
+        measured_s = self.clock() - outputs.started_s
+        tokens, backlogged = self._backlog
+        if backlogged:
+            self.ls_prefill_rate.observe(tokens, measured_s)
+        predicted_s = None
+        if self.slo is not None:  # the closed loop: the controller learns the device's truth
+            shape = iteration_shape(plan, outputs.be_rows_merged / outputs.num_layers, len(events),
+                                    self.slo.latency_model)  # fmt: skip
+            predicted_s = self.slo.observe(shape, measured_s)
+        self.stats.ran(now, now - outputs.started_s, measured_s, predicted_s, events, outputs.be_rows_merged)
+        return events
+
+    def _advance(self, plan: IterationPlan) -> None:
+        """The plan's tokens are in the KV cache; remember whether LS prefill was left waiting after it."""
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-            if chunk.samples:
-                sampling.append(chunk.request)
         tokens = sum(c.num_tokens for c in plan.prefills if c.request.is_ls)
         backlogged = any(r.is_ls for r in self.scheduler.waiting) or any(
             r.is_ls and not r.output_token_ids and r.num_remaining_tokens > 0 for r in self.scheduler.running)
         self._backlog = (tokens, backlogged)
-        return sampling
 
-    def observe(self, seconds: float) -> None:
-        """The last completed plan took `seconds` (wall or simulated, planning included): feeds the measured
-        LS prefill rate that admission holds its model to."""
-        tokens, backlogged = self._backlog
-        if backlogged:
-            self.ls_prefill_rate.observe(tokens, seconds)
+    def _take_token(self, request: Request, token: int, now: float, from_host_path: bool) -> TokenEvent:
+        first, previous_s = request.first_token_s is None, request.last_token_s
+        if first:
+            request.first_token_s = now
+        request.last_token_s = now
+        reason = self.append_token(request, token)
+        if reason is not None:
+            self.finish(request, reason)
+            if request.is_ls and reason in (FINISH_STOP, FINISH_LENGTH):
+                self.record_finished_ls(len(request.prompt_token_ids), len(request.output_token_ids))
+        return TokenEvent(request, token, first, previous_s, reason, from_host_path=from_host_path)
 
-    def leave_for_host_path(self, request: Request) -> None:
+    def _leave_for_host_path(self, request: Request) -> None:
         """A host-path request sampled its first token: it leaves batching and frees its accelerator KV.
 
         Its next token is computed on the CPU path, which counts it as computed from here on."""
         self.scheduler.remove(request)
         request.num_computed_tokens = request.num_tokens - 1
 
-    def finish(self, request: Request) -> None:
+    def finish(self, request: Request, reason: str) -> None:
         """The request is done (finished, aborted or failed): drop it and free its accelerator KV. Host KV
         it holds is freed by the CPU path, which may still have a task of it in flight."""
         self.scheduler.remove(request)
         if request in self.host_kv_waiting:
             self.host_kv_waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.host_kv_waiting)

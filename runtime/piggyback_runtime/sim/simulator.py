@@ -2,7 +2,9 @@
 
 What is the runtime's, unchanged: `scheduler.planner.Planner` (batching, chunked prefill, preemption, the
 policy object, the SLO controller's BE share and LS admission, host-KV reservation and the BE queue), fed
-`Request` objects and a clock that reads simulated time.
+`Request` objects and a clock that reads simulated time. An iteration is the engine's three calls,
+`planner.schedule`, then a timing from the model below in place of the forward pass, then `planner.update`
+with what it produced; the statistics the results report come from the planner's stats recorder.
 
 What is modelled (`sim/devices.py` gives the figures):
 - The accelerator runs one iteration at a time. An iteration's duration is the device profile's
@@ -37,10 +39,12 @@ from dataclasses import dataclass, field
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.metrics import RequestTiming, slo_attained
-from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
+from piggyback_runtime.request import Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
-from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
+from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.scheduler.stats import StatsRecorder
 from piggyback_runtime.sim.devices import DeviceProfile
 from piggyback_runtime.sim.workload import SimRequest
 
@@ -187,8 +191,10 @@ class Simulator:
         kv_gib = engine.kv_cache_memory_gib or UNSIZED_KV_CACHE_GIB
         blocks = num_kv_blocks or engine.num_kv_blocks or max(
             1, int(kv_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
+        # BE throughput counts the tokens out by the workload's end, not those of the drain after it.
+        self.stats = StatsRecorder(horizon_s=duration_s)
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
-                               clock=lambda: self.now)  # fmt: skip
+                               clock=lambda: self.now, stats=self.stats)  # fmt: skip
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
@@ -209,12 +215,9 @@ class Simulator:
         self._kv_per_token_layer = shape.kv_bytes_per_token_per_layer()
         self._qkv_bytes = device.be_qkv_bytes_per_layer()
         self._out_bytes = device.be_attention_out_bytes_per_layer()
-        # Statistics.
-        self.be_tokens = 0
-        self.gpu_busy_s = 0.0
-        self.iterations = 0
+        # Statistics of the modelled CPU path (the iterations' own are in `self.stats`).
         self.host_bytes = 0.0
-        self.be_rows_merged = 0
+        self.be_rows_merged = 0  # BE rows merged at layers after the first, summed (entering rows not counted)
         self._kv_usage_area = 0.0
         self._kv_usage_peak = 0.0
 
@@ -286,36 +289,26 @@ class Simulator:
             return
         self.planner.add(request)
 
-    def _token(self, request: Request, at_s: float) -> bool:
-        """A token of `request` leaves at `at_s`; True when the request is done."""
+    def _token(self, event: TokenEvent) -> None:
+        """A token the planner took: into its request's record; a finished host-path request frees its host KV."""
+        request = event.request
         record = self.records[request.request_id]
-        if record.first_token_s is None:
-            record.first_token_s = at_s
-        record.last_token_s = at_s
+        record.first_token_s, record.last_token_s = request.first_token_s, request.last_token_s
         record.tokens_out += 1
-        if not request.is_ls and at_s <= self.duration_s:
-            self.be_tokens += 1
-        request.output_token_ids.append(0)
-        if len(request.output_token_ids) < request.params.max_tokens:
-            return False
-        request.finish_reason = FINISH_LENGTH
-        record.finished_s = at_s
-        self.planner.finish(request)
-        if self.planner.on_host_path(request):
-            self.host_kv.free(request.request_id)
-        if request.is_ls:
-            self.planner.record_finished_ls(len(request.prompt_token_ids), len(request.output_token_ids))
-        return True
+        if event.finish_reason is not None:
+            record.finished_s = request.last_token_s
+            if self.planner.on_host_path(request):
+                self.host_kv.free(request.request_id)
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _iterate(self, t: float) -> float | None:
         """Run one iteration starting at `t`; its end time, or None when there was nothing to run."""
         self.now = t
-        plan = self.planner.plan(be_rows_ready=self._runnable_rows(t))
+        plan = self.planner.schedule(be_rows_ready=self._runnable_rows(t))
         rows_waiting = bool(self._entering) or bool(self._ready_times)
         if not plan and not (self._entering or (self._ready_times and self._ready_times[0] <= t)):
             return None
-        sampling = self.planner.complete(plan)
+        sampling = sampling_requests(plan)
         n = plan.num_tokens
         prefill_load = sum(prefill_chunk_load(c.start, c.num_tokens) for c in plan.prefills)
         base = self.device.iteration_s(n, prefill_load, [c.start + 1 for c in plan.decodes], len(sampling))
@@ -327,20 +320,23 @@ class Simulator:
             if done_rows:
                 end += self._logits(len(sampling) + len(done_rows)) - self._logits(len(sampling))
         self._copy_prefill_kv(plan, end)
-        self.iterations += 1
-        self.planner.observe(end - t)
-        slo = self.planner.slo
-        if slo is not None:  # the closed loop, as the engine runs it: the controller learns the device's truth
-            merged = (self.be_rows_merged - merged_before) / self.num_layers
-            slo.observe(iteration_shape(plan, merged, len(sampling) + len(done_rows), slo.latency_model), end - t)
-        self.gpu_busy_s += end - t
+        self.now = end
+        outputs = IterationOutputs(
+            started_s=t,
+            plan_token_ids=[0] * len(sampling),
+            host_path_tokens=[(row.request, 0) for row in done_rows],
+            be_rows_merged=self.be_rows_merged - merged_before,
+            num_layers=self.num_layers,
+        )
+        events = self.planner.update(plan, outputs, end)
         self._account_host_kv(end - t)
-        for request in sampling:
-            if not self._token(request, end) and self.planner.on_host_path(request):
-                self.planner.leave_for_host_path(request)
-                self._start_decode(request, end)
-        for row in done_rows:
-            if self._token(row.request, end):
+        for event in events[: len(sampling)]:
+            self._token(event)
+            if event.left_for_host_path:
+                self._start_decode(event.request, end)
+        for row, event in zip(done_rows, events[len(sampling) :], strict=True):
+            self._token(event)
+            if event.finish_reason is not None:
                 row.worker.rows -= 1
             else:
                 self._entering.append(row)
@@ -425,9 +421,10 @@ class Simulator:
         cpu_busy = sum(w.busy_s for w in self.workers) / (len(self.workers) * t) if t > 0 else 0.0
         return SimResult(
             policy=self.policy.name, duration_s=self.duration_s, end_s=t, records=list(self.records.values()),
-            be_tokens=self.be_tokens, gpu_busy_s=self.gpu_busy_s, iterations=self.iterations,
+            be_tokens=self.stats.be_tokens, gpu_busy_s=self.stats.busy_s, iterations=self.stats.iterations,
             host_bytes_read=self.host_bytes, host_kv_usage_mean=self._kv_usage_area / t if t > 0 else 0.0,
-            host_kv_usage_peak=self._kv_usage_peak, be_rows_merged=self.be_rows_merged, cpu_busy_share=cpu_busy,
+            host_kv_usage_peak=self._kv_usage_peak, be_rows_merged=self.stats.be_rows_merged,
+            cpu_busy_share=cpu_busy,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:
