@@ -207,3 +207,60 @@ def test_only_iterations_that_left_ls_prompts_waiting_measure_the_prefill_rate()
     _ran(planner, clock, planner.schedule(), 0.5)
     _ran(planner, clock, planner.schedule(), 0.5)  # this one finished every prompt: not backlogged
     assert [s for s in planner.ls_prefill_rate._samples] == [(32, 0.5)]
+
+
+def test_update_does_the_bookkeeping_of_an_iteration_the_engine_and_the_simulator_share() -> None:
+    clock = Clock()
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
+    ls = _request("c0", "chat", 10, 0.0, max_tokens=2)
+    be = _request("b0", "batch", 12, 0.0, max_tokens=3)
+    for request in (ls, be):
+        assert planner.admission(request) is None
+        planner.add(request)
+    first = planner.schedule()
+    assert sampling_requests(first) == [ls, be]  # both prompts fit the 32-token budget
+    events = _ran(planner, clock, first, 0.25)
+    # Both sampled their first token at the update's `now`; the host-path request left batching for the CPU path.
+    assert [(e.request, e.token_id, e.first, e.finish_reason) for e in events] == [(ls, 7, True, None),
+                                                                                  (be, 7, True, None)]
+    assert ls.first_token_s == ls.last_token_s == 0.25 and ls.output_token_ids == [7]
+    assert events[1].left_for_host_path and not events[0].left_for_host_path
+    assert be not in planner.scheduler.running and not planner.allocator.blocks_of("b0")
+    assert be.num_computed_tokens == be.num_tokens - 1  # its next token is computed on the CPU path
+    stats = planner.stats.last
+    assert stats is not None and stats.ran and stats.tokens == 2 and stats.be_tokens == 1
+    assert stats.measured_s == 0.25 and stats.predicted_s is not None  # the SLO controller's closed loop saw it
+    # Next: c0 decodes its last token on the accelerator, b0's CPU-path row brings its second token.
+    second = planner.schedule()
+    assert [c.request for c in second.decodes] == [ls]
+    events = _ran(planner, clock, second, 0.125, token=9, host_path_tokens=[(be, 8)], be_rows_merged=4)
+    assert [(e.request, e.finish_reason, e.from_host_path, e.previous_token_s) for e in events] == [
+        (ls, "length", False, 0.25), (be, None, True, 0.25)]  # fmt: skip
+    assert ls.output_token_ids == [7, 9] and be.output_token_ids == [7, 8] and ls.last_token_s == 0.375
+    # The finished LS request is dropped and its accelerator KV freed; its lengths join the headroom mix.
+    assert not planner.scheduler.has_work() and not planner.allocator.blocks_of("c0")
+    assert planner._finished_ls_lengths[-1] == (10, 2)
+    recorder = planner.stats
+    assert (recorder.iterations, recorder.tokens, recorder.be_tokens, recorder.be_rows_merged) == (2, 4, 2, 4)
+    assert recorder.busy_s == 0.375 and recorder.model_error.count == 2
+
+
+def test_update_measures_the_ls_prefill_rate_while_prompts_wait() -> None:
+    clock = Clock()
+    planner = Planner(_config("priority"), num_kv_blocks=64, clock=clock)
+    for i in range(9):  # a 32-token budget: one prompt an iteration, done at its first token
+        planner.add(_request(f"c{i}", "chat", 32, 0.0, max_tokens=1))
+    for _ in range(7):  # backlogged iterations of 32 LS prompt tokens in 2 s: not yet enough to go by
+        _ran(planner, clock, planner.schedule(), 2.0)
+    assert planner.ls_prefill_rate.tokens_per_s() is None
+    _ran(planner, clock, planner.schedule(), 2.0)
+    _ran(planner, clock, planner.schedule(), 0.001)  # the last prompt: nothing waits after it, no sample
+    assert planner.ls_prefill_rate.tokens_per_s() == pytest.approx(16.0) and not planner.has_work()
+
+
+def test_update_refuses_outputs_that_do_not_match_the_plan() -> None:
+    planner = Planner(_config("priority"), num_kv_blocks=64, clock=Clock())
+    planner.add(_request("c0", "chat", 10, 0.0))
+    plan = planner.schedule()
+    with pytest.raises(ValueError, match="samples 1 requests but the outputs hold 0"):
+        planner.update(plan, IterationOutputs(0.0, []), 0.0)

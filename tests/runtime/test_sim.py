@@ -220,3 +220,46 @@ def test_sim_run_prints_one_row_per_policy_and_a_bad_file_names_the_field(tmp_pa
     bad.write_text(yaml.safe_dump(data))
     done = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "device.tp" in done.stderr
+
+
+def test_the_engine_and_the_simulator_end_each_iteration_with_the_same_planner_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's fidelity rests on its iterations being the engine's: planner.schedule, then the forward
+    pass (or its timing), then the one Planner.update, with no bookkeeping of its own around it."""
+    from piggyback_runtime.engine import Engine
+    from piggyback_runtime.request import Request, SamplingParams
+    from tests.runtime.helpers import tiny_config
+
+    updates: list[Planner] = []
+    real_update = Planner.update
+
+    def spy(self: Planner, plan, outputs, now):  # type: ignore[no-untyped-def]
+        updates.append(self)
+        return real_update(self, plan, outputs, now)
+
+    monkeypatch.setattr(Planner, "update", spy)
+    engine = Engine(tiny_config())
+    try:
+        for i, service in enumerate(("chat", "batch")):
+            engine.add_request(Request(f"r{i}", service, "LS" if service == "chat" else "BE", [3] * 12,
+                                       SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))  # fmt: skip
+        steps = 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+    finally:
+        engine.close()
+    assert len(updates) == steps and engine.planner.stats.iterations == steps and engine.planner.stats.tokens == 8
+    engine_updates = len(updates)
+
+    dense = StaircaseModel.fit([(1, 2e-3), (64, 3e-3), (256, 6e-3), (512, 11e-3)])
+    model = LatencyModel(dense, devices.LinearAttentionModel(1e-4, 1e-8, 2e-8), overhead_s=1e-3)
+    model.save(tmp_path / "profile.json", ProfileKey("synthetic://small-llama", "float32", "test-cpu", "x"))
+    data = scenario(duration_s=5.0, be_count=2)
+    data["runtime"]["model"]["uri"] = "synthetic://small-llama"
+    data["device"] = {"runtime_profile": "profile.json", "model": "synthetic://small-llama",
+                      "host": {"cores": 2, "sockets": 1, "dram_bandwidth_gb_s_per_socket": 30, "dram_gib": 24}}
+    result = run_scenario(load_scenario(data), base_dir=tmp_path)
+    assert len(updates) - engine_updates == result.iterations > 0
+    assert sum(r.tokens_out for r in result.records) > 0
