@@ -217,7 +217,7 @@ class Simulator:
         self._out_bytes = device.be_attention_out_bytes_per_layer()
         # Statistics of the modelled CPU path (the iterations' own are in `self.stats`).
         self.host_bytes = 0.0
-        self.be_rows_merged = 0  # BE rows merged at layers after the first, summed (entering rows not counted)
+        self.be_rows_merged = 0  # rows merged with a CPU result back, summed over layers (entering rows not counted)
         self._kv_usage_area = 0.0
         self._kv_usage_peak = 0.0
 
@@ -320,7 +320,7 @@ class Simulator:
             if done_rows:
                 end += self._logits(len(sampling) + len(done_rows)) - self._logits(len(sampling))
         self._copy_prefill_kv(plan, end)
-        self.now = end
+        self.now = end  # the planner's clock: its update measures the iteration from `started_s` to here
         outputs = IterationOutputs(
             started_s=t,
             plan_token_ids=[0] * len(sampling),
