@@ -24,7 +24,7 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import Request, SLOTarget
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
 from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load
-from piggyback_runtime.scheduler.policy import Policy, make_policy
+from piggyback_runtime.scheduler.policies import Policy, make_policy
 from piggyback_runtime.scheduler.slo_control import (
     AdmissionDecision,
     BEAllowance,
