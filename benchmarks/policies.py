@@ -1,7 +1,7 @@
 """All scheduling policies on the same model and the same arrival trace: LS SLO attainment and BE throughput.
 
-Policies (engine.policy): every module in scheduler/policies/ by default (`piggyback serve --help` describes
-each: piggyback, priority, ls-only, headroom, neo, and any added there).
+Policies (engine.policy): by default every policy in scheduler/policies/ (`piggyback serve --help` describes
+each), the product `piggyback` and the baselines.
 
 Trace (seeded, the same for every policy): LS requests arrive as a Poisson process with ShareGPT-like
 lengths; BE batches of each `--be-levels` size with LongBench-v2-like lengths are kept in flight (closed
