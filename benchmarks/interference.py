@@ -50,6 +50,7 @@ from piggyback_runtime.engine import AdmissionRejected, Engine
 from piggyback_runtime.hardware import describe_device
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.request import FINISH_ERROR, Request, SamplingParams
+from piggyback_runtime.scheduler.policies import policy_names
 
 RESULTS = Path(__file__).parent / "results"
 LS, BE = "chat", "batch"
@@ -335,7 +336,8 @@ def main() -> None:
                              "else the runtime's default)")  # fmt: skip
     parser.add_argument("--max-be-rows", type=int, default=64, help="piggyback.max_be_rows_per_layer")
     parser.add_argument("--baselines", default="priority",
-                        help="comma-separated policies to compare with piggyback (priority, ls-only, headroom, neo)")
+                        help="comma-separated policies to compare with piggyback (of "
+                             f"{', '.join(n for n in policy_names() if n != 'piggyback')})")  # fmt: skip
     parser.add_argument("--ttft-ms", type=float, default=60_000, help="LS SLO; the default is loose on purpose")
     parser.add_argument("--tpot-ms", type=float, default=10_000,
                         help="LS SLO; the default is loose so SLO control does not bind and the ratio measures the "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from piggyback_runtime.hardware import cpu_model_name
+from piggyback_runtime.scheduler.policies import registry
 from piggyback_runtime.sim.scenario import load_scenario, run_scenario, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +40,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONV_TRACE = Path("/work/shared/data/vidur/processed_traces/splitwise_conv.csv")
 if not CONV_TRACE.exists():
     CONV_TRACE = ROOT.parent / "shared" / "data" / "vidur" / "processed_traces" / "splitwise_conv.csv"
-POLICIES = ["piggyback", "priority", "ls-only", "headroom", "neo"]
-BASELINES_GPU_ONLY = {"priority", "ls-only", "headroom"}  # never touch the host path, ignore the SLO
+POLICIES = list(registry())  # every policy in scheduler/policies/, in listing order
+# Never touch the host path (so the CPUs do not matter): priority, ls-only, headroom.
+BASELINES_GPU_ONLY = {name for name, policy in registry().items() if not policy.host_path_classes}
 ATTAINMENT_TARGET = 0.99
 
 # The paper's testbed CPU (Xeon Gold 6342 class): 24 cores, 2 sockets at 200 GB/s, 400 GiB DRAM.

@@ -1,9 +1,7 @@
 """All scheduling policies on the same model and the same arrival trace: LS SLO attainment and BE throughput.
 
-Policies (engine.policy): `piggyback` (BE attention on CPU workers, SLO-controlled BE batching and LS
-admission), `ls-only` (Sarathi-Serve-like: BE only when no LS work), `headroom` (Llumnix-like: BE on the
-accelerator within a reserved KV share), `neo` (every decode's attention on the CPU, synchronously per
-layer), and `priority` (BE on the accelerator after LS work in each iteration).
+Policies (engine.policy): by default every policy in scheduler/policies/ (`piggyback serve --help` describes
+each), the product `piggyback` and the baselines.
 
 Trace (seeded, the same for every policy): LS requests arrive as a Poisson process with ShareGPT-like
 lengths; BE batches of each `--be-levels` size with LongBench-v2-like lengths are kept in flight (closed
@@ -16,7 +14,7 @@ on a GPU 1). LS requests still running when the trace ends get
 On a CPU-only machine the "accelerator" is the same two cores that run BE attention, so the numbers only
 show that the control works (LS attainment held as BE load grows); the same script runs unchanged on a GPU.
 
-    python benchmarks/policies.py [--quick] [--policies piggyback,ls-only,headroom,neo,priority]
+    python benchmarks/policies.py [--quick] [--policies piggyback,ls-only,...]   (default: every registered policy)
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from piggyback_runtime.engine import AdmissionRejected, Engine
 from piggyback_runtime.hardware import describe_device
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.scheduler.policies import policy_names
 
 RESULTS = Path(__file__).parent / "results"
 SHAREGPT_MEAN = (161, 338)
@@ -173,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     parser.add_argument("--model", default="synthetic://llama-3-8b" if gpu else "synthetic://small-llama")
-    parser.add_argument("--policies", default="piggyback,ls-only,headroom,neo,priority")
+    parser.add_argument("--policies", default=",".join(policy_names()), help="comma-separated (default: all)")
     parser.add_argument("--be-levels", default="0,8,32", help="BE batch sizes kept in flight (comma-separated)")
     parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--drain-s", type=float, default=15.0)

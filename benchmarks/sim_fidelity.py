@@ -12,7 +12,7 @@ On a machine with no GPU the accelerator and the CPU attention workers share the
 does not model that contention (on a GPU node they do not share), which is one source of error to read the
 table with.
 
-    python benchmarks/sim_fidelity.py [--quick] [--policies piggyback,priority,ls-only,headroom,neo]
+    python benchmarks/sim_fidelity.py [--quick] [--policies piggyback,priority,...]   (default: every registered policy)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from piggyback_runtime.engine import Engine
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.model.loader import load_model
 from piggyback_runtime.profiler import load_or_profile, profile_key
+from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim.devices import HostSpec, load_runtime_profile
 from piggyback_runtime.sim.replay import StepCost, calibrate_step_cost, replay
 from piggyback_runtime.sim.scenario import shape_for, summary
@@ -134,7 +135,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 s of load, two policies")
-    parser.add_argument("--policies", default="piggyback,priority,ls-only,headroom,neo")
+    parser.add_argument("--policies", default=",".join(policy_names()), help="comma-separated (default: all)")
     parser.add_argument("--model", default="synthetic://small-llama")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--ls-rate", type=float, default=2.0)

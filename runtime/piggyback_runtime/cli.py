@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 import threading
 from typing import TYPE_CHECKING, Any
 
 from piggyback_runtime.config import ConfigError, RuntimeConfig
+from piggyback_runtime.scheduler.policies import registry
 
 if TYPE_CHECKING:
     from piggyback_runtime.server.app import Runtime
@@ -137,11 +139,20 @@ def _profile(args: argparse.Namespace) -> int:
     return profile_main(args.profile_args)
 
 
+def _policies_help() -> str:
+    """The values of `engine.policy`, from the registry (scheduler/policies/: a new module shows up here)."""
+    lines = ["engine.policy (in the config) is one of:"]
+    for name, cls in registry().items():
+        lines += textwrap.wrap(cls.summary(), 110, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="piggyback", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a runtime from a RuntimeConfig YAML file")
+    serve = sub.add_parser("serve", help="run a runtime from a RuntimeConfig YAML file", epilog=_policies_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     serve.add_argument("--config", required=True, help="path to the RuntimeConfig YAML")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")

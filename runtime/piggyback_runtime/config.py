@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from piggyback_runtime.scheduler.policies import policy_names
+
 ServiceClass = Literal["LS", "BE"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -119,8 +121,8 @@ class EngineConfig(_Strict):
     # Token budget of one iteration (Sarathi-Serve chunk size): decodes + prefill chunks together.
     max_num_batched_tokens: Annotated[int, Field(ge=1)] = 512
     enable_chunked_prefill: bool = True
-    # How BE work shares the accelerator with LS work: a name from scheduler/policy.py (piggyback, priority,
-    # ls-only, headroom, neo), where each policy is described.
+    # How BE work shares the accelerator with LS work: the name of a policy in scheduler/policies/ (one module
+    # each, where it is described; `piggyback serve --help` lists them).
     policy: str = "piggyback"
     # Policy `headroom`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
@@ -129,10 +131,9 @@ class EngineConfig(_Strict):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        from piggyback_runtime.scheduler.policy import POLICIES  # the registry imports nothing from here
-
-        if policy not in POLICIES:
-            raise ValueError(f"{policy!r} is not a policy; use one of {', '.join(POLICIES)}")
+        names = policy_names()  # the registry: no torch, no planner
+        if policy not in names:
+            raise ValueError(f"{policy!r} is not a policy; use one of {', '.join(names)}")
         return policy
 
 

@@ -28,8 +28,8 @@ from piggyback_runtime.request import (
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
 from piggyback_runtime.scheduler.outputs import TokenEvent
 from piggyback_runtime.scheduler.planner import Planner
-from piggyback_runtime.scheduler.policy import POLICIES
 from piggyback_runtime.scheduler.stats import IterationStats
+from piggyback_runtime.scheduler.policies import policy_class
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Engine:
         log.info("host KV: %d blocks of %d tokens (%s)", kv_sizes.host.num_blocks, pb.host_block_size,
                  kv_sizes.host.explanation)  # fmt: skip
         host_kv = HostKV(kv_sizes.host.num_blocks, pb.host_block_size, pb.max_be_requests)
-        if POLICIES[engine_cfg.policy].host_path_classes:
+        if policy_class(engine_cfg.policy).host_path_classes:
             share_cores_with_cpu_workers(pb, self.device)  # before the latency model is profiled
         loaded_model = self.loaded
 

@@ -33,7 +33,7 @@ from piggyback_runtime.request import Request
 from piggyback_runtime.sampling import SamplingTensors, sample_on_device, upload_sampling_tensors
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.outputs import IterationOutputs, sampling_requests
-from piggyback_runtime.scheduler.policy import Policy
+from piggyback_runtime.scheduler.policies import Policy
 from piggyback_runtime.staging import HostStaging
 
 

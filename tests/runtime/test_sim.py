@@ -11,11 +11,12 @@ import pytest
 from piggyback_runtime.config import ConfigError
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ProfileKey, StaircaseModel
 from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim import devices
 from piggyback_runtime.sim.scenario import load_scenario, load_sweep, run_scenario, summary, sweep_points
 from piggyback_runtime.sim.simulator import SimResult
 
-VIDUR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "vidur"
+VIDUR = devices.default_vidur_dir()  # $PIGGYBACK_VIDUR_DIR, else ../shared/data/vidur next to the repository
 needs_vidur = pytest.mark.skipif(not (VIDUR / "profiling").is_dir(),
                                  reason=f"the measured GPU timings are not at {VIDUR} (shared/data/vidur)")
 
@@ -65,7 +66,7 @@ def test_the_simulator_plans_with_the_runtime_planner_itself(monkeypatch: pytest
 
 @needs_vidur
 def test_every_request_is_accounted_for_and_finished_requests_got_every_token() -> None:
-    for policy in ("piggyback", "priority", "ls-only", "headroom", "neo"):
+    for policy in policy_names():
         result = run(scenario(policy))
         ls, be = result.of("LS"), result.of("BE")
         assert len(be) == 40 and len(ls) > 30, policy

@@ -35,7 +35,7 @@ import torch
 from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.kv.cache import kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel
-from piggyback_runtime.scheduler.policy import POLICIES
+from piggyback_runtime.scheduler.policies import policy_class
 
 GIB = 2**30
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -320,7 +320,7 @@ def size_kv_caches(
 
     on_cpu = loaded.device.type == "cpu"
     # Only a service whose class takes the host path ever holds host KV (an LS-only pool under `piggyback` never).
-    uses_host = any(s.service_class in POLICIES[engine.policy].host_path_classes for s in config.services)
+    uses_host = any(s.service_class in policy_class(engine.policy).host_path_classes for s in config.services)
     host = configured_size(pb.num_host_kv_blocks, pb.host_kv_memory_gib, pb.host_block_size, bytes_per_token,
                            "piggyback.num_host_kv_blocks", "piggyback.host_kv_memory_gib")  # fmt: skip
     if host is not None and pb.num_host_kv_blocks is None and uses_host:

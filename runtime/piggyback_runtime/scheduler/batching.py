@@ -4,6 +4,8 @@ Pure Python, no torch: the simulator drives this same code. Each iteration is fi
     LS decodes > LS partial prefills > LS new prefills > BE decodes > BE partial prefills > BE new prefills
 until the token budget is spent. When the accelerator KV cache runs out, the lowest-priority running
 request (BE before LS, latest arrival first) is preempted: its blocks are freed and it is recomputed later.
+The policy (scheduler/policies/) orders requests, picks the victim and says when BE waits and how much KV it
+may hold.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.request import Request, RequestStatus
-from piggyback_runtime.scheduler.policy import Policy, PriorityPolicy
+from piggyback_runtime.scheduler.policies import Policy, make_policy
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,6 @@ class IterationPlan:
         return bool(self.decodes or self.prefills)
 
 
-def _priority(request: Request) -> tuple[int, float]:
-    return (0 if request.is_ls else 1, request.arrival_s)
-
-
 class BatchScheduler:
     def __init__(
         self,
@@ -68,7 +66,7 @@ class BatchScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.policy = policy or PriorityPolicy()
+        self.policy = policy or make_policy("priority")
         self.clock = clock  # the simulator passes simulated time
         # BE requests together hold at most this many KV blocks (policy `headroom`: the rest is LS headroom).
         self.be_kv_block_limit = self.policy.be_kv_block_limit(allocator.num_blocks)
@@ -109,7 +107,7 @@ class BatchScheduler:
         self._budget = self.max_num_batched_tokens
         self._scheduled: set[str] = set()
         self._be_prefill_left = self.max_num_batched_tokens
-        self.running.sort(key=_priority)
+        self.running.sort(key=self.policy.priority)
         self._be_blocks = sum(len(self.allocator.blocks_of(r.request_id)) for r in self.running if not r.is_ls)
         for service_class in ("LS", "BE"):
             if service_class == "BE":
@@ -164,12 +162,13 @@ class BatchScheduler:
         while not self.allocator.can_hold(request.request_id, num_tokens):
             victims = [
                 r for r in self.running
-                if r.request_id not in self._scheduled and r is not request and _priority(r) > _priority(request)
+                if r.request_id not in self._scheduled and r is not request
+                and self.policy.priority(r) > self.policy.priority(request)
                 and (same_class_victims or r.service_class != request.service_class)
             ]  # fmt: skip
             if not victims:
                 return False
-            self._preempt(victims[-1], self._plan)
+            self._preempt(self.policy.choose_victim(request, victims), self._plan)
         self.allocator.ensure(request.request_id, num_tokens)
         return True
 

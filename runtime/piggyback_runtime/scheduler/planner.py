@@ -32,7 +32,7 @@ from piggyback_runtime.scheduler.outputs import (
     append_until_max_tokens,
     sampling_requests,
 )
-from piggyback_runtime.scheduler.policy import Policy, make_policy
+from piggyback_runtime.scheduler.policies import Policy, make_policy
 from piggyback_runtime.scheduler.slo_control import (
     AdmissionDecision,
     BEAllowance,

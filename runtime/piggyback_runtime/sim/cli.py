@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from piggyback_runtime.config import ConfigError
+from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim.scenario import (
     format_table,
     load_scenario,
@@ -31,7 +32,8 @@ def _progress(horizon_s: float, label: str) -> object:
 def _run(args: argparse.Namespace) -> int:
     path = Path(args.scenario)
     spec = load_scenario(load_yaml(path), str(path))
-    policies = args.policy or spec.policies or [None]
+    chosen = [p for name in args.policy or () for p in (policy_names() if name == "all" else [name])]
+    policies = chosen or spec.policies or [None]
     rows = []
     for policy in policies:
         report = _progress(spec.workload.duration_s, policy or "run") if not args.quiet else None
@@ -128,7 +130,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     commands = sim.add_subparsers(dest="sim_command", required=True)
     run = commands.add_parser("run", help="run one scenario (once per policy listed in it or given here)")
     run.add_argument("scenario", help="scenario YAML (see sim/scenario.py)")
-    run.add_argument("--policy", action="append", help="run with this policy (repeatable; overrides the file)")
+    run.add_argument("--policy", action="append", choices=[*policy_names(), "all"],
+                     help="run with this policy (repeatable; overrides the file); all: every policy")  # fmt: skip
     run.add_argument("--csv", help="also write the summary rows here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_guarded(_run))

@@ -15,7 +15,7 @@ device:
   # synthetic://PRESET or a folder with config.json
 workload: {seed: 0, duration_s: 600, sources: [...]}   # sim/workload.py
 drain_s: 300                # after the horizon, LS requests still held get this long to finish (then: misses)
-policies: [piggyback, headroom]   # optional: run the scenario once per policy
+policies: [piggyback, headroom]   # optional: run the scenario once per policy (`all`: every registered one)
 ```
 
 A sweep is a base scenario and the fields to vary (dotted paths into it), run as their cartesian product.
@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from piggyback_runtime.config import ConfigError, RuntimeConfig, format_validation_error
+from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim import devices
 from piggyback_runtime.sim.simulator import SimResult, Simulator, percentile
 from piggyback_runtime.sim.workload import WorkloadSpec, generate
@@ -83,6 +84,11 @@ class ScenarioSpec(_Strict):
     # Long enough for a 2K-token answer at 0.13 s TPOT: a request cut off by the drain counts as a miss.
     drain_s: Annotated[float, Field(ge=0)] = 300.0
     policies: list[str] | None = None
+
+    @field_validator("policies", mode="before")
+    @classmethod
+    def _every_policy(cls, value: Any) -> Any:
+        return policy_names() if value == "all" else value  # the registry: scheduler/policies/
 
 
 class SweepSpec(_Strict):
