@@ -22,6 +22,10 @@ MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
 # pvc://CLAIM/PATH is read from PVC_MOUNT_ROOT/CLAIM/PATH: the operator mounts each claim there.
 PVC_MOUNT_ROOT_ENV = "PIGGYBACK_PVC_MOUNT_ROOT"
 DEFAULT_PVC_MOUNT_ROOT = "/models"
+# The environment variable holding a pool's internal token: the runtimes' /internal/ endpoints require it as
+# `Authorization: Bearer`, the router sends it, the operator sets it from a Secret (here, so that the operator
+# imports no more of the runtime than its config; router/__init__.py re-exports it).
+INTERNAL_TOKEN_ENV = "PIGGYBACK_INTERNAL_TOKEN"
 
 
 class ConfigError(ValueError):

@@ -4,8 +4,9 @@ The names the router and the runtimes' internal endpoints (migration.py) share l
 process imports neither torch nor the engine.
 """
 
-# The environment variable holding the pool's internal token: the runtimes' /internal/ endpoints require it
-# as `Authorization: Bearer`, the router sends it.
-INTERNAL_TOKEN_ENV = "PIGGYBACK_INTERNAL_TOKEN"
+from piggyback_runtime.config import INTERNAL_TOKEN_ENV
+
+__all__ = ["CLIENT_AUTHORIZATION_HEADER", "INTERNAL_TOKEN_ENV"]
+
 # The header carrying the client's own Authorization from the router to a runtime (service API keys).
 CLIENT_AUTHORIZATION_HEADER = "x-client-authorization"
