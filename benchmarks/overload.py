@@ -34,8 +34,15 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.client import (
+    STREAM_OK,
+    STREAM_REJECTED,
+    free_port,
+    start_server,
+    stream_completion,
+    wait_ready,
+)
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import STREAM_OK, STREAM_REJECTED, _free_port, start_server, stream_completion, wait_ready
 from piggyback_runtime.hardware import cpu_model_name
 
 RESULTS = Path(__file__).parent / "results"
@@ -265,7 +272,7 @@ def run_overload(settings: Settings) -> Report:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     report = Report(settings)
     rng = random.Random(settings.seed)
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="piggyback-overload-") as tmp:
         log_path = Path(tmp) / "runtime.log"

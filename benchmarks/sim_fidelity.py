@@ -1,6 +1,6 @@
 """Simulator fidelity on this machine: the real engine against the simulator, same config and same requests.
 
-For each policy: the engine replays a seeded workload in real time (`sim/replay.py`); the simulator runs the
+For each policy: the engine replays a seeded workload in real time (`benchmarks/sim_replay.py`); the simulator runs the
 same RuntimeConfig and requests on the latency profile the runtime itself measured here (`piggyback profile`
 writes the same file), with the simulated device also paying what an engine step costs beyond the profiled
 modules (per-iteration and per-sampled-row Python work, measured first on the engine: `calibrate_step_cost`;
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sim_replay import StepCost, calibrate_step_cost, replay  # benchmarks/ is on sys.path (run as a script)
+
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.hardware import cpu_model_name
@@ -32,7 +34,6 @@ from piggyback_runtime.model.loader import load_model
 from piggyback_runtime.profiler import load_or_profile, profile_key
 from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim.devices import HostSpec, load_runtime_profile
-from piggyback_runtime.sim.replay import StepCost, calibrate_step_cost, replay
 from piggyback_runtime.sim.scenario import shape_for, summary
 from piggyback_runtime.sim.simulator import Simulator
 from piggyback_runtime.sim.workload import generate, load_workload

@@ -29,8 +29,9 @@ from typing import Any
 import httpx
 import yaml
 
+from piggyback_runtime.client import free_port, start_server, wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import _free_port, drive_load, start_server, wait_ready
+from piggyback_runtime.demo import drive_load
 
 RULES_FILE = Path(__file__).resolve().parent / "rules" / "piggyback-rules.yaml"
 NAMESPACE = "serving"  # what a PodMonitor would attach to the runtime's series
@@ -131,7 +132,7 @@ def serve_operator_metrics() -> int:
 
     from piggyback_operator.telemetry import REGISTRY
 
-    port = _free_port()
+    port = free_port()
     start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
     return port
 
@@ -212,7 +213,7 @@ def live_stack(
         raise RuntimeError(reason)
     with contextlib.ExitStack() as stack:
         tmp = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="piggyback-dashboards-")))
-        runtime_port = _free_port()
+        runtime_port = free_port()
         config = runtime_config(runtime_port, *slo_ms)
         runtime_log = tmp / "runtime.log"
         runtime = start_server(config, tmp, runtime_log)
@@ -220,7 +221,7 @@ def live_stack(
         fill_operator_telemetry()
         operator_port = serve_operator_metrics()
 
-        prometheus_port = _free_port()
+        prometheus_port = free_port()
         config_path = tmp / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(prometheus_config(runtime_port, operator_port)))
         prometheus_log = tmp / "prometheus.log"

@@ -19,8 +19,7 @@ from typing import Any
 from piggyback_operator.api import API_VERSION, KIND, LLMServiceSpec, Toleration
 from piggyback_operator.placement import GPU_RESOURCE, gpu_memory_bytes
 from piggyback_operator.quantity import format_bytes, parse_quantity
-from piggyback_runtime.config import EngineConfig, RuntimeConfig
-from piggyback_runtime.router import INTERNAL_TOKEN_ENV
+from piggyback_runtime.config import INTERNAL_TOKEN_ENV, EngineConfig, RuntimeConfig
 
 LABEL_POOL = "piggyback.dev/pool"
 LABEL_SERVICE = "piggyback.dev/llmservice"

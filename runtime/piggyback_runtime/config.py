@@ -24,6 +24,13 @@ MODEL_URI_SCHEMES = ("file://", "pvc://", "synthetic://")
 # pvc://CLAIM/PATH is read from PVC_MOUNT_ROOT/CLAIM/PATH: the operator mounts each claim there.
 PVC_MOUNT_ROOT_ENV = "PIGGYBACK_PVC_MOUNT_ROOT"
 DEFAULT_PVC_MOUNT_ROOT = "/models"
+# Names the runtime, the router and the operator share live here, the bottom of the import graph, so that any of
+# them can use one without importing another's internals (router/__init__.py re-exports them).
+# The environment variable holding a pool's internal token: the runtimes' /internal/ endpoints require it as
+# `Authorization: Bearer`, the router sends it, the operator sets it from a Secret.
+INTERNAL_TOKEN_ENV = "PIGGYBACK_INTERNAL_TOKEN"
+# The header carrying the client's own Authorization from the router to a runtime (service API keys).
+CLIENT_AUTHORIZATION_HEADER = "x-client-authorization"
 
 
 class ConfigError(ValueError):

@@ -8,24 +8,20 @@ TTFT/TPOT percentiles, LS SLO attainment and throughput, next to what the runtim
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.client import STREAM_OK, STREAM_REJECTED, free_port, start_server, stream_completion, wait_ready
 from piggyback_runtime.config import RuntimeConfig, SLOConfig
 
 LS_SERVICE = "chat"
@@ -60,12 +56,6 @@ _WORDS = [
     "scheduler",
     "queue",
 ]
-
-
-class StreamTiming(Protocol):
-    first_token_s: float | None
-    last_token_s: float | None
-    output_tokens: int
 
 
 @dataclass
@@ -109,12 +99,6 @@ def demo_config(model_uri: str, port: int) -> RuntimeConfig:
     })  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _lognormal_int(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
     return int(min(high, max(low, rng.lognormvariate(math.log(median), sigma))))
 
@@ -123,45 +107,8 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
-STREAM_OK, STREAM_REJECTED = "ok", "429"
 # The runtime's Retry-After is at least 1 s; a batch client that retried at once would only count 429s.
 BE_BACKOFF_AFTER_429_S = 1.0
-
-
-async def stream_completion(
-    client: httpx.AsyncClient, service: str, prompt: str, max_tokens: int, record: StreamTiming
-) -> str:
-    """Send one streaming completion and time it into `record` (first and last token read, output tokens).
-
-    Returns STREAM_OK, STREAM_REJECTED (429 at admission), or what went wrong: "HTTP <status>", "stream error
-    <code>" (the runtime ended the stream with an error event), "stream cut" (no [DONE]), or the transport
-    error's type."""
-    body = {"model": service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return STREAM_REJECTED if response.status_code == 429 else f"HTTP {response.status_code}"
-            done = False
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                if not line.startswith("data: "):
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    return f"stream error {chunk['error'].get('code')}"
-                now = time.monotonic()
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    record.first_token_s = record.first_token_s or now
-                    record.last_token_s = now
-                if chunk.get("usage"):
-                    record.output_tokens = chunk["usage"]["completion_tokens"]
-            return STREAM_OK if done else "stream cut"
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
 
 
 async def _stream_one(
@@ -279,45 +226,9 @@ def summarize(result: LoadResult, config: RuntimeConfig, server_metrics: str) ->
     return "\n".join(lines)
 
 
-def start_server(config: RuntimeConfig, workdir: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    config_path = workdir / "runtime.yaml"
-    config_path.write_text(config.to_yaml())
-    log_file = log_path.open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "piggyback_runtime.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(config_path),
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the process serving {base_url} exited with code {process.returncode} before it "
-                               "became ready")  # fmt: skip
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{base_url} was not ready after {timeout_s:.0f}s")
-
-
 def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model_uri: str) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
-    port = _free_port()
+    port = free_port()
     config = demo_config(model_uri, port)
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="piggyback-demo-") as tmp:

@@ -12,8 +12,10 @@ from collections import deque
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv import sizing
+from piggyback_runtime.kv.cache import kv_block_bytes
 from piggyback_runtime.kv.host import HostKV
-from piggyback_runtime.kv.sizing import size_kv_caches
+from piggyback_runtime.model import activation_peak
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model.tokenizer import Tokenizer
 from piggyback_runtime.model_runner import ModelRunner
@@ -68,8 +70,22 @@ class Engine:
         self.metrics = metrics or m.RuntimeMetrics()
         engine_cfg = config.engine
         pb = config.piggyback
-        # Before any cache exists: sizing from memory measures the largest iteration's activation peak.
-        kv_sizes = size_kv_caches(config, self.loaded)
+        # Before any cache exists: sizing from memory measures the largest iteration's activation peak. The
+        # readers are looked up at call time (module attributes), so that a test can replace them.
+        loaded = self.loaded
+        kv_sizes = sizing.size_kv_caches(
+            config,
+            bytes_per_token=kv_block_bytes(loaded.arch, 1, loaded.dtype),
+            max_model_len=loaded.max_model_len,
+            resident_weights_bytes=sizing.weights_bytes(loaded.model),
+            on_cpu=self.device.type == "cpu",
+            # Only a service whose class takes the host path ever holds host KV (an LS-only pool never).
+            uses_host_kv=any(s.service_class in POLICIES[engine_cfg.policy].host_path_classes
+                             for s in config.services),
+            read_device=lambda: sizing.read_device_memory(loaded.device),
+            read_host=lambda: sizing.read_host_memory(),
+            measure_activation=lambda tokens, rows: activation_peak.measure_activation_bytes(loaded, tokens, rows),
+        )  # fmt: skip
         num_blocks = kv_sizes.accelerator.num_blocks
         log.info("accelerator KV: %d blocks of %d tokens (%s)", num_blocks, engine_cfg.block_size,
                  kv_sizes.accelerator.explanation)  # fmt: skip

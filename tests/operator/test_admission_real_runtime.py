@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_operator.scrape import quantile
 from piggyback_runtime import metrics as m
+from piggyback_runtime.client import wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import wait_ready
 
 pytestmark = pytest.mark.timeout(300)  # includes starting the runtimes (module fixture) in the first test
 

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import _free_port, wait_ready
 from tests.runtime.helpers import LS_SLO
 
 DRAIN_S = 2.0
@@ -58,7 +58,7 @@ def _payloads(events: list[str]) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_sigterm_drains_within_the_bound(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config_path = tmp_path / "runtime.yaml"
     config_path.write_text(_config(port).to_yaml())
     log_path = tmp_path / "runtime.log"

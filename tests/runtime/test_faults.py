@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import _free_port, wait_ready
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.piggyback.be_path import PiggybackPath
 from piggyback_runtime.request import Request, RequestOutput
@@ -207,7 +207,7 @@ async def _stream(client: httpx.AsyncClient, service: str, first_token: asyncio.
 
 
 def test_runtime_killed_under_load_ends_every_request_with_an_error_and_restarts(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config_path = tmp_path / "runtime.yaml"
     config_path.write_text(_server_config(port).to_yaml())
     log_path = tmp_path / "runtime.log"

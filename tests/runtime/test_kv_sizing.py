@@ -1,9 +1,8 @@
 """KV caches sized from memory: the arithmetic with fake memory readers, cgroup and meminfo parsing, the start-up
-error, and the engine built from it."""
+error, and the engine built from it (which passes the model's figures and the policy's host path to the sizing)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import torch
 from piggyback_runtime.config import ModelConfig, RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.kv import sizing
-from piggyback_runtime.kv.sizing import KVSizingError, MemoryReading, size_kv_caches
+from piggyback_runtime.kv.sizing import KVSizes, KVSizingError, MemoryReading, size_kv_caches
+from piggyback_runtime.model import activation_peak
 from piggyback_runtime.model.loader import LoadedModel, load_model
 
 GIB = 2**30
@@ -29,10 +29,13 @@ def loaded() -> LoadedModel:
     return model
 
 
-@pytest.fixture(scope="module")
-def on_gpu(loaded: LoadedModel) -> LoadedModel:
-    """The same model as a CUDA runtime sees it: only the device differs (memory readers are faked)."""
-    return dataclasses.replace(loaded, device=torch.device("cuda"))
+def size(cfg: RuntimeConfig, read_device: Any, read_host: Any, measure_activation: Any, *, on_cpu: bool = False,
+         uses_host_kv: bool = True) -> KVSizes:  # fmt: skip
+    """tiny-llama's figures (fp32) on a CUDA device (on_cpu=False; the memory readers are faked) or on the CPU."""
+    return size_kv_caches(cfg, bytes_per_token=BYTES_PER_TOKEN, max_model_len=MAX_MODEL_LEN,
+                          resident_weights_bytes=3 * 2**20, on_cpu=on_cpu, uses_host_kv=uses_host_kv,
+                          read_device=read_device, read_host=read_host,
+                          measure_activation=measure_activation)  # fmt: skip
 
 
 def config(policy: str = "piggyback", engine: dict[str, Any] | None = None,
@@ -49,7 +52,8 @@ def config(policy: str = "piggyback", engine: dict[str, Any] | None = None,
 
 
 def device(total: int, available: int) -> Any:
-    return lambda _device: MemoryReading(total, available, "fake-gpu mem_get_info")
+    """A device reader (the engine's takes the torch device; the sizing's none)."""
+    return lambda *_device: MemoryReading(total, available, "fake-gpu mem_get_info")
 
 
 def host(total: int, available: int) -> Any:
@@ -57,7 +61,8 @@ def host(total: int, available: int) -> Any:
 
 
 def activation(nbytes: int) -> Any:
-    return lambda _loaded, _tokens, _rows: (nbytes, "fake profile")
+    """An activation reader (the engine's takes the loaded model first; the sizing's only the shape)."""
+    return lambda *_shape: (nbytes, "fake profile")
 
 
 def never(*_: Any) -> Any:
@@ -65,9 +70,8 @@ def never(*_: Any) -> Any:
 
 
 # --- the arithmetic ---------------------------------------------------------------------------------------------
-def test_accelerator_cache_is_the_utilization_share_minus_what_is_in_use_and_the_activation_peak(on_gpu):
-    sizes = size_kv_caches(config(), on_gpu, device(80 * GIB, 64 * GIB), host(512 * GIB, 500 * GIB),
-                           activation(2 * GIB))  # fmt: skip
+def test_accelerator_cache_is_the_utilization_share_minus_what_is_in_use_and_the_activation_peak():
+    sizes = size(config(), device(80 * GIB, 64 * GIB), host(512 * GIB, 500 * GIB), activation(2 * GIB))
     budget = int(0.9 * 80 * GIB) - 16 * GIB - 2 * GIB  # 72 GiB share, 16 GiB in use (weights, context), activations
     assert sizes.accelerator.num_blocks == budget // (16 * BYTES_PER_TOKEN)
     assert sizes.accelerator.budget_bytes == budget
@@ -75,53 +79,53 @@ def test_accelerator_cache_is_the_utilization_share_minus_what_is_in_use_and_the
     assert sizes.host.num_blocks == int(0.5 * 500 * GIB) // (64 * BYTES_PER_TOKEN)
 
 
-def test_utilization_and_host_share_come_from_the_config(on_gpu):
+def test_utilization_and_host_share_come_from_the_config():
     cfg = config(engine={"gpu_memory_utilization": 0.5}, piggyback={"host_memory_utilization": 0.25})
-    sizes = size_kv_caches(cfg, on_gpu, device(80 * GIB, 80 * GIB), host(100 * GIB, 100 * GIB), activation(0))
+    sizes = size(cfg, device(80 * GIB, 80 * GIB), host(100 * GIB, 100 * GIB), activation(0))
     assert sizes.accelerator.budget_bytes == 40 * GIB
     assert sizes.host.budget_bytes == 25 * GIB
 
 
-def test_accelerator_memory_gib_caps_the_device(on_gpu):
+def test_accelerator_memory_gib_caps_the_device():
     # The operator pins a 24 GiB product; the device (here) reports more: the cap binds, usage stays counted.
     cfg = config(engine={"accelerator_memory_gib": 24})
-    sizes = size_kv_caches(cfg, on_gpu, device(80 * GIB, 76 * GIB), host(8 * GIB, 8 * GIB), activation(GIB))
+    sizes = size(cfg, device(80 * GIB, 76 * GIB), host(8 * GIB, 8 * GIB), activation(GIB))
     assert sizes.accelerator.budget_bytes == int(0.9 * 24 * GIB) - 4 * GIB - GIB
     assert "engine.accelerator_memory_gib 24" in sizes.accelerator.explanation
 
 
-def test_on_a_cpu_device_both_caches_take_host_shares_of_the_same_memory(loaded):
+def test_on_a_cpu_device_both_caches_take_host_shares_of_the_same_memory():
     # The CPU device's cache is host memory: the host share (0.5) of what is available, less activations...
-    sizes = size_kv_caches(config(), loaded, device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB), activation(GIB))
+    sizes = size(config(), device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB), activation(GIB), on_cpu=True)
     assert sizes.accelerator.budget_bytes == 4 * GIB - GIB
     # ...and the host cache the host share of what that left.
     accelerator_bytes = sizes.accelerator.num_blocks * 16 * BYTES_PER_TOKEN
     assert sizes.host.budget_bytes == int(0.5 * (8 * GIB - accelerator_bytes))
     # A host cache of fixed size is set aside first (a pod's limit is the operator's host KV plus a base).
-    sizes = size_kv_caches(config(piggyback={"host_kv_memory_gib": 2}), loaded, device(6 * GIB, 5 * GIB), never,
-                           activation(0))  # fmt: skip
+    sizes = size(config(piggyback={"host_kv_memory_gib": 2}), device(6 * GIB, 5 * GIB), never, activation(0),
+                 on_cpu=True)  # fmt: skip
     assert sizes.accelerator.budget_bytes == int(0.5 * (5 * GIB - 2 * GIB))
     assert sizes.accelerator.budget_bytes + sizes.host.budget_bytes < 5 * GIB
 
 
-def test_explicit_sizes_override_memory_and_read_nothing(loaded):
+def test_explicit_sizes_override_memory_and_read_nothing():
     cfg = config(engine={"kv_cache_memory_gib": 0.5}, piggyback={"host_kv_memory_gib": 0.25})
-    sizes = size_kv_caches(cfg, loaded, never, never, never)
+    sizes = size(cfg, never, never, never, on_cpu=True)
     assert sizes.accelerator.num_blocks == GIB // 2 // (16 * BYTES_PER_TOKEN)
     assert sizes.host.num_blocks == GIB // 4 // (64 * BYTES_PER_TOKEN)
     cfg = config(engine={"num_kv_blocks": 7, "kv_cache_memory_gib": 0.5}, piggyback={"num_host_kv_blocks": 3})
-    sizes = size_kv_caches(cfg, loaded, never, never, never)
+    sizes = size(cfg, never, never, never, on_cpu=True)
     assert (sizes.accelerator.num_blocks, sizes.host.num_blocks) == (7, 3)
 
 
 # --- the start-up error -----------------------------------------------------------------------------------------
-def test_too_little_device_memory_for_one_request_names_the_numbers(on_gpu):
+def test_too_little_device_memory_for_one_request_names_the_numbers():
     # One request of 2048 tokens needs 2048 x 1024 B = 2 MiB; 0.9 x 5 MiB - 2 MiB in use - 1 MiB peak leaves 1.5.
     total, in_use, peak = 5 * 2**20, 2 * 2**20, 2**20
     budget = int(0.9 * total) - in_use - peak
     assert budget < MAX_MODEL_LEN * BYTES_PER_TOKEN
     with pytest.raises(KVSizingError) as error:
-        size_kv_caches(config(), on_gpu, device(total, total - in_use), host(GIB, GIB), activation(peak))
+        size(config(), device(total, total - in_use), host(GIB, GIB), activation(peak))
     message = str(error.value)
     for figure in (f"{BYTES_PER_TOKEN} bytes per token", f"x {MAX_MODEL_LEN} tokens",
                    f"{MAX_MODEL_LEN * BYTES_PER_TOKEN} bytes", f"{budget} bytes are available",
@@ -130,25 +134,23 @@ def test_too_little_device_memory_for_one_request_names_the_numbers(on_gpu):
         assert figure in message, (figure, message)
 
 
-def test_too_little_host_memory_fails_only_where_the_policy_uses_the_host_path(loaded):
+def test_too_little_host_memory_fails_only_where_a_service_takes_the_host_path():
     small_host = host(GIB, 2**20)  # half of 1 MiB available: far from one 2048-token request
     with pytest.raises(KVSizingError, match=r"host KV cache too small.*fake pod limit.*hostMemory"):
-        size_kv_caches(config("piggyback"), loaded, device(GIB, GIB), small_host, activation(0))
-    sizes = size_kv_caches(config("priority"), loaded, device(GIB, GIB), small_host, activation(0))
-    assert sizes.host.num_blocks >= 1  # kept for the planner's bookkeeping, never used by this policy
-    ls_only = config("piggyback").model_copy(update={"services": config().services[:1]})
-    assert size_kv_caches(ls_only, loaded, device(GIB, GIB), small_host, activation(0)).host.num_blocks >= 1
+        size(config(), device(GIB, GIB), small_host, activation(0), on_cpu=True, uses_host_kv=True)
+    sizes = size(config(), device(GIB, GIB), small_host, activation(0), on_cpu=True, uses_host_kv=False)
+    assert sizes.host.num_blocks >= 1  # kept for the planner's bookkeeping, never used
 
 
-def test_an_explicit_byte_size_too_small_is_an_error_too(loaded):
+def test_an_explicit_byte_size_too_small_is_an_error_too():
     with pytest.raises(KVSizingError, match=r"engine.kv_cache_memory_gib 0.001.*raise engine.kv_cache_memory_gib"):
-        size_kv_caches(config(engine={"kv_cache_memory_gib": 0.001}), loaded, never, never, never)
+        size(config(engine={"kv_cache_memory_gib": 0.001}), never, never, never, on_cpu=True)
 
 
 def test_the_engine_sizes_its_caches_from_memory_and_refuses_to_start_without_room(loaded, monkeypatch):
     monkeypatch.setattr(sizing, "read_device_memory", device(64 * 2**20, 64 * 2**20))
     monkeypatch.setattr(sizing, "read_host_memory", host(64 * 2**20, 64 * 2**20))
-    monkeypatch.setattr(sizing, "measure_activation_bytes", activation(0))
+    monkeypatch.setattr(activation_peak, "measure_activation_bytes", activation(0))
     engine = Engine(config("priority"), loaded=loaded)
     try:
         assert engine.allocator.num_blocks == int(0.5 * 64 * 2**20) // (16 * BYTES_PER_TOKEN)
@@ -157,6 +159,18 @@ def test_the_engine_sizes_its_caches_from_memory_and_refuses_to_start_without_ro
     monkeypatch.setattr(sizing, "read_device_memory", device(3 * 2**20, 3 * 2**20))  # 1.5 MiB < 2 MiB needed
     with pytest.raises(KVSizingError, match=r"accelerator KV cache too small.*host_memory_utilization 0.5"):
         Engine(config("priority"), loaded=loaded)
+
+
+def test_the_engine_asks_for_a_host_cache_that_holds_a_request_only_under_a_policy_with_a_host_path(
+    loaded, monkeypatch
+):
+    monkeypatch.setattr(sizing, "read_device_memory", device(64 * 2**20, 64 * 2**20))
+    monkeypatch.setattr(sizing, "read_host_memory", host(GIB, 2**20))  # far from one 2048-token request
+    monkeypatch.setattr(activation_peak, "measure_activation_bytes", activation(0))
+    with pytest.raises(KVSizingError, match=r"host KV cache too small"):
+        Engine(config("piggyback"), loaded=loaded)  # BE attention on the host: it needs host KV
+    engine = Engine(config("priority"), loaded=loaded)  # GPU-only: the host cache is bookkeeping
+    engine.close()
 
 
 # --- the readings -----------------------------------------------------------------------------------------------
@@ -214,8 +228,8 @@ def test_this_machine_can_be_read():
 
 # --- the activation peak ----------------------------------------------------------------------------------------
 def test_the_largest_iteration_runs_and_its_estimate_grows_with_the_shape(loaded):
-    sizing._largest_iteration(loaded, 64, 8)  # the profile CUDA runs for its peak: shapes and GQA must hold
-    small = sizing.estimate_activation_bytes(loaded, 64, 8)
-    assert sizing.estimate_activation_bytes(loaded, 128, 8) > small
-    assert sizing.estimate_activation_bytes(loaded, 64, 16) - small == 2 * 8 * loaded.arch.vocab_size * 4
-    assert sizing.measure_activation_bytes(loaded, 64, 8) == (small, "estimated from the shapes (CPU)")
+    activation_peak._largest_iteration(loaded, 64, 8)  # the profile CUDA runs for its peak: shapes and GQA must hold
+    small = activation_peak.estimate_activation_bytes(loaded, 64, 8)
+    assert activation_peak.estimate_activation_bytes(loaded, 128, 8) > small
+    assert activation_peak.estimate_activation_bytes(loaded, 64, 16) - small == 2 * 8 * loaded.arch.vocab_size * 4
+    assert activation_peak.measure_activation_bytes(loaded, 64, 8) == (small, "estimated from the shapes (CPU)")

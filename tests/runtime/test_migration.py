@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from piggyback_runtime.demo import _free_port, wait_ready
+from piggyback_runtime.client import free_port, wait_ready
 from tests.runtime.helpers import LS_SLO
 
 pytestmark = pytest.mark.slow  # real runtime processes
@@ -55,7 +55,7 @@ class Replica:
     """A `piggyback serve` process; `ensure_running` restarts it on the same port after a test killed it."""
 
     def __init__(self, tmp: Path, name: str, max_model_len: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / f"{name}.json"  # JSON is YAML
         self.config.write_text(json.dumps(runtime_config(self.port, max_model_len)))
@@ -179,7 +179,7 @@ LONG_TOKENS = 300  # longer than b's max_model_len (256): b refuses to import it
 def test_failed_migration_leaves_the_request_running_on_the_source(replicas: list[Replica], target: str) -> None:
     a, b = replicas
     expected = run_plain(a, "chat", f"plain-stay-{target}", LONG_TOKENS)
-    target_url = b.url if target == "refusing" else f"http://127.0.0.1:{_free_port()}"
+    target_url = b.url if target == "refusing" else f"http://127.0.0.1:{free_port()}"
     lines, answer, reader = start_and_migrate(a, target_url, "chat", f"stay-{target}", LONG_TOKENS)
     status, outcome = (409, "refused") if target == "refusing" else (502, "failed")
     assert answer.status_code == status and answer.json()["outcome"] == outcome, answer.text

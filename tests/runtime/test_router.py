@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from piggyback_runtime.demo import _free_port, wait_ready
+from piggyback_runtime.client import free_port, wait_ready
 from tests.runtime.test_migration import AUTH, PROMPT, TOKEN, Replica, shared_pool
 
 pytestmark = pytest.mark.slow  # real runtime processes
@@ -34,7 +34,7 @@ BOUNDARY = 24  # tokens: the request (8-token prompt) crosses it after ~17 token
 
 class RouterProcess:
     def __init__(self, tmp: Path, endpoints: list[str], policy: str = "lengthAware", port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (tmp / f"router-{self.port}.log").open("ab")
         self.process = subprocess.Popen(

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.demo import _free_port, wait_ready
 from piggyback_runtime.server.app import Runtime, create_app
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_api_errors import assert_adds_up
@@ -41,7 +41,7 @@ def _config(port: int) -> RuntimeConfig:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     config_path = tmp_path_factory.mktemp("server") / "runtime.yaml"
     config_path.write_text(_config(port).to_yaml())
     log = config_path.with_suffix(".log").open("wb")

@@ -1,4 +1,4 @@
-"""Simulator workloads: arrival processes, length models, trace files and spec errors (sim/workload.py)."""
+"""Simulator workloads: arrival processes, length models, trace files and spec errors (sim/workload/)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Accelerator KV (LS requests, and BE requests while they prefill):
 where "in use after loading" is the device's total minus its free memory once the weights are resident (the
 weights, the CUDA context, and anything another process holds), and the activation peak is measured by running
 the largest iteration the config allows (max_num_batched_tokens tokens through every layer, then logits for
-max_num_seqs rows). `engine.kv_cache_memory_gib` and `engine.num_kv_blocks` override the measurement.
+max_num_seqs rows; model/activation_peak.py). `engine.kv_cache_memory_gib` and `engine.num_kv_blocks` override
+the measurement.
 
 Device memory: on CUDA, torch.cuda.mem_get_info, capped by `engine.accelerator_memory_gib` when set (the
 operator sets it from the GPU product a pool is pinned to). On a CPU device the host is the accelerator: its
@@ -21,6 +22,10 @@ or /proc/meminfo's MemAvailable where no limit is set; on a CPU device, minus wh
 
 A cache sized from memory that cannot hold one max_model_len request is an error at start-up naming the numbers.
 Explicit block counts are taken as given: requests that do not fit are refused one by one (HTTP 400).
+
+This module takes figures, not the model or the policy: the engine passes the bytes per token, the weights'
+bytes, whether any service takes the host path, and readers for the memory and the activation peak (called
+only when a cache is sized from memory), so that the KV layer imports nothing above it.
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ from pathlib import Path
 import torch
 
 from piggyback_runtime.config import ConfigError, RuntimeConfig
-from piggyback_runtime.kv.cache import kv_block_bytes
-from piggyback_runtime.model.loader import LoadedModel
-from piggyback_runtime.scheduler.policies import policy_class
 
 GIB = 2**30
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -144,52 +146,6 @@ def weights_bytes(model: torch.nn.Module) -> int:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-@torch.inference_mode()
-def _largest_iteration(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> None:
-    """One iteration at the largest shape: `num_tokens` through every layer, causal attention over the chunk
-    (a fused kernel, as the paged kernels: no score matrix), then fp32 logits for `num_logit_rows` (at most
-    `num_tokens`) rows."""
-    device, arch = loaded.device, loaded.arch
-    tokens = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    positions = torch.arange(num_tokens, device=device)
-
-    def attention(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            is_causal=True, enable_gqa=arch.num_key_value_heads != arch.num_attention_heads,
-        )  # fmt: skip
-        return out.squeeze(0).transpose(0, 1)
-
-    hidden = loaded.model.forward_layers(tokens, positions, attention)
-    loaded.model.compute_logits(hidden[:num_logit_rows])
-
-
-def estimate_activation_bytes(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> int:
-    """What one iteration at the largest shape holds at its peak, from the shapes (CPU has no allocator peak):
-    a layer's live tensors (residual, normed input, q/k/v, the MLP's two intermediate activations and their
-    product) plus fp32 logits and their sampling copy."""
-    arch = loaded.arch
-    element = torch.empty((), dtype=loaded.dtype).element_size()
-    per_token = 3 * arch.hidden_size + arch.q_size + 2 * arch.kv_size + 3 * arch.intermediate_size
-    return num_tokens * per_token * element + 2 * num_logit_rows * arch.vocab_size * 4
-
-
-def measure_activation_bytes(loaded: LoadedModel, num_tokens: int, num_logit_rows: int) -> tuple[int, str]:
-    """(bytes, how): the allocator's peak above the resident weights at the largest iteration on CUDA."""
-    device = loaded.device
-    if device.type != "cuda":
-        return estimate_activation_bytes(loaded, num_tokens, num_logit_rows), "estimated from the shapes (CPU)"
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
-    _largest_iteration(loaded, num_tokens, num_logit_rows)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - baseline
-    torch.cuda.empty_cache()  # the profile's blocks go back before the cache takes its share
-    return peak, f"measured at {num_tokens} tokens and {num_logit_rows} logit rows"
 
 
 @dataclass(frozen=True)
@@ -304,39 +260,42 @@ def configured_size(num_blocks: int | None, memory_gib: float | None, block_size
 
 def size_kv_caches(
     config: RuntimeConfig,
-    loaded: LoadedModel,
-    read_device: Callable[[torch.device], MemoryReading] | None = None,
-    read_host: Callable[[], MemoryReading] | None = None,
-    measure_activation: Callable[[LoadedModel, int, int], tuple[int, str]] | None = None,
+    *,
+    bytes_per_token: int,
+    max_model_len: int,
+    resident_weights_bytes: int,
+    on_cpu: bool,
+    uses_host_kv: bool,
+    read_device: Callable[[], MemoryReading],
+    read_host: Callable[[], MemoryReading],
+    measure_activation: Callable[[int, int], tuple[int, str]],
 ) -> KVSizes:
-    """Both caches' sizes, from the config's overrides or from memory. The readers default to this module's
-    (looked up at call time, so a test can replace them under an Engine)."""
-    read_device = read_device or read_device_memory
-    read_host = read_host or read_host_memory
-    measure_activation = measure_activation or measure_activation_bytes
-    engine, pb = config.engine, config.piggyback
-    bytes_per_token = kv_block_bytes(loaded.arch, 1, loaded.dtype)
-    max_len = loaded.max_model_len
+    """Both caches' sizes, from the config's overrides or from memory.
 
-    on_cpu = loaded.device.type == "cpu"
-    # Only a service whose class takes the host path ever holds host KV (an LS-only pool under `piggyback` never).
-    uses_host = any(s.service_class in policy_class(engine.policy).host_path_classes for s in config.services)
+    `bytes_per_token`: K and V of one token over all layers; `resident_weights_bytes`: the weights on the
+    device (for the explanation); `on_cpu`: the accelerator is this host's memory; `uses_host_kv`: some service
+    takes the host path (else a host cache too small for one request is no error). The readers are called only
+    for a cache sized from memory: `read_device()` and `read_host()` give a MemoryReading,
+    `measure_activation(tokens, logit_rows)` the activation peak in bytes of the largest iteration and how it
+    was found."""
+    engine, pb = config.engine, config.piggyback
     host = configured_size(pb.num_host_kv_blocks, pb.host_kv_memory_gib, pb.host_block_size, bytes_per_token,
                            "piggyback.num_host_kv_blocks", "piggyback.host_kv_memory_gib")  # fmt: skip
-    if host is not None and pb.num_host_kv_blocks is None and uses_host:
-        require_one_request(host, max_len, "host", "raise piggyback.host_kv_memory_gib or lower model.max_model_len")
+    if host is not None and pb.num_host_kv_blocks is None and uses_host_kv:
+        require_one_request(host, max_model_len, "host", "raise piggyback.host_kv_memory_gib or lower "
+                            "model.max_model_len")  # fmt: skip
 
     configured = configured_size(engine.num_kv_blocks, engine.kv_cache_memory_gib, engine.block_size,
                                  bytes_per_token, "engine.num_kv_blocks", "engine.kv_cache_memory_gib")  # fmt: skip
     if configured is not None:
         accelerator = configured
         if engine.num_kv_blocks is None:
-            require_one_request(accelerator, max_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
+            require_one_request(accelerator, max_model_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
                                 "model.max_model_len")  # fmt: skip
     else:
-        reading = cap_total(read_device(loaded.device), engine.accelerator_memory_gib)
+        reading = cap_total(read_device(), engine.accelerator_memory_gib)
         rows = min(engine.max_num_seqs, engine.max_num_batched_tokens)
-        activation, how = measure_activation(loaded, engine.max_num_batched_tokens, rows)
+        activation, how = measure_activation(engine.max_num_batched_tokens, rows)
         if on_cpu:
             # The CPU device's cache is host memory, shared with the host cache, the CPU workers and the process:
             # it takes the host share of what is available, after a host cache whose size the config fixes.
@@ -349,21 +308,21 @@ def size_kv_caches(
             fix = "give the process more memory, raise piggyback.host_memory_utilization"
         else:
             accelerator = accelerator_kv_size(
-                reading=reading, utilization=engine.gpu_memory_utilization, weights=weights_bytes(loaded.model),
+                reading=reading, utilization=engine.gpu_memory_utilization, weights=resident_weights_bytes,
                 activation=activation, activation_how=how, block_size=engine.block_size,
                 bytes_per_token=bytes_per_token,
             )  # fmt: skip
             fix = "use a device with more memory, raise engine.gpu_memory_utilization"
-        require_one_request(accelerator, max_len, "accelerator", f"{fix}, lower engine.max_num_batched_tokens or "
-                            "model.max_model_len")  # fmt: skip
+        require_one_request(accelerator, max_model_len, "accelerator", f"{fix}, lower "
+                            "engine.max_num_batched_tokens or model.max_model_len")  # fmt: skip
 
     if host is None:
         # On a CPU device both caches live in the same memory: the host cache gets a share of what is left.
         taken = accelerator.num_blocks * accelerator.block_size * bytes_per_token if on_cpu else 0
         host = host_kv_size(reading=read_host(), utilization=pb.host_memory_utilization, taken_bytes=taken,
                             block_size=pb.host_block_size, bytes_per_token=bytes_per_token)  # fmt: skip
-        if uses_host:
-            require_one_request(host, max_len, "host", "give the pod more memory (LLMService "
+        if uses_host_kv:
+            require_one_request(host, max_model_len, "host", "give the pod more memory (LLMService "
                                 "spec.resources.hostMemory), raise piggyback.host_memory_utilization or lower "
                                 "model.max_model_len")  # fmt: skip
     # The host cache exists for every policy (the planner's bookkeeping); one that is never used may be tiny.

@@ -13,7 +13,7 @@ device:
   remote: {preset: 1g4c}    # optional CPU-only nodes; or count, cores_per_node, ... fields
   # instead of gpu: runtime_profile: PATH (the file `piggyback profile --out PATH` wrote) and model:
   # synthetic://PRESET or a folder with config.json
-workload: {seed: 0, duration_s: 600, sources: [...]}   # sim/workload.py
+workload: {seed: 0, duration_s: 600, sources: [...]}   # sim/workload/
 drain_s: 300                # after the horizon, LS requests still held get this long to finish (then: misses)
 policies: [piggyback, headroom]   # optional: run the scenario once per policy (`all`: every registered one)
 ```

@@ -3,6 +3,9 @@
 This is how the simulator is held against the runtime on one machine: the same RuntimeConfig, the same
 requests at the same arrival offsets, the same `summary` of the outcome. Requests go straight to the
 engine (no HTTP), so what is compared is the engine: planner, model runner, CPU workers.
+
+It lives with the benchmarks, not in `piggyback_runtime.sim`: the simulator models the engine and must not
+import it (tests/test_layering.py holds that); this harness runs both.
 """
 
 from __future__ import annotations
