@@ -1,8 +1,9 @@
 """The pool router: an OpenAI-compatible front for one pool's replicas, with live migration between stages.
 
 Why inside runtime/piggyback_runtime/router/ and not a package of its own: it speaks the runtime's internal
-protocol (migration.py) and reuses its metrics module and policies; it ships in the same image and starts as
-`piggyback router`, so one package keeps the two sides of that protocol versioned together.
+protocol (server/internal.py, internal_api.py), sends the same OpenAI bodies (server/protocol.py) and reuses
+its metrics module and policies; it ships in the same image and starts as `piggyback router`, so one package
+keeps the two sides of that protocol versioned together.
 
 Per client request:
 1. Route: the policy (router.policy) orders the replicas for the request's length and class from the
@@ -159,7 +160,7 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ReplicaProfile:
-    """What the stage planner knows of one replica's speed (GET /internal/v1/profile, migration.py)."""
+    """What the stage planner knows of one replica's speed (GET /internal/v1/profile, server/internal.py)."""
 
     latency_model: LatencyModel
     kv_capacity_tokens: int
