@@ -30,8 +30,8 @@ from piggyback_runtime.request import (
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
 from piggyback_runtime.scheduler.outputs import TokenEvent
 from piggyback_runtime.scheduler.planner import Planner
-from piggyback_runtime.scheduler.stats import IterationStats
 from piggyback_runtime.scheduler.policies import policy_class
+from piggyback_runtime.scheduler.stats import IterationStats
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Engine:
             resident_weights_bytes=sizing.weights_bytes(loaded.model),
             on_cpu=self.device.type == "cpu",
             # Only a service whose class takes the host path ever holds host KV (an LS-only pool never).
-            uses_host_kv=any(s.service_class in POLICIES[engine_cfg.policy].host_path_classes
+            uses_host_kv=any(s.service_class in policy_class(engine_cfg.policy).host_path_classes
                              for s in config.services),
             read_device=lambda: sizing.read_device_memory(loaded.device),
             read_host=lambda: sizing.read_host_memory(),

@@ -6,7 +6,7 @@ import enum
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from piggyback_runtime.config import ServiceClass
 from piggyback_runtime.metrics import RequestTiming
@@ -196,6 +196,53 @@ class Request:
             last_token_s=self.last_token_s,
             num_output_tokens=len(self.output_token_ids),
         )
+
+    # --- wire form: a request moving to another runtime (live migration, migration.py) -------------------
+    _WIRE_AGES: ClassVar[tuple[str, ...]] = ("arrival_s", "scheduled_s", "first_token_s", "last_token_s")
+    _WIRE_DETOK: ClassVar[tuple[str, ...]] = ("output_text", "sent_text_len", "prefix_offset", "read_offset")
+
+    def to_wire(self, num_computed_tokens: int, now_s: float) -> dict[str, Any]:
+        """Everything but the KV, as JSON: timings as ages (seconds before `now_s`, this process's monotonic
+        clock) since monotonic clocks differ between processes. `generator` must hold the seed by now
+        (sampling.request_seed), so the random stream continues on the other side."""
+        p = self.params
+        return {
+            "request_id": self.request_id, "service": self.service, "service_class": self.service_class,
+            "prompt_token_ids": self.prompt_token_ids, "output_token_ids": self.output_token_ids,
+            "num_computed_tokens": num_computed_tokens,
+            "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+                       "seed": p.seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
+                       "ignore_eos": p.ignore_eos},
+            "generator": self.generator,
+            "slo": None if self.slo is None else {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s},
+            "ages_s": {name: None if (value_s := getattr(self, name)) is None else now_s - value_s
+                       for name in self._WIRE_AGES},
+            "detok": {name: getattr(self, name) for name in self._WIRE_DETOK},
+            "num_preemptions": self.num_preemptions,
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any], now_s: float) -> Request:
+        """The request `to_wire` described, its timings re-based onto this process's clock at `now_s`.
+        Raises KeyError, TypeError or ValueError on a malformed description."""
+        raw_params = wire["params"]
+        params = SamplingParams(**{**raw_params, "stop": tuple(raw_params["stop"]),
+                                   "stop_token_ids": tuple(raw_params["stop_token_ids"])})  # fmt: skip
+        ages = wire["ages_s"]
+        request = cls(
+            wire["request_id"], wire["service"], wire["service_class"], list(wire["prompt_token_ids"]), params,
+            slo=SLOTarget(**wire["slo"]) if wire["slo"] else None, arrival_s=now_s - ages["arrival_s"],
+        )  # fmt: skip
+        request.output_token_ids = list(wire["output_token_ids"])
+        request.num_computed_tokens = int(wire["num_computed_tokens"])
+        request.generator = wire["generator"]
+        request.num_preemptions = int(wire["num_preemptions"])
+        for name in cls._WIRE_AGES[1:]:
+            setattr(request, name, None if ages[name] is None else now_s - ages[name])
+        detok = wire["detok"]
+        for name in cls._WIRE_DETOK:
+            setattr(request, name, detok[name])
+        return request
 
 
 @dataclass(frozen=True)

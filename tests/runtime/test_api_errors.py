@@ -25,7 +25,8 @@ from piggyback_runtime.engine import RequestError
 from piggyback_runtime.scheduler.latency_model import LatencyModel
 from piggyback_runtime.scheduler.slo_control import REASON_TTFT, LSRequestState, NewLSRequest, SLOController
 from piggyback_runtime.server import app as app_module
-from piggyback_runtime.server.app import BE_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS, Runtime, create_app
+from piggyback_runtime.server.app import Runtime, create_app
+from piggyback_runtime.server.protocol import BE_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_slo_control import decoding, demand_of, linear_model
 

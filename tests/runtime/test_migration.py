@@ -1,4 +1,4 @@
-"""Live migration between real `piggyback serve` processes on loopback (runtime/piggyback_runtime/migration.py).
+"""Live migration between real `piggyback serve` processes on loopback (migration.py, server/internal.py).
 
 Specification:
 - A greedy request migrated mid-decode, with its KV, continues on the target token for token as it would have

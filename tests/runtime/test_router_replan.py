@@ -192,7 +192,7 @@ def test_the_runtime_profile_endpoint_serves_its_controllers_model_to_the_router
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from piggyback_runtime.migration import register_internal_routes
+    from piggyback_runtime.server.internal import register_internal_routes
 
     monkeypatch.delenv("PIGGYBACK_INTERNAL_TOKEN", raising=False)
     planner = SimpleNamespace(slo=SimpleNamespace(latency_model=MODEL))

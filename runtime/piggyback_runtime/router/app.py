@@ -1,8 +1,9 @@
 """The pool router: an OpenAI-compatible front for one pool's replicas, with live migration between stages.
 
 Why inside runtime/piggyback_runtime/router/ and not a package of its own: it speaks the runtime's internal
-protocol (migration.py) and reuses its metrics module and policies; it ships in the same image and starts as
-`piggyback router`, so one package keeps the two sides of that protocol versioned together.
+protocol (server/internal.py; shared names in config.py), sends the same OpenAI bodies (server/protocol.py) and reuses
+its metrics module and policies; it ships in the same image and starts as `piggyback router`, so one package
+keeps the two sides of that protocol versioned together.
 
 Per client request:
 1. Route: the policy (router.policy) orders the replicas for the request's length and class from the
@@ -48,7 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.router import CLIENT_AUTHORIZATION_HEADER
+from piggyback_runtime.config import CLIENT_AUTHORIZATION_HEADER
 from piggyback_runtime.router.policy import POLICIES, LengthAwarePolicy, ReplicaLoad, RoutingPolicy, make_policy
 from piggyback_runtime.router.stages import (
     ReplicaTokenRate,
@@ -62,7 +63,17 @@ from piggyback_runtime.router.stages import (
     token_rate_from_step_time,
 )
 from piggyback_runtime.scheduler.latency_model import LatencyModel
-from piggyback_runtime.server.protocol import chat_role_choice, error_body, sse_data, stream_choice, stream_chunk
+from piggyback_runtime.server.protocol import (
+    SSE_DONE,
+    chat_role_choice,
+    completion_body,
+    error_response,
+    health_body,
+    sse_error,
+    stream_choice,
+    stream_chunk,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +160,7 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ReplicaProfile:
-    """What the stage planner knows of one replica's speed (GET /internal/v1/profile, migration.py)."""
+    """What the stage planner knows of one replica's speed (GET /internal/v1/profile, server/internal.py)."""
 
     latency_model: LatencyModel
     kv_capacity_tokens: int
@@ -436,14 +447,14 @@ class Router:
                 unreachable.append(replica)
                 continue
             self.metrics.requests.labels("failed").inc()
-            return _openai_error(answer.status_code, _message(answer), code=_code(answer))
+            return error_response(answer.status_code, _message(answer), code=_code(answer))
         if last_refusal is not None:
             self.metrics.requests.labels("rejected").inc()
-            return _openai_error(429, f"every replica of the pool refused the request: {_message(last_refusal)}",
+            return error_response(429, f"every replica of the pool refused the request: {_message(last_refusal)}",
                                  code=_code(last_refusal), err_type="rate_limit_error",
                                  headers={"Retry-After": last_refusal.headers.get("retry-after", "1")})  # fmt: skip
         self.metrics.requests.labels("failed").inc()
-        return _openai_error(503, f"no replica of the pool could take the request (unreachable or not ready: "
+        return error_response(503, f"no replica of the pool could take the request (unreachable or not ready: "
                                   f"{', '.join(unreachable) or 'none configured'})",
                              err_type="service_unavailable")  # fmt: skip
 
@@ -524,13 +535,6 @@ def _code(answer: httpx.Response) -> str | None:
         return None
 
 
-def _openai_error(status: int, message: str, code: str | None = None, err_type: str = "invalid_request_error",
-                  headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    if status >= 500 and err_type == "invalid_request_error":
-        err_type = "server_error"
-    return JSONResponse(error_body(message, err_type, code), status_code=status, headers=headers)
-
-
 def estimate_prompt_tokens(kind: str, body: dict[str, Any]) -> int:
     """The prompt's length for stage choice: exact for token-id prompts, estimated from bytes for text."""
     if kind == "completions":
@@ -558,13 +562,13 @@ def create_router_app(router: Router) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(health_body("ok"))
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         await router.poll_once()
         up = [e for e, ok in router.up.items() if ok]
-        return JSONResponse({"status": "ready" if up else "no replica up", "replicas_up": up},
+        return JSONResponse(health_body("ready" if up else "no replica up", replicas_up=up),
                             status_code=200 if up else 503)  # fmt: skip
 
     @app.get("/metrics")
@@ -578,15 +582,15 @@ def create_router_app(router: Router) -> FastAPI:
             with contextlib.suppress(httpx.HTTPError):
                 answer = await router.client.get(f"{endpoint}/v1/models", headers=headers, timeout=5.0)
                 return Response(answer.content, status_code=answer.status_code, media_type="application/json")
-        return _openai_error(503, "no replica of the pool answers", err_type="service_unavailable")
+        return error_response(503, "no replica of the pool answers", err_type="service_unavailable")
 
     async def handle(kind: str, http: Request) -> Response:
         try:
             body = await http.json()
         except ValueError:
-            return _openai_error(400, "the body is not JSON")
+            return error_response(400, "the body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return _openai_error(400, "the body must be a JSON object with a `model`", code="invalid_request")
+            return error_response(400, "the body must be a JSON object with a `model`", code="invalid_request")
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -609,22 +613,15 @@ def create_router_app(router: Router) -> FastAPI:
                 last = line
         except ReplicaLost as exc:
             router.metrics.requests.labels("failed").inc()
-            return _openai_error(502, f"The request failed: {exc}", err_type="server_error", code="replica_lost")
+            return error_response(502, f"The request failed: {exc}", err_type="server_error", code="replica_lost")
         assert last is not None
         if last["finish_reason"] not in ("stop", "length"):
             router.metrics.requests.labels("failed").inc()
-            return _openai_error(500, f"The runtime failed this request: {last['error'] or last['finish_reason']}",
+            return error_response(500, f"The runtime failed this request: {last['error'] or last['finish_reason']}",
                                  code="engine_error")  # fmt: skip
         router.metrics.requests.labels("completed").inc()
-        usage = _usage(last)
-        if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": last["finish_reason"]}  # fmt: skip
-            return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                                 "model": body["model"], "choices": [choice], "usage": usage})  # fmt: skip
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last["finish_reason"]}
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
-                             "model": body["model"], "choices": [choice], "usage": usage})  # fmt: skip
+        return JSONResponse(completion_body(request_id, kind == "chat", created, body["model"], text,
+                                            last["finish_reason"], _usage(last)))  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(http: Request) -> Response:
@@ -638,8 +635,7 @@ def create_router_app(router: Router) -> FastAPI:
 
 
 def _usage(line: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = int(line["num_prompt_tokens"]), int(line["num_output_tokens"])
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return usage(int(line["num_prompt_tokens"]), int(line["num_output_tokens"]))
 
 
 async def _sse(lines: AsyncIterator[dict[str, Any]], kind: str, request_id: str, created: int, model: str,
@@ -650,7 +646,7 @@ async def _sse(lines: AsyncIterator[dict[str, Any]], kind: str, request_id: str,
         return stream_chunk(request_id, chat, created, model, choice, include_usage, usage)
 
     def error(message: str, code: str) -> str:
-        return sse_data(error_body(message, "server_error", code), ensure_ascii=True)
+        return sse_error(message, "server_error", code)
 
     if chat:
         yield event(chat_role_choice())
@@ -666,17 +662,17 @@ async def _sse(lines: AsyncIterator[dict[str, Any]], kind: str, request_id: str,
                 router.metrics.requests.labels("failed").inc()
                 yield error(f"The runtime failed this request: {line['error'] or line['finish_reason']}",
                             "engine_error")  # fmt: skip
-                yield "data: [DONE]\n\n"
+                yield SSE_DONE
                 return
     except ReplicaLost as exc:
         router.metrics.requests.labels("failed").inc()
         yield error(f"The request failed: {exc}", "replica_lost")
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
         return
     router.metrics.requests.labels("completed").inc()
     if include_usage and last is not None:
         yield event(None, _usage(last))
-    yield "data: [DONE]\n\n"
+    yield SSE_DONE
 
 
 def run_router(settings: RouterSettings, host: str, port: int) -> None:

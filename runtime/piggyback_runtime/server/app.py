@@ -37,7 +37,10 @@ from piggyback_runtime.metrics import RuntimeMetrics
 from piggyback_runtime.request import FINISH_ABORT, FINISH_ERROR, FINISH_REJECTED, RequestOutput, SLOTarget
 from piggyback_runtime.request import Request as EngineRequest
 from piggyback_runtime.server.async_engine import AsyncEngine, EngineDeadError
+from piggyback_runtime.server.internal import register_internal_routes
 from piggyback_runtime.server.protocol import (
+    SSE_DONE,
+    APIError,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -46,10 +49,16 @@ from piggyback_runtime.server.protocol import (
     Health,
     ModelList,
     chat_role_choice,
-    error_body,
-    sse_data,
+    completion_body,
+    error_response,
+    health_body,
+    model_card,
+    model_list,
+    resolve_max_tokens,
+    sse_error,
     stream_choice,
     stream_chunk,
+    usage,
 )
 
 log = logging.getLogger(__name__)
@@ -57,26 +66,10 @@ log = logging.getLogger(__name__)
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-slo-tpot-ms"
 
-# max_tokens of a request that sends none, when its service sets no default_max_tokens:
-# - legacy completions: OpenAI's documented default;
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# - chat on a BE service: a BE request reserves host KV for prompt + max_tokens when admitted, so "the rest
-#   of the context" would reserve 16 GiB per request for Llama-3.1-8B's 128k context. LS chat gets the rest.
-BE_DEFAULT_MAX_TOKENS = 1024
 # A draining replica is going away: a client should retry at once (elsewhere, through the Service).
 DRAIN_RETRY_AFTER_S = 1
 # After the drain deadline, how long the handlers get to write the retryable errors out.
 DRAIN_CUTOFF_GRACE_S = 1.0
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, err_type: str, code: str | None = None, param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.err_type, self.code, self.param = status, message, err_type, code, param
-        self.headers = headers
 
 
 class Runtime:
@@ -297,6 +290,208 @@ def custom_openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+# --- error handlers: every non-200 answer is OpenAI's envelope ----------------------------------------------
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = _validation_problems(exc.errors(), request.headers.get("content-type", ""))
+    return error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own errors: unknown path (404), wrong method (405), and a body it cannot even decode
+    # (invalid UTF-8), which it reports as a bare 400 "There was an error parsing the body".
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    if exc.status_code == 400:
+        message = "The request body could not be parsed; send a JSON object encoded as UTF-8"
+    return error_response(exc.status_code, message, "invalid_request_error", code,
+                          headers=getattr(exc, "headers", None))  # fmt: skip
+
+
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in a request handler")
+    return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", "internal_error")
+
+
+# --- health, metrics, models ------------------------------------------------------------------------------------
+def _runtime(http: Request) -> Runtime:
+    runtime: Runtime = http.app.state.runtime
+    return runtime
+
+
+async def healthz(http: Request) -> JSONResponse:
+    """Liveness: the process and its engine loop work (draining is still healthy)."""
+    runtime = _runtime(http)
+    if runtime.engine is not None and not runtime.engine.alive:
+        return JSONResponse(health_body("unhealthy", runtime.engine.dead_reason), status_code=503)
+    if runtime.load_error:
+        return JSONResponse(health_body("unhealthy", runtime.load_error), status_code=503)
+    return JSONResponse(health_body("ok"))
+
+
+async def readyz(http: Request) -> JSONResponse:
+    """Readiness: the model has loaded and the runtime is not draining."""
+    try:
+        _runtime(http).ready_engine()
+    except APIError as exc:
+        return JSONResponse(health_body("not ready", exc.message), status_code=503)
+    return JSONResponse(health_body("ready"))
+
+
+async def metrics(http: Request) -> Response:
+    return Response(_runtime(http).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(http: Request) -> JSONResponse:
+    """The hosted services; when API keys are configured, only those the caller's key (or none) opens."""
+    runtime = _runtime(http)
+    max_len = runtime.engine.engine.loaded.max_model_len if runtime.engine is not None else None
+    model = runtime.config.model
+    return JSONResponse(model_list([
+        model_card(service.name, runtime.created, model.served_model_name or model.uri, service.service_class,
+                   max_len if max_len is not None else model.max_model_len)
+        for service in runtime.visible_services(http.headers.get("authorization"))
+    ]))  # fmt: skip
+
+
+# --- completions ----------------------------------------------------------------------------------------------
+def _admit(runtime: Runtime, name: str, http: Request) -> ServiceConfig:
+    """Draining (503), unknown service (404) and API key (401) checks, in that order."""
+    if runtime.draining:
+        raise draining_error()
+    authorization = http.headers.get("authorization")
+    service = runtime.config.service(name)
+    if service is None:
+        hosted = ", ".join(s.name for s in runtime.visible_services(authorization))
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. Hosted models: {hosted or '(none for this API key)'}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    if not runtime.may_use(name, authorization):
+        raise APIError(401, f"Incorrect or missing API key for the model `{name}`: send the service's key as "
+                            "`Authorization: Bearer <key>`", "invalid_request_error", "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    return service
+
+
+async def _start(engine: AsyncEngine, request: EngineRequest) -> tuple[AsyncGenerator[RequestOutput, None],
+                                                                       RequestOutput]:  # fmt: skip
+    """Submit the request and wait for its first output; APIError if it is refused or rejected at arrival."""
+    try:
+        stream = engine.generate(request)
+        first = await anext(stream)
+    except RequestError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", "invalid_request") from None
+    except UnknownServiceError as exc:
+        raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "model") from None
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), "service_unavailable") from None
+    if first.finish_reason == FINISH_REJECTED:
+        retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
+        raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
+                       headers={"Retry-After": retry_after})  # fmt: skip
+    return stream, first
+
+
+async def _collect(first: RequestOutput, stream: AsyncGenerator[RequestOutput, None],
+                   http: Request) -> tuple[str, RequestOutput]:  # fmt: skip
+    """A non-streamed request's whole text and its last output."""
+    text, last = first.text_delta, first
+    async for output in stream:
+        text += output.text_delta
+        last = output
+        if await http.is_disconnected():  # nobody to answer: free the KV now, not at max_tokens
+            await stream.aclose()
+            raise APIError(499, "client disconnected", "client_closed_request")
+    return text, last
+
+
+async def _run(
+    body: CompletionRequest | ChatCompletionRequest,
+    http: Request,
+    prompt_ids: list[int],
+    requested_max_tokens: int | None,
+    max_tokens_field: str,
+    chat: bool,
+) -> Response:
+    runtime = _runtime(http)
+    engine = runtime.ready_engine()
+    service = runtime.config.service(body.model)
+    assert service is not None
+    max_tokens = resolve_max_tokens(service, requested_max_tokens, max_tokens_field, len(prompt_ids),
+                                    engine.engine.loaded.max_model_len, chat)  # fmt: skip
+    try:
+        params = body.sampling_params(max_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "invalid_request_error") from None
+    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    slo = _slo_from_headers(http, runtime, service.name)
+    request = EngineRequest(request_id, service.name, service.service_class, prompt_ids, params, slo=slo)
+    runtime.in_flight[request_id] = service.service_class
+    handed_to_stream = False
+    try:
+        stream, first = await _start(engine, request)
+        created = int(time.time())
+        if body.stream:
+            handed_to_stream = True  # the SSE generator leaves in_flight when the stream ends
+            return StreamingResponse(
+                _sse(first, stream, request_id, created, body.model, chat, body.include_usage, runtime),
+                media_type="text/event-stream",
+            )
+        text, last = await _collect(first, stream, http)
+        _raise_for_failure(last, request_id in runtime.cut_off)
+    finally:
+        if not handed_to_stream:
+            runtime.in_flight.pop(request_id, None)
+            runtime.cut_off.discard(request_id)
+    return JSONResponse(completion_body(request_id, chat, created, body.model, text, last.finish_reason,
+                                        _usage(last)))  # fmt: skip
+
+
+async def completions(body: CompletionRequest, http: Request) -> Response:
+    runtime = _runtime(http)
+    _admit(runtime, body.model, http)
+    engine = runtime.ready_engine()
+    prompt = body.single_prompt()
+    prompt_ids = list(prompt) if isinstance(prompt, list) else engine.engine.tokenizer.encode(prompt)
+    return await _run(body, http, prompt_ids, body.max_tokens, "max_tokens", chat=False)
+
+
+async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
+    runtime = _runtime(http)
+    _admit(runtime, body.model, http)
+    tokenizer = runtime.ready_engine().engine.tokenizer
+    try:
+        text = tokenizer.apply_chat_template(body.message_dicts())
+    except ValueError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", param="messages") from None
+    # The template writes BOS itself; adding it again would double it.
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    return await _run(body, http, prompt_ids, body.requested_max_tokens(), body.max_tokens_field, chat=True)
+
+
+# --- the app ----------------------------------------------------------------------------------------------------
+_METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format (version 0.0.4)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+_POST_SECURITY: list[dict[str, list[str]]] = [{}, {"bearer": []}]  # the key is per service, optional
+_NOT_READY = {503: {"model": Health, "description": "loading, engine stopped, or draining"}}
+_COMPLETION_RESPONSES = {200: {"model": CompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES}
+_CHAT_RESPONSES = {200: {"model": ChatCompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES}
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(
         title="Piggyback runtime",
@@ -305,252 +500,27 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.openapi = lambda: custom_openapi(app)  # type: ignore[method-assign]
     app.state.runtime = runtime
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.err_type, exc.code, exc.param), status_code=exc.status, headers=exc.headers
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_problems(exc.errors(), request.headers.get("content-type", ""))
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own errors: unknown path (404), wrong method (405), and a body it cannot even decode
-        # (invalid UTF-8), which it reports as a bare 400 "There was an error parsing the body".
-        message = str(exc.detail)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        if exc.status_code == 400:
-            message = "The request body could not be parsed; send a JSON object encoded as UTF-8"
-        return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))  # fmt: skip
-
-    @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in a request handler")
-        return JSONResponse(error_body(f"Internal error: {type(exc).__name__}", "server_error", "internal_error"),
-                            status_code=500)  # fmt: skip
-
-    health_responses: dict[int | str, dict[str, Any]] = {503: {"model": Health, "description": "not healthy"}}
-
-    @app.get("/healthz", response_model=Health, responses=health_responses)
-    async def healthz() -> JSONResponse:
-        """Liveness: the process and its engine loop work (draining is still healthy)."""
-        if runtime.engine is not None and not runtime.engine.alive:
-            return JSONResponse({"status": "unhealthy", "reason": runtime.engine.dead_reason}, status_code=503)
-        if runtime.load_error:
-            return JSONResponse({"status": "unhealthy", "reason": runtime.load_error}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        responses={503: {"model": Health, "description": "loading, engine stopped, or draining"}},
-    )
-    async def readyz() -> JSONResponse:
-        """Readiness: the model has loaded and the runtime is not draining."""
-        try:
-            runtime.ready_engine()
-        except APIError as exc:
-            return JSONResponse({"status": "not ready", "reason": exc.message}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    @app.get(
-        "/metrics",
-        response_class=PlainTextResponse,
-        responses={
-            200: {
-                "description": "Prometheus text exposition format (version 0.0.4)",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            }
-        },
-    )
-    async def metrics() -> Response:
-        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(http: Request) -> JSONResponse:
-        """The hosted services; when API keys are configured, only those the caller's key (or none) opens."""
-        max_len = runtime.engine.engine.loaded.max_model_len if runtime.engine is not None else None
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": service.name,
-                        "object": "model",
-                        "created": runtime.created,
-                        "owned_by": "piggyback",
-                        "root": runtime.config.model.served_model_name or runtime.config.model.uri,
-                        "service_class": service.service_class,
-                        "max_model_len": max_len if max_len is not None else runtime.config.model.max_model_len,
-                    }
-                    for service in runtime.visible_services(http.headers.get("authorization"))
-                ],
-            }
-        )
-
-    def _admit(name: str, http: Request) -> ServiceConfig:
-        """Draining (503), unknown service (404) and API key (401) checks, in that order."""
-        if runtime.draining:
-            raise draining_error()
-        authorization = http.headers.get("authorization")
-        service = runtime.config.service(name)
-        if service is None:
-            hosted = ", ".join(s.name for s in runtime.visible_services(authorization))
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist. Hosted models: {hosted or '(none for this API key)'}",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
-        if not runtime.may_use(name, authorization):
-            raise APIError(401, f"Incorrect or missing API key for the model `{name}`: send the service's key as "
-                                "`Authorization: Bearer <key>`", "invalid_request_error", "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return service
-
-    async def _run(
-        body: CompletionRequest | ChatCompletionRequest,
-        http: Request,
-        prompt_ids: list[int],
-        requested_max_tokens: int | None,
-        max_tokens_field: str,
-        chat: bool,
-    ) -> Response:
-        engine = runtime.ready_engine()
-        service = runtime.config.service(body.model)
-        assert service is not None
-        max_tokens = _max_tokens(service, requested_max_tokens, max_tokens_field, len(prompt_ids),
-                                 engine.engine.loaded.max_model_len, chat)  # fmt: skip
-        try:
-            params = body.sampling_params(max_tokens)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_request_error") from None
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        request = EngineRequest(
-            request_id,
-            service.name,
-            service.service_class,
-            prompt_ids,
-            params,
-            slo=_slo_from_headers(http, runtime, service.name),
-        )
-        runtime.in_flight[request_id] = service.service_class
-        handed_to_stream = False
-        try:
-            try:
-                stream = engine.generate(request)
-                first = await anext(stream)
-            except RequestError as exc:
-                raise APIError(400, str(exc), "invalid_request_error", "invalid_request") from None
-            except UnknownServiceError as exc:
-                raise APIError(404, str(exc), "invalid_request_error", "model_not_found", "model") from None
-            except EngineDeadError as exc:
-                raise APIError(503, str(exc), "service_unavailable") from None
-            if first.finish_reason == FINISH_REJECTED:
-                retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
-                raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
-                               headers={"Retry-After": retry_after})  # fmt: skip
-            created = int(time.time())
-            if body.stream:
-                handed_to_stream = True  # the SSE generator leaves in_flight when the stream ends
-                return StreamingResponse(
-                    _sse(first, stream, request_id, created, body.model, chat, body.include_usage, runtime),
-                    media_type="text/event-stream",
-                )
-            text, last = first.text_delta, first
-            async for output in stream:
-                text += output.text_delta
-                last = output
-                if await http.is_disconnected():  # nobody to answer: free the KV now, not at max_tokens
-                    await stream.aclose()
-                    raise APIError(499, "client disconnected", "client_closed_request")
-            _raise_for_failure(last, request_id in runtime.cut_off)
-        finally:
-            if not handed_to_stream:
-                runtime.in_flight.pop(request_id, None)
-                runtime.cut_off.discard(request_id)
-        usage = _usage(last)
-        if chat:
-            return JSONResponse({
-                "id": request_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": last.finish_reason}],
-                "usage": usage,
-            })  # fmt: skip
-        return JSONResponse({
-            "id": request_id, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
-            "usage": usage,
-        })  # fmt: skip
-
-    post_security: list[dict[str, list[str]]] = [{}, {"bearer": []}]  # the key is per service, optional
-
-    @app.post(
-        "/v1/completions",
-        response_model=None,
-        openapi_extra={"security": post_security},
-        responses={200: {"model": CompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES},
-    )
-    async def completions(body: CompletionRequest, http: Request) -> Response:
-        _admit(body.model, http)
-        engine = runtime.ready_engine()
-        prompt = body.single_prompt()
-        prompt_ids = list(prompt) if isinstance(prompt, list) else engine.engine.tokenizer.encode(prompt)
-        return await _run(body, http, prompt_ids, body.max_tokens, "max_tokens", chat=False)
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=None,
-        openapi_extra={"security": post_security},
-        responses={200: {"model": ChatCompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES},
-    )
-    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
-        _admit(body.model, http)
-        tokenizer = runtime.ready_engine().engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(body.message_dicts())
-        except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_request_error", param="messages") from None
-        # The template writes BOS itself; adding it again would double it.
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        return await _run(body, http, prompt_ids, body.requested_max_tokens(), body.max_tokens_field, chat=True)
-
-    # The pool router's endpoints: token-level streams and live migration (migration.py).
-    from piggyback_runtime.migration import register_internal_routes
-
+    app.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health,
+                      responses={503: {"model": Health, "description": "not healthy"}})  # fmt: skip
+    app.add_api_route("/readyz", readyz, methods=["GET"], response_model=Health,
+                      responses=_NOT_READY)  # fmt: skip
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse,
+                      responses=_METRICS_RESPONSES)  # fmt: skip
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None,
+                      openapi_extra={"security": _POST_SECURITY},
+                      responses=_COMPLETION_RESPONSES)  # fmt: skip
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
+                      openapi_extra={"security": _POST_SECURITY},
+                      responses=_CHAT_RESPONSES)  # fmt: skip
+    # The pool router's endpoints: token-level streams and live migration (server/internal.py).
     register_internal_routes(app, runtime)
     return app
-
-
-def _max_tokens(
-    service: ServiceConfig, requested: int | None, field: str, prompt_len: int, max_model_len: int, chat: bool
-) -> int:
-    """The request's output limit: as sent (at most the service's max_tokens_limit), else the service default."""
-    limit = service.max_tokens_limit
-    if requested is not None:
-        if limit is not None and requested > limit:
-            also = "" if field == "max_tokens" else " (max_tokens)"
-            raise APIError(400, f"{field}{also} is {requested}, above the limit of {limit} for the model "
-                                f"`{service.name}` (its max_tokens_limit); ask for at most {limit}",
-                           "invalid_request_error", "invalid_request", field)  # fmt: skip
-        return requested
-    remaining = max(1, max_model_len - prompt_len)
-    if service.default_max_tokens is not None:
-        default = service.default_max_tokens
-    elif not chat:
-        default = COMPLETIONS_DEFAULT_MAX_TOKENS
-    elif service.service_class == "BE":
-        default = BE_DEFAULT_MAX_TOKENS
-    else:
-        default = remaining
-    # A default the client never asked for must not turn into a context-length 400: clamp it to what fits.
-    return max(1, min(default, remaining, limit or default))
 
 
 def _raise_for_failure(output: RequestOutput, cut_off: bool = False) -> None:
@@ -564,11 +534,7 @@ def _raise_for_failure(output: RequestOutput, cut_off: bool = False) -> None:
 
 
 def _usage(output: RequestOutput) -> dict[str, int]:
-    return {
-        "prompt_tokens": output.num_prompt_tokens,
-        "completion_tokens": output.num_output_tokens,
-        "total_tokens": output.num_prompt_tokens + output.num_output_tokens,
-    }
+    return usage(output.num_prompt_tokens, output.num_output_tokens)
 
 
 async def _sse(
@@ -616,7 +582,7 @@ async def _sse_events(
     # A failure ends the stream with an error event, then [DONE] as for any stream (clients wait for it).
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
         yield error(first)
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
         return
     if first.text_delta or first.finished:
         yield event(choice(first))
@@ -627,20 +593,18 @@ async def _sse_events(
             if output.text_delta:
                 yield event({**choice(output), "finish_reason": None})
             yield error(output)
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
             return
         if output.text_delta or output.finished:
             yield event(choice(output))
     if include_usage:
         yield event(None, _usage(last))
-    yield "data: [DONE]\n\n"
+    yield SSE_DONE
 
 
 def _sse_error(output: RequestOutput, cut_off: bool = False) -> str:
     if cut_off and output.finish_reason == FINISH_ERROR:
         # Retryable: the request did nothing wrong; the replica is going away.
-        body = error_body(f"The runtime is shutting down: {output.error}", "service_unavailable", "draining")
-    else:
-        message = f"The runtime failed this request: {output.error or output.finish_reason}"
-        body = error_body(message, "server_error", "engine_error")
-    return sse_data(body, ensure_ascii=True)
+        return sse_error(f"The runtime is shutting down: {output.error}", "service_unavailable", "draining")
+    message = f"The runtime failed this request: {output.error or output.finish_reason}"
+    return sse_error(message, "server_error", "engine_error")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request bodies and error bodies.
+"""The OpenAI layer: request bodies, and every response body, stream event and error envelope that the
+runtime's server (server/app.py) and the pool router (router/app.py) send; neither builds one by hand.
 
 Fields OpenAI defines but this runtime cannot honour (n > 1, logprobs, penalties, tools) are accepted only
 at their neutral value, and rejected otherwise with a message naming the field, rather than ignored.
@@ -10,9 +11,18 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from piggyback_runtime.config import ServiceConfig
 from piggyback_runtime.request import SamplingParams
+
+# max_tokens of a request that sends none, when its service sets no default_max_tokens:
+# - legacy completions: OpenAI's documented default;
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# - chat on a BE service: a BE request reserves host KV for prompt + max_tokens when admitted, so "the rest
+#   of the context" would reserve 16 GiB per request for Llama-3.1-8B's 128k context. LS chat gets the rest.
+BE_DEFAULT_MAX_TOKENS = 1024
 
 
 class _Body(BaseModel):
@@ -295,13 +305,106 @@ class Health(BaseModel):
     reason: str | None = None
 
 
+class APIError(Exception):
+    """A request the server answers with OpenAI's error envelope (`error_response`) and this status."""
+
+    def __init__(
+        self, status: int, message: str, err_type: str, code: str | None = None, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.code, self.param = status, message, err_type, code, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.err_type, self.code, self.param, self.headers)
+
+
 def error_body(message: str, err_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+def error_type_for(status: int) -> str:
+    """The envelope's `type` for a status when nothing more specific applies."""
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_response(status: int, message: str, err_type: str | None = None, code: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse(error_body(message, err_type or error_type_for(status), code, param), status_code=status,
+                        headers=headers)  # fmt: skip
+
+
+def resolve_max_tokens(
+    service: ServiceConfig, requested: int | None, field: str, prompt_len: int, max_model_len: int, chat: bool
+) -> int:
+    """The request's output limit: as sent (at most the service's max_tokens_limit), else the service default.
+    `field` is the body field the request sent it in (what a 400 names as `param`)."""
+    limit = service.max_tokens_limit
+    if requested is not None:
+        if limit is not None and requested > limit:
+            also = "" if field == "max_tokens" else " (max_tokens)"
+            raise APIError(400, f"{field}{also} is {requested}, above the limit of {limit} for the model "
+                                f"`{service.name}` (its max_tokens_limit); ask for at most {limit}",
+                           "invalid_request_error", "invalid_request", field)  # fmt: skip
+        return requested
+    remaining = max(1, max_model_len - prompt_len)
+    if service.default_max_tokens is not None:
+        default = service.default_max_tokens
+    elif not chat:
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+    elif service.service_class == "BE":
+        default = BE_DEFAULT_MAX_TOKENS
+    else:
+        default = remaining
+    # A default the client never asked for must not turn into a context-length 400: clamp it to what fits.
+    return max(1, min(default, remaining, limit or default))
+
+
+# -- response bodies -------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def completion_body(request_id: str, chat: bool, created: int, model: str, text: str, finish_reason: str | None,
+                    usage: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """A non-streamed answer: a `chat.completion` or a `text_completion` with its one choice."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=finish_reason)
+    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": usage}  # fmt: skip
+
+
+def model_card(name: str, created: int, root: str, service_class: str, max_model_len: int | None) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "piggyback", "root": root,
+            "service_class": service_class, "max_model_len": max_model_len}  # fmt: skip
+
+
+def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": cards}
+
+
+def health_body(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    """/healthz and /readyz: `status`, and `reason` when not healthy or not ready."""
+    return {"status": status, **({"reason": reason} if reason is not None else {}), **extra}
+
+
 # -- streaming: the runtime's server and the pool router send the same events ---------------------------------
+SSE_DONE = "data: [DONE]\n\n"  # every stream ends with it, a failed one too (clients wait for it)
+
+
 def sse_data(payload: dict[str, Any], ensure_ascii: bool = False) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=ensure_ascii)}\n\n"
+
+
+def sse_error(message: str, err_type: str, code: str | None) -> str:
+    """A stream's failure: an error envelope as one event (ASCII-escaped, as before [DONE])."""
+    return sse_data(error_body(message, err_type, code), ensure_ascii=True)
 
 
 def stream_chunk(request_id: str, chat: bool, created: int, model: str, choice: dict[str, Any] | None,
