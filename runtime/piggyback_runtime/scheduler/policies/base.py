@@ -21,10 +21,21 @@ changes. Who asks, and when:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol, TypeVar
 
-if TYPE_CHECKING:  # typing only: the request module is cheap, but the registry should import nothing it needn't
-    from piggyback_runtime.request import Request
+
+class RequestView(Protocol):
+    """What a policy reads of a request. A protocol rather than `request.Request` itself: config.py validates
+    policy names through this package, so it sits below the request module and may not import it."""
+
+    @property
+    def is_ls(self) -> bool: ...
+
+    @property
+    def arrival_s(self) -> float: ...
+
+
+Request = TypeVar("Request", bound=RequestView)
 
 
 class Policy:
