@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +319,25 @@ def test_read_probe_reads_every_element_of_the_buffer_it_is_given(num_threads):
     before = buf.clone()
     assert ca.stream_read_bytes_per_s(repeats=2, num_threads=num_threads, buffer=buf) > 0
     assert torch.equal(buf, before)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_the_next_one(tmp_path: Path) -> None:
+    """torch's build guard is a plain file: a build killed mid-way left it behind and every CPU worker then
+    waited on it until its start-up timeout. The OS-held lock is dropped with its dead holder, and the file
+    it guards is then known to be stale."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, pathlib, sys, time\n"
+        f"handle = open({str(tmp_path / 'piggyback.flock')!r}, 'w')\n"
+        "fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        f"pathlib.Path({str(tmp_path / 'lock')!r}).touch()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "lock").exists()
+    with ca._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()

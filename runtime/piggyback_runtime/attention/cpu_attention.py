@@ -13,6 +13,8 @@ not stall the engine loop.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import math
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,17 +115,37 @@ def _build(isa: str) -> Any:
     build_dir.mkdir(parents=True, exist_ok=True)
     _ensure_ninja_on_path()
     started = time.perf_counter()
-    module = cpp_extension.load(
-        name=f"piggyback_cpu_attention_{isa}_{key}",
-        sources=[str(_SOURCE)],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=True,
-        verbose=False,
-    )
+    with _build_lock(build_dir):
+        module = cpp_extension.load(
+            name=f"piggyback_cpu_attention_{isa}_{key}",
+            sources=[str(_SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=True,
+            verbose=False,
+        )
     log.info("cpu attention kernel (%s) ready in %.1f s (%s)", isa, time.perf_counter() - started, build_dir)
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds of one kernel across processes with a lock the OS drops when its holder dies.
+
+    torch's own guard is a file (`lock`) that a build killed mid-way leaves behind, and every later process
+    then waits on it forever (CPU workers time out at start). Every builder here takes this flock first, so
+    a `lock` file found while holding it belongs to a dead build and is removed."""
+    with open(build_dir / "piggyback.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing a stale build lock left by an interrupted build: %s", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load(isa: str | None = None) -> Any | None:
