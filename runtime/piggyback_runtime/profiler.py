@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from piggyback_runtime.attention.paged import AttentionBatch, attention_kernel, paged_attention
+from piggyback_runtime.config import SLOControlConfig
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel
@@ -491,8 +492,6 @@ def load_or_profile(
     """The cached profile of this model on this device once a short probe agrees with it within
     `trust_factor` (default: slo_control.profile_trust_factor's), else a fresh one (then cached). For engine
     startup. Logs which it used and why. `probe` and `profile` are what measure (replaceable in tests)."""
-    from piggyback_runtime.config import SLOControlConfig  # config imports nothing from here; kept lazy anyway
-
     factor = SLOControlConfig().profile_trust_factor if trust_factor is None else trust_factor
     cache = Path(cache_dir) if cache_dir is not None else default_profile_dir()
     key = profile_key(loaded)
