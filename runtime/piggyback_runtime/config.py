@@ -180,6 +180,9 @@ class SLOControlConfig(_Strict):
     max_be_queue: Annotated[int, Field(ge=0)] = 1024
     # Where the latency profile is cached (default ~/.cache/piggyback/profiles, or $PIGGYBACK_PROFILE_DIR).
     profile_cache_dir: str | None = None
+    # At start a cached profile is checked by timing a few forward steps; it is profiled again when any of them
+    # is off from its prediction by more than this factor (either way: 1.5 = 50 % slower or 1/1.5 as fast).
+    profile_trust_factor: Annotated[float, Field(gt=1, le=100)] = 1.5
     # How often the LS headroom figure for the operator is recomputed.
     headroom_interval_s: Annotated[float, Field(gt=0)] = 1.0
 

@@ -4,7 +4,8 @@ path's extra per-layer work for merged BE rows.
 
 `profile_latency` times the loaded model's own modules (so the profile reflects this model, dtype, device and
 kernels) and fits `latency_model.LatencyModel`. `load_or_profile` is what the engine calls at startup: the
-cached profile for this (model, dtype, device, architecture, code version) or a fresh one, saved.
+cached profile for this (model, dtype, device, architecture, code version) once a short probe of a few forward
+steps agrees with it within a stated factor (`judge_cached_profile`), else a fresh one, saved.
 `profile_main` is the `piggyback profile --config runtime.yaml [--out PATH]` command.
 """
 
@@ -13,18 +14,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from piggyback_runtime.attention.paged import AttentionBatch, attention_kernel, paged_attention
+from piggyback_runtime.config import SLOControlConfig
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.kv.cache import PagedKVCache, kv_block_bytes
 from piggyback_runtime.model.loader import LoadedModel
@@ -210,52 +214,72 @@ def decode_cost_in_use(loaded: LoadedModel, device: torch.device | None = None) 
     return DECODE_COST_SUM if kernel.decode_cost_is_sum_of_contexts else DECODE_COST_PADDED
 
 
+class _DecodeSteps:
+    """Whole forward steps of up to `max_rows` decodes at `context` tokens, as the model runner runs them
+    (`step`), and the same step's modules alone on a prepared batch (`modules`). Used by the profile's step
+    timings and by the probe that checks a cached profile."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, max_rows: int, context: int) -> None:
+        arch = loaded.arch
+        self.net, self.device, self.context = loaded.model, device, context
+        per_row = -(-context // _BLOCK_SIZE)
+        cap = _GPU_KV_BYTES if device.type == "cuda" else _CPU_KV_BYTES
+        fit = cap // kv_block_bytes(arch, _BLOCK_SIZE, loaded.dtype)
+        num_blocks = max(per_row + 1, min(max_rows * per_row + 1, fit))
+        self.cache = PagedKVCache(arch, num_blocks, _BLOCK_SIZE, loaded.dtype, device)
+        self.scale = arch.head_dim**-0.5
+        # Rows share blocks when the cache cap is reached: what is timed is the work, not the values read.
+        self.tables = [[(i * per_row + b) % num_blocks for b in range(per_row)] for i in range(max_rows)]
+        self.requests = [Request(f"profile-{i}", "profile", "LS", [1], SamplingParams()) for i in range(max_rows)]
+
+    def _layers(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        for index, layer in enumerate(self.net.layers):
+            q, k, v = layer.pre_attention(hidden, cos, sin)
+            hidden = layer.post_attention(paged_attention(index, q, k, v, self.cache, batch, self.scale), hidden)
+        return hidden
+
+    def _inputs(self, rows: int) -> tuple[AttentionBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        device, context = self.device, self.context
+        batch = AttentionBatch.build([(self.tables[i], context - 1) for i in range(rows)], [], _BLOCK_SIZE, device)
+        hidden = self.net.embed(torch.tensor([1] * rows, dtype=torch.long, device=device))
+        cos, sin = self.net.rope(torch.tensor([context - 1] * rows, dtype=torch.long, device=device), hidden.dtype)
+        return batch, hidden, cos, sin
+
+    def step(self, rows: int) -> Callable[[], object]:
+        """Host metadata built and uploaded, embedding and rotary tables, every layer with paged attention,
+        logits and sampling with the API's default parameters, token ids back on the host."""
+
+        def run() -> object:
+            batch, hidden, cos, sin = self._inputs(rows)
+            return sample(self.net.compute_logits(self._layers(hidden, cos, sin, batch)), self.requests[:rows])
+
+        return run
+
+    def modules(self, rows: int) -> Callable[[], object]:
+        batch, hidden, cos, sin = self._inputs(rows)
+        return lambda: self.net.compute_logits(self._layers(hidden, cos, sin, batch))
+
+
+def decode_step_shape(model: LatencyModel, rows: int, context: int) -> IterationShape:
+    """The iteration a step of `rows` decodes at `context` tokens each is to the latency model."""
+    return IterationShape(rows, 0.0, model.decode_load(rows, rows * context, context), rows)
+
+
 @torch.inference_mode()
 def _profile_steps(
     loaded: LoadedModel, device: torch.device, model: LatencyModel, row_counts: Sequence[int], context: int,
     repeats: int,
 ) -> list[tuple[IterationShape, float]]:  # fmt: skip
-    """Timed whole forward steps of `rows` decodes at `context` tokens, as the model runner runs them: host
-    metadata built and uploaded, embedding and rotary tables, every layer with paged attention, logits and
-    sampling with the API's default parameters, token ids back on the host.
+    """Timed whole forward steps of `rows` decodes at `context` tokens (`_DecodeSteps.step`).
 
     Each step is timed right next to its modules alone (layers and logits on a prepared batch); the sample is
     the model's own prediction plus what the step took beyond its modules, so that errors of the module fits
     are not read as overhead: on a GPU the median of the paired differences, on shared CPU cores (where
     foreign load only ever adds time) the fastest step less the fastest modules-only run."""
-    arch, net = loaded.arch, loaded.model
-    per_row = -(-context // _BLOCK_SIZE)
-    cap = _GPU_KV_BYTES if device.type == "cuda" else _CPU_KV_BYTES
-    num_blocks = max(
-        per_row + 1, min(max(row_counts) * per_row + 1, cap // kv_block_bytes(arch, _BLOCK_SIZE, loaded.dtype))
-    )
-    cache = PagedKVCache(arch, num_blocks, _BLOCK_SIZE, loaded.dtype, device)
-    scale = arch.head_dim**-0.5
-    # Rows share blocks when the cache cap is reached: what is timed is the work, not the values read.
-    tables = [[(i * per_row + b) % num_blocks for b in range(per_row)] for i in range(max(row_counts))]
-    requests = [Request(f"profile-{i}", "profile", "LS", [1], SamplingParams()) for i in range(max(row_counts))]
-
-    def layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        for index, layer in enumerate(net.layers):
-            q, k, v = layer.pre_attention(hidden, cos, sin)
-            hidden = layer.post_attention(paged_attention(index, q, k, v, cache, batch, scale), hidden)
-        return hidden
-
-    def step(rows: int) -> Callable[[], object]:
-        def run() -> object:
-            batch = AttentionBatch.build([(tables[i], context - 1) for i in range(rows)], [], _BLOCK_SIZE, device)
-            hidden = net.embed(torch.tensor([1] * rows, dtype=torch.long, device=device))
-            cos, sin = net.rope(torch.tensor([context - 1] * rows, dtype=torch.long, device=device), hidden.dtype)
-            return sample(net.compute_logits(layers(hidden, cos, sin, batch)), requests[:rows])
-
-        return run
-
-    def modules(rows: int) -> Callable[[], object]:
-        batch = AttentionBatch.build([(tables[i], context - 1) for i in range(rows)], [], _BLOCK_SIZE, device)
-        hidden = net.embed(torch.tensor([1] * rows, dtype=torch.long, device=device))
-        cos, sin = net.rope(torch.tensor([context - 1] * rows, dtype=torch.long, device=device), hidden.dtype)
-        return lambda: net.compute_logits(layers(hidden, cos, sin, batch))
-
+    steps = _DecodeSteps(loaded, device, max(row_counts), context)
+    step, modules = steps.step, steps.modules
     step(max(row_counts))()  # warm up
     order = list(row_counts)
     rng = random.Random(2)
@@ -270,7 +294,7 @@ def _profile_steps(
             beyond = statistics.median(whole - parts for whole, parts in timed)
         else:
             beyond = min(whole for whole, _ in timed) - min(parts for _, parts in timed)
-        shape = IterationShape(rows, 0.0, model.decode_load(rows, rows * context, context), rows)
+        shape = decode_step_shape(model, rows, context)
         samples.append((shape, model.predict(shape) + beyond))
     return samples
 
@@ -373,17 +397,118 @@ def profile_latency(
     return model
 
 
-def load_or_profile(loaded: LoadedModel, cache_dir: str | Path | None = None) -> LatencyModel:
-    """The cached profile of this model on this device, or a fresh one (then cached). For engine startup."""
+# The probe that checks a cached profile before it is trusted: whole decode steps at three batch sizes (the
+# profile's own step shapes, so a fresh profile predicts them closely), a few interleaved timings each.
+GPU_PROBE_ROWS: tuple[int, ...] = (1, 32, 256)
+CPU_PROBE_ROWS: tuple[int, ...] = (1, 8, 32)
+GPU_PROBE_REPEATS, CPU_PROBE_REPEATS = 5, 3
+
+
+@dataclass(frozen=True)
+class ProbeTiming:
+    """One probed shape: a step of `rows` decodes, what the cached profile predicts for it and what it took."""
+
+    rows: int
+    predicted_s: float
+    measured_s: float
+
+    def off_by(self) -> float:
+        """How far apart prediction and measurement are, as a factor >= 1 in either direction (inf if either
+        is not positive: such a prediction cannot be trusted)."""
+        if self.predicted_s <= 0 or self.measured_s <= 0:
+            return math.inf
+        return max(self.measured_s / self.predicted_s, self.predicted_s / self.measured_s)
+
+
+ProfileSource = Literal["cached", "reprofiled", "profiled"]
+
+
+@dataclass(frozen=True)
+class ProfileDecision:
+    """What `load_or_profile` does with the cache: use it ("cached": verified by the probe), profile again
+    ("reprofiled": the cached profile was off by more than the trust factor) or profile ("profiled": no
+    cached profile for this key). `reason` is the sentence the log says."""
+
+    source: ProfileSource
+    reason: str
+    off_by: float | None = None  # the worst probed shape's factor (None without a cached profile)
+
+
+def judge_cached_profile(probes: Sequence[ProbeTiming] | None, trust_factor: float) -> ProfileDecision:
+    """Trust a cached profile when no probed shape is off by more than `trust_factor` (in either direction: a
+    too pessimistic model refuses LS requests and BE rows the SLO would allow, a too optimistic one breaks
+    the SLO). `probes` None: there is no cached profile. Pure: timings in, decision out."""
+    if trust_factor < 1:
+        raise ValueError(f"trust_factor must be >= 1, got {trust_factor}")
+    if probes is None:
+        return ProfileDecision("profiled", "no cached profile for this model, dtype and device")
+    if not probes:
+        raise ValueError("judge_cached_profile needs at least one probe timing")
+    worst = max(probes, key=ProbeTiming.off_by)
+    off = worst.off_by()
+    where = (f"a step of {worst.rows} decode row(s) took {worst.measured_s * 1e3:.3f} ms, the cached profile "
+             f"predicts {worst.predicted_s * 1e3:.3f} ms")  # fmt: skip
+    if off > trust_factor:
+        return ProfileDecision("reprofiled", f"cached but off by {off:.2f}x > {trust_factor}x ({where})", off)
+    return ProfileDecision("cached", f"cached and verified: within {off:.2f}x <= {trust_factor}x ({where})", off)
+
+
+@torch.inference_mode()
+def probe_latency(
+    loaded: LoadedModel,
+    model: LatencyModel,
+    device: torch.device | None = None,
+    row_counts: Sequence[int] | None = None,
+    repeats: int | None = None,
+) -> list[ProbeTiming]:
+    """Time a few whole decode steps of the loaded model and pair each with `model`'s prediction. Repeats
+    are interleaved over the shapes; a shape's time is its median on a GPU, its fastest run on shared CPU
+    cores (foreign load only ever adds time), as the profile itself reduces its timings."""
+    device = device or loaded.device
+    gpu = device.type == "cuda"
+    row_counts = row_counts or (GPU_PROBE_ROWS if gpu else CPU_PROBE_ROWS)
+    repeats = repeats or (GPU_PROBE_REPEATS if gpu else CPU_PROBE_REPEATS)
+    context = GPU_STEP_CONTEXT if gpu else CPU_STEP_CONTEXT
+    steps = _DecodeSteps(loaded, device, max(row_counts), context)
+    steps.step(max(row_counts))()  # warm up
+    timings: dict[int, list[float]] = {rows: [] for rows in row_counts}
+    for _ in range(repeats):
+        for rows in row_counts:
+            timings[rows] += _timed(steps.step(rows), device, 1)
+    pick = statistics.median if gpu else min
+    return [
+        ProbeTiming(rows, model.predict(decode_step_shape(model, rows, context)), pick(times))
+        for rows, times in timings.items()
+    ]
+
+
+def load_or_profile(
+    loaded: LoadedModel,
+    cache_dir: str | Path | None = None,
+    trust_factor: float | None = None,
+    probe: Callable[[LoadedModel, LatencyModel], Sequence[ProbeTiming]] = probe_latency,
+    profile: Callable[[LoadedModel], LatencyModel] = profile_latency,
+) -> LatencyModel:
+    """The cached profile of this model on this device once a short probe agrees with it within
+    `trust_factor` (default: slo_control.profile_trust_factor's), else a fresh one (then cached). For engine
+    startup. Logs which it used and why. `probe` and `profile` are what measure (replaceable in tests)."""
+    factor = SLOControlConfig().profile_trust_factor if trust_factor is None else trust_factor
     cache = Path(cache_dir) if cache_dir is not None else default_profile_dir()
     key = profile_key(loaded)
-    model = load_or_none(cache, key)
-    if model is None:
-        model = profile_latency(loaded)
-        try:
-            model.save_to_cache(cache, key)
-        except OSError as exc:  # a read-only home must not stop the runtime
-            log.warning("could not cache the latency profile in %s: %s", cache, exc)
+    cached = load_or_none(cache, key)
+    decision = judge_cached_profile(None if cached is None else probe(loaded, cached), factor)
+    path = cache / key.file_name()
+    if decision.source == "cached":
+        assert cached is not None
+        log.info("latency profile %s: %s", path, decision.reason)
+        return cached
+    log.info("latency profile %s: %s; profiling %s now", path, decision.reason, loaded.uri)
+    model = profile(loaded)
+    try:
+        model.save_to_cache(cache, key)
+    except OSError as exc:  # a read-only home must not stop the runtime
+        log.warning("could not cache the latency profile in %s: %s", cache, exc)
+    log.info("latency profile %s: %s", path, "re-profiled" if decision.source == "reprofiled" else "profiled")
     return model
 
 

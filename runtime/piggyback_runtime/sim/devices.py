@@ -27,7 +27,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from piggyback_runtime.model.arch import ModelArch, synthetic_arch
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, isotonic
@@ -201,6 +201,70 @@ def resolve_model(name: str) -> ModelShape:
     return MODELS[key]
 
 
+def vidur_compute_dir(data_dir: str | Path | None, gpu: str) -> Path:
+    """profiling/compute/<gpu>/ of the Vidur data: one folder per model (org/name), each with an mlp.csv."""
+    return _data_dir(data_dir) / "profiling" / "compute" / _vidur_gpu_name(gpu)
+
+
+def _read_hf_config(config: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(config.read_text())
+    except OSError as e:
+        raise ValueError(f"{config}: cannot read it: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config}: not a Hugging Face config (a JSON object)")
+    return cfg
+
+
+def resolve_vidur_model(
+    model: str, gpu: str, data_dir: str | Path | None = None, vidur_model: str | None = None
+) -> ModelShape:
+    """The shape of `model` and the folder under profiling/compute/<gpu>/ that holds its Vidur timings.
+
+    `model` is one of:
+    - a preset name (resolve_model: llama-2-70b, ...); `vidur_model` then replaces its folder;
+    - a folder with a Hugging Face config.json (a path, or file://PATH): the shape from config.json, the
+      timings from the folder `vidur_model` names, else the config's `_name_or_path` (what Hugging Face
+      writes there when a model is downloaded: "meta-llama/Meta-Llama-3-8B");
+    - a model name as the Vidur data lays it out ("meta-llama/Meta-Llama-3-8B"): the preset with that folder,
+      else the shape from a config.json in that folder of the data.
+    A missing piece is a ValueError naming the path looked at. Whether the timings exist for this GPU and TP
+    degree, and match the shape, read_dense_profile checks.
+    """
+    if model.startswith("file://") or Path(model).is_dir():
+        folder = Path(model.removeprefix("file://")).expanduser()
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{config}: no such file (device.model names a folder: it needs the model's Hugging "
+                             "Face config.json for its shape)")  # fmt: skip
+        cfg = _read_hf_config(config)
+        arch = ModelArch.from_hf_config(cfg, str(config))
+        vidur_dir = vidur_model or cfg.get("_name_or_path")
+        if not vidur_dir or not isinstance(vidur_dir, str):
+            raise ValueError(f"{config}: no _name_or_path to find the model's Vidur timings by; set device."
+                             f"vidur_model to its folder under {vidur_compute_dir(data_dir, gpu)}")  # fmt: skip
+        return ModelShape.from_arch(vidur_dir, arch, vidur_dir)
+    if "/" in model:
+        by_folder = {str(s.vidur_dir).lower(): s for s in MODELS.values()}
+        preset = by_folder.get(model.lower())
+        if preset is not None:
+            return preset
+        config = vidur_compute_dir(data_dir, gpu) / model / "config.json"
+        if not config.is_file():
+            presets = ", ".join(sorted(VIDUR_DIRS.values()))
+            raise ValueError(f"no shape for model {model!r}: it is no preset's Vidur folder ({presets}) and "
+                             f"{config} does not exist; put the model's Hugging Face config.json there, or set "
+                             "device.model to a folder with it")  # fmt: skip
+        return ModelShape.from_arch(model, ModelArch.from_hf_config(_read_hf_config(config), str(config)), model)
+    key = MODEL_ALIASES.get(model.lower(), model.lower())
+    if key not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known models: {', '.join([*MODELS, *MODEL_ALIASES])}; or a "
+                         "folder with a Hugging Face config.json, or a Vidur model name (org/name)")  # fmt: skip
+    return MODELS[key] if vidur_model is None else replace(MODELS[key], vidur_dir=vidur_model)
+
+
 def resolve_gpu(name: str) -> GPUSpec:
     key = _GPU_ALIASES.get(name.lower(), name.lower())
     if key not in GPUS:
@@ -284,7 +348,12 @@ def read_dense_profile(data_dir: str | Path | None, gpu: str, shape: ModelShape,
     """
     if shape.vidur_dir is None:
         raise ValueError(f"model {shape.name!r} has no Vidur timings (vidur_dir is None)")
-    path = _data_dir(data_dir) / "profiling" / "compute" / _vidur_gpu_name(gpu) / shape.vidur_dir / "mlp.csv"
+    compute = vidur_compute_dir(data_dir, gpu)
+    path = compute / shape.vidur_dir / "mlp.csv"
+    if compute.is_dir() and not path.is_file():  # a missing data folder as a whole: _read_csv says so
+        measured = sorted(str(p.parent.relative_to(compute)) for p in compute.glob("*/*/mlp.csv"))
+        raise ValueError(f"{path}: no such file: no Vidur timings of {shape.vidur_dir!r} on {gpu}; models "
+                         f"measured on it: {', '.join(measured) or 'none'}")  # fmt: skip
     shape_cols = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size")
     op_cols = [f"time_stats.{op}.median" for op in DENSE_OPS]
     rows = _read_csv(path, [*shape_cols, "num_tokens", "num_tensor_parallel_workers", *op_cols])
@@ -527,15 +596,17 @@ def build_gpu_profile(
     topology: Literal["dgx", "pairwise_nvlink"] = "dgx",
     overhead_s: float | None = None,
     mixing_penalty: float = 0.5,
+    vidur_model: str | None = None,
 ) -> DeviceProfile:
     """A GPU node's profile: the planner's LatencyModel from measured Dense + all-reduce timings and
     analytic attention / lm_head. overhead_s None: default_overhead_s(tp). host None: the GPU's DGX host.
+    model (and vidur_model): a preset, a folder with config.json or a Vidur model name (resolve_vidur_model).
 
     f_D(rows) = num_layers × (Dense per layer at this TP + 2 all-reduces of rows × hidden × 2 bytes),
     fitted as a monotone staircase at the measured sizes (1..4096 tokens; it extrapolates beyond).
     """
     spec = resolve_gpu(gpu)
-    shape = resolve_model(model)
+    shape = resolve_vidur_model(model, spec.name, data_dir, vidur_model)
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     dense_per_layer = read_dense_profile(data_dir, spec.name, shape, tp)

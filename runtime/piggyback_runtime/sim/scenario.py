@@ -7,7 +7,9 @@ workload:
 runtime: {model: {uri: synthetic://llama-2-70b}, services: [...], engine: {...}, piggyback: {...}}
 device:
   gpu: h100                 # a100-80gb | h100: timings from ../shared/data/vidur (per-layer Dense, all-reduce)
-  model: llama-2-70b        # llama-2-7b | llama-2-70b | codellama-34b (yi-34b) | llama-3-8b
+  model: llama-2-70b        # llama-2-7b | llama-2-70b | codellama-34b (yi-34b) | llama-3-8b, a Vidur model name
+                            # (meta-llama/Meta-Llama-3-8B) or a folder with a Hugging Face config.json
+  # vidur_model: ORG/NAME   # the folder under profiling/compute/<gpu>/ (default: config.json's _name_or_path)
   tp: 4
   host: {preset: dgx-h100}  # or cores, sockets, dram_bandwidth_gb_s_per_socket, dram_gib, ...
   remote: {preset: 1g4c}    # optional CPU-only nodes; or count, cores_per_node, ... fields
@@ -74,6 +76,8 @@ class DeviceConfig(_Strict):
     mixing_penalty: Annotated[float, Field(ge=0)] | None = None
     overhead_s: Annotated[float, Field(ge=0)] | None = None
     data_dir: str | None = None  # the vidur data folder (default ../shared/data/vidur or $PIGGYBACK_VIDUR_DIR)
+    # With gpu: the folder under profiling/compute/<gpu>/ holding the model's timings (devices.resolve_vidur_model)
+    vidur_model: str | None = None
 
 
 class ScenarioSpec(_Strict):
@@ -122,6 +126,8 @@ def load_scenario(data: Any, source: str = "scenario") -> ScenarioSpec:
     device = spec.device
     if (device.gpu is None) == (device.runtime_profile is None):
         raise ConfigError(f"{source}: device: set exactly one of `gpu` (a vidur-measured GPU) or `runtime_profile`")
+    if device.vidur_model is not None and device.gpu is None:
+        raise ConfigError(f"{source}: device.vidur_model names Vidur timings, which only a `gpu` device reads")
     workload_services = {s.service for s in spec.workload.sources if s.service is not None}
     unknown = sorted(workload_services - {s.name for s in runtime.services})
     if unknown:
@@ -185,8 +191,12 @@ def build_device(config: DeviceConfig, base_dir: Path | None = None) -> devices.
             profile = devices.load_runtime_profile(path, shape_for(config.model), host, remote=remote)
         else:
             assert config.gpu is not None
-            profile = devices.build_gpu_profile(config.gpu, config.model, config.tp, host, remote, config.data_dir,
-                                                config.topology, config.overhead_s)  # fmt: skip
+            model = config.model
+            if not model.startswith("file://") and base_dir is not None and (base_dir / model).is_dir():
+                model = str(base_dir / model)  # a folder relative to the scenario file, as runtime_profile is
+            profile = devices.build_gpu_profile(config.gpu, model, config.tp, host, remote, config.data_dir,
+                                                config.topology, config.overhead_s,
+                                                vidur_model=config.vidur_model)  # fmt: skip
     except ValueError as exc:
         raise ConfigError(f"device: {exc}") from None
     if config.mixing_penalty is not None:
