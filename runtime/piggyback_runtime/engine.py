@@ -102,7 +102,8 @@ class Engine:
 
         self.planner = Planner(
             config, num_blocks, host_kv,
-            latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir)),
+            latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir,
+                                                      config.slo_control.profile_trust_factor)),
             append_token=append_token,
         )  # fmt: skip
         self.runner = ModelRunner(config, self.loaded, self.planner.allocator, self.planner.policy,
