@@ -154,6 +154,7 @@ def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
         from piggyback_runtime.kv.host import HostKV
         from piggyback_runtime.request import Request, SamplingParams
         from piggyback_runtime.scheduler import batching, latency_model, planner, policies, slo_control  # noqa: F401
+        from piggyback_runtime.scheduler import outputs, stats  # noqa: F401
         from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel
         config = RuntimeConfig.from_dict({"model": {"uri": "synthetic://tiny-llama"},
             "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
