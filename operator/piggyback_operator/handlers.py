@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from piggyback_operator import admission, conditions, pools
 from piggyback_operator import telemetry as t
-from piggyback_operator.api import PLURAL, LLMServiceSpec
+from piggyback_operator.api import API_VERSION, KIND, PLURAL, LLMServiceSpec, unknown_spec_fields
 from piggyback_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
 from piggyback_operator.kube import Conflict, Kube, load_client_config
 from piggyback_operator.placement import NodeInfo, PodUsage, room
@@ -403,6 +403,11 @@ async def _reconcile(
     body: kopf.Body, old: Any, reason: str, memo: kopf.Memo, logger: kopf.Logger,
     members_index: kopf.Index, nodes_index: kopf.Index, usage_index: kopf.Index, pods_index: kopf.Index,
 ) -> None:  # fmt: skip
+    unknown = unknown_spec_fields(body)
+    if unknown:  # a typo the API server pruned does nothing: say so where `kubectl describe` shows it
+        kopf.warn(body, reason="UnknownField", message=(
+            f"{', '.join(unknown)}: not a field of {KIND} {API_VERSION}; the API server drops it, so it has no "
+            "effect. Check the spelling (kubectl explain llms.spec) and apply with --validate=strict."))
     try:
         member = member_from_body(body)
     except kopf.PermanentError as exc:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +170,7 @@ def merged_node_selector(members: Sequence[Member]) -> tuple[dict[str, str], lis
     merged: dict[str, str] = {}
     conflicts: list[str] = []
     for m in ordered(members):
-        for key, value in m.spec.placement.node_selector.items():
+        for key, value in m.spec.node_selector.items():
             if key in merged and merged[key] != value:
                 conflicts.append(f"{key} ({merged[key]!r} vs {value!r} from {m.name})")
             merged.setdefault(key, value)
@@ -180,10 +180,63 @@ def merged_node_selector(members: Sequence[Member]) -> tuple[dict[str, str], lis
 def merged_tolerations(members: Sequence[Member]) -> list[Toleration]:
     seen: list[Toleration] = []
     for m in ordered(members):
-        for t in m.spec.placement.tolerations:
+        for t in m.spec.tolerations:
             if t not in seen:
                 seen.append(t)
     return seen
+
+
+@dataclass(frozen=True)
+class PodOverrides:
+    """The members' spec.pod merged: the pod is one, its members many. Lists and maps are merged by name
+    (the first member, by creation, wins a name both set); single values come from the first that sets them."""
+
+    image: str | None
+    image_pull_secrets: list[dict[str, Any]]
+    priority_class_name: str | None
+    affinity: dict[str, Any] | None
+    env: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    volume_mounts: list[dict[str, Any]]
+    annotations: dict[str, str]
+    labels: dict[str, str]
+    requests: dict[str, str]
+    limits: dict[str, str]
+
+
+def merged_pod_settings(members: Sequence[Member]) -> PodOverrides:
+    def first(values: Iterable[Any]) -> Any:
+        return next((v for v in values if v is not None), None)
+
+    def by_name(lists: Iterable[Iterable[Any]], key: str = "name") -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for items in lists:
+            for item in items:
+                body = item.model_dump(mode="json", by_alias=True, exclude_none=True)
+                out.setdefault(body[key], body)
+        return list(out.values())
+
+    def merged(maps: Iterable[Mapping[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for m in maps:
+            for k, v in m.items():
+                out.setdefault(k, v)
+        return out
+
+    pods = [m.spec.pod for m in ordered(members)]
+    return PodOverrides(
+        image=first(p.image for p in pods),
+        image_pull_secrets=by_name(p.image_pull_secrets for p in pods),
+        priority_class_name=first(p.priority_class_name for p in pods),
+        affinity=first(p.affinity for p in pods),
+        env=by_name(p.env for p in pods),
+        volumes=by_name(p.volumes for p in pods),
+        volume_mounts=by_name((p.volume_mounts for p in pods), key="mountPath"),
+        annotations=merged(p.annotations for p in pods),
+        labels=merged(p.labels for p in pods),
+        requests=merged(p.resources.requests for p in pods if p.resources),
+        limits=merged(p.resources.limits for p in pods if p.resources),
+    )  # fmt: skip
 
 
 def gpus_per_replica(members: Sequence[Member]) -> int:
@@ -303,6 +356,7 @@ def render_children(
     gpus = str(gpus_per_replica(members))
     volumes, mounts = _volumes(config.model.uri)
     volumes[0]["configMap"]["name"] = pool
+    pod = merged_pod_settings(members)
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": pool, "namespace": namespace, "labels": pool_labels, "ownerReferences": owners},
@@ -311,22 +365,30 @@ def render_children(
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {
         "name": "runtime",
-        "image": runtime_image(),
+        "image": pod.image or runtime_image(),
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
-        "env": [*runtime_env(members), internal_token_env(pool)],
+        # The operator's own variables first; spec.pod.env cannot name them (api.RESERVED_ENV_*).
+        "env": [*runtime_env(members), internal_token_env(pool), *pod.env],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
-            "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, GPU_RESOURCE: gpus},
-            "limits": {"memory": memory, GPU_RESOURCE: gpus},
+            "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, **pod.requests, GPU_RESOURCE: gpus},
+            "limits": {"memory": memory, **pod.limits, GPU_RESOURCE: gpus},
         },
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
         # Loading weights takes minutes on large models; liveness starts counting after this succeeds.
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
         "securityContext": container_security_context(),
-        "volumeMounts": mounts,
+        "volumeMounts": [*mounts, *pod.volume_mounts],
     }
+    pod_spec: dict[str, Any] = {}
+    if pod.priority_class_name:
+        pod_spec["priorityClassName"] = pod.priority_class_name
+    if pod.affinity:
+        pod_spec["affinity"] = pod.affinity
+    if pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = pod.image_pull_secrets
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {
@@ -339,8 +401,11 @@ def render_children(
             # No surge: a surge replica needs a spare GPU, which a full node does not have.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {
-                "metadata": {"labels": pool_labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
+                # The members' labels and annotations cannot override the operator's (CEL refuses those keys).
+                "metadata": {"labels": {**pod.labels, **pool_labels},
+                             "annotations": {**pod.annotations, ANNOTATION_CONFIG_HASH: config_hash}},
                 "spec": {
+                    **pod_spec,
                     "securityContext": {
                         "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
                         "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
@@ -352,7 +417,7 @@ def render_children(
                     "nodeSelector": selector,
                     "tolerations": tolerations,
                     "containers": [container],
-                    "volumes": volumes,
+                    "volumes": [*volumes, *pod.volumes],
                     "enableServiceLinks": False,
                 },
             },

@@ -2,7 +2,7 @@
 LLMService's Service sends clients to it; with one replica clients reach the runtime directly.
 
 Specification:
-- The CRD accepts roundRobin | leastLoaded | lengthAware (default roundRobin) and refuses anything else.
+- The CRD accepts roundRobin | leastLoaded | lengthAware | gateway (default roundRobin) and refuses anything else.
 - One replica: no router Deployment; the Service selects the pool's runtime pods.
 - Two replicas: a router Deployment (owned by the pool's members, hardened like the runtime pods: non-root,
   read-only root filesystem, no capabilities, no service account token) running `piggyback router` with the
@@ -23,7 +23,7 @@ def test_routing_is_an_enum_with_round_robin_by_default() -> None:
     assert api.Placement().routing == "roundRobin"
     schema = api.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     routing = schema["properties"]["spec"]["properties"]["placement"]["properties"]["routing"]
-    assert routing["enum"] == ["roundRobin", "leastLoaded", "lengthAware"] and routing["default"] == "roundRobin"
+    assert routing["enum"] == ["roundRobin", "leastLoaded", "lengthAware", "gateway"] and routing["default"] == "roundRobin"
     with pytest.raises(ValueError, match="roundRobin"):
         api.Placement.model_validate({"routing": "random"})
 
