@@ -24,7 +24,7 @@ import kopf
 import kubernetes
 from pydantic import ValidationError
 
-from piggyback_operator import admission, conditions, pools
+from piggyback_operator import admission, autoscaling, conditions, pools
 from piggyback_operator import telemetry as t
 from piggyback_operator.api import API_VERSION, KIND, PLURAL, LLMServiceSpec, unknown_spec_fields
 from piggyback_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
@@ -179,18 +179,34 @@ def node_rooms(gpu_nodes: kopf.Index, pod_usage: kopf.Index) -> dict[str, Any]:
 
 
 async def apply_pool(
-    key: PoolKey, members: list[pools.Member], memo: kopf.Memo, logger: kopf.Logger, scale_to: int | None = None
+    key: PoolKey, members: list[pools.Member], memo: kopf.Memo, logger: kopf.Logger, scale_to: int | None = None,
+    reset_scaled: bool = False, pods: list[RuntimePod] | None = None,
 ) -> int:
-    """Render and apply the pool's ConfigMap and Deployment; returns the Deployment's replicas."""
+    """Render and apply the pool's ConfigMap and Deployment; returns the Deployment's replicas.
+
+    `reset_scaled`: a member's spec.replicas changed (kubectl scale, the HPA through /scale): the replicas
+    admission added are forgotten, so the members' replicas decide and a scale-down happens. `pods`: the
+    pool's runtime pods, so a scale-down can mark the replicas to remove first (pod deletion cost).
+    """  # fmt: skip
     namespace, pool = key
     if not members:
         memo.rendered.pop(key, None)
         return 0
     current = await memo.kube.read_deployment(namespace, pool)
     scaled = int(((current or {}).get("metadata", {}).get("annotations") or {}).get(pools.ANNOTATION_SCALED, 0))
+    if reset_scaled:
+        scaled = 0
     if scale_to is not None:
         scaled = max(scaled, scale_to)
     replicas = pools.desired_replicas(members, scaled)
+    current_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+    if pods and replicas < current_replicas:
+        # The ReplicaSet controller removes the lowest deletion cost first: the replicas with the least work
+        # in flight, whose drain (readiness off at SIGTERM, in-flight requests finish) is shortest.
+        figures = memo.scraper.latest(pool)
+        for name in autoscaling.deletion_order(pods, figures.in_flight if figures else {}, current_replicas - replicas):
+            await memo.kube.annotate_pod(namespace, name,
+                                         {autoscaling.DELETION_COST_ANNOTATION: autoscaling.DRAIN_FIRST_COST})
     try:
         configmap, deployment = pools.render_children(pool, namespace, members, replicas, scaled)
     except ValueError as exc:  # RuntimeConfig refused the rendering: a spec the runtime cannot serve
@@ -344,6 +360,7 @@ async def write_status(
                 "nodes": sorted({p.node for p in pods if p.node}) if admitted_in_pool else [],
                 "runtimeEndpoints": sorted(p.endpoint for p in pods if p.endpoint) if admitted_in_pool else [],
                 "replicas": replicas if admitted_in_pool else None,
+                "selector": f"{pools.LABEL_POOL}={member.pool}" if admitted_in_pool else None,
                 "readyReplicas": sum(1 for p in pods if p.endpoint) if admitted_in_pool else None,
                 "measured": measured(member, figures) if admitted_in_pool else None,
             }
@@ -457,8 +474,10 @@ async def _reconcile(
         replicas = 0
         if decision.admitted:
             memo.admitted[key][member.name] = member
-            replicas = await apply_pool(key, [*others, member], memo, logger)
+            replicas = await apply_pool(key, [*others, member], memo, logger, pods=pool_pods(key, pods_index),
+                                        reset_scaled=_replicas_changed(reason, old, member))  # fmt: skip
             await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
+            await _apply_autoscaler(member, reason, old, memo)
         elif decision.scale_to is not None and others:
             replicas = await apply_pool(key, others, memo, logger, scale_to=decision.scale_to)
             kopf.event(body, type="Normal", reason="ScalingPool", message=decision.message)
@@ -470,6 +489,25 @@ async def _reconcile(
         raise kopf.PermanentError(decision.message)
     if not decision.admitted:
         raise kopf.TemporaryError(f"{decision.reason}: {decision.message}", delay=RETRY_DELAY_S)
+
+
+def _old_spec(reason: str, old: Any) -> Mapping[str, Any]:
+    if reason == "update" and isinstance(old, Mapping) and isinstance(old.get("spec"), Mapping):
+        return old["spec"]
+    return {}
+
+
+def _replicas_changed(reason: str, old: Any, member: pools.Member) -> bool:
+    before = _old_spec(reason, old).get("replicas")
+    return before is not None and before != member.spec.replicas
+
+
+async def _apply_autoscaler(member: pools.Member, reason: str, old: Any, memo: kopf.Memo) -> None:
+    """The ScaledObject while `scaling.autoscaler` is keda; deleted when it is switched off."""
+    if member.spec.scaling is not None and member.spec.scaling.autoscaler == "keda":
+        await memo.kube.apply(autoscaling.render_scaled_object(member))
+    elif (_old_spec(reason, old).get("scaling") or {}).get("autoscaler") == "keda":
+        await memo.kube.delete("ScaledObject", member.namespace, member.name)
 
 
 def _admitted_message(body: Mapping[str, Any]) -> str:
@@ -550,7 +588,8 @@ async def observe(
         deployment = await memo.kube.read_deployment(*key)
         replicas = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
         if deployment is None or memo.rendered.get(key) != signature(members, replicas):
-            replicas = await apply_pool(key, members, memo, logger)  # drift, restart, or a missed event
+            # drift, restart, or a missed event
+            replicas = await apply_pool(key, members, memo, logger, pods=pods)
             await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)

@@ -33,6 +33,7 @@ class PodSample:
     generation_tokens: dict[str, float] = field(default_factory=dict)
     headroom_rps: float | None = None
     host_kv_free_bytes: float | None = None
+    in_flight: float = 0.0  # running + waiting requests, all services: what a scale-down would have to drain
 
 
 def parse_exposition(text: str, at: float) -> PodSample:
@@ -59,6 +60,8 @@ def parse_exposition(text: str, at: float) -> PodSample:
             sample.headroom_rps = sum(s.value for s in family.samples)
         elif family.name == m.HOST_KV_FREE_BYTES:
             sample.host_kv_free_bytes = sum(s.value for s in family.samples)
+        elif family.name in (m.NUM_RUNNING, m.NUM_WAITING):
+            sample.in_flight += sum(s.value for s in family.samples)
     return sample
 
 
@@ -108,6 +111,7 @@ class PoolFigures:
     host_kv_free_bytes: float | None
     errors: tuple[str, ...] = ()
     failed: frozenset[str] = frozenset()  # endpoints that did not answer this scrape
+    in_flight: Mapping[str, float] = field(default_factory=dict)  # per endpoint: running + waiting requests
 
     def service(self, name: str) -> ServiceFigures | None:
         return self.services.get(name)
@@ -158,6 +162,7 @@ def aggregate(now: dict[str, PodSample], before: Mapping[str, PodSample], at: fl
         at=at, pods=len(now), services=services,
         headroom_rps=sum(headrooms) if headrooms else None,
         host_kv_free_bytes=sum(kv_free) if kv_free else None,
+        in_flight={endpoint: sample.in_flight for endpoint, sample in now.items()},
     )  # fmt: skip
 
 

@@ -5,7 +5,8 @@ the runtime's own RuntimeMetrics (so every name comes from piggyback_runtime.met
 and host-KV gauges the SLO controller will export. Tests set the figures with POST /control:
 
     {"headroom": 2.5 | null, "host_kv_free_bytes": ..., "services": {"chat": {"class": "LS",
-     "attainment": 0.995, "window": 200, "ttft_s": [0.05, ...], "tpot_s": [...], "tokens": 1000}}}
+     "attainment": 0.995, "window": 200, "ttft_s": [0.05, ...], "tpot_s": [...], "tokens": 1000,
+     "running": 3, "waiting": 1}}}
 
 `headroom: null` removes the headroom metric (a runtime that does not export it). Prints `PORT <n>` once
 listening on 127.0.0.1.
@@ -39,6 +40,8 @@ def build(control: dict[str, Any]) -> CollectorRegistry:
             runtime.request_tpot.labels(name, cls).observe(value)
         if "tokens" in figures:
             runtime.generation_tokens.labels(name, cls).inc(figures["tokens"])
+        runtime.num_running.labels(name, cls).set(figures.get("running", 0))
+        runtime.num_waiting.labels(name, cls).set(figures.get("waiting", 0))
         if cls == "LS":
             runtime.slo_attainment.labels(name).set(figures.get("attainment", 1.0))
             runtime.slo_window_requests.labels(name).set(figures.get("window", 0))
