@@ -24,7 +24,7 @@ import kopf
 import kubernetes
 from pydantic import ValidationError
 
-from piggyback_operator import admission, autoscaling, conditions, pools
+from piggyback_operator import admission, autoscaling, conditions, gateway, pools
 from piggyback_operator import telemetry as t
 from piggyback_operator.api import API_VERSION, KIND, PLURAL, LLMServiceSpec, unknown_spec_fields
 from piggyback_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
@@ -221,9 +221,18 @@ async def apply_pool(
             await memo.kube.create_if_absent(pools.render_internal_token_secret(pool, namespace, owner))
             memo.token_secrets.add(key)
     # The pool router, once the pool has several replicas; scaled to 0 (not deleted) if it shrinks back to one.
-    if replicas > 1 or await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None:
+    if pools.uses_router(members, replicas) or (
+        await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None
+    ):
         for child in pools.render_router(pool, namespace, members, replicas):
             await memo.kube.apply(child)
+    # gateway routing: the InferencePool and its endpoint picker; scaled to 0 if the pool leaves gateway routing.
+    gateway_routed = pools.pool_routing(members) == "gateway"
+    if gateway_routed or await memo.kube.read_deployment(namespace, gateway.epp_name(pool)) is not None:
+        for child in gateway.render_epp(pool, namespace, members, enabled=gateway_routed):
+            await memo.kube.apply(child)
+        if gateway_routed:
+            await memo.kube.apply(gateway.render_inference_pool(pool, namespace, members))
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
     return replicas
@@ -476,7 +485,8 @@ async def _reconcile(
             memo.admitted[key][member.name] = member
             replicas = await apply_pool(key, [*others, member], memo, logger, pods=pool_pods(key, pods_index),
                                         reset_scaled=_replicas_changed(reason, old, member))  # fmt: skip
-            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
+            routed = pools.uses_router([*others, member], replicas)
+            await memo.kube.apply(pools.render_service(member, routed=routed))
             await _apply_autoscaler(member, reason, old, memo)
         elif decision.scale_to is not None and others:
             replicas = await apply_pool(key, others, memo, logger, scale_to=decision.scale_to)
@@ -590,7 +600,7 @@ async def observe(
         if deployment is None or memo.rendered.get(key) != signature(members, replicas):
             # drift, restart, or a missed event
             replicas = await apply_pool(key, members, memo, logger, pods=pods)
-            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
+            await memo.kube.apply(pools.render_service(member, routed=pools.uses_router(members, replicas)))
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)
     if result is None:

@@ -31,6 +31,7 @@ MERGE_PATCH = "application/merge-patch+json"
 # Children that are custom resources of other projects: kind -> (group, version, plural).
 CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools"),
 }
 DELETABLE_KINDS = ("ScaledObject",)  # children that go while their owner stays (autoscaler switched off)
 APPLY = "application/apply-patch+yaml"
@@ -122,6 +123,8 @@ class Kube:
             "Service": self.core.patch_namespaced_service,
             "Deployment": self.apps.patch_namespaced_deployment,
             "NetworkPolicy": self.networking.patch_namespaced_network_policy,
+            "ServiceAccount": self.core.patch_namespaced_service_account,
+            "RoleBinding": self.rbac.patch_namespaced_role_binding,
         }
         meta = body["metadata"]
         if body["kind"] in CUSTOM_KINDS:

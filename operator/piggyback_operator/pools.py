@@ -531,6 +531,7 @@ def render_service(member: Member, routed: bool = False) -> dict[str, Any]:
 
 # --- the pool router (runtime/piggyback_runtime/router/app.py), deployed when the pool has several replicas ---
 LABEL_ROUTER_FOR = "piggyback.dev/router-for"  # router pods: not LABEL_POOL, so pool selectors never match them
+LABEL_EPP_FOR = "piggyback.dev/epp-for"  # the endpoint picker of a gateway-routed pool (gateway.py)
 ROUTER_REPLICAS = 2  # two, so that a router restart (rollout, node loss) never leaves the pool unreachable
 # lengthAware stage bounds (tokens) before any length distribution is known: exponential, as L4's buckets.
 LENGTH_AWARE_STAGE_BOUNDARIES = (4096, 16384, 65536)
@@ -549,6 +550,11 @@ def pool_routing(members: Sequence[Member]) -> str:
     return ordered(members)[0].spec.placement.routing
 
 
+def uses_router(members: Sequence[Member], replicas: int) -> bool:
+    """Clients go through the pool's router: several replicas, and routing is not left to a Gateway."""
+    return replicas > 1 and pool_routing(members) != "gateway"
+
+
 def render_router(pool: str, namespace: str, members: Sequence[Member], replicas: int) -> list[dict[str, Any]]:
     """Headless Service of the pool's runtime pods (the router resolves it to find the replicas), the router
     Deployment (0 replicas while the pool has one runtime replica: clients then reach the runtime directly),
@@ -558,6 +564,8 @@ def render_router(pool: str, namespace: str, members: Sequence[Member], replicas
     name = router_name(pool)
     router_labels = {**BASE_LABELS, LABEL_COMPONENT: "router", LABEL_ROUTER_FOR: pool}
     routing = pool_routing(members)
+    if routing == "gateway":  # a pool that moved to gateway routing: its router stays, scaled to 0
+        replicas = 1
     args = ["router", "--pool-dns", f"{replicas_service_name(pool)}.{namespace}.svc:{RUNTIME_PORT}",
             "--policy", routing, "--host", "0.0.0.0", "--port", str(RUNTIME_PORT)]  # fmt: skip
     if routing == "lengthAware" and replicas > 1:

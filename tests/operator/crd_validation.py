@@ -65,9 +65,24 @@ def _cel_errors(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     return errors
 
 
+def with_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults filled in, as the API server does before validating."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = with_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        value = [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
 def validation_errors(obj: dict[str, Any], file: str, version: str) -> list[str]:
     """Schema errors, then CEL rule messages, of `obj` against the CRD in `file`; [] when it is accepted."""
     schema = crd_schema(file, version)
+    obj = with_defaults(schema, obj)
     errors = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}"
               for e in jsonschema.Draft4Validator(strict(schema)).iter_errors(obj)]  # fmt: skip
-    return errors or _cel_errors(schema, obj, "")
+    return errors or [e.removeprefix(".") for e in _cel_errors(schema, obj, "")]

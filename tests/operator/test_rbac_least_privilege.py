@@ -90,7 +90,7 @@ def describe(perms: set[Permission]) -> str:
 
 async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
     """Create an LS and a BE service, run their pool, update one, breach its SLO, autoscale and scale it down,
-    delete both."""
+    route a third through a gateway, delete them all."""
     await cluster.add_gpu_node("gpu-a")
     runtime.set(services={"chat": {"class": "LS", "attainment": 1.0, "window": 50, "ttft_s": [0.05] * 50},
                           "batch": {"class": "BE", "tokens": 100}}, headroom=5.0)
@@ -117,6 +117,12 @@ async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
     await cluster.patch("chat", {"spec": {"scaling": {"autoscaler": "none"}}})
     await eventually(lambda: cluster.api.live("keda.sh/v1alpha1/scaledobjects", "serving", "chat") is None,
                      what="ScaledObject deleted")  # fmt: skip
+    # A gateway-routed pool: InferencePool, and the EPP's ServiceAccount, RoleBinding, Deployment and Service.
+    await cluster.create("edge", ls_spec(placement={"pool": "edge", "routing": "gateway"}))
+    await eventually(lambda: cluster.api.all("inference.networking.k8s.io/v1/inferencepools"), what="InferencePool")
+    await eventually(lambda: cluster.api.all("rbac.authorization.k8s.io/v1/rolebindings"), what="EPP RoleBinding")
+    await cluster.delete("edge")
+    await eventually(lambda: cluster.llms("edge") is None, what="edge finalized")
     for name in ("batch", "chat"):
         await cluster.delete(name)
         await eventually(lambda n=name: cluster.llms(n) is None, what=f"{name} finalized")
