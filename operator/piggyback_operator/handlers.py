@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import kopf
 import kubernetes
 from pydantic import ValidationError
@@ -81,6 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     memo.admitted = defaultdict(dict)  # pool key -> {name: Member} admitted by this process, ahead of the index
     memo.rendered = {}  # pool key -> signature of what was last applied
     memo.token_secrets = set()  # pool keys whose internal-token Secret is known to exist
+    memo.stage_labels = {}  # (namespace, pod) -> the stage labels last written on it
     try:
         memo.network_policy = pools.NetworkPolicySettings.from_env()
     except ValueError as exc:
@@ -147,6 +149,14 @@ def runtime_pods(
 ) -> dict[PoolKey, RuntimePod]:
     node = body.get("spec", {}).get("nodeName")
     return {(namespace, labels[pools.LABEL_POOL]): RuntimePod(name, node, pools.pod_endpoint(body))}
+
+
+@kopf.index("v1", "pods", labels={pools.LABEL_ROUTER_FOR: kopf.PRESENT})
+def router_pods(
+    body: kopf.Body, name: str, namespace: str, labels: Mapping[str, str], **_: Any
+) -> dict[PoolKey, RuntimePod]:
+    node = body.get("spec", {}).get("nodeName")
+    return {(namespace, labels[pools.LABEL_ROUTER_FOR]): RuntimePod(name, node, pools.pod_endpoint(body))}
 
 
 # --- pool view ---------------------------------------------------------------------------------------
@@ -236,6 +246,26 @@ async def apply_pool(
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
     return replicas
+
+
+async def label_stages(
+    key: PoolKey, pods: list[RuntimePod], routers: list[RuntimePod], memo: kopf.Memo, logger: kopf.Logger
+) -> None:
+    """Label each runtime pod of a lengthAware pool with its stage's length range, as a ready router of the
+    pool routes now (its /metrics: the router refines and re-plans stages, so the labels follow it)."""
+    ready = sorted(r.endpoint for r in routers if r.endpoint)
+    if not ready:
+        return
+    try:
+        stages = await memo.scraper.router_stages(ready[0])
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        logger.info("stage labels of pool %s not updated: router %s: %s", key[1], ready[0], exc)
+        return
+    for pod in pods:
+        wanted = pools.stage_labels(stages.get(pod.endpoint) if pod.endpoint else None)
+        if memo.stage_labels.get((key[0], pod.name)) != wanted:
+            await memo.kube.label_pod(key[0], pod.name, wanted)
+            memo.stage_labels[(key[0], pod.name)] = wanted
 
 
 def signature(members: Iterable[pools.Member], replicas: int) -> tuple[Any, ...]:
@@ -571,9 +601,11 @@ async def observe(
     logger: kopf.Logger,
     members_by_pool: kopf.Index,
     runtime_pods: kopf.Index,
+    router_pods: kopf.Index,
     **_: Any,
 ) -> None:
-    """Scrape the pool's runtimes, write figures and conditions, and raise Events on breach and recovery."""
+    """Scrape the pool's runtimes, write figures and conditions, and raise Events on breach and recovery;
+    in a lengthAware pool, label the runtime pods with their stages."""
     t.RECONCILES.labels("observe").inc()
     try:
         member = member_from_body(body)
@@ -601,6 +633,8 @@ async def observe(
             # drift, restart, or a missed event
             replicas = await apply_pool(key, members, memo, logger, pods=pods)
             await memo.kube.apply(pools.render_service(member, routed=pools.uses_router(members, replicas)))
+        if pools.pool_routing(members) == "lengthAware":
+            await label_stages(key, pods, pool_pods(key, router_pods), memo, logger)
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)
     if result is None:

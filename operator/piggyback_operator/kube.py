@@ -169,8 +169,15 @@ class Kube:
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Merge annotations into a pod (the pod deletion cost that makes a scale-down remove it first)."""
+        await self._patch_pod_metadata(namespace, name, {"annotations": annotations})
+
+    async def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> None:
+        """Merge labels into a pod (None removes one): a lengthAware replica's stage range."""
+        await self._patch_pod_metadata(namespace, name, {"labels": labels})
+
+    async def _patch_pod_metadata(self, namespace: str, name: str, metadata: dict[str, Any]) -> None:
         try:
-            patch = {"metadata": {"annotations": annotations}}
+            patch = {"metadata": metadata}
             await self._call(self.core.patch_namespaced_pod, name, namespace, patch, _content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status != 404:  # gone meanwhile: nothing to order

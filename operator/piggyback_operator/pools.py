@@ -532,6 +532,18 @@ def render_service(member: Member, routed: bool = False) -> dict[str, Any]:
 # --- the pool router (runtime/piggyback_runtime/router/app.py), deployed when the pool has several replicas ---
 LABEL_ROUTER_FOR = "piggyback.dev/router-for"  # router pods: not LABEL_POOL, so pool selectors never match them
 LABEL_EPP_FOR = "piggyback.dev/epp-for"  # the endpoint picker of a gateway-routed pool (gateway.py)
+# lengthAware pools: on each runtime pod, the length range (tokens) of the stage its router puts it in, so a
+# gateway's endpoint picker (or a person) can see and honour the stages. Max absent: the last stage.
+LABEL_LENGTH_MIN = "piggyback.dev/length-min-tokens"
+LABEL_LENGTH_MAX = "piggyback.dev/length-max-tokens"
+
+
+def stage_labels(stage: tuple[int, int | None] | None) -> dict[str, str | None]:
+    """The pod labels naming a stage's range; None values remove a label (a merge patch)."""
+    if stage is None:
+        return {LABEL_LENGTH_MIN: None, LABEL_LENGTH_MAX: None}
+    lower, upper = stage
+    return {LABEL_LENGTH_MIN: str(lower), LABEL_LENGTH_MAX: None if upper is None else str(upper)}
 ROUTER_REPLICAS = 2  # two, so that a router restart (rollout, node loss) never leaves the pool unreachable
 # lengthAware stage bounds (tokens) before any length distribution is known: exponential, as L4's buckets.
 LENGTH_AWARE_STAGE_BOUNDARIES = (4096, 16384, 65536)

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -166,6 +167,27 @@ def aggregate(now: dict[str, PodSample], before: Mapping[str, PodSample], at: fl
     )  # fmt: skip
 
 
+StageRange = tuple[int, int | None]  # lower, upper tokens (None: the last, unbounded stage)
+
+
+def parse_router_stages(text: str) -> dict[str, StageRange]:
+    """host:port of each replica -> the length range of its stage, from a lengthAware router's /metrics (the
+    plan in use now: the router refines and re-plans its stages as request lengths change)."""
+    lower: dict[str, int] = {}
+    upper: dict[str, int] = {}
+    replica_stage: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == m.ROUTER_STAGE_LOWER_TOKENS:
+            lower.update({s.labels["stage"]: int(s.value) for s in family.samples})
+        elif family.name == m.ROUTER_STAGE_UPPER_TOKENS:
+            upper.update({s.labels["stage"]: int(s.value) for s in family.samples})
+        elif family.name == m.ROUTER_REPLICA_QUEUE:
+            for s in family.samples:
+                url = urlsplit(s.labels["replica"])
+                replica_stage[f"{url.hostname}:{url.port}"] = s.labels["stage"]
+    return {replica: (lower[stage], upper.get(stage)) for replica, stage in replica_stage.items() if stage in lower}
+
+
 class PoolScraper:
     """Scrapes a pool's pods at most once per `min_interval_s`, whichever service's timer asks first."""
 
@@ -213,6 +235,14 @@ class PoolScraper:
             self._last[pool] = {**{k: v for k, v in self._last.get(pool, {}).items() if k in endpoints}, **now}
             self._figures[pool] = figures
             return figures
+
+    async def router_stages(self, endpoint: str) -> dict[str, StageRange]:
+        """The stage plan a lengthAware router at `endpoint` (host:port) routes by."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.get(f"http://{endpoint}/metrics") as response:
+            response.raise_for_status()
+            return parse_router_stages(await response.text())
 
     async def _scrape(self, endpoint: str) -> PodSample:
         assert self._session is not None

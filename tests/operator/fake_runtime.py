@@ -8,8 +8,9 @@ and host-KV gauges the SLO controller will export. Tests set the figures with PO
      "attainment": 0.995, "window": 200, "ttft_s": [0.05, ...], "tpot_s": [...], "tokens": 1000,
      "running": 3, "waiting": 1}}}
 
-`headroom: null` removes the headroom metric (a runtime that does not export it). Prints `PORT <n>` once
-listening on 127.0.0.1.
+`router: {"stages": [[0, 4096], [4096, null]], "replicas": {"http://127.0.0.1:PORT": 0}}` adds a
+lengthAware router's stage metrics. `headroom: null` removes the headroom metric (a runtime that does not
+export it). Prints `PORT <n>` once listening on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def build(control: dict[str, Any]) -> CollectorRegistry:
         if cls == "LS":
             runtime.slo_attainment.labels(name).set(figures.get("attainment", 1.0))
             runtime.slo_window_requests.labels(name).set(figures.get("window", 0))
+    router = control.get("router")
+    if router:  # a lengthAware router: its stages ([lower, upper|null]) and each replica URL's stage index
+        metrics = m.RouterMetrics(registry)
+        for index, (lower, upper) in enumerate(router["stages"]):
+            metrics.stage_lower_tokens.labels(str(index)).set(lower)
+            if upper is not None:
+                metrics.stage_upper_tokens.labels(str(index)).set(upper)
+        for replica, index in router["replicas"].items():
+            metrics.replica_queue.labels(replica, str(index)).set(0)
     for name, key in ((m.LS_HEADROOM_RPS, "headroom"), (m.HOST_KV_FREE_BYTES, "host_kv_free_bytes")):
         if control.get(key) is None:
             continue
