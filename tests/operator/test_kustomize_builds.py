@@ -118,3 +118,12 @@ def test_the_role_grants_network_policies_because_the_operator_renders_one_per_p
     (role,) = [r for r in roles if r["metadata"]["name"] == "piggyback-operator"]
     granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
     assert {("networkpolicies", "create"), ("networkpolicies", "patch")} <= granted
+
+
+def test_the_operators_gateway_and_autoscaling_settings_default_to_what_the_code_assumes():
+    from piggyback_operator import autoscaling, gateway
+
+    (deployment,) = by_kind(build("manifests/base"), "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PIGGYBACK_EPP_IMAGE"] == gateway.DEFAULT_EPP_IMAGE
+    assert env["PIGGYBACK_PROMETHEUS_URL"] == autoscaling.DEFAULT_PROMETHEUS_URL
