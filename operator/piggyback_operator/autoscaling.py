@@ -86,7 +86,8 @@ def render_scaled_object(member: pools.Member) -> dict[str, Any]:
             "minReplicaCount": scaling.min_replicas,
             "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": scaling.polling_interval_seconds,
-            "advanced": {"horizontalPodAutoscalerConfig": {"name": member.name, "behavior": {
+            # The HPA keeps KEDA's own name (keda-hpa-<name>): no clash with an HPA a person made.
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
                 "scaleDown": {
                     "stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
                     # One replica a minute: each drains before the next goes.

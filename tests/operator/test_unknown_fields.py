@@ -1,7 +1,7 @@
 """A field the schema does not know does nothing, so it must not pass silently.
 
 A real API server prunes unknown fields from a structural schema's objects; with server-side field validation
-Strict (`kubectl apply --validate=strict`, kubectl's default since 1.27) it refuses the request instead, naming
+Strict (kubectl's default, `--validate=strict`; GA in Kubernetes 1.27) it refuses the request instead, naming
 the field. Clients that send Warn or Ignore (the API's default is Warn: the field is dropped with a warning
 header) get an object without the typo. The operator sees the manifest as written in kubectl's
 last-applied-configuration annotation (and in the object itself where nothing pruned it) and posts a Warning
