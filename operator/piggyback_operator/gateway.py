@@ -7,10 +7,13 @@ Per pool the operator renders (owned by every member, like the pool's other chil
   `piggyback-epp` ClusterRole shipped in manifests/base (the operator may bind exactly that role, so it needs
   no pod or InferencePool reads of its own to grant them), a Deployment and its Service (gRPC ext-proc).
 
-The EPP scrapes each runtime pod's /metrics for the names given below, which are the EPP's own defaults and
-what the runtime exports (piggyback_runtime.metrics: vLLM's names): queue depth, running requests, KV-cache
-usage and the cache configuration. LoRA scraping is switched off (an empty --lora-info-metric, as the
-upstream chart does for servers without adapters): the runtime serves no LoRA adapters, so it has no
+The EPP scrapes each runtime pod's /metrics for the names given below: queue depth, running requests,
+KV-cache usage and the cache configuration. Its defaults are vLLM's names, which the runtime exports too, but
+per service (labels model_name, class), and the EPP reads a single series of a family (the latest by
+timestamp: the first listed), so on a pod serving an LS and a BE service it would see one service's queue.
+The flags therefore name the runtime's pod-wide totals (piggyback_pod_*, one unlabelled series each);
+`vllm:cache_config_info` is one series already. LoRA scraping is switched off (an empty --lora-info-metric,
+as the upstream chart does for servers without adapters): the runtime serves no LoRA adapters, so it has no
 `vllm:lora_requests_info` to export, and a series with empty adapter lists would carry nothing.
 
 Flags, ports and probes follow the EPP of gateway-api-inference-extension v1.5.0 (pkg/epp/server/options.go,
@@ -36,9 +39,9 @@ EPP_METRICS_PORT = 9090
 EPP_UID = 65532  # the distroless image's nonroot user
 # What the EPP reads from each model server's /metrics (its flags), and the runtime's name for each.
 EPP_METRIC_FLAGS: dict[str, str] = {
-    "total-queued-requests-metric": m.NUM_WAITING,
-    "total-running-requests-metric": m.NUM_RUNNING,
-    "kv-cache-usage-percentage-metric": m.KV_CACHE_USAGE,
+    "total-queued-requests-metric": m.POD_REQUESTS_WAITING,
+    "total-running-requests-metric": m.POD_REQUESTS_RUNNING,
+    "kv-cache-usage-percentage-metric": m.POD_KV_CACHE_USAGE,
     "cache-info-metric": m.CACHE_CONFIG_INFO,
     "lora-info-metric": "",  # no LoRA adapters: scraping off
 }

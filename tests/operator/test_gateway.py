@@ -5,8 +5,9 @@ Specification:
   vendored with its source and licence) selecting exactly the pool's runtime pods on the runtime port, whose
   endpoint picker reference names the EPP Service and its gRPC port; the stock EPP (image configurable) with
   its ServiceAccount, a RoleBinding to the piggyback-epp ClusterRole, a Deployment and a Service.
-- The EPP reads the runtime's metrics under the names the runtime exports (vLLM's, the EPP's defaults);
-  LoRA scraping is off (the runtime serves no adapters).
+- The EPP reads one pod-wide series per figure (queue, running, KV usage: the runtime's piggyback_pod_*
+  totals, since its vLLM-named gauges are per service and the EPP reads a single series), and the cache
+  configuration; LoRA scraping is off (the runtime serves no adapters).
 - No Piggyback router for such a pool; each LLMService's Service selects the runtime pods directly.
 """
 
@@ -29,8 +30,8 @@ from piggyback_runtime import metrics as m
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 POOL_CRD = "inference.networking.k8s.io_inferencepools.yaml"
-# The EPP's defaults in gateway-api-inference-extension v1.5.0 (pkg/epp/server/options.go): the names it
-# scrapes from every model server unless told otherwise.
+# The EPP's defaults in gateway-api-inference-extension v1.5.0 (pkg/epp/server/options.go): what it scrapes
+# from every model server unless its flags say otherwise.
 EPP_V1_5_DEFAULTS = {
     "total-queued-requests-metric": "vllm:num_requests_waiting",
     "total-running-requests-metric": "vllm:num_requests_running",
@@ -72,19 +73,32 @@ def test_a_broken_inference_pool_fails_the_vendored_schema():
     assert validation_errors(bad, POOL_CRD, "v1")
 
 
-def test_the_epp_reads_what_the_runtime_exports_under_the_epps_own_default_names():
+def test_the_epp_reads_one_pod_wide_series_per_figure_from_a_pod_serving_several_services():
+    """The EPP takes a single series of each family it is told to read (GIE v1.5.0 getLatestMetric: the latest
+    by timestamp, the first listed when none has one), so the figure it reads must be the pod's, not one
+    service's: the runtime's per-service vLLM series would give it the LS queue and miss the BE one."""
     registry = CollectorRegistry()
     runtime = m.RuntimeMetrics(registry)
     runtime.num_waiting.labels("chat", "LS").set(2)
-    exported = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    runtime.num_waiting.labels("batch", "BE").set(5)
+    runtime.num_running.labels("chat", "LS").set(3)
+    runtime.kv_cache_usage.labels("chat", "LS").set(0.25)
+    runtime.kv_cache_usage.labels("batch", "BE").set(0.1)
+    runtime.cache_config_info.labels(block_size="16", num_gpu_blocks="1000").set(1)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     args = gateway.epp_args("pool", NAMESPACE)
     flags = dict(a.removeprefix("--").split("=", 1) for a in args if "=" in a)
-    for flag, default in EPP_V1_5_DEFAULTS.items():
-        if flag == "lora-info-metric":
-            assert flags[flag] == "", "no LoRA adapters: the EPP must not wait for a LoRA series"
-            continue
-        assert flags[flag] == default, f"--{flag}: the runtime's name differs from the EPP's default"
-        assert default in exported, f"the runtime does not export {default} (for --{flag})"
+    assert set(flags) == set(EPP_V1_5_DEFAULTS), "every metric the EPP scrapes is configured"
+    expected = {"total-queued-requests-metric": 7, "total-running-requests-metric": 3,
+                "kv-cache-usage-percentage-metric": 0.35, "cache-info-metric": 1}  # fmt: skip
+    for flag, value in expected.items():
+        family = families.get(flags[flag])
+        assert family is not None, f"the runtime does not export {flags[flag]} (--{flag})"
+        (series,) = family.samples
+        assert series.value == pytest.approx(value), flag
+    assert flags["cache-info-metric"] == EPP_V1_5_DEFAULTS["cache-info-metric"]  # one series already
+    assert flags["lora-info-metric"] == "", "no LoRA adapters: the EPP must not wait for a LoRA series"
+    assert EPP_V1_5_DEFAULTS["total-queued-requests-metric"] in families  # vLLM's names stay, per service
     assert args[args.index("--pool-name") + 1] == "pool" and args[args.index("--pool-namespace") + 1] == NAMESPACE
 
 
