@@ -112,6 +112,11 @@ _DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 _SECRET_KEY_RE = r"^[-._a-zA-Z0-9]+$"
 
 
+# A label value (at most 63 characters). Bounded, too, so that CEL rules comparing values stay within the API
+# server's estimated-cost limit (an unbounded string is costed at the request size).
+_LabelValue = Annotated[str, Field(max_length=63)]
+
+
 def _cel(rule: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"rule": rule, "message": message, **extra}
 
@@ -283,7 +288,7 @@ class Placement(_Model):
 
     pool: Annotated[str, Field(max_length=40, pattern=_DNS_LABEL_RE)] = "default"
     """Pool name. LS and BE services of one model in one pool share runtime pods (and so the weights)."""
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    node_selector: dict[str, _LabelValue] = Field(default_factory=dict, max_length=32)
     """Node labels a GPU node must carry to serve the service (merged over the pool's members)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Taints of GPU nodes the runtime pods tolerate (merged over the pool's members)."""
@@ -386,7 +391,7 @@ class PodSettings(_Model):
     """A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed through."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Added to placement.tolerations."""
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    node_selector: dict[str, _LabelValue] = Field(default_factory=dict, max_length=32)
     """Added to placement.nodeSelector (and used like it for GPU node matching)."""
     env: list[EnvVar] = Field(
         default_factory=list, max_length=64,
@@ -422,7 +427,7 @@ class PodSettings(_Model):
             _cel(f"self.all(k, !({_cel_has_prefix('k', RESERVED_ANNOTATION_PREFIXES)}))", MSG_ANNOTATION_RESERVED)]},
     )  # fmt: skip
     """Extra annotations of the runtime pods."""
-    labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+    labels: dict[str, _LabelValue] = Field(
         default_factory=dict, max_length=64,
         json_schema_extra={"x-kubernetes-validations": [
             _cel(f"self.all(k, !({_cel_has_prefix('k', RESERVED_LABEL_PREFIXES)}))", MSG_LABEL_RESERVED)]},
