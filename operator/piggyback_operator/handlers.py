@@ -82,7 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     memo.admitted = defaultdict(dict)  # pool key -> {name: Member} admitted by this process, ahead of the index
     memo.rendered = {}  # pool key -> signature of what was last applied
     memo.token_secrets = set()  # pool keys whose internal-token Secret is known to exist
-    memo.stage_labels = {}  # (namespace, pod) -> the stage labels last written on it
+    memo.stage_labels = {}  # pool key -> {pod: the stage labels last written on it}
     try:
         memo.network_policy = pools.NetworkPolicySettings.from_env()
     except ValueError as exc:
@@ -261,11 +261,14 @@ async def label_stages(
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
         logger.info("stage labels of pool %s not updated: router %s: %s", key[1], ready[0], exc)
         return
+    written = memo.stage_labels.get(key, {})
+    now: dict[str, dict[str, str | None]] = {}  # only the pool's current pods: gone ones are forgotten
     for pod in pods:
         wanted = pools.stage_labels(stages.get(pod.endpoint) if pod.endpoint else None)
-        if memo.stage_labels.get((key[0], pod.name)) != wanted:
+        if written.get(pod.name) != wanted:
             await memo.kube.label_pod(key[0], pod.name, wanted)
-            memo.stage_labels[(key[0], pod.name)] = wanted
+        now[pod.name] = wanted
+    memo.stage_labels[key] = now
 
 
 def signature(members: Iterable[pools.Member], replicas: int) -> tuple[Any, ...]:
@@ -633,8 +636,9 @@ async def observe(
             # drift, restart, or a missed event
             replicas = await apply_pool(key, members, memo, logger, pods=pods)
             await memo.kube.apply(pools.render_service(member, routed=pools.uses_router(members, replicas)))
-        if pools.pool_routing(members) == "lengthAware":
-            await label_stages(key, pods, pool_pods(key, router_pods), memo, logger)
+        length_aware = pools.pool_routing(members) == "lengthAware"
+    if length_aware:  # outside the pool's lock: it asks a router over the network
+        await label_stages(key, pods, pool_pods(key, router_pods), memo, logger)
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)
     if result is None:
