@@ -20,13 +20,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import kopf
 import kubernetes
 from pydantic import ValidationError
 
-from piggyback_operator import admission, conditions, pools
+from piggyback_operator import admission, autoscaling, conditions, gateway, pools
 from piggyback_operator import telemetry as t
-from piggyback_operator.api import PLURAL, LLMServiceSpec
+from piggyback_operator.api import API_VERSION, KIND, PLURAL, LLMServiceSpec, unknown_spec_fields
 from piggyback_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
 from piggyback_operator.kube import Conflict, Kube, load_client_config
 from piggyback_operator.placement import NodeInfo, PodUsage, room
@@ -81,6 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: ko
     memo.admitted = defaultdict(dict)  # pool key -> {name: Member} admitted by this process, ahead of the index
     memo.rendered = {}  # pool key -> signature of what was last applied
     memo.token_secrets = set()  # pool keys whose internal-token Secret is known to exist
+    memo.stage_labels = {}  # pool key -> {pod: the stage labels last written on it}
     try:
         memo.network_policy = pools.NetworkPolicySettings.from_env()
     except ValueError as exc:
@@ -149,6 +151,14 @@ def runtime_pods(
     return {(namespace, labels[pools.LABEL_POOL]): RuntimePod(name, node, pools.pod_endpoint(body))}
 
 
+@kopf.index("v1", "pods", labels={pools.LABEL_ROUTER_FOR: kopf.PRESENT})
+def router_pods(
+    body: kopf.Body, name: str, namespace: str, labels: Mapping[str, str], **_: Any
+) -> dict[PoolKey, RuntimePod]:
+    node = body.get("spec", {}).get("nodeName")
+    return {(namespace, labels[pools.LABEL_ROUTER_FOR]): RuntimePod(name, node, pools.pod_endpoint(body))}
+
+
 # --- pool view ---------------------------------------------------------------------------------------
 
 
@@ -179,18 +189,34 @@ def node_rooms(gpu_nodes: kopf.Index, pod_usage: kopf.Index) -> dict[str, Any]:
 
 
 async def apply_pool(
-    key: PoolKey, members: list[pools.Member], memo: kopf.Memo, logger: kopf.Logger, scale_to: int | None = None
+    key: PoolKey, members: list[pools.Member], memo: kopf.Memo, logger: kopf.Logger, scale_to: int | None = None,
+    reset_scaled: bool = False, pods: list[RuntimePod] | None = None,
 ) -> int:
-    """Render and apply the pool's ConfigMap and Deployment; returns the Deployment's replicas."""
+    """Render and apply the pool's ConfigMap and Deployment; returns the Deployment's replicas.
+
+    `reset_scaled`: a member's spec.replicas changed (kubectl scale, the HPA through /scale): the replicas
+    admission added are forgotten, so the members' replicas decide and a scale-down happens. `pods`: the
+    pool's runtime pods, so a scale-down can mark the replicas to remove first (pod deletion cost).
+    """  # fmt: skip
     namespace, pool = key
     if not members:
         memo.rendered.pop(key, None)
         return 0
     current = await memo.kube.read_deployment(namespace, pool)
     scaled = int(((current or {}).get("metadata", {}).get("annotations") or {}).get(pools.ANNOTATION_SCALED, 0))
+    if reset_scaled:
+        scaled = 0
     if scale_to is not None:
         scaled = max(scaled, scale_to)
     replicas = pools.desired_replicas(members, scaled)
+    current_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+    if pods and replicas < current_replicas:
+        # The ReplicaSet controller removes the lowest deletion cost first: the replicas with the least work
+        # in flight, whose drain (readiness off at SIGTERM, in-flight requests finish) is shortest.
+        figures = memo.scraper.latest(pool)
+        for name in autoscaling.deletion_order(pods, figures.in_flight if figures else {}, current_replicas - replicas):
+            await memo.kube.annotate_pod(namespace, name,
+                                         {autoscaling.DELETION_COST_ANNOTATION: autoscaling.DRAIN_FIRST_COST})
     try:
         configmap, deployment = pools.render_children(pool, namespace, members, replicas, scaled)
     except ValueError as exc:  # RuntimeConfig refused the rendering: a spec the runtime cannot serve
@@ -205,12 +231,44 @@ async def apply_pool(
             await memo.kube.create_if_absent(pools.render_internal_token_secret(pool, namespace, owner))
             memo.token_secrets.add(key)
     # The pool router, once the pool has several replicas; scaled to 0 (not deleted) if it shrinks back to one.
-    if replicas > 1 or await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None:
+    if pools.uses_router(members, replicas) or (
+        await memo.kube.read_deployment(namespace, pools.router_name(pool)) is not None
+    ):
         for child in pools.render_router(pool, namespace, members, replicas):
             await memo.kube.apply(child)
+    # gateway routing: the InferencePool and its endpoint picker; scaled to 0 if the pool leaves gateway routing.
+    gateway_routed = pools.pool_routing(members) == "gateway"
+    if gateway_routed or await memo.kube.read_deployment(namespace, gateway.epp_name(pool)) is not None:
+        for child in gateway.render_epp(pool, namespace, members, enabled=gateway_routed):
+            await memo.kube.apply(child)
+        if gateway_routed:
+            await memo.kube.apply(gateway.render_inference_pool(pool, namespace, members))
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
     return replicas
+
+
+async def label_stages(
+    key: PoolKey, pods: list[RuntimePod], routers: list[RuntimePod], memo: kopf.Memo, logger: kopf.Logger
+) -> None:
+    """Label each runtime pod of a lengthAware pool with its stage's length range, as a ready router of the
+    pool routes now (its /metrics: the router refines and re-plans stages, so the labels follow it)."""
+    ready = sorted(r.endpoint for r in routers if r.endpoint)
+    if not ready:
+        return
+    try:
+        stages = await memo.scraper.router_stages(ready[0])
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        logger.info("stage labels of pool %s not updated: router %s: %s", key[1], ready[0], exc)
+        return
+    written = memo.stage_labels.get(key, {})
+    now: dict[str, dict[str, str | None]] = {}  # only the pool's current pods: gone ones are forgotten
+    for pod in pods:
+        wanted = pools.stage_labels(stages.get(pod.endpoint) if pod.endpoint else None)
+        if written.get(pod.name) != wanted:
+            await memo.kube.label_pod(key[0], pod.name, wanted)
+        now[pod.name] = wanted
+    memo.stage_labels[key] = now
 
 
 def signature(members: Iterable[pools.Member], replicas: int) -> tuple[Any, ...]:
@@ -344,6 +402,7 @@ async def write_status(
                 "nodes": sorted({p.node for p in pods if p.node}) if admitted_in_pool else [],
                 "runtimeEndpoints": sorted(p.endpoint for p in pods if p.endpoint) if admitted_in_pool else [],
                 "replicas": replicas if admitted_in_pool else None,
+                "selector": f"{pools.LABEL_POOL}={member.pool}" if admitted_in_pool else None,
                 "readyReplicas": sum(1 for p in pods if p.endpoint) if admitted_in_pool else None,
                 "measured": measured(member, figures) if admitted_in_pool else None,
             }
@@ -403,6 +462,11 @@ async def _reconcile(
     body: kopf.Body, old: Any, reason: str, memo: kopf.Memo, logger: kopf.Logger,
     members_index: kopf.Index, nodes_index: kopf.Index, usage_index: kopf.Index, pods_index: kopf.Index,
 ) -> None:  # fmt: skip
+    unknown = unknown_spec_fields(body)
+    if unknown:  # a typo the API server pruned does nothing: say so where `kubectl describe` shows it
+        kopf.warn(body, reason="UnknownField", message=(
+            f"{', '.join(unknown)}: not a field of {KIND} {API_VERSION}; the API server drops it, so it has no "
+            "effect. Check the spelling (kubectl explain llms.spec) and apply with --validate=strict."))
     try:
         member = member_from_body(body)
     except kopf.PermanentError as exc:
@@ -452,8 +516,11 @@ async def _reconcile(
         replicas = 0
         if decision.admitted:
             memo.admitted[key][member.name] = member
-            replicas = await apply_pool(key, [*others, member], memo, logger)
-            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
+            replicas = await apply_pool(key, [*others, member], memo, logger, pods=pool_pods(key, pods_index),
+                                        reset_scaled=_replicas_changed(reason, old, member))  # fmt: skip
+            routed = pools.uses_router([*others, member], replicas)
+            await memo.kube.apply(pools.render_service(member, routed=routed))
+            await _apply_autoscaler(member, reason, old, memo)
         elif decision.scale_to is not None and others:
             replicas = await apply_pool(key, others, memo, logger, scale_to=decision.scale_to)
             kopf.event(body, type="Normal", reason="ScalingPool", message=decision.message)
@@ -465,6 +532,25 @@ async def _reconcile(
         raise kopf.PermanentError(decision.message)
     if not decision.admitted:
         raise kopf.TemporaryError(f"{decision.reason}: {decision.message}", delay=RETRY_DELAY_S)
+
+
+def _old_spec(reason: str, old: Any) -> Mapping[str, Any]:
+    if reason == "update" and isinstance(old, Mapping) and isinstance(old.get("spec"), Mapping):
+        return old["spec"]
+    return {}
+
+
+def _replicas_changed(reason: str, old: Any, member: pools.Member) -> bool:
+    before = _old_spec(reason, old).get("replicas")
+    return before is not None and before != member.spec.replicas
+
+
+async def _apply_autoscaler(member: pools.Member, reason: str, old: Any, memo: kopf.Memo) -> None:
+    """The ScaledObject while `scaling.autoscaler` is keda; deleted when it is switched off."""
+    if member.spec.scaling is not None and member.spec.scaling.autoscaler == "keda":
+        await memo.kube.apply(autoscaling.render_scaled_object(member))
+    elif (_old_spec(reason, old).get("scaling") or {}).get("autoscaler") == "keda":
+        await memo.kube.delete("ScaledObject", member.namespace, member.name)
 
 
 def _admitted_message(body: Mapping[str, Any]) -> str:
@@ -518,9 +604,11 @@ async def observe(
     logger: kopf.Logger,
     members_by_pool: kopf.Index,
     runtime_pods: kopf.Index,
+    router_pods: kopf.Index,
     **_: Any,
 ) -> None:
-    """Scrape the pool's runtimes, write figures and conditions, and raise Events on breach and recovery."""
+    """Scrape the pool's runtimes, write figures and conditions, and raise Events on breach and recovery;
+    in a lengthAware pool, label the runtime pods with their stages."""
     t.RECONCILES.labels("observe").inc()
     try:
         member = member_from_body(body)
@@ -545,8 +633,12 @@ async def observe(
         deployment = await memo.kube.read_deployment(*key)
         replicas = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
         if deployment is None or memo.rendered.get(key) != signature(members, replicas):
-            replicas = await apply_pool(key, members, memo, logger)  # drift, restart, or a missed event
-            await memo.kube.apply(pools.render_service(member, routed=replicas > 1))
+            # drift, restart, or a missed event
+            replicas = await apply_pool(key, members, memo, logger, pods=pods)
+            await memo.kube.apply(pools.render_service(member, routed=pools.uses_router(members, replicas)))
+        length_aware = pools.pool_routing(members) == "lengthAware"
+    if length_aware:  # outside the pool's lock: it asks a router over the network
+        await label_stages(key, pods, pool_pods(key, router_pods), memo, logger)
 
     result = await write_status(memo, member, pods, replicas, figures, None, logger)
     if result is None:

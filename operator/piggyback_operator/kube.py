@@ -27,6 +27,13 @@ from kubernetes.client.exceptions import ApiException
 from piggyback_operator.api import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "piggyback-operator"
+MERGE_PATCH = "application/merge-patch+json"
+# Children that are custom resources of other projects: kind -> (group, version, plural).
+CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools"),
+}
+DELETABLE_KINDS = ("ScaledObject",)  # children that go while their owner stays (autoscaler switched off)
 APPLY = "application/apply-patch+yaml"
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 BACKOFF_S = 0.2  # the first retry's delay; doubled per attempt up to MAX_BACKOFF_S
@@ -73,6 +80,7 @@ class Kube:
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.networking = kubernetes.client.NetworkingV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
         self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -115,8 +123,17 @@ class Kube:
             "Service": self.core.patch_namespaced_service,
             "Deployment": self.apps.patch_namespaced_deployment,
             "NetworkPolicy": self.networking.patch_namespaced_network_policy,
+            "ServiceAccount": self.core.patch_namespaced_service_account,
+            "RoleBinding": self.rbac.patch_namespaced_role_binding,
         }
         meta = body["metadata"]
+        if body["kind"] in CUSTOM_KINDS:
+            group, version, plural = CUSTOM_KINDS[body["kind"]]
+            await self._call(
+                self.custom.patch_namespaced_custom_object, group, version, meta["namespace"], plural, meta["name"],
+                body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY, retry_conflict=True,
+            )  # fmt: skip
+            return
         await self._call(
             patchers[body["kind"]], meta["name"], meta["namespace"], body,
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY, retry_conflict=True,
@@ -137,6 +154,34 @@ class Kube:
                 return False
             raise
         return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a child that goes while its owner stays; False if it was not there."""
+        assert kind in DELETABLE_KINDS, f"{kind} is not deleted by the operator"
+        group, version, plural = CUSTOM_KINDS[kind]
+        try:
+            await self._call(self.custom.delete_namespaced_custom_object, group, version, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge annotations into a pod (the pod deletion cost that makes a scale-down remove it first)."""
+        await self._patch_pod_metadata(namespace, name, {"annotations": annotations})
+
+    async def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> None:
+        """Merge labels into a pod (None removes one): a lengthAware replica's stage range."""
+        await self._patch_pod_metadata(namespace, name, {"labels": labels})
+
+    async def _patch_pod_metadata(self, namespace: str, name: str, metadata: dict[str, Any]) -> None:
+        try:
+            patch = {"metadata": metadata}
+            await self._call(self.core.patch_namespaced_pod, name, namespace, patch, _content_type=MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status != 404:  # gone meanwhile: nothing to order
+                raise
 
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +169,7 @@ def merged_node_selector(members: Sequence[Member]) -> tuple[dict[str, str], lis
     merged: dict[str, str] = {}
     conflicts: list[str] = []
     for m in ordered(members):
-        for key, value in m.spec.placement.node_selector.items():
+        for key, value in m.spec.node_selector.items():
             if key in merged and merged[key] != value:
                 conflicts.append(f"{key} ({merged[key]!r} vs {value!r} from {m.name})")
             merged.setdefault(key, value)
@@ -179,10 +179,63 @@ def merged_node_selector(members: Sequence[Member]) -> tuple[dict[str, str], lis
 def merged_tolerations(members: Sequence[Member]) -> list[Toleration]:
     seen: list[Toleration] = []
     for m in ordered(members):
-        for t in m.spec.placement.tolerations:
+        for t in m.spec.tolerations:
             if t not in seen:
                 seen.append(t)
     return seen
+
+
+@dataclass(frozen=True)
+class PodOverrides:
+    """The members' spec.pod merged: the pod is one, its members many. Lists and maps are merged by name
+    (the first member, by creation, wins a name both set); single values come from the first that sets them."""
+
+    image: str | None
+    image_pull_secrets: list[dict[str, Any]]
+    priority_class_name: str | None
+    affinity: dict[str, Any] | None
+    env: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    volume_mounts: list[dict[str, Any]]
+    annotations: dict[str, str]
+    labels: dict[str, str]
+    requests: dict[str, str]
+    limits: dict[str, str]
+
+
+def merged_pod_settings(members: Sequence[Member]) -> PodOverrides:
+    def first(values: Iterable[Any]) -> Any:
+        return next((v for v in values if v is not None), None)
+
+    def by_name(lists: Iterable[Iterable[Any]], key: str = "name") -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for items in lists:
+            for item in items:
+                body = item.model_dump(mode="json", by_alias=True, exclude_none=True)
+                out.setdefault(body[key], body)
+        return list(out.values())
+
+    def merged(maps: Iterable[Mapping[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for m in maps:
+            for k, v in m.items():
+                out.setdefault(k, v)
+        return out
+
+    pods = [m.spec.pod for m in ordered(members)]
+    return PodOverrides(
+        image=first(p.image for p in pods),
+        image_pull_secrets=by_name(p.image_pull_secrets for p in pods),
+        priority_class_name=first(p.priority_class_name for p in pods),
+        affinity=first(p.affinity for p in pods),
+        env=by_name(p.env for p in pods),
+        volumes=by_name(p.volumes for p in pods),
+        volume_mounts=by_name((p.volume_mounts for p in pods), key="mountPath"),
+        annotations=merged(p.annotations for p in pods),
+        labels=merged(p.labels for p in pods),
+        requests=merged(p.resources.requests for p in pods if p.resources),
+        limits=merged(p.resources.limits for p in pods if p.resources),
+    )  # fmt: skip
 
 
 def gpus_per_replica(members: Sequence[Member]) -> int:
@@ -302,6 +355,7 @@ def render_children(
     gpus = str(gpus_per_replica(members))
     volumes, mounts = _volumes(config.model.uri)
     volumes[0]["configMap"]["name"] = pool
+    pod = merged_pod_settings(members)
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": pool, "namespace": namespace, "labels": pool_labels, "ownerReferences": owners},
@@ -310,22 +364,30 @@ def render_children(
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {
         "name": "runtime",
-        "image": runtime_image(),
+        "image": pod.image or runtime_image(),
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
-        "env": [*runtime_env(members), internal_token_env(pool)],
+        # The operator's own variables first; spec.pod.env cannot name them (api.RESERVED_ENV_*).
+        "env": [*runtime_env(members), internal_token_env(pool), *pod.env],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
-            "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, GPU_RESOURCE: gpus},
-            "limits": {"memory": memory, GPU_RESOURCE: gpus},
+            "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, **pod.requests, GPU_RESOURCE: gpus},
+            "limits": {"memory": memory, **pod.limits, GPU_RESOURCE: gpus},
         },
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
         # Loading weights takes minutes on large models; liveness starts counting after this succeeds.
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
         "securityContext": container_security_context(),
-        "volumeMounts": mounts,
+        "volumeMounts": [*mounts, *pod.volume_mounts],
     }
+    pod_spec: dict[str, Any] = {}
+    if pod.priority_class_name:
+        pod_spec["priorityClassName"] = pod.priority_class_name
+    if pod.affinity:
+        pod_spec["affinity"] = pod.affinity
+    if pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = pod.image_pull_secrets
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {
@@ -338,8 +400,11 @@ def render_children(
             # No surge: a surge replica needs a spare GPU, which a full node does not have.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {
-                "metadata": {"labels": pool_labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
+                # The members' labels and annotations cannot override the operator's (CEL refuses those keys).
+                "metadata": {"labels": {**pod.labels, **pool_labels},
+                             "annotations": {**pod.annotations, ANNOTATION_CONFIG_HASH: config_hash}},
                 "spec": {
+                    **pod_spec,
                     "securityContext": {
                         "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
                         "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
@@ -351,7 +416,7 @@ def render_children(
                     "nodeSelector": selector,
                     "tolerations": tolerations,
                     "containers": [container],
-                    "volumes": volumes,
+                    "volumes": [*volumes, *pod.volumes],
                     "enableServiceLinks": False,
                 },
             },
@@ -465,6 +530,19 @@ def render_service(member: Member, routed: bool = False) -> dict[str, Any]:
 
 # --- the pool router (runtime/piggyback_runtime/router/app.py), deployed when the pool has several replicas ---
 LABEL_ROUTER_FOR = "piggyback.dev/router-for"  # router pods: not LABEL_POOL, so pool selectors never match them
+LABEL_EPP_FOR = "piggyback.dev/epp-for"  # the endpoint picker of a gateway-routed pool (gateway.py)
+# lengthAware pools: on each runtime pod, the length range (tokens) of the stage its router puts it in, so a
+# gateway's endpoint picker (or a person) can see and honour the stages. Max absent: the last stage.
+LABEL_LENGTH_MIN = "piggyback.dev/length-min-tokens"
+LABEL_LENGTH_MAX = "piggyback.dev/length-max-tokens"
+
+
+def stage_labels(stage: tuple[int, int | None] | None) -> dict[str, str | None]:
+    """The pod labels naming a stage's range; None values remove a label (a merge patch)."""
+    if stage is None:
+        return {LABEL_LENGTH_MIN: None, LABEL_LENGTH_MAX: None}
+    lower, upper = stage
+    return {LABEL_LENGTH_MIN: str(lower), LABEL_LENGTH_MAX: None if upper is None else str(upper)}
 ROUTER_REPLICAS = 2  # two, so that a router restart (rollout, node loss) never leaves the pool unreachable
 # lengthAware stage bounds (tokens) before any length distribution is known: exponential, as L4's buckets.
 LENGTH_AWARE_STAGE_BOUNDARIES = (4096, 16384, 65536)
@@ -483,6 +561,11 @@ def pool_routing(members: Sequence[Member]) -> str:
     return ordered(members)[0].spec.placement.routing
 
 
+def uses_router(members: Sequence[Member], replicas: int) -> bool:
+    """Clients go through the pool's router: several replicas, and routing is not left to a Gateway."""
+    return replicas > 1 and pool_routing(members) != "gateway"
+
+
 def render_router(pool: str, namespace: str, members: Sequence[Member], replicas: int) -> list[dict[str, Any]]:
     """Headless Service of the pool's runtime pods (the router resolves it to find the replicas), the router
     Deployment (0 replicas while the pool has one runtime replica: clients then reach the runtime directly),
@@ -492,6 +575,8 @@ def render_router(pool: str, namespace: str, members: Sequence[Member], replicas
     name = router_name(pool)
     router_labels = {**BASE_LABELS, LABEL_COMPONENT: "router", LABEL_ROUTER_FOR: pool}
     routing = pool_routing(members)
+    if routing == "gateway":  # a pool that moved to gateway routing: its router stays, scaled to 0
+        replicas = 1
     args = ["router", "--pool-dns", f"{replicas_service_name(pool)}.{namespace}.svc:{RUNTIME_PORT}",
             "--policy", routing, "--host", "0.0.0.0", "--port", str(RUNTIME_PORT)]  # fmt: skip
     if routing == "lengthAware" and replicas > 1:

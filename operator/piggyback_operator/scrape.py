@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +34,7 @@ class PodSample:
     generation_tokens: dict[str, float] = field(default_factory=dict)
     headroom_rps: float | None = None
     host_kv_free_bytes: float | None = None
+    in_flight: float = 0.0  # running + waiting requests, all services: what a scale-down would have to drain
 
 
 def parse_exposition(text: str, at: float) -> PodSample:
@@ -59,6 +61,8 @@ def parse_exposition(text: str, at: float) -> PodSample:
             sample.headroom_rps = sum(s.value for s in family.samples)
         elif family.name == m.HOST_KV_FREE_BYTES:
             sample.host_kv_free_bytes = sum(s.value for s in family.samples)
+        elif family.name in (m.NUM_RUNNING, m.NUM_WAITING):
+            sample.in_flight += sum(s.value for s in family.samples)
     return sample
 
 
@@ -108,6 +112,7 @@ class PoolFigures:
     host_kv_free_bytes: float | None
     errors: tuple[str, ...] = ()
     failed: frozenset[str] = frozenset()  # endpoints that did not answer this scrape
+    in_flight: Mapping[str, float] = field(default_factory=dict)  # per endpoint: running + waiting requests
 
     def service(self, name: str) -> ServiceFigures | None:
         return self.services.get(name)
@@ -158,7 +163,29 @@ def aggregate(now: dict[str, PodSample], before: Mapping[str, PodSample], at: fl
         at=at, pods=len(now), services=services,
         headroom_rps=sum(headrooms) if headrooms else None,
         host_kv_free_bytes=sum(kv_free) if kv_free else None,
+        in_flight={endpoint: sample.in_flight for endpoint, sample in now.items()},
     )  # fmt: skip
+
+
+StageRange = tuple[int, int | None]  # lower, upper tokens (None: the last, unbounded stage)
+
+
+def parse_router_stages(text: str) -> dict[str, StageRange]:
+    """host:port of each replica -> the length range of its stage, from a lengthAware router's /metrics (the
+    plan in use now: the router refines and re-plans its stages as request lengths change)."""
+    lower: dict[str, int] = {}
+    upper: dict[str, int] = {}
+    replica_stage: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == m.ROUTER_STAGE_LOWER_TOKENS:
+            lower.update({s.labels["stage"]: int(s.value) for s in family.samples})
+        elif family.name == m.ROUTER_STAGE_UPPER_TOKENS:
+            upper.update({s.labels["stage"]: int(s.value) for s in family.samples})
+        elif family.name == m.ROUTER_REPLICA_QUEUE:
+            for s in family.samples:
+                url = urlsplit(s.labels["replica"])
+                replica_stage[f"{url.hostname}:{url.port}"] = s.labels["stage"]
+    return {replica: (lower[stage], upper.get(stage)) for replica, stage in replica_stage.items() if stage in lower}
 
 
 class PoolScraper:
@@ -208,6 +235,14 @@ class PoolScraper:
             self._last[pool] = {**{k: v for k, v in self._last.get(pool, {}).items() if k in endpoints}, **now}
             self._figures[pool] = figures
             return figures
+
+    async def router_stages(self, endpoint: str) -> dict[str, StageRange]:
+        """The stage plan a lengthAware router at `endpoint` (host:port) routes by."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.get(f"http://{endpoint}/metrics") as response:
+            response.raise_for_status()
+            return parse_router_stages(await response.text())
 
     async def _scrape(self, endpoint: str) -> PodSample:
         assert self._session is not None

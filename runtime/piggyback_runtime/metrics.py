@@ -36,6 +36,13 @@ GENERATION_TOKENS = "vllm:generation_tokens"
 REQUEST_SUCCESS = "vllm:request_success"
 NUM_PREEMPTIONS = "vllm:num_preemptions"
 CACHE_CONFIG_INFO = "vllm:cache_config_info"
+# Pod-wide totals of the per-service gauges above: one series per runtime, for consumers that read one series
+# per model server. The Gateway API Inference Extension's endpoint picker takes a single series of a family
+# (the latest by timestamp, i.e. the first listed), so on a pod serving LS and BE services the vLLM-named
+# gauges would give it one service's queue; these give it the pod's.
+POD_REQUESTS_RUNNING = "piggyback_pod_requests_running"
+POD_REQUESTS_WAITING = "piggyback_pod_requests_waiting"
+POD_KV_CACHE_USAGE = "piggyback_pod_kv_cache_usage_ratio"
 REQUESTS = "piggyback_requests"
 SLO_ATTAINMENT = "piggyback_slo_attainment_ratio"
 SLO_VIOLATIONS = "piggyback_slo_violations"
@@ -179,6 +186,22 @@ class OptionalGauge(Collector):
         return []
 
 
+class PodTotals(Collector):
+    """Unlabelled sums, at scrape time, of labelled gauges (each service's series of one pod)."""
+
+    def __init__(self, sources: tuple[tuple[str, str, Gauge], ...], registry: CollectorRegistry) -> None:
+        self.sources = sources
+        registry.register(self)
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for name, documentation, gauge in self.sources:
+            total = sum(s.value for family in gauge.collect() for s in family.samples)
+            yield GaugeMetricFamily(name, documentation, value=total)
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        return [GaugeMetricFamily(name, documentation) for name, documentation, _ in self.sources]
+
+
 class RuntimeMetrics:
     """All metrics of one runtime, on their own registry (tests run several runtimes in one process)."""
 
@@ -225,6 +248,11 @@ class RuntimeMetrics:
             NUM_WAITING, "Requests admitted but not yet scheduled (or preempted).", LABELS, registry=r
         )
         self.kv_cache_usage = Gauge(KV_CACHE_USAGE, "Share (0-1) of accelerator KV blocks held.", LABELS, registry=r)
+        self.pod_totals = PodTotals((
+            (POD_REQUESTS_RUNNING, "Requests running, all services of this runtime.", self.num_running),
+            (POD_REQUESTS_WAITING, "Requests waiting, all services of this runtime.", self.num_waiting),
+            (POD_KV_CACHE_USAGE, "Share (0-1) of accelerator KV blocks held, all services.", self.kv_cache_usage),
+        ), registry=r)  # fmt: skip
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens of admitted requests.", LABELS, registry=r)
         self.generation_tokens = Counter(GENERATION_TOKENS, "Output tokens produced.", LABELS, registry=r)
         self.request_success = Counter(

@@ -38,7 +38,8 @@ LLMS_PATH = f"/apis/piggyback.dev/v1alpha1/namespaces/{NAMESPACE}/llmservices"
 HERE = Path(__file__).parent
 
 RESOURCES: dict[str, kmock.ResourceInfo] = {
-    LLMS: kmock.ResourceInfo(kind="LLMService", namespaced=True, subresources={"status"}, shortnames={"llms"}),
+    LLMS: kmock.ResourceInfo(kind="LLMService", namespaced=True, subresources={"status", "scale"},
+                             shortnames={"llms"}),
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True),
     "v1/nodes": kmock.ResourceInfo(kind="Node", namespaced=False),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False),
@@ -47,6 +48,10 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True),
     "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True),
     "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True),
+    "v1/serviceaccounts": kmock.ResourceInfo(kind="ServiceAccount", namespaced=True),
+    "rbac.authorization.k8s.io/v1/rolebindings": kmock.ResourceInfo(kind="RoleBinding", namespaced=True),
+    "keda.sh/v1alpha1/scaledobjects": kmock.ResourceInfo(kind="ScaledObject", namespaced=True),
+    "inference.networking.k8s.io/v1/inferencepools": kmock.ResourceInfo(kind="InferencePool", namespaced=True),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False),
 }
@@ -95,6 +100,14 @@ class Cluster:
         body = {"apiVersion": "piggyback.dev/v1alpha1", "kind": "LLMService",
                 "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
         return await self._request("POST", LLMS_PATH, body)
+
+    async def scale(self, name: str, replicas: int) -> dict[str, Any]:
+        """What `kubectl scale llms/NAME --replicas=N` and an HPA do: write the /scale subresource."""
+        return await self._request("PATCH", f"{LLMS_PATH}/{name}/scale", {"spec": {"replicas": replicas}},
+                                   "application/merge-patch+json")  # fmt: skip
+
+    async def read_scale(self, name: str) -> dict[str, Any]:
+        return await self._request("GET", f"{LLMS_PATH}/{name}/scale")
 
     async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self._request("PATCH", f"{LLMS_PATH}/{name}", patch, "application/merge-patch+json")

@@ -281,6 +281,10 @@ class ApiServer(kmock.KubernetesEmulator):
         return await self._execute(request)
 
     async def _execute(self, request: rendering.Request) -> Any:
+        if request.resource is not None and request.subresource == "scale":
+            async with self._lock:
+                result = await self._scale(request)
+            return await kmock.Response(payload=result)(request)
         if request.resource is None or request.action not in (
             kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE
         ):
@@ -293,6 +297,32 @@ class ApiServer(kmock.KubernetesEmulator):
             else:
                 result = await self._patch(request)
         return await kmock.Response(payload=result)(request)
+
+    async def _scale(self, request: rendering.Request) -> dict[str, Any]:
+        """The /scale subresource of a custom resource, as its CRD's `scale` paths map it (spec.replicas,
+        status.replicas, status.selector): read as an autoscaling/v1 Scale; a write changes spec.replicas (and so
+        the generation, and the watchers see an update), as kubectl scale or an HPA would."""
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        current = self._live(key)
+        if current is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        if request.method.value in ("PUT", "PATCH"):
+            data = request.data if request.data is not None else json.loads(request.text or "null")
+            replicas = ((data or {}).get("spec") or {}).get("replicas")
+            if replicas is not None and replicas != current.get("spec", {}).get("replicas"):
+                current["spec"]["replicas"] = replicas
+                current["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+                await self._store(key, current, "MODIFIED")
+        status = current.get("status") or {}
+        meta = current["metadata"]
+        return {
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace"), "uid": meta["uid"],
+                         "resourceVersion": meta["resourceVersion"]},
+            "spec": {"replicas": current.get("spec", {}).get("replicas")},
+            "status": {"replicas": status.get("replicas") or 0, "selector": status.get("selector") or ""},
+        }  # fmt: skip
 
     async def _create(self, resource: kmock.resource, namespace: str | None, data: Any) -> dict[str, Any]:
         body = copy.deepcopy(data)

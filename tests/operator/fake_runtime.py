@@ -5,10 +5,12 @@ the runtime's own RuntimeMetrics (so every name comes from piggyback_runtime.met
 and host-KV gauges the SLO controller will export. Tests set the figures with POST /control:
 
     {"headroom": 2.5 | null, "host_kv_free_bytes": ..., "services": {"chat": {"class": "LS",
-     "attainment": 0.995, "window": 200, "ttft_s": [0.05, ...], "tpot_s": [...], "tokens": 1000}}}
+     "attainment": 0.995, "window": 200, "ttft_s": [0.05, ...], "tpot_s": [...], "tokens": 1000,
+     "running": 3, "waiting": 1}}}
 
-`headroom: null` removes the headroom metric (a runtime that does not export it). Prints `PORT <n>` once
-listening on 127.0.0.1.
+`router: {"stages": [[0, 4096], [4096, null]], "replicas": {"http://127.0.0.1:PORT": 0}}` adds a
+lengthAware router's stage metrics. `headroom: null` removes the headroom metric (a runtime that does not
+export it). Prints `PORT <n>` once listening on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -39,9 +41,20 @@ def build(control: dict[str, Any]) -> CollectorRegistry:
             runtime.request_tpot.labels(name, cls).observe(value)
         if "tokens" in figures:
             runtime.generation_tokens.labels(name, cls).inc(figures["tokens"])
+        runtime.num_running.labels(name, cls).set(figures.get("running", 0))
+        runtime.num_waiting.labels(name, cls).set(figures.get("waiting", 0))
         if cls == "LS":
             runtime.slo_attainment.labels(name).set(figures.get("attainment", 1.0))
             runtime.slo_window_requests.labels(name).set(figures.get("window", 0))
+    router = control.get("router")
+    if router:  # a lengthAware router: its stages ([lower, upper|null]) and each replica URL's stage index
+        metrics = m.RouterMetrics(registry)
+        for index, (lower, upper) in enumerate(router["stages"]):
+            metrics.stage_lower_tokens.labels(str(index)).set(lower)
+            if upper is not None:
+                metrics.stage_upper_tokens.labels(str(index)).set(upper)
+        for replica, index in router["replicas"].items():
+            metrics.replica_queue.labels(replica, str(index)).set(0)
     for name, key in ((m.LS_HEADROOM_RPS, "headroom"), (m.HOST_KV_FREE_BYTES, "host_kv_free_bytes")):
         if control.get(key) is None:
             continue

@@ -78,9 +78,17 @@ def test_the_committed_crd_is_what_the_models_generate():
     assert CRD_FILE.read_text() == api.crd_yaml(), "regenerate: piggyback-operator crd -o " + str(CRD_FILE)
 
 
-def test_the_crd_has_a_status_subresource_short_name_and_columns_that_answer_is_it_up():
+def test_the_crd_has_status_and_scale_subresources_short_name_and_columns_that_answer_is_it_up():
     version = api.crd_manifest()["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    # /scale: kubectl scale, an HPA or KEDA write spec.replicas and read the pool's replicas and pod selector.
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}  # fmt: skip
+    for path in ("spec.replicas", "status.replicas", "status.selector"):
+        node = SCHEMA
+        for part in path.split("."):
+            node = node["properties"][part]
+        assert node["type"] == ("string" if path.endswith("selector") else "integer"), path
     assert api.crd_manifest()["spec"]["names"]["shortNames"] == ["llms"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Class", "Model", "Ready", "Reason", "TTFT-p99-ms", "TPOT-p99-ms", "Attainment", "BE-tok/s",
@@ -108,7 +116,7 @@ def test_the_samples_are_accepted(spec):
 
 
 def test_defaults_fill_in_what_a_minimal_be_spec_leaves_out():
-    spec = with_defaults(SCHEMA, {"spec": {"class": "BE", "model": {"uri": "synthetic://tiny"}}})["spec"]
+    spec = with_defaults(SCHEMA, {"spec": {"class": "BE", "model": {"uri": "synthetic://tiny-llama"}}})["spec"]
     assert spec["replicas"] == 1
     assert spec["resources"] == {"gpus": 1, "cpuCores": 0, "hostMemory": "0"}
     assert spec["placement"]["pool"] == "default" and spec["model"]["dtype"] == "auto"
@@ -187,3 +195,100 @@ def test_the_operator_side_models_refuse_what_cel_refuses_with_the_same_words():
         api.LLMServiceSpec.model_validate({**LS, "scaling": {"minReplicas": 3, "maxReplicas": 2}})
     with pytest.raises(ValidationError, match=re.escape(api.MSG_DEFAULT_LE_MAX_TOKENS)):
         api.LLMServiceSpec.model_validate({**LS, "limits": {"defaultMaxTokens": 4096, "maxTokens": 1024}})
+
+
+def test_every_field_of_the_crd_has_a_description():
+    """`kubectl explain llms.spec...` answers for every field: a field without a description fails here."""
+    missing: list[str] = []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            here = f"{path}.{key}"
+            if here not in (".apiVersion", ".kind", ".metadata") and not sub.get("description"):
+                missing.append(here)
+            walk(sub, here)
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}{{}}")
+    walk(SCHEMA, "")
+    assert not missing, f"fields without a description: {missing}"
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("synthetic://no-such-preset", api.MSG_SYNTHETIC_PRESET),
+    ("file://relative/path", api.MSG_FILE_URI_ABSOLUTE),
+    ("pvc://claim-without-path", api.MSG_PVC_URI),
+], ids=["unknown-preset", "relative-file", "pvc-without-path"])
+def test_model_uris_the_runtime_cannot_load_are_refused_by_the_crd_and_the_model(uri, message):
+    spec = {**LS, "model": {"uri": uri}}
+    assert admit(spec) == [message]
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        api.LLMServiceSpec.model_validate(spec)
+
+
+def test_the_synthetic_presets_are_the_runtimes_own_list():
+    from piggyback_runtime.model import arch  # the runtime's one list (imports torch: fine in a test)
+
+    assert tuple(sorted(arch.SYNTHETIC_PRESETS)) == api.SYNTHETIC_PRESETS
+    for preset in api.SYNTHETIC_PRESETS:
+        assert admit({**LS, "model": {"uri": f"synthetic://{preset}"}}) == []
+    assert admit({**LS, "model": {"uri": "file:///models/llama"}}) == []
+    assert admit({**LS, "model": {"uri": "pvc://weights/llama/8b"}}) == []
+
+
+POD = {
+    "image": "registry.example.com/piggyback-runtime:1.2", "imagePullSecrets": [{"name": "regcred"}],
+    "priorityClassName": "llm-serving",
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+    "nodeSelector": {"pool": "gpu"},
+    "env": [{"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+    "volumes": [{"name": "certs", "secret": {"secretName": "ca-bundle"}}],
+    "volumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/extra", "readOnly": True}],
+    "annotations": {"sidecar.istio.io/inject": "false"}, "labels": {"team": "search"},
+    "resources": {"requests": {"cpu": "6"}, "limits": {"memory": "96Gi"}},
+}  # fmt: skip
+
+
+def test_pod_settings_a_cluster_needs_are_accepted():
+    assert admit({**LS, "pod": POD}) == []
+    parsed = api.LLMServiceSpec.model_validate({**LS, "pod": POD})
+    assert parsed.pod.volumes[0].model_dump(by_alias=True) == POD["volumes"][0]  # the volume source passes through
+
+
+@pytest.mark.parametrize(("pod", "message"), [
+    ({"env": [{"name": "PIGGYBACK_API_KEY_CHAT", "value": "x"}]}, api.MSG_ENV_RESERVED),
+    ({"env": [{"name": "HOME", "value": "/root"}]}, api.MSG_ENV_RESERVED),
+    ({"volumes": [{"name": "cache", "emptyDir": {}}]}, api.MSG_VOLUME_RESERVED),
+    ({"volumes": [{"name": "x", "emptyDir": {}}], "volumeMounts": [{"name": "x", "mountPath": "/tmp"}]},
+     api.MSG_MOUNT_PATH_RESERVED),
+    ({"volumeMounts": [{"name": "nowhere", "mountPath": "/data"}]}, api.MSG_MOUNT_NEEDS_VOLUME),
+    ({"labels": {"piggyback.dev/pool": "other"}}, api.MSG_LABEL_RESERVED),
+    ({"annotations": {"piggyback.dev/config-hash": "0"}}, api.MSG_ANNOTATION_RESERVED),
+    ({"resources": {"limits": {"nvidia.com/gpu": "2"}}}, api.MSG_GPU_OVERRIDE),
+], ids=["env-prefix", "env-home", "volume-name", "mount-path", "mount-without-volume", "label", "annotation",
+        "gpu-override"])
+def test_pod_settings_that_clash_with_what_the_operator_sets_are_refused(pod, message):
+    assert admit({**LS, "pod": pod}) == [message]
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        api.LLMServiceSpec.model_validate({**LS, "pod": pod})
+
+
+def test_a_node_selector_key_set_twice_must_agree():
+    spec = {**LS, "placement": {"nodeSelector": {"gpu": "h100"}}, "pod": {"nodeSelector": {"gpu": "a100"}}}
+    assert admit(spec) == [api.MSG_NODE_SELECTOR_CONFLICT]
+    with pytest.raises(ValidationError, match=re.escape(api.MSG_NODE_SELECTOR_CONFLICT)):
+        api.LLMServiceSpec.model_validate(spec)
+    agreeing = {**spec, "pod": {"nodeSelector": {"gpu": "h100", "zone": "a"}}}
+    assert admit(agreeing) == []
+    assert api.LLMServiceSpec.model_validate(agreeing).node_selector == {"gpu": "h100", "zone": "a"}
+
+
+def test_keda_autoscaling_needs_room_to_scale():
+    spec = {**LS, "scaling": {"minReplicas": 2, "maxReplicas": 2, "autoscaler": "keda"}, "replicas": 2}
+    assert admit(spec) == [api.MSG_KEDA_NEEDS_RANGE]
+    with pytest.raises(ValidationError, match=re.escape(api.MSG_KEDA_NEEDS_RANGE)):
+        api.LLMServiceSpec.model_validate(spec)

@@ -47,13 +47,21 @@ def test_the_base_installs_namespace_crd_rbac_and_one_operator():
 
 
 def test_rbac_grants_only_named_verbs_on_named_resources():
-    (role,) = by_kind(build("manifests/base"), "ClusterRole")
+    roles = {r["metadata"]["name"]: r for r in by_kind(build("manifests/base"), "ClusterRole")}
+    assert set(roles) == {"piggyback-operator", "piggyback-epp"}
+    role = roles["piggyback-operator"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-        assert not set(rule["verbs"]) & {"delete", "deletecollection", "escalate", "bind", "impersonate"}, rule
+        assert not set(rule["verbs"]) & {"deletecollection", "escalate", "impersonate"}, rule
+        if "delete" in rule["verbs"]:  # only the ScaledObject of a service whose autoscaler was switched off
+            assert rule["resources"] == ["scaledobjects"], rule
+        if "bind" in rule["verbs"]:  # only the EPP's role, to bind it per gateway-routed pool
+            assert rule["resources"] == ["clusterroles"] and rule["resourceNames"] == ["piggyback-epp"], rule
     granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
     assert ("llmservices/status", "patch") in granted and ("deployments", "patch") in granted
     assert ("secrets", "get") not in granted
+    for rule in roles["piggyback-epp"]["rules"]:
+        assert set(rule["verbs"]) == {"get", "list", "watch"}, rule
 
 
 def test_the_monitoring_overlay_adds_monitors_for_the_operator_and_the_runtimes():
@@ -106,6 +114,16 @@ def test_the_operators_network_policy_settings_parse_and_let_the_operator_itself
 
 
 def test_the_role_grants_network_policies_because_the_operator_renders_one_per_pool():
-    (role,) = by_kind(build("manifests/base"), "ClusterRole")
+    roles = by_kind(build("manifests/base"), "ClusterRole")
+    (role,) = [r for r in roles if r["metadata"]["name"] == "piggyback-operator"]
     granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
     assert {("networkpolicies", "create"), ("networkpolicies", "patch")} <= granted
+
+
+def test_the_operators_gateway_and_autoscaling_settings_default_to_what_the_code_assumes():
+    from piggyback_operator import autoscaling, gateway
+
+    (deployment,) = by_kind(build("manifests/base"), "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PIGGYBACK_EPP_IMAGE"] == gateway.DEFAULT_EPP_IMAGE
+    assert env["PIGGYBACK_PROMETHEUS_URL"] == autoscaling.DEFAULT_PROMETHEUS_URL

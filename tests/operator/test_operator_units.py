@@ -89,7 +89,7 @@ def test_a_pvc_model_is_mounted_where_the_runtime_looks_for_it():
 
 def test_services_of_one_model_and_pool_share_a_pool_name_and_other_models_do_not():
     assert member("a", "LS").pool == member("b", "BE").pool
-    assert member("a", "LS").pool != member("c", "LS", model={"uri": "synthetic://other"}).pool
+    assert member("a", "LS").pool != member("c", "LS", model={"uri": "synthetic://small-llama"}).pool
     assert member("a", "LS").pool != member("d", "LS", placement={"pool": "blue"}).pool
 
 

@@ -36,26 +36,36 @@ def _plural(snake: str) -> str:
 def kube_py_permissions() -> set[Permission]:
     """Permissions of every `self.<api>.<method>` kube.py references (methods named as the client names them)."""
     tree = ast.parse(inspect.getsource(kube))
-    apply_fn = next(n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == "apply")
-    in_apply = {id(n) for n in ast.walk(apply_fn)}
+
+    def nodes_in(name: str) -> set[int]:
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == name)
+        return {id(n) for n in ast.walk(fn)}
+
+    in_apply, in_delete = nodes_in("apply"), nodes_in("delete")
     out: set[Permission] = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
-                and node.value.attr in ("core", "apps", "networking", "custom")):  # fmt: skip
+                and node.value.attr in ("core", "apps", "networking", "custom", "rbac")):  # fmt: skip
             continue
         m = re.fullmatch(r"(read|get|list|patch|create|replace|delete)_(?:namespaced_)?(\w+?)(_status)?", node.attr)
         assert m, f"kube.py calls {node.attr}, which this test cannot map to a permission"
         verb = {"read": "get", "get": "get", "replace": "update"}.get(m[1], m[1])
-        if m[2] == "custom_object":
-            group, resource = api.GROUP, api.PLURAL
+        if m[2] == "custom_object" and id(node) in in_apply:  # other projects' kinds (kube.CUSTOM_KINDS)
+            targets = [(group, plural) for group, _, plural in kube.CUSTOM_KINDS.values()]
+        elif m[2] == "custom_object" and id(node) in in_delete:
+            targets = [(kube.CUSTOM_KINDS[k][0], kube.CUSTOM_KINDS[k][2]) for k in kube.DELETABLE_KINDS]
+        elif m[2] == "custom_object":
+            targets = [(api.GROUP, api.PLURAL)]
         else:
-            group = {"core": "", "apps": "apps", "networking": "networking.k8s.io"}[node.value.attr]
-            resource = _plural(m[2])
-        resource += "/status" if m[3] else ""
-        out.add((group, resource, verb))
-        if id(node) in in_apply:  # server-side apply creates when absent
-            out.add((group, resource, "create"))
+            group = {"core": "", "apps": "apps", "networking": "networking.k8s.io",
+                     "rbac": "rbac.authorization.k8s.io"}[node.value.attr]  # fmt: skip
+            targets = [(group, _plural(m[2]))]
+        for group, resource in targets:
+            resource += "/status" if m[3] else ""
+            out.add((group, resource, verb))
+            if id(node) in in_apply:  # server-side apply creates when absent
+                out.add((group, resource, "create"))
     return out
 
 
@@ -79,7 +89,8 @@ def describe(perms: set[Permission]) -> str:
 
 
 async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
-    """Create an LS and a BE service, run their pool, update one, breach its SLO, delete both."""
+    """Create an LS and a BE service, run their pool, update one, breach its SLO, autoscale and scale it down,
+    route a third through a gateway, delete them all."""
     await cluster.add_gpu_node("gpu-a")
     runtime.set(services={"chat": {"class": "LS", "attainment": 1.0, "window": 50, "ttft_s": [0.05] * 50},
                           "batch": {"class": "BE", "tokens": 100}}, headroom=5.0)
@@ -94,6 +105,24 @@ async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
     await eventually(lambda: cluster.status("chat").get("observedGeneration") == 2, what="update handled")
     runtime.set(services={"chat": {"class": "LS", "attainment": 0.5, "window": 50, "ttft_s": [0.05] * 50}})
     await eventually(lambda: cluster.events("SLOBreached"), what="an Event")
+    # Autoscaling: a ScaledObject while keda is on, a scale-down that marks a pod, the ScaledObject deleted.
+    await cluster.patch("chat", {"spec": {"replicas": 2, "scaling": {"minReplicas": 1, "maxReplicas": 2,
+                                                                     "autoscaler": "keda"}}})  # fmt: skip
+    await eventually(lambda: cluster.api.live("keda.sh/v1alpha1/scaledobjects", "serving", "chat"), what="keda")
+    await eventually(lambda: cluster.deployment(pool)["spec"]["replicas"] == 2, what="2 replicas")
+    await cluster.run_replicas(pool, node="gpu-a", port=runtime.port)
+    await cluster.scale("chat", 1)
+    await eventually(lambda: any((p["metadata"].get("annotations") or {}) for p in cluster.api.all("v1/pods")),
+                     what="a pod marked to go first")  # fmt: skip
+    await cluster.patch("chat", {"spec": {"scaling": {"autoscaler": "none"}}})
+    await eventually(lambda: cluster.api.live("keda.sh/v1alpha1/scaledobjects", "serving", "chat") is None,
+                     what="ScaledObject deleted")  # fmt: skip
+    # A gateway-routed pool: InferencePool, and the EPP's ServiceAccount, RoleBinding, Deployment and Service.
+    await cluster.create("edge", ls_spec(placement={"pool": "edge", "routing": "gateway"}))
+    await eventually(lambda: cluster.api.all("inference.networking.k8s.io/v1/inferencepools"), what="InferencePool")
+    await eventually(lambda: cluster.api.all("rbac.authorization.k8s.io/v1/rolebindings"), what="EPP RoleBinding")
+    await cluster.delete("edge")
+    await eventually(lambda: cluster.llms("edge") is None, what="edge finalized")
     for name in ("batch", "chat"):
         await cluster.delete(name)
         await eventually(lambda n=name: cluster.llms(n) is None, what=f"{name} finalized")
@@ -126,8 +155,9 @@ def test_a_permission_no_request_shows_is_listed_with_its_reason_and_is_granted(
     assert all(reason for reason in NOT_OBSERVABLE.values())
 
 
-def test_the_role_reads_no_secrets_and_writes_no_pods():
+def test_the_role_reads_no_secrets_and_creates_no_pods():
     """API keys and the pool's internal token reach the pods through secretKeyRef: the operator creates the
-    token's Secret once and can neither read nor rewrite any Secret."""
+    token's Secret once and can neither read nor rewrite any Secret. Pods: it patches only the deletion-cost
+    annotation of a replica a scale-down removes (RBAC cannot narrow patch to a field), never creates one."""
     assert {verb for _, resource, verb in granted_permissions() if resource == "secrets"} == {"create"}
-    assert {verb for _, resource, verb in granted_permissions() if resource == "pods"} == {"list", "watch"}
+    assert {verb for _, resource, verb in granted_permissions() if resource == "pods"} == {"list", "watch", "patch"}

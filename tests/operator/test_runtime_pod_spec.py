@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from piggyback_operator import pools
+from piggyback_operator import api, pools
 from piggyback_operator.api import LLMServiceSpec
 from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.config import RuntimeConfig
@@ -194,3 +194,77 @@ def test_the_network_policy_is_owned_by_every_member_like_the_other_pool_childre
     policy = pools.render_network_policy("pool", "team-a", members, pools.NetworkPolicySettings())
     assert {r["name"] for r in policy["metadata"]["ownerReferences"]} == {"chat", "batch"}
     assert not any(r["controller"] for r in policy["metadata"]["ownerReferences"])
+
+
+# --- spec.pod: the settings clusters require ------------------------------------------------------------------
+
+
+POD_SETTINGS: dict[str, Any] = {
+    "image": "registry.example.com/piggyback-runtime:1.2", "imagePullSecrets": [{"name": "regcred"}],
+    "priorityClassName": "llm-serving",
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+    "nodeSelector": {"pool": "gpu"},
+    "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+    "volumes": [{"name": "certs", "secret": {"secretName": "ca-bundle"}}],
+    "volumeMounts": [{"name": "certs", "mountPath": "/etc/ssl/extra", "readOnly": True}],
+    "annotations": {"sidecar.istio.io/inject": "false"}, "labels": {"team": "search"},
+    "resources": {"requests": {"cpu": "6"}, "limits": {"memory": "96Gi"}},
+}  # fmt: skip
+
+
+def test_pod_settings_reach_the_runtime_pods_next_to_what_the_operator_sets():
+    _, deployment = render(member("chat", pod=POD_SETTINGS))
+    template = deployment["spec"]["template"]
+    pod, runtime = template["spec"], container(deployment)
+    assert runtime["image"] == POD_SETTINGS["image"] and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "llm-serving" and pod["affinity"] == POD_SETTINGS["affinity"]
+    assert pod["nodeSelector"] == {"pool": "gpu"} and POD_SETTINGS["tolerations"][0] in pod["tolerations"]
+    env = [e["name"] for e in runtime["env"]]
+    assert "HF_HUB_OFFLINE" in env and "HOME" in env  # added to the operator's, not instead of them
+    assert {"name": "certs", "secret": {"secretName": "ca-bundle"}} in pod["volumes"]
+    assert {v["name"] for v in pod["volumes"]} >= {"config", "tmp", "cache", "dshm"}
+    assert POD_SETTINGS["volumeMounts"][0] in runtime["volumeMounts"]
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert template["metadata"]["labels"][pools.LABEL_POOL] == "pool"
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pools.ANNOTATION_CONFIG_HASH in template["metadata"]["annotations"]
+    resources = runtime["resources"]
+    assert resources["requests"]["cpu"] == "6" and resources["limits"]["memory"] == "96Gi"
+    assert resources["requests"]["memory"] == "4Gi"  # not overridden: still derived
+    assert resources["limits"][pools.GPU_RESOURCE] == "1"
+
+
+def test_without_pod_settings_the_image_is_the_operators_and_nothing_extra_is_set():
+    _, deployment = render(member("chat"))
+    pod = deployment["spec"]["template"]["spec"]
+    assert container(deployment)["image"] == pools.runtime_image()
+    assert not {"priorityClassName", "affinity", "imagePullSecrets"} & set(pod)
+
+
+def test_the_first_member_wins_a_name_two_members_of_one_pod_set():
+    first = member("a-chat", pod={"env": [{"name": "MODE", "value": "a"}], "image": "img:a", "labels": {"t": "a"}})
+    second = member("b-batch", "BE", pod={"env": [{"name": "MODE", "value": "b"}, {"name": "EXTRA", "value": "1"}],
+                                         "image": "img:b", "labels": {"t": "b", "u": "b"}})
+    _, deployment = render(first, second)
+    env = {e["name"]: e.get("value") for e in container(deployment)["env"]}
+    assert env["MODE"] == "a" and env["EXTRA"] == "1"
+    assert container(deployment)["image"] == "img:a"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert (labels["t"], labels["u"]) == ("a", "b")
+
+
+def test_what_the_operator_sets_on_the_pod_is_what_the_crd_reserves():
+    """The CEL rules refuse spec.pod values that would clash; they must cover every name the operator uses."""
+    _, deployment = render(member("chat-v2", apiKeySecretRef={"name": "keys"}, model={"uri": "pvc://weights/m"}))
+    pod, runtime = deployment["spec"]["template"]["spec"], container(deployment)
+    for env in runtime["env"]:
+        assert env["name"].startswith(api.RESERVED_ENV_PREFIX) or env["name"] in api.RESERVED_ENV_NAMES, env
+    assert {v["name"] for v in pod["volumes"]} <= set(api.RESERVED_VOLUME_NAMES)
+    for mount in runtime["volumeMounts"]:
+        assert any(mount["mountPath"] == p or mount["mountPath"].startswith(p + "/")
+                   for p in api.RESERVED_MOUNT_PATHS), mount  # fmt: skip
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(k.startswith(api.RESERVED_LABEL_PREFIXES) for k in labels)
+    assert all(k.startswith(api.RESERVED_ANNOTATION_PREFIXES)
+               for k in deployment["spec"]["template"]["metadata"]["annotations"])  # fmt: skip
