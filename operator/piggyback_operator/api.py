@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from piggyback_runtime.model.arch import SYNTHETIC_PRESETS as RUNTIME_SYNTHETIC_PRESETS
 
 GROUP = "piggyback.dev"
 VERSION = "v1alpha1"
@@ -74,28 +73,8 @@ RESERVED_ANNOTATION_PREFIXES = ("piggyback.dev/",)
 GPU_RESOURCE_NAME = "nvidia.com/gpu"
 
 
-def _runtime_synthetic_presets() -> tuple[str, ...]:
-    """The runtime's synthetic presets (`SYNTHETIC_PRESETS` in piggyback_runtime/model/arch.py: its one list).
-
-    arch.py is loaded on its own: the model package's __init__ imports torch, which the operator neither
-    needs nor (in its image) has. arch.py itself imports only the standard library.
-    """
-    name = "piggyback_runtime.model.arch"
-    module = sys.modules.get(name) or sys.modules.get("_piggyback_operator_runtime_arch")
-    if module is None:
-        runtime = importlib.util.find_spec("piggyback_runtime")
-        assert runtime is not None and runtime.origin is not None, "piggyback_runtime is not importable"
-        spec = importlib.util.spec_from_file_location(
-            "_piggyback_operator_runtime_arch", Path(runtime.origin).parent / "model" / "arch.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-        spec.loader.exec_module(module)
-    return tuple(sorted(module.SYNTHETIC_PRESETS))
-
-
-SYNTHETIC_PRESETS = _runtime_synthetic_presets()
+# The runtime's one list of presets (model/arch.py imports only the standard library, the model package nothing).
+SYNTHETIC_PRESETS = tuple(sorted(RUNTIME_SYNTHETIC_PRESETS))
 MSG_SYNTHETIC_PRESET = (
     f"model.uri: synthetic://PRESET must name one of the runtime's presets: {', '.join(SYNTHETIC_PRESETS)}"
 )

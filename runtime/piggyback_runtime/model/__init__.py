@@ -1,7 +1,5 @@
-"""Llama-family model: architecture, per-layer split decoder, loaders, tokenizer."""
+"""Llama-family model: architecture (`arch`), per-layer split decoder (`llama`), loaders (`loader`), tokenizer.
 
-from piggyback_runtime.model.arch import ModelArch, ModelLoadError
-from piggyback_runtime.model.llama import LlamaForCausalLM
-from piggyback_runtime.model.loader import LoadedModel, load_model
-
-__all__ = ["LlamaForCausalLM", "LoadedModel", "ModelArch", "ModelLoadError", "load_model"]
+Nothing is imported here: `model.arch` (the architectures and the synthetic presets) is pure Python, and the
+operator reads the presets from it without torch, which the other modules need.
+"""
