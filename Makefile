@@ -26,6 +26,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy  # strict, on the packages [tool.mypy] files lists in pyproject.toml
 	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
