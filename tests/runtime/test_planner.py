@@ -14,17 +14,18 @@ from piggyback_runtime.request import Request, SamplingParams
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
 from piggyback_runtime.scheduler.planner import REASON_BE_QUEUE_FULL, Planner
 from piggyback_runtime.scheduler.policy import POLICIES, Policy, make_policy
+from tests.runtime.configs import runtime_config
 
 
 def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama"},
-        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
-                     {"name": "batch", "class": "BE"}],
-        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
-        "piggyback": {"max_be_rows_per_layer": 8, "max_be_requests": 4},
-        "slo_control": {"max_be_queue": 2},
-    })  # fmt: skip
+    return runtime_config(
+        device=None,
+        services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                  {"name": "batch", "class": "BE"}],
+        engine={"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
+        piggyback={"max_be_rows_per_layer": 8, "max_be_requests": 4},
+        slo_control={"max_be_queue": 2},
+    )
 
 
 def _model(per_row_s: float = 1e-3) -> LatencyModel:

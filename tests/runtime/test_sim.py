@@ -14,6 +14,7 @@ from piggyback_runtime.scheduler.planner import Planner
 from piggyback_runtime.sim import devices
 from piggyback_runtime.sim.scenario import load_scenario, load_sweep, run_scenario, summary, sweep_points
 from piggyback_runtime.sim.simulator import SimResult
+from tests.runtime.configs import runtime_config_dict
 
 VIDUR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "vidur"
 needs_vidur = pytest.mark.skipif(not (VIDUR / "profiling").is_dir(),
@@ -23,14 +24,14 @@ needs_vidur = pytest.mark.skipif(not (VIDUR / "profiling").is_dir(),
 def scenario(policy: str = "piggyback", ls_rate: float = 2.0, be_count: int = 40, duration_s: float = 30.0,
              host_gb_s: float = 200.0, ttft_ms: float = 2000, tpot_ms: float = 150) -> dict[str, Any]:  # fmt: skip
     return {
-        "runtime": {
-            "model": {"uri": "synthetic://llama-2-7b"},
-            "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
-                         {"name": "batch", "class": "BE"}],
-            "engine": {"policy": policy, "max_num_seqs": 256},
-            "piggyback": {"host_kv_memory_gib": 64, "max_be_requests": 64, "max_be_rows_per_layer": 64},
-            "slo_control": {"max_be_queue": 10000},
-        },
+        "runtime": runtime_config_dict(
+            uri="synthetic://llama-2-7b", device=None,
+            services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
+                      {"name": "batch", "class": "BE"}],
+            policy=policy, engine={"max_num_seqs": 256},
+            piggyback={"host_kv_memory_gib": 64, "max_be_requests": 64, "max_be_rows_per_layer": 64},
+            slo_control={"max_be_queue": 10000},
+        ),
         "device": {"gpu": "h100", "model": "llama-2-7b", "tp": 1,
                    "host": {"cores": 24, "sockets": 1, "dram_bandwidth_gb_s_per_socket": host_gb_s, "dram_gib": 256}},
         "workload": {"seed": 3, "duration_s": duration_s, "sources": [
