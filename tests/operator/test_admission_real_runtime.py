@@ -38,7 +38,9 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.demo import wait_ready
 from tests.runtime.configs import runtime_config as build_runtime_config
 
-pytestmark = pytest.mark.timeout(300)  # includes starting the runtimes (module fixture) in the first test
+# slow: real runtime processes and the operator. The timeout includes starting the runtimes (module fixture)
+# in the first test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HEADROOM_INTERVAL_S = 0.2
 WARM_UP_REQUESTS = 4

@@ -28,6 +28,8 @@ from piggyback_runtime.request import Request, RequestOutput
 from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
 
+pytestmark = pytest.mark.slow  # kills CPU worker processes and a runtime process
+
 MAX_TOKENS = 12
 LS_PROMPTS = [[1, *range(60, 60 + n)] for n in (5, 17)]
 BE_PROMPTS = [[1, *range(30, 30 + n)] for n in (9, 23, 40)]  # 40: several chunks of prefill at 16 per step

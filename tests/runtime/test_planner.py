@@ -146,6 +146,7 @@ def test_baseline_policies_plan_without_a_latency_model_and_ls_only_holds_be_bac
     assert [c.request.request_id for c in priority.plan().chunks] == ["c0", "b0"]
 
 
+@pytest.mark.slow
 def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
     script = textwrap.dedent("""
         import sys

@@ -24,6 +24,8 @@ from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_api_errors import assert_adds_up
 
+pytestmark = pytest.mark.slow  # a real runtime process
+
 
 def _config(port: int) -> RuntimeConfig:
     return runtime_config(

@@ -199,6 +199,7 @@ def test_the_shipped_scenarios_are_valid() -> None:
     assert len(sweep_points(load_sweep(load_yaml(folder / "ls-rate-sweep.yaml"), "ls-rate-sweep.yaml"))) == 6
 
 
+@pytest.mark.slow
 @needs_vidur
 def test_sim_run_prints_one_row_per_policy_and_a_bad_file_names_the_field(tmp_path: Path) -> None:
     import subprocess
