@@ -28,6 +28,8 @@ from piggyback_runtime.server.app import Runtime, create_app
 from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import LS_SLO
 
+pytestmark = pytest.mark.slow  # property-based fuzz of the HTTP API
+
 HOSTED = ("chat", "batch", "keyed")
 CHECKS = [
     not_a_server_error,

@@ -119,6 +119,7 @@ def test_drift_in_iterations_that_merge_be_rows_does_not_penalise_iterations_wit
     assert controller.predict(without_be) == pytest.approx(model.predict(without_be), rel=0.01)
 
 
+@pytest.mark.slow  # two engines with CPU worker processes
 def test_the_engine_feeds_measured_steps_back_and_the_error_metric_shows_the_loop_closing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
