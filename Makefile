@@ -32,7 +32,8 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q
 
-# The unit tests only (no processes, servers, Prometheus or long runs): under a minute. CI runs `make test`.
+# The unit tests only (no processes, servers, Prometheus or long runs): about a minute of CPU, where the whole
+# suite takes tens of minutes. CI runs `make test`.
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
