@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint serve bench clean
+.PHONY: setup demo test test-fast lint serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy  # strict, on the packages [tool.mypy] files lists in pyproject.toml
 	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The unit tests only (no processes, servers, Prometheus or long runs): about a minute of CPU, where the whole
+# suite takes tens of minutes. CI runs `make test`.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/engine_throughput.py

@@ -1,4 +1,5 @@
-"""Suite-wide policy: no test reads or writes the user's home caches (see tests/home_caches.py).
+"""Suite-wide fixtures and policy. `make_runtime_config` (tests/runtime/configs.py) serves every test
+directory. No test reads or writes the user's home caches (see tests/home_caches.py).
 
 At start the session points the latency-profile cache at a fresh temporary directory and the kernel build
 caches at a per-user directory in the system temp dir (environment variables, so `piggyback serve`
@@ -23,6 +24,7 @@ from tests.home_caches import (
     shared_build_cache_dir,
     snapshot,
 )
+from tests.runtime.configs import make_runtime_config  # noqa: F401  (a fixture: pytest finds it here)
 
 REAL_HOME = Path.home()  # before any test changes HOME
 _saved_env: dict[str, str | None] = {}

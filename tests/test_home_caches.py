@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.scheduler.latency_model import default_profile_dir
 from tests.home_caches import HomeCacheAudit, changes, snapshot
@@ -58,6 +60,7 @@ def _run_inner_session(tmp_path: Path, test_body: str) -> subprocess.CompletedPr
                           cwd=project, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 def test_a_session_in_which_a_test_writes_to_the_home_cache_fails_and_names_the_file(tmp_path: Path) -> None:
     written = tmp_path / "home" / ".cache" / "piggyback" / "profiles" / "profile-x.json"
     run = _run_inner_session(tmp_path, f"    Path({str(written)!r}).parent.mkdir(parents=True)\n"
@@ -67,6 +70,7 @@ def test_a_session_in_which_a_test_writes_to_the_home_cache_fails_and_names_the_
     assert f"open {written}" in run.stdout
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 def test_a_session_that_leaves_the_home_cache_alone_passes(tmp_path: Path) -> None:
     run = _run_inner_session(tmp_path, "    assert Path.home().name == 'home'")
     assert run.returncode == 0, run.stdout + run.stderr

@@ -49,10 +49,13 @@ def render(
     out = []
     for c in conds:
         previous = find(old, c.type)
-        changed = previous is None or previous.get("status") != c.status
+        if previous is not None and previous.get("status") == c.status:
+            transition = previous.get("lastTransitionTime", now())
+        else:
+            transition = now()
         item: dict[str, Any] = {
             "type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
-            "lastTransitionTime": now() if changed else previous.get("lastTransitionTime", now()),
+            "lastTransitionTime": transition,
         }  # fmt: skip
         if generation is not None:
             item["observedGeneration"] = generation

@@ -48,6 +48,13 @@ class RuntimePod:
     endpoint: str | None  # host:port when ready
 
 
+# What kopf's indices (the @kopf.index functions below) hold, by key.
+MembersIndex = kopf.Index[PoolKey, pools.Member]
+NodesIndex = kopf.Index[str, NodeInfo]
+UsageIndex = kopf.Index[str, PodUsage]
+PodsIndex = kopf.Index[PoolKey, RuntimePod]
+
+
 # --- startup -----------------------------------------------------------------------------------------
 
 
@@ -145,16 +152,20 @@ def pod_usage(body: kopf.Body, **_: Any) -> dict[str, PodUsage]:
 
 @kopf.index("v1", "pods", labels={pools.LABEL_POOL: kopf.PRESENT})
 def runtime_pods(
-    body: kopf.Body, name: str, namespace: str, labels: Mapping[str, str], **_: Any
+    body: kopf.Body, name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
 ) -> dict[PoolKey, RuntimePod]:
+    if namespace is None:  # never for a pod; kopf's signature allows it for cluster-scoped kinds
+        return {}
     node = body.get("spec", {}).get("nodeName")
     return {(namespace, labels[pools.LABEL_POOL]): RuntimePod(name, node, pools.pod_endpoint(body))}
 
 
 @kopf.index("v1", "pods", labels={pools.LABEL_ROUTER_FOR: kopf.PRESENT})
 def router_pods(
-    body: kopf.Body, name: str, namespace: str, labels: Mapping[str, str], **_: Any
+    body: kopf.Body, name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
 ) -> dict[PoolKey, RuntimePod]:
+    if namespace is None:  # never for a pod; kopf's signature allows it for cluster-scoped kinds
+        return {}
     node = body.get("spec", {}).get("nodeName")
     return {(namespace, labels[pools.LABEL_ROUTER_FOR]): RuntimePod(name, node, pools.pod_endpoint(body))}
 
@@ -162,7 +173,7 @@ def router_pods(
 # --- pool view ---------------------------------------------------------------------------------------
 
 
-def pool_members(key: PoolKey, index: kopf.Index, memo: kopf.Memo, exclude: str | None = None) -> list[pools.Member]:
+def pool_members(key: PoolKey, index: MembersIndex, memo: kopf.Memo, exclude: str | None = None) -> list[pools.Member]:
     """Admitted, non-deleting members of a pool: the index, plus admissions it has not caught up with."""
     found: dict[str, pools.Member] = {}
     for m in index.get(key, []):
@@ -178,11 +189,11 @@ def pool_members(key: PoolKey, index: kopf.Index, memo: kopf.Memo, exclude: str 
     return pools.ordered(list(found.values()))
 
 
-def pool_pods(key: PoolKey, index: kopf.Index) -> list[RuntimePod]:
+def pool_pods(key: PoolKey, index: PodsIndex) -> list[RuntimePod]:
     return sorted(index.get(key, []), key=lambda p: p.name)
 
 
-def node_rooms(gpu_nodes: kopf.Index, pod_usage: kopf.Index) -> dict[str, Any]:
+def node_rooms(gpu_nodes: NodesIndex, pod_usage: UsageIndex) -> dict[str, Any]:
     nodes = list(gpu_nodes.get("all", []))
     usages: list[PodUsage] = [u for node in pod_usage for u in pod_usage[node]]
     return room(nodes, usages)
@@ -435,7 +446,7 @@ def _count_errors(handler: str, exc: BaseException) -> None:
 # retries did not absorb); kopf's default is 60 s.
 @kopf.on.resume(*RESOURCE, backoff=RETRY_DELAY_S)
 @kopf.on.create(*RESOURCE, backoff=RETRY_DELAY_S)
-@kopf.on.update(*RESOURCE, backoff=RETRY_DELAY_S)
+@kopf.on.update(*RESOURCE, backoff=RETRY_DELAY_S)  # type: ignore[arg-type]  # kopf passes indices as extra keywords; its handler protocols cannot say so
 async def reconcile(
     body: kopf.Body,
     old: Any,
@@ -443,10 +454,10 @@ async def reconcile(
     reason: str,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    members_by_pool: kopf.Index,
-    gpu_nodes: kopf.Index,
-    pod_usage: kopf.Index,
-    runtime_pods: kopf.Index,
+    members_by_pool: MembersIndex,
+    gpu_nodes: NodesIndex,
+    pod_usage: UsageIndex,
+    runtime_pods: PodsIndex,
     **_: Any,
 ) -> None:
     """Admit the service into its pool (or report why not and retry), and render the pool with it."""
@@ -460,7 +471,7 @@ async def reconcile(
 
 async def _reconcile(
     body: kopf.Body, old: Any, reason: str, memo: kopf.Memo, logger: kopf.Logger,
-    members_index: kopf.Index, nodes_index: kopf.Index, usage_index: kopf.Index, pods_index: kopf.Index,
+    members_index: MembersIndex, nodes_index: NodesIndex, usage_index: UsageIndex, pods_index: PodsIndex,
 ) -> None:  # fmt: skip
     unknown = unknown_spec_fields(body)
     if unknown:  # a typo the API server pruned does nothing: say so where `kubectl describe` shows it
@@ -535,9 +546,8 @@ async def _reconcile(
 
 
 def _old_spec(reason: str, old: Any) -> Mapping[str, Any]:
-    if reason == "update" and isinstance(old, Mapping) and isinstance(old.get("spec"), Mapping):
-        return old["spec"]
-    return {}
+    spec = old.get("spec") if reason == "update" and isinstance(old, Mapping) else None
+    return spec if isinstance(spec, Mapping) else {}
 
 
 def _replicas_changed(reason: str, old: Any, member: pools.Member) -> bool:
@@ -571,9 +581,9 @@ async def _report_invalid(body: Mapping[str, Any], memo: kopf.Memo, message: str
         logger.info("status changed while reporting an invalid spec; the retry will report it")
 
 
-@kopf.on.delete(*RESOURCE, backoff=RETRY_DELAY_S)
+@kopf.on.delete(*RESOURCE, backoff=RETRY_DELAY_S)  # type: ignore[arg-type]  # kopf passes indices as extra keywords; its handler protocols cannot say so
 async def release(
-    body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, members_by_pool: kopf.Index, **_: Any
+    body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, members_by_pool: MembersIndex, **_: Any
 ) -> None:
     """Re-render the pool without this service; children it alone owned are garbage-collected."""
     t.RECONCILES.labels("release").inc()
@@ -597,14 +607,14 @@ async def release(
         raise
 
 
-@kopf.timer(*RESOURCE, interval=SCRAPE_INTERVAL_S, initial_delay=min(SCRAPE_INTERVAL_S, 5.0))
+@kopf.timer(*RESOURCE, interval=SCRAPE_INTERVAL_S, initial_delay=min(SCRAPE_INTERVAL_S, 5.0))  # type: ignore[arg-type]  # kopf passes indices as extra keywords; its handler protocols cannot say so
 async def observe(
     body: kopf.Body,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    members_by_pool: kopf.Index,
-    runtime_pods: kopf.Index,
-    router_pods: kopf.Index,
+    members_by_pool: MembersIndex,
+    runtime_pods: PodsIndex,
+    router_pods: PodsIndex,
     **_: Any,
 ) -> None:
     """Scrape the pool's runtimes, write figures and conditions, and raise Events on breach and recovery;

@@ -192,11 +192,15 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
-        return json.loads(response.data)
+        deployment: dict[str, Any] = json.loads(response.data)
+        return deployment
 
     async def read_llmservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+            service: dict[str, Any] = await self._call(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+            )
+            return service
         except ApiException as exc:
             if exc.status == 404:
                 return None

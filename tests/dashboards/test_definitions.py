@@ -101,6 +101,7 @@ def test_prometheus_rule_component_carries_the_rules_file() -> None:
     assert generated["spec"]["groups"] == rule_groups()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 def test_monitoring_overlay_provisions_dashboards_for_the_grafana_sidecar_and_the_rules() -> None:
     result = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests/overlays/monitoring")],

@@ -14,7 +14,7 @@ from dashboards.checks import RULES_FILE, rule_groups
 ROOT = Path(__file__).resolve().parents[2]
 UNIT_TESTS = RULES_FILE.with_name("piggyback-rules.test.yaml")
 
-pytestmark = pytest.mark.usefixtures("prometheus_tools")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prometheus_tools")]  # slow: runs promtool
 
 
 def _promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

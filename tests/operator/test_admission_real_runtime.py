@@ -36,8 +36,11 @@ from piggyback_operator.scrape import quantile
 from piggyback_runtime import metrics as m
 from piggyback_runtime.client import wait_ready
 from piggyback_runtime.config import RuntimeConfig
+from tests.runtime.configs import runtime_config as build_runtime_config
 
-pytestmark = pytest.mark.timeout(300)  # includes starting the runtimes (module fixture) in the first test
+# slow: real runtime processes and the operator. The timeout includes starting the runtimes (module fixture)
+# in the first test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HEADROOM_INTERVAL_S = 0.2
 WARM_UP_REQUESTS = 4
@@ -67,19 +70,18 @@ def _free_ports(count: int) -> list[int]:
 
 
 def runtime_config(port: int, services: list[dict[str, Any]], profile_dir: Path) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama", "dtype": "float32"},
-        "device": "cpu",
-        "services": services,
-        "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
-        "piggyback": {"num_host_kv_blocks": 256, "max_be_requests": 8, "cpu_threads_per_worker": 1},
+    return build_runtime_config(
+        model={"dtype": "float32"},
+        services=services,
+        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
+        piggyback={"num_host_kv_blocks": 256, "max_be_requests": 8, "cpu_threads_per_worker": 1},
         # A private profile cache: the latency profile taken here (two runtimes starting at once on 2
         # cores) must not become the one every other test's runtime reads from ~/.cache.
-        "slo_control": {"headroom_interval_s": HEADROOM_INTERVAL_S, "profile_cache_dir": str(profile_dir)},
+        slo_control={"headroom_interval_s": HEADROOM_INTERVAL_S, "profile_cache_dir": str(profile_dir)},
         # No attainment figure may age out of the window while the scenario runs.
-        "metrics": {"attainment_window_s": 3600},
-        "server": {"host": "127.0.0.1", "port": port},
-    })  # fmt: skip
+        metrics={"attainment_window_s": 3600},
+        server={"host": "127.0.0.1", "port": port},
+    )  # fmt: skip
 
 
 @dataclass

@@ -7,7 +7,8 @@ from conftest import Cluster, Runtime, be_spec, eventually, ls_spec
 
 from piggyback_operator.telemetry import REGISTRY
 
-pytestmark = pytest.mark.timeout(90)
+# slow: the operator against an emulated API server, fake runtime processes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 CHAT_IS_HEALTHY = {"class": "LS", "attainment": 0.998, "window": 500,
                    "ttft_s": [0.04] * 490 + [0.15] * 10, "tpot_s": [0.02] * 500}

@@ -99,6 +99,7 @@ def test_the_scrape_reads_what_a_replica_has_in_flight():
     assert parse_exposition(text, at=0.0).in_flight == 9
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 async def test_scale_through_the_subresource_up_and_down_with_the_idlest_replica_marked_to_go(
         cluster, operator, runtime_factory):  # fmt: skip
     await cluster.add_gpu_node("gpu-a", gpus=4)
@@ -131,6 +132,7 @@ async def test_scale_through_the_subresource_up_and_down_with_the_idlest_replica
     assert (await cluster.read_scale("chat"))["spec"]["replicas"] == 1
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 async def test_keda_gets_a_scaled_object_while_the_autoscaler_is_on(cluster, operator):
     await cluster.add_gpu_node("gpu-a", gpus=4)
     await cluster.create("chat", ls_spec(scaling=KEDA))

@@ -8,7 +8,7 @@ from conftest import be_spec, eventually, ls_spec
 
 import piggyback_operator.handlers as h
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # slow: the operator against an emulated API server
 
 
 async def test_deleting_a_service_whose_timer_is_running_finalizes_promptly(cluster, operator, monkeypatch):

@@ -19,7 +19,8 @@ from piggyback_operator import pools
 from piggyback_operator.api import LLMServiceSpec
 from piggyback_operator.kube import BACKOFF_S
 
-pytestmark = pytest.mark.timeout(60)
+# slow: the operator against an emulated API server, fake runtime processes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 POOL = pools.pool_name(LLMServiceSpec.model_validate(ls_spec()))
 CHILDREN = {  # resource -> the path of the pool's (or a service's) child, as the operator writes it

@@ -132,6 +132,7 @@ def test_the_epp_image_is_configurable(monkeypatch):
         "image"] == "mirror.example.com/epp:v1.5.0"  # fmt: skip
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 async def test_a_gateway_routed_pool_gets_an_inference_pool_and_an_epp_but_no_router(cluster, operator):
     await cluster.add_gpu_node("gpu-a", gpus=4)
     await cluster.create("chat", ls_spec(replicas=2, scaling={"maxReplicas": 3}, placement={"routing": "gateway"}))

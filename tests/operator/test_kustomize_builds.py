@@ -13,7 +13,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ["crds", "manifests/base", "manifests/overlays/monitoring", "manifests/samples"]
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+pytestmark = [
+    pytest.mark.slow,  # runs kubectl
+    pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed"),
+]
 
 
 def build(entry: str) -> list[dict[str, Any]]:

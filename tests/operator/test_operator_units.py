@@ -107,3 +107,16 @@ def test_be_host_memory_and_cpu_cores_size_the_runtimes_host_kv_and_cpu_attentio
     assert config.piggyback.cpu_threads_per_worker == 6
     # Without BE resources the runtime keeps its own defaults.
     assert pools.render_runtime_config([member("chat", "LS")]).piggyback == type(config.piggyback)()
+
+
+def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
+    from piggyback_operator.conditions import FALSE, TRUE, Cond, render
+
+    old = [{"type": "Admitted", "status": TRUE, "lastTransitionTime": "2020-01-01T00:00:00Z"}]
+    same = render(old, [Cond("Admitted", TRUE, "Fits", "still fits")], generation=3)
+    flipped = render(old, [Cond("Admitted", FALSE, "NoRoom", "no room")], generation=None)
+    new = render(None, [Cond("Placed", TRUE, "Placed", "on gpu-a")], generation=None)
+    assert same == [{"type": "Admitted", "status": TRUE, "reason": "Fits", "message": "still fits",
+                     "lastTransitionTime": "2020-01-01T00:00:00Z", "observedGeneration": 3}]  # fmt: skip
+    assert flipped[0]["lastTransitionTime"] > "2020" and "observedGeneration" not in flipped[0]
+    assert new[0]["lastTransitionTime"] > "2020"

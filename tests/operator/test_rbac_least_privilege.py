@@ -25,7 +25,7 @@ from rbac import NOT_OBSERVABLE, RBAC_FILE, Permission, granted_permissions, nee
 import piggyback_operator.handlers  # noqa: F401  (registers the handlers)
 from piggyback_operator import api, kube
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]  # slow: the operator against an emulated API server
 
 
 def _plural(snake: str) -> str:

@@ -8,7 +8,7 @@ from conftest import NAMESPACE, Cluster, be_spec, eventually, ls_spec, running_o
 from piggyback_operator import pools
 from piggyback_runtime.config import RuntimeConfig
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]  # slow: the operator against an emulated API server
 
 
 def pool_of(cluster: Cluster, name: str) -> str:

@@ -18,7 +18,7 @@ from conftest import NAMESPACE, eventually, ls_spec
 
 from piggyback_operator import api, pools
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]  # slow: the operator against an emulated API server
 
 
 def test_routing_is_an_enum_with_round_robin_by_default() -> None:

@@ -37,6 +37,7 @@ def test_the_last_applied_manifest_counts_and_a_broken_annotation_is_ignored():
     assert api.unknown_spec_fields(body) == []
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 async def test_the_operator_posts_a_warning_event_naming_a_field_the_api_server_pruned(cluster, operator):
     await cluster.add_gpu_node("gpu-a")
     applied = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "chat", "namespace": NAMESPACE},
@@ -55,6 +56,7 @@ async def test_the_operator_posts_a_warning_event_naming_a_field_the_api_server_
     await eventually(lambda: cluster.condition("chat", "Admitted").get("status") == "True", what="admitted")
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 async def test_a_typo_that_reaches_the_operator_is_named_in_the_event_and_the_invalid_spec_condition(cluster,
                                                                                                       operator):
     await cluster.create("chat", {**ls_spec(), "replcas": 2})  # the emulated API server does not prune

@@ -10,27 +10,25 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.arch import ModelArch
 from piggyback_runtime.request import Request, SamplingParams
-
-LS_SLO = {"ttft_ms": 60_000, "tpot_ms": 60_000}
+from tests.runtime.configs import LS_SLO as LS_SLO  # re-exported: tests import it from here
+from tests.runtime.configs import TINY_MODEL, runtime_config
 
 
 def tiny_config(
-    uri: str = "synthetic://tiny-llama",
+    uri: str = TINY_MODEL,
     piggyback: dict[str, Any] | None = None,
     slo_control: dict[str, Any] | None = None,
     **engine: Any,
 ) -> RuntimeConfig:
-    """A tiny model on the CPU. Policy `priority` unless asked: most tests need no CPU worker processes."""
-    return RuntimeConfig.from_dict({
-        "model": {"uri": uri},
-        "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority",
-                   **engine},
+    """Small caches and batches for engine tests. Policy `priority` unless asked: most tests need no CPU
+    worker processes."""
+    return runtime_config(
+        uri=uri,
+        engine={"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority", **engine},
         # Host KV blocks twice the accelerator's: BE prefill KV crosses block sizes on its way to the host.
-        "piggyback": {"host_block_size": 8, "num_host_kv_blocks": 256, "max_be_requests": 16, **(piggyback or {})},
-        "slo_control": slo_control or {},
-    })  # fmt: skip
+        piggyback={"host_block_size": 8, "num_host_kv_blocks": 256, "max_be_requests": 16, **(piggyback or {})},
+        slo_control=slo_control or {},
+    )
 
 
 def hf_reference(arch: ModelArch, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from piggyback_runtime.scheduler.slo_control import REASON_TTFT, LSRequestState,
 from piggyback_runtime.server import app as app_module
 from piggyback_runtime.server.app import Runtime, create_app
 from piggyback_runtime.server.protocol import BE_DEFAULT_MAX_TOKENS, COMPLETIONS_DEFAULT_MAX_TOKENS
+from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_slo_control import decoding, demand_of, linear_model
 
@@ -35,11 +36,9 @@ ENV_A, ENV_B, ENV_EMPTY = "PIGGYBACK_TEST_KEY_A", "PIGGYBACK_TEST_KEY_B", "PIGGY
 
 
 def _config() -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        # No max_model_len: /v1/models must report the model's own context, not the config's null.
-        "model": {"uri": "synthetic://tiny-llama"},
-        "device": "cpu",
-        "services": [
+    # No max_model_len: /v1/models must report the model's own context, not the config's null.
+    return runtime_config(
+        services=[
             {"name": "chat", "class": "LS", "slo": LS_SLO},
             {"name": "batch", "class": "BE"},
             {"name": "capped", "class": "LS", "slo": LS_SLO, "default_max_tokens": 3, "max_tokens_limit": 5},
@@ -49,8 +48,9 @@ def _config() -> RuntimeConfig:
             {"name": "keyed-be", "class": "BE", "api_key_env": ENV_B},
             {"name": "empty-key", "class": "BE", "api_key_env": ENV_EMPTY},  # variable empty: open
         ],
-        "engine": {"block_size": 8, "num_kv_blocks": 512, "max_num_batched_tokens": 64, "policy": "priority"},
-    })  # fmt: skip
+        policy="priority",
+        engine={"block_size": 8, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

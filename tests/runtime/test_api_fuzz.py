@@ -24,9 +24,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.server.app import Runtime, create_app
+from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import LS_SLO
+
+pytestmark = pytest.mark.slow  # property-based fuzz of the HTTP API
 
 HOSTED = ("chat", "batch", "keyed")
 CHECKS = [
@@ -40,18 +42,18 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def fuzz_runtime() -> Iterator[Runtime]:
-    config = RuntimeConfig.from_dict({
+    config = runtime_config(
         # A short context and small output limits keep every generated request cheap: longer ones are 400s.
-        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 96},
-        "device": "cpu",
-        "services": [
+        model={"max_model_len": 96},
+        services=[
             {"name": "chat", "class": "LS", "slo": LS_SLO, "default_max_tokens": 2, "max_tokens_limit": 3},
             {"name": "batch", "class": "BE", "default_max_tokens": 2, "max_tokens_limit": 3},
             {"name": "keyed", "class": "LS", "slo": LS_SLO, "max_tokens_limit": 3,
              "api_key_env": "PIGGYBACK_FUZZ_KEY"},
         ],
-        "engine": {"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 128, "policy": "priority"},
-    })  # fmt: skip
+        policy="priority",
+        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 128},
+    )  # fmt: skip
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PIGGYBACK_FUZZ_KEY", "sk-fuzz")
         runtime = Runtime(config)

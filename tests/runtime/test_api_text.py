@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.model.tokenizer import Tokenizer, builtin_tokenizer
 from piggyback_runtime.request import FINISH_LENGTH, Request, SamplingParams
 from piggyback_runtime.server.app import Runtime, create_app
-from tests.runtime.helpers import LS_SLO
+from tests.runtime.configs import runtime_config
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -104,12 +103,9 @@ FORCED = b"hi \x80 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2"  # stray byte, euro, emoj
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[TestClient]:
-    config = RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama"},
-        "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64, "policy": "priority"},
-    })  # fmt: skip
+    config = runtime_config(
+        policy="priority", engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64}
+    )
 
     def engine_emitting_forced_bytes() -> Engine:
         # The model samples whatever it samples; each request's i-th token is replaced by FORCED's i-th byte.

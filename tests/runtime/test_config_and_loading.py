@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,14 @@ def test_builtin_tokenizer_round_trips_text_and_renders_chat() -> None:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert rendered.startswith("<|begin_of_text|><|start_header_id|>user")
     assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_the_test_config_builder_overrides_only_the_fields_it_is_given(
+    make_runtime_config: Callable[..., RuntimeConfig],
+) -> None:
+    base = make_runtime_config()
+    config = make_runtime_config(policy="headroom", model={"max_model_len": 96}, engine={"block_size": 8})
+    assert (config.model.uri, config.model.max_model_len) == (base.model.uri, 96)
+    assert (config.engine.policy, config.engine.block_size) == ("headroom", 8)
+    assert config.engine.max_num_seqs == base.engine.max_num_seqs and config.piggyback == base.piggyback
+    assert [s.name for s in config.services] == ["chat", "batch"]

@@ -22,24 +22,23 @@ import pytest
 
 from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
-from tests.runtime.helpers import LS_SLO
+from tests.runtime.configs import runtime_config
 
 DRAIN_S = 2.0
 LONG = 1900  # tokens: far more than the tiny model makes in DRAIN_S on any machine (the test checks)
 
 
 def _config(port: int) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 2048},
-        "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
+    return runtime_config(
+        model={"max_model_len": 2048},
         # Policy piggyback: the BE requests cut off run on the CPU worker path (host KV), as in production.
-        "engine": {"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64, "policy": "piggyback"},
-        "piggyback": {"host_block_size": 16, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
-                      "cpu_threads_per_worker": 1},
-        "slo_control": {"enabled": False},
-        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_s": DRAIN_S},
-    })  # fmt: skip
+        policy="piggyback",
+        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+        piggyback={"host_block_size": 16, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
+                   "cpu_threads_per_worker": 1},
+        slo_control={"enabled": False},
+        server={"host": "127.0.0.1", "port": port, "drain_timeout_s": DRAIN_S},
+    )  # fmt: skip
 
 
 def _stream(base: str, body: dict[str, Any], events: list[str], first: threading.Event) -> None:

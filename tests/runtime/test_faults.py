@@ -25,7 +25,10 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.piggyback.be_path import PiggybackPath
 from piggyback_runtime.request import Request, RequestOutput
-from tests.runtime.helpers import LS_SLO, greedy, make_request, run_to_completion, tiny_config
+from tests.runtime.configs import runtime_config
+from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
+
+pytestmark = pytest.mark.slow  # kills CPU worker processes and a runtime process
 
 MAX_TOKENS = 12
 LS_PROMPTS = [[1, *range(60, 60 + n)] for n in (5, 17)]
@@ -169,14 +172,13 @@ def test_worker_killed_during_be_decode_with_tasks_in_flight(reference: dict[str
 
 # --- the runtime process killed under load ------------------------------------------------------------------
 def _server_config(port: int) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 512},
-        "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "piggyback"},
-        "piggyback": {"num_host_kv_blocks": 256, "host_block_size": 16, "max_be_requests": 32},
-        "server": {"host": "127.0.0.1", "port": port},
-    })  # fmt: skip
+    return runtime_config(
+        model={"max_model_len": 512},
+        policy="piggyback",
+        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+        piggyback={"num_host_kv_blocks": 256, "host_block_size": 16, "max_be_requests": 32},
+        server={"host": "127.0.0.1", "port": port},
+    )
 
 
 def _start(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:

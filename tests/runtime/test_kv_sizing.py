@@ -15,6 +15,7 @@ from piggyback_runtime.kv import sizing
 from piggyback_runtime.kv.sizing import KVSizes, KVSizingError, MemoryReading, size_kv_caches
 from piggyback_runtime.model import activation_peak
 from piggyback_runtime.model.loader import LoadedModel, load_model
+from tests.runtime.configs import runtime_config
 
 GIB = 2**30
 # tiny-llama in fp32 on the CPU: 2 layers x (K and V) x 2 kv heads x 32 dims x 4 bytes.
@@ -41,14 +42,12 @@ def size(cfg: RuntimeConfig, read_device: Any, read_host: Any, measure_activatio
 def config(policy: str = "piggyback", engine: dict[str, Any] | None = None,
            piggyback: dict[str, Any] | None = None) -> RuntimeConfig:  # fmt: skip
     """No cache size set anywhere: both caches come from memory."""
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama"}, "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
-                     {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 16, "max_num_batched_tokens": 64, "max_num_seqs": 8, "policy": policy,
-                   **(engine or {})},
-        "piggyback": {"host_block_size": 64, "max_be_requests": 4, "num_cpu_workers": 1, **(piggyback or {})},
-    })  # fmt: skip
+    return runtime_config(
+        services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                  {"name": "batch", "class": "BE"}],
+        engine={"block_size": 16, "max_num_batched_tokens": 64, "max_num_seqs": 8, "policy": policy, **(engine or {})},
+        piggyback={"host_block_size": 64, "max_be_requests": 4, "num_cpu_workers": 1, **(piggyback or {})},
+    )  # fmt: skip
 
 
 def device(total: int, available: int) -> Any:

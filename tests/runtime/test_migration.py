@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from piggyback_runtime.client import free_port, wait_ready
-from tests.runtime.helpers import LS_SLO
+from tests.runtime.configs import runtime_config_dict
 
 pytestmark = pytest.mark.slow  # real runtime processes
 
@@ -38,17 +38,16 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 def runtime_config(port: int, max_model_len: int) -> dict[str, Any]:
-    return {
-        "model": {"uri": "synthetic://tiny-llama", "max_model_len": max_model_len},
-        "device": "cpu",
-        "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}, {"name": "batch", "class": "BE"}],
-        "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "piggyback"},
+    return runtime_config_dict(
+        model={"max_model_len": max_model_len},
+        policy="piggyback",
+        engine={"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
         # Host blocks of another size than the accelerator's: KV moves by position, not by block.
-        "piggyback": {"host_block_size": 8, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
-                      "cpu_threads_per_worker": 1},
-        "slo_control": {"enabled": False},
-        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_s": 1.0},
-    }  # fmt: skip
+        piggyback={"host_block_size": 8, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
+                   "cpu_threads_per_worker": 1},
+        slo_control={"enabled": False},
+        server={"host": "127.0.0.1", "port": port, "drain_timeout_s": 1.0},
+    )  # fmt: skip
 
 
 class Replica:

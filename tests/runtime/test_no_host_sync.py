@@ -245,6 +245,7 @@ def piggyback_engine() -> Iterator[Engine]:
     engine.close()
 
 
+@pytest.mark.slow  # an engine with CPU worker processes
 def test_piggyback_steps_with_be_rows_merging_upload_once_and_read_nothing_but_the_sampled_tokens(
     piggyback_engine: Engine,
 ) -> None:

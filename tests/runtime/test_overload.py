@@ -1,8 +1,9 @@
-"""Overload, short: benchmarks/overload.py's run at a smaller multiple for ~10 s, with the same checks.
+"""Overload, short: benchmarks/overload.py's run at a smaller multiple for ~10 s, with its checks but the SLO one.
 
 A real `piggyback serve` on loopback, its capacity measured first, then LS (and BE) load well past it:
 every request ends in success or an explicit error (none lost), admission refuses what does not fit, the
-runtime's counters equal what the client saw, memory is flat, and the admitted LS requests meet their SLO.
+runtime's counters equal what the client saw, and memory is flat. Whether the admitted LS requests meet their
+SLO is a wall-clock figure of the machine: `python benchmarks/overload.py` checks and prints it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from overload import Report, Settings, render, run_overload
 
-SLO_CHECK = "admitted LS requests meet their SLO at the target rate"
+pytestmark = pytest.mark.slow  # a real `piggyback serve` process under load for tens of seconds
+
+SLO_CHECK = "admitted LS requests meet their SLO at the target rate"  # benchmarks/overload.py holds it
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,3 @@ def test_overload_loses_nothing_and_the_runtime_counts_what_the_client_saw(repor
     assert len(report.checks) == 7  # every check ran
     assert not (failed := _failed(report, exclude={SLO_CHECK})), failed
 
-
-def test_overload_admitted_ls_requests_meet_their_slo(report: Report) -> None:
-    assert not (failed := _failed(report, names={SLO_CHECK})), failed

@@ -37,6 +37,8 @@ from tests.runtime.helpers import (
     tiny_config,
 )
 
+pytestmark = pytest.mark.slow  # engines with CPU worker processes
+
 PROMPTS = [[1, *range(30, 30 + n)] for n in (4, 19, 33, 2, 11, 7)]
 MAX_TOKENS = 16
 

@@ -16,17 +16,18 @@ from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttent
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import REASON_BE_QUEUE_FULL, Planner
 from piggyback_runtime.scheduler.policies import make_policy, policy_names
+from tests.runtime.configs import runtime_config
 
 
 def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama"},
-        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
-                     {"name": "batch", "class": "BE"}],
-        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
-        "piggyback": {"max_be_rows_per_layer": 8, "max_be_requests": 4},
-        "slo_control": {"max_be_queue": 2},
-    })  # fmt: skip
+    return runtime_config(
+        device=None,
+        services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                  {"name": "batch", "class": "BE"}],
+        engine={"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
+        piggyback={"max_be_rows_per_layer": 8, "max_be_requests": 4},
+        slo_control={"max_be_queue": 2},
+    )
 
 
 def _model(per_row_s: float = 1e-3) -> LatencyModel:
@@ -146,6 +147,7 @@ def test_baseline_policies_plan_without_a_latency_model_and_ls_only_holds_be_bac
     assert [c.request.request_id for c in priority.schedule().chunks] == ["c0", "b0"]
 
 
+@pytest.mark.slow
 def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
     script = textwrap.dedent("""
         import sys

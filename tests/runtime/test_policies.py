@@ -92,6 +92,7 @@ def test_a_file_dropped_into_the_package_folder_is_a_policy(tmp_path: Path, monk
         sys.modules.pop(f"{policies.__name__}.test_dropped_in", None)
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 def test_the_registry_imports_neither_torch_nor_the_planner() -> None:
     script = textwrap.dedent("""
         import sys

@@ -20,23 +20,25 @@ from piggyback_runtime import metrics as m
 from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.server.app import Runtime, create_app
+from tests.runtime.configs import runtime_config
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_api_errors import assert_adds_up
 
+pytestmark = pytest.mark.slow  # a real runtime process
+
 
 def _config(port: int) -> RuntimeConfig:
-    return RuntimeConfig.from_dict({
-        "model": {"uri": "synthetic://tiny-llama", "max_model_len": 512},
-        "device": "cpu",
-        "services": [
+    return runtime_config(
+        model={"max_model_len": 512},
+        services=[
             {"name": "chat", "class": "LS", "slo": LS_SLO},
             {"name": "batch", "class": "BE"},
             # No iteration is this fast: every request to it is rejected at arrival.
             {"name": "strict", "class": "LS", "slo": {"ttft_ms": 0.001, "tpot_ms": 0.001}},
         ],
-        "engine": {"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
-        "server": {"host": "127.0.0.1", "port": port},
-    })  # fmt: skip
+        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
+        server={"host": "127.0.0.1", "port": port},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

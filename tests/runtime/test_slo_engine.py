@@ -24,6 +24,8 @@ from tests.runtime.helpers import (
     tiny_config,
 )
 
+pytestmark = pytest.mark.slow  # engines with CPU worker processes (policy piggyback and neo)
+
 BASE_S, PER_ROW_S = 0.010, 0.001
 
 

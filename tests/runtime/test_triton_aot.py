@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import triton_aot
 
+pytestmark = pytest.mark.slow  # compiles every kernel configuration for two GPU generations
+
 if not Path(triton_aot._cuobjdump()).exists():
     pytest.skip("triton's bundled CUDA tools are missing", allow_module_level=True)
 if triton_aot.tp._INTERPRETED:

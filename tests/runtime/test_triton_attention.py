@@ -207,6 +207,7 @@ def interpreter_results() -> dict[str, float | str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(TRITON_CASES))
 def test_triton_kernel_matches_reference(case: str, interpreter_results: dict[str, float | str]) -> None:
     error = interpreter_results[case]

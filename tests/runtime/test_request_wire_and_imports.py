@@ -55,6 +55,7 @@ def _imported_by(module: str) -> set[str]:
     return set(out.split())
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 def test_migration_imports_neither_the_server_nor_the_router() -> None:
     loaded = _imported_by("piggyback_runtime.migration")
     uphill = sorted(m for m in loaded if m.startswith(("piggyback_runtime.server", "piggyback_runtime.router")))
@@ -62,6 +63,7 @@ def test_migration_imports_neither_the_server_nor_the_router() -> None:
     assert "fastapi" not in loaded and "httpx" not in loaded
 
 
+@pytest.mark.slow  # starts a process (a Python subprocess or the operator)
 def test_the_router_imports_neither_torch_nor_the_engine() -> None:
     loaded = _imported_by("piggyback_runtime.router.app")
     assert "torch" not in loaded and "piggyback_runtime.engine" not in loaded
