@@ -75,6 +75,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.slow  # seconds: thousands of draws for a statistical test
 def test_one_batch_mixing_every_filter_samples_each_row_from_its_own_reference_distribution() -> None:
     # All five configurations share one call (30,000 rows): one set of tensor ops serves them all.
     requests = [_request(seed=1000 * index + draw, **config)
@@ -86,6 +87,7 @@ def test_one_batch_mixing_every_filter_samples_each_row_from_its_own_reference_d
         assert_matches(tokens[index * DRAWS : (index + 1) * DRAWS], expected, str(config))
 
 
+@pytest.mark.slow  # seconds: thousands of draws for a statistical test
 def test_consecutive_tokens_of_one_seeded_request_follow_the_distribution() -> None:
     # The draws of one request over its steps (the hash's counter) are as good as draws over seeds.
     requests = [_request(seed=77, step=step, top_k=9) for step in range(DRAWS)]

@@ -220,6 +220,7 @@ def ls_engine() -> Iterator[Engine]:
     engine.close()
 
 
+@pytest.mark.slow  # seconds: runs the engine on the meta device
 def test_ls_steps_upload_once_and_read_nothing_but_the_sampled_tokens_once(ls_engine: Engine) -> None:
     # Chunked prefill (a 40-token prompt in 16-token chunks), decodes, and every sampling mode in one batch.
     requests = [

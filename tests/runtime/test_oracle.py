@@ -51,6 +51,7 @@ def _serve_all(engine: Engine, classes: list[str]) -> list[list[int]]:
     return [r.output_token_ids for r in requests]
 
 
+@pytest.mark.slow  # seconds: builds and runs a transformers model
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked-prefill", "whole-prefill"])
 @pytest.mark.parametrize("decode_attention", ["native", "sdpa"])
 def test_batch_of_prompts_matches_transformers(

@@ -57,6 +57,7 @@ def _probs_of(logits: list[float]) -> list[float]:
     return torch.softmax(torch.tensor(logits), -1).tolist()
 
 
+@pytest.mark.slow  # seconds: thousands of draws for a statistical test
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_top_k_keeps_exactly_the_k_highest_logits(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     kept = set(RANKED[:k])
@@ -90,6 +91,7 @@ TOP_P_LOGITS = torch.tensor(TOP_P_PROBS).log()
         (0.95, {1, 3, 2, 0}),
     ],
 )
+@pytest.mark.slow  # seconds: thousands of draws for a statistical test
 def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(
     top_p: float, kept: set[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,6 +116,7 @@ def test_temperature_divides_the_logits(temperature: float, monkeypatch: pytest.
     torch.testing.assert_close(probs, torch.softmax(LOGITS / temperature, -1))
 
 
+@pytest.mark.slow  # seconds: thousands of draws for a statistical test
 def test_lower_temperature_concentrates_the_draws() -> None:
     cold = _draws(LOGITS, temperature=0.25).count(RANKED[0])
     hot = _draws(LOGITS, temperature=3.0).count(RANKED[0])

@@ -51,6 +51,7 @@ def run(data: dict[str, Any]) -> SimResult:
     return run_scenario(load_scenario(data))
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_the_simulator_plans_with_the_runtime_planner_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"plan": 0}
@@ -65,6 +66,7 @@ def test_the_simulator_plans_with_the_runtime_planner_itself(monkeypatch: pytest
     assert result.iterations > 0 and calls["plan"] >= result.iterations
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_every_request_is_accounted_for_and_finished_requests_got_every_token() -> None:
     for policy in policy_names():
@@ -82,6 +84,7 @@ def test_every_request_is_accounted_for_and_finished_requests_got_every_token() 
         assert 0 < result.gpu_busy_share <= 1.0 + 1e-9
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_baselines_keep_be_off_the_host_and_piggyback_moves_be_decode_there() -> None:
     piggyback, priority = run(scenario("piggyback")), run(scenario("priority"))
@@ -91,6 +94,7 @@ def test_baselines_keep_be_off_the_host_and_piggyback_moves_be_decode_there() ->
     assert ls_only.be_tokens < priority.be_tokens  # BE sits out while LS work is held
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_be_throughput_follows_the_per_layer_lag_set_by_host_bandwidth() -> None:
     fast, slow = run(scenario(host_gb_s=400.0)), run(scenario(host_gb_s=5.0))
@@ -101,12 +105,14 @@ def test_be_throughput_follows_the_per_layer_lag_set_by_host_bandwidth() -> None
     assert summary(slow)["ls_tpot_p50_s"] == pytest.approx(summary(fast)["ls_tpot_p50_s"], rel=0.25)
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_neo_makes_the_accelerator_wait_for_the_cpu() -> None:
     fast, slow = run(scenario("neo", host_gb_s=400.0)), run(scenario("neo", host_gb_s=5.0))
     assert summary(slow)["ls_tpot_p50_s"] > 2 * summary(fast)["ls_tpot_p50_s"]
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_admission_refuses_ls_work_that_would_miss_and_admitted_work_meets_its_slo() -> None:
     result = run(scenario(ls_rate=200.0, be_count=0, duration_s=10.0, ttft_ms=300, tpot_ms=40))
@@ -117,6 +123,7 @@ def test_admission_refuses_ls_work_that_would_miss_and_admitted_work_meets_its_s
     assert sum(r.attained for r in admitted) / len(admitted) >= 0.9
 
 
+@pytest.mark.slow  # seconds: a whole simulation
 @needs_vidur
 def test_same_seed_same_result_and_another_seed_differs() -> None:
     first, again = summary(run(scenario())), summary(run(scenario()))

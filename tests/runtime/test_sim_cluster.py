@@ -30,6 +30,7 @@ def device():
     return h100_llama3_8b_profile()
 
 
+@pytest.mark.slow  # seconds: a whole cluster simulation
 def test_the_attention_model_charges_a_mixed_batch_like_l4_measures(device) -> None:
     """Same total context, same rows: a batch mixing short and long contexts is 1.1-2.1x slower in attention."""
     rows = 64
@@ -119,6 +120,7 @@ def test_the_planned_router_runs_end_to_end_on_a_skewed_workload(device) -> None
     assert 0 < result.slo_attainment <= 1
 
 
+@pytest.mark.slow  # seconds: a whole cluster simulation
 def test_the_benchmark_reports_every_router_and_the_l4_comparison() -> None:
     rows = routing_benchmark.run([2], [2.0], duration_s=10.0, seed=1)
     assert [r.router for r in rows] == ["roundRobin", "leastLoaded", "lengthAware"]
@@ -127,6 +129,7 @@ def test_the_benchmark_reports_every_router_and_the_l4_comparison() -> None:
     assert len(lines) == 3 and "−67%" in lines[2] and "1.71×" in lines[2]
 
 
+@pytest.mark.slow  # seconds: a whole cluster simulation
 def test_piggyback_sim_cluster_prints_a_row_per_router_and_refuses_an_unknown_one(capsys) -> None:
     from piggyback_runtime.cli import main
 

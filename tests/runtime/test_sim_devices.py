@@ -154,6 +154,7 @@ def test_tp_all_reduce_adds_time(vidur: Path, h100_70b: DeviceProfile) -> None:
     assert times[-1] > 2 * times[-2]  # bandwidth-bound: linear in size beyond the range
 
 
+@pytest.mark.slow  # seconds: fits device profiles from Vidur's tables
 def test_h100_is_faster_than_a100(vidur: Path, h100_70b: DeviceProfile) -> None:
     a100 = build_gpu_profile("a100-80gb", "llama-2-70b", tp=4, data_dir=vidur)
     for rows, prefill, decode in ((1, 0, 2000), (256, 0, 256 * 2000), (2048, prefill_chunk_load(0, 2048), 0)):
@@ -170,6 +171,7 @@ def test_analytic_attention_follows_the_datasheet(h100_70b: DeviceProfile) -> No
     assert attention.intercept == pytest.approx(80 * 5e-6)
 
 
+@pytest.mark.slow  # seconds: fits device profiles from Vidur's tables
 def test_tp_makes_a_big_batch_faster(vidur: Path) -> None:
     tp1 = build_gpu_profile("h100", "llama-2-7b", tp=1, data_dir=vidur)
     tp2 = build_gpu_profile("h100", "llama-2-7b", tp=2, data_dir=vidur)

@@ -47,6 +47,7 @@ def model_folder(tmp_path: Path, config: dict[str, Any] | None) -> Path:
     return folder
 
 
+@pytest.mark.slow  # seconds: reads and fits Vidur's profiling tables
 def test_a_folder_with_a_config_json_is_timed_by_the_vidur_folder_its_name_or_path_names(
     tmp_path: Path, vidur: Path
 ) -> None:
@@ -58,6 +59,7 @@ def test_a_folder_with_a_config_json_is_timed_by_the_vidur_folder_its_name_or_pa
     assert devices.build_gpu_profile("a100", f"file://{folder}", data_dir=vidur).latency_model == preset.latency_model
 
 
+@pytest.mark.slow  # seconds: reads and fits Vidur's profiling tables
 def test_device_vidur_model_names_the_timings_of_a_folder_without_name_or_path(tmp_path: Path, vidur: Path) -> None:
     folder = model_folder(tmp_path, hf_config("llama-2-7b"))
     config = gpu_device(gpu="h100", model=str(folder), vidur_model=LLAMA2, data_dir=str(vidur))
@@ -69,6 +71,7 @@ def test_device_vidur_model_names_the_timings_of_a_folder_without_name_or_path(t
     assert build_device(relative, base_dir=tmp_path).latency_model == profile.latency_model
 
 
+@pytest.mark.slow  # seconds: reads and fits Vidur's profiling tables
 def test_a_vidur_model_name_takes_the_shape_of_the_preset_with_that_folder(vidur: Path) -> None:
     assert devices.resolve_vidur_model(LLAMA3, "a100", vidur) is devices.MODELS["llama-3-8b"]
     profile = build_device(gpu_device(gpu="a100", model=LLAMA3, data_dir=str(vidur)))

@@ -96,6 +96,7 @@ def test_several_stop_strings_the_earliest_match_wins(engine: Engine) -> None:
 
 
 # --- the built-in tokenizer covers its model's vocabulary ------------------------------------------------
+@pytest.mark.slow  # seconds: builds tokenizers of real vocabulary sizes
 @pytest.mark.parametrize("vocab_size", [512, 2048, 32000])
 def test_every_id_of_the_vocabulary_decodes_to_text(vocab_size: int) -> None:
     tokenizer = builtin_tokenizer(vocab_size)
@@ -111,6 +112,7 @@ def test_every_id_of_the_vocabulary_decodes_to_text(vocab_size: int) -> None:
         assert tokenizer.decode(tokenizer.encode(piece, add_special_tokens=False)) == piece, i
 
 
+@pytest.mark.slow  # seconds: builds tokenizers of real vocabulary sizes
 def test_every_synthetic_preset_has_a_tokenizer_of_its_vocabulary_size() -> None:
     for name, arch in SYNTHETIC_PRESETS.items():
         assert builtin_tokenizer(arch.vocab_size).vocab_size == arch.vocab_size, name
