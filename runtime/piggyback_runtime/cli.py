@@ -19,6 +19,8 @@ log = logging.getLogger("piggyback_runtime.serve")
 # After the drain, what uvicorn and the engine get to close down; the process is gone within
 # drain_timeout_s + EXIT_MARGIN_S (below the operator's grace period of drain + 15 s) whatever happens.
 SHUTDOWN_TIMEOUT_S = 1.0
+# What the router image (Dockerfile, target router) does not install; the commands needing them are absent there.
+TORCH_FREE_IMAGE_LACKS = ("torch", "numpy")
 EXIT_MARGIN_S = 4.5
 
 
@@ -170,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     profile = sub.add_parser("profile", add_help=False,
                              help="profile the latency model on this device and cache it (profile --help)")
     profile.set_defaults(func=_profile)
-    from piggyback_runtime.sim.cli import add_parser as add_sim_parser
-
-    add_sim_parser(sub)
+    try:
+        from piggyback_runtime.sim.cli import add_parser as add_sim_parser
+    except ModuleNotFoundError as exc:  # the router image has no torch or numpy: no `piggyback sim` there
+        if exc.name not in TORCH_FREE_IMAGE_LACKS:
+            raise
+    else:
+        add_sim_parser(sub)
     # `profile` has its own options (profile_main parses them); every other command takes only its own.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "profile":
