@@ -4,7 +4,7 @@ Used by the Prometheus-backed tests and by `python dashboards/render.py --demo`:
 
 - the runtime is a real `piggyback serve` process on loopback (synthetic tiny model, one LS and one BE
   service, policy piggyback with SLO control), driven by the demo's Poisson LS / closed-loop BE load, and a
-  light share of it through a real `piggyback router` (lengthAware over two addresses of the one runtime,
+  few LS requests more through a real `piggyback router` (lengthAware over two addresses of the one runtime,
   stages far above the requests' lengths so that nothing migrates, re-planning every second);
 - the operator's metrics are its real registry (`piggyback_operator.telemetry.REGISTRY`) served over HTTP the
   way `piggyback-operator run --metrics-port` serves it. No Kubernetes API server is involved, so the handlers
@@ -40,7 +40,7 @@ NAMESPACE = "serving"  # what a PodMonitor would attach to the runtime's series
 POOL = "tiny-llama"
 RUNTIME_POD = "piggyback-chat-0"
 ROUTER_POD = "tiny-llama-router-0"
-ROUTED_LS_RATE_PER_S = 0.5  # the share of the LS load sent through the router (plus one BE request at a time)
+ROUTED_LS_RATE_PER_S = 0.5  # LS requests/s sent through the router, on top of the load on the runtime itself
 INSTALL_HINT = "install Prometheus: `apt-get install prometheus` (or `make setup` as root)"
 
 
@@ -123,12 +123,12 @@ async def operator_observe_loop(runtime_endpoint: str, deadline_s: float, retry_
 
 async def _load_and_observe(runtime_url: str, load_s: float, ls_rate_per_s: float, be_concurrency: int,
                             router_url: str) -> int:  # fmt: skip
-    """The load on the runtime directly, a light share of it through the router (a second client: its own
-    requests), while the operator observes the runtime."""
+    """The load on the runtime directly, a few LS requests more through the router (a second client), while the
+    operator observes the runtime."""
     deadline_s = time.monotonic() + load_s
     result, routed, _ = await asyncio.gather(
         drive_load(runtime_url, load_s, ls_rate_per_s, be_concurrency, progress=False),
-        drive_load(router_url, load_s, ROUTED_LS_RATE_PER_S, 1, seed=1, progress=False),
+        drive_load(router_url, load_s, ROUTED_LS_RATE_PER_S, 0, seed=1, progress=False),
         operator_observe_loop(runtime_url.removeprefix("http://"), deadline_s),
     )
     return len(result.records) + len(routed.records)
@@ -146,13 +146,15 @@ def serve_operator_metrics() -> int:
 
 
 def start_router(runtime_port: int, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """The pool router in front of the runtime, as `piggyback router` under the operator."""
+    """The pool router in front of the runtime, as `piggyback router` under the operator. It polls the replicas'
+    load once a second (not 0.2 s): on a small machine faster polls take enough CPU from the runtime for its LS
+    admission to reject most LS requests, and the TTFT panels would have nothing to show."""
     endpoints = f"http://127.0.0.1:{runtime_port},http://localhost:{runtime_port}"
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "piggyback_runtime.cli", "router", "--pool-endpoints", endpoints,
              "--policy", "lengthAware", "--stage-boundaries", "100000", "--refine-interval-s", "0",
-             "--replan-interval-s", "1", "--host", "127.0.0.1", "--port", str(port)],
+             "--replan-interval-s", "1", "--poll-interval-s", "1", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -22,8 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prometheus_tools")]
 
 LOAD_S = 10.0
 # Panel queries whose series exist only after an event the live stack does not cause: its stages are far above
-# the requests' lengths, so nothing migrates; the panels are checked to parse and evaluate all the same.
-NEEDS_AN_EVENT = ("piggyback_migrations_total", "piggyback_router_migrations_total", "piggyback_migration_seconds")
+# the requests' lengths, so nothing migrates, and its KV cache is sized so that nothing is preempted. These
+# panels are checked to parse and evaluate all the same.
+NEEDS_AN_EVENT = ("piggyback_migrations_total", "piggyback_router_migrations_total", "piggyback_migration_seconds",
+                  "vllm:num_preemptions_total")
 ALL = ".*"
 ERROR_RATIO_1H = "model_name:piggyback_slo_errors:ratio_rate1h"
 
