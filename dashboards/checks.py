@@ -1,8 +1,8 @@
 """Every PromQL expression the dashboards and rules hold, and the metric names they read.
 
 The metric-name check compares those names with the metrics the code defines (runtime/piggyback_runtime/
-metrics.py and operator/piggyback_operator/telemetry.py), so renaming a metric fails CI instead of leaving a
-dashboard blank.
+metrics.py: the runtime's and the router's, and operator/piggyback_operator/telemetry.py), so renaming a
+metric fails CI instead of leaving a dashboard blank; `unpaneled_families` is the other direction.
 """
 
 from __future__ import annotations
@@ -101,17 +101,24 @@ def family_name(sample_name: str, known_families: dict[str, str]) -> str | None:
 
 
 def defined_families() -> dict[str, str]:
-    """Every metric family the runtime and the operator define, and its type (counter, gauge, histogram...)."""
+    """Every metric family the runtime, the router and the operator define, and its type (counter, gauge...)."""
     from piggyback_operator.telemetry import REGISTRY
-    from piggyback_runtime.metrics import OptionalGauge, RuntimeMetrics, metric_family_names
+    from piggyback_runtime.metrics import OptionalGauge, RouterMetrics, RuntimeMetrics, metric_family_names
 
     # Optional gauges are absent from a fresh registry until they have a value, but are defined all the same.
     runtime = RuntimeMetrics()
     families = {family.name: family.type for family in runtime.registry.collect()}
     assert set(families) == set(metric_family_names())
     families.update({g.name: "gauge" for g in vars(runtime).values() if isinstance(g, OptionalGauge)})
+    families.update({family.name: family.type for family in RouterMetrics().registry.collect()})
     families.update({family.name: family.type for family in REGISTRY.collect()})
     return families
+
+
+def unpaneled_families(known: dict[str, str]) -> set[str]:
+    """Defined metric families that no dashboard panel reads."""
+    read = {family_name(name, known) for e in dashboard_expressions() for name in metric_names(e.expr)}
+    return set(known) - read
 
 
 # Series Prometheus itself makes (not any Piggyback code); none are used today, listed so that one may be.

@@ -1,9 +1,13 @@
-"""The four Grafana dashboards, defined once here; `python -m dashboards.build` writes their JSON.
+"""The five Grafana dashboards, defined once here; `python -m dashboards.build` writes their JSON.
 
 Every query filters on the dashboard variables: `$namespace` (the Kubernetes namespace Prometheus attaches to a
 runtime pod's series), `$service` (the LLMService: `model_name` on runtime series, `service` on the operator's),
 and `$class` (LS or BE). Each LS service's SLO comes from the `piggyback_slo_*_target_*` gauges the runtime
 exports from its config, so thresholds drawn on the panels follow the config instead of numbers typed here.
+Router series (one pool's router pods) carry `namespace` and `pool` (the PodMonitor sets `pool`).
+
+Every metric the runtime, the router and the operator export is on a panel, except those in NOT_ON_A_PANEL
+(tests/dashboards/test_definitions.py holds both to that).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ OP_SVC = 'namespace=~"$namespace", service=~"$service"'
 # SLO panels show LS requests only: BE requests have no SLO (and their queueing would dwarf the LS scale).
 SVC_LS = f'{SVC}, class="LS"'
 RATE = "$__rate_interval"
+
+# The span the error-budget panel spends the budget over (a month, as the burn-rate alerts assume); with a
+# shorter Prometheus retention it covers what is kept.
+ERROR_BUDGET_PERIOD = "30d"
 
 # A series whose legend matches this is a target drawn as a dashed red threshold line (Grafana override; the
 # render script does the same).
@@ -92,6 +100,23 @@ SLO_OVERVIEW = Dashboard(
             Query(f"sum(piggyback_ls_headroom_requests_per_second{{{NS}}})", "predicted headroom"),
             Query(f'sum(rate(piggyback_requests_total{{{NS}, class="LS"}}[{RATE}]))', "LS arrivals"),
         ), unit="reqps", description="Extra LS request rate the latency model predicts fits under the SLOs."),
+        Panel(f"Error budget remaining ({ERROR_BUDGET_PERIOD})", (
+            Query(f'1 - (sum by (model_name) (increase(piggyback_slo_requests_total{{{SVC}, attained="false"}}'
+                  f"[{ERROR_BUDGET_PERIOD}])) / sum by (model_name) (increase(piggyback_slo_requests_total{{{SVC}}}"
+                  f"[{ERROR_BUDGET_PERIOD}]))) / (1 - max by (model_name) (last_over_time("
+                  f"piggyback_slo_attainment_target_ratio{{{SVC}}}[{ERROR_BUDGET_PERIOD}])))", "{{model_name}}"),
+        ), unit="percentunit", kind="stat", description=f"Share of the error budget (1 - attainment target) not "
+           f"spent by missed LS requests over the last {ERROR_BUDGET_PERIOD}; below 0: overspent."),
+        Panel("LS requests in the attainment window", (
+            Query(f"sum by (model_name) (piggyback_slo_window_requests{{{SVC}}})", "{{model_name}}"),
+        ), description="How many requests the sliding attainment above is computed from (few: a noisy ratio)."),
+        Panel("Queue time and end-to-end latency p50 / p99", (
+            *_quantiles("vllm:request_queue_time_seconds", SVC_CLASS, "class", "{{class}} queue"),
+            *_quantiles("vllm:e2e_request_latency_seconds", SVC_CLASS, "class", "{{class}} end-to-end"),
+        ), unit="s", description="Arrival to first scheduled on the accelerator; arrival to last token."),
+        Panel("Inter-token latency p50 / p99", (
+            *_quantiles("vllm:inter_token_latency_seconds", SVC_CLASS, "class", "{{class}}"),
+        ), unit="s", description="Time between consecutive output tokens, every request and token."),
     ),
 )
 
@@ -126,6 +151,9 @@ COLOCATION = Dashboard(
         Panel("Latency model error", (
             Query(f"max by (pod) (piggyback_latency_model_error_ratio{{{NS}}})", "{{pod}} MAPE"),
         ), unit="percentunit"),
+        Panel("CPU attention worker restarts", (
+            Query(f"sum by (pod) (increase(piggyback_cpu_worker_restarts_total{{{NS}}}[1h]))", "{{pod}} last hour"),
+        ), description="Workers replaced after dying (their BE rows are recomputed); should stay 0."),
     ),
 )
 
@@ -155,6 +183,17 @@ CAPACITY = Dashboard(
         Panel("Services by Admitted reason", (
             Query(f'count by (reason) (llmservice_status_condition{{{OP_SVC}, condition="Admitted"}})', "{{reason}}"),
         ), kind="stat"),
+        Panel("Tokens per second: prompt and generated", (
+            Query(f"sum by (class) (rate(vllm:prompt_tokens_total{{{SVC_CLASS}}}[{RATE}]))", "{{class}} prompt"),
+            Query(f"sum by (class) (rate(vllm:generation_tokens_total{{{SVC_CLASS}}}[{RATE}]))",
+                  "{{class}} generated"),
+        )),
+        Panel("Finished requests by reason, preemptions", (
+            Query(f"sum by (class, finished_reason) (rate(vllm:request_success_total{{{SVC_CLASS}}}[{RATE}]))",
+                  "{{class}} {{finished_reason}}"),
+            Query(f"sum by (class) (rate(vllm:num_preemptions_total{{{SVC_CLASS}}}[{RATE}]))",
+                  "{{class}} preempted"),
+        ), unit="reqps", description="Preempted requests lose their KV and are recomputed later."),
         Panel("Admission decisions", (
             Query(f"sum by (decision, reason) (increase(llmservice_admission_decisions_total[{RATE}]))",
                   "{{decision}} {{reason}}"),
@@ -190,7 +229,65 @@ OPERATOR = Dashboard(
     ),
 )
 
-DASHBOARDS: tuple[Dashboard, ...] = (SLO_OVERVIEW, COLOCATION, CAPACITY, OPERATOR)
+ROUTER = Dashboard(
+    uid="piggyback-router",
+    title="Piggyback / Router",
+    description="Each pool's router (pools of several replicas): its leader, stage boundaries, load per stage "
+    "and replica, outcomes, admission retries, live migrations and stage re-planning.",
+    panels=(
+        Panel("Leader routers per pool", (
+            Query(f"sum by (pool) (piggyback_router_leader{{{NS}}})", "{{pool}}"),
+        ), kind="stat", description="Exactly 1 per pool: the leader plans the stages and starts migrations."),
+        Panel("Replicas answering the router's load poll", (
+            Query(f"max by (pool, replica) (piggyback_router_replica_up{{{NS}}})", "{{pool}} {{replica}}"),
+        ), description="1: the replica answered the last poll of its load (any of the pool's routers)."),
+        Panel("Stage boundaries (tokens)", (
+            Query(f"max by (pool, stage) (piggyback_router_stage_lower_tokens{{{NS}}})",
+                  "{{pool}} stage {{stage}} from"),
+            Query(f"max by (pool, stage) (piggyback_router_stage_upper_tokens{{{NS}}})",
+                  "{{pool}} stage {{stage}} to"),
+        ), description="lengthAware: each stage's length range; the last stage has no upper bound."),
+        Panel("Requests waiting or running per stage", (
+            Query(f"max by (pool, stage) (piggyback_router_stage_queue_requests{{{NS}}})", "{{pool}} stage {{stage}}"),
+        )),
+        Panel("Requests waiting or running per replica", (
+            Query(f"max by (pool, replica) (piggyback_router_replica_queue_requests{{{NS}}})",
+                  "{{pool}} {{replica}}"),
+        )),
+        Panel("Requests through the router by outcome", (
+            Query(f"sum by (pool, outcome) (rate(piggyback_router_requests_total{{{NS}}}[{RATE}]))",
+                  "{{pool}} {{outcome}}"),
+            Query(f"sum by (pool) (rate(piggyback_router_admission_retries_total{{{NS}}}[{RATE}]))",
+                  "{{pool}} 429 retried on another replica"),
+        ), unit="reqps"),
+        Panel("Live migrations by outcome", (
+            Query(f"sum by (pool, outcome) (rate(piggyback_router_migrations_total{{{NS}}}[{RATE}]))",
+                  "{{pool}} router: {{outcome}}"),
+            Query(f"sum by (direction, outcome) (rate(piggyback_migrations_total{{{NS}}}[{RATE}]))",
+                  "runtimes: {{direction}} {{outcome}}"),
+        ), unit="ops", description="refused / failed / not_ready leave the request where it was."),
+        Panel("Migration time (freeze to commit) p50 / p99", (
+            *_quantiles("piggyback_migration_seconds", NS, "pod", "{{pod}}"),
+        ), unit="s"),
+        Panel("Stage re-plans by outcome", (
+            Query(f"sum by (pool, outcome) (increase(piggyback_router_stage_replans_total{{{NS}}}[1h]))",
+                  "{{pool}} {{outcome}}"),
+        ), description="Last hour; bad_profile: a replica's latency profile was unusable and the plan stayed."),
+    ),
+)
+
+DASHBOARDS: tuple[Dashboard, ...] = (SLO_OVERVIEW, COLOCATION, CAPACITY, ROUTER, OPERATOR)
+
+# Exported metrics deliberately on no panel, and why (a test fails on any other metric no panel reads).
+_FOR_THE_ENDPOINT_PICKER = (
+    "the pod-wide sum of a per-service gauge the panels show per service; exported for the Gateway API In"
+    "ference Extension's endpoint picker, which reads one series per pod"
+)
+NOT_ON_A_PANEL: dict[str, str] = {
+    "piggyback_pod_requests_waiting": _FOR_THE_ENDPOINT_PICKER,
+    "piggyback_pod_requests_running": _FOR_THE_ENDPOINT_PICKER,
+    "piggyback_pod_kv_cache_usage_ratio": _FOR_THE_ENDPOINT_PICKER,
+}
 
 # Grafana template variables: (name, label, query). `label_values(metric, label)` is Grafana's Prometheus syntax.
 VARIABLES: tuple[tuple[str, str, str], ...] = (

@@ -3,7 +3,9 @@
 Used by the Prometheus-backed tests and by `python dashboards/render.py --demo`:
 
 - the runtime is a real `piggyback serve` process on loopback (synthetic tiny model, one LS and one BE
-  service, policy piggyback with SLO control), driven by the demo's Poisson LS / closed-loop BE load;
+  service, policy piggyback with SLO control), driven by the demo's Poisson LS / closed-loop BE load, and a
+  few LS requests more through a real `piggyback router` (lengthAware over two addresses of the one runtime,
+  stages far above the requests' lengths so that nothing migrates, re-planning every second);
 - the operator's metrics are its real registry (`piggyback_operator.telemetry.REGISTRY`) served over HTTP the
   way `piggyback-operator run --metrics-port` serves it. No Kubernetes API server is involved, so the handlers
   do not run: the test records what they record (conditions of an admitted LS service and of a BE service
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +40,8 @@ RULES_FILE = Path(__file__).resolve().parent / "rules" / "piggyback-rules.yaml"
 NAMESPACE = "serving"  # what a PodMonitor would attach to the runtime's series
 POOL = "tiny-llama"
 RUNTIME_POD = "piggyback-chat-0"
+ROUTER_POD = "tiny-llama-router-0"
+ROUTED_LS_RATE_PER_S = 0.5  # LS requests/s sent through the router, on top of the load on the runtime itself
 INSTALL_HINT = "install Prometheus: `apt-get install prometheus` (or `make setup` as root)"
 
 
@@ -117,13 +122,17 @@ async def operator_observe_loop(runtime_endpoint: str, deadline_s: float, retry_
         await scraper.close()
 
 
-async def _load_and_observe(runtime_url: str, load_s: float, ls_rate_per_s: float, be_concurrency: int) -> int:
+async def _load_and_observe(runtime_url: str, load_s: float, ls_rate_per_s: float, be_concurrency: int,
+                            router_url: str) -> int:  # fmt: skip
+    """The load on the runtime directly, a few LS requests more through the router (a second client), while the
+    operator observes the runtime."""
     deadline_s = time.monotonic() + load_s
-    result, _ = await asyncio.gather(
+    result, routed, _ = await asyncio.gather(
         drive_load(runtime_url, load_s, ls_rate_per_s, be_concurrency, progress=False),
+        drive_load(router_url, load_s, ROUTED_LS_RATE_PER_S, 0, seed=1, progress=False),
         operator_observe_loop(runtime_url.removeprefix("http://"), deadline_s),
     )
-    return len(result.records)
+    return len(result.records) + len(routed.records)
 
 
 def serve_operator_metrics() -> int:
@@ -137,13 +146,31 @@ def serve_operator_metrics() -> int:
     return port
 
 
-def prometheus_config(runtime_port: int, operator_port: int) -> dict[str, Any]:
+def start_router(runtime_port: int, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """The pool router in front of the runtime, as `piggyback router` under the operator. It polls the replicas'
+    load once a second (not 0.2 s): on a small machine faster polls take enough CPU from the runtime for its LS
+    admission to reject most LS requests, and the TTFT panels would have nothing to show."""
+    endpoints = f"http://127.0.0.1:{runtime_port},http://localhost:{runtime_port}"
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "piggyback_runtime.cli", "router", "--pool-endpoints", endpoints,
+             "--policy", "lengthAware", "--stage-boundaries", "100000", "--refine-interval-s", "0",
+             "--replan-interval-s", "1", "--poll-interval-s", "1", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def prometheus_config(runtime_port: int, operator_port: int, router_port: int) -> dict[str, Any]:
+    """Scrape jobs and target labels as the PodMonitor and ServiceMonitor give them (dashboards/build.py)."""
+    pod = {"namespace": NAMESPACE, "pool": POOL}
     return {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES_FILE)],
         "scrape_configs": [
             {"job_name": "piggyback-runtime", "static_configs": [
-                {"targets": [f"127.0.0.1:{runtime_port}"], "labels": {"namespace": NAMESPACE, "pod": RUNTIME_POD}}]},
+                {"targets": [f"127.0.0.1:{runtime_port}"], "labels": {**pod, "pod": RUNTIME_POD}}]},
+            {"job_name": "piggyback-router", "static_configs": [
+                {"targets": [f"127.0.0.1:{router_port}"], "labels": {**pod, "pod": ROUTER_POD}}]},
             # As the ServiceMonitor: the operator's series keep the LLMService's namespace label.
             {"job_name": "piggyback-operator", "honor_labels": True,
              "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
@@ -192,10 +219,11 @@ def _wait_scraped(url: str, process: subprocess.Popen[bytes], log: Path, timeout
             raise RuntimeError(f"prometheus exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             targets = httpx.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
-            if len(targets) == 2 and all(t["health"] == "up" for t in targets):
+            if len(targets) == 3 and all(t["health"] == "up" for t in targets):
                 return
         time.sleep(0.25)
-    raise TimeoutError(f"Prometheus did not scrape both targets within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"Prometheus did not scrape all three targets within {timeout_s:.0f}s:\n"
+                       f"{log.read_text()[-3000:]}")
 
 
 @contextlib.contextmanager
@@ -218,12 +246,16 @@ def live_stack(
         runtime_log = tmp / "runtime.log"
         runtime = start_server(config, tmp, runtime_log)
         stack.callback(lambda: (runtime.terminate(), runtime.wait(timeout=30)))
+        router_port = free_port()
+        router_log = tmp / "router.log"
+        router = start_router(runtime_port, router_port, router_log)
+        stack.callback(lambda: (router.terminate(), router.wait(timeout=30)))
         fill_operator_telemetry()
         operator_port = serve_operator_metrics()
 
         prometheus_port = free_port()
         config_path = tmp / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(prometheus_config(runtime_port, operator_port)))
+        config_path.write_text(yaml.safe_dump(prometheus_config(runtime_port, operator_port, router_port)))
         prometheus_log = tmp / "prometheus.log"
         with prometheus_log.open("wb") as log_file:
             prometheus = subprocess.Popen(
@@ -233,14 +265,18 @@ def live_stack(
             )  # fmt: skip
         stack.callback(lambda: (prometheus.terminate(), prometheus.wait(timeout=30)))
         runtime_url = f"http://127.0.0.1:{runtime_port}"
+        router_url = f"http://127.0.0.1:{router_port}"
         prometheus_url = f"http://127.0.0.1:{prometheus_port}"
         try:
             wait_ready(runtime_url, runtime, timeout_s=180)
+            wait_ready(router_url, router, timeout_s=60)
             _wait_scraped(prometheus_url, prometheus, prometheus_log, timeout_s=30)
         except Exception as exc:
-            raise RuntimeError(f"{exc}\nruntime log:\n{runtime_log.read_text()[-3000:]}") from exc
+            raise RuntimeError(f"{exc}\nruntime log:\n{runtime_log.read_text()[-3000:]}\nrouter log:\n"
+                               f"{router_log.read_text()[-2000:]}") from exc
         started = time.time()
-        requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency))
+        requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency,
+                                                      router_url))  # fmt: skip
         ended = time.time()
         time.sleep(settle_s)  # a few more scrapes after the last request
         yield LiveStack(prometheus_url, runtime_url, started, ended, requests_sent)

@@ -21,6 +21,8 @@ log = logging.getLogger("piggyback_runtime.serve")
 # After the drain, what uvicorn and the engine get to close down; the process is gone within
 # drain_timeout_s + EXIT_MARGIN_S (below the operator's grace period of drain + 15 s) whatever happens.
 SHUTDOWN_TIMEOUT_S = 1.0
+# What the router image (Dockerfile, target router) does not install; the commands needing them are absent there.
+TORCH_FREE_IMAGE_LACKS = ("torch", "numpy")
 EXIT_MARGIN_S = 4.5
 
 
@@ -112,16 +114,23 @@ def _router(args: argparse.Namespace) -> int:
 
     from piggyback_runtime.router import INTERNAL_TOKEN_ENV
     from piggyback_runtime.router.app import run_router, settings_from
+    from piggyback_runtime.router.leader import ElectionSettings, make_leadership
 
     try:
         settings = settings_from(args.pool_endpoints, args.policy, args.stage_boundaries, args.poll_interval_s,
                                  os.environ.get(INTERNAL_TOKEN_ENV, ""), args.pool_dns,
                                  refine_interval_s=args.refine_interval_s, replan_interval_s=args.replan_interval_s,
                                  replan_min_requests=args.replan_min_requests)  # fmt: skip
+        timing = {"lease_duration_s": args.lease_duration_s, "renew_deadline_s": args.lease_renew_deadline_s,
+                  "retry_s": args.lease_retry_s}  # fmt: skip
+        election = ElectionSettings(args.leader_lease or "", args.leader_namespace or "", args.kube_api or "",
+                                    **{k: v for k, v in timing.items() if v is not None})
+        leadership, how = make_leadership(election, settings.pool_dns)
     except ValueError as exc:
         print(f"piggyback router: {exc}", file=sys.stderr)
         return 2
-    run_router(settings, args.host, args.port)
+    log.info("router: %s", how)
+    run_router(settings, args.host, args.port, leadership)
     return 0
 
 
@@ -171,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="lengthAware: finished requests observed before the first DP re-plan")  # fmt: skip
     router.add_argument("--host", default="0.0.0.0", help="listen address")
     router.add_argument("--port", type=int, default=8000, help="listen port")
+    # Leader election among a pool's routers (router/leader.py); standalone without Kubernetes.
+    router.add_argument("--leader-lease", help="Lease name (default: <pool>-router from --pool-dns)")
+    router.add_argument("--leader-namespace", help="Lease namespace (default: from --pool-dns, else the pod's)")
+    router.add_argument("--kube-api", help="API server URL (default: in-cluster, with the pod's service account)")
+    router.add_argument("--lease-duration-s", type=float, help="a Lease not renewed this long is free (15)")
+    router.add_argument("--lease-renew-deadline-s", type=float,
+                        help="a leader that cannot renew this long steps down; < lease duration (10)")  # fmt: skip
+    router.add_argument("--lease-retry-s", type=float, help="seconds between election rounds (2)")
     router.set_defaults(func=_router)
     demo = sub.add_parser("demo", help="serve an LS and a BE service of a synthetic model under mixed load")
     demo.add_argument("--duration-s", type=float, default=60.0, help="how long to drive load")
@@ -181,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     profile = sub.add_parser("profile", add_help=False,
                              help="profile the latency model on this device and cache it (profile --help)")
     profile.set_defaults(func=_profile)
-    from piggyback_runtime.sim.cli import add_parser as add_sim_parser
-
-    add_sim_parser(sub)
+    try:
+        from piggyback_runtime.sim.cli import add_parser as add_sim_parser
+    except ModuleNotFoundError as exc:  # the router image has no torch or numpy: no `piggyback sim` there
+        if exc.name not in TORCH_FREE_IMAGE_LACKS:
+            raise
+    else:
+        add_sim_parser(sub)
     # `profile` has its own options (profile_main parses them); every other command takes only its own.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "profile":

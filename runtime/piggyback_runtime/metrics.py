@@ -87,6 +87,8 @@ ROUTER_MIGRATIONS = "piggyback_router_migrations"  # label outcome (MIGRATION_*)
 ROUTER_REQUESTS = "piggyback_router_requests"  # label outcome: completed, rejected, failed
 ROUTER_RETRIES = "piggyback_router_admission_retries"  # 429s answered by trying the next candidate
 ROUTER_STAGE_REPLANS = "piggyback_router_stage_replans"  # label outcome (REPLAN_*): DP re-planning attempts
+# 1 while this router holds the pool's leader Lease (router/leader.py): plans the stages, starts migrations.
+ROUTER_LEADER = "piggyback_router_leader"
 REPLAN_DONE = "replanned"  # the DP chose other stages and the router switched to them
 REPLAN_UNCHANGED = "unchanged"  # the DP chose the plan already in use
 REPLAN_BAD_PROFILE = "bad_profile"  # a replica's latency profile was missing or invalid: the plan was kept
@@ -395,6 +397,8 @@ class RouterMetrics:
                                registry=r)  # fmt: skip
         self.stage_replans = Counter(ROUTER_STAGE_REPLANS, "Stage re-planning (DP) attempts, by outcome.",
                                      ("outcome",), registry=r)  # fmt: skip
+        self.leader = Gauge(ROUTER_LEADER, "1 while this router is the pool's leader (plans stages, migrates).",
+                            registry=r)  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -20,8 +21,9 @@ from dashboards.checks import (
     metric_names,
     rule_groups,
     undefined_metrics,
+    unpaneled_families,
 )
-from dashboards.definitions import DASHBOARDS, THRESHOLD_LEGEND_REGEX, dashboard_json
+from dashboards.definitions import DASHBOARDS, NOT_ON_A_PANEL, THRESHOLD_LEGEND_REGEX, Panel, Query, dashboard_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,6 +70,8 @@ def test_only_target_series_are_styled_as_thresholds() -> None:
     threshold = re.compile(THRESHOLD_LEGEND_REGEX)
     for dashboard in DASHBOARDS:
         for panel in dashboard.panels:
+            if panel.kind == "stat":
+                continue  # a stat shows a number, no lines: a target read there (error budget) is no threshold
             for query in panel.queries:
                 reads_a_target = "_target_" in query.expr
                 example = query.legend.replace("{{model_name}}", "chat").replace("{{condition}}", "SLOMet")
@@ -87,6 +91,28 @@ def test_a_renamed_metric_is_reported() -> None:
     assert undefined_metrics([Expression("rule r", "piggyback_slo_requests_total > 0")], known) == []
     # A suffix is only stripped down to a defined family: a gauge read as `_total` is still a mistake.
     assert undefined_metrics([Expression("rule r", "piggyback_host_kv_usage_ratio_total")], known) != []
+
+
+def test_every_exported_metric_is_on_a_panel_or_excluded_with_a_reason() -> None:
+    known = defined_families()
+    assert unpaneled_families(known) == set(NOT_ON_A_PANEL), "metrics on no panel (add one, or a reason why not)"
+    assert all(reason.strip() for reason in NOT_ON_A_PANEL.values())
+    assert set(NOT_ON_A_PANEL) <= set(known), "an exclusion names a metric nothing exports"
+
+
+def test_the_panel_coverage_check_sees_a_metric_dropped_from_every_panel(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = defined_families()
+    without_router_panels = tuple(d for d in DASHBOARDS if d.uid != "piggyback-router")
+    monkeypatch.setattr("dashboards.checks.DASHBOARDS", without_router_panels)
+    assert {"piggyback_router_leader", "piggyback_router_requests"} <= unpaneled_families(known)
+    extra = Panel("x", (Query("sum(rate(piggyback_router_requests_total[5m]))", "x"),))
+    with_one = (*without_router_panels, dataclasses.replace(DASHBOARDS[0], panels=(extra,)))
+    monkeypatch.setattr("dashboards.checks.DASHBOARDS", with_one)
+    assert "piggyback_router_requests" not in unpaneled_families(known)
+
+
+def test_router_metrics_are_checked_like_the_runtimes() -> None:
+    assert defined_families()["piggyback_router_requests"] == "counter"
 
 
 def test_metric_names_skip_functions_keywords_labels_and_durations() -> None:

@@ -1,9 +1,10 @@
 """Every panel and every rule against a real Prometheus scraping a real `piggyback serve` under mixed load.
 
 One stack per module (dashboards/live.py): the runtime process with an LS and a BE service of the synthetic
-tiny model and ~10 s of Poisson LS / closed-loop BE load, the operator's registry served over HTTP as
-`piggyback-operator run` serves it, and Prometheus (1 s scrapes) with the rules file loaded. Dashboard variables
-are substituted as Grafana does for "All" (`.*`), and `$__rate_interval` as a window holding several scrapes.
+tiny model and ~10 s of Poisson LS / closed-loop BE load through a real `piggyback router`, the operator's
+registry served over HTTP as `piggyback-operator run` serves it, and Prometheus (1 s scrapes) with the rules
+file loaded. Dashboard variables are substituted as Grafana does for "All" (`.*`), and `$__rate_interval` as a
+window holding several scrapes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from dashboards.live import NAMESPACE, LiveStack, live_stack, runtime_config
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prometheus_tools")]
 
 LOAD_S = 10.0
+# Panel queries whose series exist only after an event the live stack does not cause: its stages are far above
+# the requests' lengths, so nothing migrates, and its KV cache is sized so that nothing is preempted. These
+# panels are checked to parse and evaluate all the same.
+NEEDS_AN_EVENT = ("piggyback_migrations_total", "piggyback_router_migrations_total", "piggyback_migration_seconds",
+                  "vllm:num_preemptions_total")
 ALL = ".*"
 ERROR_RATIO_1H = "model_name:piggyback_slo_errors:ratio_rate1h"
 
@@ -50,7 +56,9 @@ def test_the_load_reached_the_runtime(stack: LiveStack) -> None:
 
 @pytest.mark.parametrize("expression", dashboard_expressions(), ids=lambda e: f"{e.where}: {e.expr[:40]}")
 def test_every_panel_query_returns_data(stack: LiveStack, expression) -> None:
-    result = stack.query(substitute(expression.expr))
+    result = stack.query(substitute(expression.expr))  # raises with Prometheus' error if it does not parse
+    if any(name in expression.expr for name in NEEDS_AN_EVENT):
+        return
     assert finite_values(result), f"{expression.where}: no finite value for {expression.expr}: {result}"
 
 

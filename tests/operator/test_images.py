@@ -1,5 +1,6 @@
 """The container images, checked without a Docker engine: the Dockerfile lints clean, its final stages keep the
-promised properties, the operator really runs without torch, and kustomize names both images in one place.
+promised properties, every stage runs the Python the tests run, the router and the operator really run without
+torch, and kustomize names both images in one place.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 HADOLINT = ROOT / ".venv" / "bin" / "hadolint"
 OPERATOR_REQUIREMENTS = ROOT / "docker" / "requirements-operator.txt"
 RUNTIME_REQUIREMENTS = ROOT / "docker" / "requirements-runtime.txt"
-FINAL_STAGES = ("runtime", "operator")
+ROUTER_REQUIREMENTS = ROOT / "docker" / "requirements-router.txt"
+FINAL_STAGES = ("runtime", "router", "operator")
+TORCH_FREE_STAGES = ("router-build", "router", "operator-build", "operator")
 COMPILER_PACKAGES = re.compile(r"(?<![\w.-])(gcc|g\+\+|clang|build-essential|cpp|[\w.+-]+-dev)(?![\w.+-])")
 OCI_LABELS = {"title", "description", "source", "licenses", "version"}
 
@@ -135,11 +138,28 @@ def test_final_stages_carry_oci_labels(stage):
     assert present >= OCI_LABELS, f"{stage}: missing {sorted(OCI_LABELS - present)}"
 
 
-def test_base_images_are_pinned_and_the_runtime_is_cuda_based():
+def test_base_images_are_pinned():
     for stage in STAGES.values():
         name, _, tag = stage.base.rpartition(":")
         assert name and re.search(r"\d", tag) and tag != "latest", f"{stage.name}: {stage.base} is not pinned"
-    assert STAGES["runtime"].base.startswith("nvidia/cuda:") and STAGES["runtime-build"].base.startswith("nvidia/cuda:")
+
+
+def test_every_stage_runs_the_python_the_tests_run():
+    """One Python everywhere: the images, the tests and the project's declared minimum."""
+    tests_python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for stage in STAGES.values():
+        name, _, tag = stage.base.rpartition(":")
+        assert name == "python" and tag.startswith(tests_python + "."), f"{stage.name}: {stage.base}"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["requires-python"] == f">={tests_python}"
+    assert pyproject["tool"]["ruff"]["target-version"] == "py" + tests_python.replace(".", "")
+
+
+def test_no_cuda_base_image_as_the_torch_wheels_bring_the_cuda_libraries():
+    """The CUDA torch wheels depend on the CUDA libraries as pip packages (nvidia-*-cu12) and the node's driver
+    is mounted by the NVIDIA container runtime, for which the image asks for the `compute` capability."""
+    assert not any(stage.base.startswith("nvidia/") for stage in STAGES.values())
+    assert "compute" in env_of("runtime")["NVIDIA_DRIVER_CAPABILITIES"].split(",")
 
 
 def test_the_runtime_build_pins_cuda_torch_and_triton():
@@ -215,12 +235,20 @@ def test_a_runtime_without_a_compiler_finds_tritons_helper_built_with_the_image(
     assert lookup.stdout.strip() == prebuilt_file
 
 
-def test_the_operator_stages_never_install_torch():
-    for stage in ("operator-build", "operator"):
+@pytest.mark.parametrize("image", ["operator", "router"])
+def test_the_operator_and_router_stages_never_install_torch(image):
+    for stage in (f"{image}-build", image):
         text = " ".join(args for _, args in STAGES[stage].instructions)
-        assert not re.search(r"torch|triton|nvidia", text), stage
-    assert any("pip install --no-deps ." in run for run in STAGES["operator-build"].args_of("RUN"))
-    assert not {"torch", "triton", "numpy"} & set(pinned(OPERATOR_REQUIREMENTS))
+        assert not re.search(r"torch|triton|nvidia|numpy", text), stage
+    assert any("pip install --no-deps ." in run for run in STAGES[f"{image}-build"].args_of("RUN"))
+    requirements = OPERATOR_REQUIREMENTS if image == "operator" else ROUTER_REQUIREMENTS
+    assert not {"torch", "triton", "numpy"} & set(pinned(requirements))
+
+
+def test_the_router_image_starts_the_router():
+    (entrypoint,) = STAGES["router"].args_of("ENTRYPOINT")
+    (command,) = STAGES["router"].args_of("CMD")
+    assert json.loads(entrypoint) == ["piggyback"] and json.loads(command)[0] == "router"
 
 
 def test_the_runtime_requirements_pin_exactly_the_projects_dependencies_besides_torch():
@@ -228,24 +256,32 @@ def test_the_runtime_requirements_pin_exactly_the_projects_dependencies_besides_
     declared = {canonicalize_name(Requirement(d).name) for d in project["dependencies"]} - {"torch"}
     assert set(pinned(RUNTIME_REQUIREMENTS)) == declared
     assert pinned(OPERATOR_REQUIREMENTS).items() <= pinned(RUNTIME_REQUIREMENTS).items()  # one version each
+    assert pinned(ROUTER_REQUIREMENTS).items() <= pinned(RUNTIME_REQUIREMENTS).items()
 
 
 # --- the operator without torch ------------------------------------------------------------------------
 
+# The top-level modules imported since `at_start`, each with the distributions that provide it (several for a
+# namespace package such as google or opentelemetry).
+_IMPORTED_DISTRIBUTIONS = """
+owners = importlib.metadata.packages_distributions()
+tops = {name.split(".")[0] for name, mod in list(sys.modules.items()) if mod is not None and name not in at_start}
+print(json.dumps({top: sorted(owners[top]) for top in sorted(tops) if top in owners}))
+"""
+
 # Blocks torch, numpy and triton (None in sys.modules makes `import x` raise ImportError), imports every
-# operator module, and prints the distributions behind the third-party modules that got imported.
+# operator module, and prints the distributions behind the third-party modules that got imported. Also
+# blocked: what the kubernetes client imports only when present (google.auth for GKE credentials, and
+# cryptography under it), which the image does not install.
 _IMPORT_WITHOUT_TORCH = """
 import importlib, importlib.metadata, json, pkgutil, sys
 at_start = set(sys.modules)  # what site (.pth files) loaded before any project code
-for blocked in ("torch", "numpy", "triton"):
+for blocked in ("torch", "numpy", "triton", "google", "cryptography"):
     sys.modules[blocked] = None
 import piggyback_operator
 for module in pkgutil.iter_modules(piggyback_operator.__path__):
     importlib.import_module("piggyback_operator." + module.name)
-owners = importlib.metadata.packages_distributions()
-tops = {name.split(".")[0] for name, mod in list(sys.modules.items()) if mod is not None and name not in at_start}
-print(json.dumps(sorted({d for top in tops for d in owners.get(top, [])})))
-"""
+""" + _IMPORTED_DISTRIBUTIONS
 
 
 def requirement_closure(roots: set[str]) -> set[str]:
@@ -266,14 +302,48 @@ def requirement_closure(roots: set[str]) -> set[str]:
     return seen
 
 
+def not_pinned(imported: dict[str, list[str]], requirements: Path) -> dict[str, list[str]]:
+    """Imported top-level modules that no distribution in the requirements' closure provides (a namespace
+    package counts as provided when one of its distributions is)."""
+    allowed = requirement_closure(set(pinned(requirements))) | {"piggyback"}
+    return {top: owners for top, owners in imported.items() if not {canonicalize_name(o) for o in owners} & allowed}
+
+
 @pytest.mark.slow
 def test_every_operator_module_imports_without_torch_numpy_or_triton_and_needs_only_the_pinned_packages():
     result = subprocess.run([sys.executable, "-c", _IMPORT_WITHOUT_TORCH], capture_output=True, text=True,
                             timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, f"the operator pulls in a blocked package:\n{result.stderr[-3000:]}"
-    imported = {canonicalize_name(d) for d in json.loads(result.stdout)} - {"piggyback"}
-    allowed = requirement_closure(set(pinned(OPERATOR_REQUIREMENTS)))
-    assert imported <= allowed, f"imported but not in {OPERATOR_REQUIREMENTS.name}: {sorted(imported - allowed)}"
+    assert not_pinned(json.loads(result.stdout), OPERATOR_REQUIREMENTS) == {}
+
+
+# --- the router without torch ---------------------------------------------------------------------------
+
+# As above for every module of piggyback_runtime.router, then `piggyback router --help` through the CLI the
+# image's entrypoint runs (its other commands may need torch; the router's must not). Also blocked: what
+# httpx, httpcore and starlette import only when present (httpx's command line: click, rich, pygments;
+# sniffio; starlette's form parser: python-multipart), which the image does not install.
+_ROUTER_WITHOUT_TORCH = """
+import contextlib, importlib, importlib.metadata, json, pkgutil, sys
+at_start = set(sys.modules)
+for blocked in ("torch", "numpy", "triton", "click", "rich", "pygments", "sniffio", "python_multipart", "multipart"):
+    sys.modules[blocked] = None
+import piggyback_runtime.router
+for module in pkgutil.iter_modules(piggyback_runtime.router.__path__):
+    importlib.import_module("piggyback_runtime.router." + module.name)
+from piggyback_runtime import cli
+with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(SystemExit):
+    cli.main(["router", "--help"])
+""" + _IMPORTED_DISTRIBUTIONS
+
+
+@pytest.mark.slow  # starts a process
+def test_the_router_imports_without_torch_numpy_or_triton_and_needs_only_the_pinned_packages():
+    result = subprocess.run([sys.executable, "-c", _ROUTER_WITHOUT_TORCH], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "runtime")})
+    assert result.returncode == 0, f"the router pulls in a blocked package:\n{result.stderr[-3000:]}"
+    assert "--pool-dns" in result.stderr  # the router's help got printed: its command exists without torch
+    assert not_pinned(json.loads(result.stdout), ROUTER_REQUIREMENTS) == {}
 
 
 # --- prebuilt CPU attention kernels: which one a CPU gets -------------------------------------------------

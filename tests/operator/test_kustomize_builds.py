@@ -67,12 +67,13 @@ def test_rbac_grants_only_named_verbs_on_named_resources():
         assert set(rule["verbs"]) == {"get", "list", "watch"}, rule
 
 
-def test_the_monitoring_overlay_adds_monitors_for_the_operator_and_the_runtimes():
+def test_the_monitoring_overlay_adds_monitors_for_the_operator_the_runtimes_and_the_routers():
     docs = build("manifests/overlays/monitoring")
     (service_monitor,) = by_kind(docs, "ServiceMonitor")
     (pod_monitor,) = by_kind(docs, "PodMonitor")
     assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert pod_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "runtime"
+    (components,) = pod_monitor["spec"]["selector"]["matchExpressions"]
+    assert components["key"] == "app.kubernetes.io/component" and set(components["values"]) == {"runtime", "router"}
 
 
 def test_the_samples_are_an_ls_and_a_be_service_of_the_same_model_and_pool():

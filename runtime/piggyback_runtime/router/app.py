@@ -50,6 +50,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import CLIENT_AUTHORIZATION_HEADER
+from piggyback_runtime.router.leader import Leadership, Standalone, run_leadership
 from piggyback_runtime.router.policy import POLICIES, LengthAwarePolicy, ReplicaLoad, RoutingPolicy, make_policy
 from piggyback_runtime.router.stages import (
     ReplicaTokenRate,
@@ -232,6 +233,8 @@ class ReplicaLost(Exception):
 class Router:
     settings: RouterSettings
     metrics: m.RouterMetrics = field(default_factory=m.RouterMetrics)
+    # Of a pool's routers, the leader (router/leader.py) alone re-plans stages and starts migrations.
+    leadership: Leadership = field(default_factory=Standalone)
 
     def __post_init__(self) -> None:
         self.loads: dict[str, ReplicaLoad] = {}
@@ -367,6 +370,8 @@ class Router:
         tick_s = settings.refine_interval_s or settings.replan_interval_s
         while tick_s > 0:
             await asyncio.sleep(tick_s)
+            if not self.leadership.is_leader:
+                continue  # followers route by the leader's plan (leader.adopt_published_plan)
             try:
                 replanned = await self.replan_once() == m.REPLAN_DONE
             except Exception:  # a planning bug must not stop refinement, nor kill the router
@@ -479,7 +484,7 @@ class Router:
                             return
                         length = line["num_prompt_tokens"] + line["num_output_tokens"]
                         self.lengths[request_id] = length
-                        if not any(not t.done() for t in migrating):
+                        if self.leadership.is_leader and not any(not t.done() for t in migrating):
                             target = self.policy.migration_target(length, replica, self.current_loads(),
                                                                   self.in_flight_migrations, service_class)  # fmt: skip
                             if target is not None and target != replica:
@@ -558,6 +563,7 @@ def create_router_app(router: Router) -> FastAPI:
             tasks.add(asyncio.create_task(router.poll_forever()))
             tasks.add(asyncio.create_task(router.discover_forever()))
             tasks.add(asyncio.create_task(router.adapt_forever()))
+            tasks.add(asyncio.create_task(run_leadership(router, router.leadership)))
         return await call_next(http)
 
     @app.get("/healthz")
@@ -675,10 +681,11 @@ async def _sse(lines: AsyncIterator[dict[str, Any]], kind: str, request_id: str,
     yield SSE_DONE
 
 
-def run_router(settings: RouterSettings, host: str, port: int) -> None:
+def run_router(settings: RouterSettings, host: str, port: int, leadership: Leadership | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_router_app(Router(settings)), host=host, port=port, log_level="info")
+    router = Router(settings, leadership=leadership or Standalone())
+    uvicorn.run(create_router_app(router), host=host, port=port, log_level="info")
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:
