@@ -8,6 +8,7 @@ CLUSTER=piggyback-e2e
 TAG=e2e
 RUNTIME_IMAGE=ghcr.io/piggyback-dev/piggyback-runtime:$TAG
 OPERATOR_IMAGE=ghcr.io/piggyback-dev/piggyback-operator:$TAG
+ROUTER_IMAGE=ghcr.io/piggyback-dev/piggyback-router:$TAG
 
 for tool in docker kind kubectl; do
   command -v "$tool" >/dev/null || { echo "e2e/setup.sh: $tool is required" >&2; exit 2; }
@@ -17,7 +18,8 @@ kind get clusters | grep -qx "$CLUSTER" || kind create cluster --config e2e/kind
 # The runtime image is CUDA-based; kind nodes have no GPU, so its pods run the CPU path of the same image.
 docker build --target operator -t "$OPERATOR_IMAGE" .
 docker build --target runtime -t "$RUNTIME_IMAGE" .
-kind load docker-image "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" --name "$CLUSTER"
+docker build --target router -t "$ROUTER_IMAGE" .
+kind load docker-image "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" "$ROUTER_IMAGE" --name "$CLUSTER"
 
 # Fake GPU capacity on the worker (a device plugin would advertise it on a real GPU node).
 WORKER=$(kubectl get nodes -l piggyback.dev/e2e-gpu=true -o jsonpath='{.items[0].metadata.name}')
@@ -29,7 +31,7 @@ curl -fsS -H 'Content-Type: application/json-patch+json' -X PATCH \
   "http://127.0.0.1:8089/api/v1/nodes/$WORKER/status" \
   --data '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"2"}]' >/dev/null
 
-# Install with the e2e images: the images entries rename the operator's image and PIGGYBACK_RUNTIME_IMAGE.
+# Install with the e2e images: the images entries rename the operator's image, PIGGYBACK_RUNTIME_IMAGE and PIGGYBACK_ROUTER_IMAGE.
 TMP=$(mktemp -d)
 cat >"$TMP/kustomization.yaml" <<KUST
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -40,6 +42,8 @@ images:
   - name: ghcr.io/piggyback-dev/piggyback-operator
     newTag: $TAG
   - name: ghcr.io/piggyback-dev/piggyback-runtime
+    newTag: $TAG
+  - name: ghcr.io/piggyback-dev/piggyback-router
     newTag: $TAG
 patches:
   - target: {kind: Deployment, name: piggyback-operator}

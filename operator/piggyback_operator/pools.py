@@ -48,6 +48,14 @@ def runtime_image() -> str:
     return os.environ.get("PIGGYBACK_RUNTIME_IMAGE", "ghcr.io/piggyback-dev/piggyback-runtime:0.1.0")
 
 
+def router_image() -> str:
+    """The pool routers' image: the Dockerfile's torch-free `router` target."""
+    return os.environ.get("PIGGYBACK_ROUTER_IMAGE", "ghcr.io/piggyback-dev/piggyback-router:0.1.0")
+
+
+ROUTER_CLUSTER_ROLE = "piggyback-router"  # manifests/base/router-rbac.yaml: the router's Lease (leader election)
+
+
 @dataclass(frozen=True)
 class Member:
     """One LLMService as a pool sees it."""
@@ -567,9 +575,10 @@ def uses_router(members: Sequence[Member], replicas: int) -> bool:
 
 
 def render_router(pool: str, namespace: str, members: Sequence[Member], replicas: int) -> list[dict[str, Any]]:
-    """Headless Service of the pool's runtime pods (the router resolves it to find the replicas), the router
-    Deployment (0 replicas while the pool has one runtime replica: clients then reach the runtime directly),
-    and the router's Service. Owned by every member, hardened like the runtime pods."""
+    """Headless Service of the pool's runtime pods (the router resolves it to find the replicas), the router's
+    ServiceAccount and its RoleBinding to the piggyback-router ClusterRole (the Lease its replicas elect a
+    leader with), and the router Deployment (0 replicas while the pool has one runtime replica: clients then
+    reach the runtime directly). Owned by every member, hardened like the runtime pods."""
     members = ordered(members)
     owners = [owner_reference(m, controller=False) for m in members]
     name = router_name(pool)
@@ -590,7 +599,7 @@ def render_router(pool: str, namespace: str, members: Sequence[Member], replicas
                  "ports": [{"name": "http", "port": RUNTIME_PORT, "targetPort": "http", "protocol": "TCP"}]},
     }  # fmt: skip
     container = {
-        "name": "router", "image": runtime_image(), "command": ["piggyback"], "args": args,
+        "name": "router", "image": router_image(), "command": ["piggyback"], "args": args,
         "env": [internal_token_env(pool)],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
@@ -611,14 +620,27 @@ def render_router(pool: str, namespace: str, members: Sequence[Member], replicas
                         "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "automountServiceAccountToken": False,  # the router never talks to the API server
+                    # The token is for the leader election's Lease, all the router may touch (router-rbac.yaml).
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "containers": [container],
                 },
             },
         },
     }  # fmt: skip
-    return [headless, deployment]
+    account = {
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace, "labels": router_labels, "ownerReferences": owners},
+        "automountServiceAccountToken": False,  # mounted only where a pod asks: the router's pods
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace, "labels": router_labels, "ownerReferences": owners},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ROUTER_CLUSTER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+    }  # fmt: skip
+    return [headless, account, binding, deployment]
 
 
 def endpoint_url(member: Member) -> str:

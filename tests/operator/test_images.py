@@ -393,24 +393,27 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-def operator_images(docs: list[dict[str, Any]]) -> tuple[str, str]:
+def operator_images(docs: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """The operator's own image and the runtime and router images it deploys."""
     (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "piggyback-operator"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    runtime = next(e["value"] for e in container["env"] if e["name"] == "PIGGYBACK_RUNTIME_IMAGE")
-    return container["image"], runtime
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return container["image"], env["PIGGYBACK_RUNTIME_IMAGE"], env["PIGGYBACK_ROUTER_IMAGE"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
-def test_the_images_entries_name_the_operator_and_the_runtime_image_and_an_overlay_overrides_both(tmp_path):
+def test_the_images_entries_name_the_operator_runtime_and_router_images_and_an_overlay_overrides_each(tmp_path):
     base = ROOT / "manifests" / "base"
     entries = {e["name"]: e["newTag"] for e in yaml.safe_load((base / "kustomization.yaml").read_text())["images"]}
-    operator_image, runtime_image = operator_images(kustomize(base))
-    assert {operator_image, runtime_image} == {f"{name}:{tag}" for name, tag in entries.items()}
-    assert "operator" in operator_image and "runtime" in runtime_image
+    operator_image, runtime_image, router_image = operator_images(kustomize(base))
+    assert {operator_image, runtime_image, router_image} == {f"{name}:{tag}" for name, tag in entries.items()}
+    assert "operator" in operator_image and "runtime" in runtime_image and "router" in router_image
 
     overlay = {"resources": [os.path.relpath(base, tmp_path)], "images": [  # kustomize refuses absolute paths
         {"name": operator_image.rsplit(":", 1)[0], "newName": "registry.local/op", "newTag": "e2e"},
-        {"name": runtime_image.rsplit(":", 1)[0], "newName": "registry.local/rt", "newTag": "e2e"}]}
+        {"name": runtime_image.rsplit(":", 1)[0], "newName": "registry.local/rt", "newTag": "e2e"},
+        {"name": router_image.rsplit(":", 1)[0], "newName": "registry.local/router", "newTag": "e2e"}]}
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
-    assert operator_images(kustomize(tmp_path)) == ("registry.local/op:e2e", "registry.local/rt:e2e")
+    assert operator_images(kustomize(tmp_path)) == ("registry.local/op:e2e", "registry.local/rt:e2e",
+                                                    "registry.local/router:e2e")  # fmt: skip

@@ -51,18 +51,20 @@ def test_the_base_installs_namespace_crd_rbac_and_one_operator():
 
 def test_rbac_grants_only_named_verbs_on_named_resources():
     roles = {r["metadata"]["name"]: r for r in by_kind(build("manifests/base"), "ClusterRole")}
-    assert set(roles) == {"piggyback-operator", "piggyback-epp"}
+    assert set(roles) == {"piggyback-operator", "piggyback-epp", "piggyback-router"}
     role = roles["piggyback-operator"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert not set(rule["verbs"]) & {"deletecollection", "escalate", "impersonate"}, rule
         if "delete" in rule["verbs"]:  # only the ScaledObject of a service whose autoscaler was switched off
             assert rule["resources"] == ["scaledobjects"], rule
-        if "bind" in rule["verbs"]:  # only the EPP's role, to bind it per gateway-routed pool
-            assert rule["resources"] == ["clusterroles"] and rule["resourceNames"] == ["piggyback-epp"], rule
+        if "bind" in rule["verbs"]:  # only the EPP's and the router's roles, bound per pool
+            assert rule["resources"] == ["clusterroles"] and rule["resourceNames"] == ["piggyback-epp", "piggyback-router"], rule
     granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
     assert ("llmservices/status", "patch") in granted and ("deployments", "patch") in granted
     assert ("secrets", "get") not in granted
+    assert roles["piggyback-router"]["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]}]
     for rule in roles["piggyback-epp"]["rules"]:
         assert set(rule["verbs"]) == {"get", "list", "watch"}, rule
 

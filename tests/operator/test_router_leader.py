@@ -27,9 +27,12 @@ from typing import Any
 import httpx
 import kmock
 import pytest
+import yaml
 from emulated_apiserver import ApiServer
 
-from piggyback_runtime.demo import _free_port
+from piggyback_operator import pools
+from piggyback_operator.api import LLMServiceSpec
+from piggyback_runtime.client import free_port
 from piggyback_runtime.router.app import Router, RouterSettings
 from piggyback_runtime.router.leader import (
     ANNOTATION_PLAN,
@@ -269,7 +272,7 @@ REPLICAS = ",".join(f"http://127.0.0.1:{port}" for port in (9, 19, 29))
 
 class RouterProcess:
     def __init__(self, tmp: Path, api_url: str, boundary: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (tmp / f"router-{self.port}.log").open("ab")
         self.process = subprocess.Popen(
@@ -345,3 +348,26 @@ async def _until(router: RouterProcess, expected: tuple[float, float], timeout_s
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+def test_the_router_cluster_role_grants_exactly_what_the_election_uses() -> None:
+    """manifests/base/router-rbac.yaml is what the operator binds each pool router's ServiceAccount to."""
+    role = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests/base/router-rbac.yaml").read_text())
+    assert role["metadata"]["name"] == pools.ROUTER_CLUSTER_ROLE
+    assert role["rules"] == [LEASE_RBAC_RULE]
+
+
+def test_the_operator_gives_each_pool_router_an_account_bound_to_the_lease_role() -> None:
+    chat = pools.Member("chat", "ns", "uid-chat", LLMServiceSpec.model_validate({
+        "model": {"uri": "synthetic://tiny-llama"}, "class": "LS", "replicas": 2,
+        "slo": {"ttftMs": 1000, "tpotMs": 100}, "placement": {"pool": "p", "routing": "lengthAware"}}),
+        True, False, "chat")  # fmt: skip
+    children = {c["kind"]: c for c in pools.render_router("p", "ns", [chat], 2)}
+    deployment = children["Deployment"]["spec"]["template"]["spec"]
+    binding = children["RoleBinding"]
+    assert deployment["serviceAccountName"] == children["ServiceAccount"]["metadata"]["name"] == "p-router"
+    assert deployment["automountServiceAccountToken"] is True
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": pools.ROUTER_CLUSTER_ROLE}  # fmt: skip
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "p-router", "namespace": "ns"}]
+    assert deployment["containers"][0]["image"] == pools.router_image()

@@ -55,7 +55,9 @@ async def test_several_replicas_get_a_router_and_the_service_points_at_it(cluste
     assert container["args"][container["args"].index("--stage-boundaries") + 1] == "4096"  # 2 replicas: 2 stages
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # Its token serves only the leader election's Lease (the piggyback-router role, bound to its account).
+    assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"] == pools.router_name(pool)
     assert pools.LABEL_POOL not in router["spec"]["template"]["metadata"]["labels"]  # not a runtime pod
     headless = cluster.service(pools.replicas_service_name(pool))
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == {pools.LABEL_POOL: pool}
