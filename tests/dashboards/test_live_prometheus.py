@@ -18,7 +18,8 @@ import pytest
 from dashboards.checks import dashboard_expressions, recorded_names, rule_expressions, rule_groups, variable_selectors
 from dashboards.live import NAMESPACE, LiveStack, live_stack, runtime_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prometheus_tools")]
+# The first test also waits for the live stack to start (dashboards.live.STARTUP_TIMEOUT_S).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixtures("prometheus_tools")]
 
 LOAD_S = 10.0
 # Panel queries whose series exist only after an event the live stack does not cause: its stages are far above
