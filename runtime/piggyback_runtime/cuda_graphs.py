@@ -8,8 +8,9 @@ sets TPOT. A captured graph replays them all with one launch. What a graph needs
   static output. Per step the host packs the batch into one pinned buffer, uploads it in one non-blocking copy
   and copies it into the static buffers on the device; nothing is read back.
 - Static shapes: a batch of n decodes runs in the graph of the smallest capture size >= n (vLLM's sizes: 1, 2,
-  4, then multiples of 8). The padded rows repeat row 0 (same token, position, slot and table): they write the
-  same k/v to the same slot and their outputs are dropped.
+  4, then multiples of 8). The padded rows are one-token contexts in a scratch block the KV cache holds past
+  the allocator's blocks (`scratch_block`, never handed to a request): their k/v land there and their outputs
+  are dropped. Captures done ahead of use (`capture_up_to`) run their warm-up on the scratch block too.
 - No host value in a launch: the decode attention's split count is fixed per size (from max_model_len) and
   each sequence's split length is computed on the device from its own context (attention/triton_paged.py);
   the padded torch path (no Triton) masks on the device from the lengths.
@@ -76,12 +77,16 @@ class DecodeGraphs:
         scale: float,
         device: torch.device,
         dtype: torch.dtype,
+        scratch_block: int,
         eager_replay: bool = False,
     ) -> None:
         """`eager_replay`: run `captured_step` itself where a graph would be replayed (tests, on devices with no
         CUDA graphs: the CPU for tokens, meta for shapes and host reads)."""
+        if not 0 <= scratch_block < kv_cache.num_blocks:
+            raise ValueError(f"scratch block {scratch_block} is not in the KV cache's {kv_cache.num_blocks} blocks")
         self.model = model
         self.eager_replay = eager_replay
+        self.scratch_block = scratch_block
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.sizes = capture_sizes(max_num_seqs)
@@ -109,19 +114,21 @@ class DecodeGraphs:
 
     # --- what runs per step outside the graph ---------------------------------------------------------------
     def stage(self, batch: DecodeBatch, size: int) -> torch.Tensor:
-        """The batch packed into one host int32 buffer (pinned on CUDA), padded to `size` rows with row 0."""
-        num_rows = len(batch.token_ids)
-        pad = size - num_rows
-        width = max(1, max(len(table) for table in batch.block_tables))
-        tables = [table + [0] * (width - len(table)) for table in batch.block_tables]
+        """The batch packed into one host int32 buffer (pinned on CUDA), padded to `size` rows with one-token
+        contexts in the scratch block."""
+        pad = size - len(batch.token_ids)
+        width = max(1, max((len(table) for table in batch.block_tables), default=1))
+        scratch = self.scratch_block
+        tables = [table + [scratch] * (width - len(table)) for table in batch.block_tables]
         slots = [flat_slot(table, position, self.block_size) for table, position in
                  zip(batch.block_tables, batch.positions, strict=True)]  # fmt: skip
         lengths = [position + 1 for position in batch.positions]
         words: list[int] = []
-        for part in (batch.token_ids, batch.positions, slots, lengths):
+        for part, padding in ((batch.token_ids, 0), (batch.positions, 0), (slots, scratch * self.block_size),
+                              (lengths, 1)):  # fmt: skip
             words.extend(part)
-            words.extend([part[0]] * pad)
-        for table in tables + [tables[0]] * pad:
+            words.extend([padding] * pad)
+        for table in tables + [[scratch] * width] * pad:
             words.extend(table)
         host = torch.empty(len(words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host.copy_(torch.tensor(words, dtype=torch.int32))
@@ -172,6 +179,16 @@ class DecodeGraphs:
             self.captured_step(size)
         log.info("captured the decode step for batch size %d", size)
         return graph
+
+    def capture_up_to(self, num_rows: int) -> None:
+        """Capture now every size a batch of up to `num_rows` decodes may take (each capture synchronises the
+        device once; the GPU suite does this before it checks that steps never synchronise)."""
+        if self.eager_replay:
+            return
+        for size in self.sizes:
+            if size not in self.graphs and (size <= num_rows or size == self.padded_size(num_rows)):
+                self.load(self.stage(DecodeBatch([], [], []), size), size)  # every row in the scratch block
+                self.graphs[size] = self._capture(size)
 
     def run(self, batch: DecodeBatch) -> torch.Tensor | None:
         """The batch's hidden states after the last layer (a view of the static output), or None when no graph

@@ -79,15 +79,18 @@ class ModelRunner:
         self.device = loaded.device
         self.allocator = allocator  # the planner's: block tables of the plan's requests
         self.block_size = allocator.block_size
-        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks, self.block_size, loaded.dtype, self.device)
+        use_graphs = graphs_enabled(config.engine.cuda_graphs, self.device)
+        # With graphs, one block past the allocator's is the padded rows' scratch (cuda_graphs.py).
+        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks + int(use_graphs), self.block_size, loaded.dtype,
+                                     self.device)  # fmt: skip
         self.policy = policy
         self.metrics = metrics
         self.scale = 1.0 / math.sqrt(self.arch.head_dim)
         # Decode-only iterations replay a captured graph of the dense step (cuda_graphs.py says when).
         self.graphs: DecodeGraphs | None = None
-        if graphs_enabled(config.engine.cuda_graphs, self.device):
+        if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.engine.max_num_seqs, loaded.max_model_len,
-                                       self.scale, self.device, loaded.dtype)  # fmt: skip
+                                       self.scale, self.device, loaded.dtype, allocator.num_blocks)  # fmt: skip
         self.piggyback: PiggybackPath | None = None
         if policy.uses_host_path:
             assert host_kv is not None

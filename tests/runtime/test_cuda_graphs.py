@@ -77,7 +77,7 @@ def meta_graphs() -> DecodeGraphs:
     model = loaded.model.to(META)
     cache = PagedKVCache(loaded.arch, 64, 4, loaded.dtype, META)
     return DecodeGraphs(model, cache, max_num_seqs=16, max_model_len=96, scale=loaded.arch.head_dim**-0.5,
-                        device=META, dtype=loaded.dtype, eager_replay=True)  # fmt: skip
+                        device=META, dtype=loaded.dtype, scratch_block=63, eager_replay=True)  # fmt: skip
 
 
 def _storages(graphs: DecodeGraphs) -> set[int]:
@@ -143,9 +143,11 @@ def loaded() -> LoadedModel:
 def _tokens(loaded: LoadedModel, graphed: bool) -> tuple[list[list[int]], int]:
     engine = Engine(tiny_config(max_num_seqs=8), loaded=loaded)
     runner = engine.runner
-    if graphed:  # what auto does on CUDA, with the captured step run eagerly in place of a replay
+    if graphed:  # what auto does on CUDA (a scratch block past the allocator's), the step run in place of a replay
+        scratch = engine.allocator.num_blocks
+        runner.kv_cache = PagedKVCache(loaded.arch, scratch + 1, runner.block_size, loaded.dtype, runner.device)
         runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, loaded.max_model_len, runner.scale,
-                                     runner.device, loaded.dtype, eager_replay=True)  # fmt: skip
+                                     runner.device, loaded.dtype, scratch, eager_replay=True)  # fmt: skip
     requests = [make_request(f"r{i}", [1] + [7 + 3 * i] * (2 + 5 * i), greedy(12 - i)) for i in range(5)]
     try:
         for request in requests:
