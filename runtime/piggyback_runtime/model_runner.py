@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.attention.paged import AttentionBatch, kv_cache_dtype, paged_attention
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, graphs_enabled
 from piggyback_runtime.kv.allocator import BlockAllocator
@@ -81,7 +81,8 @@ class ModelRunner:
         self.block_size = allocator.block_size
         use_graphs = graphs_enabled(config.engine.cuda_graphs, self.device)
         # With graphs, one block past the allocator's is the padded rows' scratch (cuda_graphs.py).
-        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks + int(use_graphs), self.block_size, loaded.dtype,
+        kv_dtype = kv_cache_dtype(config.engine.kv_cache_dtype, self.device, loaded.dtype)  # fp8 refused off-GPU
+        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks + int(use_graphs), self.block_size, kv_dtype,
                                      self.device)  # fmt: skip
         self.policy = policy
         self.metrics = metrics

@@ -359,3 +359,64 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly() -> None:
 
 if __name__ == "__main__":
     print(json.dumps(_run_cases()))
+
+
+# ---- fp8 KV (engine.kv_cache_dtype: fp8_e4m3) ----------------------------------------------------------------------
+def test_fp8_kv_is_refused_off_a_gpu_with_fp8_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    from piggyback_runtime.config import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert paged.kv_cache_dtype("auto", cpu, torch.bfloat16) is torch.bfloat16
+    with pytest.raises(ConfigError, match=r"engine.kv_cache_dtype fp8_e4m3 needs a CUDA GPU.*device is cpu.*auto"):
+        paged.kv_cache_dtype("fp8_e4m3", cpu, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ConfigError, match=r"compute capability 8.9 or newer; NVIDIA A100 has 8.0"):
+        paged.kv_cache_dtype("fp8_e4m3", cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
+    assert paged.kv_cache_dtype("fp8_e4m3", cuda, torch.bfloat16) is torch.float8_e4m3fn
+    with pytest.raises(ConfigError, match=r"bf16 or fp16 model \(model.dtype\)"):
+        paged.kv_cache_dtype("fp8_e4m3", cuda, torch.float32)
+
+
+def test_the_engine_refuses_fp8_kv_on_the_cpu_at_start() -> None:
+    from piggyback_runtime.config import ConfigError
+    from piggyback_runtime.engine import Engine
+    from tests.runtime.helpers import tiny_config
+
+    with pytest.raises(ConfigError, match=r"engine\.kv_cache_dtype fp8_e4m3"):
+        Engine(tiny_config(kv_cache_dtype="fp8_e4m3"))
+
+
+def test_an_fp8_cache_stores_saturated_e4m3_values_and_reads_them_back_scaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write and read halves of fp8 KV through paged_attention's torch path (the runtime serves fp8 only on
+    a GPU, where the Triton kernels cast each tile the same way; the GPU suite measures the accuracy cost)."""
+    arch = tiny_arch(q_heads=4, kv_heads=2, head_dim=32, layers=1)
+    monkeypatch.setattr(paged, "attention_kernel", lambda device, head_dim, dtype=None: AttentionKernel.TORCH_PADDED)
+    block_size = 4
+    cache = PagedKVCache(arch, 16, block_size, torch.float8_e4m3fn, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    cache.key.copy_(torch.randn(cache.key.shape, generator=gen))
+    cache.value.copy_(torch.randn(cache.value.shape, generator=gen))
+    decodes = [([3, 9], 6), ([4], 0)]
+    prefills = [([8, 10, 11], 5, 6)]
+    rows = 2 + 6
+    q = torch.randn(rows, 4, arch.head_dim, generator=gen).to(torch.bfloat16)
+    k = (torch.randn(rows, 2, arch.head_dim, generator=gen) * 3).to(torch.bfloat16)
+    v = torch.randn(rows, 2, arch.head_dim, generator=gen).to(torch.bfloat16)
+    k[0, 0, 0] = 1000.0  # past e4m3's range: saturates at 448, never inf or NaN
+    batch = AttentionBatch.build(decodes, prefills, block_size, q.device)
+    out = paged.paged_attention(0, q, k, v, cache, batch, arch.head_dim**-0.5)
+    stored_keys = cache.key[0].view(-1, 2, arch.head_dim)[batch.slots].float()
+    expected_keys = k.float().clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(stored_keys, expected_keys) and stored_keys[0, 0, 0].item() == 448.0
+    assert ((stored_keys - k.float().clamp(-448, 448)).abs() <= k.float().abs() * 2**-4 + 2**-9).all()
+    key_cache, value_cache = cache.key[0].float() * paged.FP8_KV_SCALE, cache.value[0].float() * paged.FP8_KV_SCALE
+    scale = arch.head_dim**-0.5
+    expected = torch.cat([
+        reference_attention(q[0:1], key_cache, value_cache, [3, 9], 7, scale),
+        reference_attention(q[1:2], key_cache, value_cache, [4], 1, scale),
+        reference_attention(q[2:8], key_cache, value_cache, [8, 10, 11], 11, scale),
+    ])  # fmt: skip
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert (out.float() - expected).abs().max().item() <= BF16_TOLERANCE

@@ -14,6 +14,9 @@ Prefill (chunked): a chunk's k/v are already in the cache when the kernel runs, 
 KV and to itself through the same paged reads, causally (query at position p sees keys 0..p). The grid is
 chunk × query tile × kv head; rows of a tile are (query token, query head of the group) pairs.
 
+An fp8_e4m3 cache (engine.kv_cache_dtype) is read by casting each K/V tile to the query's dtype: with the
+per-tensor scale of 1.0 (attention/paged.py, FP8_KV_SCALE) that cast is the dequantisation.
+
 On CUDA tensors the kernels are compiled. On CPU tensors they run only under Triton's interpreter, which triton
 picks when each @triton.jit function is defined: TRITON_INTERPRET=1 must be set before triton is first
 imported (tests run the interpreter cases in a subprocess so that the rest of the process, the ahead-of-time
@@ -85,7 +88,7 @@ def _paged_decode_kernel(
         kv_offset = block.to(tl.int64) * stride_kv_block + (pos % KV_BLOCK_SIZE) * stride_kv_slot
         kv_offset += kv_head * stride_kv_head
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:  # fp32 models get fp32 products, not TF32's 10-bit mantissa
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         else:
@@ -95,7 +98,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -190,7 +193,7 @@ def _paged_prefill_kernel(
         kv_offset = block.to(tl.int64) * stride_kv_block + (pos % KV_BLOCK_SIZE) * stride_kv_slot
         kv_offset += kv_head * stride_kv_head
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         else:
@@ -201,7 +204,7 @@ def _paged_prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -289,8 +292,10 @@ def _check(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) 
             f"q must be [tokens, q_heads, {head_dim}] with q_heads a multiple of {kv_heads} kv heads and a "
             f"contiguous last dimension, got {tuple(q.shape)}"
         )
-    if q.dtype != key_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q ({q.dtype}) and the KV cache ({key_cache.dtype}) must share one of fp16/bf16/fp32")
+    fp8_cache = key_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.float16, torch.bfloat16)
+    if not fp8_cache and (q.dtype != key_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError(f"q ({q.dtype}) and the KV cache ({key_cache.dtype}) must share one of fp16/bf16/fp32 "
+                         "(or an fp16/bf16 q over an fp8_e4m3 cache)")  # fmt: skip
     return q.shape[1] // kv_heads, head_dim, block_size
 
 
