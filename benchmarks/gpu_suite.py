@@ -16,7 +16,8 @@ Sections, in order, sharing one loaded model (`synthetic://llama-3-8b` in bf16 o
   the kernel reads at the rate a copy moves bytes); the Triton prefill kernel against causal SDPA.
 - correctness: the runtime's paged forward (ragged contexts, shuffled block tables, chunked prefill mixed with
   decodes) against Hugging Face `transformers` running the same randomly initialised model (the 8B widths at
-  fewer layers; no download) in fp32, bf16 and fp16, logits within stated tolerances; greedy tokens of the
+  fewer layers; no download) in fp32, bf16 and fp16, logits within stated tolerances (LOGIT_TOLERANCE), and
+  the accuracy cost of `engine.kv_cache_dtype: fp8_e4m3` (bf16 over fp8 KV, on GPUs with fp8); greedy tokens of the
   engine identical to transformers' greedy decoding (its KV cache, argmax) over 64 steps in fp32.
 - graphs: host kernel launches per decode step and TPOT at batch 1-8, with CUDA graphs and without.
 - throughput: engine decode throughput against `transformers` generate, same weights, same requests.
@@ -438,7 +439,8 @@ def _hf_twin(reduced: Any) -> Any:
 
 
 @torch.inference_mode()
-def _paged_logits_error(reduced: Any, hf: Any, scale: Scale) -> tuple[float, float, int, int]:
+def _paged_logits_error(reduced: Any, hf: Any, scale: Scale, kv_dtype: torch.dtype | None = None
+                        ) -> tuple[float, float, int, int]:  # fmt: skip
     """Ragged prompts through the paged forward in chunks (decodes of finished prompts in the same iterations),
     blocks drawn from a shuffled pool; -> (max |logit diff| / ref std, top-1 agreement, rows, iterations)."""
     from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
@@ -455,7 +457,7 @@ def _paged_logits_error(reduced: Any, hf: Any, scale: Scale) -> tuple[float, flo
     for n in totals:
         tables.append(pool[: -(-n // block)])
         pool = pool[-(-n // block) :]
-    cache = PagedKVCache(arch, num_blocks, block, reduced.dtype, device)
+    cache = PagedKVCache(arch, num_blocks, block, kv_dtype or reduced.dtype, device)
     references = [hf(input_ids=torch.tensor([seq], device=device)).logits[0].float() for seq in sequences]
     worst, agree, rows, iterations = 0.0, 0, 0, 0
     done = [0] * len(sequences)
@@ -538,6 +540,27 @@ def _hf_greedy(hf: Any, prompt: list[int], steps: int) -> list[int]:
     return tokens
 
 
+FP8_KV_TOLERANCE, FP8_KV_AGREEMENT = 3e-1, 0.9  # bf16 model over fp8_e4m3 KV (3 mantissa bits), vs transformers
+
+
+def _fp8_row(reduced: Any, hf: Any, scale: Scale, bf16_error: float, failed: list[str]) -> str:
+    """The accuracy cost of engine.kv_cache_dtype fp8_e4m3: the bf16 model over an fp8 cache against
+    transformers in bf16, next to the same with a bf16 cache."""
+    from piggyback_runtime.attention.paged import FP8_KV_DTYPE, kv_cache_dtype
+    from piggyback_runtime.config import ConfigError
+
+    try:
+        kv_cache_dtype("fp8_e4m3", reduced.device, reduced.dtype)
+    except ConfigError as exc:
+        return f"bf16 + fp8_e4m3 KV: not measured here ({exc})"
+    error, agreement, count, iterations = _paged_logits_error(reduced, hf, scale, FP8_KV_DTYPE)
+    if not error <= FP8_KV_TOLERANCE or agreement < FP8_KV_AGREEMENT:
+        failed.append(f"bf16 + fp8 KV: logits off by {error:.3g} std (tolerance {FP8_KV_TOLERANCE:g}), top-1 "
+                      f"agreement {agreement:.1%} (at least {FP8_KV_AGREEMENT:.0%})")  # fmt: skip
+    return (f"{'bf16+fp8KV':9} {count:6d} {iterations:6d} {error:19.2e} {FP8_KV_TOLERANCE:10.0e} {agreement:11.1%}"
+            f"  (cost over bf16 KV: {error - bf16_error:+.2e} std)")  # fmt: skip
+
+
 def section_correctness(loaded: Any, scale: Scale, out: Path) -> Section:
     try:
         import transformers  # noqa: F401
@@ -557,6 +580,8 @@ def section_correctness(loaded: Any, scale: Scale, out: Path) -> Section:
         if not error <= LOGIT_TOLERANCE[name] or agreement < ARGMAX_AGREEMENT[name]:
             failed.append(f"{name}: logits off by {error:.3g} std (tolerance {LOGIT_TOLERANCE[name]:g}), top-1 "
                           f"agreement {agreement:.1%} (at least {ARGMAX_AGREEMENT[name]:.0%})")  # fmt: skip
+        if name == "bfloat16":
+            rows.append(_fp8_row(reduced, hf, scale, error, failed))
         if name == "float32":
             same, total = _greedy_matches(reduced, hf, scale)
             rows.append(f"greedy fp32, {scale.greedy_steps} steps: {same} of {total} requests token-identical to "
