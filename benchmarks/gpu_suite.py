@@ -117,7 +117,7 @@ TINY_SCALE = Scale(
                   "be_prompt_len": 16, "be_out": 24, "token_budget": 64, "cpu_threads": 1, "max_be_rows": 8},
     profile_grids=((1, 8, 32, 64), ((8, 128, 0, 0), (0, 0, 64, 0), (4, 64, 32, 32))),
     correctness_layers=2, correctness_prompts=(37, 5, 23, 1), correctness_chunk=8, correctness_decodes=3,
-    greedy_steps=64, graph_batches=(1, 3), graph_prompt=8, graph_steps=4,
+    greedy_steps=24, graph_batches=(1, 3), graph_prompt=8, graph_steps=4,
 )  # fmt: skip
 # --quick on a GPU: fewer kernel cases and repeats, shorter throughput runs (the sections are the same).
 QUICK_SCALE = dataclasses.replace(
