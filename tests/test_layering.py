@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),  # architectures, weights, tokenizers
     ("kv",),  # KV cache layout, block allocators, sizing
     ("attention", "scheduler"),  # attention kernels; the planner and its policies
-    ("piggyback",),  # the BE path: CPU attention workers over host KV
+    ("piggyback", "cuda_graphs"),  # the BE path: CPU attention workers over host KV; captured decode steps
     ("model_runner", "profiler"),  # runs a plan on the model; measures the latency model
     ("engine",),  # plan -> run -> update, one iteration at a time
     ("migration",),  # freeze/thaw of a request and its KV, the engine side of a live migration

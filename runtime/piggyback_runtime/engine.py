@@ -11,6 +11,7 @@ import time
 from collections import deque
 
 from piggyback_runtime import metrics as m
+from piggyback_runtime.attention.paged import kv_cache_dtype
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv import sizing
 from piggyback_runtime.kv.cache import kv_block_bytes
@@ -73,9 +74,10 @@ class Engine:
         # Before any cache exists: sizing from memory measures the largest iteration's activation peak. The
         # readers are looked up at call time (module attributes), so that a test can replace them.
         loaded = self.loaded
+        kv_dtype = kv_cache_dtype(engine_cfg.kv_cache_dtype, loaded.device, loaded.dtype)  # fp8 refused off-GPU
         kv_sizes = sizing.size_kv_caches(
             config,
-            bytes_per_token=kv_block_bytes(loaded.arch, 1, loaded.dtype),
+            bytes_per_token=kv_block_bytes(loaded.arch, 1, kv_dtype),
             max_model_len=loaded.max_model_len,
             resident_weights_bytes=sizing.weights_bytes(loaded.model),
             on_cpu=self.device.type == "cpu",

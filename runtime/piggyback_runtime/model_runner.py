@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.attention.paged import AttentionBatch, paged_attention
+from piggyback_runtime.attention.paged import AttentionBatch, kv_cache_dtype, paged_attention
 from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, graphs_enabled
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.cache import PagedKVCache
 from piggyback_runtime.kv.host import HostKV
@@ -78,10 +79,19 @@ class ModelRunner:
         self.device = loaded.device
         self.allocator = allocator  # the planner's: block tables of the plan's requests
         self.block_size = allocator.block_size
-        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks, self.block_size, loaded.dtype, self.device)
+        use_graphs = graphs_enabled(config.engine.cuda_graphs, self.device)
+        # With graphs, one block past the allocator's is the padded rows' scratch (cuda_graphs.py).
+        kv_dtype = kv_cache_dtype(config.engine.kv_cache_dtype, self.device, loaded.dtype)  # fp8 refused off-GPU
+        self.kv_cache = PagedKVCache(self.arch, allocator.num_blocks + int(use_graphs), self.block_size, kv_dtype,
+                                     self.device)  # fmt: skip
         self.policy = policy
         self.metrics = metrics
         self.scale = 1.0 / math.sqrt(self.arch.head_dim)
+        # Decode-only iterations replay a captured graph of the dense step (cuda_graphs.py says when).
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.engine.max_num_seqs, loaded.max_model_len,
+                                       self.scale, self.device, loaded.dtype, allocator.num_blocks)  # fmt: skip
         self.piggyback: PiggybackPath | None = None
         if policy.uses_host_path:
             assert host_kv is not None
@@ -111,6 +121,9 @@ class ModelRunner:
         Returns the requests that sample (the plan's, then the BE rows done), their token ids as a device
         tensor, those BE rows, and the BE rows merged (summed over layers).
         """
+        graphed = self._launch_graphed(plan, sampling)
+        if graphed is not None:
+            return graphed
         token_ids: list[int] = []
         positions: list[int] = []
         be_prefills: list[tuple[Request, int, int, int]] = []
@@ -181,6 +194,27 @@ class ModelRunner:
             carry = ready
         requests, tokens = self._sample(plan, sampling, hidden, carry, carry_hidden)
         return requests, tokens, carry, merged
+
+    def _launch_graphed(
+        self, plan: IterationPlan, sampling: list[Request]
+    ) -> tuple[list[Request], torch.Tensor, list[BERow], int] | None:
+        """A decode-only iteration with no BE row entering or merging, through a captured graph; None: eager."""
+        pb = self.piggyback
+        if self.graphs is None or plan.prefills or not plan.decodes or (pb is not None and pb.has_ready_work()):
+            return None
+        if any(self.policy.on_host_path(c.request.service_class) for c in plan.chunks):
+            return None
+        blocks = self.allocator.blocks_of
+        batch = DecodeBatch(
+            token_ids=[c.request.token_ids(c.start, c.start + 1)[0] for c in plan.chunks],
+            positions=[c.start for c in plan.chunks],
+            block_tables=[blocks(c.request.request_id) for c in plan.chunks],
+        )  # fmt: skip
+        hidden = self.graphs.run(batch)
+        if hidden is None:
+            return None
+        requests, tokens = self._sample(plan, sampling, hidden, [], hidden[:0])
+        return requests, tokens, [], 0
 
     def _wait_for_cpu(self, rows: list[BERow]) -> None:
         """Policy `neo`: block until these rows' CPU attention is back (counted: the piggyback path never does)."""

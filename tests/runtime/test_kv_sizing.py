@@ -93,18 +93,57 @@ def test_accelerator_memory_gib_caps_the_device():
     assert "engine.accelerator_memory_gib 24" in sizes.accelerator.explanation
 
 
+UNCAPPED = {"max_num_seqs": 65536}  # limits far above what the memory holds: the memory share binds
+UNCAPPED_HOST = {"max_be_requests": 65536}
+
+
 def test_on_a_cpu_device_both_caches_take_host_shares_of_the_same_memory():
     # The CPU device's cache is host memory: the host share (0.5) of what is available, less activations...
-    sizes = size(config(), device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB), activation(GIB), on_cpu=True)
+    sizes = size(config(engine=UNCAPPED, piggyback=UNCAPPED_HOST), device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB),
+                 activation(GIB), on_cpu=True)  # fmt: skip
     assert sizes.accelerator.budget_bytes == 4 * GIB - GIB
     # ...and the host cache the host share of what that left.
     accelerator_bytes = sizes.accelerator.num_blocks * 16 * BYTES_PER_TOKEN
     assert sizes.host.budget_bytes == int(0.5 * (8 * GIB - accelerator_bytes))
     # A host cache of fixed size is set aside first (a pod's limit is the operator's host KV plus a base).
-    sizes = size(config(piggyback={"host_kv_memory_gib": 2}), device(6 * GIB, 5 * GIB), never, activation(0),
-                 on_cpu=True)  # fmt: skip
+    sizes = size(config(engine=UNCAPPED, piggyback={"host_kv_memory_gib": 2}), device(6 * GIB, 5 * GIB), never,
+                 activation(0), on_cpu=True)  # fmt: skip
     assert sizes.accelerator.budget_bytes == int(0.5 * (5 * GIB - 2 * GIB))
     assert sizes.accelerator.budget_bytes + sizes.host.budget_bytes < 5 * GIB
+
+
+def test_on_a_cpu_device_a_cache_the_limits_cannot_fill_is_sized_to_the_limits():
+    # 8 LS sequences x 2048 tokens = 1024 blocks of 16 (16 MiB), 4 BE requests x 2048 tokens = 128 blocks of 64
+    # (8 MiB): far below the host shares of 8 GiB available. The explanation says which bound won.
+    sizes = size(config(), device(10 * GIB, 8 * GIB), host(10 * GIB, 8 * GIB), activation(GIB), on_cpu=True)
+    assert sizes.accelerator.num_blocks == 8 * MAX_MODEL_LEN // 16
+    assert sizes.accelerator.budget_bytes == 8 * MAX_MODEL_LEN * BYTES_PER_TOKEN
+    assert "sized to the limits: engine.max_num_seqs 8 x max_model_len 2048" in sizes.accelerator.explanation
+    assert sizes.host.num_blocks == 4 * MAX_MODEL_LEN // 64
+    assert "sized to the limits: piggyback.max_be_requests 4" in sizes.host.explanation
+    # On a GPU the device's memory is the runtime's: the share is taken whatever the limits (as vLLM does).
+    sizes = size(config(), device(80 * GIB, 64 * GIB), host(512 * GIB, 500 * GIB), activation(GIB))
+    assert sizes.accelerator.num_blocks > 8 * MAX_MODEL_LEN // 16 and "limits" not in sizes.accelerator.explanation
+    # A limit above the memory share leaves the memory share.
+    sizes = size(config(engine=UNCAPPED), device(GIB, GIB // 2), host(GIB, GIB // 2), activation(0), on_cpu=True)
+    assert sizes.accelerator.budget_bytes == GIB // 4 and "limits" not in sizes.accelerator.explanation
+
+
+def test_free_memory_is_read_after_the_profile_forward_has_run_and_emptied_the_cache():
+    # vLLM's order: load, profile the largest iteration (which empties the allocator's cache when done), then
+    # read free memory; read before, the profile's cached blocks would count as "in use".
+    calls: list[str] = []
+
+    def read_device() -> MemoryReading:
+        calls.append("read free memory")
+        return MemoryReading(80 * GIB, 64 * GIB, "fake")
+
+    def measure(*_shape: int) -> tuple[int, str]:
+        calls.append("profile forward")
+        return GIB, "fake profile"
+
+    size(config(), read_device, host(512 * GIB, 500 * GIB), measure)
+    assert calls == ["profile forward", "read free memory"]
 
 
 def test_explicit_sizes_override_memory_and_read_nothing():
@@ -150,7 +189,7 @@ def test_the_engine_sizes_its_caches_from_memory_and_refuses_to_start_without_ro
     monkeypatch.setattr(sizing, "read_device_memory", device(64 * 2**20, 64 * 2**20))
     monkeypatch.setattr(sizing, "read_host_memory", host(64 * 2**20, 64 * 2**20))
     monkeypatch.setattr(activation_peak, "measure_activation_bytes", activation(0))
-    engine = Engine(config("priority"), loaded=loaded)
+    engine = Engine(config("priority", engine=UNCAPPED), loaded=loaded)
     try:
         assert engine.allocator.num_blocks == int(0.5 * 64 * 2**20) // (16 * BYTES_PER_TOKEN)
     finally:

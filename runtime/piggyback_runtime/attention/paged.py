@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from piggyback_runtime.attention import cpu_attention
+from piggyback_runtime.config import ConfigError
 from piggyback_runtime.kv.allocator import flat_slot
 from piggyback_runtime.kv.cache import PagedKVCache
 from piggyback_runtime.staging import HostStaging
@@ -61,6 +62,41 @@ def attention_kernel(device: torch.device, head_dim: int, dtype: torch.dtype | N
     if device.type == "cpu" and head_dim % 32 == 0 and cpu_attention.native_available():
         return AttentionKernel.CPU_NATIVE_PAGED
     return AttentionKernel.TORCH_PADDED
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest finite e4m3 value: k/v beyond it saturate
+# K and V are stored as value / scale and read back as stored x scale. Per-tensor scales of 1.0 are vLLM's default
+# when a checkpoint carries no calibrated ones (k/v of Llama-family models sit far inside +-448); e4m3 keeps 3
+# mantissa bits, so each stored element is within 2^-4 of its value.
+FP8_KV_SCALE = 1.0
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (L4, L40) and Hopper (H100, H200) have fp8
+
+
+def kv_cache_dtype(setting: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The accelerator KV cache's element type for `engine.kv_cache_dtype` (auto: the model's dtype).
+
+    fp8_e4m3 is refused, naming the field, on any device but a CUDA GPU with fp8 and for a model that is not
+    fp16/bf16 (the CPU has no fp8 arithmetic: a CPU accelerator would only emulate it, slower than bf16)."""
+    if setting == "auto":
+        return model_dtype
+    if setting != "fp8_e4m3":
+        raise ConfigError(f"engine.kv_cache_dtype {setting!r} is not one of auto, fp8_e4m3")
+    if device.type != "cuda":
+        raise ConfigError(
+            f"engine.kv_cache_dtype fp8_e4m3 needs a CUDA GPU with fp8 (compute capability 8.9 or newer: L4, "
+            f"L40, H100, H200); this runtime's device is {device.type}: set engine.kv_cache_dtype to auto"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"engine.kv_cache_dtype fp8_e4m3 needs compute capability 8.9 or newer; "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: set engine.kv_cache_dtype "
+            "to auto"
+        )
+    if model_dtype not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"engine.kv_cache_dtype fp8_e4m3 needs a bf16 or fp16 model (model.dtype), not {model_dtype}")
+    return FP8_KV_DTYPE
 
 
 def _padded_tables(tables: Sequence[Sequence[int]]) -> tuple[list[int], int]:
@@ -224,8 +260,12 @@ def paged_attention(
 
     q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
     """
-    cache.write(layer, batch.slots, k, v)
     key_cache, value_cache = cache.key[layer], cache.value[layer]
+    if key_cache.dtype == FP8_KV_DTYPE:
+        _write_fp8(key_cache, batch.slots, k)
+        _write_fp8(value_cache, batch.slots, v)
+    else:
+        cache.write(layer, batch.slots, k, v)
     kernel = attention_kernel(q.device, q.shape[-1], q.dtype)
     out = torch.empty_like(q)
     n = batch.num_decodes
@@ -247,7 +287,7 @@ def paged_attention(
             )  # fmt: skip
         return out
     gqa = q.shape[1] != k.shape[1]  # SDPA maps query head h to KV head h // (Hq / Hkv), no copies
-    if n and kernel is AttentionKernel.CPU_NATIVE_PAGED:
+    if n and kernel is AttentionKernel.CPU_NATIVE_PAGED and key_cache.dtype != FP8_KV_DTYPE:
         # The native paged kernel reads the blocks in place: no gather, no padding.
         assert batch.decode_block_tables is not None and batch.decode_lengths is not None
         out[:n] = cpu_attention.paged_decode_attention(
@@ -256,8 +296,8 @@ def paged_attention(
     elif n:
         assert batch.decode_block_tables is not None
         # [n, blocks, block_size, Hkv, D] -> [n, Hkv, S, D]
-        keys = key_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
-        values = value_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+        keys = _dequantized(key_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2), q.dtype)
+        values = _dequantized(value_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2), q.dtype)
         out[:n] = F.scaled_dot_product_attention(
             q[:n].unsqueeze(2), keys, values, attn_mask=batch.decode_mask(cache.block_size), scale=scale,
             enable_gqa=gqa,
@@ -287,8 +327,8 @@ def _sdpa_prefill(
         values = value_cache[chunk.block_table].reshape(-1, kv_heads, head_dim)[: chunk.context_len]
     # [S, H, D] -> [1, H, S, D]
     query_4d = q[rows].transpose(0, 1).unsqueeze(0)
-    keys_4d = keys.to(q.dtype).transpose(0, 1).unsqueeze(0)
-    values_4d = values.to(q.dtype).transpose(0, 1).unsqueeze(0)
+    keys_4d = _dequantized(keys, q.dtype).transpose(0, 1).unsqueeze(0)
+    values_4d = _dequantized(values, q.dtype).transpose(0, 1).unsqueeze(0)
     gqa = q.shape[1] != kv_heads
     if prior == 0:
         result = F.scaled_dot_product_attention(
@@ -299,3 +339,18 @@ def _sdpa_prefill(
         result = F.scaled_dot_product_attention(query_4d, keys_4d, values_4d, attn_mask=bias, scale=scale,
                                                 enable_gqa=gqa)  # fmt: skip
     return result.squeeze(0).transpose(0, 1)
+
+
+def _dequantized(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cache elements in the query's dtype: fp8 ones times their scale."""
+    if stored.dtype == FP8_KV_DTYPE:
+        return stored.to(dtype) * FP8_KV_SCALE
+    return stored.to(dtype)
+
+
+def _write_fp8(layer_cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store rows as value / scale in e4m3, saturated at its largest finite value (written as bytes: index_copy_
+    has no fp8 kernel)."""
+    stored = (rows.float() / FP8_KV_SCALE).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+    flat = layer_cache.view(-1, *layer_cache.shape[-2:]).view(torch.uint8)
+    flat.index_copy_(0, slots, stored.view(torch.uint8))

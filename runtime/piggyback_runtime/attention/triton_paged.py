@@ -14,6 +14,9 @@ Prefill (chunked): a chunk's k/v are already in the cache when the kernel runs, 
 KV and to itself through the same paged reads, causally (query at position p sees keys 0..p). The grid is
 chunk × query tile × kv head; rows of a tile are (query token, query head of the group) pairs.
 
+An fp8_e4m3 cache (engine.kv_cache_dtype) is read by casting each K/V tile to the query's dtype: with the
+per-tensor scale of 1.0 (attention/paged.py, FP8_KV_SCALE) that cast is the dequantisation.
+
 On CUDA tensors the kernels are compiled. On CPU tensors they run only under Triton's interpreter, which triton
 picks when each @triton.jit function is defined: TRITON_INTERPRET=1 must be set before triton is first
 imported (tests run the interpreter cases in a subprocess so that the rest of the process, the ahead-of-time
@@ -44,7 +47,7 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret)  # decided once, as triton.j
 def _paged_decode_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2, tokens_per_split,
+    scale_log2,
     stride_q_token, stride_q_head,
     stride_kv_block, stride_kv_slot, stride_kv_head,
     stride_table_row,
@@ -57,6 +60,10 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * GROUP_SIZE
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    # Each sequence's split length comes from its own context, read here on the device: the host passes no
+    # length, so one launch (one captured CUDA graph) serves any context lengths. Whole key tiles per split;
+    # the last split of a sequence may be shorter, or empty (it then reports lse -inf and drops out).
+    tokens_per_split = tl.cdiv(tl.cdiv(tl.maximum(context_len, 1), NUM_SPLITS), BLOCK_N) * BLOCK_N
     split_start = split * tokens_per_split
     split_end = tl.minimum(split_start + tokens_per_split, context_len)
 
@@ -81,7 +88,7 @@ def _paged_decode_kernel(
         kv_offset = block.to(tl.int64) * stride_kv_block + (pos % KV_BLOCK_SIZE) * stride_kv_slot
         kv_offset += kv_head * stride_kv_head
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:  # fp32 models get fp32 products, not TF32's 10-bit mantissa
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         else:
@@ -91,7 +98,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -138,7 +145,7 @@ def _merge_splits_kernel(
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr,
-    query_starts_ptr, query_counts_ptr, context_lens_ptr, out_ptr,
+    query_starts_ptr, query_counts_ptr, context_lens_ptr, out_ptr, key_tiles_ptr,
     scale_log2,
     stride_q_token, stride_q_head,
     stride_kv_block, stride_kv_slot, stride_kv_head,
@@ -146,6 +153,7 @@ def _paged_prefill_kernel(
     stride_out_token, stride_out_head,
     GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, EXACT_FP32: tl.constexpr,
+    COUNT_KEY_TILES: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
     tile = tl.program_id(1)
@@ -170,18 +178,22 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M * BLOCK_G], _NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M * BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], tl.float32)
-    # Causal: no query of this tile sees past its last query's position.
+    # Causal early exit: no query of this tile sees past its last query's position, and a tile past the
+    # chunk's last query (the grid is sized for the longest chunk) has no query at all and reads no key.
     last_query = tl.minimum((tile + 1) * BLOCK_M, num_queries) - 1
     keys_end = tl.minimum(first_position + last_query + 1, context_len)
+    keys_end = tl.where(tile * BLOCK_M < num_queries, keys_end, 0)
     n = tl.arange(0, BLOCK_N)
+    key_tiles = 0
     for tile_start in range(0, keys_end, BLOCK_N):
+        key_tiles += 1
         pos = tile_start + n
         key_valid = pos < keys_end
         block = tl.load(block_tables_ptr + chunk * stride_table_row + pos // KV_BLOCK_SIZE, mask=key_valid, other=0)
         kv_offset = block.to(tl.int64) * stride_kv_block + (pos % KV_BLOCK_SIZE) * stride_kv_slot
         kv_offset += kv_head * stride_kv_head
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(key_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         else:
@@ -192,13 +204,15 @@ def _paged_prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + kv_offset[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if EXACT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if COUNT_KEY_TILES:  # tests: how many key tiles each program read (compiled out otherwise)
+        tl.store(key_tiles_ptr + (chunk * tl.num_programs(1) + tile) * tl.num_programs(2) + kv_head, key_tiles)
     result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out_rows = (query_start + query_index).to(tl.int64) * stride_out_token + head * stride_out_head
     tl.store(out_ptr + out_rows[:, None] + d[None, :], result.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -278,8 +292,10 @@ def _check(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) 
             f"q must be [tokens, q_heads, {head_dim}] with q_heads a multiple of {kv_heads} kv heads and a "
             f"contiguous last dimension, got {tuple(q.shape)}"
         )
-    if q.dtype != key_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q ({q.dtype}) and the KV cache ({key_cache.dtype}) must share one of fp16/bf16/fp32")
+    fp8_cache = key_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.float16, torch.bfloat16)
+    if not fp8_cache and (q.dtype != key_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError(f"q ({q.dtype}) and the KV cache ({key_cache.dtype}) must share one of fp16/bf16/fp32 "
+                         "(or an fp16/bf16 q over an fp8_e4m3 cache)")  # fmt: skip
     return q.shape[1] // kv_heads, head_dim, block_size
 
 
@@ -298,7 +314,10 @@ def paged_decode_attention(
     """One query per sequence against its paged context: q [S, Hq, D] -> [S, Hq, D].
 
     block_tables [S, max_blocks] (entries past a sequence's blocks are never read), context_lens [S] (tokens,
-    the query's own included), max_context_len: the largest of them, known on the host (no device read).
+    the query's own included), max_context_len: the largest of them, known on the host (no device read), used
+    only to choose `num_splits` when none is given. Where each split starts is computed on the device from
+    each sequence's own length, so with `num_splits` fixed (CUDA graphs: one per padded batch size) the launch
+    depends on no per-step host value.
     """
     group, head_dim, block_size = _check(q, key_cache, value_cache)
     num_seqs, num_q_heads = q.shape[0], q.shape[1]
@@ -312,8 +331,6 @@ def paged_decode_attention(
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     block_n = config.block_n
-    tokens_per_split = -(-max(1, max_context_len) // num_splits)
-    tokens_per_split = -(-tokens_per_split // block_n) * block_n  # whole tiles per split
     if num_splits > 1:
         partial_out = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -323,7 +340,7 @@ def paged_decode_attention(
     kernel[(num_seqs, kv_heads, num_splits)](  # type: ignore[index]
         q, key_cache, value_cache, block_tables, context_lens,
         out, partial_out, partial_lse,
-        scale * LOG2_E, tokens_per_split,
+        scale * LOG2_E,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
@@ -353,12 +370,15 @@ def paged_prefill_attention(
     max_query_count: int,
     out: torch.Tensor,
     config: PrefillConfig = DEFAULT_PREFILL_CONFIG,
+    key_tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill chunks against their paged context (their own k/v already written), causally, into `out`.
 
     Chunk c's queries are rows query_starts[c] .. + query_counts[c] of q/out [T, Hq, D]; they sit at positions
     context_lens[c] - query_counts[c] .. context_lens[c] - 1. block_tables [C, max_blocks]. max_query_count:
     the largest query count, known on the host. Rows of `out` outside the chunks are left as they are.
+    key_tiles: an int32 [C, query tiles, kv heads] tensor to receive the key tiles each program read (tests of
+    the causal early exit); None in serving, where the count is compiled out.
     """
     group, head_dim, block_size = _check(q, key_cache, value_cache)
     num_chunks = query_starts.shape[0]
@@ -367,9 +387,12 @@ def paged_prefill_attention(
     kv_heads = q.shape[1] // group
     block_m = prefill_block_m(config, group)
     kernel = _launcher(_paged_prefill_kernel, q.device)
-    kernel[(num_chunks, -(-max_query_count // block_m), kv_heads)](  # type: ignore[index]
+    grid = (num_chunks, -(-max_query_count // block_m), kv_heads)
+    if key_tiles is not None and tuple(key_tiles.shape) != grid:
+        raise ValueError(f"key_tiles must be {grid} (chunks, query tiles, kv heads), got {tuple(key_tiles.shape)}")
+    kernel[grid](  # type: ignore[index]
         q, key_cache, value_cache, block_tables,
-        query_starts, query_counts, context_lens, out,
+        query_starts, query_counts, context_lens, out, out if key_tiles is None else key_tiles,
         scale * LOG2_E,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -377,7 +400,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         GROUP_SIZE=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim), BLOCK_N=config.block_n, KV_BLOCK_SIZE=block_size,
-        EXACT_FP32=q.dtype == torch.float32,
+        EXACT_FP32=q.dtype == torch.float32, COUNT_KEY_TILES=key_tiles is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -1,12 +1,13 @@
 """How many KV blocks fit: the accelerator's cache from device memory, the host cache from the pod's memory.
 
-Accelerator KV (LS requests, and BE requests while they prefill):
+Accelerator KV (LS requests, and BE requests while they prefill), as vLLM sizes it:
     budget = gpu_memory_utilization x device total - in use after loading - activation peak
-where "in use after loading" is the device's total minus its free memory once the weights are resident (the
-weights, the CUDA context, and anything another process holds), and the activation peak is measured by running
-the largest iteration the config allows (max_num_batched_tokens tokens through every layer, then logits for
-max_num_seqs rows; model/activation_peak.py). `engine.kv_cache_memory_gib` and `engine.num_kv_blocks` override
-the measurement.
+in this order: the weights are loaded, a profile forward runs the largest iteration the config allows
+(max_num_batched_tokens tokens through every layer, then logits for max_num_seqs rows;
+model/activation_peak.py) and records the allocator's peak, the allocator's cache is emptied, and only then is
+the device's free memory read, so that "in use after loading" (total minus free: the weights, the CUDA context,
+anything another process holds) counts no block the profile left cached. `engine.kv_cache_memory_gib` and
+`engine.num_kv_blocks` override the measurement.
 
 Device memory: on CUDA, torch.cuda.mem_get_info, capped by `engine.accelerator_memory_gib` when set (the
 operator sets it from the GPU product a pool is pinned to). On a CPU device the host is the accelerator: its
@@ -19,6 +20,11 @@ Host KV (BE requests on the CPU path): `piggyback.host_memory_utilization` x hos
 available is the pod's memory limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes) minus its working set,
 or /proc/meminfo's MemAvailable where no limit is set; on a CPU device, minus what the accelerator cache took.
 `piggyback.host_kv_memory_gib` and `piggyback.num_host_kv_blocks` override it.
+
+On a CPU device, where both caches take host memory a small model does not need, a cache sized from memory is
+capped at what the configured limits can ever use: the accelerator cache at `engine.max_num_seqs` requests and
+the host cache at `piggyback.max_be_requests` requests, each of `max_model_len` tokens (a 13M-parameter model
+otherwise took 12 GB of KV). Each cache's explanation says which bound won; the engine logs both at start.
 
 A cache sized from memory that cannot hold one max_model_len request is an error at start-up naming the numbers.
 Explicit block counts are taken as given: requests that do not fit are refused one by one (HTTP 400).
@@ -167,6 +173,20 @@ def blocks_in(budget_bytes: int, block_bytes: int) -> int:
     return max(0, budget_bytes) // block_bytes
 
 
+def cap_to_limits(size: CacheSize, max_requests: int, max_model_len: int, requests_field: str) -> CacheSize:
+    """`size`, or the blocks `max_requests` requests of `max_model_len` tokens can hold at most when that is less."""
+    limit_blocks = max_requests * math.ceil(max_model_len / size.block_size)
+    if size.num_blocks <= limit_blocks:
+        return size
+    limit_bytes = limit_blocks * size.block_size * size.bytes_per_token
+    explanation = (
+        f"sized to the limits: {requests_field} {max_requests} x max_model_len {max_model_len} tokens = "
+        f"{limit_blocks} blocks ({limit_bytes / GIB:.3g} GiB), less than the memory share of {size.num_blocks} "
+        f"blocks ({size.explanation})"
+    )
+    return CacheSize(limit_blocks, size.block_size, size.bytes_per_token, limit_bytes, explanation)
+
+
 def require_one_request(size: CacheSize, max_model_len: int, cache: str, fix: str) -> None:
     """A cache sized from memory must hold one request of max_model_len tokens, or the runtime cannot serve."""
     needed_blocks = math.ceil(max_model_len / size.block_size)
@@ -293,9 +313,11 @@ def size_kv_caches(
             require_one_request(accelerator, max_model_len, "accelerator", "raise engine.kv_cache_memory_gib or lower "
                                 "model.max_model_len")  # fmt: skip
     else:
-        reading = cap_total(read_device(), engine.accelerator_memory_gib)
+        # The profile forward first (it empties the allocator's cache when done), then the free memory: read
+        # before, "in use" would count the blocks the profile leaves cached (vLLM's order).
         rows = min(engine.max_num_seqs, engine.max_num_batched_tokens)
         activation, how = measure_activation(engine.max_num_batched_tokens, rows)
+        reading = cap_total(read_device(), engine.accelerator_memory_gib)
         if on_cpu:
             # The CPU device's cache is host memory, shared with the host cache, the CPU workers and the process:
             # it takes the host share of what is available, after a host cache whose size the config fixes.
@@ -306,6 +328,7 @@ def size_kv_caches(
                 bytes_per_token=bytes_per_token,
             )  # fmt: skip
             fix = "give the process more memory, raise piggyback.host_memory_utilization"
+            accelerator = cap_to_limits(accelerator, engine.max_num_seqs, max_model_len, "engine.max_num_seqs")
         else:
             accelerator = accelerator_kv_size(
                 reading=reading, utilization=engine.gpu_memory_utilization, weights=resident_weights_bytes,
@@ -321,6 +344,8 @@ def size_kv_caches(
         taken = accelerator.num_blocks * accelerator.block_size * bytes_per_token if on_cpu else 0
         host = host_kv_size(reading=read_host(), utilization=pb.host_memory_utilization, taken_bytes=taken,
                             block_size=pb.host_block_size, bytes_per_token=bytes_per_token)  # fmt: skip
+        if on_cpu:
+            host = cap_to_limits(host, pb.max_be_requests, max_model_len, "piggyback.max_be_requests")
         if uses_host_kv:
             require_one_request(host, max_model_len, "host", "give the pod more memory (LLMService "
                                 "spec.resources.hostMemory), raise piggyback.host_memory_utilization or lower "
