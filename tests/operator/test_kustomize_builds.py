@@ -59,7 +59,8 @@ def test_rbac_grants_only_named_verbs_on_named_resources():
         if "delete" in rule["verbs"]:  # only the ScaledObject of a service whose autoscaler was switched off
             assert rule["resources"] == ["scaledobjects"], rule
         if "bind" in rule["verbs"]:  # only the EPP's and the router's roles, bound per pool
-            assert rule["resources"] == ["clusterroles"] and rule["resourceNames"] == ["piggyback-epp", "piggyback-router"], rule
+            assert rule["resources"] == ["clusterroles"], rule
+            assert rule["resourceNames"] == ["piggyback-epp", "piggyback-router"], rule
     granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
     assert ("llmservices/status", "patch") in granted and ("deployments", "patch") in granted
     assert ("secrets", "get") not in granted
