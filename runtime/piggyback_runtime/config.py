@@ -134,9 +134,10 @@ class EngineConfig(_Strict):
     # Policies `headroom`, `headroom-admit`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
     # Policy `hybrid`: BE KV stays in HBM only while HBM is spare: the planner keeps free the LS KV it forecasts
-    # for this horizon (measured LS arrival rate × horizon × mean LS prompt + output tokens, plus the growth of
-    # running LS requests), and never less than hbm_reserve_min_tokens.
-    hbm_reserve_horizon_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # for this horizon, long enough to move BE KV out over PCIe (a few ms a request): measured LS arrival rate
+    # × horizon × mean LS prompt + output tokens, plus the growth of held LS requests; never less than
+    # hbm_reserve_min_tokens.
+    hbm_reserve_horizon_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
     hbm_reserve_min_tokens: Annotated[int, Field(ge=0)] = 0
     # Policy `hybrid`: false puts every BE request on the host path (as `piggyback`), for ablation.
     hybrid_placement: bool = True

@@ -47,6 +47,9 @@ from piggyback_runtime.scheduler.slo_control import (
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
 REASON_BE_QUEUE_FULL = "BEQueueFull"
+# Hybrid placement, while HBM-resident BE decodes fill their share: the most of an iteration's token budget
+# spent on BE prompts that will decode on the host path (a fixed share: the regime map's ablation measures it).
+HOST_FEED_SHARE = 0.25
 
 
 class PrefillRate:
@@ -320,7 +323,20 @@ class Planner:
             be_decode_rows_ready=be_rows_ready,
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
-        return self.last_allowance.be_prefill_tokens
+        tokens = self.last_allowance.be_prefill_tokens
+        if self.hybrid and self._hbm_decode_room_full():
+            # Prompts prefilled now will decode on the host path, whose rows advance a few layers per pass and
+            # pay back over minutes; the accelerator's own BE decodes would lose that iteration time now.
+            tokens = min(tokens, max(1, int(HOST_FEED_SHARE * ls_plan.token_budget)))
+        return tokens
+
+    def _hbm_decode_room_full(self) -> bool:
+        """Whether HBM-resident BE decodes fill their share (a BE prompt finishing now would go to the host)."""
+        _, decode_limit = self._be_hbm_split()
+        prefilling = [r for r in (*self.scheduler.running, *self.scheduler.waiting)
+                      if not r.is_ls and not r.output_token_ids]  # fmt: skip
+        next_blocks = self._projected_blocks(prefilling[0]) if prefilling else 0
+        return sum(self._projected_blocks(r) for r in self._gpu_be_decoders()) + next_blocks > decode_limit
 
     # --- the token budget and BE decodes on the accelerator (SLO control) -----------------------------------
     def _tpot_limit_s(self) -> float:
@@ -453,9 +469,9 @@ class Planner:
         assert host is not None
         be_limit, decode_limit = self._be_hbm_split()
         self.scheduler.be_kv_block_limit = be_limit
+        decoders = self._gpu_be_decoders()  # without those already moving
         moving = list(self._to_host_next)
         self._to_host_next.clear()
-        decoders = self._gpu_be_decoders()
         held = sum(self._projected_blocks(r) for r in decoders)
         for request in self.policy.choose_to_host(decoders):
             if held <= decode_limit:
@@ -526,10 +542,7 @@ class Planner:
             raise ValueError(f"the plan samples {len(sampling)} requests but the outputs hold "
                              f"{len(outputs.plan_token_ids)} plan tokens")  # fmt: skip
         self._advance(plan)
-        for request in plan.be_to_host:  # copied to host KV during the plan: its accelerator blocks are free now
-            self.allocator.free(request.request_id)
-            request.placement = "host"
-            request.num_computed_tokens = request.num_tokens - 1
+        self.settle_moves(plan)
         events: list[TokenEvent] = []
         for request, token in zip(sampling, outputs.plan_token_ids, strict=True):
             event = self._take_token(request, token, now, from_host_path=False)
@@ -553,6 +566,14 @@ class Planner:
             predicted_s = self.slo.observe(shape, measured_s)
         self.stats.ran(now, now - outputs.started_s, measured_s, predicted_s, events, outputs.be_rows_merged)
         return events
+
+    def settle_moves(self, plan: IterationPlan) -> None:
+        """The plan's moves to host KV are done (`update` calls it; a caller that ran a plan with moves and
+        no chunks calls it alone): their accelerator blocks are free, and they decode on the CPU path."""
+        for request in plan.be_to_host:
+            self.allocator.free(request.request_id)
+            request.placement = "host"
+            request.num_computed_tokens = request.num_tokens - 1
 
     def _advance(self, plan: IterationPlan) -> None:
         """The plan's tokens are in the KV cache; remember whether LS prefill was left waiting after it."""
