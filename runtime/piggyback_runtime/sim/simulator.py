@@ -139,6 +139,20 @@ class SimResult:
     be_rows_merged: int
     cpu_busy_share: float  # mean over CPU workers of the time they spent on attention
     notes: list[str] = field(default_factory=list)
+    # Host DRAM bandwidth the CPU attention can use (all sockets × DRAM bandwidth × attention efficiency, remote
+    # nodes included), and (time, KV bytes read so far, host-resident rows) at the end of every iteration.
+    host_effective_bandwidth_b_s: float = 0.0
+    host_read_series: list[tuple[float, float, int]] = field(default_factory=list)
+    moves_to_host: int = 0
+    moves_to_gpu: int = 0
+
+    def host_bandwidth_share(self, from_s: float, to_s: float) -> float:
+        """Host DRAM bandwidth used over [from_s, to_s] as a share of the effective bandwidth:
+        (KV bytes CPU attention read in the window) / ((to_s − from_s) × host_effective_bandwidth_b_s)."""
+        series = self.host_read_series
+        start = next((b for t, b, _ in series if t >= from_s), 0.0)
+        end = next((b for t, b, _ in reversed(series) if t <= to_s), start)
+        return (end - start) / ((to_s - from_s) * self.host_effective_bandwidth_b_s)
 
     def of(self, service_class: str) -> list[RequestRecord]:
         return [r for r in self.records if r.service_class == service_class]
@@ -225,6 +239,7 @@ class Simulator:
         self.paced = config.piggyback.paced_cpu_attention
         self.workers, self.nodes = self._make_workers()
         self.moved_bytes = 0.0  # KV moved over PCIe by hybrid placement (both ways)
+        self._read_series: list[tuple[float, float, int]] = []
         lm = device.latency_model
         self._dense = lm.dense.predict
         self._logits = lm.logits.predict if lm.logits is not None else (lambda rows: 0.0)
@@ -423,6 +438,7 @@ class Simulator:
         events = self.planner.update(plan, outputs, end)
         self._move_to_host(plan, end)
         self._account_host_kv(end - t)
+        self._read_series.append((end, self.host_bytes, sum(n.rows for n in self.nodes)))
         for event in events[: len(sampling)]:
             self._token(event)
             if event.left_for_host_path:
@@ -518,6 +534,10 @@ class Simulator:
             host_bytes_read=self.host_bytes, host_kv_usage_mean=self._kv_usage_area / t if t > 0 else 0.0,
             host_kv_usage_peak=self._kv_usage_peak, be_rows_merged=self.stats.be_rows_merged,
             cpu_busy_share=cpu_busy,
+            host_effective_bandwidth_b_s=self.device.host_attention_bandwidth_b_s()
+            + self.device.remote_bandwidth_b_s(),
+            host_read_series=self._read_series, moves_to_host=self.planner.moves_to_host,
+            moves_to_gpu=self.planner.moves_to_gpu,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:
