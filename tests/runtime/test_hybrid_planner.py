@@ -47,7 +47,7 @@ class Clock:
 def _planner(num_kv_blocks: int, policy: str = "hybrid", **engine: object) -> tuple[Planner, Clock, HostKV]:
     clock = Clock()
     host = HostKV(num_blocks=64, block_size=16, max_requests=8)
-    return Planner(_config(policy, **engine), num_kv_blocks, host, _model(), clock), clock, host
+    return Planner(_config(policy, **engine), num_kv_blocks, host, _model(), clock, kv_moves=True), clock, host
 
 
 def _ran(planner: Planner, clock: Clock, plan: IterationPlan, seconds: float = 0.01) -> list[TokenEvent]:
@@ -145,6 +145,11 @@ def test_hybrid_placement_off_puts_every_be_request_on_the_host_path() -> None:
     be = _request("b0", 20, 0.0, max_tokens=8)
     _add(planner, be)
     assert be.placement == "host" and planner.on_host_path(be)
+    # So does a caller that cannot execute KV moves (kv_moves=False: the engine until it does).
+    planner = Planner(_config(), 64, HostKV(64, 16, 8), _model(), Clock())
+    be = _request("b1", 20, 0.0, max_tokens=8)
+    _add(planner, be)
+    assert not planner.hybrid and be.placement == "host"
 
 
 def test_the_token_budget_is_the_largest_chunk_that_keeps_the_running_ls_tpot() -> None:

@@ -107,11 +107,14 @@ class Planner:
         clock: Callable[[], float] = time.monotonic,
         append_token: Callable[[Request, int], str | None] = append_until_max_tokens,
         stats: StatsRecorder | None = None,
+        kv_moves: bool = False,
     ) -> None:
         """`latency_model`: the model itself, or a function that makes it (profiling is only paid for when
         the policy is SLO-controlled). `host_kv` is required when the policy uses the host path.
         `append_token(request, token)` adds a sampled token to a request and returns its finish reason when
-        it is done (the engine detokenises and checks stop strings; the default ends at max_tokens)."""
+        it is done (the engine detokenises and checks stop strings; the default ends at max_tokens).
+        `kv_moves`: the caller executes the plans' KV moves (`be_to_host`, `be_to_gpu`); without it, hybrid
+        placement is off and every BE request decodes on the host path, as under `piggyback`."""
         engine = config.engine
         self.config = config
         self.clock = clock
@@ -148,7 +151,7 @@ class Planner:
         self.ls_prefill_rate = PrefillRate()
         self._backlog: tuple[int, bool] = (0, False)  # the last completed plan: LS prefill tokens, backlogged
         # Hybrid placement (policy `hybrid` with engine.hybrid_placement): BE KV in spare HBM, host beyond.
-        self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement
+        self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement and kv_moves
         capacity_tokens = num_kv_blocks * engine.block_size
         if self.hybrid and engine.hbm_reserve_min_tokens >= capacity_tokens:
             raise ConfigError(f"engine.hbm_reserve_min_tokens ({engine.hbm_reserve_min_tokens}) is not below the "

@@ -223,7 +223,7 @@ class Simulator:
         # BE throughput counts the tokens out by the workload's end, not those of the drain after it.
         self.stats = StatsRecorder(horizon_s=duration_s)
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
-                               clock=lambda: self.now, stats=self.stats)  # fmt: skip
+                               clock=lambda: self.now, stats=self.stats, kv_moves=True)  # fmt: skip
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
