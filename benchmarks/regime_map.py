@@ -5,12 +5,12 @@ load (light / medium / heavy: Poisson arrivals with splitwise_conv.csv lengths),
 ~66 prompt tokens per output token; DailyMail-like: ~5) and the CPUs (the GPU host only, or 1G4C). Every cell
 runs in the simulator (`piggyback_runtime.sim`: the runtime's own planner in simulated time):
 
-- every registered policy. SLO-controlled ones (the default `hybrid`, `piggyback`, `headroom-admit`) size
-  their token budget themselves up to `max_num_batched_tokens` = 2048; the others run with a fixed budget of
-  512 and of 2048, and the better held of the two counts (named `policy@budget`);
+- every registered policy: the default (`hybrid`) as configured by default (`max_num_batched_tokens` 512, an
+  upper bound its SLO-sized budget stays under); every baseline with `max_num_batched_tokens` 512 and 2048,
+  the better held of the two counting (named `policy@budget`; SLO-controlled ones size their budget up to it);
 - an ablation of the default: hybrid placement off (`engine.hybrid_placement: false`: BE decodes on the CPUs
   only), CPU pacing off (`piggyback.paced_cpu_attention: false`: one FIFO worker per row), the SLO-sized
-  budget off (`engine.slo_token_budget: false`: always 2048);
+  budget off (`engine.slo_token_budget: false`: always 512);
 - the cell's physical ceiling on BE tokens/s, the least of (computed from the same device figures):
   * GPU token supply: every BE token passes through the GPU's Dense layers once, as a prompt token or as an
     output token (an accelerator decode row or a merged CPU row), so BE output ≤ (GPU tokens/s at a full
@@ -55,10 +55,10 @@ from paper_scenarios import CONV_TRACE, HOST, HOST_KV_GIB, REMOTE
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT = EngineConfig().policy
+DEFAULT_BUDGET = EngineConfig().max_num_batched_tokens  # the default runs as configured by default: 512
 POLICIES = list(registry())
-SLO_CONTROLLED = {name for name, cls in registry().items() if cls.slo_controlled}
 BUDGET_MAX = 2048
-FIXED_BUDGETS = (512, BUDGET_MAX)
+BUDGETS = (DEFAULT_BUDGET, BUDGET_MAX)
 ATTAINMENT_TARGET = 0.99
 NOISE = 0.03  # "≥ 1.0× the best baseline" allows 3 % of simulation noise
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
@@ -126,11 +126,9 @@ def runs_of(cell: dict[str, Any], quick: bool) -> list[tuple[str, str, int, dict
     """(label, policy, budget, runtime overrides) of every simulation a cell needs."""
     runs = []
     for policy in POLICIES:
-        budgets = (BUDGET_MAX,) if policy in SLO_CONTROLLED else FIXED_BUDGETS
-        if quick and policy in QUICK_ONE_BUDGET:
-            budgets = FIXED_BUDGETS[:1]
+        budgets = (DEFAULT_BUDGET,) if policy == DEFAULT or (quick and policy in QUICK_ONE_BUDGET) else BUDGETS
         runs += [(f"{policy}@{b}", policy, b, {}) for b in budgets]
-    runs += [(f"{DEFAULT} ({name})", DEFAULT, BUDGET_MAX, o) for name, o in ABLATIONS.items()]
+    runs += [(f"{DEFAULT} ({name})", DEFAULT, DEFAULT_BUDGET, o) for name, o in ABLATIONS.items()]
     return runs
 
 
@@ -189,7 +187,7 @@ def summarize(cells: list[dict[str, Any]], rows: list[dict[str, Any]], ceilings:
         name = cell_name(cell)
         runs = {r["run"]: r for r in rows if r["cell"] == name}
         best_att = max(r["ls_attainment"] for r in runs.values())
-        default = runs[f"{DEFAULT}@{BUDGET_MAX}"]
+        default = runs[f"{DEFAULT}@{DEFAULT_BUDGET}"]
         baselines = [r for label, r in runs.items() if r["policy"] != DEFAULT and "(" not in label
                      and held(r["ls_attainment"], best_att)]  # fmt: skip
         best = max(baselines, key=lambda r: r["be_tokens_per_s"], default=None)
