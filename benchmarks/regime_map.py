@@ -25,7 +25,7 @@ runs in the simulator (`piggyback_runtime.sim`: the runtime's own planner in sim
 "Held": LS attainment ≥ 0.99 or, where no policy reaches that (LS overload), within 1 point of the best any
 policy reaches in that cell.
 
-    python benchmarks/regime_map.py --quick   # a representative subset, < 5 min: CSV under benchmarks/results/
+    python benchmarks/regime_map.py --quick   # 3 cells × every run (42 simulations of 30 s): CSV
     python benchmarks/regime_map.py           # every cell: benchmarks/results/regime_map.md, .png and .csv
 """
 
