@@ -336,14 +336,16 @@ class Simulator:
         else:
             worker = min(self.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
             node = next(n for n in self.nodes if worker in n.workers)
-        worker.rows += 1
+        if not self.paced:  # paced rows have no worker of their own: each task goes where it is served first
+            worker.rows += 1
         node.rows += 1
         row = _Row(request, worker, node)
         enter_s = max(at_s, self._offload_done.pop(request.request_id, at_s))
         heapq.heappush(self._pending_entry, (enter_s, next(self._seq), row))
 
     def _release_row(self, row: _Row) -> None:
-        row.worker.rows -= 1
+        if not self.paced:
+            row.worker.rows -= 1
         row.node.rows -= 1
 
     # --- hybrid placement: KV moves over PCIe ------------------------------------------------------------------
