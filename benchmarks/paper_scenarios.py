@@ -13,6 +13,8 @@ bandwidth):
    in the paper's testbed).
 2. The regime map: Llama-2-70B TP4 H100 and Llama-3-8B on one A100: LS load × BE shape (LongBench-v2-like,
    DailyMail-like) × host-only / 1G4C; per cell the policy that moves the most BE tokens with LS SLOs held.
+   The full map (8B / 34B / 70B on A100 and H100, the default's ablation and each cell's physical ceiling)
+   is benchmarks/regime_map.py, which takes this file's testbed (HOST, REMOTE, HOST_KV_GIB, CONV_TRACE).
 3. A speed test: 30 simulated minutes, ~10,000 requests, Llama-2-70B TP4 H100, policy piggyback.
 
     python benchmarks/paper_scenarios.py [--quick] [--speed-only] [--jobs 2]

@@ -130,8 +130,8 @@ class EngineConfig(_Strict):
     enable_chunked_prefill: bool = True
     # How BE work shares the accelerator with LS work: the name of a policy in scheduler/policies/ (one module
     # each, where it is described; `piggyback serve --help` lists them).
-    policy: str = "piggyback"
-    # Policy `headroom`: the share of accelerator KV blocks BE requests may hold.
+    policy: str = "hybrid"
+    # Policies `headroom`, `headroom-admit`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
     # CUDA graphs for the dense part of decode-only iterations (cuda_graphs.py): auto = on for a CUDA device,
     # off elsewhere; off = every step eager.
@@ -139,6 +139,27 @@ class EngineConfig(_Strict):
     # Element type of the accelerator (LS) KV cache. auto: the model's dtype. fp8_e4m3: one byte per element
     # (twice the tokens in the same memory) on GPUs with fp8 (compute capability 8.9+); refused elsewhere.
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = "auto"
+    # Policy `hybrid`: BE KV stays in HBM only while HBM is spare: the planner keeps free the LS KV it forecasts
+    # for this horizon, long enough to move BE KV out over PCIe (a few ms a request): measured LS arrival rate
+    # × horizon × mean LS prompt + output tokens, plus the growth of held LS requests; never less than
+    # hbm_reserve_min_tokens.
+    hbm_reserve_horizon_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    hbm_reserve_min_tokens: Annotated[int, Field(ge=0)] = 0
+    # Policy `hybrid`: false puts every BE request on the host path (as `piggyback`), for ablation.
+    hybrid_placement: bool = True
+    # SLO-controlled policies: the token budget of each iteration is the largest whose predicted latency keeps
+    # every running LS request's TPOT SLO (less slo_control.safety_margin), at most max_num_batched_tokens and
+    # never below min_num_batched_tokens nor the iteration's LS decode rows. False: max_num_batched_tokens.
+    slo_token_budget: bool = True
+    min_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _budget_bounds(self) -> EngineConfig:
+        if self.min_num_batched_tokens is not None and self.min_num_batched_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"engine.min_num_batched_tokens ({self.min_num_batched_tokens}) exceeds "
+                             f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}): the budget cannot "
+                             "hold; lower the first or raise the second")  # fmt: skip
+        return self
 
 
     @field_validator("policy")
@@ -171,6 +192,10 @@ class PiggybackConfig(_Strict):
     cpu_threads_per_worker: Annotated[int, Field(ge=1)] | None = None
     # Most BE rows merged into one layer's Dense batch per iteration (the SLO controller lowers it).
     max_be_rows_per_layer: Annotated[int, Field(ge=0)] = 64
+    # CPU attention tasks go to whichever worker frees first, ordered by the layer the accelerator reaches
+    # first, so BE rows keep pace with the GPU (the simulator models it; false: one FIFO worker per row, the
+    # earlier behaviour, for ablation).
+    paced_cpu_attention: bool = True
 
 
 class SLOControlConfig(_Strict):

@@ -90,8 +90,7 @@ def demo_config(model_uri: str, port: int) -> RuntimeConfig:
             {"name": LS_SERVICE, "class": "LS", "slo": {"ttft_ms": 2000, "tpot_ms": 250, "attainment_target": 0.9}},
             {"name": BE_SERVICE, "class": "BE"},
         ],
-        "engine": {"max_num_batched_tokens": 256, "num_kv_blocks": 2048, "block_size": 16, "max_num_seqs": 64,
-                   "policy": "piggyback"},
+        "engine": {"max_num_batched_tokens": 256, "num_kv_blocks": 2048, "block_size": 16, "max_num_seqs": 64},
         # One CPU attention worker thread: on a small CPU-only host the other cores run the "accelerator".
         "piggyback": {"num_host_kv_blocks": 1024, "max_be_requests": 64, "cpu_threads_per_worker": 1},
         "server": {"host": "127.0.0.1", "port": port},

@@ -87,6 +87,10 @@ class Request:
     scheduled_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
+    # Where its KV lives while it decodes (the planner decides; scheduler/planner.py): "gpu" (accelerator KV,
+    # attention on the accelerator) or "host" (host DRAM, attention on the CPU path). Policy `hybrid` moves
+    # BE requests between the two (IterationPlan.be_to_host / be_to_gpu).
+    placement: str = "gpu"
 
     # The seeded request's torch.Generator (typed loosely: this module stays torch-free for the planner).
     generator: object | None = None

@@ -23,7 +23,7 @@ NOT_OBSERVABLE: dict[Permission, str] = {
     ("piggyback.dev", "llmservices/finalizers", "update"): "children set blockOwnerDeletion on their owners",
     # RBAC's escalation check: a RoleBinding may name a role only if its writer holds the role's permissions
     # or `bind` on it; the operator binds piggyback-epp for each gateway-routed pool's endpoint picker.
-    ("rbac.authorization.k8s.io", "clusterroles", "bind"): "RoleBindings of the EPPs name the piggyback-epp role",
+    ("rbac.authorization.k8s.io", "clusterroles", "bind"): "RoleBindings of the EPPs and routers name their roles",
 }
 
 

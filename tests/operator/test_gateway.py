@@ -119,7 +119,7 @@ def test_the_epp_is_bound_to_a_cluster_role_that_grants_what_it_reads_and_no_mor
                          if d["kind"] == "ClusterRole")  # fmt: skip
     bind = [r for r in operator_role["rules"] if "bind" in r["verbs"]]
     assert bind == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
-                     "resourceNames": [gateway.EPP_CLUSTER_ROLE]}]  # fmt: skip
+                     "resourceNames": [gateway.EPP_CLUSTER_ROLE, pools.ROUTER_CLUSTER_ROLE]}]  # fmt: skip
     container = epp["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == gateway.DEFAULT_EPP_IMAGE
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

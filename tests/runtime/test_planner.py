@@ -62,44 +62,63 @@ def _ran(
 
 
 def test_every_policy_is_one_registered_class_and_the_config_accepts_exactly_those() -> None:
-    assert policy_names() == ["piggyback", "priority", "ls-only", "headroom", "neo"]
+    assert policy_names() == ["hybrid", "piggyback", "priority", "ls-only", "headroom", "headroom-admit", "neo"]
     for name in policy_names():
         assert make_policy(name).name == name
         assert _config(name).engine.policy == name
-    with pytest.raises(ConfigError, match=r"engine\.policy.*use one of piggyback"):
+    with pytest.raises(ConfigError, match=r"engine\.policy.*use one of hybrid, piggyback"):
         _config("fastest")
 
 
 def test_policies_route_requests_the_way_they_are_described() -> None:
     ls, be = "LS", "BE"
-    assert [make_policy(p).on_host_path(be) for p in policy_names()] == [True, False, False, False, True]
-    assert [make_policy(p).on_host_path(ls) for p in policy_names()] == [False, False, False, False, True]
+    # hybrid, piggyback, priority, ls-only, headroom, headroom-admit, neo (hybrid: BE may go to the host path)
+    assert [make_policy(p).on_host_path(be) for p in policy_names()] == [True, True, False, False, False, False, True]
+    assert [make_policy(p).on_host_path(ls) for p in policy_names()] == [False] * 6 + [True]
+    assert make_policy("headroom-admit", headroom_be_kv_share=0.25).be_kv_block_limit(100) == 25
+    assert make_policy("headroom-admit").slo_controlled and not make_policy("headroom").slo_controlled
+    assert [make_policy(p).hybrid_placement for p in policy_names()] == [True] + [False] * 6
     assert make_policy("ls-only").be_waits_for(ls_work_held=True)
     assert not make_policy("priority").be_waits_for(ls_work_held=True)
     assert make_policy("headroom", headroom_be_kv_share=0.25).be_kv_block_limit(100) == 25
     assert make_policy("neo", max_be_requests=7).rows_per_layer(3) == 7
 
 
-def test_planner_reserves_host_kv_queues_be_requests_and_refuses_past_the_queue_bound() -> None:
+def test_host_kv_is_taken_as_the_be_prefill_fills_it_not_at_admission() -> None:
     clock = Clock()
     host = HostKV(num_blocks=4, block_size=16, max_requests=4)  # 64 tokens of host KV
     planner = Planner(_config(), num_kv_blocks=64, host_kv=host, latency_model=_model(), clock=clock)
-    first, second = _request("b0", "batch", 20, 0.0, 12), _request("b1", "batch", 20, 0.0, 12)
+    first, second = _request("b0", "batch", 40, 0.0, 12), _request("b1", "batch", 20, 0.0, 12)
     for request in (first, second):
         assert planner.admission(request) is None
         planner.add(request)
-    # 32 tokens each: both fit the 64 host tokens; a third waits for host KV, a fifth is refused.
-    assert list(host.slot_of) == ["b0", "b1"] and not planner.host_kv_waiting
+    # Admitted, queued for batching: no host KV is held by a request that has not started its prefill.
+    assert not host.slot_of and host.allocator.num_free == 4
+    # b0 (40 + 12 = 52 tokens, 4 blocks) enters batching; b1 (2 blocks) would exceed what is left: it waits.
+    plan = planner.schedule()
+    assert [c.request.request_id for c in plan.prefills] == ["b0"] and list(planner.host_kv_waiting) == [second]
+    # The first chunk (32 tokens: the budget) holds 2 host blocks, not the request's full length.
+    assert plan.prefills[0].num_tokens == 32 and len(host.blocks_of("b0")) == 2
+    _ran(planner, clock, plan, 0.01)
+    # The chunk that ends the prompt reserves the rest (prompt + max_tokens), so decode never runs out.
+    plan = planner.schedule()
+    assert plan.prefills[0].samples and len(host.blocks_of("b0")) == 4
+    events = _ran(planner, clock, plan, 0.01)
+    assert events[0].left_for_host_path and first.placement == "host"
+    # The path frees b0's host KV: b1 enters batching at the next plan and takes blocks as it fills them.
+    host.free("b0")
+    plan = planner.schedule()
+    assert [c.request.request_id for c in plan.prefills] == ["b1"] and len(host.blocks_of("b1")) == 2
+
+
+def test_the_be_queue_bound_refuses_past_max_be_queue() -> None:
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(1, 16, 4), latency_model=_model(), clock=Clock())
     waiting = [_request(f"w{i}", "batch", 20, 0.0, 12) for i in range(3)]
-    for request in waiting[:2]:
+    for request in waiting[:2]:  # neither fits the 16 host tokens: both wait (max_be_queue 2)
         assert planner.admission(request) is None
         planner.add(request)
     refused = planner.admission(waiting[2])
     assert refused is not None and refused.reason == REASON_BE_QUEUE_FULL and "max_be_queue" in refused.message
-    # The path frees b0's host KV: the head of the queue moves to batching at the next plan.
-    host.free("b0")
-    planner.schedule()
-    assert "w0" in host.slot_of and list(planner.host_kv_waiting) == [waiting[1]]
 
 
 def test_planner_plans_the_ls_work_first_and_sizes_the_be_share_with_the_latency_model() -> None:

@@ -59,11 +59,11 @@ def test_each_builtin_policy_is_one_module_of_the_package_and_the_config_accepts
     package = ROOT / "runtime" / "piggyback_runtime" / "scheduler" / "policies"
     modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")} - {"base"}
     assert {cls.__module__.rsplit(".", 1)[1] for cls in registry().values()} == modules
-    assert policy_names()[0] == "piggyback"  # the product first in every listing, then the baselines
+    assert policy_names()[:2] == ["hybrid", "piggyback"]  # the default first in every listing, then the baselines
     for name in policy_names():
         assert _config(name).engine.policy == name
         assert type(make_policy(name)) is registry()[name]
-    with pytest.raises(ConfigError, match=r"engine\.policy.*use one of piggyback, priority"):
+    with pytest.raises(ConfigError, match=r"engine\.policy.*use one of hybrid, piggyback, priority"):
         _config("fastest")
 
 
@@ -77,7 +77,7 @@ def test_a_file_dropped_into_the_package_folder_is_a_policy(tmp_path: Path, monk
             """BE waits whenever LS work is held, listed first (a test file)."""
 
             name = "test-dropped-in"
-            listing_rank = -1
+            listing_rank = -100
 
             def be_waits_for(self, ls_work_held: bool) -> bool:
                 return ls_work_held

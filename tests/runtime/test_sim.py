@@ -57,9 +57,9 @@ def test_the_simulator_plans_with_the_runtime_planner_itself(monkeypatch: pytest
     calls = {"plan": 0}
     real_plan = Planner.schedule
 
-    def counting(self: Planner, be_rows_ready: int = 0):  # type: ignore[no-untyped-def]
+    def counting(self: Planner, be_rows_ready: int = 0, **kwargs):  # type: ignore[no-untyped-def]
         calls["plan"] += 1
-        return real_plan(self, be_rows_ready)
+        return real_plan(self, be_rows_ready, **kwargs)
 
     monkeypatch.setattr(Planner, "schedule", counting)
     result = run(scenario())

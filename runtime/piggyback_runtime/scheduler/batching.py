@@ -39,6 +39,17 @@ class IterationPlan:
     preempted: list[Request] = field(default_factory=list)
     # BE rows on the CPU path that may join each layer's Dense batch this iteration (the planner sets it).
     be_rows_per_layer: int = 0
+    # KV moves the runtime executes for this plan (policy `hybrid`), decided by the planner:
+    # be_to_host: BE requests whose KV moves from accelerator to host DRAM (they decode on the CPU path from
+    #   the next iteration; none of them is in this plan's chunks; their accelerator blocks are freed by
+    #   `Planner.update` once this plan ran, so nothing else is written there while the copy runs);
+    # be_to_gpu: host-resident BE requests (between tokens) whose KV moves back into the accelerator blocks the
+    #   planner allocated for them; they decode on the accelerator from the next plan on, and their host KV is
+    #   freed by whoever runs the CPU path once the copy is done.
+    be_to_host: list[Request] = field(default_factory=list)
+    be_to_gpu: list[Request] = field(default_factory=list)
+    # The token budget this plan was filled under (the planner's SLO-sized budget; ≤ max_num_batched_tokens).
+    token_budget: int = 0
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -100,31 +111,42 @@ class BatchScheduler:
         plan.preempted.append(victim)
 
     # --- planning ------------------------------------------------------------------------------------
-    def schedule(self, be_prefill_limit: Callable[[IterationPlan], int] | None = None) -> IterationPlan:
-        """Plan one iteration. `be_prefill_limit(plan with the LS work)` caps the BE prefill tokens (SLO control)."""
+    def schedule(self, be_prefill_limit: Callable[[IterationPlan], int] | None = None,
+                 token_budget: int | None = None,
+                 be_decode_limit: Callable[[IterationPlan], int] | None = None) -> IterationPlan:  # fmt: skip
+        """Plan one iteration. `be_prefill_limit(plan with the LS work and BE decodes)` caps the BE prefill
+        tokens and `be_decode_limit(plan with the LS work)` the BE decode rows (SLO control); `token_budget`
+        (at most max_num_batched_tokens) replaces the configured budget for this iteration."""
         plan = IterationPlan()
         self._plan = plan
-        self._budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if token_budget is None else min(token_budget, self.max_num_batched_tokens)
+        self._budget = budget
+        plan.token_budget = budget
         self._scheduled: set[str] = set()
-        self._be_prefill_left = self.max_num_batched_tokens
+        self._be_prefill_left = budget
+        be_decodes_left = budget
         self.running.sort(key=self.policy.priority)
         self._be_blocks = sum(len(self.allocator.blocks_of(r.request_id)) for r in self.running if not r.is_ls)
         for service_class in ("LS", "BE"):
             if service_class == "BE":
                 if self.policy.be_waits_for(any(r.is_ls for r in (*self.running, *self.waiting))):
                     break
-                if be_prefill_limit is not None:
-                    self._be_prefill_left = be_prefill_limit(plan)
+                if be_decode_limit is not None:
+                    be_decodes_left = be_decode_limit(plan)
             # Decodes of running requests first: they hold KV and a client is waiting on every token.
             for request in [r for r in self.running if r.service_class == service_class and r.in_decode]:
-                if self._budget < 1:
+                if self._budget < 1 or (service_class == "BE" and be_decodes_left < 1):
                     break
                 if request not in self.running:  # preempted above by a higher-priority request
                     continue
                 if self._make_room(request, request.num_computed_tokens + 1, same_class_victims=True):
                     self._take(request, plan.decodes, 1)
+                    if service_class == "BE":
+                        be_decodes_left -= 1
                 else:
                     self._preempt(request, plan)
+            if service_class == "BE" and be_prefill_limit is not None:
+                self._be_prefill_left = be_prefill_limit(plan)
             # Partial prefills of running requests next, then new prefills.
             for request in [r for r in self.running if r.service_class == service_class and not r.in_decode]:
                 if self._prefill_budget(request) < 1 or request.request_id in self._scheduled:

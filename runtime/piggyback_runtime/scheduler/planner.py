@@ -15,12 +15,13 @@ model runner's `PiggybackPath`, or the simulator's model of it); they free their
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SLOTarget
@@ -46,6 +47,9 @@ from piggyback_runtime.scheduler.slo_control import (
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
 REASON_BE_QUEUE_FULL = "BEQueueFull"
+# Hybrid placement, while HBM-resident BE decodes fill their share: the most of an iteration's token budget
+# spent on BE prompts that will decode on the host path (a fixed share: the regime map's ablation measures it).
+HOST_FEED_SHARE = 0.25
 
 
 class PrefillRate:
@@ -103,11 +107,14 @@ class Planner:
         clock: Callable[[], float] = time.monotonic,
         append_token: Callable[[Request, int], str | None] = append_until_max_tokens,
         stats: StatsRecorder | None = None,
+        kv_moves: bool = False,
     ) -> None:
         """`latency_model`: the model itself, or a function that makes it (profiling is only paid for when
         the policy is SLO-controlled). `host_kv` is required when the policy uses the host path.
         `append_token(request, token)` adds a sampled token to a request and returns its finish reason when
-        it is done (the engine detokenises and checks stop strings; the default ends at max_tokens)."""
+        it is done (the engine detokenises and checks stop strings; the default ends at max_tokens).
+        `kv_moves`: the caller executes the plans' KV moves (`be_to_host`, `be_to_gpu`); without it, hybrid
+        placement is off and every BE request decodes on the host path, as under `piggyback`."""
         engine = config.engine
         self.config = config
         self.clock = clock
@@ -143,17 +150,38 @@ class Planner:
         self._finished_ls_lengths: deque[tuple[int, int]] = deque(maxlen=200)
         self.ls_prefill_rate = PrefillRate()
         self._backlog: tuple[int, bool] = (0, False)  # the last completed plan: LS prefill tokens, backlogged
+        # Hybrid placement (policy `hybrid` with engine.hybrid_placement): BE KV in spare HBM, host beyond.
+        self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement and kv_moves
+        capacity_tokens = num_kv_blocks * engine.block_size
+        if self.hybrid and engine.hbm_reserve_min_tokens >= capacity_tokens:
+            raise ConfigError(f"engine.hbm_reserve_min_tokens ({engine.hbm_reserve_min_tokens}) is not below the "
+                              f"accelerator KV cache ({capacity_tokens} tokens): no HBM would ever be spare for BE; "
+                              "lower it or enlarge the KV cache")  # fmt: skip
+        self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
+        self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
+        self.moves_to_host = 0
+        self.moves_to_gpu = 0
+        self.last_hbm_reserve_blocks = 0
+        self.slo_budget = self.slo is not None and engine.slo_token_budget
 
     # --- requests in ---------------------------------------------------------------------------------
     def on_host_path(self, request: Request) -> bool:
-        """Whether the request decodes with its KV in host DRAM and its attention on the CPU."""
+        """Whether the request decodes with its KV in host DRAM and its attention on the CPU (now: under hybrid
+        placement a BE request moves between the two, `request.placement` says where it is)."""
+        if self.hybrid:
+            return request.placement == "host"
         return self.policy.on_host_path(request.service_class)
+
+    def _placed_by_hybrid(self, request: Request) -> bool:
+        return self.hybrid and not request.is_ls
 
     def admission(self, request: Request) -> Rejection | None:
         """Decide on a new request (its service's SLO is filled in if it brings none); None: admitted."""
         service = self.services[request.service]
         if request.slo is None and service.slo is not None:
             request.slo = SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
+        if request.is_ls:
+            self._ls_arrivals.append((request.arrival_s, len(request.prompt_token_ids)))
         if self.slo is not None and request.is_ls and request.slo is not None and self.config.slo_control.admission:
             decision = self.slo.admit_ls(
                 NewLSRequest(len(request.prompt_token_ids), request.slo.ttft_s, request.slo.tpot_s, request.arrival_s),
@@ -161,14 +189,21 @@ class Planner:
             )  # fmt: skip
             if not decision.admitted:
                 return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
-        if self.on_host_path(request) and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
+        if self._queues_for_batching(request) and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
             return Rejection(REASON_BE_QUEUE_FULL, f"{len(self.host_kv_waiting)} requests already wait for host "
                              "KV memory (slo_control.max_be_queue); retry later", 5.0)  # fmt: skip
         return None
 
+    def _queues_for_batching(self, request: Request) -> bool:
+        """Host-path requests (and BE under hybrid placement) wait in `host_kv_waiting` until `_admit_be`
+        lets them into batching: a few at a time, so that host KV is taken only by requests about to prefill."""
+        return self._placed_by_hybrid(request) or (not self.hybrid and self.policy.on_host_path(request.service_class))
+
     def add(self, request: Request) -> None:
         """Hold an admitted request: host-path requests queue for host KV, the rest go to batching."""
-        if self.on_host_path(request):
+        if not self.hybrid and self.policy.on_host_path(request.service_class):
+            request.placement = "host"
+        if self._queues_for_batching(request):
             waiting = self.host_kv_waiting
             if request.is_ls:  # (neo) LS queues ahead of every BE request: BE never holds LS back
                 position = next((i for i, r in enumerate(waiting) if not r.is_ls), len(waiting))
@@ -180,26 +215,94 @@ class Planner:
             self.scheduler.add(request)
 
     def _admit_be(self) -> None:
-        """Move host-path requests to batching, in arrival order, while host KV and slots last."""
+        """Move queued requests to batching, in arrival order, while they can be served soon.
+
+        Host KV is not reserved here (a request waiting for its GPU prefill holds none): only as many enter
+        batching as two token budgets can prefill, and, for requests that decode on the host path, only while
+        host KV and slots cover every host-path request already in batching at its full length (prompt +
+        max_tokens): their blocks are taken as their prefill fills them (`_reserve_host_kv`), so the
+        reservation that completes at the end of prefill never fails."""
         host = self.host_kv
-        while self.host_kv_waiting and host is not None:
+        if host is None:
+            return
+        queued_prompt = sum(len(r.prompt_token_ids) for r in self.scheduler.waiting if not r.is_ls)
+        promised, holders = self._host_kv_promised()
+        while self.host_kv_waiting:
             request = self.host_kv_waiting[0]
-            if not host.reserve(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens):
+            if queued_prompt >= 2 * self.scheduler.max_num_batched_tokens and not request.is_ls:
                 break
+            if request.placement == "host":
+                need = len(request.prompt_token_ids) + request.params.max_tokens
+                blocks = host.allocator.blocks_for_tokens(need)
+                if promised + blocks > host.allocator.num_free or holders >= len(host.free_slots):
+                    break
+                promised += blocks
+                holders += 1
+            queued_prompt += len(request.prompt_token_ids) if not request.is_ls else 0
             self.scheduler.add(self.host_kv_waiting.popleft())
 
+    def _host_kv_promised(self) -> tuple[int, int]:
+        """Host KV blocks (and slots) that host-path requests in batching will still take: full length less
+        what they hold."""
+        host = self.host_kv
+        assert host is not None
+        blocks = slots = 0
+        for r in (*self.scheduler.running, *self.scheduler.waiting):
+            if r.placement == "host":
+                full = host.allocator.blocks_for_tokens(len(r.prompt_token_ids) + r.params.max_tokens)
+                held = host.blocks_of(r.request_id)
+                blocks += max(0, full - len(held))
+                slots += r.request_id not in host.slot_of
+        return blocks, slots
+
+    def _reserve_host_kv(self, plan: IterationPlan) -> None:
+        """Host-path prefill chunks take host KV block by block as they fill it (the CPU path writes each
+        chunk's KV there); the chunk that ends the prompt reserves the rest of the request's length, so decode
+        never runs out. `_admit_be` promised these blocks, so they are free."""
+        host = self.host_kv
+        if host is None:
+            return
+        for chunk in plan.prefills:
+            request = chunk.request
+            if request.placement != "host":
+                continue
+            tokens = chunk.start + chunk.num_tokens
+            if chunk.samples:
+                tokens = len(request.prompt_token_ids) + request.params.max_tokens
+            if request.request_id not in host.slot_of:
+                if not host.reserve(request.request_id, tokens):
+                    raise RuntimeError(f"host KV promised to {request.request_id} is not free")
+            else:
+                host.allocator.ensure(request.request_id, tokens)
+
     # --- one iteration -------------------------------------------------------------------------------
-    def schedule(self, be_rows_ready: int = 0) -> IterationPlan:
+    def schedule(self, be_rows_ready: int = 0, host_rows_idle: Sequence[Request] = ()) -> IterationPlan:
         """Plan one iteration; `be_rows_ready` is what the CPU path could merge now (entering or with a
-        CPU result back), the demand the SLO controller sizes the BE share against."""
+        CPU result back), the demand the SLO controller sizes the BE share against; `host_rows_idle`: the
+        host-resident BE requests between tokens (no CPU task in flight), which hybrid placement may move back
+        to HBM."""
         self._admit_be()
-        limit = None
+        to_host: list[Request] = []
+        if self.hybrid:
+            to_host = self._plan_to_host()
+        limit = decode_limit = None
+        budget = None
         if self.slo is not None:
             def limit(ls_plan: IterationPlan) -> int:
                 return self._be_allowance(ls_plan, be_rows_ready)
+
+            def decode_limit(ls_plan: IterationPlan) -> int:
+                return self._be_gpu_decode_rows(ls_plan)
+
+            if self.slo_budget:
+                budget = self._slo_token_budget()
         else:
             self.last_allowance = None
-        plan = self.scheduler.schedule(be_prefill_limit=limit)
+        plan = self.scheduler.schedule(be_prefill_limit=limit, token_budget=budget, be_decode_limit=decode_limit)
+        plan.be_to_host = to_host
+        if self.hybrid:
+            plan.be_to_gpu = self._plan_to_gpu(host_rows_idle)
+        self._reserve_host_kv(plan)
         plan.be_rows_per_layer = (self.last_allowance.be_rows_per_layer if self.last_allowance is not None
                                   else self.static_rows_per_layer)  # fmt: skip
         self.stats.planned(plan.num_tokens, plan.preempted,
@@ -207,22 +310,223 @@ class Planner:
         return plan
 
     def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int) -> int:
-        """SLO control: given the LS work planned, how many BE prefill tokens and BE rows per layer fit."""
+        """SLO control: given the work planned (LS, and BE decodes on the accelerator), how many BE prefill
+        tokens and BE rows per layer fit."""
         assert self.slo is not None
-        be_waiting = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if not r.is_ls]
+        be_waiting = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if not r.is_ls and not r.in_decode]
         demand = IterationDemand(
             ls_decode_rows=len(ls_plan.decodes),
             ls_decode_attention_load=float(sum(c.start + 1 for c in ls_plan.decodes)),
             ls_decode_longest_context=max((c.start + 1 for c in ls_plan.decodes), default=0),
             ls_prefill_chunks=[PrefillChunk(c.num_tokens, prefill_chunk_load(c.start, c.num_tokens))
                                for c in ls_plan.prefills],
-            be_prefill_tokens_available=min(self.scheduler.max_num_batched_tokens - ls_plan.num_tokens,
+            be_prefill_tokens_available=min(ls_plan.token_budget - ls_plan.num_tokens,
                                             sum(r.num_remaining_tokens for r in be_waiting)),
             be_prefill_context_start=be_waiting[0].num_computed_tokens if be_waiting else 0,
             be_decode_rows_ready=be_rows_ready,
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
-        return self.last_allowance.be_prefill_tokens
+        tokens = self.last_allowance.be_prefill_tokens
+        if self.hybrid and self._hbm_decode_room_full():
+            # Prompts prefilled now will decode on the host path, whose rows advance a few layers per pass and
+            # pay back over minutes; the accelerator's own BE decodes would lose that iteration time now.
+            tokens = min(tokens, max(1, int(HOST_FEED_SHARE * ls_plan.token_budget)))
+        return tokens
+
+    def _hbm_decode_room_full(self) -> bool:
+        """Whether HBM-resident BE decodes fill their share (a BE prompt finishing now would go to the host)."""
+        _, decode_limit = self._be_hbm_split()
+        prefilling = [r for r in (*self.scheduler.running, *self.scheduler.waiting)
+                      if not r.is_ls and not r.output_token_ids]  # fmt: skip
+        next_blocks = self._projected_blocks(prefilling[0]) if prefilling else 0
+        return sum(self._projected_blocks(r) for r in self._gpu_be_decoders()) + next_blocks > decode_limit
+
+    # --- the token budget and BE decodes on the accelerator (SLO control) -----------------------------------
+    def _tpot_limit_s(self) -> float:
+        """The tightest TPOT SLO among decoding LS requests, less the safety margin; inf when none decodes."""
+        tpot = min((s.tpot_s for s in self.ls_state() if s.decoding), default=math.inf)
+        return tpot * (1 - self.config.slo_control.safety_margin)
+
+    def _slo_token_budget(self) -> int:
+        """The SLO-sized token budget: the most tokens (decodes + one prefill chunk from position 0) whose
+        predicted iteration keeps the tightest decoding LS request's TPOT, less the margin; at most
+        engine.max_num_batched_tokens, never below engine.min_num_batched_tokens nor the LS decode rows."""
+        slo = self.slo
+        assert slo is not None
+        engine = self.config.engine
+        upper = engine.max_num_batched_tokens
+        limit = self._tpot_limit_s()
+        if limit == math.inf:
+            return upper
+        decoding = [r for r in self.scheduler.running if r.is_ls and r.in_decode]
+        rows = len(decoding)
+        contexts = [r.num_tokens for r in decoding]
+        decode_load = slo.latency_model.decode_load(rows, float(sum(contexts)), max(contexts, default=0))
+        floor = max(rows, engine.min_num_batched_tokens or 1)
+
+        def fits(tokens: int) -> bool:
+            chunk = max(0, tokens - rows)
+            return slo.predict_parts(tokens, prefill_chunk_load(0, chunk) if chunk else 0.0, decode_load,
+                                     rows + (chunk > 0)) <= limit
+
+        if fits(upper):
+            return upper
+        lo, hi = floor, upper
+        if not fits(lo):
+            return lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _be_gpu_decode_rows(self, ls_plan: IterationPlan) -> int:
+        """How many BE decodes on the accelerator fit next to the LS work planned (their rows and their
+        attention) within the tightest TPOT, less the margin: all of them when no LS request decodes."""
+        assert self.slo is not None
+        candidates = [r for r in self.scheduler.running if not r.is_ls and r.in_decode]
+        if not candidates:
+            return 0
+        limit = self._tpot_limit_s()
+        if limit == math.inf:
+            return len(candidates)
+        ls_rows = ls_plan.num_tokens
+        contexts = [c.start + 1 for c in ls_plan.decodes]
+        prefill_load = sum(prefill_chunk_load(c.start, c.num_tokens) for c in ls_plan.prefills)
+        logits = len(ls_plan.decodes) + len(ls_plan.prefills)
+        mean_be = sum(r.num_tokens for r in candidates) / len(candidates)
+        longest = max([*contexts, *(r.num_tokens for r in candidates)])
+        model = self.slo.latency_model
+
+        def fits(rows: int) -> bool:
+            load = model.decode_load(len(contexts) + rows, sum(contexts) + rows * mean_be, longest)
+            return self.slo.predict_parts(ls_rows + rows, prefill_load, load, logits + rows) <= limit  # type: ignore[union-attr]
+
+        lo, hi = 0, len(candidates)
+        if fits(hi):
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    # --- hybrid placement: BE KV in spare HBM, host beyond ------------------------------------------------------
+    def ls_arrival_rate(self) -> float:
+        """LS requests per second over the recent arrivals the planner saw (0 before two)."""
+        arrivals = self._ls_arrivals
+        if len(arrivals) < 2:
+            return 0.0
+        span = max(self.clock(), arrivals[-1][0]) - arrivals[0][0]
+        return (len(arrivals) - 1) / span if span > 0 else 0.0
+
+    def hbm_reserve_blocks(self) -> int:
+        """The accelerator KV blocks hybrid placement keeps free for LS: the LS KV forecast within
+        engine.hbm_reserve_horizon_s (arrival rate × horizon × mean LS prompt + output tokens), plus what
+        held LS requests will still grow to (queued prompts, outputs up to the mean), at least
+        engine.hbm_reserve_min_tokens."""
+        engine = self.config.engine
+        prompts = [p for _, p in self._ls_arrivals]
+        mean_prompt = sum(prompts) / len(prompts) if prompts else 0.0
+        outputs = [o for _, o in self._finished_ls_lengths]
+        held_ls = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls]
+        mean_output = (sum(outputs) / len(outputs) if outputs else
+                       sum(r.params.max_tokens for r in held_ls) / len(held_ls) if held_ls else 0.0)  # fmt: skip
+        forecast = self.ls_arrival_rate() * engine.hbm_reserve_horizon_s * (mean_prompt + mean_output)
+        growth = 0.0
+        for r in held_ls:
+            held = len(self.allocator.blocks_of(r.request_id)) * engine.block_size
+            expected = len(r.prompt_token_ids) + max(len(r.output_token_ids) + 1, min(mean_output, r.params.max_tokens))
+            growth += max(0.0, expected - held)
+        tokens = max(forecast + growth, float(engine.hbm_reserve_min_tokens))
+        self.last_hbm_reserve_blocks = self.allocator.blocks_for_tokens(math.ceil(tokens))
+        return self.last_hbm_reserve_blocks
+
+    def _be_hbm_split(self) -> tuple[int, int]:
+        """(blocks BE may hold in HBM now, of which BE decodes may hold): free HBM less the LS reserve, and
+        that less the room of the BE prompts batching holds (so prefill keeps flowing)."""
+        ls_held = sum(len(self.allocator.blocks_of(r.request_id))
+                      for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls)  # fmt: skip
+        be_limit = max(0, self.allocator.num_blocks - ls_held - self.hbm_reserve_blocks())
+        prefill_tokens = sum(len(r.prompt_token_ids) for r in (*self.scheduler.running, *self.scheduler.waiting)
+                             if not r.is_ls and not r.output_token_ids)  # fmt: skip
+        prefill_room = self.allocator.blocks_for_tokens(prefill_tokens + self.scheduler.max_num_batched_tokens)
+        return be_limit, max(0, be_limit - prefill_room)
+
+    def _projected_blocks(self, request: Request) -> int:
+        return self.allocator.blocks_for_tokens(len(request.prompt_token_ids) + request.params.max_tokens)
+
+    def _gpu_be_decoders(self) -> list[Request]:
+        return [r for r in self.scheduler.running
+                if not r.is_ls and r.output_token_ids and r not in self._to_host_next]  # fmt: skip
+
+    def _plan_to_host(self) -> list[Request]:
+        """The BE requests this plan moves to host KV: those whose prefill ended without HBM to decode in,
+        then, while BE decodes' HBM (at full length, with a block of growth each) exceeds the BE share,
+        HBM-resident ones in the policy's order. Each gets its host KV at full length now; one that finds
+        none stays (and may be preempted by LS later, as under `priority`)."""
+        host = self.host_kv
+        assert host is not None
+        be_limit, decode_limit = self._be_hbm_split()
+        self.scheduler.be_kv_block_limit = be_limit
+        decoders = self._gpu_be_decoders()  # without those already moving
+        moving = list(self._to_host_next)
+        self._to_host_next.clear()
+        held = sum(self._projected_blocks(r) for r in decoders)
+        for request in self.policy.choose_to_host(decoders):
+            if held <= decode_limit:
+                break
+            if request.num_remaining_tokens != 1:
+                continue
+            if self._reserve_for_host(request):
+                moving.append(request)
+                held -= self._projected_blocks(request)
+        for request in moving:
+            self.scheduler.running.remove(request)  # not in this plan; its blocks are freed once it ran
+        self.moves_to_host += len(moving)
+        return moving
+
+    def _reserve_for_host(self, request: Request) -> bool:
+        host = self.host_kv
+        assert host is not None
+        if request.request_id in host.slot_of:
+            return True
+        return host.reserve(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens)
+
+    def _plan_to_gpu(self, host_rows_idle: Sequence[Request]) -> list[Request]:
+        """Host-resident BE requests moved back into HBM while the BE decodes' share has room for them at full
+        length (oldest first: each is then certain to finish where it is). They join batching after this
+        plan, so the copy runs during the iteration; the caller frees their host KV once copied."""
+        if not host_rows_idle:
+            return []
+        _, decode_limit = self._be_hbm_split()
+        held = sum(self._projected_blocks(r) for r in self._gpu_be_decoders())
+        moving: list[Request] = []
+        for request in sorted(host_rows_idle, key=lambda r: r.arrival_s):
+            need = self._projected_blocks(request)
+            if held + need > decode_limit or not self.allocator.can_hold(request.request_id, request.num_tokens):
+                break
+            self.allocator.ensure(request.request_id, request.num_tokens)
+            request.num_computed_tokens = request.num_tokens - 1
+            request.placement = "gpu"
+            request.status = RequestStatus.RUNNING
+            self.scheduler.running.append(request)
+            held += need
+            moving.append(request)
+        self.moves_to_gpu += len(moving)
+        return moving
+
+    def _place_after_prefill(self, request: Request) -> None:
+        """Hybrid placement at the end of a BE prefill: decode in HBM while the BE decodes' share holds it at
+        full length, else move it to host KV with the next plan (copied there, never recomputed)."""
+        _, decode_limit = self._be_hbm_split()
+        held = sum(self._projected_blocks(r) for r in self._gpu_be_decoders() if r is not request)
+        if held + self._projected_blocks(request) > decode_limit and self._reserve_for_host(request):
+            self._to_host_next.append(request)
 
     def update(self, plan: IterationPlan, outputs: IterationOutputs, now: float) -> list[TokenEvent]:
         """The plan ran and produced `outputs`; its tokens left at `now`. Does all the planner's bookkeeping
@@ -242,6 +546,7 @@ class Planner:
             raise ValueError(f"the plan samples {len(sampling)} requests but the outputs hold "
                              f"{len(outputs.plan_token_ids)} plan tokens")  # fmt: skip
         self._advance(plan)
+        self.settle_moves(plan)
         events: list[TokenEvent] = []
         for request, token in zip(sampling, outputs.plan_token_ids, strict=True):
             event = self._take_token(request, token, now, from_host_path=False)
@@ -249,6 +554,8 @@ class Planner:
                 self._leave_for_host_path(request)
                 event = TokenEvent(request, token, event.first, event.previous_token_s, None,
                                    left_for_host_path=True)  # fmt: skip
+            elif event.finish_reason is None and event.first and self._placed_by_hybrid(request):
+                self._place_after_prefill(request)
             events.append(event)
         for request, token in outputs.host_path_tokens:
             events.append(self._take_token(request, token, now, from_host_path=True))
@@ -263,6 +570,14 @@ class Planner:
             predicted_s = self.slo.observe(shape, measured_s)
         self.stats.ran(now, now - outputs.started_s, measured_s, predicted_s, events, outputs.be_rows_merged)
         return events
+
+    def settle_moves(self, plan: IterationPlan) -> None:
+        """The plan's moves to host KV are done (`update` calls it; a caller that ran a plan with moves and
+        no chunks calls it alone): their accelerator blocks are free, and they decode on the CPU path."""
+        for request in plan.be_to_host:
+            self.allocator.free(request.request_id)
+            request.placement = "host"
+            request.num_computed_tokens = request.num_tokens - 1
 
     def _advance(self, plan: IterationPlan) -> None:
         """The plan's tokens are in the KV cache; remember whether LS prefill was left waiting after it."""
@@ -298,6 +613,10 @@ class Planner:
         self.scheduler.remove(request)
         if request in self.host_kv_waiting:
             self.host_kv_waiting.remove(request)
+        if request in self._to_host_next:  # its host KV was reserved for a move that will not happen
+            self._to_host_next.remove(request)
+            if self.host_kv is not None:
+                self.host_kv.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

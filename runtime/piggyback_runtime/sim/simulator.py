@@ -60,9 +60,23 @@ class _Worker:
     bandwidth_b_s: float
     transfer_s: Callable[[float], float]  # one-way latency + transfer time for a number of bytes
     remote: bool = False
-    free_at: float = 0.0
+    free_at: float = 0.0  # paced: when its deadline-bound tasks are done
+    background_free_at: float = 0.0  # paced: when its late tasks (served in spare time) are done
     rows: int = 0
     busy_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Node:
+    """Where a host-path row's KV lives: the GPU host's DRAM (served by the local workers) or one remote CPU
+    node. Paced (piggyback.paced_cpu_attention): a task goes to whichever of the node's workers frees first."""
+
+    workers: list[_Worker]
+    rows: int = 0
+
+    @property
+    def bandwidth_b_s(self) -> float:
+        return sum(w.bandwidth_b_s for w in self.workers)
 
 
 @dataclass(eq=False)
@@ -70,7 +84,8 @@ class _Row:
     """A host-path request between tokens: which layer it needs next, and when that layer's result is back."""
 
     request: Request
-    worker: _Worker
+    worker: _Worker  # unpaced: the one FIFO worker of this row; paced: the worker of its latest task
+    node: _Node
     layer: int = 0
     ready_at: float = 0.0
 
@@ -124,6 +139,20 @@ class SimResult:
     be_rows_merged: int
     cpu_busy_share: float  # mean over CPU workers of the time they spent on attention
     notes: list[str] = field(default_factory=list)
+    # Host DRAM bandwidth the CPU attention can use (all sockets × DRAM bandwidth × attention efficiency, remote
+    # nodes included), and (time, KV bytes read so far, host-resident rows) at the end of every iteration.
+    host_effective_bandwidth_b_s: float = 0.0
+    host_read_series: list[tuple[float, float, int]] = field(default_factory=list)
+    moves_to_host: int = 0
+    moves_to_gpu: int = 0
+
+    def host_bandwidth_share(self, from_s: float, to_s: float) -> float:
+        """Host DRAM bandwidth used over [from_s, to_s] as a share of the effective bandwidth:
+        (KV bytes CPU attention read in the window) / ((to_s − from_s) × host_effective_bandwidth_b_s)."""
+        series = self.host_read_series
+        start = next((b for t, b, _ in series if t >= from_s), 0.0)
+        end = next((b for t, b, _ in reversed(series) if t <= to_s), start)
+        return (end - start) / ((to_s - from_s) * self.host_effective_bandwidth_b_s)
 
     def of(self, service_class: str) -> list[RequestRecord]:
         return [r for r in self.records if r.service_class == service_class]
@@ -194,7 +223,7 @@ class Simulator:
         # BE throughput counts the tokens out by the workload's end, not those of the drain after it.
         self.stats = StatsRecorder(horizon_s=duration_s)
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
-                               clock=lambda: self.now, stats=self.stats)  # fmt: skip
+                               clock=lambda: self.now, stats=self.stats, kv_moves=True)  # fmt: skip
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
@@ -207,7 +236,10 @@ class Simulator:
         self._seq = itertools.count()
         self._offload_free_at = 0.0
         self._offload_done: dict[str, float] = {}
-        self.workers = self._make_workers()
+        self.paced = config.piggyback.paced_cpu_attention
+        self.workers, self.nodes = self._make_workers()
+        self.moved_bytes = 0.0  # KV moved over PCIe by hybrid placement (both ways)
+        self._read_series: list[tuple[float, float, int]] = []
         lm = device.latency_model
         self._dense = lm.dense.predict
         self._logits = lm.logits.predict if lm.logits is not None else (lambda rows: 0.0)
@@ -222,30 +254,56 @@ class Simulator:
         self._kv_usage_peak = 0.0
 
     # --- CPU side --------------------------------------------------------------------------------------
-    def _make_workers(self) -> list[_Worker]:
+    def _make_workers(self) -> tuple[list[_Worker], list[_Node]]:
         device = self.device
         count = self.config.piggyback.num_cpu_workers
         local_bw = device.host_attention_bandwidth_b_s() / count
-        workers = [_Worker(local_bw, device.pcie_s) for _ in range(count)]
+        local = [_Worker(local_bw, device.pcie_s) for _ in range(count)]
+        nodes = [_Node(local)]
         remote = device.remote
         if remote is not None:
             per_node = device.remote_bandwidth_b_s() / remote.count
-            workers += [_Worker(per_node, device.network_s, remote=True) for _ in range(remote.count)]
-        return workers
+            nodes += [_Node([_Worker(per_node, device.network_s, remote=True)]) for _ in range(remote.count)]
+        return [w for n in nodes for w in n.workers], nodes
 
-    def _submit(self, row: _Row, layer: int, at_s: float) -> None:
-        """Send a row's layer-`layer` attention to its worker at `at_s`; schedule when its result is back."""
-        worker = row.worker
+    def _submit(self, row: _Row, layer: int, at_s: float, merge_s: float = math.inf) -> None:
+        """Send a row's layer-`layer` attention to a worker at `at_s`; schedule when its result is back.
+
+        Paced (piggyback.paced_cpu_attention): the row's node serves tasks by deadline, two classes on each
+        worker with preemptive priority: a task that can be back by its merge point (`merge_s`, while the
+        accelerator is at that layer) goes to the worker that frees first and runs ahead of everything else;
+        one that cannot runs in the workers' spare time (its row merges at the accelerator's next pass over
+        the layer). So rows that entered together spread over all workers instead of queueing behind one,
+        those that can keep pace with the accelerator ride with it layer after layer, and the late ones keep
+        the workers busy instead of idling them: with a backlog of host-resident rows, host DRAM bandwidth,
+        not the per-layer lag, bounds their decode. Unpaced: the row's own FIFO worker (the earlier model)."""
         context = row.request.num_tokens  # tokens in its KV once this token's K/V is written
         num_bytes = context * self._kv_per_token_layer
-        arrive = at_s + worker.transfer_s(self._qkv_bytes)
-        start = arrive if arrive > worker.free_at else worker.free_at
-        busy = self.device.host_task_overhead_s + num_bytes / worker.bandwidth_b_s
-        worker.free_at = start + busy
+        if self.paced:
+            worker = min(row.node.workers, key=lambda w: w.free_at)
+            busy = self._task_s(row, worker)
+            arrive = at_s + worker.transfer_s(self._qkv_bytes)
+            done = max(arrive, worker.free_at) + busy
+            if done + worker.transfer_s(self._out_bytes) <= merge_s:
+                worker.free_at = done
+                if worker.background_free_at > arrive:  # the background task running is preempted
+                    worker.background_free_at += busy
+            else:
+                worker = min(row.node.workers, key=lambda w: max(w.background_free_at, w.free_at))
+                busy = self._task_s(row, worker)
+                done = max(arrive, worker.background_free_at, worker.free_at) + busy
+                worker.background_free_at = done
+        else:
+            worker = row.worker
+            arrive = at_s + worker.transfer_s(self._qkv_bytes)
+            busy = self._task_s(row, worker)
+            done = max(arrive, worker.free_at) + busy
+            worker.free_at = done
+        row.worker = worker
         worker.busy_s += busy
         self.host_bytes += num_bytes
         row.layer = layer
-        row.ready_at = worker.free_at + worker.transfer_s(self._out_bytes)
+        row.ready_at = done + worker.transfer_s(self._out_bytes)
         heapq.heappush(self._waiting[layer], (row.ready_at, next(self._seq), row))
         bisect.insort(self._ready_times, row.ready_at)
 
@@ -258,6 +316,11 @@ class Simulator:
             taken.append(row)
         return taken
 
+    def _task_s(self, row: _Row, worker: _Worker) -> float:
+        """One layer of one row's CPU attention on `worker` (its KV once this token's K/V is written)."""
+        num_bytes = row.request.num_tokens * self._kv_per_token_layer
+        return self.device.host_task_overhead_s + num_bytes / worker.bandwidth_b_s
+
     def _runnable_rows(self, at_s: float) -> int:
         self._promote_entries(at_s)
         return len(self._entering) + bisect.bisect_right(self._ready_times, at_s)
@@ -267,11 +330,52 @@ class Simulator:
             self._entering.append(heapq.heappop(self._pending_entry)[2])
 
     def _start_decode(self, request: Request, at_s: float) -> None:
-        worker = min(self.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
-        worker.rows += 1
-        row = _Row(request, worker)
+        if self.paced:
+            node = min(self.nodes, key=lambda n: (n.rows + 1) / n.bandwidth_b_s)
+            worker = node.workers[0]
+        else:
+            worker = min(self.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
+            node = next(n for n in self.nodes if worker in n.workers)
+        if not self.paced:  # paced rows have no worker of their own: each task goes where it is served first
+            worker.rows += 1
+        node.rows += 1
+        row = _Row(request, worker, node)
         enter_s = max(at_s, self._offload_done.pop(request.request_id, at_s))
         heapq.heappush(self._pending_entry, (enter_s, next(self._seq), row))
+
+    def _release_row(self, row: _Row) -> None:
+        if not self.paced:
+            row.worker.rows -= 1
+        row.node.rows -= 1
+
+    # --- hybrid placement: KV moves over PCIe ------------------------------------------------------------------
+    def _move_to_gpu(self, plan: IterationPlan) -> None:
+        """Host-resident rows the planner moved back to HBM: off the CPU path; host KV freed (the copy runs
+        during this iteration, before the request's next decode, which the planner plans from the next one)."""
+        if not plan.be_to_gpu:
+            return
+        moving = {r.request_id for r in plan.be_to_gpu}
+        kept: deque[_Row] = deque()
+        for row in self._entering:
+            if row.request.request_id in moving:
+                self._release_row(row)
+                self.host_kv.free(row.request.request_id)
+                self.moved_bytes += row.request.num_tokens * self.device.shape.kv_bytes_per_token()
+            else:
+                kept.append(row)
+        self._entering = kept
+
+    def _move_to_host(self, plan: IterationPlan, end: float) -> None:
+        """HBM-resident BE requests the planner moved to host KV: copied over PCIe after the offload queue, then
+        they enter the CPU path (never recomputed)."""
+        for request in plan.be_to_host:
+            if request.finish_reason is not None:
+                continue
+            num_bytes = request.num_tokens * self.device.shape.kv_bytes_per_token()
+            self.moved_bytes += num_bytes
+            self._offload_free_at = max(self._offload_free_at, end) + self.device.pcie_s(num_bytes)
+            self._offload_done[request.request_id] = self._offload_free_at
+            self._start_decode(request, end)
 
     # --- requests ----------------------------------------------------------------------------------------
     def _arrive(self, sim: SimRequest) -> None:
@@ -304,9 +408,14 @@ class Simulator:
     def _iterate(self, t: float) -> float | None:
         """Run one iteration starting at `t`; its end time, or None when there was nothing to run."""
         self.now = t
-        plan = self.planner.schedule(be_rows_ready=self._runnable_rows(t))
+        idle = [row.request for row in self._entering] if self.planner.hybrid else ()
+        plan = self.planner.schedule(be_rows_ready=self._runnable_rows(t), host_rows_idle=idle)
+        self._move_to_gpu(plan)
         rows_waiting = bool(self._entering) or bool(self._ready_times)
         if not plan and not (self._entering or (self._ready_times and self._ready_times[0] <= t)):
+            if plan.be_to_host or plan.be_to_gpu:  # moves only: book them, no GPU time
+                self.planner.settle_moves(plan)
+                self._move_to_host(plan, t)
             return None
         sampling = sampling_requests(plan)
         n = plan.num_tokens
@@ -329,7 +438,9 @@ class Simulator:
             num_layers=self.num_layers,
         )
         events = self.planner.update(plan, outputs, end)
+        self._move_to_host(plan, end)
         self._account_host_kv(end - t)
+        self._read_series.append((end, self.host_bytes, sum(n.rows for n in self.nodes)))
         for event in events[: len(sampling)]:
             self._token(event)
             if event.left_for_host_path:
@@ -337,7 +448,7 @@ class Simulator:
         for row, event in zip(done_rows, events[len(sampling) :], strict=True):
             self._token(event)
             if event.finish_reason is not None:
-                row.worker.rows -= 1
+                self._release_row(row)
             else:
                 self._entering.append(row)
         return end
@@ -354,7 +465,7 @@ class Simulator:
         entered = len(carry)
         for layer in range(layers):
             for row in carry:
-                self._submit(row, layer, clock)
+                self._submit(row, layer, clock, clock + per_layer / 2)
             if sync:
                 ready = self._take_ready(layer, math.inf, len(carry)) if carry else []
             else:  # merged at post_attention(layer): a result must be back by the middle of the layer
@@ -425,6 +536,10 @@ class Simulator:
             host_bytes_read=self.host_bytes, host_kv_usage_mean=self._kv_usage_area / t if t > 0 else 0.0,
             host_kv_usage_peak=self._kv_usage_peak, be_rows_merged=self.stats.be_rows_merged,
             cpu_busy_share=cpu_busy,
+            host_effective_bandwidth_b_s=self.device.host_attention_bandwidth_b_s()
+            + self.device.remote_bandwidth_b_s(),
+            host_read_series=self._read_series, moves_to_host=self.planner.moves_to_host,
+            moves_to_gpu=self.planner.moves_to_gpu,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:

@@ -9,8 +9,10 @@ changes. Who asks, and when:
   decides whether BE work sits out the iteration; once at construction, `be_kv_block_limit` caps the
   accelerator KV all BE requests may hold.
 - `Planner` (scheduler/planner.py), once at construction: `uses_host_path` (it then needs host KV),
-  `slo_controlled` (a latency model sizes the BE share and admits LS requests), `rows_per_layer` (BE rows one
-  layer takes when no latency model bounds them); per request: `on_host_path` (decode on the CPU path?).
+  `slo_controlled` (a latency model sizes the BE share, the token budget and admits LS requests),
+  `hybrid_placement` (BE KV in spare HBM, host beyond), `rows_per_layer` (BE rows one layer takes when no
+  latency model bounds them); per request: `on_host_path` (decode on the CPU path?); when LS needs HBM:
+  `choose_to_host` (which HBM-resident BE requests move to host KV first).
 - `ModelRunner` (model_runner.py) and the simulator (sim/simulator.py), every iteration:
   `on_host_path` per chunk and `synchronous_cpu_attention` (the accelerator waits for each layer's CPU
   attention).
@@ -51,6 +53,9 @@ class Policy:
     synchronous_cpu_attention: ClassVar[bool] = False
     # A latency model chooses the BE share per iteration and admits LS requests (needs slo_control.enabled).
     slo_controlled: ClassVar[bool] = False
+    # Per-request BE placement (policy `hybrid`): a BE request's KV lives in HBM while the planner finds HBM
+    # spare and on the host path beyond it, and moves between the two (the planner asks `choose_to_host`).
+    hybrid_placement: ClassVar[bool] = False
 
     def __init__(self, headroom_be_kv_share: float = 0.3, max_be_requests: int = 256) -> None:
         self.headroom_be_kv_share = headroom_be_kv_share
@@ -71,6 +76,11 @@ class Policy:
         """Whether a request of this class decodes with KV in host DRAM and attention on the CPU workers.
         Asked by the planner at admission and by the model runner and the simulator for every chunk."""
         return service_class in self.host_path_classes
+
+    def choose_to_host(self, candidates: Sequence[Request]) -> list[Request]:
+        """(hybrid placement) The order in which HBM-resident BE requests move to host KV when LS needs the
+        room; the planner takes them from the front until enough HBM is free. Default: newest first."""
+        return sorted(candidates, key=lambda r: r.arrival_s, reverse=True)
 
     # --- ordering and preemption (BatchScheduler, every iteration) --------------------------------------------
     def priority(self, request: Request) -> tuple[int, float]:

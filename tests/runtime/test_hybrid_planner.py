@@ -1,0 +1,205 @@
+"""The default policy's decisions in the planner: hybrid BE placement and its moves, the SLO-sized token budget,
+the headroom-admit baseline, and the settings that cannot hold (refused with the field named)."""
+
+from __future__ import annotations
+
+import pytest
+
+from piggyback_runtime.config import ConfigError, EngineConfig, RuntimeConfig
+from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.request import Request, SamplingParams, SLOTarget
+from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
+from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
+from piggyback_runtime.scheduler.planner import Planner
+
+
+def _config(policy: str = "hybrid", **engine: object) -> RuntimeConfig:
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama"},
+        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
+                     {"name": "batch", "class": "BE"}],
+        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, "hbm_reserve_horizon_s": 0.0,
+                   **engine},
+        "piggyback": {"max_be_rows_per_layer": 8, "max_be_requests": 8},
+    })  # fmt: skip
+
+
+def _model(per_row_s: float = 1e-3) -> LatencyModel:
+    steps = tuple(Step(x, x, x * per_row_s) for x in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    return LatencyModel(StaircaseModel(steps, 0, per_row_s), LinearAttentionModel(0.0, 1e-7, 1e-7))
+
+
+def _request(rid: str, prompt: int, arrival_s: float, max_tokens: int = 8, ls: bool = False) -> Request:
+    service, cls = ("chat", "LS") if ls else ("batch", "BE")
+    return Request(rid, service, cls, list(range(prompt)), SamplingParams(max_tokens=max_tokens),  # type: ignore[arg-type]
+                   arrival_s=arrival_s)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _planner(num_kv_blocks: int, policy: str = "hybrid", **engine: object) -> tuple[Planner, Clock, HostKV]:
+    clock = Clock()
+    host = HostKV(num_blocks=64, block_size=16, max_requests=8)
+    return Planner(_config(policy, **engine), num_kv_blocks, host, _model(), clock, kv_moves=True), clock, host
+
+
+def _ran(planner: Planner, clock: Clock, plan: IterationPlan, seconds: float = 0.01) -> list[TokenEvent]:
+    started = clock.now
+    clock.now += seconds
+    outputs = IterationOutputs(started, [1] * len(sampling_requests(plan)), [], 0, num_layers=2)
+    return planner.update(plan, outputs, clock.now)
+
+
+def _add(planner: Planner, *requests: Request) -> None:
+    for request in requests:
+        assert planner.admission(request) is None
+        planner.add(request)
+
+
+def _prefill(planner: Planner, clock: Clock, until: Request) -> None:
+    for _ in range(20):
+        plan = planner.schedule()
+        _ran(planner, clock, plan)
+        if until.output_token_ids:
+            return
+    raise AssertionError(f"{until.request_id} never finished its prefill")
+
+
+def test_hybrid_is_the_default_policy() -> None:
+    assert EngineConfig().policy == "hybrid"
+    assert RuntimeConfig.from_dict({"model": {"uri": "synthetic://tiny-llama"},
+                                    "services": [{"name": "b", "class": "BE"}]}).engine.policy == "hybrid"  # fmt: skip
+
+
+def test_a_be_request_decodes_in_hbm_while_hbm_is_spare() -> None:
+    planner, clock, host = _planner(num_kv_blocks=64)  # 256 tokens: room for prompt + max_tokens
+    be = _request("b0", 20, 0.0, max_tokens=8)
+    _add(planner, be)
+    _prefill(planner, clock, be)
+    plan = planner.schedule()
+    assert be.placement == "gpu" and not plan.be_to_host and not host.slot_of
+    assert [c.request for c in plan.decodes] == [be]  # its decode runs on the accelerator
+
+
+def test_a_be_request_whose_prefill_ends_without_spare_hbm_moves_to_host_kv_with_the_next_plan() -> None:
+    planner, clock, host = _planner(num_kv_blocks=64)
+    first, second = _request("b0", 60, 0.0, max_tokens=60), _request("b1", 60, 1.0, max_tokens=60)
+    _add(planner, first, second)
+    _prefill(planner, clock, first)
+    _prefill(planner, clock, second)
+    # 30 blocks each at full length, of 64: the first decodes in HBM; the second does not fit beside it and a
+    # token budget of prompt room, so the next plan carries its move (its host KV is reserved at full length).
+    assert first.placement == "gpu"
+    plan = planner.schedule()
+    assert plan.be_to_host == [second] and second not in [c.request for c in plan.chunks]
+    assert len(host.blocks_of("b1")) == host.allocator.blocks_for_tokens(120)
+    held_before = planner.allocator.blocks_of("b1")
+    assert held_before  # its accelerator blocks stay while the copy runs during the plan
+    _ran(planner, clock, plan)
+    assert second.placement == "host" and not planner.allocator.blocks_of("b1")
+    assert planner.on_host_path(second) and second.num_computed_tokens == second.num_tokens - 1
+
+
+def test_when_ls_needs_the_room_the_newest_hbm_resident_be_requests_move_to_host_first() -> None:
+    planner, clock, host = _planner(num_kv_blocks=128)
+    old, new = _request("b0", 40, 0.0, max_tokens=20), _request("b1", 40, 5.0, max_tokens=20)
+    _add(planner, old, new)
+    _prefill(planner, clock, old)
+    _prefill(planner, clock, new)
+    planner.schedule()  # both decode in HBM: 15 blocks each at full length, 128 blocks
+    assert old.placement == new.placement == "gpu"
+    # LS arrives with a long prompt: the BE share shrinks below the two BE requests' needs.
+    _add(planner, _request("c0", 400, clock.now, max_tokens=10, ls=True))
+    plan = planner.schedule()
+    assert plan.be_to_host == [new] and old not in plan.be_to_host
+    _ran(planner, clock, plan)
+    assert new.placement == "host" and old.placement == "gpu" and "b1" in host.slot_of
+
+
+def test_host_resident_be_requests_move_back_to_hbm_when_it_frees_up() -> None:
+    planner, clock, _host = _planner(num_kv_blocks=64)
+    first, second = _request("b0", 60, 0.0, max_tokens=60), _request("b1", 60, 1.0, max_tokens=60)
+    _add(planner, first, second)
+    _prefill(planner, clock, first)
+    _prefill(planner, clock, second)
+    _ran(planner, clock, planner.schedule())  # b1 moves to host
+    assert second.placement == "host"
+    planner.finish(first, "stop")  # HBM frees up
+    plan = planner.schedule(host_rows_idle=[second])
+    assert plan.be_to_gpu == [second] and second.placement == "gpu"
+    assert second not in [c.request for c in plan.chunks]  # the copy runs during this plan
+    assert planner.allocator.blocks_of("b1") and second in planner.scheduler.running
+    _ran(planner, clock, plan)
+    assert [c.request for c in planner.schedule().decodes] == [second]
+
+
+def test_hybrid_placement_off_puts_every_be_request_on_the_host_path() -> None:
+    planner, _clock, _host = _planner(num_kv_blocks=64, hybrid_placement=False)
+    be = _request("b0", 20, 0.0, max_tokens=8)
+    _add(planner, be)
+    assert be.placement == "host" and planner.on_host_path(be)
+    # So does a caller that cannot execute KV moves (kv_moves=False: the engine until it does).
+    planner = Planner(_config(), 64, HostKV(64, 16, 8), _model(), Clock())
+    be = _request("b1", 20, 0.0, max_tokens=8)
+    _add(planner, be)
+    assert not planner.hybrid and be.placement == "host"
+
+
+def test_the_token_budget_is_the_largest_chunk_that_keeps_the_running_ls_tpot() -> None:
+    # 1 ms per Dense row; TPOT 100 ms less the 10 % margin: 90 rows fit, under the 512-token upper bound.
+    planner, clock, _ = _planner(num_kv_blocks=256, max_num_batched_tokens=512)
+    ls = _request("c0", 8, 0.0, max_tokens=50, ls=True)
+    _add(planner, ls)
+    assert planner.schedule().token_budget == 512  # no LS decodes yet: the upper bound
+    plan = planner.schedule()
+    _ran(planner, clock, plan)
+    long_prompt = _request("c1", 400, clock.now, max_tokens=5, ls=True)
+    long_prompt.slo = SLOTarget(ttft_s=10.0, tpot_s=0.1)
+    planner.add(long_prompt)  # (admission would predict full 512-token chunks and refuse it)
+    plan = planner.schedule()
+    assert 80 <= plan.token_budget <= 90 and plan.num_tokens <= plan.token_budget
+    model = planner.slo.latency_model  # type: ignore[union-attr]
+    assert model.predict_parts(plan.num_tokens, 0.0, 0.0, 2) <= 0.09 * 1.01
+
+
+def test_the_slo_budget_never_drops_below_the_ls_decode_rows_nor_min_num_batched_tokens() -> None:
+    planner, clock, _ = _planner(num_kv_blocks=256, max_num_batched_tokens=512, min_num_batched_tokens=120)
+    _add(planner, _request("c0", 8, 0.0, max_tokens=50, ls=True))
+    _ran(planner, clock, planner.schedule())
+    assert planner.schedule().token_budget == 120
+
+
+def test_the_slo_budget_off_keeps_the_configured_budget() -> None:
+    planner, clock, _ = _planner(num_kv_blocks=256, max_num_batched_tokens=512, slo_token_budget=False)
+    _add(planner, _request("c0", 8, 0.0, max_tokens=50, ls=True))
+    _ran(planner, clock, planner.schedule())
+    assert planner.schedule().token_budget == 512
+
+
+def test_headroom_admit_is_headroom_with_the_planners_ls_admission() -> None:
+    planner, _clock, _ = _planner(num_kv_blocks=100, policy="headroom-admit")
+    assert planner.slo is not None and planner.scheduler.be_kv_block_limit == 30  # headroom_be_kv_share 0.3
+    be = _request("b0", 20, 0.0)
+    _add(planner, be)
+    assert be.placement == "gpu" and not planner.on_host_path(be)
+    # A prompt whose prefill alone (1 ms a token, 32 per iteration) cannot make the 1 s TTFT is refused.
+    refused = planner.admission(_request("c0", 40_000, 0.0, ls=True))
+    assert refused is not None and refused.reason == "TTFTUnattainable"
+    plain, _, _ = _planner(num_kv_blocks=100, policy="headroom")
+    assert plain.admission(_request("c1", 40_000, 0.0, ls=True)) is None
+
+
+def test_settings_that_cannot_hold_are_refused_with_the_field_named() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.min_num_batched_tokens"):
+        RuntimeConfig.from_dict({"model": {"uri": "synthetic://tiny-llama"}, "services": [{"name": "b", "class": "BE"}],
+                                 "engine": {"max_num_batched_tokens": 64, "min_num_batched_tokens": 128}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"engine\.hbm_reserve_min_tokens.*256 tokens"):
+        _planner(num_kv_blocks=64, hbm_reserve_min_tokens=256)  # the whole 256-token KV cache
+    _planner(num_kv_blocks=64, hbm_reserve_min_tokens=255)
