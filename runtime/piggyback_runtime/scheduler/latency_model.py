@@ -571,16 +571,18 @@ class OnlineCorrection:
     """Measured ÷ predicted iteration time, tracked online per regime; predictions are multiplied by factor().
 
     Per regime a ratio estimator with a short half-life: factor = Σ wᵢ·measuredᵢ / Σ wᵢ·predictedᵢ, where an
-    observation's weight halves every `half_life` later observations of that regime. A ratio of sums, not a
-    mean of ratios: long iterations (the ones an SLO budget is about) weigh more than short ones, and there is
-    no prior to forget, so a profile k× off is corrected exactly once `min_samples` iterations of a regime
-    were seen, and a drift is followed within a few half-lives. A regime seen fewer than `min_samples` times
-    borrows the all-regime figure (and 1.0 before anything was seen).
+    observation's weight halves every `half_life` later iterations (of any regime: the weights age with the
+    engine's iterations, so what a regime measured long ago stops counting even when that regime is rarely
+    run). A ratio of sums, not a mean of ratios: long iterations (the ones an SLO budget is about) weigh more
+    than short ones, and there is no prior to forget, so a profile k× off is corrected exactly once
+    `min_samples` iterations were seen, and a drift is followed within a few half-lives. A regime with fewer
+    than `min_samples` observations, or none recent (its decayed weight below one observation's), borrows the
+    all-regime figure (1.0 before anything was seen).
 
     One stalled iteration (a page fault, a collection, a neighbour's burst on a shared host) must not throw the
-    controller off: once a regime has an estimate, an observation counts as at most `max_jump` × (or at least
-    1/`max_jump` ×) that estimate, and every factor stays in [min_factor, max_factor]. A real shift of more
-    than `max_jump` × still gets through, within a few half-lives.
+    controller off: an observation counts as at most `max_jump` × (or at least 1/`max_jump` ×) the regime's
+    current estimate (the all-regime one for a regime's first), and every factor stays in [min_factor,
+    max_factor]. A real shift of more than `max_jump` × still gets through, within a few half-lives.
     """
 
     def __init__(self, half_life: float = 8.0, min_samples: int = 3, max_jump: float = 3.0,
@@ -598,31 +600,54 @@ class OnlineCorrection:
         self.min_samples = min_samples
         self.max_jump = max_jump
         self.min_factor, self.max_factor = min_factor, max_factor
-        # Per regime, and one more slot (index len(REGIMES)) for all regimes together:
-        # [decayed Σ measured, decayed Σ predicted, count].
-        self._stats = [[0.0, 0.0, 0] for _ in range(len(REGIMES) + 1)]
+        self._iterations = 0  # observations of any regime: the age of the weights
+        # Per regime, and one more slot (index len(REGIMES)) for all regimes together: decayed Σ measured,
+        # decayed Σ predicted and decayed count, as of iteration `at`, and the count of observations.
+        self._stats = [_RegimeStats() for _ in range(len(REGIMES) + 1)]
+
+    def _aged(self, stats: _RegimeStats) -> tuple[float, float, float]:
+        age = self.decay ** (self._iterations - stats.at)
+        return stats.measured * age, stats.predicted * age, stats.weight * age
+
+    def _estimate(self, index: int) -> float | None:
+        stats = self._stats[index]
+        if stats.count == 0:
+            return None
+        return stats.measured / stats.predicted
 
     def observe(self, regime: int, predicted_s: float, measured_s: float) -> None:
         """One iteration ran: `predicted_s` is the uncorrected model's prediction, `measured_s` what it took."""
         if predicted_s <= 0 or measured_s <= 0:
             return
-        for stats in (self._stats[regime], self._stats[-1]):
-            measured_sum, predicted_sum, count = stats
+        self._iterations += 1
+        overall = self._estimate(-1)
+        for index in (regime, -1):
+            stats = self._stats[index]
             ratio = measured_s / predicted_s
-            if count:
-                current = measured_sum / predicted_sum
+            current = self._estimate(index) if stats.count else overall
+            if current is not None:
                 ratio = min(current * self.max_jump, max(current / self.max_jump, ratio))
             ratio = min(self.max_factor, max(self.min_factor, ratio))
-            stats[:] = [measured_sum * self.decay + ratio * predicted_s, predicted_sum * self.decay + predicted_s,
-                        count + 1]  # fmt: skip
+            measured, predicted, weight = self._aged(stats)
+            stats.measured, stats.predicted = measured + ratio * predicted_s, predicted + predicted_s
+            stats.weight, stats.at, stats.count = weight + 1.0, self._iterations, stats.count + 1
 
     def factor(self, regime: int) -> float:
         stats = self._stats[regime]
-        if stats[2] < self.min_samples:
+        if stats.count < self.min_samples or self._aged(stats)[2] < 1.0:
             stats = self._stats[-1]
-            if stats[2] < self.min_samples:
+            if stats.count < self.min_samples:
                 return 1.0
-        return min(self.max_factor, max(self.min_factor, stats[0] / stats[1]))
+        return min(self.max_factor, max(self.min_factor, stats.measured / stats.predicted))
 
     def samples(self, regime: int) -> int:
-        return int(self._stats[regime][2])
+        return self._stats[regime].count
+
+
+@dataclass
+class _RegimeStats:
+    measured: float = 0.0  # decayed Σ measured seconds (each clipped to max_jump of the estimate), as of `at`
+    predicted: float = 0.0  # decayed Σ predicted seconds, as of `at`
+    weight: float = 0.0  # decayed count of observations, as of `at`
+    at: int = 0  # the iteration these sums were last aged to
+    count: int = 0  # observations ever
