@@ -338,7 +338,7 @@ def run_overload(settings: Settings) -> Report:
         log_path = Path(tmp) / "runtime.log"
         process = start_server(overload_config(settings, port, Path(tmp) / "profiles"), Path(tmp), log_path)
         try:
-            wait_ready(base_url, process)
+            wait_ready(base_url, process, timeout_s=900.0)  # start-up profiles afresh; slow on a busy host
             report.capacity_rps = asyncio.run(_measure_capacity(base_url, settings, report, rng))
             report.headroom_rps = _scrape(base_url)[3]
             if report.capacity_rps <= 0:

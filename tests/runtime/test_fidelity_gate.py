@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import AdmissionRejected, Engine
 from piggyback_runtime.request import Request, SamplingParams
@@ -146,6 +147,10 @@ def test_the_engine_on_a_virtual_clock_and_the_simulator_make_the_same_decisions
     policy: str, device: devices.DeviceProfile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(EXTRA_MODULES_ENV, GATE_POLICY_MODULE)
+    # The torch attention path: the gate is about decisions, and needs no native kernel build (which can wait
+    # on another process's build of the shared kernel cache for minutes).
+    monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")
+    monkeypatch.setattr(cpu_attention, "_selected", None)
     config = runtime_config(policy)
     requests = workload()
     log = DecisionLog(monkeypatch)
