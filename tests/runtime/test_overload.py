@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from overload import Report, Settings, render, run_overload
 
+# A real server that profiles its latency model afresh at start-up: minutes on a busy shared host.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 SLO_CHECK = "admitted LS requests meet their SLO at the target rate"
 # The latency model's error on this shared machine is a benchmark figure (benchmarks/results/overload.md).
 ERROR_CHECK = "latency model error under 20% after 10s of traffic"
