@@ -1,17 +1,25 @@
 """Overload: a real `piggyback serve` on loopback driven at several times its capacity.
 
 Bounded and loopback only. Starts the runtime on 127.0.0.1 with tight LS SLOs (so admission control
-binds), measures its LS capacity with a short closed-loop ramp (the rate of LS requests that finish
-within their SLO when clients retry 429s at once), then drives Poisson LS arrivals at `--multiple` times
-that rate, plus a closed-loop BE batch, for `--duration-s`. Every request loop is bounded in count and
-time. Reported and checked:
+binds) and a fresh latency profile (its own cache folder), measures its LS capacity with a short
+closed-loop ramp (the rate of LS requests that finish within their SLO when clients retry 429s at once),
+then drives Poisson LS arrivals at each of `--lower-multiples` times that rate for `--phase-s` each, then at
+`--multiple` times it for `--duration-s`, with a closed-loop BE batch throughout. Every request loop is
+bounded in count and time. Reported and checked:
+- goodput holds under overload: LS goodput (admitted LS requests that met their SLO, per second, by send
+  time) at `--multiple` × capacity is at least 90% of the best goodput at any lower offered load;
+- the latency model learns: the runtime's `piggyback_latency_model_error_ratio` (its corrected predictions
+  against measured iterations) is under 20% after the first 10 s of traffic;
+- the headroom gauge agrees with admission: `piggyback_ls_headroom_requests_per_second` read at the end of the
+  lowest load phase, plus the LS rate then admitted, is within 35% of the LS rate admission let through under
+  overload (both are "the LS rate that fits"; the gauge's is a prediction, admission's what happened);
 - none lost: sent = successes + each error class (429, other HTTP status, transport error); nothing left
   pending after the drain bound;
 - admitted LS requests meet their SLO (as the client measured them) at the service's attainment target;
 - the runtime's counters (/metrics: requests by outcome, admission rejections) equal what the client saw;
 - memory: RSS of the runtime's process tree, sampled through the run (start, peak, end), stays flat.
 
-    python benchmarks/overload.py [--duration-s 60] [--multiple 5] [--model synthetic://small-llama]
+    python benchmarks/overload.py [--duration-s 30] [--multiple 5] [--lower-multiples 0.5,1,2] [--phase-s 20]
 
 Prints a table, writes benchmarks/results/overload.md and overload.png; exits 1 if a check fails.
 """
@@ -24,6 +32,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -68,8 +77,14 @@ class Record:
 @dataclass
 class Settings:
     model: str = "synthetic://small-llama"
-    duration_s: float = 60.0
+    duration_s: float = 30.0
     multiple: float = 5.0
+    lower_multiples: tuple[float, ...] = (0.5, 1.0, 2.0)  # offered loads before the overload, × capacity
+    phase_s: float = 20.0  # each lower load's duration
+    error_after_s: float = 10.0  # traffic after which the latency model's error must be under `error_bound`
+    error_bound: float = 0.2
+    goodput_share: float = 0.9  # goodput under overload vs the best at a lower load
+    headroom_tolerance: float = 0.35
     ramp_s: float = 10.0
     ramp_concurrency: int = 12
     be_concurrency: int = 2
@@ -92,6 +107,9 @@ class Report:
     capacity_rps: float = 0.0
     headroom_rps: float | None = None
     target_rps: float = 0.0
+    model_error_early: float | None = None  # the error gauge after `error_after_s` of traffic
+    # Per phase ("0.5x", ..., the overload's): offered rate, duration, and gauges read at its end.
+    phases: dict[str, dict[str, float | None]] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     client_counts: dict[str, Counter[str]] = field(default_factory=dict)
     runtime_counts: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -105,7 +123,9 @@ class Report:
         return all(passed for _, passed, _ in self.checks)
 
 
-def overload_config(settings: Settings, port: int) -> RuntimeConfig:
+def overload_config(settings: Settings, port: int, profile_dir: Path | None = None) -> RuntimeConfig:
+    """The runtime's config; `profile_dir`: where it caches its latency profile (a fresh folder: a profile
+    measured now, on this machine as loaded now, rather than one a home cache kept from another time)."""
     return RuntimeConfig.from_dict({
         "model": {"uri": settings.model, "max_model_len": 1024},
         "device": "cpu",
@@ -118,7 +138,8 @@ def overload_config(settings: Settings, port: int) -> RuntimeConfig:
                    "policy": "piggyback"},
         "piggyback": {"num_host_kv_blocks": 512, "max_be_requests": 32, "cpu_threads_per_worker": 1},
         # A short BE queue: under overload BE requests beyond it are refused (429) rather than queued forever.
-        "slo_control": {"max_be_queue": 16, "safety_margin": settings.safety_margin},
+        "slo_control": {"max_be_queue": 16, "safety_margin": settings.safety_margin,
+                        **({"profile_cache_dir": str(profile_dir)} if profile_dir is not None else {})},
         "server": {"host": "127.0.0.1", "port": port},
         "metrics": {"attainment_window_s": 3600},
     })  # fmt: skip
@@ -145,10 +166,18 @@ def _attained(record: Record, settings: Settings) -> bool:
 # --- the runtime's side ------------------------------------------------------------------------------------
 def _scrape(base_url: str) -> tuple[dict[str, dict[str, float]], dict[str, float], float | None, float | None]:
     """(requests by service and outcome, admission rejections by service, LS attainment, LS headroom)."""
+    counts, rejections, attainment, headroom, _ = _scrape_all(base_url)
+    return counts, rejections, attainment, headroom
+
+
+def _scrape_all(
+    base_url: str,
+) -> tuple[dict[str, dict[str, float]], dict[str, float], float | None, float | None, float | None]:
+    """_scrape's figures and the latency model's error ratio."""
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     counts: dict[str, dict[str, float]] = {LS: {}, BE: {}}
     rejections: dict[str, float] = {LS: 0.0, BE: 0.0}
-    attainment = headroom = None
+    attainment = headroom = error = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if family.name == m.REQUESTS and sample.name.endswith("_total"):
@@ -159,7 +188,9 @@ def _scrape(base_url: str) -> tuple[dict[str, dict[str, float]], dict[str, float
                 attainment = sample.value
             elif family.name == m.LS_HEADROOM_RPS:
                 headroom = sample.value
-    return counts, rejections, attainment, headroom
+            elif family.name == m.LATENCY_MODEL_ERROR:
+                error = sample.value
+    return counts, rejections, attainment, headroom, error
 
 
 def _tree_rss(pid: int) -> int:
@@ -197,25 +228,34 @@ async def _measure_capacity(base_url: str, settings: Settings, report: Report, r
                 if record.outcome == REJECTED:
                     await asyncio.sleep(0.02)
 
+        async def read_error() -> None:
+            await asyncio.sleep(min(settings.error_after_s, settings.ramp_s))
+            report.model_error_early = (await asyncio.to_thread(_scrape_all, base_url))[4]
+
         started = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(settings.ramp_concurrency)))
+        await asyncio.gather(read_error(), *(loop() for _ in range(settings.ramp_concurrency)))
         elapsed = time.monotonic() - started
     report.records += records
     return sum(1 for r in records if _attained(r, settings)) / elapsed
 
 
 async def _overload(base_url: str, pid: int, settings: Settings, report: Report, rng: random.Random) -> None:
-    rate = report.target_rps
-    max_ls = math.ceil(rate * settings.duration_s * 1.5) + 10  # Poisson arrivals: bounded in count too
+    """The lower loads, then the overload: Poisson LS arrivals at each phase's rate, a closed-loop BE batch
+    throughout; the headroom and error gauges read at each phase's end."""
+    phases = [(f"{multiple:g}x", multiple * report.capacity_rps, settings.phase_s)
+              for multiple in settings.lower_multiples]  # fmt: skip
+    phases.append(("overload", report.target_rps, settings.duration_s))
+    total_s = sum(duration for _, _, duration in phases)
     started = time.monotonic()
-    deadline = started + settings.duration_s
+    deadline = started + total_s
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=30.0)
     tasks: list[asyncio.Task[None]] = []
+    phase_name = [phases[0][0]]
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
 
         def launch(service: str, prompt: str, max_tokens: int) -> asyncio.Task[None]:
-            record = Record(service, "overload", time.monotonic())
+            record = Record(service, phase_name[0], time.monotonic())
             report.records.append(record)
             task = asyncio.create_task(_send(client, record, prompt, max_tokens))
             tasks.append(task)
@@ -224,13 +264,22 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
         async def arrivals() -> None:
             # Arrival times on an absolute clock: a busy event loop sends late, then catches up, so the
             # offered rate is the target rate rather than the target minus the client's own lag.
-            due = started
-            for _ in range(max_ls):
-                due += rng.expovariate(rate)
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                if due >= deadline:
-                    return
-                launch(LS, _prompt(rng, rng.randint(16, 48)), settings.ls_max_tokens)
+            phase_start = started
+            for name, rate, duration in phases:
+                phase_name[0] = name
+                phase_end = phase_start + duration
+                due = phase_start
+                for _ in range(math.ceil(rate * duration * 1.5) + 10):  # Poisson arrivals: bounded in count too
+                    due += rng.expovariate(rate)
+                    if due >= phase_end:
+                        break
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    launch(LS, _prompt(rng, rng.randint(16, 48)), settings.ls_max_tokens)
+                await asyncio.sleep(max(0.0, phase_end - time.monotonic()))
+                _, _, _, headroom, error = await asyncio.to_thread(_scrape_all, base_url)
+                report.phases[name] = {"offered_rps": rate, "duration_s": duration, "headroom_rps": headroom,
+                                       "model_error": error}  # fmt: skip
+                phase_start = phase_end
 
         async def be_loop() -> None:
             for _ in range(100_000):
@@ -249,8 +298,8 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
         async def progress() -> None:
             while time.monotonic() < deadline:
                 await asyncio.sleep(10.0)
-                mine = [r for r in report.records if r.phase == "overload"]
-                print(f"  [{time.monotonic() - started:4.0f}s] sent {len(mine)}, ok "
+                mine = [r for r in report.records if r.phase == phase_name[0]]
+                print(f"  [{time.monotonic() - started:4.0f}s] {phase_name[0]}: sent {len(mine)}, ok "
                       f"{sum(r.outcome == OK for r in mine)}, 429 {sum(r.outcome == REJECTED for r in mine)}",
                       flush=True)  # fmt: skip
 
@@ -262,6 +311,17 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
             task.cancel()
         sampler.cancel()
         report.rss.append((time.monotonic() - started, _tree_rss(pid)))
+
+
+def goodput_rps(report: Report, phase: str) -> float:
+    """Admitted LS requests sent in `phase` that met their SLO (client-measured), per second of the phase."""
+    records = [r for r in report.records if r.phase == phase and r.service == LS]
+    return sum(_attained(r, report.settings) for r in records) / report.phases[phase]["duration_s"]  # type: ignore[operator]
+
+
+def admitted_rps(report: Report, phase: str) -> float:
+    records = [r for r in report.records if r.phase == phase and r.service == LS and r.outcome == OK]
+    return len(records) / report.phases[phase]["duration_s"]  # type: ignore[operator]
 
 
 def _delta(after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -276,9 +336,9 @@ def run_overload(settings: Settings) -> Report:
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="piggyback-overload-") as tmp:
         log_path = Path(tmp) / "runtime.log"
-        process = start_server(overload_config(settings, port), Path(tmp), log_path)
+        process = start_server(overload_config(settings, port, Path(tmp) / "profiles"), Path(tmp), log_path)
         try:
-            wait_ready(base_url, process)
+            wait_ready(base_url, process, timeout_s=900.0)  # start-up profiles afresh; slow on a busy host
             report.capacity_rps = asyncio.run(_measure_capacity(base_url, settings, report, rng))
             report.headroom_rps = _scrape(base_url)[3]
             if report.capacity_rps <= 0:
@@ -305,21 +365,22 @@ def run_overload(settings: Settings) -> Report:
 
 def _check(report: Report) -> None:
     settings = report.settings
-    overload = [r for r in report.records if r.phase == "overload"]
+    traffic = [r for r in report.records if r.phase != "ramp"]  # every phase the runtime's counters cover
+    overload = [r for r in traffic if r.phase == "overload"]
     for service in (LS, BE):
-        report.client_counts[service] = Counter(r.outcome for r in overload if r.service == service)
+        report.client_counts[service] = Counter(r.outcome for r in traffic if r.service == service)
     checks = report.checks
     pending = sum(c["pending"] for c in report.client_counts.values())
-    sent = len(overload)
+    sent = len(traffic)
     ended = sum(sum(n for o, n in c.items() if o != "pending") for c in report.client_counts.values())
     checks.append(("none lost: sent = successes + each error class", pending == 0 and ended == sent,
                    f"sent {sent}, ended {ended}, pending after the drain bound {pending}"))  # fmt: skip
-    ls_sent = report.client_counts[LS].total()
+    ls_sent = sum(r.service == LS for r in overload)
     checks.append((f"load at least {settings.multiple:g}x capacity",
                    ls_sent >= 0.8 * settings.multiple * report.capacity_rps * settings.duration_s,
                    f"{ls_sent} LS requests in {settings.duration_s:.0f}s = {ls_sent / settings.duration_s:.1f}/s "
                    f"vs capacity {report.capacity_rps:.2f}/s"))  # fmt: skip
-    rejected = report.client_counts[LS][REJECTED]
+    rejected = sum(r.service == LS and r.outcome == REJECTED for r in overload)
     checks.append(("admission binds (LS 429s)", rejected > 0, f"{rejected} of {ls_sent} LS requests refused"))
     admitted = [r for r in overload if r.service == LS and r.outcome == OK]
     attained = sum(_attained(r, settings) for r in admitted) / max(1, len(admitted))
@@ -339,6 +400,29 @@ def _check(report: Report) -> None:
                        f"failed+aborted {runtime[m.OUTCOME_FINISHED]:.0f}/{runtime[m.OUTCOME_REJECTED]:.0f}/"
                        f"{runtime[m.OUTCOME_FAILED] + runtime[m.OUTCOME_ABORTED]:.0f}, admission rejections "
                        f"{report.runtime_rejections[service]:.0f}"))  # fmt: skip
+    lower = [name for name in report.phases if name != "overload"]
+    if lower:
+        best = max(lower, key=lambda name: goodput_rps(report, name))
+        good, best_good = goodput_rps(report, "overload"), goodput_rps(report, best)
+        checks.append((f"goodput under overload >= {settings.goodput_share:.0%} of the best at a lower load",
+                       good >= settings.goodput_share * best_good,
+                       f"{good:.2f}/s at {settings.multiple:g}x vs {best_good:.2f}/s at {best}"))  # fmt: skip
+        first = report.phases[lower[0]]
+        gauge = first["headroom_rps"]
+        predicted = None if gauge is None else gauge + admitted_rps(report, lower[0])
+        let_through = admitted_rps(report, "overload")
+        agrees = predicted is not None and abs(predicted - let_through) <= settings.headroom_tolerance * let_through
+        gauge_text = "-" if gauge is None else f"{gauge:.2f}"
+        predicted_text = "-" if predicted is None else f"{predicted:.2f}"
+        checks.append(("headroom gauge agrees with the LS rate admission lets through", agrees,
+                       f"gauge {gauge_text}/s + admitted {admitted_rps(report, lower[0]):.2f}/s at {lower[0]} = "
+                       f"{predicted_text}/s vs {let_through:.2f}/s admitted at {settings.multiple:g}x "
+                       f"(tolerance {settings.headroom_tolerance:.0%})"))  # fmt: skip
+    error = report.model_error_early
+    after = f"{settings.error_after_s:.0f}s"
+    checks.append((f"latency model error under {settings.error_bound:.0%} after {after} of traffic",
+                   error is not None and error < settings.error_bound,
+                   f"piggyback_latency_model_error_ratio {'-' if error is None else f'{error:.3f}'}"))  # fmt: skip
     start, peak, end = _rss_summary(report)
     # Stable: no growth with the number of requests served; allocator noise of a few tens of MiB is fine.
     checks.append(("memory stable (RSS end vs start)", end <= start * 1.10 + 64 * MiB,
@@ -357,15 +441,36 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def _optional(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def render(report: Report) -> str:
     settings = report.settings
-    overload = [r for r in report.records if r.phase == "overload"]
+    overload = [r for r in report.records if r.phase != "ramp"]  # every phase, as the runtime counted them
     lines = [
         f"model {settings.model}, LS SLO TTFT {settings.ttft_ms:.0f} ms / TPOT {settings.tpot_ms:.0f} ms "
-        f"(target {settings.attainment_target:.0%}), {settings.duration_s:.0f}s of load",
+        f"(target {settings.attainment_target:.0%}), {settings.duration_s:.0f}s of overload after "
+        f"{len(report.phases) - 1} lower loads of {settings.phase_s:.0f}s, BE closed loop throughout",
         f"capacity (closed-loop ramp, LS req/s within SLO): {report.capacity_rps:.2f}; runtime headroom metric "
-        f"then: {'-' if report.headroom_rps is None else f'{report.headroom_rps:.2f}'}; offered LS rate "
+        f"then: {_optional(report.headroom_rps)}; latency model error after {settings.error_after_s:.0f}s of "
+        f"traffic: {_optional(report.model_error_early, 3)}; offered LS rate under overload "
         f"{report.target_rps:.2f}/s ({settings.multiple:g}x)",
+        "",
+        "| phase | offered LS/s | LS sent | LS admitted/s | LS goodput/s (admitted, met SLO) | SLO met (admitted) "
+        "| headroom gauge at its end (req/s) | model error at its end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, phase in report.phases.items():
+        sent = [r for r in report.records if r.phase == name and r.service == LS]
+        ok = [r for r in sent if r.outcome == OK]
+        met = f"{sum(_attained(r, settings) for r in ok) / len(ok):.1%}" if ok else "-"
+        lines.append(f"| {name} | {_optional(phase['offered_rps'])} | {len(sent)} | {admitted_rps(report, name):.2f} "
+                     f"| {goodput_rps(report, name):.2f} | {met} | {_optional(phase['headroom_rps'])} "
+                     f"| {_optional(phase['model_error'], 3)} |")  # fmt: skip
+    lines += [
+        "",
+        "All phases together:",
         "",
         "| service | sent | ok | 429 | other errors | pending (lost) | TTFT p50 / p99 ms (ok) | TPOT p50 / p99 ms (ok) "
         "| SLO attained (ok) | runtime: finished / rejected / failed / aborted |",
@@ -436,14 +541,24 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=Settings.duration_s)
     parser.add_argument("--multiple", type=float, default=Settings.multiple)
     parser.add_argument("--ramp-s", type=float, default=Settings.ramp_s)
+    parser.add_argument("--lower-multiples", default=",".join(f"{m:g}" for m in Settings.lower_multiples),
+                        help="offered LS loads before the overload, as multiples of capacity (comma-separated)")
+    parser.add_argument("--phase-s", type=float, default=Settings.phase_s)
+    parser.add_argument("--ttft-ms", type=float, default=Settings.ttft_ms)
+    parser.add_argument("--tpot-ms", type=float, default=Settings.tpot_ms)
     args = parser.parse_args()
+    lower = tuple(float(m) for m in args.lower_multiples.split(",") if m.strip())
     report = run_overload(Settings(model=args.model, duration_s=args.duration_s, multiple=args.multiple,
-                                   ramp_s=args.ramp_s))  # fmt: skip
+                                   ramp_s=args.ramp_s, lower_multiples=lower, phase_s=args.phase_s,
+                                   ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms))  # fmt: skip
     table = render(report)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    machine = f"{cpu_model_name()}, {os.cpu_count()} cores, client and runtime on the same host"
-    (RESULTS / "overload.md").write_text(f"# Overload\n\n`python benchmarks/overload.py` on {machine}\n\n{table}\n")
+    load = os.getloadavg()
+    machine = (f"{cpu_model_name()}, {os.cpu_count()} cores, client and runtime on the same host; load average "
+               f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it ended")  # fmt: skip
+    command = " ".join(["python benchmarks/overload.py", *sys.argv[1:]])
+    (RESULTS / "overload.md").write_text(f"# Overload\n\n`{command}` on {machine}\n\n{table}\n")
     plot(report, RESULTS / "overload.png")
     return 0 if report.ok else 1
 

@@ -2,6 +2,12 @@
 bookkeeping), then tokens out to the clients and the iteration's stats into the metrics.
 
 Single-threaded by design: only the engine thread (server/async_engine.py) calls into it.
+
+Time: the engine reads one clock (`clock`, the wall clock by default) for everything the planner decides by.
+A test or a benchmark may give it a virtual clock and a `forward_pass_done(plan)` hook that advances that
+clock by what the forward pass "lasted" (e.g. the latency model's prediction): the engine then makes exactly
+the decisions the simulator makes for the same timings, whatever the host's load (tests/runtime/
+test_fidelity_gate.py).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.paged import kv_cache_dtype
@@ -28,6 +35,7 @@ from piggyback_runtime.request import (
     Request,
     RequestOutput,
 )
+from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
 from piggyback_runtime.scheduler.outputs import TokenEvent
 from piggyback_runtime.scheduler.planner import Planner
@@ -61,9 +69,16 @@ class Engine:
         loaded: LoadedModel | None = None,
         metrics: m.RuntimeMetrics | None = None,
         latency_model: LatencyModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        forward_pass_done: Callable[[IterationPlan], None] | None = None,
     ) -> None:
-        """`latency_model` replaces the profiled one (tests pass a known model)."""
+        """`latency_model` replaces the profiled one (tests pass a known model). `clock`: the time source of
+        every decision (the planner's, the iteration's start and end); `forward_pass_done(plan)` is called
+        when the model runner has run `plan`, before the planner's update reads the clock again (a virtual
+        clock advances there by the iteration's modelled duration)."""
         self.config = config
+        self.clock = clock
+        self.forward_pass_done = forward_pass_done
         self.loaded = loaded or load_model(config.model, config.device)
         self.arch = self.loaded.arch
         self.tokenizer: Tokenizer = self.loaded.tokenizer
@@ -106,7 +121,7 @@ class Engine:
             config, num_blocks, host_kv,
             latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir,
                                                       config.slo_control.profile_trust_factor)),
-            append_token=append_token,
+            append_token=append_token, clock=clock,
         )  # fmt: skip
         self.runner = ModelRunner(config, self.loaded, self.planner.allocator, self.planner.policy,
                                   self.planner.host_kv, self.metrics)  # fmt: skip
@@ -240,7 +255,7 @@ class Engine:
 
     # --- one iteration: schedule -> run -> update ------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        started = time.monotonic()  # the planner's clock: the update measures the iteration against it
+        started = self.clock()  # the planner's clock: the update measures the iteration against it
         pb = self.runner.piggyback
         if pb is not None:
             pb.collect()
@@ -250,8 +265,10 @@ class Engine:
         outputs: list[RequestOutput] = []
         if plan or (pb is not None and pb.has_ready_work()):
             result = self.runner.run(plan)
+            if self.forward_pass_done is not None:
+                self.forward_pass_done(plan)
             events = self.planner.update(plan, result.outputs(started, self.arch.num_hidden_layers),
-                                         time.monotonic())  # fmt: skip
+                                         self.clock())  # fmt: skip
             outputs = self._deliver(events, result.done_rows)
         elif pb is not None and pb.has_work():
             # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
@@ -373,7 +390,7 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         while self._be_token_times and self._be_token_times[0] < now - 10.0:
             self._be_token_times.popleft()
         self.metrics.be_tokens_per_second.set(len(self._be_token_times) / 10.0)

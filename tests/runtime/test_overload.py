@@ -17,16 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from overload import Report, Settings, render, run_overload
 
-pytestmark = pytest.mark.slow  # a real `piggyback serve` process under load for tens of seconds
+# A real server that profiles its latency model afresh at start-up: minutes on a busy shared host.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SLO_CHECK = "admitted LS requests meet their SLO at the target rate"  # benchmarks/overload.py holds it
+SLO_CHECK = "admitted LS requests meet their SLO at the target rate"
+# The latency model's error on this shared machine is a benchmark figure (benchmarks/results/overload.md).
+ERROR_CHECK = "latency model error under 20% after 10s of traffic"
 
 
 @pytest.fixture(scope="module")
 def report() -> Report:
     # small-llama: slow enough on a CPU that the engine, not the HTTP layer or this client, is the bottleneck.
+    # No lower loads: the goodput and headroom comparisons across loads are the benchmark's.
     return run_overload(Settings(model="synthetic://small-llama", duration_s=10.0, multiple=3.0, ramp_s=6.0,
-                                 drain_s=60.0))  # fmt: skip
+                                 drain_s=60.0, lower_multiples=()))  # fmt: skip
 
 
 def _failed(report: Report, names: set[str] | None = None, exclude: set[str] | None = None) -> str:
@@ -36,6 +40,6 @@ def _failed(report: Report, names: set[str] | None = None, exclude: set[str] | N
 
 
 def test_overload_loses_nothing_and_the_runtime_counts_what_the_client_saw(report: Report) -> None:
-    assert len(report.checks) == 7  # every check ran
-    assert not (failed := _failed(report, exclude={SLO_CHECK})), failed
+    assert len(report.checks) == 8  # every check ran
+    assert not (failed := _failed(report, exclude={SLO_CHECK, ERROR_CHECK})), failed
 

@@ -195,30 +195,6 @@ def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
     assert done.stdout.strip() == "planned 80 3"  # 3 rows ready, under the cap of 64
 
 
-def test_admission_holds_the_model_to_the_rate_ls_prefill_has_really_drained_at() -> None:
-    clock = Clock()
-    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
-    # The model says a 10-token prompt takes one 10 ms iteration: well inside the 1 s TTFT.
-    assert planner.admission(_request("c0", "chat", 10, 0.0)) is None
-    # The host turned out slow: while LS prompts were backlogged, 10 tokens drained per simulated second.
-    for _ in range(8):
-        planner.ls_prefill_rate.observe(10, 1.0)
-    assert planner.ls_prefill_rate.tokens_per_s() == pytest.approx(10.0)
-    rejection = planner.admission(_request("c1", "chat", 10, 0.0))
-    assert rejection is not None and rejection.reason == "TTFTUnattainable"
-    assert "1000.0 ms for 10 LS prompt tokens" in rejection.message and "10 tokens/s" in rejection.message
-
-
-def test_only_iterations_that_left_ls_prompts_waiting_measure_the_prefill_rate() -> None:
-    clock = Clock()
-    planner = Planner(_config("priority"), num_kv_blocks=64, clock=clock)
-    for i in range(3):
-        planner.add(_request(f"c{i}", "chat", 20, 0.0))  # 60 prompt tokens, 32 a plan
-    _ran(planner, clock, planner.schedule(), 0.5)
-    _ran(planner, clock, planner.schedule(), 0.5)  # this one finished every prompt: not backlogged
-    assert [s for s in planner.ls_prefill_rate._samples] == [(32, 0.5)]
-
-
 def test_update_does_the_bookkeeping_of_an_iteration_the_engine_and_the_simulator_share() -> None:
     clock = Clock()
     planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
@@ -253,19 +229,6 @@ def test_update_does_the_bookkeeping_of_an_iteration_the_engine_and_the_simulato
     recorder = planner.stats
     assert (recorder.iterations, recorder.tokens, recorder.be_tokens, recorder.be_rows_merged) == (2, 4, 2, 4)
     assert recorder.busy_s == 0.375 and recorder.model_error.count == 2
-
-
-def test_update_measures_the_ls_prefill_rate_while_prompts_wait() -> None:
-    clock = Clock()
-    planner = Planner(_config("priority"), num_kv_blocks=64, clock=clock)
-    for i in range(9):  # a 32-token budget: one prompt an iteration, done at its first token
-        planner.add(_request(f"c{i}", "chat", 32, 0.0, max_tokens=1))
-    for _ in range(7):  # backlogged iterations of 32 LS prompt tokens in 2 s: not yet enough to go by
-        _ran(planner, clock, planner.schedule(), 2.0)
-    assert planner.ls_prefill_rate.tokens_per_s() is None
-    _ran(planner, clock, planner.schedule(), 2.0)
-    _ran(planner, clock, planner.schedule(), 0.001)  # the last prompt: nothing waits after it, no sample
-    assert planner.ls_prefill_rate.tokens_per_s() == pytest.approx(16.0) and not planner.has_work()
 
 
 def test_update_refuses_outputs_that_do_not_match_the_plan() -> None:

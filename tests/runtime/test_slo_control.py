@@ -281,15 +281,6 @@ def test_headroom_shrinks_as_ls_load_grows() -> None:
     assert all(a > b for a, b in itertools.pairwise(headrooms)), headrooms
 
 
-def test_headroom_is_the_rate_whose_steady_state_iteration_just_meets_the_tpot() -> None:
-    controller = SLOController(linear_model(), safety_margin=0.0, ls_chunk_tokens=4096)
-    rate = controller.headroom_rps([], MIX, 0.0)
-    # At λ the iteration holds λ·100·L decode rows (context 250) and λ·200·L prefill tokens (load 100.5 each).
-    length = MIX.tpot_s
-    rows, prefill = rate * 100 * length, rate * 200 * length
-    assert predicted(rows + prefill, prefill * 100.5, rows * 250) == pytest.approx(length, rel=1e-4)
-
-
 def test_headroom_is_zero_when_the_slos_are_already_unattainable() -> None:
     controller = SLOController(linear_model(), safety_margin=0.1, ls_chunk_tokens=4096)
     assert controller.headroom_rps(decoding(900, tpot_s=0.1), MIX, 0.0) == 0.0  # LS alone: 100 ms > 90 ms

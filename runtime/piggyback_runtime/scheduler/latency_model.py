@@ -18,7 +18,8 @@ Decode attention load follows the kernel in use (`decode_cost`): paged kernels r
 (load = sum of contexts); a padded batch pays every row the longest context (load = rows × longest).
 
 Closed loop (`OnlineCorrection`): the profile is a prediction made once; measured iteration times correct it
-online, per regime, so that the SLO controller turns conservative when reality drifts from the profile.
+online, per regime, within a few iterations, whichever way reality drifts from the profile (a profile taken
+while the host was busy is too pessimistic, one taken while it was idle too optimistic).
 
 Units the engine must use (one meaning everywhere):
 - A Dense row is one token through all layers. A BE decode row merged at one layer costs 1/num_layers of a
@@ -569,53 +570,84 @@ def regime_of(prefill_load: float, be_rows_per_layer: float) -> int:
 class OnlineCorrection:
     """Measured ÷ predicted iteration time, tracked online per regime; predictions are multiplied by factor().
 
-    Per regime an exponentially weighted mean of the ratio r = measured / predicted and of its absolute
-    deviation from that mean. factor = mean + deviation_weight × deviation: when reality drifts, the mean
-    follows it and the deviation (large while it moves, or when timings are erratic) adds margin, so the
-    controller turns conservative; when reality returns to the profile both settle back and the factor goes
-    back towards 1. A regime seen fewer than `min_samples` times borrows the all-regime figures (and 1.0
-    before anything was seen). Each observed ratio is clipped to [min_factor, max_factor]: one stalled
-    iteration (a page fault, a collection) must not throw the controller off for the next hundred.
+    Per regime a ratio estimator with a short half-life: factor = Σ wᵢ·measuredᵢ / Σ wᵢ·predictedᵢ, where an
+    observation's weight halves every `half_life` later iterations (of any regime: the weights age with the
+    engine's iterations, so what a regime measured long ago stops counting even when that regime is rarely
+    run). A ratio of sums, not a mean of ratios: long iterations (the ones an SLO budget is about) weigh more
+    than short ones, and there is no prior to forget, so a profile k× off is corrected exactly once
+    `min_samples` iterations were seen, and a drift is followed within a few half-lives. A regime with fewer
+    than `min_samples` observations, or none recent (its decayed weight below one observation's), borrows the
+    all-regime figure (1.0 before anything was seen).
+
+    One stalled iteration (a page fault, a collection, a neighbour's burst on a shared host) must not throw the
+    controller off: an observation counts as at most `max_jump` × (or at least 1/`max_jump` ×) the regime's
+    current estimate (the all-regime one for a regime's first), and every factor stays in [min_factor,
+    max_factor]. A real shift of more than `max_jump` × still gets through, within a few half-lives.
     """
 
-    def __init__(self, smoothing: float = 0.1, deviation_weight: float = 1.0, min_samples: int = 8,
-                 min_factor: float = 0.5, max_factor: float = 10.0) -> None:  # fmt: skip
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+    def __init__(self, half_life: float = 8.0, min_samples: int = 3, max_jump: float = 3.0,
+                 min_factor: float = 0.02, max_factor: float = 50.0) -> None:  # fmt: skip
+        if half_life <= 0:
+            raise ValueError(f"half_life must be > 0 observations, got {half_life}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be at least 1, got {min_samples}")
+        if max_jump <= 1:
+            raise ValueError(f"max_jump must be > 1, got {max_jump}")
         if not 0 < min_factor <= 1 <= max_factor:
             raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {min_factor}, {max_factor}")
-        self.smoothing = smoothing
-        self.deviation_weight = deviation_weight
+        self.half_life = half_life
+        self.decay = 0.5 ** (1.0 / half_life)
         self.min_samples = min_samples
+        self.max_jump = max_jump
         self.min_factor, self.max_factor = min_factor, max_factor
-        # Per regime, and one more slot (index len(REGIMES)) for all regimes together: [mean, deviation, count].
-        self._stats = [[1.0, 0.0, 0] for _ in range(len(REGIMES) + 1)]
+        self._iterations = 0  # observations of any regime: the age of the weights
+        # Per regime, and one more slot (index len(REGIMES)) for all regimes together: decayed Σ measured,
+        # decayed Σ predicted and decayed count, as of iteration `at`, and the count of observations.
+        self._stats = [_RegimeStats() for _ in range(len(REGIMES) + 1)]
+
+    def _aged(self, stats: _RegimeStats) -> tuple[float, float, float]:
+        age = self.decay ** (self._iterations - stats.at)
+        return stats.measured * age, stats.predicted * age, stats.weight * age
+
+    def _estimate(self, index: int) -> float | None:
+        stats = self._stats[index]
+        if stats.count == 0:
+            return None
+        return stats.measured / stats.predicted
 
     def observe(self, regime: int, predicted_s: float, measured_s: float) -> None:
         """One iteration ran: `predicted_s` is the uncorrected model's prediction, `measured_s` what it took."""
         if predicted_s <= 0 or measured_s <= 0:
             return
-        ratio = min(self.max_factor, max(self.min_factor, measured_s / predicted_s))
-        for stats in (self._stats[regime], self._stats[-1]):
-            mean, deviation, count = stats
-            if count == 0:
-                stats[:] = [ratio, 0.0, 1]
-                continue
-            # A running average over the first samples, exponential once 1/smoothing were seen: an early start
-            # is not stuck near the first value.
-            weight = max(self.smoothing, 1.0 / (count + 1))
-            deviation += weight * (abs(ratio - mean) - deviation)
-            mean += weight * (ratio - mean)
-            stats[:] = [mean, deviation, count + 1]
+        self._iterations += 1
+        overall = self._estimate(-1)
+        for index in (regime, -1):
+            stats = self._stats[index]
+            ratio = measured_s / predicted_s
+            current = self._estimate(index) if stats.count else overall
+            if current is not None:
+                ratio = min(current * self.max_jump, max(current / self.max_jump, ratio))
+            ratio = min(self.max_factor, max(self.min_factor, ratio))
+            measured, predicted, weight = self._aged(stats)
+            stats.measured, stats.predicted = measured + ratio * predicted_s, predicted + predicted_s
+            stats.weight, stats.at, stats.count = weight + 1.0, self._iterations, stats.count + 1
 
     def factor(self, regime: int) -> float:
         stats = self._stats[regime]
-        if stats[2] < self.min_samples:
+        if stats.count < self.min_samples or self._aged(stats)[2] < 1.0:
             stats = self._stats[-1]
-            if stats[2] < self.min_samples:
+            if stats.count < self.min_samples:
                 return 1.0
-        mean, deviation, _ = stats
-        return min(self.max_factor, max(self.min_factor, mean + self.deviation_weight * deviation))
+        return min(self.max_factor, max(self.min_factor, stats.measured / stats.predicted))
 
     def samples(self, regime: int) -> int:
-        return int(self._stats[regime][2])
+        return self._stats[regime].count
+
+
+@dataclass
+class _RegimeStats:
+    measured: float = 0.0  # decayed Σ measured seconds (each clipped to max_jump of the estimate), as of `at`
+    predicted: float = 0.0  # decayed Σ predicted seconds, as of `at`
+    weight: float = 0.0  # decayed count of observations, as of `at`
+    at: int = 0  # the iteration these sums were last aged to
+    count: int = 0  # observations ever

@@ -52,26 +52,6 @@ REASON_BE_QUEUE_FULL = "BEQueueFull"
 HOST_FEED_SHARE = 0.25
 
 
-class PrefillRate:
-    """LS prefill tokens per second over recent iterations in which LS prefill was backlogged (some LS prompt
-    was left waiting after the plan): how fast a queue of LS prompts really drains, whatever held it back
-    (token budget, running-request slots, the host's speed). None until enough such iterations were seen."""
-
-    def __init__(self, window: int = 64, min_iterations: int = 8) -> None:
-        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
-        self._min = min_iterations
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if seconds > 0:
-            self._samples.append((tokens, seconds))
-
-    def tokens_per_s(self) -> float | None:
-        if len(self._samples) < self._min:
-            return None
-        seconds = sum(s for _, s in self._samples)
-        return max(sum(t for t, _ in self._samples), 1) / seconds
-
-
 @dataclass(frozen=True)
 class Rejection:
     """Why a request is refused at arrival (HTTP 429), and when a retry may succeed."""
@@ -148,8 +128,6 @@ class Planner:
         self.static_rows_per_layer = self.policy.rows_per_layer(config.piggyback.max_be_rows_per_layer)
         self.last_allowance: BEAllowance | None = None
         self._finished_ls_lengths: deque[tuple[int, int]] = deque(maxlen=200)
-        self.ls_prefill_rate = PrefillRate()
-        self._backlog: tuple[int, bool] = (0, False)  # the last completed plan: LS prefill tokens, backlogged
         # Hybrid placement (policy `hybrid` with engine.hybrid_placement): BE KV in spare HBM, host beyond.
         self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement and kv_moves
         capacity_tokens = num_kv_blocks * engine.block_size
@@ -185,7 +163,7 @@ class Planner:
         if self.slo is not None and request.is_ls and request.slo is not None and self.config.slo_control.admission:
             decision = self.slo.admit_ls(
                 NewLSRequest(len(request.prompt_token_ids), request.slo.ttft_s, request.slo.tpot_s, request.arrival_s),
-                self.ls_state(), IterationDemand(), self.clock(), self.ls_prefill_rate.tokens_per_s(),
+                self.ls_state(), IterationDemand(), self.clock(),
             )  # fmt: skip
             if not decision.admitted:
                 return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
@@ -532,12 +510,12 @@ class Planner:
         """The plan ran and produced `outputs`; its tokens left at `now`. Does all the planner's bookkeeping
         after an iteration, in this order:
 
-        - the plan's tokens are in the KV cache (computed tokens advance; whether LS prefill was backlogged);
+        - the plan's tokens are in the KV cache (computed tokens advance);
         - each sampled token joins its request (first/last token times, `append_token`); a request that is
           done is dropped (accelerator KV freed; an LS one joins the mix headroom is computed for); a host-path
           request that sampled its first token leaves batching for the CPU path;
-        - the iteration's duration (start to now, bookkeeping included) feeds the LS prefill rate and the
-          SLO controller's closed loop, and the stats recorder.
+        - the iteration's duration (start to now, bookkeeping included) feeds the SLO controller's closed loop
+          (measured against its prediction for the shape that ran), and the stats recorder.
 
         Returns a `TokenEvent` per token (the plan's, then the host-path rows'): what the caller still does
         (text, metrics, its CPU path: start decoding, release host KV, send a row round again)."""
@@ -560,9 +538,6 @@ class Planner:
         for request, token in outputs.host_path_tokens:
             events.append(self._take_token(request, token, now, from_host_path=True))
         measured_s = self.clock() - outputs.started_s
-        tokens, backlogged = self._backlog
-        if backlogged:
-            self.ls_prefill_rate.observe(tokens, measured_s)
         predicted_s = None
         if self.slo is not None:  # the closed loop: the controller learns the device's truth
             shape = iteration_shape(plan, outputs.be_rows_merged / outputs.num_layers, len(events),
@@ -580,13 +555,9 @@ class Planner:
             request.num_computed_tokens = request.num_tokens - 1
 
     def _advance(self, plan: IterationPlan) -> None:
-        """The plan's tokens are in the KV cache; remember whether LS prefill was left waiting after it."""
+        """The plan's tokens are in the KV cache."""
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-        tokens = sum(c.num_tokens for c in plan.prefills if c.request.is_ls)
-        backlogged = any(r.is_ls for r in self.scheduler.waiting) or any(
-            r.is_ls and not r.output_token_ids and r.num_remaining_tokens > 0 for r in self.scheduler.running)
-        self._backlog = (tokens, backlogged)
 
     def _take_token(self, request: Request, token: int, now: float, from_host_path: bool) -> TokenEvent:
         first, previous_s = request.first_token_s is None, request.last_token_s

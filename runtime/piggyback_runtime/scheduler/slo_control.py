@@ -115,6 +115,21 @@ class AdmissionDecision:
 
 
 @dataclass(frozen=True)
+class LSArrivalPrediction:
+    """What a new LS request meets (`SLOController.predict_ls_arrival`)."""
+
+    iterations: int  # iterations until its prompt is prefilled (FCFS behind the LS prompts queued ahead)
+    prefill_iteration_s: float  # each of them: the LS decodes plus a full prefill chunk
+    decode_iteration_s: float  # an iteration once it decodes too
+    prefill_tokens_per_iteration: int  # LS prompt tokens an iteration takes (the budget decode rows leave)
+
+    @property
+    def ttft_s(self) -> float:
+        """Its time to first token from now (the time it already waited not included)."""
+        return self.iterations * self.prefill_iteration_s
+
+
+@dataclass(frozen=True)
 class LSMix:
     """The current LS request mix, from recently finished LS requests (for headroom)."""
 
@@ -261,74 +276,65 @@ class SLOController:
         return self._last
 
     # --- admission ----------------------------------------------------------------------------------------
+    def predict_ls_arrival(self, decode_rows: float, decode_context: float, decode_longest: float,
+                           queued_prefill_tokens: float, prompt_tokens: float) -> LSArrivalPrediction:  # fmt: skip
+        """What a new LS request of `prompt_tokens` meets when it joins LS work of `decode_rows` decodes (their
+        contexts summing to `decode_context`, the longest `decode_longest`) and `queued_prefill_tokens` LS
+        prompt tokens queued ahead of it. The one prediction admission (`admit_ls`) and the headroom gauge
+        (`headroom_rps`) both decide with, so that they cannot disagree; every latency in it is
+        `predict_parts`, the closed-loop corrected model the BE allowance uses too.
+
+        - TTFT: it queues behind every LS prefill already held (FCFS). Decode rows take the token budget first
+          (LS decode > LS prefill), so each iteration prefills chunk − decode rows of the queue, next to the
+          decodes: n = ceil((queued + its prompt) / that) iterations, each costing latency(decode rows + a
+          full chunk). The chunk's attention load is that of the new prompt's last chunk, the heaviest of it.
+        - TPOT: while it prefills, iterations hold the decodes plus that chunk; once it decodes, one more decode
+          row with its prompt as context.
+        """
+        model = self.predict_parts
+        decode_load = self.latency_model.decode_load
+        per_iteration = max(1.0, self.ls_chunk_tokens - decode_rows)
+        queued = queued_prefill_tokens + prompt_tokens
+        chunk_tokens = min(per_iteration, queued)
+        chunk_start = max(0.0, prompt_tokens - chunk_tokens)
+        prefill_iteration = model(decode_rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
+                                  decode_load(decode_rows, decode_context, decode_longest),
+                                  decode_rows + 1)  # fmt: skip
+        own_context = prompt_tokens + 1
+        own_decode_load = decode_load(decode_rows + 1, decode_context + own_context, max(decode_longest, own_context))
+        decode_iteration = model(decode_rows + 1, 0.0, own_decode_load, decode_rows + 1)
+        return LSArrivalPrediction(math.ceil(queued / per_iteration), prefill_iteration, decode_iteration,
+                                   int(per_iteration))  # fmt: skip
+
     def admit_ls(
         self,
         new_request: NewLSRequest,
         running_ls: Sequence[LSRequestState],
         demand: IterationDemand,
         now_s: float,
-        measured_prefill_tokens_per_s: float | None = None,
     ) -> AdmissionDecision:
-        """Admit a new LS request only if the model predicts it meets its TTFT and, with it added, every
+        """Admit a new LS request only if `predict_ls_arrival` says it meets its TTFT and, with it added, every
         decoding LS request (and then itself) still meets its TPOT. BE is left out of these predictions: the
         planner shrinks BE to zero before LS misses. Edges: a prediction exactly at the SLO is admitted.
-
-        - TTFT: it queues behind every LS prefill already held (FCFS), so it needs n = ceil((queued + its
-          prompt) / ls_chunk_tokens) iterations, each one a full LS chunk next to the LS decodes:
-          predicted TTFT = (now − arrival) + n × latency(decode rows, a full prefill chunk).
-          `measured_prefill_tokens_per_s` (the rate LS prefill actually drained while it was backlogged; the
-          planner measures it) closes the loop: the queue takes at least (queued + its prompt) / that rate,
-          whatever the model says. It sees what the model cannot: slots held by running requests
-          (max_num_seqs), decode rows sharing the token budget, and the host's real speed.
-        - TPOT: while it prefills, iterations hold the LS decodes plus a full chunk; once it decodes, one more
-          decode row with its prompt as context. Both must fit the tightest TPOT, its own included.
-        """
+        predicted TTFT = (now − arrival) + n × latency(decode rows, a chunk) (see `predict_ls_arrival`)."""
         budgets = self._budgets(running_ls, now_s)
-        model = self.predict_parts
-        decode_load = self.latency_model.decode_load
         scale = (1 - self.admission_margin) * (1 + _REL_EPS)
         chunk = self.ls_chunk_tokens
-        queued = budgets.queued_prefill_tokens + new_request.prompt_tokens
         rows = budgets.decode_rows
-        load = budgets.decode_load
-        # Each prefill iteration is a full chunk (or all that is queued, if less); its attention load is taken
-        # as that of the new prompt's last chunk, the heaviest chunk of it (conservative).
-        chunk_tokens = min(chunk, queued)
-        chunk_start = max(0, new_request.prompt_tokens - chunk_tokens)
-        prefill_iteration = model(rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
-                                  decode_load(rows, load, budgets.decode_longest), rows + 1)  # fmt: skip
-        iterations = -(-queued // chunk)
+        arrival = self.predict_ls_arrival(rows, budgets.decode_load, budgets.decode_longest,
+                                          budgets.queued_prefill_tokens, new_request.prompt_tokens)  # fmt: skip
+        prefill_iteration, decode_iteration = arrival.prefill_iteration_s, arrival.decode_iteration_s
+        iterations = arrival.iterations
         waited = max(0.0, now_s - new_request.arrival_s)
-        ttft = waited + iterations * prefill_iteration
-        rate = measured_prefill_tokens_per_s
-        measured_wait = queued / rate if rate else 0.0
-        by_measurement = measured_wait > iterations * prefill_iteration
-        if by_measurement:
-            ttft = waited + measured_wait
-        own_context = new_request.prompt_tokens + 1
-        decode_iteration = model(
-            rows + 1, 0.0, decode_load(rows + 1, load + own_context, max(budgets.decode_longest, own_context)), rows + 1
-        )
+        ttft = waited + arrival.ttft_s
         tpot_budget = min(budgets.tpot_s, new_request.tpot_s)
         worst_iteration = max(prefill_iteration, decode_iteration)
 
         def reject(reason: str, message: str) -> AdmissionDecision:
             # Retry once the LS prefill queue ahead has drained (whole seconds, for Retry-After).
-            drain = (budgets.queued_prefill_tokens / chunk) * prefill_iteration
-            if rate:
-                drain = max(drain, budgets.queued_prefill_tokens / rate)
+            drain = (budgets.queued_prefill_tokens / arrival.prefill_tokens_per_iteration) * prefill_iteration
             return AdmissionDecision(False, reason, message, float(max(1, math.ceil(drain))), ttft, worst_iteration)
 
-        if ttft > new_request.ttft_s * scale and by_measurement:
-            assert rate is not None
-            waited_t, queue_t = _tenths_ms(waited), _tenths_ms(measured_wait)
-            return reject(
-                REASON_TTFT,
-                f"predicted TTFT {_ms(waited_t + queue_t)} ms = waited {_ms(waited_t)} ms + {_ms(queue_t)} ms for "
-                f"{queued} LS prompt tokens ({budgets.queued_prefill_tokens} queued ahead + "
-                f"{new_request.prompt_tokens} of its own) at the {rate:.0f} tokens/s LS prefill has drained at "
-                f"while backlogged, exceeds {self._limit_text('TTFT', new_request.ttft_s)}; retry later",
-            )
         if ttft > new_request.ttft_s * scale:
             # The parts are rounded first and the total is their sum, so the numbers shown add up exactly.
             waited_t, iteration_t = _tenths_ms(waited), _tenths_ms(prefill_iteration)
@@ -338,15 +344,16 @@ class SLOController:
                 f"predicted TTFT {_ms(total_t)} ms = waited {_ms(waited_t)} ms + {iterations} iterations × "
                 f"{_ms(iteration_t)} ms exceeds {self._limit_text('TTFT', new_request.ttft_s)} "
                 f"({budgets.queued_prefill_tokens} LS prompt tokens queued ahead + {new_request.prompt_tokens} of "
-                f"its own, {chunk} per iteration next to {rows} LS decode rows); retry later",
+                f"its own, {arrival.prefill_tokens_per_iteration} per iteration next to {rows} LS decode rows); "
+                "retry later",
             )
         # The TPOT of running decodes is held during its prefill; its own and theirs once it decodes.
         if prefill_iteration > budgets.tpot_s * scale:
             return reject(
                 REASON_TPOT,
                 f"while it prefills, a predicted iteration of {_ms(_tenths_ms(prefill_iteration))} ms ({rows} LS "
-                f"decode rows + a {chunk_tokens}-token prefill chunk) exceeds "
-                f"{self._limit_text('TPOT', budgets.tpot_s)} of the {rows} decoding LS requests; retry later",
+                f"decode rows + a prefill chunk of up to {min(chunk, arrival.prefill_tokens_per_iteration)} tokens) "
+                f"exceeds {self._limit_text('TPOT', budgets.tpot_s)} of the {rows} decoding LS requests; retry later",
             )
         if decode_iteration > tpot_budget * scale:
             return reject(
@@ -368,47 +375,63 @@ class SLOController:
 
     # --- capacity ----------------------------------------------------------------------------------------
     def headroom_rps(self, ls_state: Sequence[LSRequestState], mix: LSMix, now_s: float, max_rps: float = 1e4) -> float:
-        """Predicted extra LS request rate (requests/s) that still fits the SLOs at the current mix.
+        """Predicted extra LS request rate (requests/s) that admission would still let in at the current mix.
 
-        Method: a steady state where every iteration runs at the latency target L = tightest TPOT × (1 −
-        margin). An extra arrival rate λ of requests with the mix's average prompt P and output O adds, by
-        Little's law, λ·O·L concurrent decode rows (each output token takes one iteration; context ≈ P + O/2)
-        and λ·P·L prefill tokens per iteration. λ fits when
-          - the predicted latency of (current LS decodes + those rows, current LS prefill + that many tokens)
-            is ≤ L (so TPOT holds with BE at zero), and
-          - prefill keeps up: the per-iteration prefill tokens stay within the token budget left by decode
-            rows, and a fresh prompt's ceil(P / free tokens) iterations × L fit the TTFT SLO.
+        Method: the steady state an extra arrival rate λ of requests with the mix's average prompt P and
+        output O settles into, on top of the LS work held now. With iterations of T seconds, by Little's law
+        λ·O·T more decode rows are running (each output token takes one iteration; context ≈ P + O/2) and
+        λ·P·T more prompt tokens arrive per iteration; T is the fixed point of T = latency(that iteration)
+        (`predict_parts`, found by iterating from the current state's latency: latency grows with T, so the
+        iteration climbs to the smallest fixed point, or past the TPOT when there is none). λ fits when
+          - prefill keeps up: the prompt tokens arriving per iteration fit the token budget decode rows leave
+            (else the queue, and with it every TTFT, grows without bound), and
+          - admission would admit a mix request arriving into that steady state (`predict_ls_arrival`, the
+            very prediction `admit_ls` decides with, against the same SLOs and margin), with the prompts of
+            one iteration's arrivals queued ahead of it.
         The largest such λ is found by bisection (the predicate is monotone in λ). 0 when the current state
-        already misses (the iteration of LS work alone is over budget, or a queued prompt cannot make TTFT).
+        already admits no mix request.
         """
         budgets = self._budgets(ls_state, now_s)
-        target = mix.tpot_s * (1 - self.safety_margin)
-        if budgets.tpot_s < math.inf:
-            target = min(target, budgets.tpot_s * (1 - self.safety_margin))
-        model = self.predict_parts
-        decode_load = self.latency_model.decode_load
+        scale = (1 - self.admission_margin) * (1 + _REL_EPS)
+        tpot_limit = min(mix.tpot_s, budgets.tpot_s) * scale
         chunk = self.ls_chunk_tokens
-        base_rows = budgets.decode_rows
-        base_load = budgets.decode_load
-        base_prefill = min(chunk, budgets.queued_prefill_tokens)
         context = mix.avg_prompt_tokens + mix.avg_output_tokens / 2
+        decode_load = self.latency_model.decode_load
+        base_rows, base_load, base_longest = budgets.decode_rows, budgets.decode_load, budgets.decode_longest
+        base_queued = budgets.queued_prefill_tokens
+
+        def steady(rate: float, iteration: float) -> tuple[float, float, float]:
+            """(decode rows, prompt tokens arriving per iteration, latency) at iterations of `iteration` s."""
+            rows = base_rows + rate * mix.avg_output_tokens * iteration
+            arriving = rate * mix.avg_prompt_tokens * iteration
+            prefill = max(0.0, min(chunk - rows, base_queued + arriving))
+            load = decode_load(rows, base_load + (rows - base_rows) * context, max(base_longest, context))
+            # A prompt of P tokens carries load P(P+1)/2 over its P tokens: (P+1)/2 per prefilled token.
+            latency = self.predict_parts(rows + prefill, prefill * (mix.avg_prompt_tokens + 1) / 2, load, rows)
+            return rows, arriving, latency
 
         def fits(rate: float) -> bool:
-            rows = base_rows + rate * mix.avg_output_tokens * target
-            prefill = base_prefill + rate * mix.avg_prompt_tokens * target
-            free = chunk - rows
-            if prefill > free or free <= 0:
-                return False
-            if math.ceil(mix.avg_prompt_tokens / free) * target > mix.ttft_s:
-                return False
-            # A prompt of P tokens carries load P(P+1)/2 over its P tokens: (P+1)/2 per prefilled token.
-            load = prefill * (mix.avg_prompt_tokens + 1) / 2
-            decode = decode_load(rows, base_load + (rows - base_rows) * context, max(budgets.decode_longest, context))
-            return model(rows + prefill, load, decode, rows) <= target
+            iteration = 1e-6
+            for _ in range(200):
+                rows, arriving, latency = steady(rate, iteration)
+                if latency > tpot_limit or rows >= chunk:
+                    return False
+                if latency <= iteration * (1 + 1e-6):
+                    break
+                iteration = latency
+            else:  # still climbing slowly: a fixed point below the TPOT exists when latency(TPOT) ≤ TPOT
+                rows, arriving, latency = steady(rate, tpot_limit)
+                if latency > tpot_limit or rows >= chunk:
+                    return False
+            if arriving > chunk - rows:
+                return False  # prefill cannot keep up
+            arrival = self.predict_ls_arrival(rows, base_load + (rows - base_rows) * context,
+                                              max(base_longest, context), base_queued + arriving,
+                                              mix.avg_prompt_tokens)  # fmt: skip
+            return (arrival.ttft_s <= mix.ttft_s * scale and arrival.prefill_iteration_s <= tpot_limit
+                    and arrival.decode_iteration_s <= tpot_limit)  # fmt: skip
 
-        ls_alone = model(base_rows + base_prefill, 0.0, decode_load(base_rows, base_load, budgets.decode_longest),
-                         base_rows)  # fmt: skip
-        if not fits(0.0) or budgets.ttft_s * (1 + _REL_EPS) < ls_alone:
+        if not fits(0.0):
             return 0.0
         lo, hi = 0.0, max_rps
         if fits(hi):

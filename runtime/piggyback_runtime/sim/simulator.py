@@ -379,7 +379,9 @@ class Simulator:
 
     # --- requests ----------------------------------------------------------------------------------------
     def _arrive(self, sim: SimRequest) -> None:
-        self.now = sim.arrival_s
+        # The engine takes requests between iterations: one that arrives while an iteration runs is admitted
+        # when it ends (the clock then reads the iteration's end), as tests/runtime/test_fidelity_gate.py holds.
+        self.now = max(self.now, sim.arrival_s)
         request = Request(sim.request_id, sim.service, sim.service_class, [0] * sim.prompt_tokens,
                           SamplingParams(max_tokens=sim.output_tokens, temperature=0.0, ignore_eos=True),
                           arrival_s=sim.arrival_s)  # fmt: skip

@@ -1,0 +1,147 @@
+"""Overload keeps goodput (issue #26 §2), on a virtual clock: the planner is driven as the engine drives it
+(schedule, the iteration "lasts" what a known latency model says, update), with a planner whose own latency
+model is wrong by a known factor. The closed loop must learn the truth within a few iterations; the headroom
+gauge must name the LS rate admission then lets through; and a model 2× too pessimistic must not cost goodput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from piggyback_runtime.config import RuntimeConfig
+from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.scheduler.latency_model import (
+    LatencyModel,
+    LinearAttentionModel,
+    StaircaseModel,
+    Step,
+)
+from piggyback_runtime.scheduler.outputs import IterationOutputs, sampling_requests
+from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.slo_control import LSMix
+
+TTFT_S, TPOT_S = 0.5, 0.05
+PROMPT, OUTPUT = 64, 16
+MARGIN = 0.1
+
+
+def true_model(scale: float = 1.0) -> LatencyModel:
+    """5 ms + 0.1 ms per Dense row, prefill attention 1 ns per pair, decode 0.1 µs per context token; `scale`×."""
+    top = 1 << 16
+    dense = StaircaseModel((Step(1, 1, scale * (5e-3 + 1e-4)), Step(top, top, scale * (5e-3 + 1e-4 * top))), tile=0,
+                           tail_slope=scale * 1e-4)  # fmt: skip
+    return LatencyModel(dense, LinearAttentionModel(0.0, scale * 1e-9, scale * 1e-7))
+
+
+def config() -> RuntimeConfig:
+    return RuntimeConfig.from_dict({
+        "model": {"uri": "synthetic://tiny-llama"},
+        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": TTFT_S * 1000, "tpot_ms": TPOT_S * 1000}},
+                     {"name": "batch", "class": "BE"}],
+        "engine": {"policy": "piggyback", "block_size": 16, "max_num_batched_tokens": 256, "max_num_seqs": 256},
+        "piggyback": {"max_be_requests": 4},
+        "slo_control": {"safety_margin": MARGIN},
+    })  # fmt: skip
+
+
+@dataclasses.dataclass
+class Run:
+    planner: Planner
+    offered: int = 0
+    admitted: list[Request] = dataclasses.field(default_factory=list)
+    errors: list[float] = dataclasses.field(default_factory=list)  # (predicted − measured) / measured, per iteration
+
+    def goodput_rps(self, since_s: float, until_s: float) -> float:
+        """Admitted LS requests that arrived in [since, until) and met both SLOs, per second."""
+        good = [r for r in self.admitted if since_s <= r.arrival_s < until_s and met_slo(r)]
+        return len(good) / (until_s - since_s)
+
+    def admitted_rps(self, since_s: float, until_s: float) -> float:
+        return sum(since_s <= r.arrival_s < until_s for r in self.admitted) / (until_s - since_s)
+
+
+def met_slo(request: Request) -> bool:
+    if request.first_token_s is None or request.last_token_s is None or len(request.output_token_ids) < OUTPUT:
+        return False
+    tpot = (request.last_token_s - request.first_token_s) / (len(request.output_token_ids) - 1)
+    return request.first_token_s - request.arrival_s <= TTFT_S and tpot <= TPOT_S
+
+
+def arrivals(rate_rps: float, until_s: float) -> Iterator[float]:
+    """Evenly spaced LS arrivals (deterministic: the test needs no seed to be exact)."""
+    t = 0.0
+    while t < until_s:
+        yield t
+        t += 1.0 / rate_rps
+
+
+def drive(rate_rps: float, duration_s: float, planner_model: LatencyModel, truth: LatencyModel) -> Run:
+    """The engine's loop on a virtual clock: an iteration lasts what `truth` predicts for the shape that ran."""
+    now = [0.0]
+    planner = Planner(config(), num_kv_blocks=4096, host_kv=HostKV(64, 16, 4), latency_model=planner_model,
+                      clock=lambda: now[0])  # fmt: skip
+    run = Run(planner)
+    pending = list(arrivals(rate_rps, duration_s))
+    index = 0
+    while index < len(pending) or planner.has_work():
+        while index < len(pending) and pending[index] <= now[0]:
+            request = Request(f"r{index}", "chat", "LS", [1] * PROMPT,
+                              SamplingParams(max_tokens=OUTPUT, ignore_eos=True), arrival_s=pending[index])  # fmt: skip
+            run.offered += 1
+            if planner.admission(request) is None:
+                planner.add(request)
+                run.admitted.append(request)
+            index += 1
+        plan = planner.schedule()
+        if not plan:
+            now[0] = pending[index]
+            continue
+        sampling = sampling_requests(plan)
+        started = now[0]
+        now[0] += truth.predict(iteration_shape(plan, 0.0, len(sampling), truth))
+        planner.update(plan, IterationOutputs(started, [0] * len(sampling)), now[0])
+        stats = planner.stats.last
+        assert stats is not None and stats.predicted_s is not None
+        run.errors.append((stats.predicted_s - stats.measured_s) / stats.measured_s)
+    return run
+
+
+def test_a_model_twice_too_pessimistic_is_corrected_within_three_iterations() -> None:
+    run = drive(rate_rps=20.0, duration_s=2.0, planner_model=true_model(2.0), truth=true_model())
+    assert run.errors[0] == pytest.approx(1.0)  # the profile's own prediction: 2× the truth
+    # Three iterations seen (the correction's min_samples): every prediction after them is the truth.
+    assert all(abs(e) < 1e-9 for e in run.errors[3:]), run.errors[:10]
+
+
+def test_a_model_twice_too_optimistic_is_corrected_as_fast() -> None:
+    run = drive(rate_rps=20.0, duration_s=2.0, planner_model=true_model(0.5), truth=true_model())
+    assert run.errors[0] == pytest.approx(-0.5)
+    assert all(abs(e) < 1e-9 for e in run.errors[3:]), run.errors[:10]
+
+
+def steady_headroom_rps(planner_model: LatencyModel) -> float:
+    planner = Planner(config(), num_kv_blocks=4096, host_kv=HostKV(64, 16, 4), latency_model=planner_model,
+                      clock=lambda: 0.0)  # fmt: skip
+    assert planner.slo is not None
+    return planner.slo.headroom_rps([], LSMix(PROMPT, OUTPUT, TPOT_S, TTFT_S), 0.0)
+
+
+def test_the_headroom_gauge_names_the_rate_admission_lets_through_under_overload() -> None:
+    headroom = steady_headroom_rps(true_model())
+    assert headroom > 0
+    run = drive(rate_rps=5 * headroom, duration_s=8.0, planner_model=true_model(), truth=true_model())
+    admitted = run.admitted_rps(2.0, 8.0)  # the steady state, after the first seconds filled the batch
+    assert admitted == pytest.approx(headroom, rel=0.05), (admitted, headroom)
+
+
+def test_overload_keeps_goodput_even_with_a_model_twice_too_pessimistic() -> None:
+    headroom = steady_headroom_rps(true_model())
+    goodput = {}
+    for multiple in (0.5, 1.0, 5.0):
+        run = drive(rate_rps=multiple * headroom, duration_s=8.0, planner_model=true_model(2.0), truth=true_model())
+        goodput[multiple] = run.goodput_rps(1.0, 8.0)
+    assert goodput[5.0] >= 0.9 * max(goodput[0.5], goodput[1.0]), goodput
