@@ -122,7 +122,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base, process, timeout_s=600)
-            asyncio.run(live(base, items[: min(200, len(items))], 32))  # warm-up: kernels, allocator
+            asyncio.run(live(base, items[: min(64, len(items))], 32))  # warm-up: kernels, allocator
             live_runs = {}
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 seconds, tokens = asyncio.run(live(base, items, concurrency))
