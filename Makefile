@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	command -v promtool >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
 	  echo "note: prometheus not installed (needs root and apt-get); the Prometheus-backed tests will skip and say so"
+	# Postgres (Debian's package): the Batch API's shared-queue test starts a real server; without it that test fails.
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+	  echo "note: postgresql not installed (needs root and apt-get); tests/runtime/test_batch_postgres.py will fail until it is"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -154,6 +154,17 @@ COLOCATION = Dashboard(
         Panel("CPU attention worker restarts", (
             Query(f"sum by (pod) (increase(piggyback_cpu_worker_restarts_total{{{NS}}}[1h]))", "{{pod}} last hour"),
         ), description="Workers replaced after dying (their BE rows are recomputed); should stay 0."),
+        # The database is shared by a pool's replicas: every replica reports the same counts, hence max.
+        Panel("Batch API: lines of active batches", (
+            Query(f"max by (batch_status, line_state) (piggyback_batch_lines{{{NS}}})",
+                  "{{batch_status}} batches: {{line_state}}"),
+            Query(f"sum by (pod) (piggyback_batch_lines_in_flight{{{NS}}})", "{{pod}} in flight"),
+        ), description="Lines of validating, in_progress, cancelling and finalizing batches by state "
+                       "(pending, leased, completed, failed), and the lines each replica runs now."),
+        Panel("Batch API: lines finished/s", (
+            Query(f"sum by (pod, line_state) (rate(piggyback_batch_lines_finished_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} {{line_state}}"),
+        ), unit="reqps", description="Lines each replica ran to a recorded result (output or error file)."),
     ),
 )
 

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),  # plan -> run -> update, one iteration at a time
     ("migration",),  # freeze/thaw of a request and its KV, the engine side of a live migration
     ("server",),  # the OpenAI-compatible HTTP server
+    ("batch",),  # the OpenAI Batch API: routes, store, runner (piggyback serve hands it to the server app)
     ("router",),  # routing across a pool's replicas
     ("demo", "sim"),  # the demo; the discrete-event simulator
     ("cli",),  # `piggyback ...`

@@ -57,6 +57,8 @@ MSG_LABEL_RESERVED = "pod.labels: piggyback.dev/* and app.kubernetes.io/* keys a
 MSG_ANNOTATION_RESERVED = "pod.annotations: piggyback.dev/* keys are set by the operator"
 MSG_GPU_OVERRIDE = "pod.resources may not set nvidia.com/gpu: use spec.resources.gpus"
 MSG_NODE_SELECTOR_CONFLICT = "pod.nodeSelector and placement.nodeSelector set one key to different values"
+MSG_BATCH_BE_ONLY = "batch: the Batch API runs lines as best-effort work; only a BE LLMService may enable it"
+MSG_BATCH_ONE_STORAGE = "batch.storage: set exactly one of pvc (SQLite on a volume) and postgresSecretRef"
 MSG_KEDA_NEEDS_RANGE = "scaling.autoscaler keda needs scaling.maxReplicas above scaling.minReplicas"
 
 _DNS_LABEL_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -437,6 +439,52 @@ class PodSettings(_Model):
         return self
 
 
+class BatchPVC(_Model):
+    """A PersistentVolumeClaim the operator creates for the pool (`<pool>-batch`); it holds the batch database
+    (SQLite) and files. One replica: a pool with several replicas shares a Postgres instead. The claim outlives
+    the pool (batches survive it being re-created); delete it by hand when the data is no longer wanted."""
+
+    size: Annotated[str, Field(pattern=_QUANTITY_RE, max_length=32)] = "10Gi"
+    """Requested storage, e.g. 10Gi."""
+    storage_class_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """StorageClass of the claim; unset: the cluster's default."""
+
+
+class PostgresSecretRef(_Model):
+    """A key of a Secret whose value is the shared database's URL (postgresql+asyncpg://user:pass@host/db)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN_RE)]
+    """Secret name."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=_SECRET_KEY_RE)] = "database-url"
+    """Key within the Secret."""
+
+
+class BatchStorage(_Model):
+    """Where batch state lives: exactly one of the two."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("has(self.pvc) != has(self.postgresSecretRef)", MSG_BATCH_ONE_STORAGE)]})  # fmt: skip
+    pvc: BatchPVC | None = None
+    """SQLite and files on a claim the operator creates (one replica)."""
+    postgres_secret_ref: PostgresSecretRef | None = None
+    """A shared Postgres: replicas lease lines from one queue (several replicas)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BatchStorage:
+        if (self.pvc is None) == (self.postgres_secret_ref is None):
+            raise ValueError(MSG_BATCH_ONE_STORAGE)
+        return self
+
+
+class BatchSpec(_Model):
+    """The OpenAI Batch API (/v1/files, /v1/batches) on this BE service's runtime pods."""
+
+    enabled: bool = True
+    """Serve the Batch API."""
+    storage: BatchStorage = BatchStorage(pvc=BatchPVC())
+    """Where batches are kept (default: a 10Gi claim)."""
+
+
 class LLMServiceSpec(_Model):
     """Desired state of an LLMService."""
 
@@ -457,6 +505,7 @@ class LLMServiceSpec(_Model):
                     " || self.placement.nodeSelector[k] == self.pod.nodeSelector[k])",
                     MSG_NODE_SELECTOR_CONFLICT,
                 ),
+                _cel("self.class == 'BE' || !has(self.batch) || !self.batch.enabled", MSG_BATCH_BE_ONLY),
             ]
         }
     )
@@ -490,11 +539,15 @@ class LLMServiceSpec(_Model):
     drain_timeout_seconds: Annotated[int, Field(ge=0, le=3600)] | None = None
     """On shutdown, how long in-flight requests get to finish (default 20). The pool drains for the longest of
     its members' values; the pod's terminationGracePeriodSeconds is set above it."""
+    batch: BatchSpec | None = None
+    """BE only: serve the OpenAI Batch API, with durable storage (a PVC, or a shared Postgres)."""
 
     @model_validator(mode="after")
     def _rules(self) -> LLMServiceSpec:
         if self.service_class == "LS" and self.slo is None:
             raise ValueError(MSG_LS_NEEDS_SLO)
+        if self.service_class != "BE" and self.batch is not None and self.batch.enabled:
+            raise ValueError(MSG_BATCH_BE_ONLY)
         if self.scaling and not self.scaling.min_replicas <= self.replicas <= self.scaling.max_replicas:
             raise ValueError(MSG_REPLICAS_IN_RANGE)
         placed = self.placement.node_selector

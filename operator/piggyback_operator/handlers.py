@@ -235,6 +235,10 @@ async def apply_pool(
     await memo.kube.apply(configmap)
     if memo.network_policy.enabled:  # before the pods exist, so no pod ever runs unprotected
         await memo.kube.apply(pools.render_network_policy(pool, namespace, members, memo.network_policy))
+    claim = pools.render_batch_claim(pool, namespace, members)
+    if claim is not None and (key, "batch") not in memo.token_secrets:  # spec.batch: the pods wait for it
+        await memo.kube.create_if_absent(claim)
+        memo.token_secrets.add((key, "batch"))
     await memo.kube.apply(deployment)
     if key not in memo.token_secrets:  # the pods wait for it (secretKeyRef): create it right after its owner
         owner = current or await memo.kube.read_deployment(namespace, pool)

@@ -145,7 +145,10 @@ class Kube:
         For values set once and never rewritten (a generated token): the operator never reads them back, so
         its role needs `create` on Secrets and nothing that reveals one.
         """
-        creators = {"Secret": self.core.create_namespaced_secret}
+        creators: dict[str, Callable[..., Any]] = {
+            "Secret": self.core.create_namespaced_secret,
+            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
+        }
         meta = body["metadata"]
         try:
             await self._call(creators[body["kind"]], meta["namespace"], body)

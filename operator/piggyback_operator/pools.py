@@ -143,6 +143,7 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
             "engine": engine_section(members),
             "piggyback": piggyback_section(members),
             "server": {"host": "0.0.0.0", "port": RUNTIME_PORT, "drain_timeout_s": drain_timeout_s(members)},
+            **batch_section(members),
         },
         source=f"pool {members[0].pool}",
     )
@@ -290,6 +291,62 @@ def _volumes(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
+# --- the Batch API (spec.batch of a BE member): its storage, a claim or a shared Postgres -----------------------
+BATCH_DIR = "/var/lib/piggyback/batch"
+BATCH_VOLUME = "batch"
+BATCH_DATABASE_URL_ENV = "PIGGYBACK_BATCH_DATABASE_URL"
+
+
+def batch_member(members: Sequence[Member]) -> Member | None:
+    """The member whose spec.batch the pool serves (the first by name that enables it)."""
+    return next((m for m in sorted(members, key=lambda m: m.name) if m.spec.batch and m.spec.batch.enabled), None)
+
+
+def batch_claim_name(pool: str) -> str:
+    return f"{pool}-batch"
+
+
+def batch_section(members: Sequence[Member]) -> dict[str, Any]:
+    """The runtime config's `batch` section: SQLite on the claim's mount, or the Postgres URL from the env."""
+    member = batch_member(members)
+    if member is None:
+        return {}
+    assert member.spec.batch is not None
+    if member.spec.batch.storage.postgres_secret_ref is not None:
+        return {"batch": {"enabled": True, "database_url_env": BATCH_DATABASE_URL_ENV}}
+    return {"batch": {"enabled": True, "directory": BATCH_DIR}}
+
+
+def batch_pod_parts(pool: str, members: Sequence[Member]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                    list[dict[str, Any]]]:  # fmt: skip
+    """(volumes, mounts, env) the runtime container needs for the pool's batch storage."""
+    member = batch_member(members)
+    if member is None:
+        return [], [], []
+    assert member.spec.batch is not None
+    ref = member.spec.batch.storage.postgres_secret_ref
+    if ref is not None:  # read by the pod through secretKeyRef: the operator never sees the URL
+        secret = {"name": ref.name, "key": ref.key, "optional": False}
+        return [], [], [{"name": BATCH_DATABASE_URL_ENV, "valueFrom": {"secretKeyRef": secret}}]
+    volume = {"name": BATCH_VOLUME, "persistentVolumeClaim": {"claimName": batch_claim_name(pool)}}
+    return [volume], [{"name": BATCH_VOLUME, "mountPath": BATCH_DIR}], []
+
+
+def render_batch_claim(pool: str, namespace: str, members: Sequence[Member]) -> dict[str, Any] | None:
+    """The pool's batch PersistentVolumeClaim, or None (no member asks for one). Created once, never rewritten
+    and owned by nobody: batches outlive the pool's Deployment."""
+    member = batch_member(members)
+    if member is None or member.spec.batch is None or member.spec.batch.storage.pvc is None:
+        return None
+    pvc = member.spec.batch.storage.pvc
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": pvc.size}}}
+    if pvc.storage_class_name is not None:
+        spec["storageClassName"] = pvc.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": batch_claim_name(pool), "namespace": namespace, "labels": labels(pool)},
+            "spec": spec}  # fmt: skip
+
+
 INTERNAL_TOKEN_KEY = "token"
 
 
@@ -363,6 +420,8 @@ def render_children(
     gpus = str(gpus_per_replica(members))
     volumes, mounts = _volumes(config.model.uri)
     volumes[0]["configMap"]["name"] = pool
+    batch_volumes, batch_mounts, batch_env = batch_pod_parts(pool, members)
+    volumes, mounts = [*volumes, *batch_volumes], [*mounts, *batch_mounts]
     pod = merged_pod_settings(members)
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -376,7 +435,7 @@ def render_children(
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         # The operator's own variables first; spec.pod.env cannot name them (api.RESERVED_ENV_*).
-        "env": [*runtime_env(members), internal_token_env(pool), *pod.env],
+        "env": [*runtime_env(members), internal_token_env(pool), *batch_env, *pod.env],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, **pod.requests, GPU_RESOURCE: gpus},

@@ -95,8 +95,13 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     runtime = Runtime(config)
     runtime.load_in_background()
+    extensions = []
+    if config.batch.enabled:  # the Batch API (/v1/files, /v1/batches) and its runner
+        from piggyback_runtime.batch import batch_extension
+
+        extensions.append(batch_extension)
     server_config = uvicorn.Config(
-        create_app(runtime),
+        create_app(runtime, extensions),
         host=config.server.host,
         port=config.server.port,
         log_level=args.log_level.lower(),

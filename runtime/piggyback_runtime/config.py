@@ -232,6 +232,48 @@ class MetricsConfig(_Strict):
     attainment_window_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+BATCH_DATABASE_SCHEMES = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+
+
+class BatchConfig(_Strict):
+    """The OpenAI Batch API (/v1/files, /v1/batches; the batch/ package): durable BE jobs."""
+
+    enabled: bool = False
+    # The SQLite database and the files on disk: one directory (the operator mounts a PVC there). Not needed
+    # with a shared database, which then holds the files too (any replica serves any file).
+    directory: str | None = None
+    # A shared database for a pool of replicas that lease lines from one queue, e.g.
+    # postgresql+asyncpg://user:pass@host/db; None: SQLite in `directory` (one replica).
+    database_url: str | None = None
+    # The name of an environment variable holding database_url (the operator fills it from a Secret); wins
+    # over database_url when set and non-empty.
+    database_url_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
+    # Uploads above this size are refused (HTTP 413); OpenAI's own limit is 200 MB.
+    max_file_bytes: Annotated[int, Field(ge=1)] = 200 * 1024 * 1024
+    max_lines_per_file: Annotated[int, Field(ge=1)] = 50_000
+    # The share of BE capacity a runner takes: at most this many lines in flight per replica, and new lines
+    # only while live BE requests plus lines in flight stay below piggyback.max_be_requests.
+    max_inflight_lines: Annotated[int, Field(ge=1, le=65536)] = 64
+    # A replica that stops renewing its leases (it died) loses its lines after this long; another runs them.
+    lease_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # How often a runner looks for new work when it has none.
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(BATCH_DATABASE_SCHEMES):
+            raise ValueError(f"use a URL starting with one of {', '.join(BATCH_DATABASE_SCHEMES)}")
+        return url
+
+    @model_validator(mode="after")
+    def _needs_directory(self) -> BatchConfig:
+        if self.enabled and not self.directory and not (self.database_url or self.database_url_env):
+            raise ValueError("batch.enabled needs batch.directory (where the SQLite database and the batch files "
+                             "are kept) or a shared database (batch.database_url or batch.database_url_env)")
+        return self
+
+
 class RuntimeConfig(_Strict):
     model: ModelConfig
     # "auto": cuda if available, else cpu.
@@ -242,6 +284,7 @@ class RuntimeConfig(_Strict):
     slo_control: SLOControlConfig = SLOControlConfig()
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
+    batch: BatchConfig = BatchConfig()
 
     @field_validator("device")
     @classmethod

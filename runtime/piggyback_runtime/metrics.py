@@ -77,6 +77,12 @@ MIGRATION_DONE = "migrated"
 MIGRATION_REFUSED = "refused"  # the target said no (no room, draining, bad state): the request stays put
 MIGRATION_FAILED = "failed"  # the target was unreachable or timed out: the request stays put
 MIGRATION_NOT_READY = "not_ready"  # the request was not between two decode steps, or already gone
+# The Batch API (batch/): batches by status, and lines of the active batches by the batch's status and the line's
+# state (pending, leased, completed, failed); lines this replica ran to a result; lines it has in flight now.
+BATCHES = "piggyback_batches"  # label status
+BATCH_LINES = "piggyback_batch_lines"  # labels batch_status, line_state
+BATCH_LINES_FINISHED = "piggyback_batch_lines_finished"  # label line_state: completed, failed
+BATCH_LINES_IN_FLIGHT = "piggyback_batch_lines_in_flight"
 # The pool router (router/app.py).
 ROUTER_STAGE_LOWER_TOKENS = "piggyback_router_stage_lower_tokens"
 ROUTER_STAGE_UPPER_TOKENS = "piggyback_router_stage_upper_tokens"  # absent for the last (unbounded) stage
@@ -349,6 +355,13 @@ class RuntimeMetrics:
             LS_HEADROOM_RPS, "Predicted extra LS request rate (requests/s) that fits under the SLOs at the current "
             "mix; absent until the runtime has seen LS requests.", registry=r,
         )  # fmt: skip
+
+        self.batches = Gauge(BATCHES, "Batches (Batch API) by status.", ("status",), registry=r)
+        self.batch_lines = Gauge(BATCH_LINES, "Lines of the active batches, by batch status and line state.",
+                                 ("batch_status", "line_state"), registry=r)  # fmt: skip
+        self.batch_lines_finished = Counter(BATCH_LINES_FINISHED, "Batch lines this replica ran to a recorded "
+                                            "result, by outcome.", ("line_state",), registry=r)  # fmt: skip
+        self.batch_lines_in_flight = Gauge(BATCH_LINES_IN_FLIGHT, "Batch lines this replica runs now.", registry=r)
 
     def export_slo_targets(self, services: Iterable[ServiceConfig]) -> None:
         """Publish every LS service's configured SLO (and zero its attainment counters) from the start."""

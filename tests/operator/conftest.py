@@ -44,6 +44,7 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/nodes": kmock.ResourceInfo(kind="Node", namespaced=False),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False),
     "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", namespaced=True),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True),
     "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True),

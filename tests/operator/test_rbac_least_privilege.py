@@ -95,7 +95,7 @@ async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
     runtime.set(services={"chat": {"class": "LS", "attainment": 1.0, "window": 50, "ttft_s": [0.05] * 50},
                           "batch": {"class": "BE", "tokens": 100}}, headroom=5.0)
     await cluster.create("chat", ls_spec())
-    await cluster.create("batch", be_spec())
+    await cluster.create("batch", be_spec(batch={"storage": {"pvc": {"size": "1Gi"}}}))  # a batch claim
     for name in ("chat", "batch"):
         await eventually(lambda n=name: cluster.condition(n, "Admitted").get("status") == "True", what=f"{name}")
     pool = cluster.status("chat")["pool"]

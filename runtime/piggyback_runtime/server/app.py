@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -492,11 +493,26 @@ _COMPLETION_RESPONSES = {200: {"model": CompletionResponse, "content": _SSE}, **
 _CHAT_RESPONSES = {200: {"model": ChatCompletionResponse, "content": _SSE}, **POST_ERROR_RESPONSES}
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+# A feature built on the server (the Batch API, batch/): it adds its routes to the app and returns what runs
+# while the app serves (entered at start-up, left at shutdown).
+AppExtension = Callable[[FastAPI, Runtime], AbstractAsyncContextManager[None]]
+
+
+def create_app(runtime: Runtime, extensions: Sequence[AppExtension] = ()) -> FastAPI:
+    running: list[AbstractAsyncContextManager[None]] = []
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for context in running:
+                await stack.enter_async_context(context)
+            yield
+
     app = FastAPI(
         title="Piggyback runtime",
         version="0.1.0",
         description="OpenAI-compatible API of a Piggyback runtime: one `model` per hosted service.",
+        lifespan=lifespan,
     )
     app.openapi = lambda: custom_openapi(app)  # type: ignore[method-assign]
     app.state.runtime = runtime
@@ -520,6 +536,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                       responses=_CHAT_RESPONSES)  # fmt: skip
     # The pool router's endpoints: token-level streams and live migration (server/internal.py).
     register_internal_routes(app, runtime)
+    running.extend(extend(app, runtime) for extend in extensions)
     return app
 
 

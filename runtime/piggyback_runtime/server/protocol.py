@@ -432,3 +432,35 @@ def stream_choice(chat: bool, text: str, finish_reason: str | None) -> dict[str,
 def chat_role_choice() -> dict[str, Any]:
     """The first chunk of a chat stream: the role, no content yet."""
     return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+# -- the Batch API's objects (batch/ package): files, batches, pages, output and error lines --------------------
+def file_object(file_id: str, size_bytes: int, created_at: int, filename: str, purpose: str) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "bytes": size_bytes, "created_at": created_at, "filename": filename,
+            "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}  # fmt: skip
+
+
+def file_deleted(file_id: str) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def cursor_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """A list answer that the client pages through with `after=<last_id>` while `has_more`."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}  # fmt: skip
+
+
+def batch_object(fields: dict[str, Any], errors: list[dict[str, Any]] | None, total: int, completed: int,
+                 failed: int) -> dict[str, Any]:  # fmt: skip
+    """A batch as OpenAI's client parses it; `fields` holds the id, endpoint, status, file ids, metadata and the
+    `*_at` timestamps (None where the batch never passed that point)."""
+    return {"object": "batch", **fields, "errors": {"object": "list", "data": errors} if errors else None,
+            "request_counts": {"total": total, "completed": completed, "failed": failed}}  # fmt: skip
+
+
+def batch_output_line(line_id: str, custom_id: str, status_code: int | None, request_id: str | None,
+                      body: dict[str, Any] | None, error: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One line of a batch's output file (status 200) or error file (another status, or no response at all and
+    an `error` {code, message}: a line the batch never ran because it was cancelled or expired)."""
+    response = None if status_code is None else {"status_code": status_code, "request_id": request_id, "body": body}
+    return {"id": line_id, "custom_id": custom_id, "response": response, "error": error}
