@@ -295,6 +295,7 @@ _FOR_THE_ENDPOINT_PICKER = (
     "ference Extension's endpoint picker, which reads one series per pod"
 )
 NOT_ON_A_PANEL: dict[str, str] = {
+    "piggyback_batches": "the batches by status; the Batch API panels show their lines, which is what moves",
     "piggyback_pod_requests_waiting": _FOR_THE_ENDPOINT_PICKER,
     "piggyback_pod_requests_running": _FOR_THE_ENDPOINT_PICKER,
     "piggyback_pod_kv_cache_usage_ratio": _FOR_THE_ENDPOINT_PICKER,
