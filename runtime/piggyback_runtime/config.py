@@ -133,6 +133,10 @@ class EngineConfig(_Strict):
     policy: str = "piggyback"
     # Policy `headroom`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
+    # Tensor parallelism: one process per rank, each with one GPU (cuda:RANK) or a share of the CPU, holding
+    # 1/tp of every layer's heads, KV heads and MLP (runtime/piggyback_runtime/distributed.py). The model's
+    # attention heads, KV heads and intermediate size must be multiples of it (checked when the model loads).
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
 
 
     @field_validator("policy")
