@@ -42,6 +42,7 @@ from piggyback_runtime.model.loader import LoadedModel, load_model, resolve_devi
 from piggyback_runtime.model.parallel import TensorParallelGroup
 from piggyback_runtime.model_runner import ModelRunner, RunResult
 from piggyback_runtime.piggyback.be_path import ENTER, BERow, PiggybackPath
+from piggyback_runtime.piggyback.numa import pin_near_gpu
 from piggyback_runtime.request import Request
 from piggyback_runtime.scheduler.batching import IterationPlan, ScheduledChunk
 from piggyback_runtime.scheduler.policies import Policy, make_policy
@@ -130,6 +131,7 @@ def init_rank(config: RuntimeConfig, rank: int, init_method: str) -> RankContext
             raise RankLostError(f"engine.tensor_parallel_size={world} needs {world} GPUs; this host has "
                                 f"{torch.cuda.device_count()}")  # fmt: skip
         torch.cuda.set_device(rank)
+        pin_near_gpu(gpu_pci_bus_id(rank))  # before this rank starts its CPU attention workers (they inherit it)
     else:
         # The ranks share this host's cores; OpenMP teams larger than their share spin against each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -137,6 +139,15 @@ def init_rank(config: RuntimeConfig, rank: int, init_method: str) -> RankContext
                             timeout=CONTROL_TIMEOUT)  # fmt: skip
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if cuda else dist.group.WORLD
     return RankContext(TensorParallelGroup(rank, world, dist.group.WORLD), control)
+
+
+def gpu_pci_bus_id(index: int) -> str | None:
+    """'0000:3b:00.0' of a CUDA device, from torch's device properties (None where torch does not say)."""
+    props = torch.cuda.get_device_properties(index)
+    bus, device, domain = (getattr(props, f"pci_{k}_id", None) for k in ("bus", "device", "domain"))
+    if bus is None or device is None:
+        return None
+    return f"{domain or 0:04x}:{bus:02x}:{device:02x}.0"
 
 
 def _free_port() -> int:
@@ -273,9 +284,11 @@ class LeaderRunner(ModelRunner):
             return super().run(plan)
         except Exception as exc:
             # A failed collective (a rank died) or an error part-way through the layers: the ranks are out of step.
+            # A peer's death reaches the collective first; give its exit a moment to show, to name it.
+            wait_sentinels([p.sentinel for p in self.ranks.followers], timeout=2.0)
             lost = self.ranks.lost_followers()
-            reason = "; ".join(lost) if lost else f"a tensor-parallel iteration failed: {exc!r}"
-            raise RankLostError(reason) from exc
+            reason = "; ".join(lost) if lost else f"the ranks are out of step after an error: {exc!r}"
+            raise RankLostError(f"tensor-parallel rank lost: {reason}") from exc
 
     def close(self) -> None:
         super().close()

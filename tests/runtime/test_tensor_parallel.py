@@ -40,6 +40,7 @@ from piggyback_runtime.model.parallel import (
     take_shard,
 )
 from piggyback_runtime.model.tokenizer import builtin_tokenizer
+from piggyback_runtime.piggyback import numa
 from tests.runtime.helpers import (
     LS_SLO,
     assert_matches_reference,
@@ -251,7 +252,10 @@ def _tp1_tokens(base: Any, policy: str, chunked: bool) -> list[list[int]]:
 
 # --- a rank lost -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_zero(tmp_path: Path) -> None:
+def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")  # no native kernel build inside the measured window
     port = free_port()
     config = RuntimeConfig.from_dict({
         "model": {"uri": "synthetic://tiny-llama", "max_model_len": 2048},
@@ -287,7 +291,7 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
         assert match, log_path.read_text(errors="replace")[-2000:]
         reader = threading.Thread(target=stream)
         reader.start()
-        assert started.wait(60), "the stream never started"
+        assert started.wait(60), f"the stream never started (exit code {process.poll()})"
         subprocess.run(["kill", "-9", match.group(1)], check=True)
         reader.join(30)
         assert not reader.is_alive(), "the stream hung after the rank died"
@@ -305,3 +309,27 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2] if json.loads(e).get("choices"))
     assert text, "nothing streamed before the rank died"
 
+
+
+# --- where a rank's CPU workers run ----------------------------------------------------------------------------------
+def test_workers_go_to_the_numa_node_of_the_ranks_gpu_where_the_host_has_several(tmp_path: Path) -> None:
+    assert numa.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    nodes = {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+    assert numa.choose_worker_cpus(1, nodes, allowed=set(range(8))) == [4, 5, 6, 7]
+    assert numa.choose_worker_cpus(1, nodes, allowed={0, 1, 5}) == [5]  # only what this process may use
+    assert numa.choose_worker_cpus(1, nodes, allowed={0, 1}) is None  # nothing allowed there: leave it
+    assert numa.choose_worker_cpus(None, nodes, allowed=set(range(8))) is None  # /sys does not say
+    assert numa.choose_worker_cpus(0, {0: [0, 1]}, allowed={0, 1}) is None  # one node: nothing to choose
+
+    # The /sys layout: node directories with cpulists; a PCI device's numa_node (-1: unknown).
+    for node, cpus in (("node0", "0-1"), ("node1", "2-3")):
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+        (tmp_path / "nodes" / node / "cpulist").write_text(cpus + "\n")
+    (tmp_path / "pci" / "0000:3b:00.0").mkdir(parents=True)
+    (tmp_path / "pci" / "0000:3b:00.0" / "numa_node").write_text("1\n")
+    (tmp_path / "pci" / "0000:af:00.0").mkdir(parents=True)
+    (tmp_path / "pci" / "0000:af:00.0" / "numa_node").write_text("-1\n")
+    assert numa.read_nodes(tmp_path / "nodes") == {0: [0, 1], 1: [2, 3]}
+    assert numa.read_pci_numa_node("0000:3B:00.0", tmp_path / "pci") == 1
+    assert numa.read_pci_numa_node("0000:af:00.0", tmp_path / "pci") is None
+    assert numa.read_pci_numa_node("0000:00:00.0", tmp_path / "pci") is None

@@ -10,6 +10,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# Tensor parallelism (model/parallel.py): what crosses the GPUs' link. The simulator's TP model (sim/devices.py)
+# reads the same figures. Per layer, two all-reduces (after o_proj and after down_proj) of one hidden vector per
+# token each; per iteration, one all-reduce of the embeddings (same size) and one all-gather of the fp32 logits of
+# the sampled rows (vocabulary/tp per rank).
+TP_ALLREDUCES_PER_LAYER = 2
+
+
+def tp_allreduce_message_bytes(hidden_size: int, element_bytes: int) -> int:
+    """Bytes per token of one tensor-parallel all-reduce (each rank's partial hidden vector)."""
+    return hidden_size * element_bytes
+
+
 class ModelLoadError(ValueError):
     """The model cannot be loaded as asked; the message says what is missing or unsupported and what to do."""
 

@@ -10,8 +10,8 @@ forward pass needs (Megatron-LM's layout).
                                masked lookups, the logits an all-gather of the ranks' slices
     norms                      replicated
 
-What crosses the link per layer and token is `allreduce_bytes_per_token_layer` (sim/devices.py's TP model
-reads the same function), so the simulator and the runtime agree on it.
+What crosses the link per layer and token is `allreduce_bytes_per_token_layer`, from the figures in model/arch.py
+that sim/devices.py's TP model reads too, so the simulator and the runtime agree on it.
 
 A rank's model is an ordinary `LlamaForCausalLM` built from `ModelArch.shard(tp)` (its heads, KV heads and
 MLP width divided by tp); the KV cache, the attention kernels and the piggyback path see only that rank's
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from piggyback_runtime.model.arch import TP_ALLREDUCES_PER_LAYER, tp_allreduce_message_bytes
+
 # Column-parallel (split the output features, dim 0 of the weight and the bias), row-parallel (split the input
 # features, dim 1) and vocabulary-parallel (dim 0, padded) tensors, by the end of their Hugging Face name.
 COLUMN_PARALLEL = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
@@ -39,9 +41,9 @@ def padded_vocab(vocab_size: int, world_size: int) -> int:
 
 
 def allreduce_bytes_per_token_layer(hidden_size: int, element_bytes: int) -> int:
-    """Bytes each rank contributes to the all-reduces of one layer for one token: two (after o_proj and after
-    down_proj) of a hidden vector each. A ring all-reduce moves 2·(tp-1)/tp of this over each rank's link."""
-    return 2 * hidden_size * element_bytes
+    """Bytes each rank contributes to the all-reduces of one layer for one token (model/arch.py has the figures
+    the simulator uses too). A ring all-reduce moves 2·(tp-1)/tp of this over each rank's link."""
+    return TP_ALLREDUCES_PER_LAYER * tp_allreduce_message_bytes(hidden_size, element_bytes)
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,8 @@ class AsyncEngine:
     def _die(self, reason: str) -> None:
         """The engine cannot go on (a tensor-parallel rank is lost): not ready from now on, then every request in
         flight ends with an error event (the process exits shortly after: distributed.RankWatch)."""
-        self.dead_reason = f"engine stopped: {reason}"
-        log.error("%s; failing %d in-flight request(s)", self.dead_reason, len(self.engine.requests))
+        self.dead_reason = reason
+        log.error("engine stopped: %s; failing %d in-flight request(s)", reason, len(self.engine.requests))
         error = f"the runtime lost a tensor-parallel rank and stops: {reason}"
         for request_id in list(self.engine.requests):
             try:
