@@ -79,7 +79,7 @@ def test_host_kv_fits_within_the_pods_memory_limit():
 def test_tensor_parallel_size_renders_the_ranks_and_requests_a_gpu_for_each():
     members = [member("chat", tensorParallelSize=4), member("jobs", "BE")]
     assert rendered(members).engine.tensor_parallel_size == 4
-    configmap, deployment = pools.render_children("p", "ns", members, replicas=1, scaled=0)
+    _, deployment = pools.render_children("p", "ns", members, replicas=1, scaled=0)
     (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "runtime"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert rendered([member("chat")]).engine.tensor_parallel_size == 1  # the default: one GPU, no ranks
