@@ -30,11 +30,18 @@ from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.client import free_port, wait_ready
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.model import loader
-from piggyback_runtime.model.arch import ModelArch, ModelLoadError, synthetic_arch
+from piggyback_runtime.model.arch import (
+    TP_ALLREDUCES_PER_LAYER,
+    ModelArch,
+    ModelLoadError,
+    synthetic_arch,
+    tp_allreduce_message_bytes,
+)
 from piggyback_runtime.model.llama import LlamaForCausalLM
 from piggyback_runtime.model.parallel import (
     ShardSpec,
     TensorParallelGroup,
+    allreduce_bytes_per_token_layer,
     padded_vocab,
     shard_spec,
     take_shard,
@@ -332,3 +339,36 @@ def test_workers_go_to_the_numa_node_of_the_ranks_gpu_where_the_host_has_several
     assert numa.read_pci_numa_node("0000:3B:00.0", tmp_path / "pci") == 1
     assert numa.read_pci_numa_node("0000:af:00.0", tmp_path / "pci") is None
     assert numa.read_pci_numa_node("0000:00:00.0", tmp_path / "pci") is None
+
+
+# --- what crosses the link -------------------------------------------------------------------------------------------
+class _RecordingGroup(TensorParallelGroup):
+    """Rank 0 of 2 with the collectives recorded instead of run (the sums come out wrong; only sizes count)."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 2, None)
+        self.all_reduced: list[int] = []
+        self.gathered: list[int] = []
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.all_reduced.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.gathered.append(tensor.numel() * tensor.element_size())
+        return tensor.repeat(1, self.world_size)
+
+
+def test_the_bytes_a_rank_all_reduces_per_layer_are_the_simulators() -> None:
+    group = _RecordingGroup()
+    loaded = loader.load_model(tiny_config().model, "cpu", group)
+    arch, tokens = loaded.arch, 5
+    hidden = loaded.model.forward_layers(torch.arange(tokens), torch.arange(tokens),
+                                         lambda _, q, k, v: torch.zeros_like(q))  # fmt: skip
+    embedding, *layers = group.all_reduced
+    assert embedding == tokens * tp_allreduce_message_bytes(arch.hidden_size, 4)
+    per_layer = allreduce_bytes_per_token_layer(arch.hidden_size, 4)  # fp32 here; the simulator's bf16 is 2
+    assert sum(layers) == arch.num_hidden_layers * tokens * per_layer
+    assert len(layers) == arch.num_hidden_layers * TP_ALLREDUCES_PER_LAYER
+    loaded.model.compute_logits(hidden[-2:])
+    assert group.gathered == [2 * (padded_vocab(arch.vocab_size, 2) // 2) * 4]  # fp32 logits, this rank's half
