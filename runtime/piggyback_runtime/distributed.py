@@ -93,10 +93,16 @@ class RankContext:
     control_group: Any  # gloo: step messages and the per-layer agreement on BE rows
     followers: list[mp.process.BaseProcess] = field(default_factory=list)  # rank 0 only
     closing: bool = False  # rank 0 is shutting down: followers exiting is expected
+    started: bool = False  # every rank has its caches (`start`): from now on a lost rank is fatal
 
     @property
     def rank(self) -> int:
         return self.tp.rank
+
+    def start(self, setup: RankSetup) -> None:
+        """Rank 0: the caches' sizes to the other ranks, which then wait for plans."""
+        self.broadcast(setup)
+        self.started = True
 
     def broadcast(self, obj: object) -> object:
         box = [obj]
@@ -197,6 +203,10 @@ class RankWatch(threading.Thread):
         wait_sentinels(sentinels)
         if self.ranks.closing:
             return
+        if not self.ranks.started:
+            # Start-up: rank 0's next collective fails, and the engine's load error says so (not ready).
+            log.error("tensor-parallel rank failed during start-up: %s", "; ".join(self.ranks.lost_followers()))
+            return
         reason = "; ".join(self.ranks.lost_followers()) or "a tensor-parallel rank exited"
         log.error("tensor-parallel rank lost: %s; exiting in %.0f s", reason, RANK_LOST_EXIT_GRACE_S)
         for process in self.ranks.followers:  # the others are blocked in a collective with the lost one
@@ -213,6 +223,14 @@ def _exit_rank_lost() -> None:
     log.error("exiting: a tensor-parallel rank was lost")
     logging.shutdown()
     os._exit(1)
+
+
+def abort(ranks: RankContext) -> None:
+    """Stop the followers at once (rank 0 failed to start: they would wait for its plans forever)."""
+    ranks.closing = True
+    _kill(ranks.followers)
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def close(ranks: RankContext) -> None:

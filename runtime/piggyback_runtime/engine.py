@@ -71,7 +71,11 @@ class Engine:
         if loaded is None and config.engine.tensor_parallel_size > 1:
             # Tensor parallelism: this process is rank 0; the other ranks start now (distributed.py).
             self.ranks = distributed.launch(config, on_lost=self._rank_lost)
-            loaded = load_model(config.model, distributed.rank_device(config, 0), self.ranks.tp)
+            try:
+                loaded = load_model(config.model, distributed.rank_device(config, 0), self.ranks.tp)
+            except BaseException:
+                distributed.abort(self.ranks)
+                raise
         self.loaded = loaded or load_model(config.model, config.device)
         self.arch = self.loaded.arch
         self.tokenizer: Tokenizer = self.loaded.tokenizer
@@ -137,7 +141,7 @@ class Engine:
         runner_args = (config, self.loaded, self.planner.allocator, self.planner.policy, self.planner.host_kv,
                        self.metrics)  # fmt: skip
         if self.ranks is not None:
-            self.ranks.broadcast(distributed.RankSetup(num_blocks, kv_sizes.host.num_blocks))
+            self.ranks.start(distributed.RankSetup(num_blocks, kv_sizes.host.num_blocks))
             self.runner: ModelRunner = distributed.LeaderRunner(self.ranks, *runner_args)
         else:
             self.runner = ModelRunner(*runner_args)
