@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("attention", "scheduler"),  # attention kernels; the planner and its policies
     ("piggyback", "cuda_graphs"),  # the BE path: CPU attention workers over host KV; captured decode steps
     ("model_runner", "profiler"),  # runs a plan on the model; measures the latency model
+    ("distributed",),  # tensor parallelism: rank processes, the plan broadcast, the followers' runner
     ("engine",),  # plan -> run -> update, one iteration at a time
     ("migration",),  # freeze/thaw of a request and its KV, the engine side of a live migration
     ("server",),  # the OpenAI-compatible HTTP server

@@ -541,6 +541,12 @@ class LLMServiceSpec(_Model):
     its members' values; the pod's terminationGracePeriodSeconds is set above it."""
     batch: BatchSpec | None = None
     """BE only: serve the OpenAI Batch API, with durable storage (a PVC, or a shared Postgres)."""
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = 1
+    """GPUs one replica splits the model over (tensor parallelism, the runtime's engine.tensor_parallel_size):
+    each pod requests at least this many nvidia.com/gpu. The model's attention heads, KV heads and MLP width
+    must be multiples of it: the operator checks that for synthetic:// presets (it knows their shapes); for a
+    file:// or pvc:// model it cannot read config.json, and the runtime refuses a bad value when it loads (the
+    pod then reports not ready with the reason)."""
 
     @model_validator(mode="after")
     def _rules(self) -> LLMServiceSpec:
@@ -548,6 +554,10 @@ class LLMServiceSpec(_Model):
             raise ValueError(MSG_LS_NEEDS_SLO)
         if self.service_class != "BE" and self.batch is not None and self.batch.enabled:
             raise ValueError(MSG_BATCH_BE_ONLY)
+        if self.tensor_parallel_size > 1 and self.model.uri.startswith("synthetic://"):
+            preset = RUNTIME_SYNTHETIC_PRESETS.get(self.model.uri.removeprefix("synthetic://"))
+            if preset is not None:
+                preset.check_tensor_parallel(self.tensor_parallel_size, "spec.tensorParallelSize")
         if self.scaling and not self.scaling.min_replicas <= self.replicas <= self.scaling.max_replicas:
             raise ValueError(MSG_REPLICAS_IN_RANGE)
         placed = self.placement.node_selector

@@ -154,6 +154,8 @@ def engine_section(members: Sequence[Member]) -> dict[str, Any]:
     its product (node labels from GPU feature discovery). The runtime measures the device it lands on and sizes
     the cache from it; the pinned figure caps that, so a replica never counts on more than the product has."""
     section: dict[str, Any] = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
+    if (tp := tensor_parallel_size(members)) > 1:
+        section["tensor_parallel_size"] = tp
     selector, _ = merged_node_selector(members)
     memory = gpu_memory_bytes(selector)
     if memory is not None:
@@ -247,8 +249,14 @@ def merged_pod_settings(members: Sequence[Member]) -> PodOverrides:
     )  # fmt: skip
 
 
+def tensor_parallel_size(members: Sequence[Member]) -> int:
+    """The pool's ranks per replica: the largest any member asks for (members share the model)."""
+    return max(m.spec.tensor_parallel_size for m in members)
+
+
 def gpus_per_replica(members: Sequence[Member]) -> int:
-    return max(m.spec.resources.gpus for m in members)
+    """One GPU per tensor-parallel rank at least."""
+    return max(tensor_parallel_size(members), *(m.spec.resources.gpus for m in members))
 
 
 def memory_per_replica(members: Sequence[Member]) -> float:

@@ -93,6 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    if args.tensor_parallel_size is not None:
+        config = RuntimeConfig.from_dict(
+            {**config.model_dump(by_alias=True),
+             "engine": {**config.engine.model_dump(), "tensor_parallel_size": args.tensor_parallel_size}},
+            source="--tensor-parallel-size",
+        )  # fmt: skip
     runtime = Runtime(config)
     runtime.load_in_background()
     extensions = []
@@ -170,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="path to the RuntimeConfig YAML")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                       help="override engine.tensor_parallel_size: this process is rank 0 and starts ranks 1..N-1 "
+                            "(one GPU each, cuda:RANK; or CPU processes with gloo)")  # fmt: skip
     serve.set_defaults(func=_serve)
     router = sub.add_parser("router", help="route one pool's requests over its replicas (router/app.py)")
     router.add_argument("--pool-endpoints", help="comma-separated replica base URLs")

@@ -160,6 +160,10 @@ class EngineConfig(_Strict):
                              f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}): the budget cannot "
                              "hold; lower the first or raise the second")  # fmt: skip
         return self
+    # Tensor parallelism: one process per rank, each with one GPU (cuda:RANK) or a share of the CPU, holding
+    # 1/tp of every layer's heads, KV heads and MLP (runtime/piggyback_runtime/distributed.py). The model's
+    # attention heads, KV heads and intermediate size must be multiples of it (checked when the model loads).
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
 
 
     @field_validator("policy")

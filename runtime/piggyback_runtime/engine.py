@@ -12,11 +12,14 @@ test_fidelity_gate.py).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
+from piggyback_runtime import distributed
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.paged import kv_cache_dtype
 from piggyback_runtime.config import RuntimeConfig
@@ -79,6 +82,16 @@ class Engine:
         self.config = config
         self.clock = clock
         self.forward_pass_done = forward_pass_done
+        self.fatal_reason: str | None = None  # set when a tensor-parallel rank is lost: the engine cannot go on
+        self.ranks: distributed.RankContext | None = None
+        if loaded is None and config.engine.tensor_parallel_size > 1:
+            # Tensor parallelism: this process is rank 0; the other ranks start now (distributed.py).
+            self.ranks = distributed.launch(config, on_lost=self._rank_lost)
+            try:
+                loaded = load_model(config.model, distributed.rank_device(config, 0), self.ranks.tp)
+            except BaseException:
+                distributed.abort(self.ranks)
+                raise
         self.loaded = loaded or load_model(config.model, config.device)
         self.arch = self.loaded.arch
         self.tokenizer: Tokenizer = self.loaded.tokenizer
@@ -90,19 +103,36 @@ class Engine:
         # readers are looked up at call time (module attributes), so that a test can replace them.
         loaded = self.loaded
         kv_dtype = kv_cache_dtype(engine_cfg.kv_cache_dtype, loaded.device, loaded.dtype)  # fp8 refused off-GPU
-        kv_sizes = sizing.size_kv_caches(
-            config,
-            bytes_per_token=kv_block_bytes(loaded.arch, 1, kv_dtype),
-            max_model_len=loaded.max_model_len,
-            resident_weights_bytes=sizing.weights_bytes(loaded.model),
-            on_cpu=self.device.type == "cpu",
-            # Only a service whose class takes the host path ever holds host KV (an LS-only pool never).
-            uses_host_kv=any(s.service_class in policy_class(engine_cfg.policy).host_path_classes
-                             for s in config.services),
-            read_device=lambda: sizing.read_device_memory(loaded.device),
-            read_host=lambda: sizing.read_host_memory(),
-            measure_activation=lambda tokens, rows: activation_peak.measure_activation_bytes(loaded, tokens, rows),
-        )  # fmt: skip
+        # Under tensor parallelism rank 0 measures and profiles its own shard, the collectives idle.
+        shard = dataclasses.replace(loaded, arch=loaded.shard_arch)
+        tp = loaded.tp
+
+        def local() -> contextlib.AbstractContextManager[None]:
+            return tp.local_only() if tp is not None else contextlib.nullcontext()
+
+        def size_caches(bytes_per_token: int) -> sizing.KVSizes:
+            with local():
+                return sizing.size_kv_caches(
+                    config,
+                    bytes_per_token=bytes_per_token,
+                    max_model_len=loaded.max_model_len,
+                    resident_weights_bytes=sizing.weights_bytes(loaded.model),
+                    on_cpu=self.device.type == "cpu",
+                    # Only a service whose class takes the host path ever holds host KV (an LS-only pool never).
+                    uses_host_kv=any(s.service_class in policy_class(engine_cfg.policy).host_path_classes
+                                     for s in config.services),
+                    read_device=lambda: sizing.read_device_memory(loaded.device),
+                    read_host=lambda: sizing.read_host_memory(),
+                    measure_activation=lambda tokens, rows: activation_peak.measure_activation_bytes(
+                        shard, tokens, rows),
+                )  # fmt: skip
+
+        kv_sizes = size_caches(kv_block_bytes(loaded.arch, 1, kv_dtype))
+        if tp is not None and self.device.type != "cpu":
+            # Each GPU holds its rank's KV heads; the ranks' host KV shards share this host's memory (as do all
+            # the caches on a CPU device): those are sized for the whole model's KV.
+            per_gpu = size_caches(kv_block_bytes(loaded.shard_arch, 1, kv_dtype)).accelerator
+            kv_sizes = dataclasses.replace(kv_sizes, accelerator=per_gpu)
         num_blocks = kv_sizes.accelerator.num_blocks
         log.info("accelerator KV: %d blocks of %d tokens (%s)", num_blocks, engine_cfg.block_size,
                  kv_sizes.accelerator.explanation)  # fmt: skip
@@ -117,14 +147,21 @@ class Engine:
             return request.append_token(token, self.tokenizer, loaded_model.eos_token_ids,
                                         loaded_model.max_model_len)  # fmt: skip
 
+        def profile() -> LatencyModel:
+            with local():  # under tensor parallelism: rank 0's shard, without the all-reduces' time
+                return load_or_profile(shard, config.slo_control.profile_cache_dir,
+                                       config.slo_control.profile_trust_factor)  # fmt: skip
+
         self.planner = Planner(
-            config, num_blocks, host_kv,
-            latency_model or (lambda: load_or_profile(loaded_model, config.slo_control.profile_cache_dir,
-                                                      config.slo_control.profile_trust_factor)),
-            append_token=append_token, clock=clock,
+            config, num_blocks, host_kv, latency_model or profile, append_token=append_token, clock=clock,
         )  # fmt: skip
-        self.runner = ModelRunner(config, self.loaded, self.planner.allocator, self.planner.policy,
-                                  self.planner.host_kv, self.metrics)  # fmt: skip
+        runner_args = (config, self.loaded, self.planner.allocator, self.planner.policy, self.planner.host_kv,
+                       self.metrics)  # fmt: skip
+        if self.ranks is not None:
+            self.ranks.start(distributed.RankSetup(num_blocks, kv_sizes.host.num_blocks))
+            self.runner: ModelRunner = distributed.LeaderRunner(self.ranks, *runner_args)
+        else:
+            self.runner = ModelRunner(*runner_args)
         self.model = self.loaded.model
         self.requests: dict[str, Request] = {}
         self._be_token_times: deque[float] = deque()
@@ -149,6 +186,10 @@ class Engine:
                     self.metrics.slo_violations.labels(service.name, violation)
         log.info("engine ready: %d KV blocks of %d tokens on %s, policy %s", num_blocks, engine_cfg.block_size,
                  self.device, self.planner.policy.name)  # fmt: skip
+
+    def _rank_lost(self, reason: str) -> None:
+        """A tensor-parallel rank exited (called on the watch thread): the next step raises RankLostError."""
+        self.fatal_reason = f"tensor-parallel rank lost: {reason}"
 
     # The planner's and the runner's state, under the names tests and the server read.
     @property
@@ -255,6 +296,8 @@ class Engine:
 
     # --- one iteration: schedule -> run -> update ------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.fatal_reason is not None:
+            raise distributed.RankLostError(self.fatal_reason)
         started = self.clock()  # the planner's clock: the update measures the iteration against it
         pb = self.runner.piggyback
         if pb is not None:

@@ -77,6 +77,13 @@ def _cache_and_blocks(engine: Engine, request_id: str, on_host_path: bool) -> tu
     return cache.key, cache.value, engine.allocator.blocks_of(request_id), cache.block_size
 
 
+def _refuse_under_tensor_parallelism(engine: Engine) -> None:
+    # Each rank holds its KV heads, and the other ranks' state follows rank 0's plans: not moved (yet).
+    if engine.ranks is not None:
+        raise MigrationRefused("live migration is not supported under tensor parallelism "
+                               "(engine.tensor_parallel_size > 1)")  # fmt: skip
+
+
 class Migrator:
     """Freeze / export / commit / resume on the source and import on the target; methods run on the engine
     thread (through AsyncEngine.call), so they see the engine between two iterations, never inside one."""
@@ -89,6 +96,7 @@ class Migrator:
     def export(self, request_id: str) -> tuple[dict[str, Any], bytes]:
         """Freeze the request (it stops being scheduled, keeps its KV) and return its header and KV bytes."""
         engine = self.engine
+        _refuse_under_tensor_parallelism(engine)
         request = engine.requests.get(request_id)
         if request is None or request_id in self.frozen:
             raise MigrationRefused(f"request {request_id!r} is not running here")
@@ -178,6 +186,7 @@ class Migrator:
     def import_request(self, header: dict[str, Any], payload: bytes) -> Request:
         """Take a request exported by another runtime; its next step is a decode step on this one."""
         engine = self.engine
+        _refuse_under_tensor_parallelism(engine)
         try:
             request = Request.from_wire(header, now_s=time.monotonic())
             dtype = getattr(torch, header["kv"]["dtype"])

@@ -64,6 +64,8 @@ class RunResult:
 
 
 class ModelRunner:
+    piggyback_class: type[PiggybackPath] = PiggybackPath  # tensor parallelism: rank 0's records its changes
+
     def __init__(
         self,
         config: RuntimeConfig,
@@ -75,7 +77,7 @@ class ModelRunner:
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        self.arch = loaded.arch
+        self.arch = loaded.shard_arch  # under tensor parallelism: this rank's heads and KV heads
         self.device = loaded.device
         self.allocator = allocator  # the planner's: block tables of the plan's requests
         self.block_size = allocator.block_size
@@ -95,7 +97,7 @@ class ModelRunner:
         self.piggyback: PiggybackPath | None = None
         if policy.uses_host_path:
             assert host_kv is not None
-            self.piggyback = PiggybackPath(config, self.arch, loaded.dtype, self.device, host_kv, metrics)
+            self.piggyback = self.piggyback_class(config, self.arch, loaded.dtype, self.device, host_kv, metrics)
 
     def close(self) -> None:
         if self.piggyback is not None:

@@ -330,7 +330,8 @@ def _profile_be_merge(
                 back = host_out[:rows].to(device, non_blocking=pin)
                 residual = host_residual[:rows].to(device, non_blocking=pin)
                 attn = torch.cat((q[:base].flatten(1), back))
-                out = torch.cat((hidden[:base], residual)) + attn
+                # (a tensor-parallel shard's attention output is narrower than the hidden state)
+                out = torch.cat((hidden[:base], residual))[:, : attn.shape[1]] + attn
             return out
 
         return run

@@ -74,3 +74,21 @@ def test_host_kv_fits_within_the_pods_memory_limit():
     assert config.piggyback.host_kv_memory_gib * GIB + pools.BASE_MEMORY_BYTES == limit
     # No BE memory asked for: no size rendered, the runtime takes its share of what the pod's limit leaves.
     assert rendered([member("chat")]).piggyback.host_kv_memory_gib is None
+
+
+def test_tensor_parallel_size_renders_the_ranks_and_requests_a_gpu_for_each():
+    members = [member("chat", tensorParallelSize=4), member("jobs", "BE")]
+    assert rendered(members).engine.tensor_parallel_size == 4
+    _, deployment = pools.render_children("p", "ns", members, replicas=1, scaled=0)
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "runtime"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert rendered([member("chat")]).engine.tensor_parallel_size == 1  # the default: one GPU, no ranks
+
+
+def test_a_tensor_parallel_size_a_presets_heads_do_not_divide_is_refused_naming_the_field():
+    body = {"class": "BE", "model": {"uri": "synthetic://tiny-llama"}, "tensorParallelSize": 4}
+    with pytest.raises(ValueError, match=r"spec\.tensorParallelSize=4 .*num_key_value_heads \(2\)"):
+        LLMServiceSpec.model_validate(body)
+    assert LLMServiceSpec.model_validate({**body, "tensorParallelSize": 2}).tensor_parallel_size == 2
+    # A file:// or pvc:// model's heads are unknown to the operator: the runtime checks when it loads.
+    assert LLMServiceSpec.model_validate({**body, "model": {"uri": "pvc://w/m"}}).tensor_parallel_size == 4

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# Tensor parallelism (model/parallel.py): what crosses the GPUs' link. The simulator's TP model (sim/devices.py)
+# reads the same figures. Per layer, two all-reduces (after o_proj and after down_proj) of one hidden vector per
+# token each; per iteration, one all-reduce of the embeddings (same size) and one all-gather of the fp32 logits of
+# the sampled rows (vocabulary/tp per rank).
+TP_ALLREDUCES_PER_LAYER = 2
+
+
+def tp_allreduce_message_bytes(hidden_size: int, element_bytes: int) -> int:
+    """Bytes per token of one tensor-parallel all-reduce (each rank's partial hidden vector)."""
+    return hidden_size * element_bytes
 
 
 class ModelLoadError(ValueError):
@@ -119,6 +132,29 @@ class ModelArch:
             raise ModelLoadError(f"{source}: head_dim ({self.head_dim}) must be even for RoPE")
         return self
 
+    def check_tensor_parallel(self, world_size: int, field_name: str = "engine.tensor_parallel_size") -> None:
+        """Raise ModelLoadError (naming `field_name`) unless this model splits into `world_size` equal shards:
+        attention heads, KV heads (each rank holds whole KV heads) and the MLP width divisible by it."""
+        if world_size < 1:
+            raise ModelLoadError(f"{field_name} must be at least 1, got {world_size}")
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_key_value_heads", self.num_key_value_heads),
+                            ("intermediate_size", self.intermediate_size)):  # fmt: skip
+            if value % world_size:
+                raise ModelLoadError(
+                    f"{field_name}={world_size} does not divide the model's {name} ({value}); use a divisor of "
+                    f"{math.gcd(self.num_attention_heads, self.num_key_value_heads, self.intermediate_size)}"
+                )
+
+    def shard(self, world_size: int) -> ModelArch:
+        """One tensor-parallel rank's part: its attention heads, KV heads and MLP width (model/parallel.py)."""
+        if world_size == 1:
+            return self
+        self.check_tensor_parallel(world_size)
+        return replace(self, num_attention_heads=self.num_attention_heads // world_size,
+                       num_key_value_heads=self.num_key_value_heads // world_size,
+                       intermediate_size=self.intermediate_size // world_size)  # fmt: skip
+
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json a Hugging Face model of this architecture would have (for synthetic models)."""
         rope: dict[str, Any] | None = None
@@ -196,6 +232,9 @@ SYNTHETIC_PRESETS: dict[str, ModelArch] = {
     # The demo's and CPU benchmarks' model: big enough that compute dominates Python overhead on 2 cores.
     "small-llama": ModelArch("llama", 2048, 512, 1408, 4, 8, 2, 64, 4096, rope_theta=500000.0,
                              bos_token_id=1, eos_token_ids=(2,)),
+    # For tensor-parallel tests: 4 KV heads (tiny-llama's 2 split over at most 2 ranks).
+    "tiny-llama-mha": ModelArch("llama", 512, 128, 256, 2, 4, 4, 32, 2048, rope_theta=10000.0,
+                                bos_token_id=1, eos_token_ids=(2,)),
     "tiny-qwen2": ModelArch("qwen2", 512, 128, 256, 2, 4, 2, 32, 2048, rms_norm_eps=1e-6,
                             rope_theta=1000000.0, tie_word_embeddings=True, attention_bias=True,
                             bos_token_id=None, eos_token_ids=(2,)),

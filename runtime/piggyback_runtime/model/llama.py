@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from piggyback_runtime.model.arch import ModelArch, ModelLoadError
+from piggyback_runtime.model.parallel import TensorParallelGroup, padded_vocab
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,10 +64,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup | None = None) -> None:
+        """`arch`: this rank's shard under tensor parallelism (model/parallel.py), whose o_proj and down_proj
+        outputs are partial sums that `tp` all-reduces."""
         super().__init__()
         h = arch.hidden_size
         self.arch = arch
+        self.tp = tp
         self.input_layernorm = RMSNorm(h, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, arch.rms_norm_eps)
         self.self_attn = nn.Module()
@@ -96,20 +100,34 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """attn [T, Hq, D] (or [T, Hq*D]) + the layer's input hidden [T, H] -> the layer's output hidden."""
-        h = residual + self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
+        attn_out = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
+        if self.tp is not None:
+            attn_out = self.tp.all_reduce(attn_out)
+        h = residual + attn_out
         x = self.post_attention_layernorm(h)
-        return h + self.mlp.down_proj(F.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+        mlp_out = self.mlp.down_proj(F.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+        if self.tp is not None:
+            mlp_out = self.tp.all_reduce(mlp_out)
+        return h + mlp_out
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup | None = None) -> None:
+        """`arch`: the whole model's; under tensor parallelism (`tp`) this rank builds its shard of it."""
         super().__init__()
+        self.full_arch = arch
+        self.tp = tp if tp is not None and tp.world_size > 1 else None
+        world, rank = (self.tp.world_size, self.tp.rank) if self.tp is not None else (1, 0)
+        arch = arch.shard(world)
         self.arch = arch
+        # Vocabulary-parallel: this rank's rows of the embedding and the lm_head (vocabulary padded to tp).
+        vocab_rows = padded_vocab(arch.vocab_size, world) // world
+        self.vocab_start = rank * vocab_rows
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_hidden_layers))
+        self.model.embed_tokens = nn.Embedding(vocab_rows, arch.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(arch, self.tp) for _ in range(arch.num_hidden_layers))
         self.model.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = nn.Linear(arch.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
@@ -122,7 +140,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(token_ids)
+        if self.tp is None:
+            return self.model.embed_tokens(token_ids)
+        # Each rank looks up the ids in its vocabulary rows (zeros elsewhere); the sum over ranks is the lookup.
+        local = token_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.model.embed_tokens.num_embeddings)
+        hidden = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(hidden.masked_fill(outside.unsqueeze(-1), 0.0))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, D] for these positions, computed in fp32 and shared by every layer."""
@@ -131,7 +155,11 @@ class LlamaForCausalLM(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+        logits = self.lm_head(self.model.norm(hidden)).float()
+        if self.tp is None:
+            return logits
+        # Every rank computes its vocabulary slice; the gathered rows past the real vocabulary are padding.
+        return self.tp.all_gather_last_dim(logits)[:, : self.full_arch.vocab_size]
 
     def forward_layers(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         """Run every layer for a flat batch of tokens; `attention(layer, q, k, v)` owns the KV cache."""

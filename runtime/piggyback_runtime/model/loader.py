@@ -15,6 +15,7 @@ from safetensors import safe_open
 from piggyback_runtime.config import DEFAULT_PVC_MOUNT_ROOT, PVC_MOUNT_ROOT_ENV, ModelConfig
 from piggyback_runtime.model.arch import ModelArch, ModelLoadError, synthetic_arch
 from piggyback_runtime.model.llama import LlamaForCausalLM, rope_inv_freq
+from piggyback_runtime.model.parallel import TensorParallelGroup, shard_spec, take_shard
 from piggyback_runtime.model.tokenizer import Tokenizer, builtin_tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -22,16 +23,31 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Under tensor parallelism a synthetic model up to this size is initialised whole and sliced, so every tp
+# gives the weights of tp 1 (same tokens); a larger one is initialised per rank from seed + rank.
+SYNTHETIC_SLICE_MAX_PARAMETERS = 200_000_000
+
+
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
-    arch: ModelArch
+    model: LlamaForCausalLM  # under tensor parallelism: this rank's shard (`model.arch` is the shard's)
+    arch: ModelArch  # the whole model's
     tokenizer: Tokenizer
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: tuple[int, ...]
     uri: str
+    tp: TensorParallelGroup | None = None
+
+    @property
+    def shard_arch(self) -> ModelArch:
+        """This rank's heads, KV heads and MLP width (the whole model's without tensor parallelism)."""
+        return self.model.arch
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.tp.world_size if self.tp is not None else 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,6 +115,26 @@ def iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[
                 yield name, f.get_tensor(name)
 
 
+def iter_safetensors_shard(
+    files: list[Path], device: torch.device, rank: int, world_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A tensor-parallel rank's slices of every tensor: `get_slice` reads only the rows or columns it holds."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                part = f.get_slice(name)
+                shape = tuple(part.get_shape())
+                yield name, take_shard(part, shape, shard_spec(name), rank, world_size).to(device)
+
+
+def shard_state(
+    tensors: Iterator[tuple[str, torch.Tensor]], rank: int, world_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A rank's slices of whole tensors (a synthetic model initialised whole)."""
+    for name, tensor in tensors:
+        yield name, take_shard(tensor, tuple(tensor.shape), shard_spec(name), rank, world_size)
+
+
 def _check_max_len(arch: ModelArch, requested: int | None, source: str) -> int:
     if requested is None:
         return arch.max_position_embeddings
@@ -110,24 +146,38 @@ def _check_max_len(arch: ModelArch, requested: int | None, source: str) -> int:
     return requested
 
 
-def _empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def _empty_model(
+    arch: ModelArch, device: torch.device, dtype: torch.dtype, tp: TensorParallelGroup | None = None
+) -> LlamaForCausalLM:
     # Build on the meta device and materialise once: no wasted random init of billions of parameters.
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch)
+        model = LlamaForCausalLM(arch, tp)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty leaves buffers uninitialised; keep it fp32
     return model.eval()
 
 
-def load_model(cfg: ModelConfig, device: str = "auto") -> LoadedModel:
+def load_model(cfg: ModelConfig, device: str = "auto", tp: TensorParallelGroup | None = None) -> LoadedModel:
+    """The model, or under tensor parallelism (`tp`, this process's rank) this rank's shard of it."""
     dev = resolve_device(device)
+    tp = tp if tp is not None and tp.world_size > 1 else None
+    world, rank = (tp.world_size, tp.rank) if tp is not None else (1, 0)
     if cfg.uri.startswith("synthetic://"):
         name = cfg.uri.removeprefix("synthetic://")
         arch = synthetic_arch(name)
+        arch.check_tensor_parallel(world)
         dtype = resolve_dtype(cfg.dtype, dev, None)
-        model = _empty_model(arch, dev, dtype)
-        model.init_synthetic(cfg.seed)
+        model = _empty_model(arch, dev, dtype, tp)
+        if tp is None:
+            model.init_synthetic(cfg.seed)
+        elif arch.num_parameters() <= SYNTHETIC_SLICE_MAX_PARAMETERS:
+            whole = _empty_model(arch, dev, dtype)
+            whole.init_synthetic(cfg.seed)
+            model.load_weights(shard_state(iter(whole.state_dict().items()), rank, world), source=cfg.uri)
+            del whole
+        else:
+            model.init_synthetic(cfg.seed + rank)
         tokenizer = builtin_tokenizer(arch.vocab_size)
         log.info("synthetic model %s: %.1fM parameters, %s on %s", name, arch.num_parameters() / 1e6, dtype, dev)
     else:
@@ -137,10 +187,12 @@ def load_model(cfg: ModelConfig, device: str = "auto") -> LoadedModel:
             raise ModelLoadError(f"{cfg.uri}: no config.json in {folder}")
         hf_config = json.loads(config_file.read_text())
         arch = ModelArch.from_hf_config(hf_config, source=str(config_file))
+        arch.check_tensor_parallel(world)
         dtype = resolve_dtype(cfg.dtype, dev, hf_config.get("torch_dtype") or hf_config.get("dtype"))
         files = safetensors_files(folder)
-        model = _empty_model(arch, dev, dtype)
-        model.load_weights(iter_safetensors(files, dev), source=cfg.uri)
+        model = _empty_model(arch, dev, dtype, tp)
+        weights = iter_safetensors(files, dev) if tp is None else iter_safetensors_shard(files, dev, rank, world)
+        model.load_weights(weights, source=cfg.uri)
         tokenizer = load_hf_tokenizer(folder)
         generation = folder / "generation_config.json"
         if generation.exists():
@@ -159,6 +211,7 @@ def load_model(cfg: ModelConfig, device: str = "auto") -> LoadedModel:
         device=dev,
         eos_token_ids=tuple(sorted(eos_ids)),
         uri=cfg.uri,
+        tp=tp,
     )
 
 

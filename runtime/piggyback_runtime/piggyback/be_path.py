@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,8 @@ class PiggybackPath:
         self.residual_store = torch.zeros((host_kv.max_requests, arch.hidden_size), dtype=dtype, device=device)
         self.residuals: dict[tuple[str, int], int] = {}
         self.failed: list[tuple[Request, str]] = []
+        # Tensor parallelism: the element-wise minimum over ranks of each rank's verdicts (distributed.py).
+        self.agree: Callable[[list[int]], list[int]] | None = None
         log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads", host_kv.num_blocks,
                  host_kv.num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
 
@@ -187,7 +190,24 @@ class PiggybackPath:
     def ready(self, layer: int) -> list[BERow]:
         self.collect()
         cap = self.max_rows_per_layer
+        if self.agree is not None:
+            return self._agreed_ready(layer, cap)
         return [row for row in self.rows.values() if row.state == READY and row.layer == layer][:cap]
+
+    def _agreed_ready(self, layer: int, cap: int) -> list[BERow]:
+        """Under tensor parallelism each rank's workers hold its KV heads: a row merges once its result is back
+        on every rank (1 ready, 0 waiting, -1 failed on some rank). The rows in flight at a layer are the same
+        on every rank (rank 0's changes are replayed), so the verdict lists line up."""
+        rows = [r for r in self.rows.values() if r.layer == layer and r.state in (WAITING, READY, FAILED)]
+        if not rows:
+            return []
+        verdicts = self.agree([{READY: 1, WAITING: 0}.get(r.state, -1) for r in rows]) if self.agree else []
+        for row, verdict in zip(rows, verdicts, strict=True):
+            if verdict < 0 and row.state != FAILED:
+                row.state = FAILED
+                self.failed.append((row.request, "CPU attention failed for this request on another "
+                                                 "tensor-parallel rank"))  # fmt: skip
+        return [row for row, verdict in zip(rows, verdicts, strict=True) if verdict > 0][:cap]
 
     def submit(self, layer: int, rows: list[BERow], slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, hidden: torch.Tensor) -> None:  # fmt: skip

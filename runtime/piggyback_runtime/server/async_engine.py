@@ -15,6 +15,7 @@ import traceback
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 
+from piggyback_runtime.distributed import RankLostError
 from piggyback_runtime.engine import AdmissionRejected, Engine
 from piggyback_runtime.request import FINISH_ERROR, FINISH_REJECTED, Request, RequestOutput
 
@@ -149,10 +150,28 @@ class AsyncEngine:
                 if (output := self.engine.fail(*payload)) is not None:
                     self._deliver(output)
 
+    def _die(self, reason: str) -> None:
+        """The engine cannot go on (a tensor-parallel rank is lost): not ready from now on, then every request in
+        flight ends with an error event (the process exits shortly after: distributed.RankWatch)."""
+        self.dead_reason = reason
+        log.error("engine stopped: %s; failing %d in-flight request(s)", reason, len(self.engine.requests))
+        error = f"the runtime lost a tensor-parallel rank and stops: {reason}"
+        for request_id in list(self.engine.requests):
+            try:
+                output = self.engine.fail(request_id, error)
+            except Exception:  # the iteration broke off part-way: the request's state may be half-updated
+                self.engine.requests.pop(request_id, None)
+                output = RequestOutput(request_id, [], "", True, FINISH_ERROR, error=error)
+            if output is not None:
+                self._deliver(output)
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._apply_commands()
+                if self.engine.fatal_reason is not None:  # a tensor-parallel rank is gone (distributed.py)
+                    self._die(self.engine.fatal_reason)
+                    return
                 if not self.engine.has_work():
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
@@ -161,6 +180,9 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
+                except RankLostError as exc:
+                    self._die(str(exc))
+                    return
                 except Exception:
                     # One bad iteration must not take the runtime down: fail what was in flight, keep serving.
                     message = traceback.format_exc(limit=3)

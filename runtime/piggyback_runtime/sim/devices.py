@@ -29,7 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from piggyback_runtime.model.arch import ModelArch, synthetic_arch
+from piggyback_runtime.model.arch import (
+    TP_ALLREDUCES_PER_LAYER,
+    ModelArch,
+    synthetic_arch,
+    tp_allreduce_message_bytes,
+)
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, isotonic
 
 GIB = 1 << 30
@@ -611,8 +616,9 @@ def build_gpu_profile(
         raise ValueError(f"tp must be >= 1, got {tp}")
     dense_per_layer = read_dense_profile(data_dir, spec.name, shape, tp)
     all_reduce = read_all_reduce(data_dir, spec.name, tp, topology)
-    message = shape.hidden_size * 2  # bytes per token of one all-reduce (bf16 activations)
-    samples = [(n, shape.num_layers * (s + 2 * all_reduce(n * message))) for n, s in dense_per_layer]
+    message = tp_allreduce_message_bytes(shape.hidden_size, 2)  # bytes per token of one all-reduce (bf16)
+    samples = [(n, shape.num_layers * (s + TP_ALLREDUCES_PER_LAYER * all_reduce(n * message)))
+               for n, s in dense_per_layer]  # fmt: skip
     latency_model = LatencyModel(
         dense=StaircaseModel.fit(samples, reduce="median"),
         attention=analytic_attention(spec, shape, tp),
