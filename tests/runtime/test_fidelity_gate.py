@@ -82,14 +82,15 @@ class DecisionLog:
         real_schedule, real_admission = Planner.schedule, Planner.admission
         log = self
 
-        def schedule(planner: Planner, be_rows_ready: int = 0) -> IterationPlan:
-            plan = real_schedule(planner, be_rows_ready)
+        def schedule(planner: Planner, be_rows_ready: int = 0, **kwargs: Any) -> IterationPlan:
+            plan = real_schedule(planner, be_rows_ready, **kwargs)
             if plan:  # the simulator also asks when there is nothing to run; such an empty plan runs nothing
                 log.of(planner).append((
                     "iteration", planner.clock(),
                     tuple((c.request.request_id, c.start, c.num_tokens) for c in plan.prefills),
                     tuple((c.request.request_id, c.start) for c in plan.decodes),
                     plan.be_rows_per_layer, tuple(r.request_id for r in plan.preempted),
+                    tuple(r.request_id for r in plan.be_to_host), tuple(r.request_id for r in plan.be_to_gpu),
                 ))  # fmt: skip
             return plan
 
