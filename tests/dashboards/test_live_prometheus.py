@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixture
 
 LOAD_S = 10.0
 # Panel queries whose series exist only after an event the live stack does not cause: its stages are far above
-# the requests' lengths, so nothing migrates, and its KV cache is sized so that nothing is preempted. These
-# panels are checked to parse and evaluate all the same.
+# the requests' lengths, so nothing migrates; its KV cache is sized so that nothing is preempted; it submits no
+# Batch API batch (tests/runtime/test_batch_api.py reads those series). These panels are checked to parse and
+# evaluate all the same.
 NEEDS_AN_EVENT = ("piggyback_migrations_total", "piggyback_router_migrations_total", "piggyback_migration_seconds",
-                  "vllm:num_preemptions_total")
+                  "vllm:num_preemptions_total", "piggyback_batch_lines{", "piggyback_batch_lines_finished_total")
 ALL = ".*"
 ERROR_RATIO_1H = "model_name:piggyback_slo_errors:ratio_rate1h"
 
