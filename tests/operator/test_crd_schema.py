@@ -7,7 +7,6 @@ node with `self` (and `oldSelf` on updates, where the old object has that node) 
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+from crd_validation import with_defaults
 from pydantic import ValidationError
 
 from piggyback_operator import api
@@ -25,17 +25,6 @@ CRD_FILE = ROOT / "crds" / "piggyback.dev_llmservices.yaml"
 SCHEMA = api.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-def with_defaults(schema: dict[str, Any], value: Any) -> Any:
-    if isinstance(value, dict) and "properties" in schema:
-        value = dict(value)
-        for key, sub in schema["properties"].items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = with_defaults(sub, value[key])
-    elif isinstance(value, list) and "items" in schema:
-        value = [with_defaults(schema["items"], v) for v in value]
-    return value
 
 
 def cel_messages(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]:

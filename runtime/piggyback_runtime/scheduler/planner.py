@@ -43,6 +43,7 @@ from piggyback_runtime.scheduler.slo_control import (
     NewLSRequest,
     PrefillChunk,
     SLOController,
+    largest_fitting,
 )
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
@@ -347,18 +348,8 @@ class Planner:
             return slo.predict_parts(tokens, prefill_chunk_load(0, chunk) if chunk else 0.0, decode_load,
                                      rows + (chunk > 0)) <= limit
 
-        if fits(upper):
-            return upper
-        lo, hi = floor, upper
-        if not fits(lo):
-            return lo
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        # The search keeps the floor: below it the iteration is over the TPOT anyway (the LS decodes must run).
+        return max(floor, largest_fitting(fits, upper))
 
     def _be_gpu_decode_rows(self, ls_plan: IterationPlan) -> int:
         """How many BE decodes on the accelerator fit next to the LS work planned (their rows and their

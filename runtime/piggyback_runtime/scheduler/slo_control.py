@@ -258,14 +258,14 @@ class SLOController:
             load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
             return model(ls_rows + tokens, load, decode_load, ls_logits + (tokens > 0)) <= limit
 
-        prefill = _largest(prefill_fits, max_prefill)
+        prefill = largest_fitting(prefill_fits, max_prefill)
         be_load = prefill_load + (prefill_chunk_load(start, prefill) if prefill else 0.0)
         logits = ls_logits + (prefill > 0)
 
         def rows_fit(rows: int) -> bool:
             return model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows) <= limit
 
-        rows = _largest(rows_fit, max_rows)
+        rows = largest_fitting(rows_fit, max_rows)
         predicted = model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows)
         allowance = BEAllowance(rows, prefill, predicted, target, budgets.binding)
         self._last = allowance
@@ -447,7 +447,7 @@ class SLOController:
         return lo
 
 
-def _largest(fits: Callable[[int], bool], upper: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
     """Largest k in [0, upper] with fits(k), for a predicate true up to some k and false beyond; 0 if none."""
     if upper <= 0 or not fits(1):
         return 0
