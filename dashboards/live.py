@@ -226,6 +226,28 @@ def _wait_scraped(url: str, process: subprocess.Popen[bytes], log: Path, timeout
                        f"{log.read_text()[-3000:]}")
 
 
+def _wait_rules_evaluated(url: str, after_s: float, timeout_s: float) -> None:
+    """Until every rule group has been evaluated since `after_s` (Unix time; 0: at least once)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            groups = httpx.get(f"{url}/api/v1/rules", timeout=2).json()["data"]["groups"]
+            stamps = [g.get("lastEvaluation", "") for g in groups]
+            if groups and all(s and not s.startswith("0001") and _unix_s(s) > after_s for s in stamps):
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Prometheus did not evaluate every rule group within {timeout_s:.0f}s")
+
+
+def _unix_s(rfc3339: str) -> float:
+    """Prometheus' RFC 3339 timestamps (nanosecond fractions, Z) as Unix seconds."""
+    from datetime import datetime
+
+    head, _, fraction = rfc3339.rstrip("Z").partition(".")
+    whole = datetime.fromisoformat(head + "+00:00").timestamp()
+    return whole + float(f"0.{fraction}") if fraction else whole
+
+
 # A first start on a fresh machine builds the CPU attention kernel and profiles the latency model: minutes
 # where the machine is busy. Readiness is what is waited for, so a generous bound costs nothing when it is quick.
 STARTUP_TIMEOUT_S = 420.0
@@ -278,6 +300,9 @@ def live_stack(
         except Exception as exc:
             raise RuntimeError(f"{exc}\nruntime log:\n{runtime_log.read_text()[-3000:]}\nrouter log:\n"
                                f"{router_log.read_text()[-2000:]}") from exc
+        # Rules over other rules' recorded series (the error budget over the recorded target) read nothing before
+        # those groups' first evaluation, up to 30 s after Prometheus starts: wait for it before the load.
+        _wait_rules_evaluated(prometheus_url, 0.0, timeout_s=45)
         started = time.time()
         requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency,
                                                       router_url))  # fmt: skip
