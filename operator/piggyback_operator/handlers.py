@@ -150,24 +150,25 @@ def pod_usage(body: kopf.Body, **_: Any) -> dict[str, PodUsage]:
     return {usage.node: usage} if usage else {}
 
 
+def _pod_by_pool(body: kopf.Body, name: str, namespace: str | None, pool: str) -> dict[PoolKey, RuntimePod]:
+    """A pod of `pool` as the runtime and router indices hold it: its node and its ready endpoint."""
+    if namespace is None:  # never for a pod; kopf's signature allows it for cluster-scoped kinds
+        return {}
+    return {(namespace, pool): RuntimePod(name, body.get("spec", {}).get("nodeName"), pools.pod_endpoint(body))}
+
+
 @kopf.index("v1", "pods", labels={pools.LABEL_POOL: kopf.PRESENT})
 def runtime_pods(
     body: kopf.Body, name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
 ) -> dict[PoolKey, RuntimePod]:
-    if namespace is None:  # never for a pod; kopf's signature allows it for cluster-scoped kinds
-        return {}
-    node = body.get("spec", {}).get("nodeName")
-    return {(namespace, labels[pools.LABEL_POOL]): RuntimePod(name, node, pools.pod_endpoint(body))}
+    return _pod_by_pool(body, name, namespace, labels[pools.LABEL_POOL])
 
 
 @kopf.index("v1", "pods", labels={pools.LABEL_ROUTER_FOR: kopf.PRESENT})
 def router_pods(
     body: kopf.Body, name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
 ) -> dict[PoolKey, RuntimePod]:
-    if namespace is None:  # never for a pod; kopf's signature allows it for cluster-scoped kinds
-        return {}
-    node = body.get("spec", {}).get("nodeName")
-    return {(namespace, labels[pools.LABEL_ROUTER_FOR]): RuntimePod(name, node, pools.pod_endpoint(body))}
+    return _pod_by_pool(body, name, namespace, labels[pools.LABEL_ROUTER_FOR])
 
 
 # --- pool view ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.loader import LoadedModel, load_model, resolve_device
 from piggyback_runtime.model.parallel import TensorParallelGroup
-from piggyback_runtime.model_runner import ModelRunner, RunResult
+from piggyback_runtime.model_runner import ModelRunner, RunResult, sample_rows
 from piggyback_runtime.piggyback.be_path import ENTER, BERow, PiggybackPath
 from piggyback_runtime.piggyback.numa import pin_near_gpu
 from piggyback_runtime.request import Request
@@ -411,14 +411,8 @@ class FollowerRunner(ModelRunner):
                 done_hidden: torch.Tensor) -> tuple[list[Request], torch.Tensor]:  # fmt: skip
         """The same logits rows as rank 0 (the gather needs every rank), then nothing: rank 0 samples."""
         if sampling or done_rows:
-            rows: list[int] = []
-            row = 0
-            for chunk in plan.chunks:
-                row += chunk.num_tokens
-                if chunk.samples:
-                    rows.append(row - 1)
             staging = HostStaging(self.device)
-            staging.add("sample_rows", torch.tensor(rows, dtype=torch.long))
+            staging.add("sample_rows", torch.tensor(sample_rows(plan), dtype=torch.long))
             picked = hidden.index_select(0, staging.upload()["sample_rows"])
             self.model.compute_logits(torch.cat((picked, done_hidden)))
         return [], torch.empty(0, dtype=torch.long, device=self.device)

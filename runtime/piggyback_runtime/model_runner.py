@@ -63,6 +63,17 @@ class RunResult:
         )
 
 
+def sample_rows(plan: IterationPlan) -> list[int]:
+    """Flat batch rows whose hidden state is sampled: the last token of each chunk that samples."""
+    rows: list[int] = []
+    row = 0
+    for chunk in plan.chunks:
+        row += chunk.num_tokens
+        if chunk.samples:
+            rows.append(row - 1)
+    return rows
+
+
 class ModelRunner:
     piggyback_class: type[PiggybackPath] = PiggybackPath  # tensor parallelism: rank 0's records its changes
 
@@ -237,14 +248,8 @@ class ModelRunner:
         requests = sampling + [r.request for r in done_rows]
         if not requests:
             return [], torch.empty(0, dtype=torch.long, device=self.device)
-        sample_rows: list[int] = []
-        row = 0
-        for chunk in plan.chunks:
-            row += chunk.num_tokens
-            if chunk.samples:
-                sample_rows.append(row - 1)
         staging = HostStaging(self.device)
-        staging.add("sample_rows", torch.tensor(sample_rows, dtype=torch.long))
+        staging.add("sample_rows", torch.tensor(sample_rows(plan), dtype=torch.long))
         upload_sampling_tensors(staging, requests, self.arch.vocab_size)
         uploaded = staging.upload()
         params = SamplingTensors.from_fields(uploaded)
