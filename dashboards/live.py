@@ -300,12 +300,15 @@ def live_stack(
         except Exception as exc:
             raise RuntimeError(f"{exc}\nruntime log:\n{runtime_log.read_text()[-3000:]}\nrouter log:\n"
                                f"{router_log.read_text()[-2000:]}") from exc
-        # Rules over other rules' recorded series (the error budget over the recorded target) read nothing before
-        # those groups' first evaluation, up to 30 s after Prometheus starts: wait for it before the load.
-        _wait_rules_evaluated(prometheus_url, 0.0, timeout_s=45)
+        # Every target has now been scraped once. Rules over other rules' recorded series (the error budget over
+        # the recorded target) read nothing until a group evaluation that starts after this scrape: one that ran
+        # while the runtime was still starting recorded nothing, and the next comes up to 30 s later (the rule
+        # groups' interval). Wait for one after the load, which takes most of that time anyway.
+        scraped_s = time.time()
         started = time.time()
         requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency,
                                                       router_url))  # fmt: skip
         ended = time.time()
+        _wait_rules_evaluated(prometheus_url, scraped_s, timeout_s=45)
         time.sleep(settle_s)  # a few more scrapes after the last request
         yield LiveStack(prometheus_url, runtime_url, started, ended, requests_sent)
