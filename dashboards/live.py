@@ -303,12 +303,11 @@ def live_stack(
         # Every target has now been scraped once. Rules over other rules' recorded series (the error budget over
         # the recorded target) read nothing until a group evaluation that starts after this scrape: one that ran
         # while the runtime was still starting recorded nothing, and the next comes up to 30 s later (the rule
-        # groups' interval). Wait for one after the load, which takes most of that time anyway.
-        scraped_s = time.time()
+        # groups' interval). Wait for it before the load, whose rates the panels' short windows must still see.
+        _wait_rules_evaluated(prometheus_url, time.time(), timeout_s=45)
         started = time.time()
         requests_sent = asyncio.run(_load_and_observe(runtime_url, load_s, ls_rate_per_s, be_concurrency,
                                                       router_url))  # fmt: skip
         ended = time.time()
-        _wait_rules_evaluated(prometheus_url, scraped_s, timeout_s=45)
         time.sleep(settle_s)  # a few more scrapes after the last request
         yield LiveStack(prometheus_url, runtime_url, started, ended, requests_sent)
