@@ -552,91 +552,111 @@ def estimate_prompt_tokens(kind: str, body: dict[str, Any]) -> int:
     return max(1, len(text.encode()) // BYTES_PER_TOKEN_ESTIMATE)
 
 
+def _router(http: Request) -> Router:
+    router: Router = http.app.state.router
+    return router
+
+
+async def _start_background_loops(http: Request, call_next: Any) -> Response:
+    # Lazily on the server's loop: the first request (a probe) starts the poller, discovery, the stage
+    # adaptation and the leadership loop, once.
+    router, tasks = _router(http), http.app.state.background_tasks
+    if not tasks:
+        for loop in (router.poll_forever(), router.discover_forever(), router.adapt_forever(),
+                     run_leadership(router, router.leadership)):  # fmt: skip
+            tasks.add(asyncio.create_task(loop))
+    response: Response = await call_next(http)
+    return response
+
+
+async def healthz() -> JSONResponse:
+    return JSONResponse(health_body("ok"))
+
+
+async def readyz(http: Request) -> JSONResponse:
+    router = _router(http)
+    await router.poll_once()
+    up = [e for e, ok in router.up.items() if ok]
+    return JSONResponse(health_body("ready" if up else "no replica up", replicas_up=up),
+                        status_code=200 if up else 503)  # fmt: skip
+
+
+async def metrics(http: Request) -> Response:
+    return Response(_router(http).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def models(http: Request) -> Response:
+    router = _router(http)
+    headers = {"authorization": http.headers["authorization"]} if "authorization" in http.headers else {}
+    for endpoint in router.endpoints:
+        with contextlib.suppress(httpx.HTTPError):
+            answer = await router.client.get(f"{endpoint}/v1/models", headers=headers, timeout=5.0)
+            return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+    return error_response(503, "no replica of the pool answers", err_type="service_unavailable")
+
+
+async def _relay(kind: str, http: Request) -> Response:
+    """One client request of either OpenAI kind: route, relay (streaming or one body), count the outcome."""
+    router = _router(http)
+    try:
+        body = await http.json()
+    except ValueError:
+        return error_response(400, "the body is not JSON")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return error_response(400, "the body must be a JSON object with a `model`", code="invalid_request")
+    stream = bool(body.get("stream"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    service_class = router.service_class.get(body["model"], "LS")
+    length = estimate_prompt_tokens(kind, body)
+    opened = await router.open({**body, "kind": kind, "request_id": request_id}, length, service_class,
+                               http.headers.get("authorization"))  # fmt: skip
+    if isinstance(opened, JSONResponse):
+        return opened
+    replica, answer = opened
+    lines = router.lines(replica, answer, request_id, service_class)
+    created = int(time.time())
+    if stream:
+        return StreamingResponse(_sse(lines, kind, request_id, created, body["model"], include_usage, router),
+                                 media_type="text/event-stream")  # fmt: skip
+    text, last = "", None
+    try:
+        async for line in lines:
+            text += line["text"]
+            last = line
+    except ReplicaLost as exc:
+        router.metrics.requests.labels("failed").inc()
+        return error_response(502, f"The request failed: {exc}", err_type="server_error", code="replica_lost")
+    assert last is not None
+    if last["finish_reason"] not in ("stop", "length"):
+        router.metrics.requests.labels("failed").inc()
+        return error_response(500, f"The runtime failed this request: {last['error'] or last['finish_reason']}",
+                              code="engine_error")  # fmt: skip
+    router.metrics.requests.labels("completed").inc()
+    return JSONResponse(completion_body(request_id, kind == "chat", created, body["model"], text,
+                                        last["finish_reason"], _usage(last)))  # fmt: skip
+
+
+async def completions(http: Request) -> Response:
+    return await _relay("completions", http)
+
+
+async def chat_completions(http: Request) -> Response:
+    return await _relay("chat", http)
+
+
 def create_router_app(router: Router) -> FastAPI:
+    """The router's HTTP app: module-level handlers wired here, the router in `app.state` (as the server does)."""
     app = FastAPI(title="Piggyback pool router")
-    tasks: set[asyncio.Task[None]] = set()
-
-    @app.middleware("http")
-    async def _start_polling(http: Request, call_next: Any) -> Response:
-        # Lazily on the server's loop: the first request (a probe) starts the load poller.
-        if not tasks:
-            tasks.add(asyncio.create_task(router.poll_forever()))
-            tasks.add(asyncio.create_task(router.discover_forever()))
-            tasks.add(asyncio.create_task(router.adapt_forever()))
-            tasks.add(asyncio.create_task(run_leadership(router, router.leadership)))
-        return await call_next(http)
-
-    @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        return JSONResponse(health_body("ok"))
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        await router.poll_once()
-        up = [e for e, ok in router.up.items() if ok]
-        return JSONResponse(health_body("ready" if up else "no replica up", replicas_up=up),
-                            status_code=200 if up else 503)  # fmt: skip
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(router.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models(http: Request) -> Response:
-        headers = {"authorization": http.headers["authorization"]} if "authorization" in http.headers else {}
-        for endpoint in router.endpoints:
-            with contextlib.suppress(httpx.HTTPError):
-                answer = await router.client.get(f"{endpoint}/v1/models", headers=headers, timeout=5.0)
-                return Response(answer.content, status_code=answer.status_code, media_type="application/json")
-        return error_response(503, "no replica of the pool answers", err_type="service_unavailable")
-
-    async def handle(kind: str, http: Request) -> Response:
-        try:
-            body = await http.json()
-        except ValueError:
-            return error_response(400, "the body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return error_response(400, "the body must be a JSON object with a `model`", code="invalid_request")
-        stream = bool(body.get("stream"))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        service_class = router.service_class.get(body["model"], "LS")
-        length = estimate_prompt_tokens(kind, body)
-        opened = await router.open({**body, "kind": kind, "request_id": request_id}, length, service_class,
-                                   http.headers.get("authorization"))  # fmt: skip
-        if isinstance(opened, JSONResponse):
-            return opened
-        replica, answer = opened
-        lines = router.lines(replica, answer, request_id, service_class)
-        created = int(time.time())
-        if stream:
-            return StreamingResponse(_sse(lines, kind, request_id, created, body["model"], include_usage, router),
-                                     media_type="text/event-stream")  # fmt: skip
-        text, last = "", None
-        try:
-            async for line in lines:
-                text += line["text"]
-                last = line
-        except ReplicaLost as exc:
-            router.metrics.requests.labels("failed").inc()
-            return error_response(502, f"The request failed: {exc}", err_type="server_error", code="replica_lost")
-        assert last is not None
-        if last["finish_reason"] not in ("stop", "length"):
-            router.metrics.requests.labels("failed").inc()
-            return error_response(500, f"The runtime failed this request: {last['error'] or last['finish_reason']}",
-                                 code="engine_error")  # fmt: skip
-        router.metrics.requests.labels("completed").inc()
-        return JSONResponse(completion_body(request_id, kind == "chat", created, body["model"], text,
-                                            last["finish_reason"], _usage(last)))  # fmt: skip
-
-    @app.post("/v1/completions")
-    async def completions(http: Request) -> Response:
-        return await handle("completions", http)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: Request) -> Response:
-        return await handle("chat", http)
-
+    app.state.router = router
+    app.state.background_tasks = set()
+    app.middleware("http")(_start_background_loops)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/readyz", readyz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
 
 
