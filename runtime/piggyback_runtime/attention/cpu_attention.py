@@ -109,16 +109,22 @@ def _build(isa: str) -> Any:
     if isa == "avx2":
         cflags += ["-mno-avx512f", "-DPB_FORCE_AVX2"]
     relevant = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-    key_src = "\n".join([_SOURCE.read_text(), " ".join(cflags), torch.__version__, " ".join(relevant)])
+    source_text = _SOURCE.read_text()
+    key_src = "\n".join([source_text, " ".join(cflags), torch.__version__, " ".join(relevant)])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     build_dir = _cache_root() / f"{isa}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     _ensure_ninja_on_path()
     started = time.perf_counter()
     with _build_lock(build_dir):
+        # Compile a copy kept in the build directory: torch's build file names the source's path, so two
+        # checkouts (or installs) of the same source would otherwise rebuild the shared directory over each other.
+        source = build_dir / _SOURCE.name
+        if not source.exists() or source.read_text() != source_text:
+            source.write_text(source_text)
         module = cpp_extension.load(
             name=f"piggyback_cpu_attention_{isa}_{key}",
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
