@@ -33,7 +33,8 @@ from tests.runtime.helpers import (
     tiny_config,
 )
 
-pytestmark = pytest.mark.slow  # engines with CPU worker processes and node servers
+# Engines with CPU worker processes and node servers; a loaded shared machine starts workers slowly.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROMPTS = [[1, *range(30, 30 + n)] for n in (4, 19, 33, 2, 11, 7)]
 MAX_TOKENS = 16

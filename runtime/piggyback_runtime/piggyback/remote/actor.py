@@ -33,6 +33,10 @@ class AttentionNodeActor:
 
         return ray.util.get_node_ip_address(), self.server.port, os.getpid()
 
+    def ping(self, payload: bytes) -> int:
+        """An actor call carrying `payload` (benchmarks/remote_nodes.py: Ray's per-call cost)."""
+        return len(payload)
+
 
 @dataclass
 class ActorHandle:

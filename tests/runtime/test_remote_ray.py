@@ -1,0 +1,144 @@
+"""Remote CPU attention nodes on a real local Ray cluster (loopback): two emulated CPU-only nodes carrying the
+custom resource, a head node without it (the "GPU node"), and a real `piggyback serve` process joining as
+the driver.
+
+Shown: the actors land only on the CPU-only nodes (SPREAD, one per node); BE requests are served through
+them with the same tokens as the GPU path gives; a node removed mid-run ends only its own BE requests,
+which are prefilled again elsewhere and still finish with the same tokens; nothing hangs; LS requests are
+unaffected; the lost worker's capacity comes back when its replacement actor registers.
+
+One Ray cluster per test session. A machine where Ray cannot start fails these tests: it does not skip them.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from piggyback_runtime.client import free_port, wait_ready
+from tests.runtime.configs import runtime_config
+
+pytestmark = pytest.mark.slow  # a Ray cluster and a runtime process
+
+RESOURCE = "piggyback_cpu_attention"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from piggyback_runtime.attention.cpu_attention import native_available
+
+    native_available()  # build the CPU kernel once here: the runtime's workers and the actors then load it
+    small = {"object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, **small})  # fmt: skip
+    nodes = [cluster.add_node(num_cpus=2, resources={RESOURCE: 2}, **small) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _metric(text: str, name: str, worker: str | None = None) -> float:
+    label = f'{{worker="{worker}"}}' if worker is not None else ""
+    match = re.search(rf"^{re.escape(name + label)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.timeout(900)  # ~60 s on an idle 2-core machine; start-up alone took minutes on a loaded one
+def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_path: Path) -> None:
+    cluster, nodes = ray_cluster
+    import ray
+
+    port = free_port()
+    config = runtime_config(
+        policy="piggyback",
+        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+        piggyback={"host_block_size": 16, "num_host_kv_blocks": 512, "max_be_requests": 8, "num_cpu_workers": 1,
+                   "cpu_threads_per_worker": 1,
+                   "remote": {"address": cluster.address, "num_nodes": 2, "cpus_per_worker": 1,
+                              "memory_per_worker_gib": 0.05, "node_resource": RESOURCE,
+                              "layer_deadline_ms": 20_000, "ready_timeout_s": 60}},
+        slo_control={"enabled": False},
+        server={"host": "127.0.0.1", "port": port},
+    )  # fmt: skip
+    config_path = tmp_path / "runtime.yaml"
+    config_path.write_text(config.to_yaml())
+    log_path = tmp_path / "runtime.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "piggyback_runtime.cli", "serve", "--config",
+                                    str(config_path)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    prompts = [f"story number {i} about a remote node" for i in range(6)]
+    try:
+        wait_ready(base, process, timeout_s=600)
+        # Actors only on the CPU-only nodes, one on each (the head node has no custom resource).
+        actor_nodes = [a["node_id"] for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
+                       if a["class_name"].endswith("AttentionNodeActor")]  # fmt: skip
+        cpu_nodes = {n.node_id for n in nodes}
+        assert len(actor_nodes) == 2 and set(actor_nodes) == cpu_nodes, (actor_nodes, cpu_nodes)
+
+        def complete(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+            response = httpx.post(f"{base}/v1/completions", timeout=300, json={
+                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]
+
+        # The reference: the same prompts on the GPU path (LS), before any BE load.
+        expected = [complete("chat", p, 48)["text"] for p in prompts]
+        results: dict[int, dict[str, Any]] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete("batch", prompts[i], 48)))
+                   for i in range(len(prompts))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        # Remove a node once both remote workers serve rows.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            if all(_metric(metrics, "piggyback_remote_be_rows_total", w) > 0 for w in ("1", "2")):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the remote workers never served BE rows")
+        cluster.remove_node(nodes[0])
+        ls_during = complete("chat", prompts[0], 48)["text"]
+        for thread in threads:
+            thread.join(240)
+        assert not any(t.is_alive() for t in threads), "a BE request hung after its node was removed"
+        assert [results[i]["text"] for i in range(len(prompts))] == expected, "BE tokens differ from the GPU path"
+        assert ls_during == expected[0]
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert _metric(metrics, "piggyback_remote_be_retries_total") >= 1
+        assert _metric(metrics, "piggyback_cpu_worker_restarts_total") >= 1
+        # The lost worker's capacity returns once its replacement registers (on the surviving node).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            if all(_metric(metrics, "piggyback_remote_worker_up", w) == 1 for w in ("1", "2")):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the replacement actor never registered")
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_text = log_path.read_text(errors="replace")
+    assert "lost; its" in log_text, log_text[-3000:]
