@@ -61,6 +61,7 @@ def loopback(rounds: int) -> dict[str, Any]:
     from piggyback_runtime.piggyback.remote import wire
     from piggyback_runtime.piggyback.remote.actor import AttentionNodeActor
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; no token file in ~/.ray
     ray.init(num_cpus=2, resources={"piggyback_cpu_attention": 1}, include_dashboard=False,
              log_to_driver=False, object_store_memory=100 * 2**20)  # fmt: skip
     try:

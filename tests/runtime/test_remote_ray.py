@@ -12,6 +12,7 @@ One Ray cluster per test session. A machine where Ray cannot start fails these t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +35,10 @@ RESOURCE = "piggyback_cpu_attention"
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
+    # Ray's token authentication would write a token under ~/.ray (tests never touch the home directory);
+    # the cluster is on loopback only. The runtime process inherits the setting.
+    previous_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray.cluster_utils import Cluster
 
@@ -51,6 +56,10 @@ def ray_cluster() -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if previous_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth
 
 
 def _metric(text: str, name: str, worker: str | None = None) -> float:
