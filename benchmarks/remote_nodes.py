@@ -148,6 +148,10 @@ def simulate(key: tuple[str, str, int], horizon_s: float, be_count: int) -> dict
     result = run_scenario(load_scenario(scenario(setting, be, nodes, horizon_s, be_count)), policy="piggyback")
     out = summary(result)
     out["wall_s"] = time.perf_counter() - started
+    out["cpu_busy_share"] = result.cpu_busy_share
+    # The GPU's BE prefill supply: BE requests it prefilled within the horizon, each worth its output tokens.
+    be = [r for r in result.of("BE") if r.first_token_s is not None and r.first_token_s <= horizon_s]
+    out["prefill_bound"] = sum(r.output_tokens for r in be) / horizon_s
     return out
 
 
@@ -193,7 +197,7 @@ def main() -> None:
                          f"{f['ray_p50_ms']:.3f} | {f['ray_p99_ms']:.3f} | {f['sent_bytes']} | {f['received_bytes']} |")
         lines += ["", "The stream's round trip includes the node's attention (write k/v, read the context); the Ray "
                   "call carries the same bytes and does nothing with them.", ""]
-    horizon = 60.0 if args.quick else 240.0
+    horizon = 60.0 if args.quick else 120.0
     be_count = 4000
     keys = [(s, be, n) for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
     started = time.perf_counter()
@@ -205,9 +209,12 @@ def main() -> None:
               "Bounds are per resource alone: host/node DRAM = attention bandwidth (80 % of DRAM) ÷ KV bytes a "
               "decode step reads at the mean context; network = a node's link ÷ wire bytes per BE token (fp32 "
               "q/k/v out, output back, all layers).", "",
+              "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon ÷ horizon "
+              "(what decode could at most turn out). KV peak = peak share of host + remote KV held.", "",
               "| setting | BE | nodes | BE tok/s | × of 0 nodes | gain per node ÷ one host's DRAM bound | LS att | "
-              "DRAM bound (host + nodes) | network bound (nodes) | wire B/token | binds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "DRAM bw bound (host + nodes) | network bound (nodes) | prefill bound | KV peak | CPU busy "
+              "| wire B/token | binds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for setting in SETTINGS:
         for be in BE_SHAPES:
             base = sims[(setting, be, 0)]["be_tokens_per_s"]
@@ -218,14 +225,19 @@ def main() -> None:
                 dram = b["dram_host"] + nodes * b["dram_per_node"]
                 network = nodes * b["network_per_node"] if nodes else float("inf")
                 gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
-                if tok >= 0.8 * dram:
-                    binds = "DRAM"
+                if f["host_kv_usage_peak"] >= 0.95:
+                    binds = "DRAM capacity (KV)"
+                elif tok >= 0.8 * dram:
+                    binds = "DRAM bandwidth"
                 elif nodes and tok >= 0.8 * network:
                     binds = "network"
+                elif tok >= 0.8 * f["prefill_bound"]:
+                    binds = "GPU prefill supply"
                 else:
-                    binds = "GPU prefill supply / merge pacing"
+                    binds = "per-layer merge pacing (rows wait for a pass over their layer)"
                 lines.append(f"| {setting} | {be} | {nodes} | {tok:.1f} | {tok / base if base else float('nan'):.2f} | "
                              f"{gain:.2f} | {f['ls_attainment']:.3f} | {dram:.0f} | {network:.0f} | "
+                             f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | {f['cpu_busy_share']:.2f} | "
                              f"{b['wire_bytes_per_token']:.0f} | {binds} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
