@@ -203,7 +203,8 @@ class RemoteNodesConfig(_Strict):
     retry_on_worker_loss: bool = True
     # Link to each node, for the planner's remote capacity (RemoteCapacity) and the simulator: Gbit/s.
     network_gbps: Annotated[float, Field(gt=0, le=10_000)] = 25
-    # How long start-up waits for the first actors to answer (the engine starts with those that did).
+    # How long start-up waits for the first actors to answer (the engine starts with those that did), and at
+    # least how long it waits for the local CPU workers.
     ready_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120
 
     @field_validator("address")

@@ -81,7 +81,7 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
                    "cpu_threads_per_worker": 1,
                    "remote": {"address": cluster.address, "num_nodes": 2, "cpus_per_worker": 1,
                               "memory_per_worker_gib": 0.05, "node_resource": RESOURCE,
-                              "layer_deadline_ms": 20_000, "ready_timeout_s": 60}},
+                              "layer_deadline_ms": 20_000, "ready_timeout_s": 500}},
         slo_control={"enabled": False},
         server={"host": "127.0.0.1", "port": port},
     )  # fmt: skip

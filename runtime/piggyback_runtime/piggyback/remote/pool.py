@@ -101,8 +101,9 @@ class HybridAttentionPool:
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Block (at engine start only) until the local workers and every remote worker answered, or until
-        `ready_timeout_s`: the engine starts with the remote workers that did (the rest join when up)."""
-        self.local.wait_ready(timeout_s)
+        `ready_timeout_s`: the engine starts with the remote workers that did (the rest join when up). The local
+        workers get the longer of the two (a loaded host can take minutes to start them)."""
+        self.local.wait_ready(max(timeout_s, self.config.ready_timeout_s))
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline and not all(w.ready for w in self.remote):
             self._connect_new()
