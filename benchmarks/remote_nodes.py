@@ -175,6 +175,19 @@ def bounds(setting: str, be: str, nodes: int) -> dict[str, float]:
     }
 
 
+def binding(tok_s: float, dram_bw: float, network: float, prefill: float, kv_peak: float) -> str:
+    """Which limit binds, first match: the bounds the figure reaches (within 20 %), then a full KV."""
+    if tok_s >= 0.8 * prefill:
+        return "GPU prefill supply"
+    if tok_s >= 0.8 * dram_bw:
+        return "DRAM bandwidth"
+    if tok_s >= 0.8 * network:
+        return "network"
+    if kv_peak >= 0.95:
+        return "DRAM capacity (KV full: rows in flight capped)"
+    return "per-layer merge pacing (rows wait for a pass over their layer)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -225,16 +238,7 @@ def main() -> None:
                 dram = b["dram_host"] + nodes * b["dram_per_node"]
                 network = nodes * b["network_per_node"] if nodes else float("inf")
                 gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
-                if f["host_kv_usage_peak"] >= 0.95:
-                    binds = "DRAM capacity (KV)"
-                elif tok >= 0.8 * dram:
-                    binds = "DRAM bandwidth"
-                elif nodes and tok >= 0.8 * network:
-                    binds = "network"
-                elif tok >= 0.8 * f["prefill_bound"]:
-                    binds = "GPU prefill supply"
-                else:
-                    binds = "per-layer merge pacing (rows wait for a pass over their layer)"
+                binds = binding(tok, dram, network, f["prefill_bound"], f["host_kv_usage_peak"])
                 lines.append(f"| {setting} | {be} | {nodes} | {tok:.1f} | {tok / base if base else float('nan'):.2f} | "
                              f"{gain:.2f} | {f['ls_attainment']:.3f} | {dram:.0f} | {network:.0f} | "
                              f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | {f['cpu_busy_share']:.2f} | "
