@@ -71,7 +71,7 @@ def _metric(text: str, name: str, worker: str | None = None) -> float:
 @pytest.mark.timeout(900)  # ~60 s on an idle 2-core machine; start-up alone took minutes on a loaded one
 def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_path: Path) -> None:
     cluster, nodes = ray_cluster
-    from ray.util.state import list_actors
+    from ray._private import state as ray_state  # the GCS actor table (the state API needs Ray's dashboard)
 
     port = free_port()
     config = runtime_config(
@@ -96,8 +96,8 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
     try:
         wait_ready(base, process, timeout_s=600)
         # Actors only on the CPU-only nodes, one on each (the head node has no custom resource).
-        actor_nodes = [a["node_id"] for a in list_actors(filters=[("state", "=", "ALIVE")])
-                       if a["class_name"].endswith("AttentionNodeActor")]  # fmt: skip
+        actor_nodes = [a["Address"]["NodeID"] for a in ray_state.actors(actor_state_name="ALIVE").values()
+                       if a["ActorClassName"].endswith("AttentionNodeActor")]  # fmt: skip
         cpu_nodes = {n.node_id for n in nodes}
         assert len(actor_nodes) == 2 and set(actor_nodes) == cpu_nodes, (actor_nodes, cpu_nodes)
 
