@@ -66,7 +66,8 @@ class ThreadPlacement:
 def remote_config(num_nodes: int = 2, **remote: Any) -> RuntimeConfig:
     return tiny_config(policy="piggyback", max_num_batched_tokens=16, piggyback={
         "max_be_rows_per_layer": 3,
-        "remote": {"address": "local", "num_nodes": num_nodes, "memory_per_worker_gib": 0.01, **remote},
+        "remote": {"address": "local", "num_nodes": num_nodes, "memory_per_worker_gib": 0.01,
+                   "ready_timeout_s": 600, **remote},
     })  # fmt: skip
 
 

@@ -23,8 +23,12 @@ class AttentionNodeActor:
     """Runs a NodeServer inside a Ray worker process on a CPU-only node."""
 
     def __init__(self, token: str) -> None:
+        from piggyback_runtime.attention.cpu_attention import native_available
         from piggyback_runtime.piggyback.remote.node import NodeServer
 
+        # Build or load the native kernel before saying where to connect: "up" must mean ready to serve at
+        # speed, or the first layer's batch pays the load and can miss the layer deadline.
+        native_available()
         self.server = NodeServer(token)
 
     def address(self) -> tuple[str, int, int]:
