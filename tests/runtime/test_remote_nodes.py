@@ -185,8 +185,13 @@ def test_without_retries_a_dead_node_fails_only_its_own_requests(threads_for_ray
         assert all(r.finish_reason == "length" for r in requests if r.request_id not in failed)
         assert all(r.is_ls is False for r in requests if r.request_id in failed)
         assert engine.metrics.requests.labels("batch", "BE", m.OUTCOME_FAILED)._value.get() == lost
-        # The replacement node registers and takes BE rows again.
+        # The replacement node registers with no BE request in flight (the engine no longer polls).
         pool = engine.piggyback.pool
-        assert all(w.ready for w in pool.remote)
+        assert not engine.has_work()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(w.ready for w in pool.remote):
+            time.sleep(0.05)
+        assert all(w.ready and not w.dead for w in pool.remote), "the replacement node never registered"
+        assert engine.metrics.remote_worker_up.labels("1")._value.get() == 1
     finally:
         engine.close()

@@ -14,6 +14,11 @@ Failure: a node whose stream breaks, whose actor dies (Ray), or whose oldest bat
 `layer_deadline_ms` is dropped: its rows are reported as a WorkerDeath (be_path re-prefills or fails them),
 the actor is killed, and a new actor is started in the same placement-group bundle. It takes rows again once
 it has answered and connected.
+
+Registration (waiting for an actor to come up, connecting, the hello handshake) runs on its own thread, not in
+`poll()`: the engine polls only while it has work, and a replacement that came up after the last BE request
+finished would otherwise never register (its capacity would stay out until the next BE request, and
+`piggyback_remote_worker_up` at 0). The handshake's connect also never blocks the engine thread.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class HybridAttentionPool:
         self._batch_ids = iter(range(1 << 62))
         self.restarts = 0
         self._closed = False
+        # Guards self.remote's entries and a worker's ready/dead flags between the engine thread (_replace) and
+        # the registrar thread (_connect_new); the slow calls (Ray, connect, handshake) run outside it.
+        self._lock = threading.Lock()
+        self._registrar_wake = threading.Event()
+        self._registrar = threading.Thread(target=self._registrar_loop, daemon=True, name="piggyback-remote-registrar")
+        self._registrar.start()
 
     # --- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -106,8 +117,7 @@ class HybridAttentionPool:
         self.local.wait_ready(max(timeout_s, self.config.ready_timeout_s))
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline and not all(w.ready for w in self.remote):
-            self._connect_new()
-            time.sleep(0.05)
+            time.sleep(0.05)  # the registrar thread connects them
         missing = [w.index for w in self.remote if not w.ready]
         if missing:
             log.warning("remote attention workers %s not up after %.0fs; starting without them",
@@ -115,6 +125,8 @@ class HybridAttentionPool:
 
     def close(self) -> None:
         self._closed = True
+        self._registrar_wake.set()
+        self._registrar.join(timeout=15)
         self.local.close()
         for worker in self.remote:
             if worker.sock is not None:
@@ -125,16 +137,31 @@ class HybridAttentionPool:
         self._wake_read.close()
         self._wake_write.close()
 
+    def _registrar_loop(self) -> None:
+        """Connects workers whose actor has come up, at start and after every replacement, whether or not the
+        engine is iterating; keeps `piggyback_remote_worker_up` current meanwhile."""
+        while not self._closed:
+            try:
+                self._connect_new()
+            except Exception:  # a bug here must not end registration for good
+                log.exception("remote attention registrar")
+            for w in list(self.remote):
+                self.metrics.remote_worker_up.labels(str(w.index)).set(1 if w.ready and not w.dead else 0)
+            self._registrar_wake.wait(0.05)
+            self._registrar_wake.clear()
+
     def _connect_new(self) -> None:
-        """Connect to remote workers whose actor has come up (start-up and replacements); never blocks long."""
-        for worker in self.remote:
-            if worker.ready or worker.dead:
+        """Connect to remote workers whose actor has come up (start-up and replacements). Registrar thread only."""
+        for position, worker in enumerate(list(self.remote)):
+            if worker.ready or worker.dead or self._closed:
                 continue
             try:
                 address = self.placement.address_if_ready(worker.actor)
             except Exception as exc:
                 log.error("remote attention worker %d failed to start: %s", worker.index, exc)
-                worker.dead = True
+                worker.dead = True  # poll() replaces it
+                with contextlib.suppress(OSError):
+                    self._wake_write.send(b"\0")
                 continue
             if address is None:
                 continue
@@ -151,8 +178,15 @@ class HybridAttentionPool:
                 log.error("remote attention worker %d at %s:%d did not answer: %s", worker.index, host, port, exc)
                 worker.dead = True
                 continue
-            worker.sock, worker.pid, worker.kv_blocks = sock, pid, int(header["blocks"])
-            worker.ready = True
+            with self._lock:
+                current = self.remote[position] is worker and not worker.dead and not self._closed
+                if current:
+                    worker.sock, worker.pid, worker.kv_blocks = sock, pid, int(header["blocks"])
+                    worker.ready = True
+            if not current:  # replaced or closed while connecting
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             threading.Thread(target=self._receive_loop, args=(worker, sock), daemon=True,
                              name=f"piggyback-remote-recv-{worker.index}").start()  # fmt: skip
             log.info("remote attention worker %d up at %s:%d (pid %d, %d KV blocks)", worker.index, host, port,
@@ -306,7 +340,6 @@ class HybridAttentionPool:
                     worker.dead = True
             if worker.dead:
                 deaths.append(self._replace(worker))
-        self._connect_new()
         return done, deaths
 
     def wait(self, timeout_s: float) -> None:
@@ -324,8 +357,11 @@ class HybridAttentionPool:
                 sock.close()
         self.placement.kill(dead.actor)
         position = dead.index - self.num_local
-        self.remote[position] = RemoteWorker(dead.index, self.placement.start(position))
+        replacement = RemoteWorker(dead.index, self.placement.start(position))
+        with self._lock:
+            self.remote[position] = replacement
         self.restarts += 1
+        self._registrar_wake.set()
         return death
 
     def pids(self) -> list[int | None]:
