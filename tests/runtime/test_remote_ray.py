@@ -8,14 +8,21 @@ which are prefilled again elsewhere and still finish with the same tokens; nothi
 unaffected; the lost worker's capacity comes back when its replacement actor registers.
 
 One Ray cluster per test session. A machine where Ray cannot start fails these tests: it does not skip them.
+With `-s` the test prints its phases (cluster up, runtime ready, replacement registered). Measured on the
+shared 2-core dev VM (AMD EPYC) at load average ~9: cluster 22 s, runtime ready 86 s (the two actors' start:
+a Ray worker process importing torch and loading the kernel), replacement registered 110 s after the node was
+removed; 430 s in all, of which ~135 s were a first build of the CPU kernel. The cluster alone starts in 15 s
+at load ~1.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +42,9 @@ RESOURCE = "piggyback_cpu_attention"
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
+    """The smallest cluster that shows the placement: a head without the custom resource (the "GPU node") and
+    two CPU-only nodes with it, each with room for two workers (a replacement fits next to the survivor's own).
+    No dashboard, 80 MiB object stores, its own temp dir. If Ray cannot start, the test fails."""
     # Ray's token authentication would write a token under ~/.ray (tests never touch the home directory);
     # the cluster is on loopback only. The runtime process inherits the setting.
     previous_auth = os.environ.get("RAY_AUTH_MODE")
@@ -45,17 +55,22 @@ def ray_cluster() -> Iterator[Any]:
     from piggyback_runtime.attention.cpu_attention import native_available
 
     native_available()  # build the CPU kernel once here: the runtime's workers and the actors then load it
+    # A short path of its own (Ray's unix sockets live under it and have a ~107-character limit).
+    temp_dir = tempfile.mkdtemp(prefix="pbray-", dir="/tmp")
     small = {"object_store_memory": 80 * 2**20}
+    started = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, **small})  # fmt: skip
-    nodes = [cluster.add_node(num_cpus=2, resources={RESOURCE: 2}, **small) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+        "num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir, **small})  # fmt: skip
     try:
+        nodes = [cluster.add_node(num_cpus=2, resources={RESOURCE: 2}, **small) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        print(f"ray cluster up in {time.monotonic() - started:.1f} s (load {os.getloadavg()[0]:.1f})")
         yield cluster, nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if previous_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -68,7 +83,7 @@ def _metric(text: str, name: str, worker: str | None = None) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-@pytest.mark.timeout(1200)  # ~60 s on an idle 2-core machine; start-up alone took 8 min on a loaded one
+@pytest.mark.timeout(900)  # a bound for a loaded shared machine; see the module docstring for measured times
 def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_path: Path) -> None:
     cluster, nodes = ray_cluster
     from ray._private import state as ray_state  # the GCS actor table (the state API needs Ray's dashboard)
@@ -81,7 +96,7 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
                    "cpu_threads_per_worker": 1,
                    "remote": {"address": cluster.address, "num_nodes": 2, "cpus_per_worker": 1,
                               "memory_per_worker_gib": 0.05, "node_resource": RESOURCE,
-                              "layer_deadline_ms": 20_000, "ready_timeout_s": 500}},
+                              "layer_deadline_ms": 20_000, "ready_timeout_s": 300}},
         slo_control={"enabled": False},
         server={"host": "127.0.0.1", "port": port},
     )  # fmt: skip
@@ -93,13 +108,17 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
                                     str(config_path)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     prompts = [f"story number {i} about a remote node" for i in range(6)]
+    def actor_nodes() -> list[str]:
+        return [a["Address"]["NodeID"] for a in ray_state.actors(actor_state_name="ALIVE").values()
+                if a["ActorClassName"].endswith("AttentionNodeActor")]  # fmt: skip
+
+    started = time.monotonic()
     try:
         wait_ready(base, process, timeout_s=600)
+        print(f"runtime ready in {time.monotonic() - started:.1f} s")
         # Actors only on the CPU-only nodes, one on each (the head node has no custom resource).
-        actor_nodes = [a["Address"]["NodeID"] for a in ray_state.actors(actor_state_name="ALIVE").values()
-                       if a["ActorClassName"].endswith("AttentionNodeActor")]  # fmt: skip
         cpu_nodes = {n.node_id for n in nodes}
-        assert len(actor_nodes) == 2 and set(actor_nodes) == cpu_nodes, (actor_nodes, cpu_nodes)
+        assert len(actor_nodes()) == 2 and set(actor_nodes()) == cpu_nodes, (actor_nodes(), cpu_nodes)
 
         def complete(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
             response = httpx.post(f"{base}/v1/completions", timeout=300, json={
@@ -124,6 +143,7 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
         else:
             pytest.fail("the remote workers never served BE rows")
         cluster.remove_node(nodes[0])
+        removed = time.monotonic()
         ls_during = complete("chat", prompts[0], 48)["text"]
         for thread in threads:
             thread.join(240)
@@ -133,9 +153,9 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         assert _metric(metrics, "piggyback_remote_be_retries_total") >= 1
         assert _metric(metrics, "piggyback_cpu_worker_restarts_total") >= 1
-        # The lost worker's capacity returns once its replacement registers (on the surviving node: Ray re-places
-        # the bundle; the new actor imports torch and loads the kernel first, minutes on a loaded machine).
-        deadline = time.monotonic() + 400
+        # The lost worker's capacity returns once its replacement registers, with no BE request in flight (the
+        # engine is idle now): Ray re-places the dead node's bundle on the surviving node, which has room for it.
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             metrics = httpx.get(f"{base}/metrics", timeout=10).text
             if all(_metric(metrics, "piggyback_remote_worker_up", w) == 1 for w in ("1", "2")):
@@ -143,6 +163,8 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
             time.sleep(0.5)
         else:
             pytest.fail("the replacement actor never registered")
+        print(f"replacement registered {time.monotonic() - removed:.1f} s after the node was removed")
+        assert actor_nodes() == [nodes[1].node_id] * 2, (actor_nodes(), nodes[1].node_id)
     finally:
         process.terminate()
         try:
