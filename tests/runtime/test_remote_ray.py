@@ -133,8 +133,9 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
                    for i in range(len(prompts))]  # fmt: skip
         for thread in threads:
             thread.start()
-        # Remove a node once both remote workers serve rows.
-        deadline = time.monotonic() + 120
+        # Remove a node once both remote workers serve rows (a bound: the first BE rows may wait for the runtime
+        # to load the CPU kernel, a minute on a loaded machine).
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             metrics = httpx.get(f"{base}/metrics", timeout=10).text
             if all(_metric(metrics, "piggyback_remote_be_rows_total", w) > 0 for w in ("1", "2")):
