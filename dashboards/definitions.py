@@ -180,8 +180,11 @@ COLOCATION = Dashboard(
                   "{{pod}} worker {{worker}} deadline misses"),
             Query(f"sum by (pod, worker) (piggyback_remote_kv_bytes{{{NS}}})", "{{pod}} worker {{worker}} KV bytes"),
             Query(f"sum by (pod) (piggyback_remote_worker_up{{{NS}}})", "{{pod}} workers up"),
+            Query(f"sum by (pod) (increase(piggyback_remote_be_retries_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} BE requests prefilled again"),
         ), description="BE rows (row x layer) each remote worker served, bytes on its stream, deadline misses, "
-           "the BE KV it holds, and how many workers take rows."),
+           "the BE KV it holds, how many workers take rows, and BE requests prefilled again after their "
+           "worker was lost (retry_on_worker_loss)."),
     ),
 )
 
