@@ -165,6 +165,26 @@ COLOCATION = Dashboard(
             Query(f"sum by (pod, line_state) (rate(piggyback_batch_lines_finished_total{{{NS}}}[{RATE}]))",
                   "{{pod}} {{line_state}}"),
         ), unit="reqps", description="Lines each replica ran to a recorded result (output or error file)."),
+        Panel("Remote CPU attention nodes: per-layer round trip", (
+            *_quantiles("piggyback_remote_round_trip_seconds", NS, "pod, worker", "{{pod}} worker {{worker}}"),
+        ), unit="s", description="From a layer's batch sent to a remote worker to its results back (piggyback.remote). "
+           "A batch older than layer_deadline_ms drops the worker."),
+        Panel("Remote CPU attention nodes: rows, traffic, misses, KV held", (
+            Query(f"sum by (pod, worker) (rate(piggyback_remote_be_rows_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} worker {{worker}} rows/s"),
+            Query(f"sum by (pod, worker) (rate(piggyback_remote_bytes_sent_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} worker {{worker}} bytes/s sent"),
+            Query(f"sum by (pod, worker) (rate(piggyback_remote_bytes_received_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} worker {{worker}} bytes/s received"),
+            Query(f"sum by (pod, worker) (increase(piggyback_remote_deadline_misses_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} worker {{worker}} deadline misses"),
+            Query(f"sum by (pod, worker) (piggyback_remote_kv_bytes{{{NS}}})", "{{pod}} worker {{worker}} KV bytes"),
+            Query(f"sum by (pod) (piggyback_remote_worker_up{{{NS}}})", "{{pod}} workers up"),
+            Query(f"sum by (pod) (increase(piggyback_remote_be_retries_total{{{NS}}}[{RATE}]))",
+                  "{{pod}} BE requests prefilled again"),
+        ), description="BE rows (row x layer) each remote worker served, bytes on its stream, deadline misses, "
+           "the BE KV it holds, how many workers take rows, and BE requests prefilled again after their "
+           "worker was lost (retry_on_worker_loss)."),
     ),
 )
 

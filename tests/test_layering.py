@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),  # the config schema, and the names processes share (env vars, headers)
     ("metrics",),  # metric names, SLO definitions
     ("request",),  # a request, its sampling parameters and state
-    ("client", "hardware", "staging"),  # HTTP client of a runtime process; host facts; pinned host buffers
+    ("client", "hardware", "staging", "remote_capacity"),  # HTTP client; host; pinned buffers; remote figures
     ("sampling",),  # token sampling
     ("model",),  # architectures, weights, tokenizers
     ("kv",),  # KV cache layout, block allocators, sizing

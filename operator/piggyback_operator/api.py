@@ -281,6 +281,29 @@ class Placement(_Model):
     A pool follows its first member (by name)."""
 
 
+class CPUAttentionResources(_Model):
+    """What each CPU-only node's Ray worker pod requests (and is limited to)."""
+
+    cpu: Annotated[str, Field(pattern=_QUANTITY_RE, max_length=32)] = "16"
+    """CPU cores of the worker pod: BE decode attention runs on them."""
+    memory: Annotated[str, Field(pattern=_QUANTITY_RE, max_length=32)] = "64Gi"
+    """Memory of the worker pod: BE KV of the requests it serves lives in it."""
+
+
+class CPUAttentionNodes(_Model):
+    """CPU-only machines that hold BE KV in their DRAM and compute its attention (remote CPU attention nodes):
+    a KubeRay RayCluster whose workers the runtime pods drive. Needs the KubeRay operator in the cluster."""
+
+    replicas: Annotated[int, Field(ge=0, le=256)] = 1
+    """CPU-only worker pods (one attention worker each)."""
+    resources: CPUAttentionResources = CPUAttentionResources()
+    """Per worker pod."""
+    node_selector: dict[str, _LabelValue] = Field(default_factory=dict, max_length=32)
+    """Node labels of the CPU-only nodes the workers may run on."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints of those nodes the workers tolerate."""
+
+
 class EnvVar(_Model):
     """An extra environment variable of the runtime container (core/v1 EnvVar)."""
 
@@ -536,6 +559,9 @@ class LLMServiceSpec(_Model):
     api_key_secret_ref: SecretKeyRef | None = None
     """When set, requests for this service need `Authorization: Bearer <the Secret's key>` (OpenAI clients send
     their api_key so). The operator never reads the Secret: the runtime pod gets it as an environment variable."""
+    cpu_attention_nodes: CPUAttentionNodes | None = None
+    """BE: remote CPU attention nodes for the pool (a RayCluster of CPU-only workers; the pool follows its first
+    member that asks for them)."""
     drain_timeout_seconds: Annotated[int, Field(ge=0, le=3600)] | None = None
     """On shutdown, how long in-flight requests get to finish (default 20). The pool drains for the longest of
     its members' values; the pod's terminationGracePeriodSeconds is set above it."""
@@ -585,7 +611,7 @@ class LLMServiceSpec(_Model):
 
 # --- status ------------------------------------------------------------------------------------------
 
-ConditionType = Literal["Admitted", "Placed", "RuntimeReady", "SLOMet", "Ready"]
+ConditionType = Literal["Admitted", "Placed", "RuntimeReady", "SLOMet", "Ready", "CPUAttentionNodes"]
 CONDITION_TYPES: tuple[ConditionType, ...] = ("Admitted", "Placed", "RuntimeReady", "SLOMet", "Ready")
 
 

@@ -25,7 +25,7 @@ import kopf
 import kubernetes
 from pydantic import ValidationError
 
-from piggyback_operator import admission, autoscaling, conditions, gateway, pools
+from piggyback_operator import admission, autoscaling, conditions, gateway, pools, raycluster
 from piggyback_operator import telemetry as t
 from piggyback_operator.api import API_VERSION, KIND, PLURAL, LLMServiceSpec, unknown_spec_fields
 from piggyback_operator.conditions import FALSE, TRUE, UNKNOWN, Cond
@@ -229,8 +229,12 @@ async def apply_pool(
         for name in autoscaling.deletion_order(pods, figures.in_flight if figures else {}, current_replicas - replicas):
             await memo.kube.annotate_pod(namespace, name,
                                          {autoscaling.DELETION_COST_ANNOTATION: autoscaling.DRAIN_FIRST_COST})
+    nodes = raycluster.wanted(members)
+    kuberay = nodes is not None and await memo.kube.serves_resource(raycluster.GROUP_VERSION, raycluster.PLURAL)
+    remote = raycluster.remote_section(nodes) if kuberay and nodes is not None else None
+    address = raycluster.ray_address(pool, namespace) if remote else None
     try:
-        configmap, deployment = pools.render_children(pool, namespace, members, replicas, scaled)
+        configmap, deployment = pools.render_children(pool, namespace, members, replicas, scaled, remote, address)
     except ValueError as exc:  # RuntimeConfig refused the rendering: a spec the runtime cannot serve
         raise kopf.PermanentError(f"pool {pool} cannot be rendered: {exc}") from None
     await memo.kube.apply(configmap)
@@ -259,6 +263,11 @@ async def apply_pool(
             await memo.kube.apply(child)
         if gateway_routed:
             await memo.kube.apply(gateway.render_inference_pool(pool, namespace, members))
+    if remote is not None and nodes is not None:  # the CPU attention nodes: a RayCluster owned by the Deployment
+        owner = await memo.kube.read_deployment(namespace, pool)
+        if owner is not None:
+            body = raycluster.render(pool, namespace, nodes, pools.runtime_image(), owner, pools.labels(pool))
+            await memo.kube.apply(body)
     memo.rendered[key] = signature(members, replicas)
     logger.info("applied pool %s: %d replicas serving %s", pool, replicas, ", ".join(m.name for m in members))
     return replicas
@@ -408,6 +417,12 @@ async def write_status(
                 admitted_now = admitted
             conds = observed_conditions(member, admitted_now, pods, replicas, figures)
             conds.append(conditions.aggregate_ready(conds))
+            nodes = member.spec.cpu_attention_nodes
+            if nodes is not None and admitted_now.status == TRUE:  # not in Ready: BE still runs on host CPUs
+                installed = await memo.kube.serves_resource(raycluster.GROUP_VERSION, raycluster.PLURAL)
+                cluster = (await memo.kube.read_custom("RayCluster", member.namespace,
+                                                       raycluster.cluster_name(member.pool))) if installed else None
+                conds.append(raycluster.condition(installed, cluster, nodes))
             generation = body["metadata"].get("generation")
             admitted_in_pool = admitted_now.status == TRUE
             status: dict[str, Any] = {

@@ -32,6 +32,7 @@ MERGE_PATCH = "application/merge-patch+json"
 CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
     "InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools"),
+    "RayCluster": ("ray.io", "v1", "rayclusters"),
 }
 DELETABLE_KINDS = ("ScaledObject",)  # children that go while their owner stays (autoscaler switched off)
 APPLY = "application/apply-patch+yaml"
@@ -197,6 +198,32 @@ class Kube:
             raise
         deployment: dict[str, Any] = json.loads(response.data)
         return deployment
+
+    async def serves_resource(self, group_version: str, plural: str) -> bool:
+        """Whether the API server's discovery lists `plural` under /apis/<group_version> (a CRD installed)."""
+        try:
+            response = await self._call(
+                self.api_client.call_api, f"/apis/{group_version}", "GET", auth_settings=["BearerToken"],
+                _preload_content=False, response_type="object",
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        body = json.loads(response[0].data if isinstance(response, tuple) else response.data)
+        return any(r.get("name") == plural for r in body.get("resources", []))
+
+    async def read_custom(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        group, version, plural = CUSTOM_KINDS[kind]
+        try:
+            found: dict[str, Any] = await self._call(
+                self.custom.get_namespaced_custom_object, group, version, namespace, plural, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
 
     async def read_llmservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

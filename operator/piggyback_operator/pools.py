@@ -113,8 +113,9 @@ def termination_grace_period_s(members: Sequence[Member]) -> int:
     return math.ceil(drain_timeout_s(members)) + GRACE_MARGIN_S
 
 
-def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
-    """The RuntimeConfig of a pool whose admitted members are `members` (all of one model)."""
+def render_runtime_config(members: Sequence[Member], remote: Mapping[str, Any] | None = None) -> RuntimeConfig:
+    """The RuntimeConfig of a pool whose admitted members are `members` (all of one model); `remote`: its
+    piggyback.remote section (the pool has a RayCluster of CPU attention nodes)."""
     members = ordered(members)
     model = members[0].spec.model
     services = []
@@ -141,7 +142,7 @@ def render_runtime_config(members: Sequence[Member]) -> RuntimeConfig:
             },
             "services": services,
             "engine": engine_section(members),
-            "piggyback": piggyback_section(members),
+            "piggyback": {**piggyback_section(members), **({"remote": dict(remote)} if remote else {})},
             "server": {"host": "0.0.0.0", "port": RUNTIME_PORT, "drain_timeout_s": drain_timeout_s(members)},
             **batch_section(members),
         },
@@ -413,11 +414,14 @@ def container_security_context() -> dict[str, Any]:
 
 
 def render_children(
-    pool: str, namespace: str, members: Sequence[Member], replicas: int, scaled: int
+    pool: str, namespace: str, members: Sequence[Member], replicas: int, scaled: int,
+    remote: Mapping[str, Any] | None = None, ray_address: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(ConfigMap, Deployment) of a pool serving the admitted `members`, owned by every one of them."""
+    """(ConfigMap, Deployment) of a pool serving the admitted `members`, owned by every one of them.
+    `remote`/`ray_address`: the pool's CPU attention nodes (raycluster.py); the pods join that Ray cluster as
+    drivers (RAY_ADDRESS)."""
     members = ordered(members)
-    config = render_runtime_config(members)
+    config = render_runtime_config(members, remote)
     config_yaml = config.to_yaml()
     config_hash = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
     owners = [owner_reference(m, controller=False) for m in members]  # shared: no single controller
@@ -443,7 +447,8 @@ def render_children(
         "command": ["piggyback"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         # The operator's own variables first; spec.pod.env cannot name them (api.RESERVED_ENV_*).
-        "env": [*runtime_env(members), internal_token_env(pool), *batch_env, *pod.env],
+        "env": [*runtime_env(members), internal_token_env(pool), *batch_env,
+                *([{"name": "RAY_ADDRESS", "value": ray_address}] if ray_address else []), *pod.env],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": str(cpu_per_replica(members)), "memory": memory, **pod.requests, GPU_RESOURCE: gpus},

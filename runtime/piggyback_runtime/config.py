@@ -175,6 +175,54 @@ class EngineConfig(_Strict):
         return policy
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5})$")
+_RAY_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
+
+
+class RemoteNodesConfig(_Strict):
+    """CPU-only machines that hold BE KV in their DRAM and run its attention: Ray actors (piggyback/remote/)."""
+
+    # The Ray cluster: `auto` (the pod is a KubeRay driver: RAY_ADDRESS or the local raylet), `local` (start
+    # one in-process: tests, a laptop), or host:port / ray://host:port.
+    address: str = "auto"
+    # Ray namespace of the actors (one per runtime replica keeps replicas apart).
+    namespace: Annotated[str, Field(min_length=1, max_length=63)] = "piggyback"
+    num_nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    workers_per_node: Annotated[int, Field(ge=1, le=64)] = 1
+    cpus_per_worker: Annotated[float, Field(gt=0, le=1024)] = 4
+    # DRAM each worker reserves from Ray; 80 % of it holds BE KV, the rest is the process and its buffers.
+    memory_per_worker_gib: Annotated[float, Field(gt=0, le=65536)] = 8
+    # The custom Ray resource the operator puts on CPU-only nodes (and nowhere else): workers never land on a
+    # GPU node. Each worker asks for one unit.
+    node_resource: str = "piggyback_cpu_attention"
+    # A layer's batch not back from a node within this is declared lost: the node is dropped and replaced,
+    # its BE requests re-prefilled or failed. The GPU never waits on it either way (a row not back is merged
+    # in a later iteration).
+    layer_deadline_ms: Annotated[float, Field(gt=0, le=600_000)] = 2_000
+    # A BE request whose node died is prefilled again elsewhere (True) or ends with an error event (False).
+    retry_on_worker_loss: bool = True
+    # Link to each node, for the planner's remote capacity (RemoteCapacity) and the simulator: Gbit/s.
+    network_gbps: Annotated[float, Field(gt=0, le=10_000)] = 25
+    # How long start-up waits for the first actors to answer (the engine starts with those that did), and at
+    # least how long it waits for the local CPU workers.
+    ready_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, address: str) -> str:
+        if not _RAY_ADDRESS.match(address):
+            raise ValueError(f"{address!r} is not a Ray address: use auto, local, host:port or ray://host:port")
+        return address
+
+    @field_validator("node_resource")
+    @classmethod
+    def _resource_name(cls, name: str) -> str:
+        if not _RAY_RESOURCE.match(name) or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom Ray resource name: letters, digits, '_' and '-', "
+                             "and not one of Ray's own (CPU, GPU, memory)")
+        return name
+
+
 class PiggybackConfig(_Strict):
     """The BE path: KV in host DRAM, attention on CPU worker processes (used by policy `piggyback`)."""
 
@@ -200,6 +248,8 @@ class PiggybackConfig(_Strict):
     # first, so BE rows keep pace with the GPU (the simulator models it; false: one FIFO worker per row, the
     # earlier behaviour, for ablation).
     paced_cpu_attention: bool = True
+    # Remote CPU attention nodes on Ray (None: host CPU workers only).
+    remote: RemoteNodesConfig | None = None
 
 
 class SLOControlConfig(_Strict):

@@ -321,6 +321,11 @@ class Engine:
             for request, error in pb.take_failures():
                 if (output := self.fail(request.request_id, error)) is not None:
                     outputs.append(output)
+            for request in pb.take_retries():  # its attention worker was lost: prefill it again, elsewhere
+                if request.request_id in self.requests:
+                    request.num_computed_tokens = 0
+                    self.planner.scheduler.add(request)
+                    self.metrics.remote_be_retries.inc()
         self._update_gauges()
         return outputs
 

@@ -57,6 +57,15 @@ CPU_ATTENTION_QUEUE_DEPTH = "piggyback_cpu_attention_queue_depth"
 CPU_ATTENTION_WAIT_SECONDS = "piggyback_cpu_attention_wait_seconds"
 CPU_WORKER_RESTARTS = "piggyback_cpu_worker_restarts"
 BE_ROWS_MERGED = "piggyback_be_rows_merged"
+# Remote CPU attention nodes (piggyback.remote), label `worker`: the remote worker's index in the pool.
+REMOTE_BE_ROWS = "piggyback_remote_be_rows"
+REMOTE_BYTES_SENT = "piggyback_remote_bytes_sent"
+REMOTE_BYTES_RECEIVED = "piggyback_remote_bytes_received"
+REMOTE_ROUND_TRIP_SECONDS = "piggyback_remote_round_trip_seconds"
+REMOTE_DEADLINE_MISSES = "piggyback_remote_deadline_misses"
+REMOTE_KV_BYTES = "piggyback_remote_kv_bytes"
+REMOTE_WORKER_UP = "piggyback_remote_worker_up"
+REMOTE_RETRIES = "piggyback_remote_be_retries"
 BE_TOKENS_PER_SECOND = "piggyback_be_tokens_per_second"
 ADMISSION_REJECTIONS = "piggyback_admission_rejections"
 ITERATION_PREDICTED_SECONDS = "piggyback_iteration_predicted_seconds"
@@ -324,6 +333,29 @@ class RuntimeMetrics:
         )
         self.cpu_worker_restarts = Counter(CPU_WORKER_RESTARTS, "CPU attention workers replaced after dying.",
                                            registry=r)  # fmt: skip
+        # Remote CPU attention nodes (piggyback.remote).
+        worker = ("worker",)
+        self.remote_be_rows = Counter(REMOTE_BE_ROWS, "BE rows (one row, one layer) a remote worker served.",
+                                      worker, registry=r)  # fmt: skip
+        self.remote_bytes_sent = Counter(REMOTE_BYTES_SENT, "Bytes the engine sent to a remote worker.", worker,
+                                         registry=r)  # fmt: skip
+        self.remote_bytes_received = Counter(REMOTE_BYTES_RECEIVED, "Bytes the engine received from a remote worker.",
+                                             worker, registry=r)  # fmt: skip
+        self.remote_round_trip_seconds = Histogram(
+            REMOTE_ROUND_TRIP_SECONDS, "Per-layer round trip of a remote worker's batch (sent to results back).",
+            worker, buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )  # fmt: skip
+        self.remote_deadline_misses = Counter(
+            REMOTE_DEADLINE_MISSES, "Remote workers dropped because a layer's batch missed the deadline.", worker,
+            registry=r,
+        )  # fmt: skip
+        self.remote_kv_bytes = Gauge(REMOTE_KV_BYTES, "BE KV a remote worker holds in its DRAM.", worker, registry=r)
+        self.remote_worker_up = Gauge(REMOTE_WORKER_UP, "1 while a remote worker takes BE rows, else 0.", worker,
+                                      registry=r)  # fmt: skip
+        self.remote_be_retries = Counter(
+            REMOTE_RETRIES, "BE requests prefilled again after their attention worker was lost.", registry=r
+        )
         self.be_rows_merged = Histogram(
             BE_ROWS_MERGED, "BE rows merged into the Dense batch in one iteration (summed over layers).",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r,

@@ -28,7 +28,8 @@ OPERATOR_SRC = ROOT / "operator" / "piggyback_operator"
 
 # The reasons under which the operator is still working towards Ready; every other blocking reason needs a
 # person (more GPUs, a fixed spec, a runtime that answers) and must read Degraded.
-PROGRESSING_REASONS = {"ScalingUp", "WaitingForMetrics", "Pending", "NoReadyReplicas", "NotAdmitted"}
+PROGRESSING_REASONS = {"ScalingUp", "WaitingForMetrics", "Pending", "NoReadyReplicas", "NotAdmitted",
+                       "RayClusterPending", "RayClusterNotReady"}
 STATUS_NAMES = {"TRUE": TRUE, "FALSE": FALSE, "UNKNOWN": UNKNOWN}
 
 

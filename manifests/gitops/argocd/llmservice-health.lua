@@ -12,6 +12,9 @@ local progressing = {
   Pending = true,            -- no replica scheduled onto a GPU node yet
   NoReadyReplicas = true,    -- runtime pods starting (model load)
   NotAdmitted = true,        -- a later condition waiting on admission
+  -- CPUAttentionNodes (not part of Ready: BE attention falls back to the host CPUs meanwhile)
+  RayClusterPending = true,  -- the pool's RayCluster not created yet
+  RayClusterNotReady = true, -- its CPU-only workers starting
 }
 -- Nothing improves without a change: capacity, the spec, or a runtime that stopped answering.
 local degraded = {
@@ -22,6 +25,7 @@ local degraded = {
   InvalidSpec = true,
   RuntimeNotResponding = true,
   AttainmentBelowTarget = true,
+  KubeRayNotInstalled = true, -- cpuAttentionNodes asked for, but the KubeRay CRD is not served
 }
 
 local function condition(conditions, wanted)

@@ -110,6 +110,11 @@ class PiggybackPath:
             register_host_memory(self.buffers.out)
         threads = share_cores_with_cpu_workers(pb, device)
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
+        self.retry_on_worker_loss = pb.remote is not None and pb.remote.retry_on_worker_loss
+        if pb.remote is not None:  # remote CPU nodes on Ray: more workers behind the same interface
+            from piggyback_runtime.piggyback.remote import hybrid_pool
+
+            self.pool = hybrid_pool(self.pool, self.buffers, pb.remote, arch, dtype, threads, metrics)
         self.pool.wait_ready()
         self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
         self.row_by_slot: dict[int, BERow] = {}
@@ -120,6 +125,7 @@ class PiggybackPath:
         self.failed: list[tuple[Request, str]] = []
         # Tensor parallelism: the element-wise minimum over ranks of each rank's verdicts (distributed.py).
         self.agree: Callable[[list[int]], list[int]] | None = None
+        self.retries: list[Request] = []  # lost with their worker, to be prefilled again (retry_on_worker_loss)
         log.info("piggyback path: %d host KV blocks (%.2f GiB), %d CPU workers × %d threads", host_kv.num_blocks,
                  host_kv.num_blocks * self.block_bytes / 2**30, pb.num_cpu_workers, threads)  # fmt: skip
 
@@ -292,7 +298,12 @@ class PiggybackPath:
                 row = self.row_by_slot.pop(slot, None)
                 if row is None:
                     continue
-                if not row.released:
+                if not row.released and self.retry_on_worker_loss:
+                    # Its KV on the worker is gone; the host reservation stays for the new prefill.
+                    self.rows.pop(row.request.request_id, None)
+                    self.residuals.pop((row.request.request_id, row.layer), None)
+                    self.retries.append(row.request)
+                elif not row.released:
                     row.state = FAILED
                     self.failed.append((row.request, f"the CPU attention worker holding this request died "
                                                      f"(exit code {death.exit_code}); its host KV cache is lost"))
@@ -302,6 +313,11 @@ class PiggybackPath:
     def take_failures(self) -> list[tuple[Request, str]]:
         failed, self.failed = self.failed, []
         return failed
+
+    def take_retries(self) -> list[Request]:
+        """Requests whose worker was lost and that are to be prefilled again (their host KV is still held)."""
+        retries, self.retries = self.retries, []
+        return retries
 
     # --- state for the engine loop and metrics --------------------------------------------------------
     def has_work(self) -> bool:
@@ -329,6 +345,8 @@ class PiggybackPath:
         self.metrics.cpu_attention_queue_depth.set(sum(1 for r in self.rows.values() if r.state == WAITING))
         self.metrics.host_kv_usage.set(self.host_kv.usage())
         self.metrics.host_kv_free_bytes.set(self.host_kv.allocator.num_free * self.block_bytes)
+        if hasattr(self.pool, "update_gauges"):  # remote workers
+            self.pool.update_gauges(self.block_bytes)
 
     def close(self) -> None:
         self._hold.value = 1

@@ -35,6 +35,7 @@ from piggyback_runtime.model.arch import (
     synthetic_arch,
     tp_allreduce_message_bytes,
 )
+from piggyback_runtime.remote_capacity import KV_SHARE_OF_DRAM, PAPER_CPU_NODE, RemoteNodeFigures
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, isotonic
 
 GIB = 1 << 30
@@ -135,12 +136,20 @@ class RemoteCPUNodes:
     network_gb_s: float  # per-node link, GB/s (100 Gbps = 12.5 GB/s)
     network_latency_s: float = 10e-6  # one message, one way (RDMA-class NIC; an assumption)
 
+    def node(self) -> RemoteNodeFigures:
+        """One node's figures in the form the runtime's remote pool and the planner use (remote_capacity.py)."""
+        return RemoteNodeFigures(self.cores_per_node, self.dram_bandwidth_gb_s_per_node, self.dram_gib_per_node,
+                                 self.network_gb_s, self.network_latency_s)  # fmt: skip
 
-# 1G4C as in the OmniServe paper: 4 dual-socket CPU nodes on 100 Gbps links. Per-node figures are assumptions
-# (a DGX-A100-class host: 2 × 204.8 GB/s, 1 TiB).
-REMOTE_1G4C = RemoteCPUNodes(
-    count=4, cores_per_node=128, dram_bandwidth_gb_s_per_node=409.6, dram_gib_per_node=1024, network_gb_s=12.5
-)
+    @classmethod
+    def of(cls, count: int, node: RemoteNodeFigures) -> RemoteCPUNodes:
+        return cls(count, node.cores, node.dram_bandwidth_gb_s, node.dram_gib, node.network_gb_s,
+                   node.network_latency_s)  # fmt: skip
+
+
+# 1G4C as in the OmniServe paper: 4 dual-socket CPU nodes on 100 Gbps links; the per-node figures
+# (remote_capacity.PAPER_CPU_NODE, an assumption: a DGX-A100-class host) are the runtime's too.
+REMOTE_1G4C = RemoteCPUNodes.of(4, PAPER_CPU_NODE)
 
 
 # --- model shapes ----------------------------------------------------------------------------------------------
@@ -528,10 +537,7 @@ class DeviceProfile:
         """One message of `num_bytes` to or from one remote node: its link's latency and bandwidth."""
         if self.remote is None:
             raise ValueError("this profile has no remote CPU nodes")
-        if num_bytes <= 0:
-            return 0.0
-        r = self.remote
-        return r.network_latency_s + num_bytes / (r.network_gb_s * GB)
+        return self.remote.node().network_s(num_bytes)
 
     # -- capacities --------------------------------------------------------------------------------------------
     def gpu_kv_capacity_tokens(self, memory_utilization: float = 0.9) -> int:
@@ -544,7 +550,7 @@ class DeviceProfile:
         dram = self.host.dram_gib
         if self.remote is not None:
             dram += self.remote.count * self.remote.dram_gib_per_node
-        return int(dram * GIB * 0.8 // self.shape.kv_bytes_per_token())
+        return int(dram * GIB * KV_SHARE_OF_DRAM // self.shape.kv_bytes_per_token())
 
 
 # --- building profiles -----------------------------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""Remote CPU attention nodes: the per-layer data path on loopback, and BE throughput with 0-4 nodes simulated.
+
+1. Loopback (a real local Ray cluster, one AttentionNodeActor): Ray's per-call cost (an actor call carrying one
+   layer's q/k/v) against the node's own TCP stream (a `run` frame: the same bytes, plus the attention itself),
+   and the bytes each BE token costs on the wire. This is why the per-layer path is a stream and Ray only
+   places and watches the actors.
+2. Simulator (`piggyback_runtime.sim`, Vidur timings): BE tokens/s with 0, 1, 2 and 4 remote nodes for the
+   paper's Llama-2-70B TP4 H100 and 34B TP2 A100 settings, LongBench-v2-like and DailyMail-like BE, LS at the
+   paper's middle rate (Splitwise conversation trace), policy piggyback. Next to each figure, the bounds that
+   could bind: the nodes' and host's DRAM (KV bytes per token over attention bandwidth), the network (bytes
+   per BE token over each node's link), and, where neither is reached, GPU prefill supply.
+
+    python benchmarks/remote_nodes.py [--quick] [--skip-loopback] [--jobs 2]
+
+Writes benchmarks/results/remote_nodes.md (not with --quick unless --write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from piggyback_runtime.hardware import cpu_model_name
+from piggyback_runtime.remote_capacity import RemoteNodeFigures, bytes_per_be_token_per_layer
+from piggyback_runtime.sim.devices import MODELS
+from piggyback_runtime.sim.scenario import load_scenario, run_scenario, summary
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONV_TRACE = Path("/work/shared/data/vidur/processed_traces/splitwise_conv.csv")
+if not CONV_TRACE.exists():
+    CONV_TRACE = ROOT.parent / "shared" / "data" / "vidur" / "processed_traces" / "splitwise_conv.csv"
+
+# The paper's testbed boxes (as benchmarks/paper_scenarios.py): the GPU host and each CPU-only node are 24-core,
+# 2 × 200 GB/s, 400 GiB machines; the nodes sit behind 100 Gbit/s links.
+HOST = {"cores": 24, "sockets": 2, "dram_bandwidth_gb_s_per_socket": 200, "dram_gib": 400}
+NODE = RemoteNodeFigures(cores=24, dram_bandwidth_gb_s=400, dram_gib=400, network_gb_s=12.5)
+CPU_ATTENTION_EFFICIENCY = 0.8  # sim/devices.HostSpec's default: the share of DRAM bandwidth the kernel reaches
+# name -> (gpu, model, tp, LS rate (the paper_scenarios middle rate), SLO ttft/tpot ms)
+SETTINGS: dict[str, tuple[str, str, int, float, tuple[int, int]]] = {
+    "70B-H100x4": ("h100", "llama-2-70b", 4, 5.0, (3000, 250)),
+    "34B-A100x2": ("a100-80gb", "codellama-34b", 2, 2.0, (2000, 200)),
+}
+BE_SHAPES = {"longbench-v2": (8952, 136), "dailymail": (1964, 397)}  # mean input / output tokens (sim presets)
+NODE_COUNTS = (0, 1, 2, 4)
+
+
+# --- 1. loopback -------------------------------------------------------------------------------------------------
+def loopback(rounds: int) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from piggyback_runtime.piggyback.remote import wire
+    from piggyback_runtime.piggyback.remote.actor import AttentionNodeActor
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; no token file in ~/.ray
+    ray.init(num_cpus=2, resources={"piggyback_cpu_attention": 1}, include_dashboard=False,
+             log_to_driver=False, object_store_memory=100 * 2**20)  # fmt: skip
+    try:
+        token = "bench"
+        actor = ray.remote(num_cpus=1, resources={"piggyback_cpu_attention": 1})(AttentionNodeActor).remote(token)
+        host, port, _ = ray.get(actor.address.remote())
+        # One 70B layer's shapes (all heads: the engine's rank 0 of TP4 sends a quarter of it).
+        q_heads, kv_heads, head_dim, block = 64, 8, 128, 64
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.send(sock, {"kind": "hello", "token": token, "layers": 1, "kv_heads": kv_heads, "q_heads": q_heads,
+                         "head_dim": head_dim, "block_size": block, "dtype": "bfloat16", "scale": head_dim**-0.5,
+                         "threads": 1, "kv_bytes": 1 << 28})  # fmt: skip
+        wire.recv(sock)
+        out: dict[str, Any] = {}
+        for rows, context in ((1, 1), (8, 1), (1, 1024), (8, 1024)):
+            for slot in range(rows):
+                wire.send(sock, {"kind": "register", "slot": slot, "gen": 0, "blocks": context // block + 1})
+                kv = torch.randn(context, kv_heads, head_dim).bfloat16()
+                wire.send(sock, {"kind": "kv", "slot": slot, "layer": 0, "tokens": context}, [kv, kv])
+            q = torch.randn(rows, q_heads, head_dim)
+            k = torch.randn(rows, kv_heads, head_dim)
+            frame_rows = [[s, context, 0] for s in range(rows)]
+            stream, sent_bytes, got_bytes = [], 0, 0
+            for _ in range(rounds):
+                started = time.perf_counter()
+                sent_bytes = wire.send(sock, {"kind": "run", "layer": 0, "batch": 0, "rows": frame_rows}, [q, k, k])
+                _, _, got_bytes = wire.recv(sock)
+                stream.append(time.perf_counter() - started)
+                # the run appended one token at `context`; write it again next round (same position)
+            payload = bytes(sent_bytes)
+            calls = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                ray.get(actor.ping.remote(payload))
+                calls.append(time.perf_counter() - started)
+            for slot in range(rows):
+                wire.send(sock, {"kind": "forget", "slot": slot})
+            out[(rows, context)] = {
+                "stream_p50_ms": statistics.median(stream) * 1e3,
+                "stream_p99_ms": sorted(stream)[int(0.99 * (len(stream) - 1))] * 1e3,
+                "ray_p50_ms": statistics.median(calls) * 1e3,
+                "ray_p99_ms": sorted(calls)[int(0.99 * (len(calls) - 1))] * 1e3,
+                "sent_bytes": sent_bytes, "received_bytes": got_bytes,
+            }  # fmt: skip
+        sock.close()
+        return out
+    finally:
+        ray.shutdown()
+
+
+# --- 2. simulator ------------------------------------------------------------------------------------------------
+def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int) -> dict[str, Any]:
+    gpu, model, tp, rate, (ttft_ms, tpot_ms) = SETTINGS[setting]
+    device: dict[str, Any] = {"gpu": gpu, "model": model, "tp": tp, "host": dict(HOST)}
+    if nodes:
+        device["remote"] = {"count": nodes, "cores_per_node": NODE.cores,
+                            "dram_bandwidth_gb_s_per_node": NODE.dram_bandwidth_gb_s,
+                            "dram_gib_per_node": NODE.dram_gib, "network_gb_s": NODE.network_gb_s,
+                            "network_latency_s": NODE.network_latency_s}  # fmt: skip
+    return {
+        "drain_s": 30.0,
+        "runtime": {
+            "model": {"uri": f"synthetic://{model}"},
+            "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
+                         {"name": "batch", "class": "BE"}],
+            "engine": {"max_num_batched_tokens": 512, "max_num_seqs": 512},
+            "piggyback": {"host_kv_memory_gib": HOST["dram_gib"] + nodes * NODE.dram_gib, "max_be_requests": 2048,
+                          "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
+            "slo_control": {"max_be_queue": 100000},
+        },
+        "device": device,
+        "workload": {"seed": 1, "duration_s": horizon_s, "sources": [
+            {"kind": "trace", "service": "chat", "class": "LS", "path": str(CONV_TRACE), "rate_per_s": rate},
+            {"kind": "batch", "service": "batch", "class": "BE", "count": be_count,
+             "lengths": {"kind": "preset", "name": be}},
+        ]},
+    }  # fmt: skip
+
+
+def simulate(key: tuple[str, str, int], horizon_s: float, be_count: int) -> dict[str, Any]:
+    setting, be, nodes = key
+    started = time.perf_counter()
+    result = run_scenario(load_scenario(scenario(setting, be, nodes, horizon_s, be_count)), policy="piggyback")
+    out = summary(result)
+    out["wall_s"] = time.perf_counter() - started
+    out["cpu_busy_share"] = result.cpu_busy_share
+    # The GPU's BE prefill supply: BE requests it prefilled within the horizon, each worth its output tokens.
+    be = [r for r in result.of("BE") if r.first_token_s is not None and r.first_token_s <= horizon_s]
+    out["prefill_bound"] = sum(r.output_tokens for r in be) / horizon_s
+    return out
+
+
+def bounds(setting: str, be: str, nodes: int) -> dict[str, float]:
+    """BE tokens/s each resource allows on its own, from the same figures the simulator reads."""
+    _, model, _, _, _ = SETTINGS[setting]
+    shape = MODELS[model]
+    prompt, output = BE_SHAPES[be]
+    context = prompt + output / 2  # mean context a decode step reads
+    kv_bytes_per_token = shape.kv_bytes_per_token()
+    per_token_read = kv_bytes_per_token * context
+    host_bw = HOST["sockets"] * HOST["dram_bandwidth_gb_s_per_socket"] * 1e9 * CPU_ATTENTION_EFFICIENCY
+    node_bw = NODE.dram_bandwidth_gb_s * 1e9 * CPU_ATTENTION_EFFICIENCY
+    sent, received = bytes_per_be_token_per_layer(shape.num_heads, shape.num_kv_heads, shape.head_dim)
+    wire_per_token = max(sent, received) * shape.num_layers
+    return {
+        "dram_host": host_bw / per_token_read,
+        "dram_per_node": node_bw / per_token_read,
+        "network_per_node": NODE.network_gb_s * 1e9 / wire_per_token,
+        "wire_bytes_per_token": (sent + received) * shape.num_layers,
+    }
+
+
+def binding(tok_s: float, dram_bw: float, network: float, prefill: float, kv_peak: float) -> str:
+    """Which limit binds, first match: the bounds the figure reaches (within 20 %), then a full KV."""
+    if tok_s >= 0.8 * prefill:
+        return "GPU prefill supply"
+    if tok_s >= 0.8 * dram_bw:
+        return "DRAM bandwidth"
+    if tok_s >= 0.8 * network:
+        return "network"
+    if kv_peak >= 0.95:
+        return "DRAM capacity (KV full: rows in flight capped)"
+    return "per-layer merge pacing (rows wait for a pass over their layer)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write", action="store_true", help="write the results file even with --quick")
+    parser.add_argument("--skip-loopback", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("PIGGYBACK_VIDUR_DIR", "/work/shared/data/vidur")
+    lines = [f"# Remote CPU attention nodes ({datetime.date.today()}, `python benchmarks/remote_nodes.py`)", ""]
+    lines += [f"CPU: {cpu_model_name()}, {os.cpu_count()} cores (a shared VM: loopback figures are indicative).", ""]
+    if not args.skip_loopback:
+        rounds = 50 if args.quick else 300
+        loop = loopback(rounds)
+        lines += ["## 1. Per-layer round trip on loopback (one 70B layer: 64 q heads, 8 kv heads, d 128)", "",
+                  "| rows | context | stream p50 ms | stream p99 ms | Ray call p50 ms | Ray call p99 ms | bytes out "
+                  "| bytes back |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for (rows, context), f in loop.items():
+            lines.append(f"| {rows} | {context} | {f['stream_p50_ms']:.3f} | {f['stream_p99_ms']:.3f} | "
+                         f"{f['ray_p50_ms']:.3f} | {f['ray_p99_ms']:.3f} | {f['sent_bytes']} | {f['received_bytes']} |")
+        lines += ["", "The stream's round trip includes the node's attention (write k/v, read the context); the Ray "
+                  "call carries the same bytes and does nothing with them.", ""]
+    horizon = 60.0 if args.quick else 120.0
+    be_count = 4000
+    keys = [(s, be, n) for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {k: pool.submit(simulate, k, horizon, be_count) for k in keys}
+        sims = {k: f.result() for k, f in futures.items()}
+    lines += [f"## 2. BE tokens/s with remote nodes (simulator, policy piggyback, {horizon:.0f} s horizon, "
+              f"{time.perf_counter() - started:.0f} s wall)", "",
+              "Bounds are per resource alone: host/node DRAM = attention bandwidth (80 % of DRAM) ÷ KV bytes a "
+              "decode step reads at the mean context; network = a node's link ÷ wire bytes per BE token (fp32 "
+              "q/k/v out, output back, all layers).", "",
+              "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon ÷ horizon "
+              "(what decode could at most turn out). KV peak = peak share of host + remote KV held.", "",
+              "| setting | BE | nodes | BE tok/s | × of 0 nodes | gain per node ÷ one host's DRAM bound | LS att | "
+              "DRAM bw bound (host + nodes) | network bound (nodes) | prefill bound | KV peak | CPU busy "
+              "| wire B/token | binds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for setting in SETTINGS:
+        for be in BE_SHAPES:
+            base = sims[(setting, be, 0)]["be_tokens_per_s"]
+            for nodes in NODE_COUNTS:
+                f = sims[(setting, be, nodes)]
+                b = bounds(setting, be, nodes)
+                tok = f["be_tokens_per_s"]
+                dram = b["dram_host"] + nodes * b["dram_per_node"]
+                network = nodes * b["network_per_node"] if nodes else float("inf")
+                gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
+                binds = binding(tok, dram, network, f["prefill_bound"], f["host_kv_usage_peak"])
+                lines.append(f"| {setting} | {be} | {nodes} | {tok:.1f} | {tok / base if base else float('nan'):.2f} | "
+                             f"{gain:.2f} | {f['ls_attainment']:.3f} | {dram:.0f} | {network:.0f} | "
+                             f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | {f['cpu_busy_share']:.2f} | "
+                             f"{b['wire_bytes_per_token']:.0f} | {binds} |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick or args.write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "remote_nodes.md").write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

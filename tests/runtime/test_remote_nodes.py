@@ -1,0 +1,197 @@
+"""Remote CPU attention nodes, without Ray: the node server runs on a thread of this process (ThreadPlacement
+stands in for Ray's actors), the engine and its stream are the real ones.
+
+Exact BE tokens whether a request's attention runs on a local worker or a remote node, including a request
+whose node dies mid-run and is prefilled again elsewhere; with retries off, the lost node's requests end with
+an error and nothing else does. (tests/runtime/test_remote_ray.py runs the same path on a real Ray cluster.)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from piggyback_runtime import metrics as m
+from piggyback_runtime.config import ConfigError, RuntimeConfig
+from piggyback_runtime.engine import Engine
+from piggyback_runtime.piggyback.remote import actor as actor_module
+from piggyback_runtime.piggyback.remote.node import NodeServer
+from piggyback_runtime.piggyback.remote.pool import HybridAttentionPool
+from tests.runtime.helpers import (
+    assert_matches_reference,
+    greedy,
+    hf_reference,
+    make_request,
+    reference_greedy,
+    run_to_completion,
+    tiny_config,
+)
+
+# Engines with CPU worker processes and node servers; a loaded shared machine starts workers slowly.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+PROMPTS = [[1, *range(30, 30 + n)] for n in (4, 19, 33, 2, 11, 7)]
+MAX_TOKENS = 16
+
+
+class ThreadPlacement:
+    """Placement on threads of this process: one NodeServer per remote worker."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        self.token = secrets.token_hex(8)
+        self.servers: list[NodeServer] = []
+
+    def start(self, index: int) -> NodeServer:
+        server = NodeServer(self.token, host="127.0.0.1")
+        self.servers.append(server)
+        return server
+
+    def address_if_ready(self, actor: NodeServer) -> tuple[str, int, int]:
+        return "127.0.0.1", actor.port, os.getpid()
+
+    def kill(self, actor: NodeServer) -> None:
+        actor.close()
+
+    def close(self) -> None:
+        pass
+
+
+def remote_config(num_nodes: int = 2, **remote: Any) -> RuntimeConfig:
+    return tiny_config(policy="piggyback", max_num_batched_tokens=16, piggyback={
+        "max_be_rows_per_layer": 3,
+        "remote": {"address": "local", "num_nodes": num_nodes, "memory_per_worker_gib": 0.01,
+                   "ready_timeout_s": 600, **remote},
+    })  # fmt: skip
+
+
+@pytest.fixture
+def threads_for_ray(monkeypatch: pytest.MonkeyPatch) -> list[ThreadPlacement]:
+    made: list[ThreadPlacement] = []
+
+    def fake(config: Any) -> ThreadPlacement:
+        made.append(ThreadPlacement(config.num_nodes * config.workers_per_node))
+        return made[-1]
+
+    monkeypatch.setattr(actor_module, "RayPlacement", fake)
+    return made
+
+
+@pytest.fixture(scope="module")
+def references() -> list[tuple[list[int], list[torch.Tensor]]]:
+    engine = Engine(tiny_config())
+    try:
+        hf = hf_reference(engine.arch, engine.model.state_dict())
+        return [reference_greedy(hf, prompt, MAX_TOKENS) for prompt in PROMPTS]
+    finally:
+        engine.close()
+
+
+def _submit(engine: Engine, classes: str, tag: str) -> list[Any]:
+    requests = [make_request(f"{tag}{i}", p, greedy(MAX_TOKENS), "LS" if c == "L" else "BE")
+                for i, (p, c) in enumerate(zip(PROMPTS, classes, strict=True))]  # fmt: skip
+    for request in requests:
+        engine.add_request(request)
+    return requests
+
+
+@pytest.fixture
+def engine(threads_for_ray: list[ThreadPlacement]) -> Iterator[Engine]:
+    engine = Engine(remote_config())
+    yield engine
+    engine.close()
+
+
+def test_remote_config_is_validated_with_field_names() -> None:
+    with pytest.raises((ConfigError, ValueError), match="address"):
+        remote_config(address="not an address")
+    with pytest.raises((ConfigError, ValueError), match="node_resource"):
+        remote_config(node_resource="GPU")
+    with pytest.raises((ConfigError, ValueError), match="layer_deadline_ms"):
+        remote_config(layer_deadline_ms=0)
+
+
+def test_be_tokens_are_exact_on_local_workers_and_remote_nodes(engine: Engine, references) -> None:
+    pool = engine.piggyback.pool
+    assert isinstance(pool, HybridAttentionPool) and all(w.ready for w in pool.remote)
+    placed: dict[str, int] = {}
+    original = pool.register
+
+    def spy(worker: int, slot: int, blocks: list[int]) -> None:
+        placed[engine.piggyback.row_by_slot[slot].request.request_id] = worker
+        original(worker, slot, blocks)
+
+    pool.register = spy  # type: ignore[method-assign]
+    mixed = _submit(engine, "BLBBBB", "mix")
+    run_to_completion(engine)
+    for request, (ref, logits) in zip(mixed, references, strict=True):
+        assert request.finish_reason == "length", request.error
+        assert_matches_reference(request.output_token_ids, ref, logits)
+    assert set(placed.values()) >= {0, 1, 2}, f"BE rows should land on the local worker and both nodes: {placed}"
+    for worker in ("1", "2"):
+        assert engine.metrics.remote_be_rows.labels(worker)._value.get() > 0
+        assert engine.metrics.remote_bytes_sent.labels(worker)._value.get() > 0
+    assert pool.remote_capacity().rows == 0, "remote rows leaked"
+    assert engine.piggyback.host_kv.allocator.num_used == 0
+
+
+def _kill_node_mid_run(engine: Engine, placement: ThreadPlacement, tag: str) -> tuple[list[Any], list[Any], int]:
+    pb = engine.piggyback
+    pool = pb.pool
+    requests = _submit(engine, "BLBBBB", tag)
+    be = [r for r in requests if not r.is_ls]
+    for _ in range(2_000):
+        engine.step()
+        on_node = [r for r in be if (row := pb.rows.get(r.request_id)) is not None and row.worker == 1
+                   and len(r.output_token_ids) >= 3]  # fmt: skip
+        if on_node:
+            break
+    else:
+        pytest.fail("no BE request reached remote node 1")
+    lost = sum(1 for r in be if (row := pb.rows.get(r.request_id)) is not None and row.worker == 1)
+    placement.servers[0].close()  # the node dies: its stream breaks
+    outputs = []
+    deadline = time.monotonic() + 60
+    while engine.has_work() and time.monotonic() < deadline:
+        outputs += engine.step()
+    assert not engine.has_work(), "the engine hung after a node died"
+    assert pool.restarts == 1
+    return requests, outputs, lost
+
+
+def test_a_dead_node_s_requests_are_prefilled_again_elsewhere_and_stay_exact(
+    engine: Engine, threads_for_ray: list[ThreadPlacement], references
+) -> None:
+    requests, _, lost = _kill_node_mid_run(engine, threads_for_ray[0], "retry")
+    for request, (ref, logits) in zip(requests, references, strict=True):
+        assert request.finish_reason == "length", request.error
+        assert_matches_reference(request.output_token_ids, ref, logits)
+    assert engine.metrics.remote_be_retries._value.get() >= lost
+    assert engine.piggyback.host_kv.allocator.num_used == 0
+
+
+def test_without_retries_a_dead_node_fails_only_its_own_requests(threads_for_ray: list[ThreadPlacement]) -> None:
+    engine = Engine(remote_config(retry_on_worker_loss=False))
+    try:
+        requests, outputs, lost = _kill_node_mid_run(engine, threads_for_ray[0], "noretry")
+        failed = {o.request_id for o in outputs if o.finished and o.finish_reason == "error"}
+        assert len(failed) == lost
+        assert all(r.finish_reason == "length" for r in requests if r.request_id not in failed)
+        assert all(r.is_ls is False for r in requests if r.request_id in failed)
+        assert engine.metrics.requests.labels("batch", "BE", m.OUTCOME_FAILED)._value.get() == lost
+        # The replacement node registers with no BE request in flight (the engine no longer polls).
+        pool = engine.piggyback.pool
+        assert not engine.has_work()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(w.ready for w in pool.remote):
+            time.sleep(0.05)
+        assert all(w.ready and not w.dead for w in pool.remote), "the replacement node never registered"
+        assert engine.metrics.remote_worker_up.labels("1")._value.get() == 1
+    finally:
+        engine.close()
