@@ -62,8 +62,8 @@ def _parse(_: Any, content: bytes) -> tuple[list[tuple[str, str, str]], list[dic
 
 async def started_batch(store: st.BatchStore) -> str:
     content = b"".join(json.dumps({"custom_id": f"line-{i}"}).encode() + b"\n" for i in range(LINES))
-    file_row = await store.add_file("batch", "in.jsonl", content, LINES)
-    batch = await store.create_batch("/v1/chat/completions", file_row.id, 24 * 3600, None)
+    file_row = await store.add_file("batch", "in.jsonl", content, LINES, st.services_text(["bulk"]))
+    batch = await store.create_batch("/v1/chat/completions", file_row.id, 24 * 3600, None, file_row.services)
     await store.start_batch(batch.id, _parse)
     return str(batch.id)
 

@@ -19,12 +19,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, event, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, event, func, not_, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from piggyback_runtime.batch import schema as s
@@ -44,6 +44,24 @@ SQLITE_FILE = "batch.sqlite3"
 
 def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]
+
+
+def services_text(names: Iterable[str]) -> str:
+    """The `services` column: the names between commas, so that one name is found with a LIKE."""
+    return "," + ",".join(sorted(set(names))) + ","
+
+
+def services_of(text: str | None) -> frozenset[str]:
+    return frozenset(name for name in (text or "").split(",") if name)
+
+
+def _visible(table: Any, hidden: Collection[str]) -> Any:
+    """Rows whose services include none of `hidden`. A row from before schema version 2 names no services:
+    only a caller from whom nothing is hidden sees it."""
+    if not hidden:
+        return true()
+    return and_(table.c.services.is_not(None),
+                *(not_(table.c.services.contains(f",{name},", autoescape=True)) for name in hidden))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -140,7 +158,7 @@ class BatchStore:
         assert self.directory is not None
         return self.directory / "files" / f"{file_id}.jsonl"
 
-    async def add_file(self, purpose: str, filename: str, content: bytes, line_count: int,
+    async def add_file(self, purpose: str, filename: str, content: bytes, line_count: int, services: str | None,
                        conn: AsyncConnection | None = None) -> Row[Any]:  # fmt: skip
         file_id = new_id("file-")
         now_ns = time.time_ns()
@@ -151,7 +169,7 @@ class BatchStore:
                 raise OSError(f"{path} does not read back as written")
         values = {"id": file_id, "purpose": purpose, "filename": filename, "bytes": len(content),
                   "created_at": now_ns // 1_000_000_000, "created_ns": now_ns, "line_count": line_count,
-                  "storage": self.storage}  # fmt: skip
+                  "storage": self.storage, "services": services}  # fmt: skip
 
         async def insert(c: AsyncConnection) -> None:
             await c.execute(s.files.insert().values(**values))
@@ -183,9 +201,9 @@ class BatchStore:
             query = select(s.file_contents.c.content).where(s.file_contents.c.file_id == row.id)
             return bytes((await conn.execute(query)).scalar_one())
 
-    async def list_files(self, purpose: str | None, after: str | None, limit: int,
-                         ascending: bool) -> tuple[list[Row[Any]], bool]:  # fmt: skip
-        query = select(s.files)
+    async def list_files(self, purpose: str | None, after: str | None, limit: int, ascending: bool,
+                         hidden: Collection[str] = ()) -> tuple[list[Row[Any]], bool]:  # fmt: skip
+        query = select(s.files).where(_visible(s.files, hidden))
         if purpose is not None:
             query = query.where(s.files.c.purpose == purpose)
         return await self._page(s.files, query, after, limit, ascending)
@@ -220,7 +238,7 @@ class BatchStore:
 
     # --- batches -----------------------------------------------------------------------------------------------
     async def create_batch(self, endpoint: str, input_file_id: str, completion_window_s: int,
-                           metadata: dict[str, str] | None) -> Row[Any]:  # fmt: skip
+                           metadata: dict[str, str] | None, services: str | None) -> Row[Any]:  # fmt: skip
         now_ns = time.time_ns()
         now = now_ns // 1_000_000_000
         batch_id = new_id("batch_")
@@ -228,7 +246,7 @@ class BatchStore:
             await conn.execute(s.batches.insert().values(
                 id=batch_id, endpoint=endpoint, input_file_id=input_file_id, completion_window="24h",
                 status=VALIDATING, created_at=now, created_ns=now_ns, expires_at=now + completion_window_s,
-                metadata=json.dumps(metadata) if metadata is not None else None, total=0,
+                metadata=json.dumps(metadata) if metadata is not None else None, total=0, services=services,
             ))  # fmt: skip
         return await self._row(s.batches, batch_id)
 
@@ -236,8 +254,10 @@ class BatchStore:
         async with self.engine.connect() as conn:
             return (await conn.execute(select(s.batches).where(s.batches.c.id == batch_id))).first()
 
-    async def list_batches(self, after: str | None, limit: int) -> tuple[list[Row[Any]], bool]:
-        return await self._page(s.batches, select(s.batches), after, limit, ascending=False)
+    async def list_batches(self, after: str | None, limit: int,
+                           hidden: Collection[str] = ()) -> tuple[list[Row[Any]], bool]:  # fmt: skip
+        query = select(s.batches).where(_visible(s.batches, hidden))
+        return await self._page(s.batches, query, after, limit, ascending=False)
 
     async def line_counts(self, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
         """Lines per state of each batch."""
@@ -444,10 +464,12 @@ class BatchStore:
                                       "finalize_lease_until": None}  # fmt: skip
             if output is not None:
                 values["output_file_id"] = (await self.add_file("batch_output", f"{batch_id}_output.jsonl",
-                                                                output[0], output[1], conn)).id  # fmt: skip
+                                                                output[0], output[1], batch.services,
+                                                                conn)).id  # fmt: skip
             if errors is not None:
                 values["error_file_id"] = (await self.add_file("batch_output", f"{batch_id}_error.jsonl",
-                                                               errors[0], errors[1], conn)).id  # fmt: skip
+                                                               errors[0], errors[1], batch.services,
+                                                               conn)).id  # fmt: skip
             await conn.execute(update(s.batches).where(s.batches.c.id == batch_id).values(**values))
         return True
 
