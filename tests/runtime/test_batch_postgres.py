@@ -57,9 +57,6 @@ def completed_here(base: str) -> float:
                if s.name.endswith("_total") and s.labels["line_state"] == "completed")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (issue #29 stays open): about one run in two, a few lines leased by the killed replica are missing "
-    "from the output file when the batch completes; single-replica SIGKILL restarts (test_batch_durability) hold"))
 def test_two_replicas_one_killed_every_line_exactly_once(tmp_path: Path, database_url: str) -> None:
     (a, base_a), (b, base_b) = start(tmp_path / "a", database_url, "a"), start(tmp_path / "b", database_url, "b")
     try:

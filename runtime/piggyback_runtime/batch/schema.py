@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     select,
     text,
 )
@@ -48,6 +49,8 @@ files = Table(
     Column("line_count", Integer, nullable=False),
     # "disk": under batch.directory; "database": in batch_file_contents (replicas share it through Postgres).
     Column("storage", String(16), nullable=False),
+    # The services its lines name, as ",a,b," (an output file: its batch's): an API key must open them all.
+    Column("services", Text),
 )  # fmt: skip
 
 file_contents = Table(
@@ -82,6 +85,7 @@ batches = Table(
     Column("finalize_target", String(16)),
     Column("finalize_owner", String(64)),
     Column("finalize_lease_until", Float),
+    Column("services", Text),  # its input file's services (schema version 2)
 )  # fmt: skip
 
 # Line states: pending (not run, or released), leased (a replica runs it), completed (its output line is in
@@ -111,7 +115,15 @@ def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, tables=[files, file_contents, batches, lines])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial]  # version N is MIGRATIONS[N - 1]
+def _v2_services(conn: Connection) -> None:
+    """Files and batches name the services they hold work for (API keys scope them). A database created at
+    version 2 or later already has the column (version 1 creates the tables as they are now)."""
+    for table in (files, batches):
+        if "services" not in {column["name"] for column in inspect(conn).get_columns(table.name)}:
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN services TEXT"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_services]  # version N is MIGRATIONS[N - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x5069_6767_7962  # any constant shared by all replicas ("Piggyb")
 

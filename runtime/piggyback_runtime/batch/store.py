@@ -5,6 +5,8 @@ Exactly once rests on three rules kept here:
 - a line's result is written in the same transaction that makes it final (`completed`/`failed`), and only by
   the lease that ran it (lease owner and attempt must still match), only while its batch is still running;
 - a final line is never leased again (leasing takes `pending` lines and `leased` lines whose lease expired);
+- a batch heads for `completed` only once every line is final: a line whose lease expired (its replica died)
+  still has to run, and is leased again like a pending one;
 - the output and error files are assembled from the final lines once, by the replica that moved the batch to
   `finalizing`; the batch reaches its terminal status in the transaction that records the written files.
 On Postgres, leasing uses `FOR UPDATE SKIP LOCKED` (replicas never take the same line) and recording a
@@ -17,12 +19,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, event, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, event, func, not_, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from piggyback_runtime.batch import schema as s
@@ -42,6 +44,24 @@ SQLITE_FILE = "batch.sqlite3"
 
 def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]
+
+
+def services_text(names: Iterable[str]) -> str:
+    """The `services` column: the names between commas, so that one name is found with a LIKE."""
+    return "," + ",".join(sorted(set(names))) + ","
+
+
+def services_of(text: str | None) -> frozenset[str]:
+    return frozenset(name for name in (text or "").split(",") if name)
+
+
+def _visible(table: Any, hidden: Collection[str]) -> Any:
+    """Rows whose services include none of `hidden`. A row from before schema version 2 names no services:
+    only a caller from whom nothing is hidden sees it."""
+    if not hidden:
+        return true()
+    return and_(table.c.services.is_not(None),
+                *(not_(table.c.services.contains(f",{name},", autoescape=True)) for name in hidden))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,8 +118,10 @@ def _fsync_write(path: Path, content: bytes) -> None:
 class BatchStore:
     """Every read and write of batch state. `owner` names this replica in the leases it takes."""
 
-    def __init__(self, engine: AsyncEngine, directory: Path | None, owner: str, lease_timeout_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, directory: Path | None, owner: str, lease_timeout_s: float,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.engine = engine
+        self.clock = clock  # wall-clock seconds: leases and batch timestamps (a test drives its own)
         self.directory = directory
         self.owner = owner
         self.lease_timeout_s = lease_timeout_s
@@ -108,7 +130,7 @@ class BatchStore:
 
     @classmethod
     async def open(cls, database_url: str | None, directory: Path | None, lease_timeout_s: float,
-                   owner: str | None = None) -> BatchStore:  # fmt: skip
+                   owner: str | None = None, clock: Callable[[], float] = time.time) -> BatchStore:  # fmt: skip
         if directory is not None:
             (directory / "files").mkdir(parents=True, exist_ok=True)
         if database_url is None:
@@ -122,7 +144,7 @@ class BatchStore:
         else:
             engine = create_async_engine(database_url, pool_size=5, max_overflow=5, pool_pre_ping=True)
         await s.migrate(engine)
-        store = cls(engine, directory, owner or new_id("replica-"), lease_timeout_s)
+        store = cls(engine, directory, owner or new_id("replica-"), lease_timeout_s, clock)
         if not store.shared:
             # SQLite serves one replica (its directory lock says so): leases left by a killed process are free.
             await store.release_all_leases()
@@ -136,7 +158,7 @@ class BatchStore:
         assert self.directory is not None
         return self.directory / "files" / f"{file_id}.jsonl"
 
-    async def add_file(self, purpose: str, filename: str, content: bytes, line_count: int,
+    async def add_file(self, purpose: str, filename: str, content: bytes, line_count: int, services: str | None,
                        conn: AsyncConnection | None = None) -> Row[Any]:  # fmt: skip
         file_id = new_id("file-")
         now_ns = time.time_ns()
@@ -147,7 +169,7 @@ class BatchStore:
                 raise OSError(f"{path} does not read back as written")
         values = {"id": file_id, "purpose": purpose, "filename": filename, "bytes": len(content),
                   "created_at": now_ns // 1_000_000_000, "created_ns": now_ns, "line_count": line_count,
-                  "storage": self.storage}  # fmt: skip
+                  "storage": self.storage, "services": services}  # fmt: skip
 
         async def insert(c: AsyncConnection) -> None:
             await c.execute(s.files.insert().values(**values))
@@ -179,9 +201,9 @@ class BatchStore:
             query = select(s.file_contents.c.content).where(s.file_contents.c.file_id == row.id)
             return bytes((await conn.execute(query)).scalar_one())
 
-    async def list_files(self, purpose: str | None, after: str | None, limit: int,
-                         ascending: bool) -> tuple[list[Row[Any]], bool]:  # fmt: skip
-        query = select(s.files)
+    async def list_files(self, purpose: str | None, after: str | None, limit: int, ascending: bool,
+                         hidden: Collection[str] = ()) -> tuple[list[Row[Any]], bool]:  # fmt: skip
+        query = select(s.files).where(_visible(s.files, hidden))
         if purpose is not None:
             query = query.where(s.files.c.purpose == purpose)
         return await self._page(s.files, query, after, limit, ascending)
@@ -216,7 +238,7 @@ class BatchStore:
 
     # --- batches -----------------------------------------------------------------------------------------------
     async def create_batch(self, endpoint: str, input_file_id: str, completion_window_s: int,
-                           metadata: dict[str, str] | None) -> Row[Any]:  # fmt: skip
+                           metadata: dict[str, str] | None, services: str | None) -> Row[Any]:  # fmt: skip
         now_ns = time.time_ns()
         now = now_ns // 1_000_000_000
         batch_id = new_id("batch_")
@@ -224,7 +246,7 @@ class BatchStore:
             await conn.execute(s.batches.insert().values(
                 id=batch_id, endpoint=endpoint, input_file_id=input_file_id, completion_window="24h",
                 status=VALIDATING, created_at=now, created_ns=now_ns, expires_at=now + completion_window_s,
-                metadata=json.dumps(metadata) if metadata is not None else None, total=0,
+                metadata=json.dumps(metadata) if metadata is not None else None, total=0, services=services,
             ))  # fmt: skip
         return await self._row(s.batches, batch_id)
 
@@ -232,8 +254,10 @@ class BatchStore:
         async with self.engine.connect() as conn:
             return (await conn.execute(select(s.batches).where(s.batches.c.id == batch_id))).first()
 
-    async def list_batches(self, after: str | None, limit: int) -> tuple[list[Row[Any]], bool]:
-        return await self._page(s.batches, select(s.batches), after, limit, ascending=False)
+    async def list_batches(self, after: str | None, limit: int,
+                           hidden: Collection[str] = ()) -> tuple[list[Row[Any]], bool]:  # fmt: skip
+        query = select(s.batches).where(_visible(s.batches, hidden))
+        return await self._page(s.batches, query, after, limit, ascending=False)
 
     async def line_counts(self, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
         """Lines per state of each batch."""
@@ -258,7 +282,7 @@ class BatchStore:
             if row.status not in (VALIDATING, IN_PROGRESS):
                 raise NotCancellable(row.status)
             await conn.execute(update(s.batches).where(s.batches.c.id == batch_id)
-                               .values(status=CANCELLING, cancelling_at=int(time.time())))  # fmt: skip
+                               .values(status=CANCELLING, cancelling_at=int(self.clock())))  # fmt: skip
         return await self._row(s.batches, batch_id)
 
     async def active_batches(self) -> list[Row[Any]]:
@@ -275,7 +299,7 @@ class BatchStore:
             batch = (await conn.execute(query)).first()
             if batch is None or batch.status not in (VALIDATING, CANCELLING):
                 return  # another replica did it, or it was cancelled and finalized
-            now = int(time.time())
+            now = int(self.clock())
             if batch.status == CANCELLING:  # cancelled before it started: nothing to run
                 await conn.execute(update(s.batches).where(s.batches.c.id == batch_id)
                                    .values(status=CANCELLED, cancelled_at=now))  # fmt: skip
@@ -312,7 +336,7 @@ class BatchStore:
         """Up to `limit` runnable lines of in_progress batches, oldest batch first, leased to this replica."""
         if limit <= 0:
             return []
-        now = time.time()
+        now = self.clock()
         lines, batches = s.lines, s.batches
         runnable = or_(lines.c.state == PENDING, and_(lines.c.state == LEASED, lines.c.lease_until < now))
         query = (select(lines.c.batch_id, lines.c.line_no, lines.c.custom_id, lines.c.model, lines.c.body,
@@ -337,7 +361,7 @@ class BatchStore:
     async def renew_leases(self) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(update(s.lines).where(s.lines.c.lease_owner == self.owner, s.lines.c.state == LEASED)
-                               .values(lease_until=time.time() + self.lease_timeout_s))  # fmt: skip
+                               .values(lease_until=self.clock() + self.lease_timeout_s))  # fmt: skip
 
     async def release(self, keys: Iterable[tuple[str, int, int]]) -> None:
         """Give leased lines back (not run, or cut off): they are pending again, for any replica."""
@@ -384,7 +408,7 @@ class BatchStore:
     async def claim_finalize(self, batch_id: str) -> str | None:
         """Move a batch that has nothing left to run to finalizing, owned by this replica; or take over a
         finalization whose replica died. Returns the terminal status it leads to, or None (not ours / not yet)."""
-        now = time.time()
+        now = self.clock()
         async with self.engine.begin() as conn:
             query = select(s.batches).where(s.batches.c.id == batch_id).with_for_update()
             batch = (await conn.execute(query)).first()
@@ -403,12 +427,17 @@ class BatchStore:
                     target = CANCELLED
                 else:
                     return None
-                live = and_(s.lines.c.batch_id == batch_id, s.lines.c.state == LEASED, s.lines.c.lease_until >= now)
-                waiting = (and_(s.lines.c.batch_id == batch_id, s.lines.c.state == PENDING) if target == COMPLETED
-                           else None)  # fmt: skip
-                busy = (await conn.execute(select(func.count()).where(or_(live, waiting) if waiting is not None
-                                                                      else live))).scalar_one()  # fmt: skip
-                if busy:
+                this_batch = s.lines.c.batch_id == batch_id
+                if target == COMPLETED:
+                    # Every line must be final. A leased line whose lease expired (its replica died) is not
+                    # "not running": it is waiting for another replica to lease it again, exactly like a
+                    # pending one; completing without it would send it to the error file as not run.
+                    busy_lines = and_(this_batch, s.lines.c.state.in_((PENDING, LEASED)))
+                else:
+                    # Cancelled or expired: lines stop. Those not running now (pending, or leased by a replica
+                    # whose lease expired) go to the error file as not run; wait only for live leases.
+                    busy_lines = and_(this_batch, s.lines.c.state == LEASED, s.lines.c.lease_until >= now)
+                if (await conn.execute(select(func.count()).where(busy_lines))).scalar_one():
                     return None
             await conn.execute(update(s.batches).where(s.batches.c.id == batch_id).values(
                 status=FINALIZING, finalize_target=target, finalize_owner=self.owner,
@@ -431,14 +460,16 @@ class BatchStore:
             batch = (await conn.execute(query)).first()
             if batch is None or batch.status != FINALIZING or batch.finalize_owner != self.owner:
                 return False
-            values: dict[str, Any] = {"status": target, f"{target}_at": int(time.time()), "finalize_owner": None,
+            values: dict[str, Any] = {"status": target, f"{target}_at": int(self.clock()), "finalize_owner": None,
                                       "finalize_lease_until": None}  # fmt: skip
             if output is not None:
                 values["output_file_id"] = (await self.add_file("batch_output", f"{batch_id}_output.jsonl",
-                                                                output[0], output[1], conn)).id  # fmt: skip
+                                                                output[0], output[1], batch.services,
+                                                                conn)).id  # fmt: skip
             if errors is not None:
                 values["error_file_id"] = (await self.add_file("batch_output", f"{batch_id}_error.jsonl",
-                                                               errors[0], errors[1], conn)).id  # fmt: skip
+                                                               errors[0], errors[1], batch.services,
+                                                               conn)).id  # fmt: skip
             await conn.execute(update(s.batches).where(s.batches.c.id == batch_id).values(**values))
         return True
 

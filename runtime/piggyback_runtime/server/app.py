@@ -180,6 +180,13 @@ def draining_error() -> APIError:
                     headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})  # fmt: skip
 
 
+def api_key_error(subject: str) -> APIError:
+    """The 401 for a caller whose key does not open `subject` (a service, or what needs one)."""
+    return APIError(401, f"Incorrect or missing API key for {subject}: send the service's key as "
+                         "`Authorization: Bearer <key>`", "invalid_request_error", "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
 def _slo_from_headers(request: Request, runtime: Runtime, service: str) -> SLOTarget | None:
     ttft, tpot = request.headers.get(SLO_TTFT_HEADER), request.headers.get(SLO_TPOT_HEADER)
     if ttft is None and tpot is None:
@@ -378,9 +385,7 @@ def _admit(runtime: Runtime, name: str, http: Request) -> ServiceConfig:
             "model",
         )
     if not runtime.may_use(name, authorization):
-        raise APIError(401, f"Incorrect or missing API key for the model `{name}`: send the service's key as "
-                            "`Authorization: Bearer <key>`", "invalid_request_error", "invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise api_key_error(f"the model `{name}`")
     return service
 
 
