@@ -11,7 +11,7 @@ from piggyback_runtime.request import Request, SamplingParams, SLOTarget
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
-from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.scheduler.planner import Planner, iteration_shape
 
 
 def _config(policy: str = "hybrid", **engine: object) -> RuntimeConfig:
@@ -162,11 +162,66 @@ def test_the_token_budget_is_the_largest_chunk_that_keeps_the_running_ls_tpot() 
     _ran(planner, clock, plan)
     long_prompt = _request("c1", 400, clock.now, max_tokens=5, ls=True)
     long_prompt.slo = SLOTarget(ttft_s=10.0, tpot_s=0.1)
-    planner.add(long_prompt)  # (admission would predict full 512-token chunks and refuse it)
+    planner.add(long_prompt)
     plan = planner.schedule()
     assert 80 <= plan.token_budget <= 90 and plan.num_tokens <= plan.token_budget
     model = planner.slo.latency_model  # type: ignore[union-attr]
     assert model.predict_parts(plan.num_tokens, 0.0, 0.0, 2) <= 0.09 * 1.01
+
+
+def _slo_planner(max_tokens_bound: int, model: LatencyModel) -> tuple[Planner, Clock]:
+    clock = Clock()
+    config = _config("hybrid", max_num_batched_tokens=max_tokens_bound)
+    return Planner(config, 512, HostKV(64, 16, 8), model, clock, kv_moves=True), clock
+
+
+def _run_as_predicted(planner: Planner, clock: Clock, until: Request) -> list[float]:
+    """Iterations on the virtual clock, each taking what the planner's own model predicts for the plan that
+    ran, until `until` is done; returns each iteration's predicted latency."""
+    model = planner.slo.latency_model  # type: ignore[union-attr]
+    latencies = []
+    for _ in range(500):
+        plan = planner.schedule()
+        seconds = model.predict(iteration_shape(plan, 0.0, len(sampling_requests(plan)), model))
+        latencies.append(seconds)
+        _ran(planner, clock, plan, seconds)
+        if until.finish_reason is not None:
+            return latencies
+    raise AssertionError(f"{until.request_id} never finished")
+
+
+def test_admission_predicts_with_the_slo_sized_budget_not_its_upper_bound() -> None:
+    # A 2048-token bound (1 ms a Dense row): a full chunk would take 2 s, far over the 100 ms TPOT of the LS
+    # request decoding, but the planner never runs one: the SLO-sized budget keeps each iteration within 90 ms.
+    # Admission predicts with that budget, so a 400-token prompt (5 such iterations, 0.45 s against a 1 s TTFT)
+    # is admitted, and on the clock it meets its TTFT and the decoding request keeps its TPOT.
+    planner, clock = _slo_planner(2048, _model())
+    decoding = _request("c0", 8, 0.0, max_tokens=60, ls=True)
+    _add(planner, decoding)
+    _ran(planner, clock, planner.schedule(), 0.01)
+    long_prompt = _request("c1", 400, clock.now, max_tokens=5, ls=True)
+    assert planner.admission(long_prompt) is None
+    planner.add(long_prompt)
+    latencies = _run_as_predicted(planner, clock, long_prompt)
+    assert long_prompt.first_token_s is not None and long_prompt.first_token_s - long_prompt.arrival_s <= 1.0
+    assert max(latencies) <= 0.1 * 0.9 * 1.001
+
+
+def test_the_slo_budget_costs_each_ls_chunk_at_its_own_position() -> None:
+    # Prefill attention dear (1e-6 s a unit of load): the chunk that ends a 600-token prompt attends to ~500
+    # earlier tokens and costs several times one from position 0. Every planned iteration, the late chunks
+    # included, keeps the decoding request's TPOT less the margin.
+    steps = tuple(Step(x, x, x * 1e-3) for x in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    model = LatencyModel(StaircaseModel(steps, 0, 1e-3), LinearAttentionModel(0.0, 1e-6, 1e-7))
+    planner, clock = _slo_planner(2048, model)
+    decoding = _request("c0", 8, 0.0, max_tokens=200, ls=True)
+    _add(planner, decoding)
+    _ran(planner, clock, planner.schedule(), 0.01)
+    long_prompt = _request("c1", 600, clock.now, max_tokens=2, ls=True)
+    long_prompt.slo = SLOTarget(ttft_s=30.0, tpot_s=0.1)
+    planner.add(long_prompt)
+    latencies = _run_as_predicted(planner, clock, long_prompt)
+    assert max(latencies) <= 0.1 * 0.9 * 1.001
 
 
 def test_the_slo_budget_never_drops_below_the_ls_decode_rows_nor_min_num_batched_tokens() -> None:

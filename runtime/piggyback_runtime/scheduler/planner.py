@@ -43,7 +43,6 @@ from piggyback_runtime.scheduler.slo_control import (
     NewLSRequest,
     PrefillChunk,
     SLOController,
-    largest_fitting,
 )
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
@@ -125,6 +124,8 @@ class Planner:
                 # Admission keeps the same margin: a queue admitted up to a prediction exactly at the SLO
                 # finishes around the SLO, and then misses it about half the time.
                 admission_margin=config.slo_control.safety_margin,
+                slo_token_budget=engine.slo_token_budget,
+                min_token_budget=engine.min_num_batched_tokens or 1,
             )
         self.static_rows_per_layer = self.policy.rows_per_layer(config.piggyback.max_be_rows_per_layer)
         self.last_allowance: BEAllowance | None = None
@@ -303,6 +304,7 @@ class Planner:
                                             sum(r.num_remaining_tokens for r in be_waiting)),
             be_prefill_context_start=be_waiting[0].num_computed_tokens if be_waiting else 0,
             be_decode_rows_ready=be_rows_ready,
+            token_budget=ls_plan.token_budget,
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
         tokens = self.last_allowance.be_prefill_tokens
@@ -327,9 +329,13 @@ class Planner:
         return tpot * (1 - self.config.slo_control.safety_margin)
 
     def _slo_token_budget(self) -> int:
-        """The SLO-sized token budget: the most tokens (decodes + one prefill chunk from position 0) whose
-        predicted iteration keeps the tightest decoding LS request's TPOT, less the margin; at most
-        engine.max_num_batched_tokens, never below engine.min_num_batched_tokens nor the LS decode rows."""
+        """The SLO-sized token budget: the LS decode rows plus the most prefill tokens whose predicted iteration
+        keeps the tightest decoding LS request's TPOT, less the margin; at most engine.max_num_batched_tokens,
+        never below engine.min_num_batched_tokens nor the LS decode rows. The prefill tokens are costed where
+        batching will put them: the LS prompts' next chunks in the order it takes them, each from its own
+        position (a late chunk of a long prompt attends to all before it), then a BE chunk from position 0
+        (whose real load `SLOController.choose` fits the BE share to). Admission predicts with this same
+        budget (`SLOController.predict_ls_arrival`), so an admitted LS request meets the TTFT it was promised."""
         slo = self.slo
         assert slo is not None
         engine = self.config.engine
@@ -342,14 +348,24 @@ class Planner:
         contexts = [r.num_tokens for r in decoding]
         decode_load = slo.latency_model.decode_load(rows, float(sum(contexts)), max(contexts, default=0))
         floor = max(rows, engine.min_num_batched_tokens or 1)
+        # (position, tokens left) of each LS prefill, running ones first (batching's order).
+        queue = [(r.num_computed_tokens, r.num_remaining_tokens) for r in self.scheduler.running
+                 if r.is_ls and not r.in_decode]  # fmt: skip
+        queue += [(r.num_computed_tokens, r.num_remaining_tokens) for r in self.scheduler.waiting if r.is_ls]
 
-        def fits(tokens: int) -> bool:
-            chunk = max(0, tokens - rows)
-            return slo.predict_parts(tokens, prefill_chunk_load(0, chunk) if chunk else 0.0, decode_load,
-                                     rows + (chunk > 0)) <= limit
+        def chunk_load(tokens: int) -> float:
+            load = 0.0
+            for start, left in queue:
+                if tokens <= 0:
+                    break
+                take = min(tokens, left)
+                load += prefill_chunk_load(start, take)
+                tokens -= take
+            return load + (prefill_chunk_load(0, tokens) if tokens > 0 else 0.0)
 
-        # The search keeps the floor: below it the iteration is over the TPOT anyway (the LS decodes must run).
-        return max(floor, largest_fitting(fits, upper))
+        chunk = slo.largest_ls_chunk(rows, decode_load, limit, upper - rows, chunk_load)
+        # Kept at the floor: below it the iteration is over the TPOT anyway (the LS decodes must run).
+        return min(upper, max(floor, rows + chunk))
 
     def _be_gpu_decode_rows(self, ls_plan: IterationPlan) -> int:
         """How many BE decodes on the accelerator fit next to the LS work planned (their rows and their

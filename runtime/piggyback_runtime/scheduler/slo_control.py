@@ -77,6 +77,7 @@ class IterationDemand:
     be_prefill_context_start: int = 0  # tokens already cached for the BE request chunked next (load estimate)
     be_decode_rows_ready: int = 0  # BE rows one layer could take now (CPU attention results ready)
     ls_decode_longest_context: int = 0  # the longest of them (a padded decode kernel pays it for every row)
+    token_budget: int = 0  # this iteration's token budget (the TTFT budget's prefill rate); 0: ls_chunk_tokens
 
     @property
     def ls_prefill_tokens(self) -> int:
@@ -167,6 +168,10 @@ class SLOController:
     max_be_rows_per_layer: int = 1024
     max_be_prefill_tokens: int = 512
     admission_margin: float = 0.0  # admission compares predictions to the SLO itself by default
+    # The planner sizes each iteration's token budget to the decoding LS requests' TPOT (engine.slo_token_budget;
+    # ls_chunk_tokens is then its upper bound, min_token_budget its floor): admission predicts with that budget.
+    slo_token_budget: bool = False
+    min_token_budget: int = 1
     # Measured ÷ predicted per regime, fed by observe(); a fresh one (factor 1) until iterations are reported.
     correction: OnlineCorrection = field(default_factory=OnlineCorrection)
     _last: BEAllowance | None = field(default=None, init=False, repr=False)
@@ -198,10 +203,11 @@ class SLOController:
         return predicted
 
     # --- budgets ------------------------------------------------------------------------------------------
-    def _budgets(self, ls_state: Sequence[LSRequestState], now_s: float) -> _Budgets:
-        """One pass over the LS requests (in FCFS order): tightest TPOT and TTFT budgets (module docstring)."""
+    def _budgets(self, ls_state: Sequence[LSRequestState], now_s: float, chunk: int = 0) -> _Budgets:
+        """One pass over the LS requests (in FCFS order): tightest TPOT and TTFT budgets (module docstring);
+        `chunk`: the LS prompt tokens an iteration prefills (0: ls_chunk_tokens)."""
         b = _Budgets()
-        chunk = self.ls_chunk_tokens
+        chunk = chunk or self.ls_chunk_tokens
         cumulative = 0
         for s in ls_state:
             if s.remaining_prefill_tokens == 0:
@@ -226,7 +232,7 @@ class SLOController:
     # --- the per-iteration decision -----------------------------------------------------------------------
     def choose(self, demand: IterationDemand, ls_state: Sequence[LSRequestState], now_s: float) -> BEAllowance:
         """The largest BE allowance (BE prefill first, then BE decode rows) whose predicted latency fits."""
-        budgets = self._budgets(ls_state, now_s)
+        budgets = self._budgets(ls_state, now_s, demand.token_budget)
         model = self.predict_parts
         ls_rows = demand.ls_decode_rows + demand.ls_prefill_tokens
         prefill_load = demand.ls_prefill_load
@@ -277,7 +283,8 @@ class SLOController:
 
     # --- admission ----------------------------------------------------------------------------------------
     def predict_ls_arrival(self, decode_rows: float, decode_context: float, decode_longest: float,
-                           queued_prefill_tokens: float, prompt_tokens: float) -> LSArrivalPrediction:  # fmt: skip
+                           queued_prefill_tokens: float, prompt_tokens: float,
+                           decode_tpot_s: float = math.inf) -> LSArrivalPrediction:  # fmt: skip
         """What a new LS request of `prompt_tokens` meets when it joins LS work of `decode_rows` decodes (their
         contexts summing to `decode_context`, the longest `decode_longest`) and `queued_prefill_tokens` LS
         prompt tokens queued ahead of it. The one prediction admission (`admit_ls`) and the headroom gauge
@@ -288,23 +295,44 @@ class SLOController:
           (LS decode > LS prefill), so each iteration prefills chunk − decode rows of the queue, next to the
           decodes: n = ceil((queued + its prompt) / that) iterations, each costing latency(decode rows + a
           full chunk). The chunk's attention load is that of the new prompt's last chunk, the heaviest of it.
+          With the SLO-sized token budget (`slo_token_budget`), "chunk" is the budget the planner will use
+          while decodes of TPOT `decode_tpot_s` run: the largest chunk (that heaviest one) whose iteration
+          predicts within that TPOT less the safety margin (`largest_ls_chunk`), never below the budget's floor.
         - TPOT: while it prefills, iterations hold the decodes plus that chunk; once it decodes, one more decode
           row with its prompt as context.
         """
         model = self.predict_parts
         decode_load = self.latency_model.decode_load
-        per_iteration = max(1.0, self.ls_chunk_tokens - decode_rows)
+        rows_load = decode_load(decode_rows, decode_context, decode_longest)
         queued = queued_prefill_tokens + prompt_tokens
+        upper = max(1, math.ceil(self.ls_chunk_tokens - decode_rows))
+        per_iteration = float(upper)
+        if self.slo_token_budget and decode_tpot_s < math.inf:
+            floor = max(1, math.ceil(self.min_token_budget - decode_rows))
+            fitted = self.largest_ls_chunk(decode_rows, rows_load, decode_tpot_s * (1 - self.safety_margin),
+                                           min(upper, math.ceil(queued)),
+                                           lambda c: prefill_chunk_load(max(0.0, prompt_tokens - c), c))  # fmt: skip
+            per_iteration = float(min(upper, max(floor, fitted)))
         chunk_tokens = min(per_iteration, queued)
         chunk_start = max(0.0, prompt_tokens - chunk_tokens)
         prefill_iteration = model(decode_rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
-                                  decode_load(decode_rows, decode_context, decode_longest),
-                                  decode_rows + 1)  # fmt: skip
+                                  rows_load, decode_rows + 1)  # fmt: skip
         own_context = prompt_tokens + 1
         own_decode_load = decode_load(decode_rows + 1, decode_context + own_context, max(decode_longest, own_context))
         decode_iteration = model(decode_rows + 1, 0.0, own_decode_load, decode_rows + 1)
         return LSArrivalPrediction(math.ceil(queued / per_iteration), prefill_iteration, decode_iteration,
                                    int(per_iteration))  # fmt: skip
+
+    def largest_ls_chunk(self, decode_rows: float, decode_load: float, limit_s: float, upper: int,
+                         chunk_load: Callable[[int], float]) -> int:
+        """The most LS prefill tokens (≤ `upper`; attention load `chunk_load(tokens)`) whose iteration next to
+        `decode_rows` decodes of attention load `decode_load` predicts within `limit_s`: the SLO-sized token
+        budget less the decode rows, as the planner sizes it and admission predicts it. 0 when none fits."""
+
+        def fits(tokens: int) -> bool:
+            return self.predict_parts(decode_rows + tokens, chunk_load(tokens), decode_load, decode_rows + 1) <= limit_s
+
+        return largest_fitting(fits, upper)
 
     def admit_ls(
         self,
@@ -322,7 +350,8 @@ class SLOController:
         chunk = self.ls_chunk_tokens
         rows = budgets.decode_rows
         arrival = self.predict_ls_arrival(rows, budgets.decode_load, budgets.decode_longest,
-                                          budgets.queued_prefill_tokens, new_request.prompt_tokens)  # fmt: skip
+                                          budgets.queued_prefill_tokens, new_request.prompt_tokens,
+                                          budgets.tpot_s)  # fmt: skip
         prefill_iteration, decode_iteration = arrival.prefill_iteration_s, arrival.decode_iteration_s
         iterations = arrival.iterations
         waited = max(0.0, now_s - new_request.arrival_s)
@@ -427,7 +456,7 @@ class SLOController:
                 return False  # prefill cannot keep up
             arrival = self.predict_ls_arrival(rows, base_load + (rows - base_rows) * context,
                                               max(base_longest, context), base_queued + arriving,
-                                              mix.avg_prompt_tokens)  # fmt: skip
+                                              mix.avg_prompt_tokens, min(mix.tpot_s, budgets.tpot_s))  # fmt: skip
             return (arrival.ttft_s <= mix.ttft_s * scale and arrival.prefill_iteration_s <= tpot_limit
                     and arrival.decode_iteration_s <= tpot_limit)  # fmt: skip
 
