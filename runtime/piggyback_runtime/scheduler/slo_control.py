@@ -182,7 +182,7 @@ class SLOController:
                       be_rows_per_layer: float = 0.0) -> float:  # fmt: skip
         """The latency model's prediction corrected by what iterations of this regime measured lately."""
         raw = self.latency_model.predict_parts(dense_rows, prefill_load, decode_load, logit_rows, be_rows_per_layer)
-        return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer))
+        return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer, decode_load))
 
     def predict(self, shape: IterationShape) -> float:
         return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
@@ -191,7 +191,7 @@ class SLOController:
     def observe(self, shape: IterationShape, measured_s: float) -> float:
         """An iteration of `shape` took `measured_s`: returns what the controller had predicted for it (the
         corrected prediction, for the error metric), then updates the correction with the profile's own."""
-        regime = regime_of(shape.prefill_attention_load, shape.be_rows_per_layer)
+        regime = regime_of(shape.prefill_attention_load, shape.be_rows_per_layer, shape.decode_attention_load)
         raw = self.latency_model.predict(shape)
         predicted = raw * self.correction.factor(regime)
         self.correction.observe(regime, raw, measured_s)
