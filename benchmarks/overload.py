@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,7 @@ class Settings:
     request_timeout_s: float = 120.0  # per request (client side): a hung request ends as ReadTimeout
     drain_s: float = 150.0  # after the load stops, in-flight requests get this long; then what is left is lost
     seed: int = 0
+    keep_trace: Path | None = None  # where to copy the runtime's iteration trace (benchmarks/iteration_trace.py)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Report:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     headroom_samples: dict[str, list[float]] = field(default_factory=dict)  # per phase, the gauge every second
     trace_summary: str = ""  # benchmarks/iteration_trace.py's table of the runtime's iterations
+    rejection_reasons: Counter[str] = field(default_factory=Counter)  # LS admission rejections by reason, whole run
 
     @property
     def ok(self) -> bool:
@@ -195,6 +198,8 @@ def _scrape_all(
                 counts[sample.labels["model_name"]][sample.labels["outcome"]] = sample.value
             elif family.name == m.ADMISSION_REJECTIONS and sample.name.endswith("_total"):
                 rejections[sample.labels["model_name"]] += sample.value
+                if sample.labels["model_name"] == LS:
+                    rejections[f"{LS}:{sample.labels['reason']}"] = sample.value
             elif family.name == m.SLO_ATTAINMENT and sample.labels.get("model_name") == LS:
                 attainment = sample.value
             elif family.name == m.LS_HEADROOM_RPS:
@@ -376,6 +381,8 @@ def run_overload(settings: Settings) -> Report:
             after, rejections_after, report.runtime_attainment, _ = _scrape(base_url)
             report.runtime_counts = _delta(after, before)
             report.runtime_rejections = {s: rejections_after[s] - rejections_before[s] for s in (LS, BE)}
+            report.rejection_reasons = Counter({k.split(":", 1)[1]: int(v) for k, v in rejections_after.items()
+                                                if k.startswith(f"{LS}:") and v})  # fmt: skip
             if process.poll() is not None:
                 raise RuntimeError(f"the runtime exited with code {process.returncode} under load")
         except Exception:
@@ -386,6 +393,8 @@ def run_overload(settings: Settings) -> Report:
             process.wait(timeout=60)
         if trace_path.exists():
             report.trace_summary = summarise_trace(load_trace(trace_path), settings.error_after_s)
+            if settings.keep_trace is not None:
+                shutil.copyfile(trace_path, settings.keep_trace)
     _check(report)
     return report
 
@@ -562,7 +571,8 @@ def render(report: Report) -> str:
         "",
         f"runtime process tree RSS: start {start / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, end {end / MiB:.0f} MiB "
         f"({len(report.rss)} samples); runtime LS attainment (its window): "
-        f"{'-' if report.runtime_attainment is None else f'{report.runtime_attainment:.1%}'}",
+        f"{'-' if report.runtime_attainment is None else f'{report.runtime_attainment:.1%}'}; LS admission "
+        f"rejections by reason (ramp included): {dict(report.rejection_reasons) or '-'}",
         "",
         "| check | result | detail |",
         "|---|---|---|",
@@ -610,11 +620,14 @@ def main() -> int:
     parser.add_argument("--phase-s", type=float, default=Settings.phase_s)
     parser.add_argument("--ttft-ms", type=float, default=Settings.ttft_ms)
     parser.add_argument("--tpot-ms", type=float, default=Settings.tpot_ms)
+    parser.add_argument("--keep-trace", type=Path, default=None,
+                        help="copy the runtime's per-iteration trace (JSON lines) here")  # fmt: skip
     args = parser.parse_args()
     lower = tuple(float(m) for m in args.lower_multiples.split(",") if m.strip())
     report = run_overload(Settings(model=args.model, duration_s=args.duration_s, multiple=args.multiple,
                                    ramp_s=args.ramp_s, lower_multiples=lower, phase_s=args.phase_s,
-                                   ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms))  # fmt: skip
+                                   ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
+                                   keep_trace=args.keep_trace))  # fmt: skip
     table = render(report)
     print(table)
     RESULTS.mkdir(exist_ok=True)
