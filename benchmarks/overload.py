@@ -10,9 +10,11 @@ bounded in count and time. Reported and checked:
   time) at `--multiple` × capacity is at least 90% of the best goodput at any lower offered load;
 - the latency model learns: the runtime's `piggyback_latency_model_error_ratio` (its corrected predictions
   against measured iterations) is under 20% after the first 10 s of traffic;
-- the headroom gauge agrees with admission: `piggyback_ls_headroom_requests_per_second` read at the end of the
-  lowest load phase, plus the LS rate then admitted, is within 35% of the LS rate admission let through under
-  overload (both are "the LS rate that fits"; the gauge's is a prediction, admission's what happened);
+- the headroom gauge agrees with admission, both ways (`headroom_agreement`): in the highest lower load at which
+  admission did not bind (under 5% of LS refused), the gauge (`piggyback_ls_headroom_requests_per_second`,
+  sampled every second, mean over the phase) plus the LS rate then admitted predicts the LS rate that fits;
+  it must be within 35% of the rate admission let through under overload; and under overload, where
+  admission refuses, the gauge's mean must say so (at most 35% of the rate admitted then);
 - none lost: sent = successes + each error class (429, other HTTP status, transport error); nothing left
   pending after the drain bound;
 - admitted LS requests meet their SLO (as the client measured them) at the service's attainment target;
@@ -32,6 +34,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +57,11 @@ from piggyback_runtime.client import (
 )
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.hardware import cpu_model_name
+from piggyback_runtime.scheduler.planner import ITERATION_TRACE_ENV
+
+sys.path.insert(0, str(Path(__file__).parent))
+from iteration_trace import load as load_trace  # a sibling script, not a package
+from iteration_trace import summarise as summarise_trace
 
 RESULTS = Path(__file__).parent / "results"
 LS, BE = "chat", "batch"
@@ -85,6 +94,7 @@ class Settings:
     error_bound: float = 0.2
     goodput_share: float = 0.9  # goodput under overload vs the best at a lower load
     headroom_tolerance: float = 0.35
+    not_binding_share: float = 0.05  # a phase where fewer LS requests than this were refused: admission did not bind
     ramp_s: float = 10.0
     ramp_concurrency: int = 12
     be_concurrency: int = 2
@@ -99,6 +109,7 @@ class Settings:
     request_timeout_s: float = 120.0  # per request (client side): a hung request ends as ReadTimeout
     drain_s: float = 150.0  # after the load stops, in-flight requests get this long; then what is left is lost
     seed: int = 0
+    keep_trace: Path | None = None  # where to copy the runtime's iteration trace (benchmarks/iteration_trace.py)
 
 
 @dataclass
@@ -117,6 +128,9 @@ class Report:
     runtime_attainment: float | None = None
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds into the overload phase, bytes)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    headroom_samples: dict[str, list[float]] = field(default_factory=dict)  # per phase, the gauge every second
+    trace_summary: str = ""  # benchmarks/iteration_trace.py's table of the runtime's iterations
+    rejection_reasons: Counter[str] = field(default_factory=Counter)  # LS admission rejections by reason, whole run
 
     @property
     def ok(self) -> bool:
@@ -184,6 +198,8 @@ def _scrape_all(
                 counts[sample.labels["model_name"]][sample.labels["outcome"]] = sample.value
             elif family.name == m.ADMISSION_REJECTIONS and sample.name.endswith("_total"):
                 rejections[sample.labels["model_name"]] += sample.value
+                if sample.labels["model_name"] == LS:
+                    rejections[f"{LS}:{sample.labels['reason']}"] = sample.value
             elif family.name == m.SLO_ATTAINMENT and sample.labels.get("model_name") == LS:
                 attainment = sample.value
             elif family.name == m.LS_HEADROOM_RPS:
@@ -290,6 +306,14 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
                 if report.records[-1].outcome == REJECTED:
                     await asyncio.sleep(0.1)
 
+        async def sample_headroom() -> None:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                name = phase_name[0]
+                headroom = (await asyncio.to_thread(_scrape_all, base_url))[3]
+                if headroom is not None:
+                    report.headroom_samples.setdefault(name, []).append(headroom)
+
         async def sample_rss() -> None:
             while time.monotonic() < deadline + settings.drain_s:
                 report.rss.append((time.monotonic() - started, _tree_rss(pid)))
@@ -304,7 +328,8 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
                       flush=True)  # fmt: skip
 
         sampler = asyncio.create_task(sample_rss())
-        await asyncio.gather(arrivals(), progress(), *(be_loop() for _ in range(settings.be_concurrency)))
+        await asyncio.gather(arrivals(), progress(), sample_headroom(),
+                             *(be_loop() for _ in range(settings.be_concurrency)))  # fmt: skip
         if tasks:  # the drain bound: whatever has not ended by then stays "pending" and counts as lost
             await asyncio.wait(tasks, timeout=settings.drain_s)
         for task in tasks:
@@ -336,7 +361,12 @@ def run_overload(settings: Settings) -> Report:
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="piggyback-overload-") as tmp:
         log_path = Path(tmp) / "runtime.log"
-        process = start_server(overload_config(settings, port, Path(tmp) / "profiles"), Path(tmp), log_path)
+        trace_path = Path(tmp) / "iterations.jsonl"  # every iteration's shape, prediction and measurement
+        os.environ[ITERATION_TRACE_ENV] = str(trace_path)
+        try:
+            process = start_server(overload_config(settings, port, Path(tmp) / "profiles"), Path(tmp), log_path)
+        finally:
+            del os.environ[ITERATION_TRACE_ENV]
         try:
             wait_ready(base_url, process, timeout_s=900.0)  # start-up profiles afresh; slow on a busy host
             report.capacity_rps = asyncio.run(_measure_capacity(base_url, settings, report, rng))
@@ -351,6 +381,8 @@ def run_overload(settings: Settings) -> Report:
             after, rejections_after, report.runtime_attainment, _ = _scrape(base_url)
             report.runtime_counts = _delta(after, before)
             report.runtime_rejections = {s: rejections_after[s] - rejections_before[s] for s in (LS, BE)}
+            report.rejection_reasons = Counter({k.split(":", 1)[1]: int(v) for k, v in rejections_after.items()
+                                                if k.startswith(f"{LS}:") and v})  # fmt: skip
             if process.poll() is not None:
                 raise RuntimeError(f"the runtime exited with code {process.returncode} under load")
         except Exception:
@@ -359,6 +391,10 @@ def run_overload(settings: Settings) -> Report:
         finally:
             process.terminate()
             process.wait(timeout=60)
+        if trace_path.exists():
+            report.trace_summary = summarise_trace(load_trace(trace_path), settings.error_after_s)
+            if settings.keep_trace is not None:
+                shutil.copyfile(trace_path, settings.keep_trace)
     _check(report)
     return report
 
@@ -407,17 +443,8 @@ def _check(report: Report) -> None:
         checks.append((f"goodput under overload >= {settings.goodput_share:.0%} of the best at a lower load",
                        good >= settings.goodput_share * best_good,
                        f"{good:.2f}/s at {settings.multiple:g}x vs {best_good:.2f}/s at {best}"))  # fmt: skip
-        first = report.phases[lower[0]]
-        gauge = first["headroom_rps"]
-        predicted = None if gauge is None else gauge + admitted_rps(report, lower[0])
-        let_through = admitted_rps(report, "overload")
-        agrees = predicted is not None and abs(predicted - let_through) <= settings.headroom_tolerance * let_through
-        gauge_text = "-" if gauge is None else f"{gauge:.2f}"
-        predicted_text = "-" if predicted is None else f"{predicted:.2f}"
-        checks.append(("headroom gauge agrees with the LS rate admission lets through", agrees,
-                       f"gauge {gauge_text}/s + admitted {admitted_rps(report, lower[0]):.2f}/s at {lower[0]} = "
-                       f"{predicted_text}/s vs {let_through:.2f}/s admitted at {settings.multiple:g}x "
-                       f"(tolerance {settings.headroom_tolerance:.0%})"))  # fmt: skip
+        agrees, detail = headroom_agreement(report)
+        checks.append(("headroom gauge agrees with the LS rate admission lets through", agrees, detail))
     error = report.model_error_early
     after = f"{settings.error_after_s:.0f}s"
     checks.append((f"latency model error under {settings.error_bound:.0%} after {after} of traffic",
@@ -427,6 +454,48 @@ def _check(report: Report) -> None:
     # Stable: no growth with the number of requests served; allocator noise of a few tens of MiB is fine.
     checks.append(("memory stable (RSS end vs start)", end <= start * 1.10 + 64 * MiB,
                    f"start {start / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, end {end / MiB:.0f} MiB"))  # fmt: skip
+
+
+def ls_refused_share(report: Report, phase: str) -> float:
+    records = [r for r in report.records if r.phase == phase and r.service == LS]
+    return sum(r.outcome == REJECTED for r in records) / max(1, len(records))
+
+
+def mean_headroom(report: Report, phase: str) -> float | None:
+    samples = report.headroom_samples.get(phase) or []
+    return statistics.mean(samples) if samples else None
+
+
+def headroom_agreement(report: Report) -> tuple[bool, str]:
+    """The gauge says how much more LS rate admission would let in; admission then shows what it lets in.
+
+    - Predicted: in the highest lower load where admission did not bind (under `not_binding_share` of LS
+      refused), mean gauge + LS rate admitted = the LS rate the gauge says fits. Under overload admission
+      lets some rate through: the two must agree within `headroom_tolerance` of the latter.
+    - Under overload admission refuses: the gauge's mean then must be at most `headroom_tolerance` × the
+      rate admitted (a gauge that still shows room while requests are refused disagrees with admission)."""
+    settings = report.settings
+    let_through = admitted_rps(report, "overload")
+    free = [name for name in report.phases if name != "overload"
+            and ls_refused_share(report, name) < settings.not_binding_share]  # fmt: skip
+    tolerance = settings.headroom_tolerance
+    over_gauge = mean_headroom(report, "overload")
+    over_text = "-" if over_gauge is None else f"{over_gauge:.2f}"
+    quiet = over_gauge is not None and over_gauge <= tolerance * let_through
+    if not free:
+        return False, (f"no lower load at which admission refused under {settings.not_binding_share:.0%} of LS; "
+                       f"gauge under overload {over_text}/s")  # fmt: skip
+    phase = free[-1]
+    gauge = mean_headroom(report, phase)
+    if gauge is None:
+        return False, f"no gauge samples at {phase}"
+    predicted = gauge + admitted_rps(report, phase)
+    close = abs(predicted - let_through) <= tolerance * let_through
+    return close and quiet, (
+        f"at {phase}: mean gauge {gauge:.2f}/s + admitted {admitted_rps(report, phase):.2f}/s = {predicted:.2f}/s vs "
+        f"{let_through:.2f}/s admitted at {settings.multiple:g}x ({'within' if close else 'outside'} "
+        f"{tolerance:.0%}); under overload mean gauge {over_text}/s ({'at most' if quiet else 'above'} "
+        f"{tolerance:.0%} of what was admitted)")
 
 
 def _rss_summary(report: Report) -> tuple[int, int, int]:
@@ -458,8 +527,8 @@ def render(report: Report) -> str:
         f"{report.target_rps:.2f}/s ({settings.multiple:g}x)",
         "",
         "| phase | offered LS/s | LS sent | LS admitted/s | LS goodput/s (admitted, met SLO) | SLO met (admitted) "
-        "| headroom gauge at its end (req/s) | model error at its end |",
-        "|---|---|---|---|---|---|---|---|",
+        "| headroom gauge at its end (req/s) | headroom gauge mean (req/s) | LS refused | model error at its end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, phase in report.phases.items():
         sent = [r for r in report.records if r.phase == name and r.service == LS]
@@ -467,6 +536,7 @@ def render(report: Report) -> str:
         met = f"{sum(_attained(r, settings) for r in ok) / len(ok):.1%}" if ok else "-"
         lines.append(f"| {name} | {_optional(phase['offered_rps'])} | {len(sent)} | {admitted_rps(report, name):.2f} "
                      f"| {goodput_rps(report, name):.2f} | {met} | {_optional(phase['headroom_rps'])} "
+                     f"| {_optional(mean_headroom(report, name))} | {ls_refused_share(report, name):.0%} "
                      f"| {_optional(phase['model_error'], 3)} |")  # fmt: skip
     lines += [
         "",
@@ -501,12 +571,16 @@ def render(report: Report) -> str:
         "",
         f"runtime process tree RSS: start {start / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, end {end / MiB:.0f} MiB "
         f"({len(report.rss)} samples); runtime LS attainment (its window): "
-        f"{'-' if report.runtime_attainment is None else f'{report.runtime_attainment:.1%}'}",
+        f"{'-' if report.runtime_attainment is None else f'{report.runtime_attainment:.1%}'}; LS admission "
+        f"rejections by reason (ramp included): {dict(report.rejection_reasons) or '-'}",
         "",
         "| check | result | detail |",
         "|---|---|---|",
         *(f"| {name} | {'PASS' if passed else 'FAIL'} | {detail} |" for name, passed, detail in report.checks),
     ]
+    if report.trace_summary:
+        lines += ["", "The runtime's iterations (benchmarks/iteration_trace.py on its PIGGYBACK_ITERATION_TRACE):", "",
+                  report.trace_summary]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -546,11 +620,14 @@ def main() -> int:
     parser.add_argument("--phase-s", type=float, default=Settings.phase_s)
     parser.add_argument("--ttft-ms", type=float, default=Settings.ttft_ms)
     parser.add_argument("--tpot-ms", type=float, default=Settings.tpot_ms)
+    parser.add_argument("--keep-trace", type=Path, default=None,
+                        help="copy the runtime's per-iteration trace (JSON lines) here")  # fmt: skip
     args = parser.parse_args()
     lower = tuple(float(m) for m in args.lower_multiples.split(",") if m.strip())
     report = run_overload(Settings(model=args.model, duration_s=args.duration_s, multiple=args.multiple,
                                    ramp_s=args.ramp_s, lower_multiples=lower, phase_s=args.phase_s,
-                                   ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms))  # fmt: skip
+                                   ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
+                                   keep_trace=args.keep_trace))  # fmt: skip
     table = render(report)
     print(table)
     RESULTS.mkdir(exist_ok=True)

@@ -284,7 +284,10 @@ class Engine:
             self.metrics.slo_violations.labels(request.service, m.VIOLATION_REJECTED).inc()
             self.attainment[request.service].record(False)
             self.metrics.record_slo_outcome(request.service, False)
-        self._update_gauges()  # the loop may stay idle: attainment must show the miss now
+            # The loop may stay idle: attainment must show the miss now. Only that gauge: nothing else changed,
+            # and under overload rejections outnumber iterations (a full gauge sweep each was most of a 429's
+            # CPU on the engine thread).
+            self._update_attainment(request.service)
         raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
 
     def has_work(self) -> bool:
@@ -437,6 +440,11 @@ class Engine:
         """Recompute time-based gauges (sliding windows, headroom) while the engine is idle."""
         self._update_gauges()
 
+    def _update_attainment(self, service: str) -> None:
+        ratio, window = self.attainment[service].value()
+        self.metrics.slo_attainment.labels(service).set(ratio)
+        self.metrics.slo_window_requests.labels(service).set(window)
+
     def _update_gauges(self) -> None:
         now = self.clock()
         while self._be_token_times and self._be_token_times[0] < now - 10.0:
@@ -466,6 +474,4 @@ class Engine:
             self.metrics.num_waiting.labels(*labels).set(waiting)
             self.metrics.kv_cache_usage.labels(*labels).set(blocks / self.allocator.num_blocks)
             if self.services[name].service_class == "LS":
-                ratio, window = self.attainment[name].value()
-                self.metrics.slo_attainment.labels(name).set(ratio)
-                self.metrics.slo_window_requests.labels(name).set(window)
+                self._update_attainment(name)

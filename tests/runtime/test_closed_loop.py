@@ -36,8 +36,11 @@ def linear_model(base_s: float = BASE_S, per_row_s: float = PER_ROW_S) -> Latenc
 
 
 def test_regimes_separate_decode_prefill_and_iterations_that_merge_be_rows() -> None:
-    assert [regime_of(0, 0), regime_of(10, 0), regime_of(0, 3), regime_of(10, 3)] == [0, 1, 2, 3]
-    assert REGIMES[regime_of(0, 3)] == "decode+be"
+    assert [regime_of(0, 0, 5), regime_of(10, 0, 5), regime_of(0, 3, 5), regime_of(10, 3, 5)] == [0, 1, 2, 3]
+    assert REGIMES[regime_of(0, 3, 5)] == "decode+be"
+    # BE rows merged and nothing else on the accelerator: the piggyback path's own iterations.
+    assert REGIMES[regime_of(0, 3, decode_load=0.0)] == "be-only"
+    assert REGIMES[regime_of(0, 3, decode_load=50.0)] == "decode+be"
 
 
 def test_the_correction_is_exact_after_min_samples_and_follows_reality_back_within_a_few_half_lives() -> None:
@@ -113,7 +116,7 @@ def test_the_controller_admits_fewer_be_rows_while_iterations_run_slower_than_pr
 def test_drift_in_iterations_that_merge_be_rows_does_not_penalise_iterations_without_them() -> None:
     model = linear_model()
     controller = SLOController(model, safety_margin=0.0)
-    with_be = IterationShape(dense_rows=40, logit_rows=40, be_rows_per_layer=30)
+    with_be = IterationShape(dense_rows=40, decode_attention_load=100.0, logit_rows=40, be_rows_per_layer=30)
     without_be = IterationShape(dense_rows=10, decode_attention_load=100.0, logit_rows=10)
     for _ in range(50):
         controller.observe(with_be, 2.0 * model.predict(with_be))
@@ -184,3 +187,21 @@ def test_with_a_padded_decode_kernel_one_long_context_costs_every_row_and_leaves
     # Paged: 8.9 ms of attention; padded: 10 rows × 8000 = 80 ms of it. 100 ms budget, 10 ms + 1 ms per row.
     assert allowed["sum_of_contexts"].be_rows_per_layer == 71
     assert allowed["rows_times_longest"].be_rows_per_layer == 0
+
+
+def test_be_only_iterations_are_corrected_apart_from_iterations_that_carry_ls_work_next_to_be_rows() -> None:
+    """Measured on the real CPU runtime under overload (issue #26): LS decodes with BE rows merged took about
+    2× the profile while iterations that only moved BE rows took about 0.7×. One shared factor made both
+    wrong (the BE-only ones by +100%); apart, each prediction follows its own kind."""
+    model = linear_model()
+    controller = SLOController(model, safety_margin=0.0)
+    ls_with_be = IterationShape(dense_rows=12, decode_attention_load=600.0, logit_rows=10, be_rows_per_layer=2)
+    be_only = IterationShape(dense_rows=0.5, logit_rows=0, be_rows_per_layer=0.5)
+    errors = []
+    for _ in range(40):
+        for shape, drift in ((ls_with_be, 2.0), (be_only, 0.7), (be_only, 0.7)):
+            measured = drift * model.predict(shape)
+            errors.append(abs(controller.observe(shape, measured) - measured) / measured)
+    assert controller.predict(ls_with_be) == pytest.approx(2.0 * model.predict(ls_with_be), rel=0.02)
+    assert controller.predict(be_only) == pytest.approx(0.7 * model.predict(be_only), rel=0.02)
+    assert max(errors[-30:]) < 0.02

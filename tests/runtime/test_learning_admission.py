@@ -7,7 +7,9 @@ gauge must name the LS rate admission then lets through; and a model 2× too pes
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +23,7 @@ from piggyback_runtime.scheduler.latency_model import (
     Step,
 )
 from piggyback_runtime.scheduler.outputs import IterationOutputs, sampling_requests
-from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.planner import ITERATION_TRACE_ENV, Planner, iteration_shape
 from piggyback_runtime.scheduler.slo_control import LSMix
 
 TTFT_S, TPOT_S = 0.5, 0.05
@@ -145,3 +147,21 @@ def test_overload_keeps_goodput_even_with_a_model_twice_too_pessimistic() -> Non
         run = drive(rate_rps=multiple * headroom, duration_s=8.0, planner_model=true_model(2.0), truth=true_model())
         goodput[multiple] = run.goodput_rps(1.0, 8.0)
     assert goodput[5.0] >= 0.9 * max(goodput[0.5], goodput[1.0]), goodput
+
+
+def test_the_iteration_trace_holds_each_iterations_shape_prediction_and_measurement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIGGYBACK_ITERATION_TRACE: one JSON line per iteration, the prediction the error metric compares and
+    the measurement for the same shape (benchmarks/iteration_trace.py analyses it)."""
+    trace = tmp_path / "iterations.jsonl"
+    monkeypatch.setenv(ITERATION_TRACE_ENV, str(trace))
+    run = drive(rate_rps=20.0, duration_s=0.5, planner_model=true_model(2.0), truth=true_model())
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(rows) == len(run.errors) > 10
+    errors = [(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in rows]
+    assert errors == pytest.approx(run.errors)
+    # The profile (2× too pessimistic) said twice what the shape took; the trace keeps both and the shape.
+    assert all(r["raw_s"] == pytest.approx(2 * r["measured_s"]) for r in rows)
+    assert {r["regime"] for r in rows} <= {0, 1} and any(r["ls_prefill_tokens"] == PROMPT for r in rows)
+    assert all(r["ls_decode_rows"] + r["ls_prefill_tokens"] > 0 for r in rows)

@@ -270,6 +270,24 @@ def test_the_new_requests_own_tpot_counts_once_it_decodes() -> None:
     assert rejected.reason == REASON_TPOT
 
 
+def test_requests_queued_ahead_count_as_decode_rows_so_a_burst_is_not_admitted_past_the_tpot() -> None:
+    """A burst arrives at an idle engine: each admitted request queues its prompt, and all of them decode
+    together a moment later. Admission must see the queued ones as the decode rows they are about to be;
+    against today's decode rows alone (none) every request of any burst would pass."""
+    controller = SLOController(linear_model(), ls_chunk_tokens=4096)
+    tpot_s = dense_s(21) + PER_DECODE_TOKEN_S * 21 * 101  # 21 decode rows of context 101 fit exactly
+    held: list[LSRequestState] = []
+    admitted = 0
+    for _ in range(40):
+        decision = controller.admit_ls(_new(prompt=100, tpot_s=tpot_s), held, IterationDemand(), now_s=0.0)
+        if decision.admitted:
+            admitted += 1
+            held.append(LSRequestState(tpot_s, 10.0, 100, 100))  # queued: its whole prompt still to prefill
+    assert admitted == 21
+    rejected = controller.admit_ls(_new(prompt=100, tpot_s=tpot_s), held, IterationDemand(), now_s=0.0)
+    assert rejected.reason == REASON_TPOT and "(22 LS decode rows)" in rejected.message  # the 21 and its own
+
+
 # --- headroom -------------------------------------------------------------------------------------------------------
 MIX = LSMix(avg_prompt_tokens=200, avg_output_tokens=100, tpot_s=0.1, ttft_s=2.0)
 

@@ -69,6 +69,24 @@ def test_ls_request_that_would_miss_its_ttft_is_rejected_and_counted_as_a_miss()
         engine.close()
 
 
+def test_a_rejection_updates_only_the_attainment_gauge_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under overload 429s outnumber iterations: a rejection must not pay the engine's full gauge sweep
+    (every request's labels, the CPU path's gauges, headroom), only show the miss it adds."""
+    engine = _engine(ttft_ms=15, tpot_ms=1000)
+    try:
+        def sweep() -> None:
+            raise AssertionError("a rejection swept every gauge")
+
+        monkeypatch.setattr(engine, "_update_gauges", sweep)
+        for i in range(3):
+            with pytest.raises(AdmissionRejected):
+                engine.add_request(make_request(f"late{i}", [1] * 32, greedy(4)))
+        assert engine.metrics.slo_attainment.labels("chat")._value.get() == 0.0
+        assert engine.metrics.slo_window_requests.labels("chat")._value.get() == 3
+    finally:
+        engine.close()
+
+
 def test_admission_is_decided_at_the_edge_of_the_slo_less_the_safety_margin() -> None:
     # One 3-token prompt alone: one iteration of 10 ms + 3 rows = 13 ms. Admission keeps the planner's safety
     # margin (0.1 by default): a queue admitted up to the SLO itself would finish around it and miss half the time.

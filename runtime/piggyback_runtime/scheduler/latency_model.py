@@ -558,12 +558,21 @@ def fit_step_overhead(model: LatencyModel, samples: Iterable[tuple[IterationShap
 
 
 # --- closed loop: online correction -----------------------------------------------------------------------------
-REGIMES = ("decode", "prefill", "decode+be", "prefill+be")
+REGIMES = ("decode", "prefill", "decode+be", "prefill+be", "be-only")
 
 
-def regime_of(prefill_load: float, be_rows_per_layer: float) -> int:
+def regime_of(prefill_load: float, be_rows_per_layer: float, decode_load: float = 0.0) -> int:
     """Which kind of iteration this is (an index into REGIMES): drift is tracked per kind, because what runs
-    differs (prefill kernels, the BE path's copies) and so does how far each strays from the profile."""
+    differs (prefill kernels, the BE path's copies) and so does how far each strays from the profile.
+
+    "be-only": the piggyback path's own iterations, BE rows merged and nothing else (no decode, no prefill on
+    the accelerator). They are a few milliseconds of per-layer overhead, not the Dense and attention work the
+    other regimes are made of, and on a real engine they strayed from the profile the other way: measured on
+    this repo's CPU runtime under overload, LS+BE iterations took 1.9× the profile while BE-only ones took
+    0.7× (issue #26); sharing one factor doubled every BE-only prediction and pulled the LS+BE one down.
+    """
+    if be_rows_per_layer > 0 and prefill_load <= 0 and decode_load <= 0:
+        return REGIMES.index("be-only")
     return (prefill_load > 0) + 2 * (be_rows_per_layer > 0)
 
 

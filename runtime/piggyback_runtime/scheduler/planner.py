@@ -15,7 +15,9 @@ model runner's `PiggybackPath`, or the simulator's model of it); they free their
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SLOTarget
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
-from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load
+from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load, regime_of
 from piggyback_runtime.scheduler.outputs import (
     IterationOutputs,
     TokenEvent,
@@ -47,6 +49,7 @@ from piggyback_runtime.scheduler.slo_control import (
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
 REASON_BE_QUEUE_FULL = "BEQueueFull"
+ITERATION_TRACE_ENV = "PIGGYBACK_ITERATION_TRACE"
 # Hybrid placement, while HBM-resident BE decodes fill their share: the most of an iteration's token budget
 # spent on BE prompts that will decode on the host path (a fixed share: the regime map's ablation measures it).
 HOST_FEED_SHARE = 0.25
@@ -143,6 +146,12 @@ class Planner:
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
         self.slo_budget = self.slo is not None and engine.slo_token_budget
+        # Debugging the latency model on a real engine: one JSON line per iteration (shape, prediction,
+        # measurement) appended to this file (benchmarks/iteration_trace.py reads it).
+        trace_path = os.environ.get(ITERATION_TRACE_ENV)
+        self._trace = open(trace_path, "a", buffering=1) if trace_path else None  # noqa: SIM115 - lives with the planner
+        self._planned_s = 0.0
+        self._be_rows_ready = 0
 
     # --- requests in ---------------------------------------------------------------------------------
     def on_host_path(self, request: Request) -> bool:
@@ -287,6 +296,8 @@ class Planner:
                                   else self.static_rows_per_layer)  # fmt: skip
         self.stats.planned(plan.num_tokens, plan.preempted,
                            plan.be_rows_per_layer if self.last_allowance is not None else None)  # fmt: skip
+        if self._trace is not None:
+            self._planned_s, self._be_rows_ready = self.clock(), be_rows_ready
         return plan
 
     def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int) -> int:
@@ -550,8 +561,29 @@ class Planner:
             shape = iteration_shape(plan, outputs.be_rows_merged / outputs.num_layers, len(events),
                                     self.slo.latency_model)  # fmt: skip
             predicted_s = self.slo.observe(shape, measured_s)
+            if self._trace is not None:
+                self._write_trace(plan, outputs, shape, now, measured_s, predicted_s)
         self.stats.ran(now, now - outputs.started_s, measured_s, predicted_s, events, outputs.be_rows_merged)
         return events
+
+    def _write_trace(self, plan: IterationPlan, outputs: IterationOutputs, shape: IterationShape, now: float,
+                     measured_s: float, predicted_s: float) -> None:  # fmt: skip
+        assert self._trace is not None and self.slo is not None
+        allowance = self.last_allowance
+        self._trace.write(json.dumps({
+            "t": now, "measured_s": measured_s, "predicted_s": predicted_s,
+            "raw_s": self.slo.latency_model.predict(shape),
+            "plan_s": self._planned_s - outputs.started_s, "run_s": now - self._planned_s,
+            "regime": regime_of(shape.prefill_attention_load, shape.be_rows_per_layer, shape.decode_attention_load),
+            "ls_prefill_tokens": sum(c.num_tokens for c in plan.prefills if c.request.is_ls),
+            "be_prefill_tokens": sum(c.num_tokens for c in plan.prefills if not c.request.is_ls),
+            "ls_decode_rows": sum(c.request.is_ls for c in plan.decodes),
+            "be_decode_rows": sum(not c.request.is_ls for c in plan.decodes),
+            "be_rows_merged": outputs.be_rows_merged, "be_rows_allowed": plan.be_rows_per_layer,
+            "be_rows_ready": self._be_rows_ready, "logit_rows": shape.logit_rows, "dense_rows": shape.dense_rows,
+            "prefill_load": shape.prefill_attention_load, "decode_load": shape.decode_attention_load,
+            "allowance_predicted_s": allowance.predicted_latency_s if allowance is not None else None,
+        }) + "\n")  # fmt: skip
 
     def settle_moves(self, plan: IterationPlan) -> None:
         """The plan's moves to host KV are done (`update` calls it; a caller that ran a plan with moves and

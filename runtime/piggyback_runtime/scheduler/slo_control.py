@@ -145,6 +145,9 @@ class _Budgets:
     tpot_s: float = math.inf
     ttft_s: float = math.inf
     queued_prefill_tokens: int = 0  # remaining LS prompt tokens, running and queued
+    queued_requests: int = 0  # LS requests still prefilling: each decodes next to a new arrival soon
+    queued_context: float = 0.0  # their contexts once they decode (prompt + first token)
+    queued_longest: int = 0
     decode_rows: int = 0
     decode_longest: int = 0  # longest LS decode context
     decode_load: float = 0.0
@@ -187,7 +190,7 @@ class SLOController:
                       be_rows_per_layer: float = 0.0) -> float:  # fmt: skip
         """The latency model's prediction corrected by what iterations of this regime measured lately."""
         raw = self.latency_model.predict_parts(dense_rows, prefill_load, decode_load, logit_rows, be_rows_per_layer)
-        return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer))
+        return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer, decode_load))
 
     def predict(self, shape: IterationShape) -> float:
         return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
@@ -196,7 +199,7 @@ class SLOController:
     def observe(self, shape: IterationShape, measured_s: float) -> float:
         """An iteration of `shape` took `measured_s`: returns what the controller had predicted for it (the
         corrected prediction, for the error metric), then updates the correction with the profile's own."""
-        regime = regime_of(shape.prefill_attention_load, shape.be_rows_per_layer)
+        regime = regime_of(shape.prefill_attention_load, shape.be_rows_per_layer, shape.decode_attention_load)
         raw = self.latency_model.predict(shape)
         predicted = raw * self.correction.factor(regime)
         self.correction.observe(regime, raw, measured_s)
@@ -218,6 +221,9 @@ class SLOController:
                     b.tpot_s = s.tpot_s
                 continue
             cumulative += s.remaining_prefill_tokens
+            b.queued_requests += 1
+            b.queued_context += s.context_len + 1
+            b.queued_longest = max(b.queued_longest, s.context_len + 1)
             if s.ttft_deadline_s is None:
                 continue
             slack = s.ttft_deadline_s - now_s
@@ -283,12 +289,14 @@ class SLOController:
 
     # --- admission ----------------------------------------------------------------------------------------
     def predict_ls_arrival(self, decode_rows: float, decode_context: float, decode_longest: float,
-                           queued_prefill_tokens: float, prompt_tokens: float,
+                           queued_prefill_tokens: float, prompt_tokens: float, queued_requests: float = 0.0,
+                           queued_context: float = 0.0, queued_longest: float = 0.0,
                            decode_tpot_s: float = math.inf) -> LSArrivalPrediction:  # fmt: skip
         """What a new LS request of `prompt_tokens` meets when it joins LS work of `decode_rows` decodes (their
         contexts summing to `decode_context`, the longest `decode_longest`) and `queued_prefill_tokens` LS
-        prompt tokens queued ahead of it. The one prediction admission (`admit_ls`) and the headroom gauge
-        (`headroom_rps`) both decide with, so that they cannot disagree; every latency in it is
+        prompt tokens of `queued_requests` requests queued ahead of it (their contexts once they decode
+        summing to `queued_context`, the longest `queued_longest`). The one prediction admission (`admit_ls`)
+        and the headroom gauge (`headroom_rps`) both decide with, so that they cannot disagree; every latency in it is
         `predict_parts`, the closed-loop corrected model the BE allowance uses too.
 
         - TTFT: it queues behind every LS prefill already held (FCFS). Decode rows take the token budget first
@@ -300,26 +308,32 @@ class SLOController:
           predicts within that TPOT less the safety margin (`largest_ls_chunk`), never below the budget's floor.
         - TPOT: while it prefills, iterations hold the decodes plus that chunk; once it decodes, one more decode
           row with its prompt as context.
+        - Queueing: the requests queued ahead prefill first (FCFS), so by the time its last chunk runs they
+          decode too: its prefill iteration and its decode iterations hold their rows as well as today's decodes.
+          Without them a burst of arrivals was admitted one by one against the same few decode rows, and then
+          decoded together in iterations far longer than any one admission had predicted.
         """
         model = self.predict_parts
         decode_load = self.latency_model.decode_load
-        rows_load = decode_load(decode_rows, decode_context, decode_longest)
+        rows = decode_rows + queued_requests  # decoding by the time its own prompt runs
+        context, longest = decode_context + queued_context, max(decode_longest, queued_longest)
+        rows_load = decode_load(rows, context, longest)
         queued = queued_prefill_tokens + prompt_tokens
         upper = max(1, math.ceil(self.ls_chunk_tokens - decode_rows))
         per_iteration = float(upper)
         if self.slo_token_budget and decode_tpot_s < math.inf:
             floor = max(1, math.ceil(self.min_token_budget - decode_rows))
-            fitted = self.largest_ls_chunk(decode_rows, rows_load, decode_tpot_s * (1 - self.safety_margin),
+            fitted = self.largest_ls_chunk(rows, rows_load, decode_tpot_s * (1 - self.safety_margin),
                                            min(upper, math.ceil(queued)),
                                            lambda c: prefill_chunk_load(max(0.0, prompt_tokens - c), c))  # fmt: skip
             per_iteration = float(min(upper, max(floor, fitted)))
         chunk_tokens = min(per_iteration, queued)
         chunk_start = max(0.0, prompt_tokens - chunk_tokens)
-        prefill_iteration = model(decode_rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
-                                  rows_load, decode_rows + 1)  # fmt: skip
+        prefill_iteration = model(rows + chunk_tokens, prefill_chunk_load(chunk_start, chunk_tokens),
+                                  rows_load, rows + 1)  # fmt: skip
         own_context = prompt_tokens + 1
-        own_decode_load = decode_load(decode_rows + 1, decode_context + own_context, max(decode_longest, own_context))
-        decode_iteration = model(decode_rows + 1, 0.0, own_decode_load, decode_rows + 1)
+        own_decode_load = decode_load(rows + 1, context + own_context, max(longest, own_context))
+        decode_iteration = model(rows + 1, 0.0, own_decode_load, rows + 1)
         return LSArrivalPrediction(math.ceil(queued / per_iteration), prefill_iteration, decode_iteration,
                                    int(per_iteration))  # fmt: skip
 
@@ -348,10 +362,12 @@ class SLOController:
         budgets = self._budgets(running_ls, now_s)
         scale = (1 - self.admission_margin) * (1 + _REL_EPS)
         chunk = self.ls_chunk_tokens
-        rows = budgets.decode_rows
-        arrival = self.predict_ls_arrival(rows, budgets.decode_load, budgets.decode_longest,
+        decoding = budgets.decode_rows
+        rows = decoding + budgets.queued_requests  # LS decode rows next to its prompt's last chunk (queued decode too)
+        arrival = self.predict_ls_arrival(decoding, budgets.decode_load, budgets.decode_longest,
                                           budgets.queued_prefill_tokens, new_request.prompt_tokens,
-                                          budgets.tpot_s)  # fmt: skip
+                                          budgets.queued_requests, budgets.queued_context,
+                                          budgets.queued_longest, decode_tpot_s=budgets.tpot_s)  # fmt: skip
         prefill_iteration, decode_iteration = arrival.prefill_iteration_s, arrival.decode_iteration_s
         iterations = arrival.iterations
         waited = max(0.0, now_s - new_request.arrival_s)
@@ -373,7 +389,7 @@ class SLOController:
                 f"predicted TTFT {_ms(total_t)} ms = waited {_ms(waited_t)} ms + {iterations} iterations × "
                 f"{_ms(iteration_t)} ms exceeds {self._limit_text('TTFT', new_request.ttft_s)} "
                 f"({budgets.queued_prefill_tokens} LS prompt tokens queued ahead + {new_request.prompt_tokens} of "
-                f"its own, {arrival.prefill_tokens_per_iteration} per iteration next to {rows} LS decode rows); "
+                f"its own, {arrival.prefill_tokens_per_iteration} per iteration next to {decoding} LS decode rows); "
                 "retry later",
             )
         # The TPOT of running decodes is held during its prefill; its own and theirs once it decodes.
@@ -382,14 +398,15 @@ class SLOController:
                 REASON_TPOT,
                 f"while it prefills, a predicted iteration of {_ms(_tenths_ms(prefill_iteration))} ms ({rows} LS "
                 f"decode rows + a prefill chunk of up to {min(chunk, arrival.prefill_tokens_per_iteration)} tokens) "
-                f"exceeds {self._limit_text('TPOT', budgets.tpot_s)} of the {rows} decoding LS requests; retry later",
+                f"exceeds {self._limit_text('TPOT', budgets.tpot_s)} of the {decoding} decoding LS requests; "
+                "retry later",
             )
         if decode_iteration > tpot_budget * scale:
             return reject(
                 REASON_TPOT,
                 f"once it decodes, a predicted iteration of {_ms(_tenths_ms(decode_iteration))} ms ({rows + 1} LS "
                 f"decode rows) exceeds {self._limit_text('TPOT', tpot_budget)} (the tightest of its own and "
-                f"{rows} decoding LS requests'); retry later",
+                f"{decoding} decoding LS requests'); retry later",
             )
         return AdmissionDecision(True, REASON_ADMITTED, "admitted", 0.0, ttft, worst_iteration)
 
@@ -454,9 +471,14 @@ class SLOController:
                     return False
             if arriving > chunk - rows:
                 return False  # prefill cannot keep up
+            # One iteration's arrivals are queued ahead of it (as `admit_ls` sees a burst) next to those held now.
+            arriving_requests = arriving / max(1.0, mix.avg_prompt_tokens)
             arrival = self.predict_ls_arrival(rows, base_load + (rows - base_rows) * context,
                                               max(base_longest, context), base_queued + arriving,
-                                              mix.avg_prompt_tokens, min(mix.tpot_s, budgets.tpot_s))  # fmt: skip
+                                              mix.avg_prompt_tokens, budgets.queued_requests + arriving_requests,
+                                              budgets.queued_context + arriving_requests * (mix.avg_prompt_tokens + 1),
+                                              max(budgets.queued_longest, mix.avg_prompt_tokens + 1),
+                                              decode_tpot_s=min(mix.tpot_s, budgets.tpot_s))  # fmt: skip
             return (arrival.ttft_s <= mix.ttft_s * scale and arrival.prefill_iteration_s <= tpot_limit
                     and arrival.decode_iteration_s <= tpot_limit)  # fmt: skip
 
