@@ -56,6 +56,9 @@ HOST_KV_USAGE = "piggyback_host_kv_usage_ratio"
 CPU_ATTENTION_QUEUE_DEPTH = "piggyback_cpu_attention_queue_depth"
 CPU_ATTENTION_WAIT_SECONDS = "piggyback_cpu_attention_wait_seconds"
 CPU_WORKER_RESTARTS = "piggyback_cpu_worker_restarts"
+# BE KV moves between accelerator KV and host KV (hybrid placement), by direction and outcome.
+BE_KV_MOVES = "piggyback_be_kv_moves"
+MOVE_DONE, MOVE_FAILED = "moved", "failed"
 BE_ROWS_MERGED = "piggyback_be_rows_merged"
 BE_TOKENS_PER_SECOND = "piggyback_be_tokens_per_second"
 ADMISSION_REJECTIONS = "piggyback_admission_rejections"
@@ -324,6 +327,9 @@ class RuntimeMetrics:
         )
         self.cpu_worker_restarts = Counter(CPU_WORKER_RESTARTS, "CPU attention workers replaced after dying.",
                                            registry=r)  # fmt: skip
+        self.be_kv_moves = Counter(BE_KV_MOVES, "BE requests whose KV the runtime moved between accelerator "
+                                   "and host KV, by direction and outcome.", ["direction", "outcome"],
+                                   registry=r)  # fmt: skip
         self.be_rows_merged = Histogram(
             BE_ROWS_MERGED, "BE rows merged into the Dense batch in one iteration (summed over layers).",
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r,
