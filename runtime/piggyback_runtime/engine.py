@@ -321,9 +321,9 @@ class Engine:
             events = self.planner.update(plan, ran, self.clock())
             outputs = self._deliver(events, result.done_rows)
         else:
-            if plan.be_to_host or plan.be_to_gpu:  # moves only: the planner books them without an iteration
+            if plan.be_to_host or plan.be_to_gpu:  # moves only: booked without an iteration
                 self.planner.settle_moves(plan, failed_moves)
-            if pb is not None and pb.has_work() and not plan.be_to_host:
+            elif pb is not None and pb.has_work():
                 # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
                 pb.idle_wait(0.05)
         self._start_moved_rows(plan, failed_moves)

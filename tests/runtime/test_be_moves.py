@@ -28,6 +28,7 @@ from tests.runtime.helpers import (
     run_to_completion,
     tiny_config,
 )
+from tests.runtime.test_piggyback import BlockingWaitMonitor, _describe
 
 pytestmark = pytest.mark.slow  # CPU attention worker processes
 
@@ -133,11 +134,15 @@ def test_moved_be_requests_produce_exactly_the_tokens_of_unmoved_ones_next_to_ls
 ) -> None:
     before = {d: moves(engine, d) for d in ("to_host", "to_gpu")}
     orders = MoveOrders(engine, ORDERS, "moved-")
+    monitor = BlockingWaitMonitor(engine)
     try:
-        requests = submit_all(engine, "moved-")
-        run_to_completion(engine)
+        with monitor.watching():
+            requests = submit_all(engine, "moved-")
+            run_to_completion(engine)
     finally:
         orders.restore()
+    # Moving KV either way never blocks the engine thread: it waits only when the accelerator has nothing to do.
+    assert monitor.waits_with_work_to_do() == [], _describe(monitor.waits_with_work_to_do())
     # Every order was carried out: GPU -> host once, host -> GPU, and five moves of one request.
     assert sorted(orders.issued) == sorted((rid, n, where) for rid, by in ORDERS.items() for n, where in by.items())
     assert moves(engine, "to_host") - before["to_host"] == 5
