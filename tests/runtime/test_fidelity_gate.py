@@ -56,7 +56,10 @@ def runtime_config(policy: str) -> RuntimeConfig:
         "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 40, "tpot_ms": 20}},
                      {"name": "batch", "class": "BE"}],
         "engine": {"block_size": 4, "num_kv_blocks": 160, "max_num_batched_tokens": 64, "max_num_seqs": 16,
-                   "policy": policy},
+                   "policy": policy,
+                   # Hybrid: no LS forecast reserve (the arrival rate measured over a burst would reserve all HBM
+                   # for LS); HBM still runs short of BE at full length next to the held LS requests.
+                   "hbm_reserve_horizon_s": 0.0},
         "piggyback": {"host_block_size": 8, "num_host_kv_blocks": 256, "max_be_requests": 16},
     })  # fmt: skip
 
@@ -138,7 +141,14 @@ def run_engine(config: RuntimeConfig, device: devices.DeviceProfile, requests: l
             with contextlib.suppress(AdmissionRejected):  # the decision is in the log
                 engine.add_request(request)
         if engine.has_work():
+            iterations = engine.planner.stats.iterations
             engine.step()
+            pb = engine.piggyback
+            if engine.planner.stats.iterations == iterations and not (pb is not None and pb.has_work()):
+                # Nothing could run and nothing is in flight: the simulator jumps to its next event, or stops.
+                if not pending:
+                    break
+                now[0] = max(now[0], pending[0].arrival_s)
         elif pending:
             now[0] = pending[0].arrival_s  # idle until the next arrival, as the simulator jumps
     return engine
