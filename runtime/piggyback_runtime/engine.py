@@ -364,8 +364,9 @@ class Engine:
     def _start_moved_rows(self, plan: IterationPlan, failed: list[Request]) -> None:
         """Requests moved to host KV by this plan decode on the CPU path from their next token."""
         pb = self.runner.piggyback
+        failed_ids = {r.request_id for r in failed}
         for request in plan.be_to_host:
-            if pb is not None and request not in failed and request.finish_reason is None:
+            if pb is not None and request.request_id not in failed_ids and request.finish_reason is None:
                 pb.start_decode(request)
 
     def _export_stats(self, stats: IterationStats | None) -> None:

@@ -26,8 +26,9 @@ the KV they need): `copy_from_accelerator` copies a request's accelerator blocks
 layer (the block sizes may differ: the copy goes token slot by token slot), on a GPU as the prefill offload
 does (gathered on the compute stream, so the next pass may reuse the blocks; to pinned memory on a side
 stream; stored by the sender thread before any later CPU task). `copy_to_accelerator` writes a row's host KV
-into accelerator blocks while the row is between tokens. Nothing is recomputed: a moved request produces the
-tokens it produces unmoved.
+into accelerator blocks while the row is between tokens, once a CPU task of it has come back (the host KV
+stores queued before that task, a move's or a prefill's, have then landed). Nothing is recomputed: a moved
+request produces the tokens it produces unmoved.
 
 Nothing here reads a device value on the host. q/k/v leave the device by non-blocking copies into pinned
 memory on a side stream, ordered by a CUDA event that only the sender thread waits on (it then stages them
@@ -79,6 +80,9 @@ class BERow:
     state: str = ENTER
     released: bool = False  # finished while its task was in flight: free the slot when the result lands
     since: int = 0  # when it last became ENTER or READY (a counter): rows take their turn oldest first
+    # A CPU task of it has come back: the host KV stores queued before that task (its prefill's or its move's
+    # KV, stored by the sender thread) have all landed, so its host KV may be copied out.
+    host_kv_landed: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,7 @@ class PiggybackPath:
                 reason = done.error.strip().splitlines()[-1]
                 self.failed.append((row.request, f"CPU attention failed for this request: {reason}"))
             else:
-                row.state = READY
+                row.state, row.host_kv_landed = READY, True
                 self._tick += 1
                 row.since = self._tick
         for death in deaths:
@@ -348,8 +352,8 @@ class PiggybackPath:
 
     def rows_between_tokens(self) -> list[Request]:
         """Requests whose row has no token walking the layers (nothing in flight, nothing in the residual
-        store): the ones hybrid placement may move back to the accelerator."""
-        return [row.request for row in self.rows.values() if row.state == ENTER]
+        store) and whose host KV is complete: the ones hybrid placement may move back to the accelerator."""
+        return [row.request for row in self.rows.values() if row.state == ENTER and row.host_kv_landed]
 
     # --- KV moves between accelerator KV and host KV (the planner decided them) --------------------------
     def copy_from_accelerator(self, request: Request, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -384,9 +388,9 @@ class PiggybackPath:
     def copy_to_accelerator(self, request: Request, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             blocks: list[int], num_tokens: int) -> None:  # fmt: skip
         """Copy the first `num_tokens` tokens of a row's host KV into accelerator blocks, layer by layer. The row
-        must be between tokens: every CPU task of it has landed, so its host KV is complete."""
+        must be between tokens with a CPU task of it back: its host KV is then complete."""
         row = self.rows.get(request.request_id)
-        if row is None or row.state != ENTER:
+        if row is None or row.state != ENTER or not row.host_kv_landed:
             raise RuntimeError(f"BE request {request.request_id} moves to the accelerator but is not between "
                                f"tokens on the CPU path (state {row.state if row else 'gone'})")  # fmt: skip
         accelerator_block_size = key_cache.shape[2]
