@@ -173,7 +173,10 @@ class Engine:
         self.services = {s.name: s for s in config.services}
         self.metrics.cache_config_info.labels(block_size=str(engine_cfg.block_size),
                                               num_gpu_blocks=str(num_blocks)).set(1)  # fmt: skip
-        for service in config.services:  # export every series from the start, so dashboards see zeros
+        for direction in ("to_host", "to_gpu"):  # export every series from the start, so dashboards see zeros
+            for outcome in (m.MOVE_DONE, m.MOVE_FAILED):
+                self.metrics.be_kv_moves.labels(direction, outcome)
+        for service in config.services:
             labels = (service.name, service.service_class)
             self.metrics.num_running.labels(*labels).set(0)
             self.metrics.num_waiting.labels(*labels).set(0)
