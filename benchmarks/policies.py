@@ -14,6 +14,13 @@ on a GPU 1). LS requests still running when the trace ends get
 On a CPU-only machine the "accelerator" is the same two cores that run BE attention, so the numbers only
 show that the control works (LS attainment held as BE load grows); the same script runs unchanged on a GPU.
 
+`CPU busy` is the CPU attention workers' busy share over the run, for policies with a host path: seconds the
+workers spent computing tasks (each worker times its own) / (run seconds x workers). With a BE backlog (BE
+batch > 0) it says how much of the CPU side the BE rows keep busy, i.e. whether CPU-resident BE decode is
+bound by the CPU (share near 1) or by the per-layer pacing of the rows (well below 1). `KV moves`: BE requests
+whose KV hybrid placement moved between HBM and host KV (both ways); with HBM spare (`--kv-blocks`) `hybrid`
+keeps BE decode in HBM and moves nothing.
+
     python benchmarks/policies.py [--quick] [--policies piggyback,ls-only,...]   (default: every registered policy)
 """
 
@@ -86,6 +93,8 @@ class Result:
     both_attained: float
     be_tokens_per_s: float
     cpu_wait_s: float
+    cpu_busy_share: float | None  # CPU attention workers' busy share over the run (None: no host path)
+    kv_moves: int  # BE KV moves between HBM and host KV (hybrid placement), both ways
 
 
 def run_policy(
@@ -99,7 +108,7 @@ def run_policy(
         "engine": {"policy": policy, "max_num_batched_tokens": args.token_budget, "max_num_seqs": 256,
                    "num_kv_blocks": args.kv_blocks, "block_size": 16},
         "piggyback": {"num_host_kv_blocks": args.host_kv_blocks, "max_be_requests": 256,
-                      "cpu_threads_per_worker": args.cpu_threads},
+                      "cpu_threads_per_worker": args.cpu_threads, "num_cpu_workers": args.cpu_workers},
     })  # fmt: skip
     engine = Engine(config, loaded=loaded)
     rng = random.Random(7)
@@ -119,9 +128,12 @@ def run_policy(
         engine.add_request(request)
         be_requests.append(request)
 
+    pb = engine.piggyback
+    busy_share: float | None = None
     try:
         for _ in range(be_concurrency):
             add_be()
+        busy_before_s = pb.pool.busy_seconds() if pb is not None else 0.0
         while True:
             now = time.monotonic() - start
             if now >= args.duration_s:
@@ -143,6 +155,10 @@ def run_policy(
                 add_be()
         be_tokens = sum(len(r.output_token_ids) for r in be_requests)
         be_rate = be_tokens / args.duration_s
+        if pb is not None:
+            pb.collect()  # the busy time of tasks done by now
+            busy_s = pb.pool.busy_seconds() - busy_before_s
+            busy_share = busy_s / (args.duration_s * len(pb.pool.workers))
         for request in be_requests:  # stop the BE batch; let the LS requests finish
             if request.finish_reason is None:
                 engine.abort(request.request_id)
@@ -151,6 +167,7 @@ def run_policy(
             engine.step()
     finally:
         cpu_wait = engine.metrics.cpu_attention_wait_seconds._value.get()
+        kv_moves = engine.planner.moves_to_host + engine.planner.moves_to_gpu
         engine.close()
     offered = len(ls_requests) + rejected
     ttft_ok = [
@@ -165,7 +182,7 @@ def run_policy(
     both = [r for r in ttft_ok if tpot_ok(r)]
     share = (lambda n: n / offered) if offered else (lambda n: 1.0)
     return Result(policy, be_concurrency, offered, rejected, share(len(ttft_ok)), share(len(tpot_good)),
-                  share(len(both)), be_rate, cpu_wait)  # fmt: skip
+                  share(len(both)), be_rate, cpu_wait, busy_share, kv_moves)  # fmt: skip
 
 
 def main() -> None:
@@ -187,11 +204,14 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=1024)
     parser.add_argument("--host-kv-blocks", type=int, default=8192)
     parser.add_argument("--cpu-threads", type=int, default=1 if not gpu else 8)
+    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU attention worker processes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="two policies, two BE levels, short runs")
+    parser.add_argument("--quick", action="store_true", help="three policies, two BE levels, short runs")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="where policies.md and policies.png go (default: benchmarks/results)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
-        args.policies, args.be_levels, args.duration_s, args.drain_s = "piggyback,priority", "0,16", 12.0, 8.0
+        args.policies, args.be_levels, args.duration_s, args.drain_s = "hybrid,piggyback,priority", "0,16", 12.0, 8.0
     device = "cuda" if gpu else "cpu"
     base = RuntimeConfig.from_dict({"model": {"uri": args.model}, "device": device,
                                     "services": [{"name": "x", "class": "BE"}]})  # fmt: skip
@@ -212,26 +232,34 @@ def main() -> None:
             results.append(result)
             print(
                 f"  BE {level:3d}  {policy:9}  LS attained {result.both_attained:6.1%}  "
-                f"BE {result.be_tokens_per_s:7.1f} tok/s  rejected {result.ls_rejected}",
+                f"BE {result.be_tokens_per_s:7.1f} tok/s  rejected {result.ls_rejected}  "
+                f"CPU busy {_share(result.cpu_busy_share)}  KV moves {result.kv_moves}",
                 flush=True,
             )
     header = (
         f"{'BE batch':>8} {'policy':10} {'LS offered':>10} {'rejected':>8} {'TTFT ok':>8} {'TPOT ok':>8} "
-        f"{'LS SLO ok':>9} {'BE tok/s':>9} {'CPU wait s':>10}"
+        f"{'LS SLO ok':>9} {'BE tok/s':>9} {'CPU wait s':>10} {'CPU busy':>8} {'KV moves':>8}"
     )
     lines = [header, "-" * len(header)]
     lines += [f"{r.be_concurrency:8d} {r.policy:10} {r.ls_offered:10d} {r.ls_rejected:8d} {r.ttft_attained:8.1%} "
-              f"{r.tpot_attained:8.1%} {r.both_attained:9.1%} {r.be_tokens_per_s:9.1f} {r.cpu_wait_s:10.2f}"
+              f"{r.tpot_attained:8.1%} {r.both_attained:9.1%} {r.be_tokens_per_s:9.1f} {r.cpu_wait_s:10.2f} "
+              f"{_share(r.cpu_busy_share):>8} {r.kv_moves:8d}"
               for r in results]  # fmt: skip
     print("\n" + "\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    command = "python benchmarks/policies.py" + (" --quick" if args.quick else "")
-    (RESULTS / "policies.md").write_text(
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/policies.py" + (" --quick" if args.quick else "") + (
+        f" --cpu-workers {args.cpu_workers}" if args.cpu_workers != 1 else "")
+    (results_dir / "policies.md").write_text(
         f"# Policies side by side\n\nCommand: `{command}`\n\n{description}\n\n```\n" + "\n".join(lines)
         + "\n```\n\n![policies](policies.png)\n"
     )
-    _plot(results, RESULTS / "policies.png", f"{args.model} on {where}")
-    print(f"\nplot: {RESULTS / 'policies.png'}")
+    _plot(results, results_dir / "policies.png", f"{args.model} on {where}")
+    print(f"\nplot: {results_dir / 'policies.png'}")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _plot(results: list[Result], path: Path, title: str) -> None:

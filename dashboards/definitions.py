@@ -154,6 +154,11 @@ COLOCATION = Dashboard(
         Panel("CPU attention worker restarts", (
             Query(f"sum by (pod) (increase(piggyback_cpu_worker_restarts_total{{{NS}}}[1h]))", "{{pod}} last hour"),
         ), description="Workers replaced after dying (their BE rows are recomputed); should stay 0."),
+        Panel("BE KV moves (hybrid placement)", (
+            Query(f"sum by (pod, direction, outcome) (increase(piggyback_be_kv_moves_total{{{NS}}}[1h]))",
+                  "{{pod}} {{direction}} {{outcome}}"),
+        ), description="BE requests whose KV moved between HBM and host KV in the last hour; a failed move "
+                       "leaves the request where it was."),
         # The database is shared by a pool's replicas: every replica reports the same counts, hence max.
         Panel("Batch API: lines of active batches", (
             Query(f"max by (batch_status, line_state) (piggyback_batch_lines{{{NS}}})",

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from piggyback_runtime import metrics as m
 from piggyback_runtime.client import STREAM_OK, STREAM_REJECTED, free_port, start_server, stream_completion, wait_ready
 from piggyback_runtime.config import RuntimeConfig, SLOConfig
+from piggyback_runtime.scheduler.policies import policy_class
 
 LS_SERVICE = "chat"
 BE_SERVICE = "batch"
@@ -246,13 +247,7 @@ def run_demo(duration_s: float, ls_rate_per_s: float, be_concurrency: int, model
                 f"BE batch of {be_concurrency} in flight.",
                 flush=True,
             )
-            print(
-                "Policy piggyback: BE prefill runs on the accelerator at low priority, then BE attention runs on a "
-                "CPU worker process against BE KV in host memory, and BE rows join the Dense batch layer by layer; "
-                "a latency model sizes the BE share of each iteration and admission control answers LS requests "
-                "that would miss their SLO with 429.",
-                flush=True,
-            )
+            print(f"Policy {config.engine.policy}: {policy_class(config.engine.policy).summary()}", flush=True)
             result = asyncio.run(drive_load(base_url, duration_s, ls_rate_per_s, be_concurrency))
             server_metrics = httpx.get(f"{base_url}/metrics", timeout=10.0).text
         except Exception:

@@ -41,7 +41,7 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.loader import LoadedModel, load_model, resolve_device
 from piggyback_runtime.model.parallel import TensorParallelGroup
 from piggyback_runtime.model_runner import ModelRunner, RunResult, sample_rows
-from piggyback_runtime.piggyback.be_path import ENTER, BERow, PiggybackPath
+from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
 from piggyback_runtime.piggyback.numa import pin_near_gpu
 from piggyback_runtime.request import Request
 from piggyback_runtime.scheduler.batching import IterationPlan, ScheduledChunk
@@ -290,7 +290,7 @@ class LeaderRunner(ModelRunner):
                                request.num_tokens, index < len(plan.decodes)))  # fmt: skip
             msg.token_ids.extend(request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             msg.block_tables[request.request_id] = list(self.allocator.blocks_of(request.request_id))
-            if pb is not None and self.policy.on_host_path(request.service_class):
+            if pb is not None and request.placement == "host":  # its prefill KV goes to host KV
                 msg.host_block_tables[request.request_id] = list(pb.host_kv.blocks_of(request.request_id))
         if isinstance(pb, LeaderPiggyback):
             msg.ops, pb.ops = pb.ops, []
@@ -325,6 +325,7 @@ class _MirrorRequest:
         self._start = start
         self._tokens = tokens or []
         self.output_token_ids: list[int] = []
+        self.placement = "gpu"  # "host" for a prefill whose KV goes to host KV (rank 0 sent its host blocks)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         return self._tokens[start - self._start : end - self._start]
@@ -378,6 +379,8 @@ class FollowerRunner(ModelRunner):
         offset = 0
         for request_id, service_class, start, count, length, is_decode in msg.chunks:
             request = _MirrorRequest(request_id, service_class, length, start, msg.token_ids[offset : offset + count])
+            if request_id in msg.host_block_tables:
+                request.placement = "host"
             offset += count
             (plan.decodes if is_decode else plan.prefills).append(ScheduledChunk(request, start, count))  # type: ignore[arg-type]
         return plan
@@ -399,13 +402,14 @@ class FollowerRunner(ModelRunner):
             pb.rows[request_id] = row
             pb.row_by_slot[slot] = row
             pb.pool.register(worker, slot, blocks)
+            pb.mark_entering(row, position)  # in rank 0's order: the same rows enter layer 0 on every rank
         elif kind == "release":
             pb.release(_MirrorRequest(request_id, "BE"))  # type: ignore[arg-type]
         elif kind == "token_done":
             _, _, position, token = op
             row = pb.rows[request_id]
             row.request.output_token_ids = [token]
-            row.state, row.layer, row.position = ENTER, 0, position
+            pb.mark_entering(row, position)
 
     def _sample(self, plan: IterationPlan, sampling: list[Request], hidden: torch.Tensor, done_rows: list[BERow],
                 done_hidden: torch.Tensor) -> tuple[list[Request], torch.Tensor]:  # fmt: skip

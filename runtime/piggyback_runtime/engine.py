@@ -152,8 +152,11 @@ class Engine:
                 return load_or_profile(shard, config.slo_control.profile_cache_dir,
                                        config.slo_control.profile_trust_factor)  # fmt: skip
 
+        # The engine executes the plans' BE KV moves (hybrid placement); under tensor parallelism the other
+        # ranks' host KV would have to move too, which they do not yet: there hybrid runs BE on the host path.
         self.planner = Planner(
             config, num_blocks, host_kv, latency_model or profile, append_token=append_token, clock=clock,
+            kv_moves=self.ranks is None,
         )  # fmt: skip
         runner_args = (config, self.loaded, self.planner.allocator, self.planner.policy, self.planner.host_kv,
                        self.metrics)  # fmt: skip
@@ -170,7 +173,10 @@ class Engine:
         self.services = {s.name: s for s in config.services}
         self.metrics.cache_config_info.labels(block_size=str(engine_cfg.block_size),
                                               num_gpu_blocks=str(num_blocks)).set(1)  # fmt: skip
-        for service in config.services:  # export every series from the start, so dashboards see zeros
+        for direction in ("to_host", "to_gpu"):  # export every series from the start, so dashboards see zeros
+            for outcome in (m.MOVE_DONE, m.MOVE_FAILED):
+                self.metrics.be_kv_moves.labels(direction, outcome)
+        for service in config.services:
             labels = (service.name, service.service_class)
             self.metrics.num_running.labels(*labels).set(0)
             self.metrics.num_waiting.labels(*labels).set(0)
@@ -229,8 +235,10 @@ class Engine:
                 f"{prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{request.params.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
             )
-        host_kv = self.planner.host_kv if self.planner.on_host_path(request) else None
         # A request on the host path holds accelerator KV only while it prefills; its outputs live in host KV.
+        # Under hybrid placement a BE request may decode in either: it must fit host KV (where it can always go).
+        may_use_host = self.planner.on_host_path(request) or (self.planner.hybrid and not request.is_ls)
+        host_kv = self.planner.host_kv if may_use_host else None
         on_accelerator = prompt_len if host_kv is not None else prompt_len + request.params.max_tokens
         allocator = self.planner.allocator
         needed = allocator.blocks_for_tokens(on_accelerator)
@@ -305,7 +313,9 @@ class Engine:
         pb = self.runner.piggyback
         if pb is not None:
             pb.collect()
-        plan = self.planner.schedule(be_rows_ready=pb.runnable_rows() if pb is not None else 0)
+        idle = pb.rows_between_tokens() if pb is not None and self.planner.hybrid else ()
+        plan = self.planner.schedule(be_rows_ready=pb.runnable_rows() if pb is not None else 0, host_rows_idle=idle)
+        failed_moves = self._execute_moves(plan)
         if pb is not None:
             pb.max_rows_per_layer = plan.be_rows_per_layer
         outputs: list[RequestOutput] = []
@@ -313,12 +323,16 @@ class Engine:
             result = self.runner.run(plan)
             if self.forward_pass_done is not None:
                 self.forward_pass_done(plan)
-            events = self.planner.update(plan, result.outputs(started, self.arch.num_hidden_layers),
-                                         self.clock())  # fmt: skip
+            ran = dataclasses.replace(result.outputs(started, self.arch.num_hidden_layers), failed_moves=failed_moves)
+            events = self.planner.update(plan, ran, self.clock())
             outputs = self._deliver(events, result.done_rows)
-        elif pb is not None and pb.has_work():
-            # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
-            pb.idle_wait(0.05)
+        else:
+            if plan.be_to_host or plan.be_to_gpu:  # moves only: booked without an iteration
+                self.planner.settle_moves(plan, failed_moves)
+            elif pb is not None and pb.has_work():
+                # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
+                pb.idle_wait(0.05)
+        self._start_moved_rows(plan, failed_moves)
         self._export_stats(self.planner.stats.last)
         if pb is not None:
             for request, error in pb.take_failures():
@@ -331,6 +345,40 @@ class Engine:
                     self.metrics.remote_be_retries.inc()
         self._update_gauges()
         return outputs
+
+    # --- BE KV moves: executing the plan's be_to_host / be_to_gpu (the planner decided them) ------------------
+    def _execute_moves(self, plan: IterationPlan) -> list[Request]:
+        """Copy the KV of the plan's moves before its forward pass; returns the moves that could not be executed,
+        for the planner's update (the request stays where it was). The planner holds the KV on both sides: host
+        KV reserved for `be_to_host` (whose accelerator blocks it frees in the update), accelerator blocks and a
+        place in batching for `be_to_gpu` (whose host KV the CPU path frees here, once copied)."""
+        if not (plan.be_to_host or plan.be_to_gpu):
+            return []
+        pb = self.runner.piggyback
+        if pb is None:
+            raise RuntimeError(f"the plan moves BE KV but policy {self.planner.policy.name!r} has no host path")
+        failed: list[Request] = []
+        for request, direction, copy in (*((r, "to_host", self.runner.copy_to_host) for r in plan.be_to_host),
+                                         *((r, "to_gpu", self.runner.copy_to_accelerator) for r in plan.be_to_gpu)):
+            try:
+                copy(request)
+            except Exception:  # the request stays where it is: reported, and the planner decides again later
+                log.exception("BE KV move %s of %s failed; it stays where it was", direction, request.request_id)
+                failed.append(request)
+                self.metrics.be_kv_moves.labels(direction, m.MOVE_FAILED).inc()
+                continue
+            if direction == "to_gpu":
+                pb.release(request)  # off the CPU path: its host KV is free (the copy has read it)
+            self.metrics.be_kv_moves.labels(direction, m.MOVE_DONE).inc()
+        return failed
+
+    def _start_moved_rows(self, plan: IterationPlan, failed: list[Request]) -> None:
+        """Requests moved to host KV by this plan decode on the CPU path from their next token."""
+        pb = self.runner.piggyback
+        failed_ids = {r.request_id for r in failed}
+        for request in plan.be_to_host:
+            if pb is not None and request.request_id not in failed_ids and request.finish_reason is None:
+                pb.start_decode(request)
 
     def _export_stats(self, stats: IterationStats | None) -> None:
         """This step's iteration, as the planner's stats recorder has it, into the Prometheus metrics (every

@@ -56,6 +56,9 @@ HOST_KV_USAGE = "piggyback_host_kv_usage_ratio"
 CPU_ATTENTION_QUEUE_DEPTH = "piggyback_cpu_attention_queue_depth"
 CPU_ATTENTION_WAIT_SECONDS = "piggyback_cpu_attention_wait_seconds"
 CPU_WORKER_RESTARTS = "piggyback_cpu_worker_restarts"
+# BE KV moves between accelerator KV and host KV (hybrid placement), by direction and outcome.
+BE_KV_MOVES = "piggyback_be_kv_moves"
+MOVE_DONE, MOVE_FAILED = "moved", "failed"
 BE_ROWS_MERGED = "piggyback_be_rows_merged"
 # Remote CPU attention nodes (piggyback.remote), label `worker`: the remote worker's index in the pool.
 REMOTE_BE_ROWS = "piggyback_remote_be_rows"
@@ -338,6 +341,9 @@ class RuntimeMetrics:
         )
         self.cpu_worker_restarts = Counter(CPU_WORKER_RESTARTS, "CPU attention workers replaced after dying.",
                                            registry=r)  # fmt: skip
+        self.be_kv_moves = Counter(BE_KV_MOVES, "BE requests whose KV the runtime moved between accelerator "
+                                   "and host KV, by direction and outcome.", ["direction", "outcome"],
+                                   registry=r)  # fmt: skip
         # Remote CPU attention nodes (piggyback.remote).
         worker = ("worker",)
         self.remote_be_rows = Counter(REMOTE_BE_ROWS, "BE rows (one row, one layer) a remote worker served.",

@@ -114,6 +114,28 @@ class ModelRunner:
         if self.piggyback is not None:
             self.piggyback.close()
 
+    # --- BE KV moves: the plan's be_to_host / be_to_gpu (the planner holds the KV on both sides) -------------
+    @torch.inference_mode()
+    def copy_to_host(self, request: Request) -> None:
+        """Copy a BE request's KV so far from its accelerator blocks into the host KV the planner reserved for it,
+        layer by layer, without blocking; its accelerator blocks may be reused once this returns."""
+        assert self.piggyback is not None, "a KV move needs the piggyback path"
+        num_tokens = request.num_tokens - 1  # computed: its last sampled token enters next, on the CPU path
+        blocks = self.allocator.blocks_of(request.request_id)
+        if len(blocks) * self.block_size < num_tokens:
+            raise RuntimeError(f"BE request {request.request_id} holds {len(blocks)} accelerator blocks of "
+                               f"{self.block_size} for {num_tokens} tokens of KV")  # fmt: skip
+        self.piggyback.copy_from_accelerator(request, self.kv_cache.key, self.kv_cache.value, blocks, num_tokens)
+
+    @torch.inference_mode()
+    def copy_to_accelerator(self, request: Request) -> None:
+        """Copy a BE row's host KV into the accelerator blocks the planner allocated for it (the row is between
+        tokens), layer by layer."""
+        assert self.piggyback is not None, "a KV move needs the piggyback path"
+        blocks = self.allocator.blocks_of(request.request_id)
+        self.piggyback.copy_to_accelerator(request, self.kv_cache.key, self.kv_cache.value, blocks,
+                                           request.num_tokens - 1)  # fmt: skip
+
     @torch.inference_mode()
     def run(self, plan: IterationPlan) -> RunResult:
         """One forward pass: the plan's rows on the accelerator, plus BE rows merged layer by layer; then a
@@ -142,7 +164,7 @@ class ModelRunner:
         be_prefills: list[tuple[Request, int, int, int]] = []
         pb = self.piggyback
         for chunk in plan.chunks:
-            if self.policy.on_host_path(chunk.request.service_class):
+            if chunk.request.placement == "host":  # its KV goes to host KV as it is computed (the planner's call)
                 be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
             token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
             positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
@@ -215,7 +237,7 @@ class ModelRunner:
         pb = self.piggyback
         if self.graphs is None or plan.prefills or not plan.decodes or (pb is not None and pb.has_ready_work()):
             return None
-        if any(self.policy.on_host_path(c.request.service_class) for c in plan.chunks):
+        if any(c.request.placement == "host" for c in plan.chunks):
             return None
         blocks = self.allocator.blocks_of
         batch = DecodeBatch(

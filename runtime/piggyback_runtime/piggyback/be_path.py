@@ -14,6 +14,22 @@ After post_attention of the last layer the row is sampled with the LS rows and i
 at layer 0. The engine never waits: a row that is not READY when the engine reaches its layer is simply
 picked up in a later iteration.
 
+Pacing: a layer's tasks are spread over all CPU workers by work (pool.py), not queued behind one worker per
+row; rows enter layer 0 at most ceil(rows / layers) per iteration, oldest first, so that rows that arrive
+together (a batch of prefills, or of moves) spread over the layers instead of walking them as one cluster and
+the CPUs get work all through the pass; READY rows merge oldest first. A row advances as many layers in an
+iteration as the CPU serves: the engine looks for results at every layer, so a result back before the engine
+reaches the row's next layer carries it on in the same pass.
+
+KV moves (the plan's `be_to_host` / `be_to_gpu`, executed by the engine; the planner decided them and holds
+the KV they need): `copy_from_accelerator` copies a request's accelerator blocks into its host blocks layer by
+layer (the block sizes may differ: the copy goes token slot by token slot), on a GPU as the prefill offload
+does (gathered on the compute stream, so the next pass may reuse the blocks; to pinned memory on a side
+stream; stored by the sender thread before any later CPU task). `copy_to_accelerator` writes a row's host KV
+into accelerator blocks while the row is between tokens, once a CPU task of it has come back (the host KV
+stores queued before that task, a move's or a prefill's, have then landed). Nothing is recomputed: a moved
+request produces the tokens it produces unmoved.
+
 Nothing here reads a device value on the host. q/k/v leave the device by non-blocking copies into pinned
 memory on a side stream, ordered by a CUDA event that only the sender thread waits on (it then stages them
 into the workers' shared slots). Results come straight from the shared `out` buffer, which is registered
@@ -63,6 +79,10 @@ class BERow:
     layer: int = 0
     state: str = ENTER
     released: bool = False  # finished while its task was in flight: free the slot when the result lands
+    since: int = 0  # when it last became ENTER or READY (a counter): rows take their turn oldest first
+    # A CPU task of it has come back: the host KV stores queued before that task (its prefill's or its move's
+    # KV, stored by the sender thread) have all landed, so its host KV may be copied out.
+    host_kv_landed: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,7 +108,8 @@ class PiggybackPath:
         self, config: RuntimeConfig, arch: ModelArch, dtype: torch.dtype, device: torch.device, host_kv: HostKV,
         metrics: m.RuntimeMetrics,
     ) -> None:  # fmt: skip
-        """`host_kv` is the planner's: it reserves at admission, this path frees when a request is done."""
+        """`host_kv` is the planner's: it reserves (as a prefill fills it, or for a move), this path frees when a
+        request is done or moves to the accelerator."""
         pb = config.piggyback
         self.arch = arch
         self.device = device
@@ -123,6 +144,8 @@ class PiggybackPath:
         self.residual_store = torch.zeros((host_kv.max_requests, arch.hidden_size), dtype=dtype, device=device)
         self.residuals: dict[tuple[str, int], int] = {}
         self.failed: list[tuple[Request, str]] = []
+        self.num_layers = arch.num_hidden_layers
+        self._tick = 0
         # Tensor parallelism: the element-wise minimum over ranks of each rank's verdicts (distributed.py).
         self.agree: Callable[[list[int]], list[int]] | None = None
         self.retries: list[Request] = []  # lost with their worker, to be prefilled again (retry_on_worker_loss)
@@ -188,17 +211,27 @@ class PiggybackPath:
         self.rows[request.request_id] = row
         self.row_by_slot[slot] = row
         self.pool.register(worker, slot, self.host_kv.blocks_of(request.request_id))
+        self.mark_entering(row, row.position)
+
+    def mark_entering(self, row: BERow, position: int) -> None:
+        """The row's next token (at `position`) waits for layer 0, behind the rows that waited before it."""
+        self._tick += 1
+        row.state, row.layer, row.position, row.since = ENTER, 0, position, self._tick
 
     def entering(self) -> list[BERow]:
-        cap = self.max_rows_per_layer
-        return [row for row in self.rows.values() if row.state == ENTER][:cap]
+        """Rows whose next token enters layer 0 now: oldest first, at most the layer cap and at most
+        ceil(rows / layers), so that rows that arrived together spread over the layers."""
+        waiting = sorted((row for row in self.rows.values() if row.state == ENTER), key=lambda row: row.since)
+        spread = -(-len(self.rows) // self.num_layers)
+        return waiting[: min(self.max_rows_per_layer, spread)]
 
     def ready(self, layer: int) -> list[BERow]:
         self.collect()
         cap = self.max_rows_per_layer
         if self.agree is not None:
             return self._agreed_ready(layer, cap)
-        return [row for row in self.rows.values() if row.state == READY and row.layer == layer][:cap]
+        ready = [row for row in self.rows.values() if row.state == READY and row.layer == layer]
+        return sorted(ready, key=lambda row: row.since)[:cap]
 
     def _agreed_ready(self, layer: int, cap: int) -> list[BERow]:
         """Under tensor parallelism each rank's workers hold its KV heads: a row merges once its result is back
@@ -221,11 +254,11 @@ class PiggybackPath:
 
         `slots` [n] int64 on the device holds the rows' slots (uploaded by the caller: no host read here).
         """
-        tasks: dict[int, list[tuple[int, int, int, int]]] = {}
+        tasks: list[tuple[int, int, int, int]] = []
         for row in rows:
             self.residuals[(row.request.request_id, layer)] = row.slot
             row.layer, row.state = layer, WAITING
-            tasks.setdefault(row.worker, []).append((row.slot, layer, row.position, row.generation))
+            tasks.append((row.slot, layer, row.position, row.generation))
         self.residual_store.index_copy_(0, slots, hidden)
         host_slots = torch.tensor([row.slot for row in rows])
         q_width, kv_width = q[0].numel(), k[0].numel()
@@ -244,7 +277,8 @@ class PiggybackPath:
             stage()
         else:
             self.pool.after(event, stage)
-        self.pool.submit(tasks)
+        for slot, worker in self.pool.submit(tasks).items():
+            self.row_by_slot[slot].worker = worker
 
     def take(self, layer: int, rows: list[BERow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """READY rows' CPU attention results [n, Hq, D] and stored layer inputs [n, H] on the device, with their
@@ -275,8 +309,7 @@ class PiggybackPath:
 
     def token_done(self, row: BERow) -> None:
         """The row finished the last layer and was sampled; its next token enters at layer 0."""
-        row.state, row.layer = ENTER, 0
-        row.position = row.request.num_tokens - 1
+        self.mark_entering(row, row.request.num_tokens - 1)
 
     def collect(self) -> None:
         completions, deaths = self.pool.poll()
@@ -291,7 +324,9 @@ class PiggybackPath:
                 reason = done.error.strip().splitlines()[-1]
                 self.failed.append((row.request, f"CPU attention failed for this request: {reason}"))
             else:
-                row.state = READY
+                row.state, row.host_kv_landed = READY, True
+                self._tick += 1
+                row.since = self._tick
         for death in deaths:
             self.metrics.cpu_worker_restarts.inc()
             for slot in death.slots:
@@ -330,6 +365,66 @@ class PiggybackPath:
 
     def has_ready_work(self) -> bool:
         return any(row.state in (ENTER, READY) for row in self.rows.values())
+
+    def rows_between_tokens(self) -> list[Request]:
+        """Requests whose row has no token walking the layers (nothing in flight, nothing in the residual
+        store) and whose host KV is complete: the ones hybrid placement may move back to the accelerator."""
+        return [row.request for row in self.rows.values() if row.state == ENTER and row.host_kv_landed]
+
+    # --- KV moves between accelerator KV and host KV (the planner decided them) --------------------------
+    def copy_from_accelerator(self, request: Request, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              blocks: list[int], num_tokens: int) -> None:  # fmt: skip
+        """Copy the request's first `num_tokens` tokens of KV from accelerator blocks (`key_cache`/`value_cache`:
+        [layers, blocks, block_size, kv_heads, head_dim]) into the host blocks the planner reserved for it,
+        layer by layer. Never blocks: on a GPU each layer is gathered on the compute stream (so a later pass may
+        reuse the blocks at once), copied to pinned memory on a side stream, and stored into host KV by the
+        sender thread once its event completes, ahead of any CPU task sent after this call."""
+        host_blocks = self.host_kv.blocks_of(request.request_id)
+        if len(host_blocks) * self.block_size < num_tokens:
+            raise RuntimeError(f"BE request {request.request_id} moves {num_tokens} tokens of KV to the host but "
+                               f"holds {len(host_blocks)} host blocks of {self.block_size}")  # fmt: skip
+        accelerator_block_size = key_cache.shape[2]
+        staging = HostStaging(self.device)
+        staging.add("source", torch.tensor([flat_slot(blocks, p, accelerator_block_size) for p in range(num_tokens)]))
+        source = staging.upload()["source"]
+        host_slots = torch.tensor([flat_slot(host_blocks, p, self.block_size) for p in range(num_tokens)])
+        for layer in range(self.num_layers):
+            key = key_cache[layer].flatten(0, 1).index_select(0, source)
+            value = value_cache[layer].flatten(0, 1).index_select(0, source)
+            (host_key, host_value), event = to_host_async(key, value)
+
+            def store(layer: int = layer, key: torch.Tensor = host_key, value: torch.Tensor = host_value) -> None:
+                write_kv(self.buffers.key_cache[layer], self.buffers.value_cache[layer], host_slots, key, value)
+
+            if event is None:
+                store()
+            else:
+                self.pool.after(event, store)
+
+    def copy_to_accelerator(self, request: Request, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            blocks: list[int], num_tokens: int) -> None:  # fmt: skip
+        """Copy the first `num_tokens` tokens of a row's host KV into accelerator blocks, layer by layer. The row
+        must be between tokens with a CPU task of it back: its host KV is then complete."""
+        row = self.rows.get(request.request_id)
+        if row is None or row.state != ENTER or not row.host_kv_landed:
+            raise RuntimeError(f"BE request {request.request_id} moves to the accelerator but is not between "
+                               f"tokens on the CPU path (state {row.state if row else 'gone'})")  # fmt: skip
+        accelerator_block_size = key_cache.shape[2]
+        host_blocks = self.host_kv.blocks_of(request.request_id)
+        index = torch.arange(num_tokens)
+        host_block = torch.tensor(host_blocks, dtype=torch.long)[index // self.block_size]
+        offset = index % self.block_size
+        staging = HostStaging(self.device)
+        staging.add("target", torch.tensor([flat_slot(blocks, p, accelerator_block_size) for p in range(num_tokens)]))
+        target = staging.upload()["target"]
+        for layer in range(self.num_layers):
+            key = self.buffers.key_cache[layer][host_block, offset]
+            value = self.buffers.value_cache[layer][host_block, offset]
+            if self.device.type != "cpu":  # pinned, so that the upload does not wait for the device
+                key = key.pin_memory().to(self.device, non_blocking=True)
+                value = value.pin_memory().to(self.device, non_blocking=True)
+            key_cache[layer].flatten(0, 1).index_copy_(0, target, key.to(key_cache.dtype))
+            value_cache[layer].flatten(0, 1).index_copy_(0, target, value.to(value_cache.dtype))
 
     def idle_wait(self, timeout_s: float) -> None:
         self.pool.wait(timeout_s)

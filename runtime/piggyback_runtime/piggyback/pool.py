@@ -1,10 +1,13 @@
 """The engine's side of the CPU attention workers: slots, task submission, non-blocking result polling,
 and replacing a worker that died.
 
-Every BE request in decode owns one slot (its row in the shared q/k/v/out buffers) and is pinned to one
-worker, which keeps its host block table. A request has at most one attention task in flight, so the slot
-never holds two tasks' data at once. Nothing here ever blocks the engine: submissions go through a sender
-thread, and results are collected with `poll`.
+Every BE request in decode owns one slot (its row in the shared q/k/v/out buffers). Every worker knows every
+slot's host block table, so any worker can serve any row: each layer's tasks are spread over the workers by
+work (a task's work is its context length; the worker with the least work in flight takes the next largest
+task), not queued behind one worker per row. The worker a row's latest task went to "holds" it: if that
+worker dies, the row fails (its task, and the partial state in that process, are gone). A request has at
+most one attention task in flight, so the slot never holds two tasks' data at once. Nothing here ever blocks
+the engine: submissions go through a sender thread, and results are collected with `poll`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ class Worker:
     process: mp.process.BaseProcess
     conn: Connection
     ready: bool = False
-    slots: set[int] = field(default_factory=set)
+    slots: set[int] = field(default_factory=set)  # rows whose latest task went here (it "holds" them)
+    # Tasks sent and not yet reported: (slot, layer, generation) -> work (context tokens).
+    in_flight: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    busy_s: float = 0.0  # seconds spent computing tasks, as the worker reports them
+    tasks_sent: int = 0
+
+    @property
+    def work_in_flight(self) -> int:
+        return sum(self.in_flight.values())
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class CPUAttentionPool:
         self._ctx = mp.get_context("spawn")  # fork would copy the engine's threads and CUDA state
         self.workers: list[Worker] = [self._spawn(i) for i in range(num_workers)]
         self.restarts = 0
+        self._busy_of_replaced = 0.0
+        self.tables: dict[int, list[int]] = {}  # slot -> host block table, as every worker has it
         # One ordered queue of (event, action): an action runs only after its CUDA event (if any) completes,
         # so a task is sent only once its q/k/v copies have landed in shared memory.
         self._outbox: queue.SimpleQueue[tuple[torch.cuda.Event | None, Callable[[], None]] | None] = (
@@ -132,7 +145,8 @@ class CPUAttentionPool:
                 worker.process.kill()
 
     def least_loaded_worker(self) -> int:
-        return min(self.workers, key=lambda w: len(w.slots)).index
+        """The worker with the least work in flight (then the fewest rows held): a new row's first holder."""
+        return min(self.workers, key=lambda w: (w.work_in_flight, len(w.slots))).index
 
     # --- sending -----------------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -153,17 +167,48 @@ class CPUAttentionPool:
         self._outbox.put((event, action))
 
     def register(self, worker_index: int, slot: int, block_ids: list[int]) -> None:
+        """A row's host block table (new, or grown) to every worker; `worker_index` holds the row until its
+        first task goes out."""
+        for worker in self.workers:
+            worker.slots.discard(slot)
         self.workers[worker_index].slots.add(slot)
-        self._send(worker_index, ("register", slot, list(block_ids)))
+        self.update_table(slot, block_ids)
+
+    def update_table(self, slot: int, block_ids: list[int]) -> None:
+        """The slot's block table grew (or moved): every worker gets it before any later task."""
+        self.tables[slot] = list(block_ids)
+        for worker in self.workers:
+            self._send(worker.index, ("register", slot, list(block_ids)))
 
     def forget(self, worker_index: int, slot: int) -> None:
-        self.workers[worker_index].slots.discard(slot)
-        self._send(worker_index, ("forget", slot))
+        self.tables.pop(slot, None)
+        for worker in self.workers:
+            worker.slots.discard(slot)
+            self._send(worker.index, ("forget", slot))
 
-    def submit(self, tasks_by_worker: dict[int, list[tuple[int, int, int, int]]]) -> None:
-        """Queue attention tasks; they go out after everything queued before them (e.g. their q/k/v staging)."""
-        for worker_index, tasks in tasks_by_worker.items():
-            self._send(worker_index, ("run", tasks))
+    def submit(self, tasks: list[tuple[int, int, int, int]]) -> dict[int, int]:
+        """Queue attention tasks (slot, layer, position, generation), spread over the workers by work; they go
+        out after everything queued before them (e.g. their q/k/v staging). Returns slot -> worker."""
+        by_worker: dict[int, list[tuple[int, int, int, int]]] = {}
+        assigned: dict[int, int] = {}
+        # Largest first onto the least loaded worker (LPT): layers and contexts of every size mix on each worker.
+        for task in sorted(tasks, key=lambda t: -t[2]):
+            worker = min(self.workers, key=lambda w: (w.work_in_flight, len(by_worker.get(w.index, ()))))
+            slot, layer, position, generation = task
+            worker.in_flight[(slot, layer, generation)] = position + 1
+            worker.tasks_sent += 1
+            for other in self.workers:
+                other.slots.discard(slot)
+            worker.slots.add(slot)
+            by_worker.setdefault(worker.index, []).append(task)
+            assigned[slot] = worker.index
+        for worker_index, worker_tasks in by_worker.items():
+            self._send(worker_index, ("run", worker_tasks))
+        return assigned
+
+    def busy_seconds(self) -> float:
+        """Seconds the workers have spent computing tasks, summed over workers (replaced ones included)."""
+        return self._busy_of_replaced + sum(w.busy_s for w in self.workers)
 
     # --- receiving ---------------------------------------------------------------------------------------
     def poll(self) -> tuple[list[Completion], list[WorkerDeath]]:
@@ -178,14 +223,22 @@ class CPUAttentionPool:
                         worker.ready = True
                     elif message[0] == "done":
                         done.extend(Completion(s, layer, g) for s, layer, g in message[1])
+                        self._landed(worker, message[1])
+                        worker.busy_s += message[2]
                     elif message[0] == "error":
                         log.error("CPU attention worker %d failed a batch:\n%s", worker.index, message[1])
                         done.extend(Completion(s, layer, g, error=message[1]) for s, layer, g in message[2])
+                        self._landed(worker, message[2])
             except (EOFError, OSError):
                 pass
             if not worker.process.is_alive():
                 deaths.append(self._replace(worker))
         return done, deaths
+
+    @staticmethod
+    def _landed(worker: Worker, reported: list[tuple[int, int, int]]) -> None:
+        for key in reported:
+            worker.in_flight.pop(tuple(key), None)  # type: ignore[arg-type]
 
     def wait(self, timeout_s: float) -> None:
         """Sleep until some worker has something to say (only when the accelerator has nothing to do)."""
@@ -197,7 +250,11 @@ class CPUAttentionPool:
                   dead.index, dead.process.pid, exit_code)  # fmt: skip
         death = WorkerDeath(dead.index, exit_code, sorted(dead.slots))
         dead.conn.close()
-        self.workers[dead.index] = self._spawn(dead.index)
+        self._busy_of_replaced += dead.busy_s
+        replacement = self.workers[dead.index] = self._spawn(dead.index)
+        for slot, table in self.tables.items():  # the new worker serves every row, as the others do
+            if slot not in dead.slots:
+                self._send(replacement.index, ("register", slot, list(table)))
         self.restarts += 1
         return death
 

@@ -9,7 +9,7 @@ so messages carry only small integers:
                       ("run", [(slot, layer, position, gen)])  compute attention for these rows
                       ("forget", slot)                         the request is gone
     worker -> engine: ("ready", pid)
-                      ("done", [(slot, layer, gen)])           out[slot] holds the result
+                      ("done", [(slot, layer, gen)], busy_s)   out[slot] holds the result; busy_s: compute time
                       ("error", message)                       a task failed (the worker keeps going)
 
 `gen` is the slot's generation: a result for a slot that was freed and reused is recognisably stale.
@@ -100,6 +100,7 @@ def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_thre
             while not buffers.hold.value:
                 time.sleep(0.001)
             tasks: list[tuple[int, int, int, int]] = message[1]
+            started = time.perf_counter()
             try:
                 by_layer: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
                 for task in tasks:
@@ -123,6 +124,6 @@ def worker_main(conn: Connection, buffers: SharedBuffers, scale: float, num_thre
                         num_threads=num_threads,
                     )  # fmt: skip
                     buffers.out[slots] = result
-                conn.send(("done", [(t[0], t[1], t[3]) for t in tasks]))
+                conn.send(("done", [(t[0], t[1], t[3]) for t in tasks], time.perf_counter() - started))
             except Exception:
                 conn.send(("error", traceback.format_exc(limit=5), [(t[0], t[1], t[3]) for t in tasks]))

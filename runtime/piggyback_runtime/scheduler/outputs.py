@@ -29,6 +29,9 @@ class IterationOutputs:
     host_path_tokens: Sequence[tuple[Request, int]] = field(default_factory=tuple)
     be_rows_merged: int = 0  # BE rows merged into Dense batches, summed over layers
     num_layers: int = 1  # the model's layers, to turn `be_rows_merged` into rows per layer
+    # Requests of the plan's `be_to_host` / `be_to_gpu` whose KV move the caller could not execute: they stay
+    # where they were (the planner undoes its side of the move; it decides again in a later plan).
+    failed_moves: Sequence[Request] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)

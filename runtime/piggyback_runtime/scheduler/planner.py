@@ -486,6 +486,19 @@ class Planner:
         self.moves_to_host += len(moving)
         return moving
 
+    def order_to_host(self, request: Request) -> bool:
+        """Move a BE request that decodes in HBM to host KV with the next plan (its host KV reserved now, at full
+        length); False, nothing taken, when it does not decode in HBM or host KV is full. For a caller that
+        orders a move itself (tests of the runtime's moves); the planner's own placement decides the same way."""
+        if (not self.hybrid or request.is_ls or request.placement != "gpu" or request in self._to_host_next
+                or request not in self.scheduler.running or not request.output_token_ids
+                or request.num_remaining_tokens != 1):  # fmt: skip
+            return False
+        if not self._reserve_for_host(request):
+            return False
+        self._to_host_next.append(request)
+        return True
+
     def _reserve_for_host(self, request: Request) -> bool:
         host = self.host_kv
         assert host is not None
@@ -542,7 +555,7 @@ class Planner:
             raise ValueError(f"the plan samples {len(sampling)} requests but the outputs hold "
                              f"{len(outputs.plan_token_ids)} plan tokens")  # fmt: skip
         self._advance(plan)
-        self.settle_moves(plan)
+        self.settle_moves(plan, outputs.failed_moves)
         events: list[TokenEvent] = []
         for request, token in zip(sampling, outputs.plan_token_ids, strict=True):
             event = self._take_token(request, token, now, from_host_path=False)
@@ -585,13 +598,30 @@ class Planner:
             "allowance_predicted_s": allowance.predicted_latency_s if allowance is not None else None,
         }) + "\n")  # fmt: skip
 
-    def settle_moves(self, plan: IterationPlan) -> None:
+    def settle_moves(self, plan: IterationPlan, failed: Sequence[Request] = ()) -> None:
         """The plan's moves to host KV are done (`update` calls it; a caller that ran a plan with moves and
-        no chunks calls it alone): their accelerator blocks are free, and they decode on the CPU path."""
+        no chunks calls it alone): their accelerator blocks are free, and they decode on the CPU path. A move
+        the caller reports in `failed` did not happen: the request stays where it was, and what the plan took
+        for it on the other side (host KV, or accelerator blocks and a place in batching) is given back."""
+        failed_ids = {r.request_id for r in failed}
         for request in plan.be_to_host:
+            if request.request_id in failed_ids:
+                self.moves_to_host -= 1
+                if self.host_kv is not None:
+                    self.host_kv.free(request.request_id)
+                if request.status != RequestStatus.FINISHED:
+                    self.scheduler.running.append(request)  # decodes on the accelerator again next plan
+                continue
             self.allocator.free(request.request_id)
             request.placement = "host"
             request.num_computed_tokens = request.num_tokens - 1
+        for request in plan.be_to_gpu:
+            if request.request_id in failed_ids:
+                self.moves_to_gpu -= 1
+                if request in self.scheduler.running:
+                    self.scheduler.running.remove(request)
+                self.allocator.free(request.request_id)
+                request.placement = "host"  # its row goes on on the CPU path
 
     def _advance(self, plan: IterationPlan) -> None:
         """The plan's tokens are in the KV cache."""
