@@ -12,15 +12,31 @@ On a GPU, benchmarks/gpu_suite.py (section `graphs`) captures and replays the re
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, capture_sizes, graphs_enabled
+from piggyback_runtime.attention import cpu_attention
+from piggyback_runtime.cuda_graphs import (
+    DecodeBatch,
+    DecodeGraphs,
+    Segment,
+    aligned_pieces,
+    capture_sizes,
+    graphs_enabled,
+    schedule,
+)
 from piggyback_runtime.engine import Engine
 from piggyback_runtime.kv.cache import PagedKVCache
+from piggyback_runtime.model.llama import LlamaForCausalLM
 from piggyback_runtime.model.loader import LoadedModel, load_model
+from piggyback_runtime.model_runner import ModelRunner
 from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
 from tests.runtime.test_no_host_sync import SyncGuard
 
@@ -48,14 +64,16 @@ def test_graphs_are_on_for_cuda_under_auto_and_never_when_off() -> None:
 
 # --- on the meta device -----------------------------------------------------------------------------------------
 class OpRecorder(TorchDispatchMode):
-    """Every aten op of the step: its name and output shapes, and any tensor it reads that is neither produced
-    inside the step nor one of `allowed` (storages of the static buffers, weights, KV cache)."""
+    """Every aten op of the step: its name and output shapes, any tensor it reads that is neither produced
+    inside the step nor one of `allowed` (storages of the static buffers, weights, KV cache), and any tensor it
+    makes off the (meta) device."""
 
     def __init__(self, allowed: set[int]) -> None:
         super().__init__()
         self.allowed = set(allowed)
         self.trace: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
         self.foreign: list[str] = []
+        self.made_on_host: list[str] = []  # tensors the step made off the device: host data a graph would freeze
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -66,6 +84,8 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for tensor in outputs:
+            if tensor.device.type != "meta":
+                self.made_on_host.append(f"{func} made a {tuple(tensor.shape)} tensor on {tensor.device}")
             self.allowed.add(tensor.untyped_storage()._cdata)  # produced inside the step: fine to read later
         self.trace.append((str(func), tuple(tuple(t.shape) for t in outputs)))
         return out
@@ -81,45 +101,93 @@ def meta_graphs() -> DecodeGraphs:
 
 
 def _storages(graphs: DecodeGraphs) -> set[int]:
-    tensors = [graphs._static, graphs.hidden_out, graphs.kv_cache.key, graphs.kv_cache.value,
-               *graphs.model.parameters(), *graphs.model.buffers()]  # fmt: skip
+    tensors = [*graphs.static_buffers(), graphs.kv_cache.key, graphs.kv_cache.value, *graphs.model.parameters(),
+               *graphs.model.buffers()]  # fmt: skip
     return {t.untyped_storage()._cdata for t in tensors}
 
 
-def _traced_step(graphs: DecodeGraphs, batch: DecodeBatch) -> tuple[OpRecorder, SyncGuard]:
+def _traced_step(graphs: DecodeGraphs, batch: DecodeBatch, start: int = 0, end: int | None = None) -> OpRecorder:
+    """Load the batch (checked: one upload), then run the captured piece of layers [start, end) under the recorder
+    and the sync guard (checked: no host read, results in the static buffers in place)."""
     size = graphs.padded_size(len(batch.token_ids))
     assert size is not None
-    static_pointers = [graphs._static.untyped_storage()._cdata, graphs.hidden_out.untyped_storage()._cdata]
+    static_pointers = [t.untyped_storage()._cdata for t in graphs.static_buffers()]
     guard = SyncGuard(META)
     with guard:
         graphs.load(graphs.stage(batch, size), size)
     assert guard.uploads == ["step"], "the per-step load must be one non-blocking upload"
     recorder = OpRecorder(_storages(graphs))
     with SyncGuard(META) as step_guard, recorder:
-        graphs.captured_step(size)
+        graphs.piece_step(size, start, graphs.num_layers if end is None else end)
     assert not step_guard.violations
-    assert [graphs._static.untyped_storage()._cdata, graphs.hidden_out.untyped_storage()._cdata] == static_pointers
-    return recorder, step_guard
+    assert not recorder.made_on_host, recorder.made_on_host[:3]
+    assert [t.untyped_storage()._cdata for t in graphs.static_buffers()] == static_pointers
+    return recorder
+
+
+# Two batches padded to size 4: 3 and 4 rows, other tokens, contexts (2 to 90 tokens) and block tables.
+FIRST = DecodeBatch([5, 6, 7], [1, 40, 89], [[3], [9, 4, 11, 2, 8, 1, 12, 13, 14, 15, 16], [20 + i for i in range(23)]])
+SECOND = DecodeBatch([1, 2, 3, 4], [0, 3, 17, 63], [[1], [2], [5, 6, 7, 8, 30], [40 + i for i in range(16)]])
 
 
 def test_the_captured_step_reads_nothing_back_reads_only_static_buffers_and_keeps_its_shapes(
     meta_graphs: DecodeGraphs,
 ) -> None:
-    # Two batches padded to size 4: 3 and 4 rows, other tokens, contexts (2 to 90 tokens) and block tables.
-    first = DecodeBatch(
-        [5, 6, 7], [1, 40, 89], [[3], [9, 4, 11, 2, 8, 1, 12, 13, 14, 15, 16], [20 + i for i in range(23)]]
-    )
-    second = DecodeBatch([1, 2, 3, 4], [0, 3, 17, 63], [[1], [2], [5, 6, 7, 8, 30], [40 + i for i in range(16)]])
     traces = []
-    for batch in (first, second):
-        recorder, _ = _traced_step(meta_graphs, batch)
+    for batch in (FIRST, SECOND):
+        recorder = _traced_step(meta_graphs, batch)
         assert not recorder.foreign, recorder.foreign[:3]
         traces.append(recorder.trace)
     assert traces[0] == traces[1], "the step's ops or shapes depend on the batch, not only on its padded size"
     assert len(traces[0]) > 10 * meta_graphs.model.arch.num_hidden_layers  # the whole dense step was traced
     # Another padded size has other shapes (each size is its own graph).
-    recorder, _ = _traced_step(meta_graphs, DecodeBatch([1], [5], [[2, 3]]))
+    recorder = _traced_step(meta_graphs, DecodeBatch([1], [5], [[2, 3]]))
     assert recorder.trace != traces[0]
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 0), (0, 1), (1, 2)])
+def test_each_piece_between_merge_points_is_capturable_on_its_own(
+    meta_graphs: DecodeGraphs, start: int, end: int
+) -> None:
+    """The pieces a step with BE rows replays (the embedding alone, layer ranges from any layer) hold to the same
+    rules as the whole step: static buffers in and out, no host read, shapes fixed by the padded size."""
+    traces = []
+    for batch in (FIRST, SECOND):
+        recorder = _traced_step(meta_graphs, batch, start, end)
+        assert not recorder.foreign, recorder.foreign[:3]
+        traces.append(recorder.trace)
+    assert traces[0] == traces[1] and traces[0]
+    embeds = any("embedding" in op for op, _ in traces[0])
+    assert embeds == (start == 0), "only a piece from layer 0 embeds the tokens"
+
+
+def test_a_range_of_layers_is_replayed_as_aligned_pieces_covering_it_once() -> None:
+    num_layers = 13
+    everything: set[tuple[int, int]] = set()
+    for start in range(num_layers):
+        for end in range(start + 1, num_layers + 1):
+            pieces = aligned_pieces(start, end)
+            assert [layer for a, b in pieces for layer in range(a, b)] == list(range(start, end))
+            for a, b in pieces:
+                length = b - a
+                assert length & (length - 1) == 0 and a % length == 0, (a, b)
+            assert len(pieces) <= 2 * (end - start).bit_length()
+            everything.update(pieces)
+    assert len(everything) <= 2 * num_layers  # a bounded number of graphs per size covers every range
+
+
+@pytest.mark.parametrize(
+    "merge_layers", [set(), {0}, {3, 4}, {0, 5, 6, 11}, {11}, set(range(12))]
+)  # fmt: skip
+def test_the_eager_layers_of_a_step_are_exactly_its_merge_layers(merge_layers: set[int]) -> None:
+    parts = schedule(12, merge_layers)
+    eager = [p.start for p in parts if p.eager]
+    assert eager == sorted(merge_layers)
+    layers = [layer for p in parts for layer in range(p.start, p.end)]
+    assert layers == list(range(12)), "every layer runs once, in order"
+    assert parts[0].embeds and parts[0].start == 0 and not parts[0].eager  # the embedding comes first, captured
+    for before, after in itertools.pairwise(parts):
+        assert before.eager or after.eager, "two captured ranges in a row would be one"
 
 
 def test_the_recorder_sees_a_tensor_from_outside_the_step() -> None:
@@ -164,3 +232,101 @@ def test_decode_iterations_through_the_graph_path_give_the_eager_tokens(loaded: 
     graphed, replays = _tokens(loaded, graphed=True)
     assert replays >= 5, "decode-only iterations must have taken the graph path"
     assert graphed == eager
+
+
+# --- on the CPU, with BE rows merging between captured pieces ----------------------------------------------------
+@dataclass
+class GraphedSteps:
+    """Per graphed step: the layers replayed from captured pieces, and the layers where BE rows entered the
+    dense batch (`submit`) or their CPU results joined it (`take`)."""
+
+    replayed: list[list[int]] = field(default_factory=list)
+    merged: list[set[int]] = field(default_factory=list)
+
+
+def _spy(runner: ModelRunner, steps: GraphedSteps) -> None:
+    graphs, pb = runner.graphs, runner.piggyback
+    assert graphs is not None and pb is not None
+    launch_graphed, replay, submit, take = runner._launch_graphed, graphs.replay, pb.submit, pb.take
+    inside: list[bool] = []  # in a graphed step (the eager path submits and takes too)
+
+    def spy_launch_graphed(*args: Any) -> Any:
+        steps.replayed.append([])
+        steps.merged.append(set())
+        inside.append(True)
+        try:
+            result = launch_graphed(*args)
+        finally:
+            inside.pop()
+        if result is None:  # the step ran eager
+            steps.replayed.pop()
+            steps.merged.pop()
+        return result
+
+    def spy_replay(size: int, segment: Segment) -> None:
+        steps.replayed[-1].extend(layer for a, b in graphs.pieces(segment) for layer in range(a, b))
+        replay(size, segment)
+
+    def spy_submit(layer: int, *args: Any) -> None:
+        if inside:
+            steps.merged[-1].add(layer)
+        submit(layer, *args)
+
+    def spy_take(layer: int, rows: Any) -> Any:
+        if inside:
+            steps.merged[-1].add(layer)
+        return take(layer, rows)
+
+    runner._launch_graphed = spy_launch_graphed  # type: ignore[method-assign]
+    graphs.replay = spy_replay  # type: ignore[method-assign]
+    pb.submit, pb.take = spy_submit, spy_take  # type: ignore[method-assign]
+
+
+def _piggyback_tokens(loaded: LoadedModel, graphed: bool) -> tuple[list[list[int]], GraphedSteps]:
+    config = tiny_config(max_num_seqs=8, policy="piggyback",
+                         piggyback={"num_cpu_workers": 1, "cpu_threads_per_worker": 1})  # fmt: skip
+    engine = Engine(config, loaded=loaded)
+    runner, steps = engine.runner, GraphedSteps()
+    assert runner.piggyback is not None
+    if graphed:
+        scratch = engine.allocator.num_blocks
+        runner.kv_cache = PagedKVCache(loaded.arch, scratch + 1, runner.block_size, loaded.dtype, runner.device)
+        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, loaded.max_model_len, runner.scale,
+                                     runner.device, loaded.dtype, scratch, eager_replay=True)  # fmt: skip
+        _spy(runner, steps)
+    requests = [make_request(f"ls{i}", [1] + [7 + 3 * i] * (2 + 5 * i), greedy(40 - 4 * i)) for i in range(3)]
+    requests += [make_request(f"be{i}", [1] + [5 + 2 * i] * (3 + 4 * i), greedy(8), "BE") for i in range(3)]
+    try:
+        for request in requests:
+            engine.add_request(request)
+        run_to_completion(engine)
+    finally:
+        engine.close()
+    assert all(r.finish_reason == "length" for r in requests), [(r.request_id, r.error) for r in requests]
+    return [r.output_token_ids for r in requests], steps
+
+
+@pytest.fixture(scope="module")
+def deep_loaded(loaded: LoadedModel) -> LoadedModel:
+    """tiny-llama's widths with 7 layers: room for merge points inside the step and ranges of several pieces."""
+    arch = dataclasses.replace(loaded.arch, num_hidden_layers=7)
+    model = LlamaForCausalLM(arch)
+    model.init_synthetic(seed=3)
+    return dataclasses.replace(loaded, model=model.eval(), arch=arch)
+
+
+@pytest.mark.slow  # starts CPU attention worker processes
+def test_be_rows_merged_between_captured_pieces_give_the_eager_tokens_and_only_merge_layers_run_eager(
+    deep_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")  # no native kernel build in the worker
+    eager, _ = _piggyback_tokens(deep_loaded, graphed=False)
+    graphed, steps = _piggyback_tokens(deep_loaded, graphed=True)
+    assert graphed == eager
+    num_layers = deep_loaded.arch.num_hidden_layers
+    with_merges = 0
+    for replayed, merged in zip(steps.replayed, steps.merged, strict=True):
+        assert sorted(replayed) == sorted(set(range(num_layers)) - merged), (replayed, merged)
+        with_merges += bool(merged)
+    assert with_merges >= 3, "BE rows must have merged in graphed steps"
+    assert any(merged - {0, 1} for merged in steps.merged), "merge points inside the step, not only at its start"
