@@ -437,6 +437,8 @@ def follower_main(config_json: str, rank: int, init_method: str) -> None:
         while (msg := ranks.broadcast(None)) is not None:
             assert isinstance(msg, StepMessage)
             runner.run(runner.apply(msg))
+            if runner.piggyback is not None:
+                runner.piggyback.take_failures()  # rank 0 ends the requests (the ranks agreed on each failure)
     except Exception:
         log.exception("tensor-parallel rank %d failed", rank)
         code = 1
@@ -454,4 +456,3 @@ def make_follower_runner(config: RuntimeConfig, loaded: LoadedModel, setup: Rank
     host_kv = _MirrorHostKV(setup.num_host_kv_blocks, pb.host_block_size, pb.max_be_requests)
     tables = _BlockTables(setup.num_kv_blocks, engine.block_size)
     return FollowerRunner(config, loaded, tables, policy, host_kv, m.RuntimeMetrics())  # type: ignore[arg-type]
-

@@ -51,6 +51,7 @@ from piggyback_runtime.staging import (
 log = logging.getLogger(__name__)
 
 ENTER, WAITING, READY, MERGED, FAILED = "enter", "waiting", "ready", "merged", "failed"
+LOST = -2  # tensor parallelism: a rank's verdict on a row its CPU worker took down with it (the minimum wins)
 
 
 @dataclass(eq=False)
@@ -191,7 +192,7 @@ class PiggybackPath:
         which of them still exist: a CPU worker that died between tokens loses its rows on its rank only."""
         rows = [row for row in self.rows.values() if row.state == ENTER]
         if self.agree is not None and rows:
-            rows = self._agreed(rows, [-1 if row.lost else 1 for row in rows])
+            rows = self._agreed(rows, [LOST if row.lost else 1 for row in rows])
         return rows[: self.max_rows_per_layer]
 
     def ready(self, layer: int) -> list[BERow]:
@@ -213,7 +214,7 @@ class PiggybackPath:
 
     def _ready_among(self, rows: list[BERow]) -> list[BERow]:
         """Those of `rows` whose CPU result is in. Under tensor parallelism each rank's workers hold its KV heads:
-        a row merges once its result is back on every rank (1 ready, 0 waiting, -1 failed or lost on some rank).
+        a row merges once its result is back on every rank (1 ready, 0 waiting, -1 failed, -2 lost on some rank).
         The rows in flight are the same on every rank, in the same order (rank 0's changes are replayed, and a
         rank that loses a row keeps its state until the ranks agree), so the verdict lists line up."""
         if self.agree is None:
@@ -221,7 +222,7 @@ class PiggybackPath:
         rows = [row for row in rows if row.state in (WAITING, READY, FAILED)]
         if not rows:
             return []
-        return self._agreed(rows, [-1 if row.lost else {READY: 1, WAITING: 0}.get(row.state, -1) for row in rows])
+        return self._agreed(rows, [LOST if row.lost else {READY: 1, WAITING: 0}.get(row.state, -1) for row in rows])
 
     def _agreed(self, rows: list[BERow], verdicts: list[int]) -> list[BERow]:
         """The element-wise minimum of every rank's verdicts: rows failed or lost anywhere fail on every rank
@@ -231,8 +232,10 @@ class PiggybackPath:
         for row, verdict in zip(rows, agreed, strict=True):
             if verdict < 0 and row.state != FAILED:
                 row.state = FAILED
-                self.failed.append((row.request, row.lost or "CPU attention failed for this request on another "
-                                    "tensor-parallel rank (its CPU attention worker died or failed)"))  # fmt: skip
+                elsewhere = ("the CPU attention worker holding this request died on another tensor-parallel rank; "
+                             "that rank's shard of its host KV cache is lost") if verdict == LOST else (
+                             "CPU attention failed for this request on another tensor-parallel rank")  # fmt: skip
+                self.failed.append((row.request, row.lost or elsewhere))
         return [row for row, verdict in zip(rows, agreed, strict=True) if verdict > 0]
 
     def submit(self, layer: int, rows: list[BERow], slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
