@@ -26,6 +26,7 @@ from piggyback_runtime.attention import cpu_attention
 from piggyback_runtime.cuda_graphs import (
     DecodeBatch,
     DecodeGraphs,
+    RecordedGraph,
     Segment,
     aligned_pieces,
     capture_sizes,
@@ -242,6 +243,7 @@ class GraphedSteps:
 
     replayed: list[list[int]] = field(default_factory=list)
     merged: list[set[int]] = field(default_factory=list)
+    captured: list[tuple[int, int, int]] = field(default_factory=list)  # (padded size, first layer, end layer)
 
 
 def _spy(runner: ModelRunner, steps: GraphedSteps) -> None:
@@ -303,6 +305,9 @@ def _piggyback_tokens(loaded: LoadedModel, graphed: bool) -> tuple[list[list[int
     finally:
         engine.close()
     assert all(r.finish_reason == "length" for r in requests), [(r.request_id, r.error) for r in requests]
+    if runner.graphs is not None:
+        steps.captured = sorted(runner.graphs.graphs)
+        assert all(isinstance(graph, RecordedGraph) for graph in runner.graphs.graphs.values())
     return [r.output_token_ids for r in requests], steps
 
 
@@ -330,3 +335,8 @@ def test_be_rows_merged_between_captured_pieces_give_the_eager_tokens_and_only_m
         with_merges += bool(merged)
     assert with_merges >= 3, "BE rows must have merged in graphed steps"
     assert any(merged - {0, 1} for merged in steps.merged), "merge points inside the step, not only at its start"
+    # What was captured: per size the embedding alone, the whole step, and aligned runs of layers, no other range.
+    for _, start, end in steps.captured:
+        assert (start, end) in ((0, 0), (0, num_layers)) or aligned_pieces(start, end) == [(start, end)]
+    for size in {size for size, _, _ in steps.captured}:
+        assert sum(1 for s, _, _ in steps.captured if s == size) <= 2 * num_layers + 2
