@@ -10,8 +10,9 @@
 
 The data plane is `torch.distributed` (NCCL on GPUs, gloo on CPUs): the two all-reduces per layer and the
 vocabulary gathers (model/parallel.py). The control plane is a gloo group (CPU tensors): the step messages and,
-on the piggyback path, one small all-reduce per layer that has BE rows in flight, so that a BE row is merged
-only once its CPU attention is back on every rank (each rank's workers hold that rank's KV heads).
+on the piggyback path, small all-reduces (before BE rows enter layer 0, and per layer that has BE rows in flight;
+two per step for a graphed step), so that a BE row is merged only once its CPU attention is back on every rank
+(each rank's workers hold that rank's KV heads), and a row one rank lost (its CPU worker died) fails on every rank.
 
 A rank that dies (or any error inside a tensor-parallel iteration, which leaves the ranks out of step) is
 fatal: rank 0 ends the requests in flight with an error, reports not ready and exits non-zero.

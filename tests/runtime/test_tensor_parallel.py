@@ -319,6 +319,59 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
 
 
 # --- a CPU attention worker lost on one rank --------------------------------------------------------------------------
+class _TwoRanks:
+    """The control group's MIN all-reduce between two in-process "ranks" (threads)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2)
+        self.values: list[list[int]] = [[], []]
+
+    def agree(self, rank: int) -> Any:
+        def agree_min(values: list[int]) -> list[int]:
+            self.values[rank] = values
+            self.barrier.wait(timeout=10)
+            agreed = [min(pair) for pair in zip(*self.values, strict=True)]  # unequal lists: the ranks parted
+            self.barrier.wait(timeout=10)
+            return agreed
+
+        return agree_min
+
+
+def _rank_path(rank: int, ranks: _TwoRanks) -> Any:
+    """A piggyback path's row bookkeeping (no workers): rows a (entering), b (entering), c (waiting at layer 3)."""
+    from piggyback_runtime.piggyback.be_path import ENTER, WAITING, BERow, PiggybackPath
+
+    pb = PiggybackPath.__new__(PiggybackPath)
+    pb.rows, pb.failed, pb.max_rows_per_layer, pb.agree = {}, [], 8, ranks.agree(rank)
+    for slot, (rid, state, layer) in enumerate((("a", ENTER, 0), ("b", ENTER, 0), ("c", WAITING, 3))):
+        pb.rows[rid] = BERow(make_request(rid, [1], greedy(4), "BE"), slot, 0, 0, layer=layer, state=state)
+    return pb
+
+
+def test_a_row_one_rank_lost_fails_on_every_rank_when_it_would_enter_or_merge() -> None:
+    ranks = _TwoRanks()
+    paths = [_rank_path(0, ranks), _rank_path(1, ranks)]
+    paths[1].rows["a"].lost = paths[1].rows["c"].lost = "the CPU attention worker holding this request died"
+    paths[0].rows["c"].state = "ready"  # rank 0's result for c is in; rank 1 lost c
+    entered: list[list[str]] = [[], []]
+    merged: list[list[str]] = [[], []]
+
+    def run(rank: int) -> None:
+        entered[rank] = [row.request.request_id for row in paths[rank].entering()]
+        merged[rank] = [row.request.request_id for row in paths[rank]._ready_among(list(paths[rank].rows.values()))]
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert entered == [["b"], ["b"]] and merged == [[], []]
+    for pb in paths:
+        assert pb.rows["a"].state == pb.rows["c"].state == "failed" and pb.rows["b"].state == "enter"
+    failed = dict((request.request_id, reason) for request, reason in paths[0].take_failures())
+    assert set(failed) == {"a", "c"} and all("died on another tensor-parallel rank" in r for r in failed.values())
+
+
 def _cpu_workers_of(pid: int) -> list[int]:
     """The CPU attention worker processes a rank started (its spawned children; not the resource tracker)."""
     workers = []
