@@ -1,15 +1,18 @@
-"""CUDA graphs of the decode step, proven without a GPU.
+"""CUDA graphs of the decode step, with BE rows merged between captured pieces, proven without a GPU.
 
-What a captured graph needs is checked on the step it captures (`DecodeGraphs.captured_step`), run eagerly:
+What a captured graph needs is checked on the code it captures (`DecodeGraphs.piece_step`: the whole step, and
+the pieces a step with BE rows replays between its merge layers), run eagerly:
 - on the meta device (shapes, no data: reading any value raises), under test_no_host_sync's `SyncGuard`:
-  it reads nothing back, its recorded ops and shapes are the same for any batch padded to the same size
-  (other rows, contexts, block tables), and it reads no tensor but the static buffers, the weights and the KV
-  cache; the per-step load is one non-blocking upload, copied into the static buffers in place;
-- on the CPU: an engine whose decode-only iterations go through the graph path gives the tokens of the
-  eager engine.
+  it reads nothing back, makes no tensor on the host, its recorded ops and shapes are the same for any batch
+  padded to the same size (other rows, contexts, block tables), it reads no tensor but the static buffers, the
+  weights and the KV cache, and leaves its results in the static buffers in place; the per-step load is one
+  non-blocking upload, copied into the static buffers in place;
+- as a schedule: the eager layers of a step are exactly its merge layers, the rest replayed from aligned pieces;
+- on the CPU, with `RecordedGraph` standing in for a CUDA graph (capture records, replay runs eagerly): an
+  engine whose decode iterations go through the graph path gives the eager engine's tokens, LS alone and with
+  BE rows merging on the piggyback path (and then only the layers with a `submit` or `take` ran eager).
 On a GPU, benchmarks/gpu_suite.py (section `graphs`) captures and replays the real graphs.
 """
-
 from __future__ import annotations
 
 import dataclasses
