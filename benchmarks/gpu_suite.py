@@ -242,7 +242,7 @@ def section_sync(loaded: Any, scale: Scale, out: Path) -> Section:
             if pb is not None and pb.rows and all(r.output_token_ids for r in engine.requests.values()):
                 break
         if runner.graphs is not None:  # a capture synchronises: capture every size the window may use first
-            runner.graphs.capture_up_to(2 * num_requests + 1)
+            runner.graphs.capture_up_to(2 * num_requests + 1, with_merges=pb is not None)
         engine.add_request(Request("ls-late", LS, "LS", [1] + [5] * 40, params))  # a prefill inside the window
         merged_before = engine.metrics.be_rows_merged._sum.get()
         reads["calls"] = 0
@@ -646,7 +646,8 @@ def _graphs_run(loaded: Any, scale: Scale, batch: int, setting: str, be_rows: in
             if all(r.output_token_ids for r in engine.requests.values()) and (pb is None or len(pb.rows) == be_rows):
                 break
             engine.step()
-        engine.step()  # the first decode steps capture their graphs
+        if engine.runner.graphs is not None:  # capture ahead: a capture inside the timed steps would count
+            engine.runner.graphs.capture_up_to(batch, with_merges=be_rows > 0)
         engine.step()
         launches = _launches_per_step(engine) if loaded.device.type == "cuda" else float("nan")
         graphs = engine.runner.graphs

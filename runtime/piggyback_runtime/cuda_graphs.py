@@ -294,20 +294,29 @@ class DecodeGraphs:
             graph.replay()
             self.launches += 1
 
-    def capture_up_to(self, num_rows: int, merge_layers: set[int] | None = None) -> None:
-        """Capture now, for every size a batch of up to `num_rows` decodes may take, the pieces of a step with
-        these merge layers (none: the whole step). Each capture synchronises the device once; the GPU suite
-        does this before it checks that steps never synchronise."""
+    def every_piece(self) -> list[tuple[int, int]]:
+        """Every piece a step may replay, whatever its merge layers: the embedding alone, the whole step, and each
+        aligned run of layers (the nodes of a segment tree over the layers)."""
+        pieces = {(0, 0), (0, self.num_layers)}
+        length = 1
+        while length <= self.num_layers:
+            pieces.update((start, start + length) for start in range(0, self.num_layers - length + 1, length))
+            length *= 2
+        return sorted(pieces)
+
+    def capture_up_to(self, num_rows: int, with_merges: bool = False) -> None:
+        """Capture now, for every size a batch of up to `num_rows` decodes may take, the whole step, and with
+        `with_merges` every piece a step with BE rows merging may replay. Each capture synchronises the device
+        once; the GPU suite does this before it checks that steps never synchronise."""
         if self.eager_replay:
             return
+        pieces = self.every_piece() if with_merges else [(0, self.num_layers)]
         for size in self.sizes:
             if size <= num_rows or size == self.padded_size(num_rows):
                 self.load(self.stage(DecodeBatch([], [], []), size), size)  # every row in the scratch block
-                for segment in schedule(self.num_layers, merge_layers or set()):
-                    if not segment.eager:
-                        for start, end in self.pieces(segment):
-                            if (size, start, end) not in self.graphs:
-                                self.graphs[(size, start, end)] = self._capture((size, start, end))
+                for start, end in pieces:
+                    if (size, start, end) not in self.graphs:
+                        self.graphs[(size, start, end)] = self._capture((size, start, end))
 
     def begin(self, batch: DecodeBatch) -> int | None:
         """Load the batch into the static buffers; its padded size, or None when no graph takes it (too many

@@ -178,6 +178,15 @@ def test_a_range_of_layers_is_replayed_as_aligned_pieces_covering_it_once() -> N
             assert len(pieces) <= 2 * (end - start).bit_length()
             everything.update(pieces)
     assert len(everything) <= 2 * num_layers  # a bounded number of graphs per size covers every range
+    # Capturing ahead (`capture_up_to(..., with_merges=True)`) takes every piece any step may replay.
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.num_layers = num_layers
+    ahead = set(graphs.every_piece())
+    assert everything | {(0, 0), (0, num_layers)} == ahead
+    for merges in ({0}, {4, 5}, {12}, {1, 7, 8}):
+        for segment in schedule(num_layers, merges):
+            if not segment.eager:
+                assert set(graphs.pieces(segment)) <= ahead
 
 
 @pytest.mark.parametrize(
