@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,9 +187,9 @@ class DecodeGraphs:
         return self.sizes[index] if num_rows > 0 and index < len(self.sizes) else None
 
     # --- what runs per step outside the graph ---------------------------------------------------------------
-    def stage(self, batch: DecodeBatch, size: int) -> torch.Tensor:
+    def stage(self, batch: DecodeBatch, size: int, extra: Sequence[int] = ()) -> torch.Tensor:
         """The batch packed into one host int32 buffer (pinned on CUDA), padded to `size` rows with one-token
-        contexts in the scratch block."""
+        contexts in the scratch block; `extra` words at the end ride along (the BE rows entering layer 0)."""
         pad = size - len(batch.token_ids)
         width = max(1, max((len(table) for table in batch.block_tables), default=1))
         scratch = self.scratch_block
@@ -204,21 +204,26 @@ class DecodeGraphs:
             words.extend([padding] * pad)
         for table in tables + [[scratch] * width] * pad:
             words.extend(table)
+        words.extend(extra)
         host = torch.empty(len(words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host.copy_(torch.tensor(words, dtype=torch.int32))
         return host
 
-    def load(self, host: torch.Tensor, size: int) -> None:
-        """One non-blocking upload of the staged batch, then device copies into the static buffers (in place)."""
+    def load(self, host: torch.Tensor, size: int, num_extra: int = 0) -> torch.Tensor:
+        """One non-blocking upload of the staged batch, then device copies into the static buffers (in place).
+        Returns the `num_extra` words staged after the batch, on the device (int32)."""
         uploaded = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
-        width = (uploaded.numel() - 4 * size) // size
-        tokens, positions, slots, lengths, tables = uploaded.split([size, size, size, size, size * width])
+        width = (uploaded.numel() - num_extra - 4 * size) // size
+        tokens, positions, slots, lengths, tables, extra = uploaded.split(
+            [size, size, size, size, size * width, num_extra]
+        )
         self.token_ids[:size].copy_(tokens)
         self.positions[:size].copy_(positions)
         self.slots[:size].copy_(slots)
         self.lengths[:size].copy_(lengths)
         # Columns past `width` keep older blocks: never read, the lengths bound every read.
         self.block_tables[:size, :width].copy_(tables.view(size, width))
+        return extra
 
     # --- the captured code ----------------------------------------------------------------------------------
     def attention_batch(self, size: int) -> AttentionBatch:
@@ -318,22 +323,23 @@ class DecodeGraphs:
                     if (size, start, end) not in self.graphs:
                         self.graphs[(size, start, end)] = self._capture((size, start, end))
 
-    def begin(self, batch: DecodeBatch) -> int | None:
-        """Load the batch into the static buffers; its padded size, or None when no graph takes it (too many
-        rows: the step runs eager)."""
+    def begin(self, batch: DecodeBatch, extra: Sequence[int] = ()) -> tuple[int, torch.Tensor] | None:
+        """Load the batch into the static buffers (one upload, `extra` words with it); its padded size and the
+        extra words on the device, or None when no graph takes it (too many rows: the step runs eager)."""
         size = self.padded_size(len(batch.token_ids))
         if size is None:
             return None
-        self.load(self.stage(batch, size), size)
+        extra_on_device = self.load(self.stage(batch, size, extra), size, len(extra))
         self.replays += 1
-        return size
+        return size, extra_on_device
 
     def run(self, batch: DecodeBatch) -> torch.Tensor | None:
         """A step with no merge point: the batch's hidden states after the last layer (a view of the static
         output), or None when no graph takes it (too many rows)."""
-        size = self.begin(batch)
-        if size is None:
+        begun = self.begin(batch)
+        if begun is None:
             return None
+        size, _ = begun
         for segment in schedule(self.num_layers, set()):
             self.replay(size, segment)
         return self.hidden_out[: len(batch.token_ids)]

@@ -221,29 +221,29 @@ class ModelRunner:
             return None
         if pb is not None and pb.rows and self.policy.synchronous_cpu_attention:
             return None  # `neo` merges a row in the layer that sent it: no merge point is known ahead
+        if graphs.padded_size(len(plan.decodes)) is None:
+            return None  # too many rows for any graph
+        carry, ready = pb.merge_schedule() if pb is not None and pb.rows else ([], {})
+        merge_layers = {0} if carry else set()
+        for layer in ready:
+            merge_layers.update((layer, layer + 1))
+        merged = len(carry) + sum(len(rows) for rows in ready.values())
         blocks = self.allocator.blocks_of
         batch = DecodeBatch(
             token_ids=[c.request.token_ids(c.start, c.start + 1)[0] for c in plan.chunks],
             positions=[c.start for c in plan.chunks],
             block_tables=[blocks(c.request.request_id) for c in plan.chunks],
         )  # fmt: skip
-        size = graphs.begin(batch)
-        if size is None:
-            return None
-        carry, ready = pb.merge_schedule() if pb is not None and pb.rows else ([], {})
-        merge_layers = {0} if carry else set()
-        for layer in ready:
-            merge_layers.update((layer, layer + 1))
-        merged = len(carry) + sum(len(rows) for rows in ready.values())
-        carry_hidden = graphs.hidden_out[:0]
-        if carry:  # the tokens entering layer 0 (rows merged later come with their slots and positions from `take`)
-            staging = HostStaging(self.device)
-            staging.add("carry_tokens", torch.tensor([r.request.output_token_ids[-1] for r in carry], dtype=torch.long))
-            staging.add("carry_positions", torch.tensor([r.position for r in carry], dtype=torch.long))
-            staging.add("carry_slots", torch.tensor([r.slot for r in carry], dtype=torch.long))
-            step = staging.upload()
-            carry_hidden = self.model.embed(step["carry_tokens"])
-            carry_positions, carry_slots = step["carry_positions"], step["carry_slots"]
+        # The tokens entering layer 0 go up with the batch, in its one upload (rows merged later come with their
+        # slots and positions from `take`).
+        entering = (
+            [r.request.output_token_ids[-1] for r in carry] + [r.position for r in carry] + [r.slot for r in carry]
+        )
+        begun = graphs.begin(batch, entering)
+        assert begun is not None
+        size, carry_words = begun
+        carry_tokens, carry_positions, carry_slots = carry_words.long().split([len(carry)] * 3)
+        carry_hidden = self.model.embed(carry_tokens) if carry else graphs.hidden_out[:0]
         for segment in schedule(graphs.num_layers, merge_layers):
             if not segment.eager:
                 graphs.replay(size, segment)

@@ -13,6 +13,7 @@ the pieces a step with BE rows replays between its merge layers), run eagerly:
   BE rows merging on the piggyback path (and then only the layers with a `submit` or `take` ran eager).
 On a GPU, benchmarks/gpu_suite.py (section `graphs`) captures and replays the real graphs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,14 @@ from piggyback_runtime.model.llama import LlamaForCausalLM
 from piggyback_runtime.model.loader import LoadedModel, load_model
 from piggyback_runtime.model_runner import ModelRunner
 from tests.runtime.helpers import greedy, make_request, run_to_completion, tiny_config
-from tests.runtime.test_no_host_sync import SyncGuard
+from tests.runtime.test_no_host_sync import (
+    SyncGuard,
+    assert_one_upload_per_step,
+    fake_token_reads,
+    meta_engine,
+    run_guarded,
+)
+from tests.runtime.test_no_host_sync import params as no_sync_params
 
 META = torch.device("meta")
 
@@ -352,3 +360,43 @@ def test_be_rows_merged_between_captured_pieces_give_the_eager_tokens_and_only_m
         assert (start, end) in ((0, 0), (0, num_layers)) or aligned_pieces(start, end) == [(start, end)]
     for size in {size for size, _, _ in steps.captured}:
         assert sum(1 for s, _, _ in steps.captured if s == size) <= 2 * num_layers + 2
+
+
+@pytest.mark.slow  # an engine with CPU worker processes, on the meta device
+def test_graphed_steps_with_be_rows_merging_read_nothing_back_and_upload_once() -> None:
+    """The whole graphed step with BE rows (pieces, merge layers, hand-offs to the CPU path), on the meta device
+    under the sync guard: no host read but the sampled tokens, one upload for the step (the BE rows entering ride
+    with the batch), one for sampling, two per merge."""
+    engine = meta_engine("piggyback", max_be_rows_per_layer=3)
+    runner = engine.runner
+    scratch = engine.allocator.num_blocks
+    runner.kv_cache = PagedKVCache(runner.arch, scratch + 1, runner.block_size, runner.loaded.dtype, META)
+    graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, runner.loaded.max_model_len, runner.scale, META,
+                          runner.loaded.dtype, scratch, eager_replay=True)  # fmt: skip
+    runner.graphs = graphs
+    launch_graphed, merged_in_graphs = runner._launch_graphed, []
+
+    def counted(*args: Any) -> Any:
+        result = launch_graphed(*args)
+        if result is not None:
+            merged_in_graphs.append(result[3])
+        return result
+
+    runner._launch_graphed = counted  # type: ignore[method-assign]
+    try:
+        requests = [make_request(f"ls{i}", list(range(1, 6 + 4 * i)), no_sync_params(24, temperature=0.0))
+                    for i in range(2)]  # fmt: skip
+        requests += [make_request(f"be{i}", list(range(2, 8 + 5 * i)), no_sync_params(6, seed=i), "BE")
+                     for i in range(2)]  # fmt: skip
+        for request in requests:
+            engine.add_request(request)
+        reads = fake_token_reads(engine)
+        passes, guard = run_guarded(engine)
+    finally:
+        engine.close()
+    assert not guard.violations, guard.violations[:3]
+    assert reads.calls == sum(p.sampled for p in passes)
+    assert_one_upload_per_step(passes)
+    assert all(r.finish_reason == "length" for r in requests)
+    assert graphs.replays == len(merged_in_graphs) >= 10
+    assert sum(1 for merged in merged_in_graphs if merged) >= 5, "BE rows must have merged in graphed steps"
