@@ -19,7 +19,8 @@ Sections, in order, sharing one loaded model (`synthetic://llama-3-8b` in bf16 o
   fewer layers; no download) in fp32, bf16 and fp16, logits within stated tolerances (LOGIT_TOLERANCE), and
   the accuracy cost of `engine.kv_cache_dtype: fp8_e4m3` (bf16 over fp8 KV, on GPUs with fp8); greedy tokens of the
   engine identical to transformers' greedy decoding (its KV cache, argmax) over 64 steps in fp32.
-- graphs: host kernel launches per decode step and TPOT at batch 1-8, with CUDA graphs and without.
+- graphs: host kernel launches per decode step and TPOT at batch 1-8, with CUDA graphs and without, LS decodes
+  alone and with BE rows merging (piggyback).
 - throughput: engine decode throughput against `transformers` generate, same weights, same requests.
 - policies: benchmarks/policies.py (LS attainment and BE tokens/s per policy) on the same model.
 - interference: benchmarks/interference.py (LS TPOT with and without BE load; the ratio is the product's
@@ -98,6 +99,8 @@ class Scale:
     graph_batches: tuple[int, ...] = (1, 2, 4, 8)
     graph_prompt: int = 128
     graph_steps: int = 32
+    graph_be_rows: int = 4  # BE requests decoding on the CPU path in the graphs section's second half
+    graph_be_batches: tuple[int, ...] = (1, 2, 4, 8)  # LS batch sizes measured with them
 
 
 GPU_SCALE = Scale(
@@ -117,7 +120,7 @@ TINY_SCALE = Scale(
                   "be_prompt_len": 16, "be_out": 24, "token_budget": 64, "cpu_threads": 1, "max_be_rows": 8},
     profile_grids=((1, 8, 32, 64), ((8, 128, 0, 0), (0, 0, 64, 0), (4, 64, 32, 32))),
     correctness_layers=2, correctness_prompts=(37, 5, 23, 1), correctness_chunk=8, correctness_decodes=3,
-    greedy_steps=24, graph_batches=(1, 3), graph_prompt=8, graph_steps=4,
+    greedy_steps=24, graph_batches=(1, 3), graph_prompt=8, graph_steps=4, graph_be_rows=2, graph_be_batches=(3,),
 )  # fmt: skip
 # --quick on a GPU: fewer kernel cases and repeats, shorter throughput runs (the sections are the same).
 QUICK_SCALE = dataclasses.replace(
@@ -239,7 +242,7 @@ def section_sync(loaded: Any, scale: Scale, out: Path) -> Section:
             if pb is not None and pb.rows and all(r.output_token_ids for r in engine.requests.values()):
                 break
         if runner.graphs is not None:  # a capture synchronises: capture every size the window may use first
-            runner.graphs.capture_up_to(2 * num_requests + 1)
+            runner.graphs.capture_up_to(2 * num_requests + 1, with_merges=pb is not None)
         engine.add_request(Request("ls-late", LS, "LS", [1] + [5] * 40, params))  # a prefill inside the window
         merged_before = engine.metrics.be_rows_merged._sum.get()
         reads["calls"] = 0
@@ -609,63 +612,88 @@ def _launches_per_step(engine: Any) -> float:
     return float(sum(1 for n in names if "LaunchKernel" in n or "GraphLaunch" in n))
 
 
-def section_graphs(loaded: Any, scale: Scale, out: Path) -> Section:
-    """TPOT and launches per decode step at small batches, with CUDA graphs (auto) and without (off)."""
+def _graphs_run(loaded: Any, scale: Scale, batch: int, setting: str, be_rows: int) -> tuple[float, float, int, float]:
+    """`batch` LS requests decoding, with `be_rows` BE requests decoding on the CPU path (policy piggyback) or none
+    (priority), under `engine.cuda_graphs: setting`: TPOT (s), launches in one step, steps that ran through the
+    graphs, BE rows merged per step."""
     from piggyback_runtime.config import RuntimeConfig
     from piggyback_runtime.engine import Engine
     from piggyback_runtime.request import Request, SamplingParams
 
+    steps = scale.graph_steps
+    config = RuntimeConfig.from_dict({
+        "model": {"uri": scale.model, "dtype": scale.dtype}, "device": str(loaded.device),
+        "services": [{"name": LS, "class": "LS", "slo": {"ttft_ms": 60_000, "tpot_ms": 10_000}},
+                     {"name": BE, "class": "BE"}],
+        "engine": {"policy": "piggyback" if be_rows else "priority", "block_size": 16,
+                   "num_kv_blocks": 64 * (batch + be_rows) + 64, "max_num_batched_tokens": 4096,
+                   "max_num_seqs": max(scale.graph_batches + scale.graph_be_batches) + be_rows,
+                   "cuda_graphs": setting},
+        "piggyback": {"num_host_kv_blocks": 64 * be_rows + 64, "max_be_requests": max(be_rows, 1),
+                      "num_cpu_workers": 1, "cpu_threads_per_worker": 2, "max_be_rows_per_layer": max(be_rows, 1)},
+        "slo_control": {"enabled": False},
+    })  # fmt: skip
+    engine = Engine(config, loaded=loaded)
+    try:
+        # Long enough to decode through the warm-up and the timed steps (BE rows advance about a layer a step).
+        params = SamplingParams(max_tokens=4 * steps + 64, temperature=0.0, ignore_eos=True)
+        for i in range(be_rows):
+            engine.add_request(Request(f"be{i}", BE, "BE", [1] + [7 + i] * (scale.graph_prompt - 1), params))
+        for i in range(batch):
+            engine.add_request(Request(f"r{i}", LS, "LS", [1] + [5 + i] * (scale.graph_prompt - 1), params))
+        pb = engine.piggyback
+        for _ in range(10_000):  # prefill, until every BE request decodes on the CPU path
+            if all(r.output_token_ids for r in engine.requests.values()) and (pb is None or len(pb.rows) == be_rows):
+                break
+            engine.step()
+        if engine.runner.graphs is not None:  # capture ahead: a capture inside the timed steps would count
+            engine.runner.graphs.capture_up_to(batch, with_merges=be_rows > 0)
+        engine.step()
+        launches = _launches_per_step(engine) if loaded.device.type == "cuda" else float("nan")
+        graphs = engine.runner.graphs
+        replays_before = graphs.replays if graphs is not None else 0
+        merged_before = engine.metrics.be_rows_merged._sum.get()
+        _sync(loaded.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(loaded.device)
+        tpot = (time.perf_counter() - started) / steps
+        graphed = graphs.replays - replays_before if graphs is not None else 0
+        merged = (engine.metrics.be_rows_merged._sum.get() - merged_before) / steps
+    finally:
+        engine.close()
+    return tpot, launches, graphed, merged
+
+
+def section_graphs(loaded: Any, scale: Scale, out: Path) -> Section:
+    """TPOT and launches per decode step at small batches, with CUDA graphs (auto) and without (off), LS decodes
+    alone and with BE rows merging on the piggyback path (graphs between the merge points, merge layers eager)."""
     cuda = loaded.device.type == "cuda"
-    rows = [f"{'batch':>5} {'TPOT eager ms':>14} {'TPOT graphs ms':>15} {'speed-up':>9} {'launches eager':>15} "
-            f"{'launches graphs':>16}"]  # fmt: skip
+    rows = [f"{'batch':>5} {'BE rows':>7} {'merged/step':>11} {'TPOT eager ms':>14} {'TPOT graphs ms':>15} "
+            f"{'speed-up':>9} {'launches eager':>15} {'launches graphs':>16}"]  # fmt: skip
     figures: dict[str, float] = {}
     fell_back = []
-    for batch in scale.graph_batches:
-        results = {}
-        for setting in ("off", "auto"):
-            config = RuntimeConfig.from_dict({
-                "model": {"uri": scale.model, "dtype": scale.dtype}, "device": str(loaded.device),
-                "services": [{"name": LS, "class": "LS", "slo": {"ttft_ms": 60_000, "tpot_ms": 10_000}}],
-                "engine": {"policy": "priority", "block_size": 16, "num_kv_blocks": 64 * batch + 64,
-                           "max_num_seqs": max(scale.graph_batches), "max_num_batched_tokens": 4096,
-                           "cuda_graphs": setting},
-                "slo_control": {"enabled": False},
-            })  # fmt: skip
-            engine = Engine(config, loaded=loaded)
-            try:
-                params = SamplingParams(max_tokens=scale.graph_steps + 8, temperature=0.0, ignore_eos=True)
-                for i in range(batch):
-                    engine.add_request(Request(f"r{i}", LS, "LS", [1] + [5 + i] * (scale.graph_prompt - 1), params))
-                while not all(r.output_token_ids for r in engine.requests.values()):
-                    engine.step()  # prefill
-                engine.step()  # the first decode step captures its graph
-                launches = _launches_per_step(engine) if cuda else float("nan")
-                graphs = engine.runner.graphs
-                replays_before = graphs.replays if graphs is not None else 0
-                _sync(loaded.device)
-                started = time.perf_counter()
-                for _ in range(scale.graph_steps):
-                    engine.step()
-                _sync(loaded.device)
-                tpot = (time.perf_counter() - started) / scale.graph_steps
-                if setting == "auto" and cuda and (graphs is None or graphs.replays - replays_before
-                                                   < scale.graph_steps):  # fmt: skip
-                    fell_back.append(f"batch {batch}: decode steps ran eager under cuda_graphs auto")
-            finally:
-                engine.close()
-            results[setting] = (tpot, launches)
-        (eager, eager_launches), (graphed, graph_launches) = results["off"], results["auto"]
-        rows.append(f"{batch:5d} {eager * 1e3:14.3f} {graphed * 1e3:15.3f} {eager / graphed:8.2f}x "
-                    f"{eager_launches:15.0f} {graph_launches:16.0f}")  # fmt: skip
-        figures[f"batch {batch}"] = eager / graphed
+    for be_rows, batches in ((0, scale.graph_batches), (scale.graph_be_rows, scale.graph_be_batches)):
+        for batch in batches:
+            eager, eager_launches, _, _ = _graphs_run(loaded, scale, batch, "off", be_rows)
+            graphed, graph_launches, graphed_steps, merged = _graphs_run(loaded, scale, batch, "auto", be_rows)
+            if cuda and graphed_steps < scale.graph_steps:
+                fell_back.append(f"batch {batch}, {be_rows} BE rows: {scale.graph_steps - graphed_steps} of "
+                                 f"{scale.graph_steps} decode steps ran eager under cuda_graphs auto")  # fmt: skip
+            if be_rows and merged == 0:
+                fell_back.append(f"batch {batch}: no BE row merged while {be_rows} BE requests decoded")
+            rows.append(f"{batch:5d} {be_rows:7d} {merged:11.1f} {eager * 1e3:14.3f} {graphed * 1e3:15.3f} "
+                        f"{eager / graphed:8.2f}x {eager_launches:15.0f} {graph_launches:16.0f}")  # fmt: skip
+            figures[f"batch {batch}" + (f" +{be_rows} BE" if be_rows else "")] = eager / graphed
+    if fell_back:
+        return Section("graphs", "fallback", table=rows, note="; ".join(fell_back), figures=figures)
     if not cuda:
         return Section("graphs", table=rows, figures=figures, note="no CUDA: cuda_graphs auto runs eager on this "
                        "device, both columns are the eager path (tests/runtime/test_cuda_graphs.py checks the "
-                       "captured step here)")  # fmt: skip
-    if fell_back:
-        return Section("graphs", "fallback", table=rows, note="; ".join(fell_back), figures=figures)
+                       "captured pieces here)")  # fmt: skip
     return Section("graphs", table=rows, figures=figures, note="launches: host-side kernel and graph launches in "
-                   "one decode step (profiler)")  # fmt: skip
+                   "one decode step (profiler); with BE rows the merge layers run eager between graphs")  # fmt: skip
 
 
 def _import_benchmark(name: str) -> Any:

@@ -133,8 +133,8 @@ class EngineConfig(_Strict):
     policy: str = "hybrid"
     # Policies `headroom`, `headroom-admit`: the share of accelerator KV blocks BE requests may hold.
     headroom_be_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.3
-    # CUDA graphs for the dense part of decode-only iterations (cuda_graphs.py): auto = on for a CUDA device,
-    # off elsewhere; off = every step eager.
+    # CUDA graphs for the dense part of decode iterations, BE merge layers eager (cuda_graphs.py): auto = on for a
+    # CUDA device, off elsewhere; off = every step eager.
     cuda_graphs: Literal["auto", "off"] = "auto"
     # Element type of the accelerator (LS) KV cache. auto: the model's dtype. fp8_e4m3: one byte per element
     # (twice the tokens in the same memory) on GPUs with fp8 (compute capability 8.9+); refused elsewhere.

@@ -10,8 +10,9 @@
 
 The data plane is `torch.distributed` (NCCL on GPUs, gloo on CPUs): the two all-reduces per layer and the
 vocabulary gathers (model/parallel.py). The control plane is a gloo group (CPU tensors): the step messages and,
-on the piggyback path, one small all-reduce per layer that has BE rows in flight, so that a BE row is merged
-only once its CPU attention is back on every rank (each rank's workers hold that rank's KV heads).
+on the piggyback path, small all-reduces (before BE rows enter layer 0, and per layer that has BE rows in flight;
+two per step for a graphed step), so that a BE row is merged only once its CPU attention is back on every rank
+(each rank's workers hold that rank's KV heads), and a row one rank lost (its CPU worker died) fails on every rank.
 
 A rank that dies (or any error inside a tensor-parallel iteration, which leaves the ranks out of step) is
 fatal: rank 0 ends the requests in flight with an error, reports not ready and exits non-zero.
@@ -441,6 +442,8 @@ def follower_main(config_json: str, rank: int, init_method: str) -> None:
         while (msg := ranks.broadcast(None)) is not None:
             assert isinstance(msg, StepMessage)
             runner.run(runner.apply(msg))
+            if runner.piggyback is not None:
+                runner.piggyback.take_failures()  # rank 0 ends the requests (the ranks agreed on each failure)
     except Exception:
         log.exception("tensor-parallel rank %d failed", rank)
         code = 1
@@ -458,4 +461,3 @@ def make_follower_runner(config: RuntimeConfig, loaded: LoadedModel, setup: Rank
     host_kv = _MirrorHostKV(setup.num_host_kv_blocks, pb.host_block_size, pb.max_be_requests)
     tables = _BlockTables(setup.num_kv_blocks, engine.block_size)
     return FollowerRunner(config, loaded, tables, policy, host_kv, m.RuntimeMetrics())  # type: ignore[arg-type]
-

@@ -24,7 +24,7 @@ import torch
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention.paged import AttentionBatch, kv_cache_dtype, paged_attention
 from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, graphs_enabled
+from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, graphs_enabled, schedule
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.cache import PagedKVCache
 from piggyback_runtime.kv.host import HostKV
@@ -233,23 +233,68 @@ class ModelRunner:
     def _launch_graphed(
         self, plan: IterationPlan, sampling: list[Request]
     ) -> tuple[list[Request], torch.Tensor, list[BERow], int] | None:
-        """A decode-only iteration with no BE row entering or merging, through a captured graph; None: eager."""
-        pb = self.piggyback
-        if self.graphs is None or plan.prefills or not plan.decodes or (pb is not None and pb.has_ready_work()):
+        """A decode-only iteration through captured graphs (cuda_graphs.py), BE rows merged at eager layers between
+        the captured ranges; None: eager. What decides it is the plan alone (the same on every tensor-parallel
+        rank), never a rank's own CPU results."""
+        pb, graphs = self.piggyback, self.graphs
+        if graphs is None or plan.prefills or not plan.decodes:
             return None
         if any(c.request.placement == "host" for c in plan.chunks):
             return None
+        if pb is not None and pb.rows and self.policy.synchronous_cpu_attention:
+            return None  # `neo` merges a row in the layer that sent it: no merge point is known ahead
+        if graphs.padded_size(len(plan.decodes)) is None:
+            return None  # too many rows for any graph
+        carry, ready = pb.merge_schedule() if pb is not None and pb.rows else ([], {})
+        merge_layers = {0} if carry else set()
+        for layer in ready:
+            merge_layers.update((layer, layer + 1))
+        merged = len(carry) + sum(len(rows) for rows in ready.values())
         blocks = self.allocator.blocks_of
         batch = DecodeBatch(
             token_ids=[c.request.token_ids(c.start, c.start + 1)[0] for c in plan.chunks],
             positions=[c.start for c in plan.chunks],
             block_tables=[blocks(c.request.request_id) for c in plan.chunks],
         )  # fmt: skip
-        hidden = self.graphs.run(batch)
-        if hidden is None:
-            return None
-        requests, tokens = self._sample(plan, sampling, hidden, [], hidden[:0])
-        return requests, tokens, [], 0
+        # The tokens entering layer 0 go up with the batch, in its one upload (rows merged later come with their
+        # slots and positions from `take`).
+        entering = (
+            [r.request.output_token_ids[-1] for r in carry] + [r.position for r in carry] + [r.slot for r in carry]
+        )
+        begun = graphs.begin(batch, entering)
+        assert begun is not None
+        size, carry_words = begun
+        carry_tokens, carry_positions, carry_slots = carry_words.long().split([len(carry)] * 3)
+        carry_hidden = self.model.embed(carry_tokens) if carry else graphs.hidden_out[:0]
+        for segment in schedule(graphs.num_layers, merge_layers):
+            if not segment.eager:
+                graphs.replay(size, segment)
+                continue
+            # A merge layer, eager on the static buffers: the BE rows join the padded LS rows.
+            index, layer = segment.start, self.model.layers[segment.start]
+            hidden, x = graphs.hidden_out[:size], graphs.hidden_out[:size]
+            row_cos, row_sin = graphs.cos[:size], graphs.sin[:size]
+            if carry:
+                assert pb is not None
+                carry_cos, carry_sin = self.model.rope(carry_positions, hidden.dtype)
+                x = torch.cat((hidden, carry_hidden))
+                row_cos, row_sin = torch.cat((row_cos, carry_cos)), torch.cat((row_sin, carry_sin))
+            q, k, v = layer.pre_attention(x, row_cos, row_sin)
+            attn = paged_attention(index, q[:size], k[:size], v[:size], self.kv_cache, graphs.attention_batch(size),
+                                   self.scale)  # fmt: skip
+            if carry:
+                assert pb is not None
+                pb.submit(index, carry, carry_slots, q[size:], k[size:], v[size:], carry_hidden)
+            residual, rows = hidden, ready.get(index, [])
+            if rows:
+                assert pb is not None
+                be_attn, be_residual, carry_slots, carry_positions = pb.take(index, rows)
+                attn, residual = torch.cat((attn, be_attn)), torch.cat((hidden, be_residual))
+            out = layer.post_attention(attn, residual)
+            graphs.hidden_out[:size].copy_(out[:size])
+            carry, carry_hidden = rows, out[size:]
+        requests, tokens = self._sample(plan, sampling, graphs.hidden_out[: len(plan.decodes)], carry, carry_hidden)
+        return requests, tokens, carry, merged
 
     def _wait_for_cpu(self, rows: list[BERow]) -> None:
         """Policy `neo`: block until these rows' CPU attention is back (counted: the piggyback path never does)."""

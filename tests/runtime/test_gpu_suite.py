@@ -44,6 +44,7 @@ def test_the_suite_runs_every_section_on_cpu_with_tiny_shapes_and_reports_outsid
     assert "| interference | ok |" in text and "## kernels" in text and "fixed cost per iteration" in text
     assert "allowed: ModelRunner._read_tokens" in text and "every section ok (exit 0)" in text
     assert "greedy fp32, 24 steps: 3 of 3 requests token-identical" in text
+    assert "merged/step" in text  # graphs: with BE rows merging too (none merged would be a fallback, exit 3)
     assert report.with_suffix(".png").stat().st_size > 0
     assert _listing(RESULTS_GPU) == before
 

@@ -161,7 +161,9 @@ def test_a_rank_reads_only_its_slices_of_a_sharded_checkpoint(tmp_path: Path, mo
         down = state["model.layers.0.mlp.down_proj.weight"]
         assert torch.equal(params["model.layers.0.mlp.down_proj.weight"], down[:, rank * 64 : (rank + 1) * 64])
         embed = params["model.embed_tokens.weight"]  # 510 rows padded to 512: 128 per rank
-        assert embed.shape[0] == 128 and torch.equal(embed[:126], state["model.embed_tokens.weight"][rank * 128:][:126])
+        assert embed.shape[0] == 128 and torch.equal(
+            embed[:126], state["model.embed_tokens.weight"][rank * 128 :][:126]
+        )
     assert read_whole == []
 
 
@@ -315,6 +317,168 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2] if json.loads(e).get("choices"))
     assert text, "nothing streamed before the rank died"
 
+
+# --- a CPU attention worker lost on one rank --------------------------------------------------------------------------
+class _TwoRanks:
+    """The control group's MIN all-reduce between two in-process "ranks" (threads)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2)
+        self.values: list[list[int]] = [[], []]
+
+    def agree(self, rank: int) -> Any:
+        def agree_min(values: list[int]) -> list[int]:
+            self.values[rank] = values
+            self.barrier.wait(timeout=10)
+            agreed = [min(pair) for pair in zip(*self.values, strict=True)]  # unequal lists: the ranks parted
+            self.barrier.wait(timeout=10)
+            return agreed
+
+        return agree_min
+
+
+def _rank_path(rank: int, ranks: _TwoRanks) -> Any:
+    """A piggyback path's row bookkeeping (no workers): rows a (entering), b (entering), c (waiting at layer 3)."""
+    from piggyback_runtime.piggyback.be_path import ENTER, WAITING, BERow, PiggybackPath
+
+    pb = PiggybackPath.__new__(PiggybackPath)
+    pb.rows, pb.failed, pb.max_rows_per_layer, pb.agree = {}, [], 8, ranks.agree(rank)
+    for slot, (rid, state, layer) in enumerate((("a", ENTER, 0), ("b", ENTER, 0), ("c", WAITING, 3))):
+        pb.rows[rid] = BERow(make_request(rid, [1], greedy(4), "BE"), slot, 0, 0, layer=layer, state=state)
+    return pb
+
+
+def test_a_row_one_rank_lost_fails_on_every_rank_when_it_would_enter_or_merge() -> None:
+    ranks = _TwoRanks()
+    paths = [_rank_path(0, ranks), _rank_path(1, ranks)]
+    paths[1].rows["a"].lost = paths[1].rows["c"].lost = "the CPU attention worker holding this request died"
+    paths[0].rows["c"].state = "ready"  # rank 0's result for c is in; rank 1 lost c
+    entered: list[list[str]] = [[], []]
+    merged: list[list[str]] = [[], []]
+
+    def run(rank: int) -> None:
+        entered[rank] = [row.request.request_id for row in paths[rank].entering()]
+        merged[rank] = [row.request.request_id for row in paths[rank]._ready_among(list(paths[rank].rows.values()))]
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert entered == [["b"], ["b"]] and merged == [[], []]
+    for pb in paths:
+        assert pb.rows["a"].state == pb.rows["c"].state == "failed" and pb.rows["b"].state == "enter"
+    failed = dict((request.request_id, reason) for request, reason in paths[0].take_failures())
+    assert set(failed) == {"a", "c"} and all("died on another tensor-parallel rank" in r for r in failed.values())
+
+
+def _cpu_workers_of(pid: int) -> list[int]:
+    """The CPU attention worker processes a rank started (its spawned children; not the resource tracker)."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in cmdline:
+            workers.append(int(entry.name))
+    return workers
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _kill_a_follower_worker_between_tokens(results: Any) -> None:
+    """Rank 0 in a fresh process: two LS and two BE requests on tp 2 (piggyback, one CPU worker per rank); once
+    the BE requests decode on the CPU path and their rows are between tokens (no CPU task in flight on any rank),
+    rank 1's worker is killed. For a few iterations no BE row may enter (the planner's budget says 0), so that
+    rank 1 finds the death while its rows wait to enter layer 0: the case where the ranks' rows parted."""
+    import os
+    import signal
+
+    from piggyback_runtime.engine import Engine
+    from piggyback_runtime.piggyback.be_path import ENTER
+
+    try:
+        engine = Engine(_scenario_config("synthetic://tiny-llama", 2, "piggyback", False))
+        try:
+            assert engine.ranks is not None and engine.piggyback is not None
+            pb, schedule = engine.piggyback, engine.planner.schedule
+            hold_be = [0]
+
+            def schedule_holding_be(*args: Any, **kwargs: Any) -> Any:
+                plan = schedule(*args, **kwargs)
+                if hold_be[0]:
+                    hold_be[0] -= 1
+                    plan.be_rows_per_layer = 0
+                return plan
+
+            engine.planner.schedule = schedule_holding_be  # type: ignore[method-assign]
+            ls = [make_request(f"ls{i}", PROMPTS[2 * i], greedy(40)) for i in range(2)]
+            be = [make_request(f"be{i}", PROMPTS[1 + 2 * i], greedy(40), "BE") for i in range(2)]
+            for request in ls + be:
+                engine.add_request(request)
+            killed = None
+            for _ in range(3000):
+                if not engine.has_work():
+                    break
+                engine.step()
+                between_tokens = len(pb.rows) == 2 and all(r.state == ENTER for r in pb.rows.values())
+                if killed is None and between_tokens and all(len(r.output_token_ids) >= 3 for r in be):
+                    (killed,) = _cpu_workers_of(engine.ranks.followers[0].pid)
+                    os.kill(killed, signal.SIGKILL)
+                    while not _dead(killed):
+                        threading.Event().wait(0.01)
+                    hold_be[0] = 4
+            assert killed is not None, "the BE rows never were between tokens"
+            outcome = {r.request_id: (r.finish_reason, r.error, list(r.output_token_ids)) for r in ls + be}
+            # The runtime stays ready: the same LS prompts and a new BE request run to the end.
+            again = [make_request(f"again-ls{i}", PROMPTS[2 * i], greedy(40)) for i in range(2)]
+            again.append(make_request("again-be", PROMPTS[1], greedy(12), "BE"))
+            for request in again:
+                engine.add_request(request)
+            run_to_completion(engine)
+            after = {r.request_id: (r.finish_reason, r.error, list(r.output_token_ids)) for r in again}
+            results.put(("ok", outcome, after, engine.fatal_reason))
+        finally:
+            engine.close()
+    except BaseException as exc:  # reported to the test
+        results.put(("error", repr(exc), None, None))
+
+
+@pytest.mark.slow
+def test_a_cpu_worker_killed_between_tokens_on_another_rank_fails_its_be_requests_on_every_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 1 loses its CPU worker (its KV-head shard of the BE requests' host KV) between tokens. The ranks agree
+    on the loss: the BE requests end with an error event, the LS requests are untouched, nothing hangs and the
+    runtime stays ready (a new BE request runs on the replaced worker)."""
+    monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")
+    results = mp.get_context("spawn").Queue()
+    process = mp.get_context("spawn").Process(target=_kill_a_follower_worker_between_tokens, args=(results,))
+    process.start()
+    try:
+        status, outcome, after, fatal = results.get(timeout=300)  # a hang fails here
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    assert status == "ok", outcome
+    assert fatal is None
+    for rid in ("be0", "be1"):
+        reason, error, _ = outcome[rid]
+        assert reason == "error" and "worker holding this request died on another tensor-parallel rank" in error
+    for i in range(2):
+        reason, _, tokens = outcome[f"ls{i}"]
+        assert reason == "length" and len(tokens) == 40
+        assert after[f"again-ls{i}"][2] == tokens, "the LS requests' tokens changed"
+    assert after["again-be"][0] == "length" and len(after["again-be"][2]) == 12, after["again-be"]
 
 
 # --- where a rank's CPU workers run ----------------------------------------------------------------------------------

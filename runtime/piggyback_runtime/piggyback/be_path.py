@@ -67,6 +67,7 @@ from piggyback_runtime.staging import (
 log = logging.getLogger(__name__)
 
 ENTER, WAITING, READY, MERGED, FAILED = "enter", "waiting", "ready", "merged", "failed"
+LOST = -2  # tensor parallelism: a rank's verdict on a row its CPU worker took down with it (the minimum wins)
 
 
 @dataclass(eq=False)
@@ -83,6 +84,9 @@ class BERow:
     # A CPU task of it has come back: the host KV stores queued before that task (its prefill's or its move's
     # KV, stored by the sender thread) have all landed, so its host KV may be copied out.
     host_kv_landed: bool = False
+    # Tensor parallelism: this rank lost the row (its CPU worker died); it fails on every rank at the next
+    # agreement that covers it (`entering`, `ready`), so that the ranks' rows stay in step.
+    lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,33 +224,58 @@ class PiggybackPath:
 
     def entering(self) -> list[BERow]:
         """Rows whose next token enters layer 0 now: oldest first, at most the layer cap and at most
-        ceil(rows / layers), so that rows that arrived together spread over the layers."""
+        ceil(rows / layers), so that rows that arrived together spread over the layers. Under tensor parallelism
+        the ranks first agree on which of them still exist: a CPU worker that died between tokens loses its rows
+        on its rank only."""
         waiting = sorted((row for row in self.rows.values() if row.state == ENTER), key=lambda row: row.since)
+        if self.agree is not None and waiting:
+            waiting = self._agreed(waiting, [LOST if row.lost else 1 for row in waiting])
         spread = -(-len(self.rows) // self.num_layers)
         return waiting[: min(self.max_rows_per_layer, spread)]
 
     def ready(self, layer: int) -> list[BERow]:
         self.collect()
-        cap = self.max_rows_per_layer
-        if self.agree is not None:
-            return self._agreed_ready(layer, cap)
-        ready = [row for row in self.rows.values() if row.state == READY and row.layer == layer]
-        return sorted(ready, key=lambda row: row.since)[:cap]
+        ready = self._ready_among([row for row in self.rows.values() if row.layer == layer])
+        return sorted(ready, key=lambda row: row.since)[: self.max_rows_per_layer]
 
-    def _agreed_ready(self, layer: int, cap: int) -> list[BERow]:
-        """Under tensor parallelism each rank's workers hold its KV heads: a row merges once its result is back
-        on every rank (1 ready, 0 waiting, -1 failed on some rank). The rows in flight at a layer are the same
-        on every rank (rank 0's changes are replayed), so the verdict lists line up."""
-        rows = [r for r in self.rows.values() if r.layer == layer and r.state in (WAITING, READY, FAILED)]
+    def merge_schedule(self) -> tuple[list[BERow], dict[int, list[BERow]]]:
+        """For a step whose merge points are fixed when it starts (a graphed step, cuda_graphs.py): the rows
+        entering layer 0, and per layer the rows whose CPU result merges there. A result landing during the
+        step merges in the next one. Under tensor parallelism: two agreements in all, not one per layer."""
+        self.collect()
+        entering = self.entering()
+        by_layer: dict[int, list[BERow]] = {}
+        for row in sorted(self._ready_among(list(self.rows.values())), key=lambda row: row.since):
+            rows = by_layer.setdefault(row.layer, [])
+            if len(rows) < self.max_rows_per_layer:
+                rows.append(row)
+        return entering, by_layer
+
+    def _ready_among(self, rows: list[BERow]) -> list[BERow]:
+        """Those of `rows` whose CPU result is in. Under tensor parallelism each rank's workers hold its KV heads:
+        a row merges once its result is back on every rank (1 ready, 0 waiting, -1 failed, -2 lost on some rank).
+        The rows in flight are the same on every rank, in the same order (rank 0's changes are replayed, and a
+        rank that loses a row keeps its state until the ranks agree), so the verdict lists line up."""
+        if self.agree is None:
+            return [row for row in rows if row.state == READY]
+        rows = [row for row in rows if row.state in (WAITING, READY, FAILED)]
         if not rows:
             return []
-        verdicts = self.agree([{READY: 1, WAITING: 0}.get(r.state, -1) for r in rows]) if self.agree else []
-        for row, verdict in zip(rows, verdicts, strict=True):
+        return self._agreed(rows, [LOST if row.lost else {READY: 1, WAITING: 0}.get(row.state, -1) for row in rows])
+
+    def _agreed(self, rows: list[BERow], verdicts: list[int]) -> list[BERow]:
+        """The element-wise minimum of every rank's verdicts: rows failed or lost anywhere fail on every rank
+        (rank 0 ends them with an error event); the rows every rank has ready (> 0) are returned."""
+        assert self.agree is not None
+        agreed = self.agree(verdicts)
+        for row, verdict in zip(rows, agreed, strict=True):
             if verdict < 0 and row.state != FAILED:
                 row.state = FAILED
-                self.failed.append((row.request, "CPU attention failed for this request on another "
-                                                 "tensor-parallel rank"))  # fmt: skip
-        return [row for row, verdict in zip(rows, verdicts, strict=True) if verdict > 0][:cap]
+                elsewhere = ("the CPU attention worker holding this request died on another tensor-parallel rank; "
+                             "that rank's shard of its host KV cache is lost") if verdict == LOST else (
+                             "CPU attention failed for this request on another tensor-parallel rank")  # fmt: skip
+                self.failed.append((row.request, row.lost or elsewhere))
+        return [row for row, verdict in zip(rows, agreed, strict=True) if verdict > 0]
 
     def submit(self, layer: int, rows: list[BERow], slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, hidden: torch.Tensor) -> None:  # fmt: skip
@@ -333,15 +362,19 @@ class PiggybackPath:
                 row = self.row_by_slot.pop(slot, None)
                 if row is None:
                     continue
-                if not row.released and self.retry_on_worker_loss:
-                    # Its KV on the worker is gone; the host reservation stays for the new prefill.
-                    self.rows.pop(row.request.request_id, None)
-                    self.residuals.pop((row.request.request_id, row.layer), None)
-                    self.retries.append(row.request)
-                elif not row.released:
-                    row.state = FAILED
-                    self.failed.append((row.request, f"the CPU attention worker holding this request died "
-                                                     f"(exit code {death.exit_code}); its host KV cache is lost"))
+                if not row.released:
+                    reason = (f"the CPU attention worker holding this request died (exit code {death.exit_code}); "
+                              "its host KV cache is lost")  # fmt: skip
+                    if self.agree is not None:
+                        row.lost = reason  # failed on every rank at the next agreement (no retry: see README)
+                    elif self.retry_on_worker_loss:
+                        # Its KV on the worker is gone; the host reservation stays for the new prefill.
+                        self.rows.pop(row.request.request_id, None)
+                        self.residuals.pop((row.request.request_id, row.layer), None)
+                        self.retries.append(row.request)
+                    else:
+                        row.state = FAILED
+                        self.failed.append((row.request, reason))
                 else:
                     self.host_kv.free(row.request.request_id)
 
@@ -364,7 +397,8 @@ class PiggybackPath:
         return sum(1 for row in self.rows.values() if row.state in (ENTER, READY))
 
     def has_ready_work(self) -> bool:
-        return any(row.state in (ENTER, READY) for row in self.rows.values())
+        """Rows a pass can move on; a lost row too (the pass's agreement fails it on every rank)."""
+        return any(row.state in (ENTER, READY) or row.lost for row in self.rows.values())
 
     def rows_between_tokens(self) -> list[Request]:
         """Requests whose row has no token walking the layers (nothing in flight, nothing in the residual
