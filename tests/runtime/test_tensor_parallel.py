@@ -342,7 +342,7 @@ def _rank_path(rank: int, ranks: _TwoRanks) -> Any:
     from piggyback_runtime.piggyback.be_path import ENTER, WAITING, BERow, PiggybackPath
 
     pb = PiggybackPath.__new__(PiggybackPath)
-    pb.rows, pb.failed, pb.max_rows_per_layer, pb.agree = {}, [], 8, ranks.agree(rank)
+    pb.rows, pb.failed, pb.max_rows_per_layer, pb.agree, pb.num_layers = {}, [], 8, ranks.agree(rank), 2
     for slot, (rid, state, layer) in enumerate((("a", ENTER, 0), ("b", ENTER, 0), ("c", WAITING, 3))):
         pb.rows[rid] = BERow(make_request(rid, [1], greedy(4), "BE"), slot, 0, 0, layer=layer, state=state)
     return pb
