@@ -258,3 +258,24 @@ def test_settings_that_cannot_hold_are_refused_with_the_field_named() -> None:
     with pytest.raises(ConfigError, match=r"engine\.hbm_reserve_min_tokens.*256 tokens"):
         _planner(num_kv_blocks=64, hbm_reserve_min_tokens=256)  # the whole 256-token KV cache
     _planner(num_kv_blocks=64, hbm_reserve_min_tokens=255)
+
+
+def test_a_forecast_beyond_the_whole_cache_still_lets_be_prefill_and_go_to_host() -> None:
+    """A burst of LS arrivals can forecast more LS KV within the horizon than the cache holds. The reserve
+    then keeps BE decodes out of HBM (they go to host KV), but never the BE prefill itself: its KV is there
+    only until the next plan moves it, and LS preempts BE as under `priority` if it comes."""
+    planner, clock, host = _planner(num_kv_blocks=64, hbm_reserve_horizon_s=60.0)
+    burst = [_request(f"c{i}", 20, i * 0.01, max_tokens=4, ls=True) for i in range(10)]
+    for ls in burst:
+        clock.now = ls.arrival_s
+        _add(planner, ls)
+    for ls in burst:
+        planner.finish(ls, "stop")  # the burst is over; its rate (~100/s × 60 s × 24 tokens) is what it forecasts
+    assert planner.hbm_reserve_blocks() > 64
+    be = _request("b0", 20, clock.now, max_tokens=8)
+    _add(planner, be)
+    _prefill(planner, clock, be)  # before: no HBM block for BE at all, and the prefill never ran
+    plan = planner.schedule()
+    assert plan.be_to_host == [be] and "b0" in host.slot_of
+    _ran(planner, clock, plan)
+    assert be.placement == "host" and not planner.allocator.blocks_of("b0")

@@ -447,10 +447,17 @@ class Planner:
         that less the room of the BE prompts batching holds (so prefill keeps flowing)."""
         ls_held = sum(len(self.allocator.blocks_of(r.request_id))
                       for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls)  # fmt: skip
-        be_limit = max(0, self.allocator.num_blocks - ls_held - self.hbm_reserve_blocks())
+        not_ls = max(0, self.allocator.num_blocks - ls_held)
         prefill_tokens = sum(len(r.prompt_token_ids) for r in (*self.scheduler.running, *self.scheduler.waiting)
                              if not r.is_ls and not r.output_token_ids)  # fmt: skip
         prefill_room = self.allocator.blocks_for_tokens(prefill_tokens + self.scheduler.max_num_batched_tokens)
+        # The reserve binds BE decodes, never the BE prefill in progress: a forecast can exceed the whole cache
+        # (a burst's arrival rate over the horizon), and BE prefill KV stays only until the next plan moves it to
+        # host; LS that does come preempts BE, as under `priority`.
+        in_prefill = sum(r.num_computed_tokens for r in self.scheduler.running
+                         if not r.is_ls and not r.output_token_ids)  # fmt: skip
+        prefill_floor = self.allocator.blocks_for_tokens(in_prefill + self.scheduler.max_num_batched_tokens)
+        be_limit = min(not_ls, max(not_ls - self.hbm_reserve_blocks(), prefill_floor))
         return be_limit, max(0, be_limit - prefill_room)
 
     def _projected_blocks(self, request: Request) -> int:
