@@ -240,15 +240,28 @@ class HybridAttentionPool:
         worker.shipped.pop(slot, None)
         self.local.after(None, lambda: self._send(worker, {"kind": "forget", "slot": slot}))
 
-    def submit(self, tasks_by_worker: dict[int, list[tuple[int, int, int, int]]]) -> None:
-        local_tasks = {w: t for w, t in tasks_by_worker.items() if w < self.num_local}
-        if local_tasks:
-            self.local.submit(local_tasks)
-        for worker_index, tasks in tasks_by_worker.items():
+    def submit(self, tasks: list[tuple[int, int, int, int]]) -> dict[int, int]:
+        """Queue attention tasks (slot, layer, position, generation). A row registered on a remote node goes to
+        that node, which holds its KV; the local workers share the host KV, so the local pool spreads the other
+        rows over them by work. Returns slot -> worker index."""
+        node_of = {slot: worker for worker in self.remote for slot in worker.slots}
+        local_tasks = [task for task in tasks if task[0] not in node_of]
+        assigned = self.local.submit(local_tasks) if local_tasks else {}
+        by_node: dict[int, list[tuple[int, int, int, int]]] = {}
+        for task in tasks:
+            if task[0] in node_of:
+                by_node.setdefault(node_of[task[0]].index, []).append(task)
+                assigned[task[0]] = node_of[task[0]].index
+        for worker_index, node_tasks in by_node.items():
             worker = self._remote(worker_index)
-            if worker is not None:
-                batch = next(self._batch_ids)
-                self.local.after(None, lambda w=worker, t=list(tasks), b=batch: self._send_run(w, t, b))
+            assert worker is not None
+            batch = next(self._batch_ids)
+            self.local.after(None, lambda w=worker, t=node_tasks, b=batch: self._send_run(w, t, b))
+        return assigned
+
+    def busy_seconds(self) -> float:
+        """The local workers' busy seconds (remote nodes report theirs in their own metrics)."""
+        return self.local.busy_seconds()
 
     def _send_run(self, worker: RemoteWorker, tasks: list[tuple[int, int, int, int]], batch: int) -> None:
         """One node's tasks of one pass (grouped by layer: one `run` frame each), with any prefill KV first."""
