@@ -35,6 +35,7 @@ CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "RayCluster": ("ray.io", "v1", "rayclusters"),
 }
 DELETABLE_KINDS = ("ScaledObject",)  # children that go while their owner stays (autoscaler switched off)
+READABLE_KINDS = ("RayCluster",)  # children whose status the operator mirrors into a condition
 APPLY = "application/apply-patch+yaml"
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 BACKOFF_S = 0.2  # the first retry's delay; doubled per attempt up to MAX_BACKOFF_S
@@ -200,20 +201,20 @@ class Kube:
         return deployment
 
     async def serves_resource(self, group_version: str, plural: str) -> bool:
-        """Whether the API server's discovery lists `plural` under /apis/<group_version> (a CRD installed)."""
+        """Whether the API server's discovery lists `plural` under /apis/<group_version> (a CRD installed).
+        Discovery needs no rule in the operator's role (system:discovery grants it to every client)."""
+        group, _, version = group_version.rpartition("/")
         try:
-            response = await self._call(
-                self.api_client.call_api, f"/apis/{group_version}", "GET", auth_settings=["BearerToken"],
-                _preload_content=False, response_type="object",
-            )  # fmt: skip
+            response = await self._call(self.custom.get_api_resources, group, version, _preload_content=False)
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        body = json.loads(response[0].data if isinstance(response, tuple) else response.data)
+        body = json.loads(response.data)
         return any(r.get("name") == plural for r in body.get("resources", []))
 
     async def read_custom(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        assert kind in READABLE_KINDS, f"{kind} is not read by the operator (the role grants get on READABLE_KINDS)"
         group, version, plural = CUSTOM_KINDS[kind]
         try:
             found: dict[str, Any] = await self._call(

@@ -52,6 +52,7 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/serviceaccounts": kmock.ResourceInfo(kind="ServiceAccount", namespaced=True),
     "rbac.authorization.k8s.io/v1/rolebindings": kmock.ResourceInfo(kind="RoleBinding", namespaced=True),
     "keda.sh/v1alpha1/scaledobjects": kmock.ResourceInfo(kind="ScaledObject", namespaced=True),
+    "ray.io/v1/rayclusters": kmock.ResourceInfo(kind="RayCluster", namespaced=True),
     "inference.networking.k8s.io/v1/inferencepools": kmock.ResourceInfo(kind="InferencePool", namespaced=True),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False),

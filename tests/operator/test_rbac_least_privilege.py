@@ -41,12 +41,14 @@ def kube_py_permissions() -> set[Permission]:
         fn = next(n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == name)
         return {id(n) for n in ast.walk(fn)}
 
-    in_apply, in_delete = nodes_in("apply"), nodes_in("delete")
+    in_apply, in_delete, in_read = nodes_in("apply"), nodes_in("delete"), nodes_in("read_custom")
     out: set[Permission] = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
                 and node.value.attr in ("core", "apps", "networking", "custom", "rbac")):  # fmt: skip
+            continue
+        if node.attr == "get_api_resources":  # discovery (/apis/<group>/<version>): system:discovery, no rule
             continue
         m = re.fullmatch(r"(read|get|list|patch|create|replace|delete)_(?:namespaced_)?(\w+?)(_status)?", node.attr)
         assert m, f"kube.py calls {node.attr}, which this test cannot map to a permission"
@@ -55,6 +57,8 @@ def kube_py_permissions() -> set[Permission]:
             targets = [(group, plural) for group, _, plural in kube.CUSTOM_KINDS.values()]
         elif m[2] == "custom_object" and id(node) in in_delete:
             targets = [(kube.CUSTOM_KINDS[k][0], kube.CUSTOM_KINDS[k][2]) for k in kube.DELETABLE_KINDS]
+        elif m[2] == "custom_object" and id(node) in in_read:
+            targets = [(kube.CUSTOM_KINDS[k][0], kube.CUSTOM_KINDS[k][2]) for k in kube.READABLE_KINDS]
         elif m[2] == "custom_object":
             targets = [(api.GROUP, api.PLURAL)]
         else:
@@ -95,10 +99,13 @@ async def walk_every_api_path(cluster: Cluster, runtime: Runtime) -> None:
     runtime.set(services={"chat": {"class": "LS", "attainment": 1.0, "window": 50, "ttft_s": [0.05] * 50},
                           "batch": {"class": "BE", "tokens": 100}}, headroom=5.0)
     await cluster.create("chat", ls_spec())
-    await cluster.create("batch", be_spec(batch={"storage": {"pvc": {"size": "1Gi"}}}))  # a batch claim
+    # A batch claim, and CPU attention nodes: the pool's RayCluster (KubeRay's CRD is served here).
+    await cluster.create("batch", be_spec(batch={"storage": {"pvc": {"size": "1Gi"}}},
+                                          cpuAttentionNodes={"replicas": 1}))  # fmt: skip
     for name in ("chat", "batch"):
         await eventually(lambda n=name: cluster.condition(n, "Admitted").get("status") == "True", what=f"{name}")
     pool = cluster.status("chat")["pool"]
+    await eventually(lambda: cluster.api.all("ray.io/v1/rayclusters"), what="the pool's RayCluster")
     await cluster.run_replicas(pool, node="gpu-a", port=runtime.port)
     await eventually(lambda: cluster.condition("chat", "Ready").get("status") == "True", what="chat Ready")
     await cluster.patch("chat", {"spec": {"slo": {"ttftMs": 400}}})
