@@ -753,7 +753,7 @@ def section_policies(loaded: Any, scale: Scale, out: Path) -> Section:
     args = SimpleNamespace(
         model=scale.model, ttft_ms=1000.0 if gpu else 2000.0, tpot_ms=100.0 if gpu else 500.0,
         token_budget=1024 if gpu else 64, kv_blocks=4096 if gpu else 512, host_kv_blocks=8192 if gpu else 512,
-        cpu_threads=8 if gpu else 1, duration_s=scale.policy_seconds, drain_s=scale.policy_seconds / 2,
+        cpu_threads=8 if gpu else 1, cpu_workers=1, duration_s=scale.policy_seconds, drain_s=scale.policy_seconds / 2,
     )  # fmt: skip
     lengths = (1.0, 1.0) if gpu else (1 / 64, 1 / 16)
     ls_trace, be_pool = policies.make_trace(0, args.duration_s, 4.0 if gpu else 2.0, 1.0 if gpu else 1 / 32, lengths,

@@ -24,10 +24,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixture
 LOAD_S = 10.0
 # Panel queries whose series exist only after an event the live stack does not cause: its stages are far above
 # the requests' lengths, so nothing migrates; its KV cache is sized so that nothing is preempted; it submits no
-# Batch API batch (tests/runtime/test_batch_api.py reads those series). These panels are checked to parse and
-# evaluate all the same.
+# Batch API batch (tests/runtime/test_batch_api.py reads those series); it has no remote CPU attention nodes
+# (tests/runtime/test_remote_ray.py reads those). These panels are checked to parse and evaluate all the same.
 NEEDS_AN_EVENT = ("piggyback_migrations_total", "piggyback_router_migrations_total", "piggyback_migration_seconds",
-                  "vllm:num_preemptions_total", "piggyback_batch_lines{", "piggyback_batch_lines_finished_total")
+                  "vllm:num_preemptions_total", "piggyback_batch_lines{", "piggyback_batch_lines_finished_total",
+                  "piggyback_remote_")
 ALL = ".*"
 ERROR_RATIO_1H = "model_name:piggyback_slo_errors:ratio_rate1h"
 
