@@ -45,6 +45,7 @@ from piggyback_runtime.scheduler.slo_control import (
     NewLSRequest,
     PrefillChunk,
     SLOController,
+    largest_fitting,
 )
 from piggyback_runtime.scheduler.stats import StatsRecorder
 
@@ -400,16 +401,7 @@ class Planner:
             load = model.decode_load(len(contexts) + rows, sum(contexts) + rows * mean_be, longest)
             return self.slo.predict_parts(ls_rows + rows, prefill_load, load, logits + rows) <= limit  # type: ignore[union-attr]
 
-        lo, hi = 0, len(candidates)
-        if fits(hi):
-            return hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return largest_fitting(fits, len(candidates))
 
     # --- hybrid placement: BE KV in spare HBM, host beyond ------------------------------------------------------
     def ls_arrival_rate(self) -> float:
