@@ -12,6 +12,7 @@ from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from tests.runtime.planner_fakes import Clock, staircase_model
 
 
 def _config(policy: str = "hybrid", **engine: object) -> RuntimeConfig:
@@ -25,29 +26,16 @@ def _config(policy: str = "hybrid", **engine: object) -> RuntimeConfig:
     })  # fmt: skip
 
 
-def _model(per_row_s: float = 1e-3) -> LatencyModel:
-    steps = tuple(Step(x, x, x * per_row_s) for x in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
-    return LatencyModel(StaircaseModel(steps, 0, per_row_s), LinearAttentionModel(0.0, 1e-7, 1e-7))
-
-
 def _request(rid: str, prompt: int, arrival_s: float, max_tokens: int = 8, ls: bool = False) -> Request:
     service, cls = ("chat", "LS") if ls else ("batch", "BE")
     return Request(rid, service, cls, list(range(prompt)), SamplingParams(max_tokens=max_tokens),  # type: ignore[arg-type]
                    arrival_s=arrival_s)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _planner(num_kv_blocks: int, policy: str = "hybrid", **engine: object) -> tuple[Planner, Clock, HostKV]:
     clock = Clock()
     host = HostKV(num_blocks=64, block_size=16, max_requests=8)
-    return Planner(_config(policy, **engine), num_kv_blocks, host, _model(), clock, kv_moves=True), clock, host
+    return Planner(_config(policy, **engine), num_kv_blocks, host, staircase_model(), clock, kv_moves=True), clock, host
 
 
 def _ran(planner: Planner, clock: Clock, plan: IterationPlan, seconds: float = 0.01) -> list[TokenEvent]:
@@ -146,7 +134,7 @@ def test_hybrid_placement_off_puts_every_be_request_on_the_host_path() -> None:
     _add(planner, be)
     assert be.placement == "host" and planner.on_host_path(be)
     # So does a caller that cannot execute KV moves (kv_moves=False: the engine until it does).
-    planner = Planner(_config(), 64, HostKV(64, 16, 8), _model(), Clock())
+    planner = Planner(_config(), 64, HostKV(64, 16, 8), staircase_model(), Clock())
     be = _request("b1", 20, 0.0, max_tokens=8)
     _add(planner, be)
     assert not planner.hybrid and be.placement == "host"
@@ -195,7 +183,7 @@ def test_admission_predicts_with_the_slo_sized_budget_not_its_upper_bound() -> N
     # request decoding, but the planner never runs one: the SLO-sized budget keeps each iteration within 90 ms.
     # Admission predicts with that budget, so a 400-token prompt (5 such iterations, 0.45 s against a 1 s TTFT)
     # is admitted, and on the clock it meets its TTFT and the decoding request keeps its TPOT.
-    planner, clock = _slo_planner(2048, _model())
+    planner, clock = _slo_planner(2048, staircase_model())
     decoding = _request("c0", 8, 0.0, max_tokens=60, ls=True)
     _add(planner, decoding)
     _ran(planner, clock, planner.schedule(), 0.01)

@@ -12,11 +12,11 @@ from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
-from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import REASON_BE_QUEUE_FULL, Planner
 from piggyback_runtime.scheduler.policies import make_policy, policy_names
 from tests.runtime.configs import runtime_config
+from tests.runtime.planner_fakes import Clock, staircase_model
 
 
 def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
@@ -30,23 +30,10 @@ def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
     )
 
 
-def _model(per_row_s: float = 1e-3) -> LatencyModel:
-    steps = tuple(Step(x, x, x * per_row_s) for x in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
-    return LatencyModel(StaircaseModel(steps, 0, per_row_s), LinearAttentionModel(0.0, 1e-7, 1e-7))
-
-
 def _request(rid: str, service: str, prompt: int, arrival_s: float, max_tokens: int = 8) -> Request:
     cls = "LS" if service == "chat" else "BE"
     return Request(rid, service, cls, list(range(prompt)), SamplingParams(max_tokens=max_tokens),  # type: ignore[arg-type]
                    arrival_s=arrival_s)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _ran(
@@ -87,7 +74,7 @@ def test_policies_route_requests_the_way_they_are_described() -> None:
 def test_host_kv_is_taken_as_the_be_prefill_fills_it_not_at_admission() -> None:
     clock = Clock()
     host = HostKV(num_blocks=4, block_size=16, max_requests=4)  # 64 tokens of host KV
-    planner = Planner(_config(), num_kv_blocks=64, host_kv=host, latency_model=_model(), clock=clock)
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=host, latency_model=staircase_model(), clock=clock)
     first, second = _request("b0", "batch", 40, 0.0, 12), _request("b1", "batch", 20, 0.0, 12)
     for request in (first, second):
         assert planner.admission(request) is None
@@ -112,7 +99,8 @@ def test_host_kv_is_taken_as_the_be_prefill_fills_it_not_at_admission() -> None:
 
 
 def test_the_be_queue_bound_refuses_past_max_be_queue() -> None:
-    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(1, 16, 4), latency_model=_model(), clock=Clock())
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(1, 16, 4),
+                      latency_model=staircase_model(), clock=Clock())
     waiting = [_request(f"w{i}", "batch", 20, 0.0, 12) for i in range(3)]
     for request in waiting[:2]:  # neither fits the 16 host tokens: both wait (max_be_queue 2)
         assert planner.admission(request) is None
@@ -123,7 +111,8 @@ def test_the_be_queue_bound_refuses_past_max_be_queue() -> None:
 
 def test_planner_plans_the_ls_work_first_and_sizes_the_be_share_with_the_latency_model() -> None:
     clock = Clock()
-    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4),
+                      latency_model=staircase_model(), clock=clock)
     ls = _request("c0", "chat", 10, 0.0)
     be = _request("b0", "batch", 30, 0.0)
     for request in (ls, be):
@@ -147,7 +136,7 @@ def test_planner_plans_the_ls_work_first_and_sizes_the_be_share_with_the_latency
 
 def test_ls_admission_refuses_what_the_model_says_would_miss_and_reports_why() -> None:
     clock = Clock()
-    slow = _model(per_row_s=0.2)  # a 32-token chunk takes 6.4 s: no TTFT of 1 s can hold
+    slow = staircase_model(per_row_s=0.2)  # a 32-token chunk takes 6.4 s: no TTFT of 1 s can hold
     planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=slow, clock=clock)
     rejection = planner.admission(_request("c0", "chat", 10, 0.0))
     assert rejection is not None and rejection.reason == "TTFTUnattainable" and rejection.retry_after_s >= 1
@@ -197,7 +186,8 @@ def test_the_scheduler_imports_and_plans_with_torch_unavailable() -> None:
 
 def test_update_does_the_bookkeeping_of_an_iteration_the_engine_and_the_simulator_share() -> None:
     clock = Clock()
-    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4), latency_model=_model(), clock=clock)
+    planner = Planner(_config(), num_kv_blocks=64, host_kv=HostKV(64, 16, 4),
+                      latency_model=staircase_model(), clock=clock)
     ls = _request("c0", "chat", 10, 0.0, max_tokens=2)
     be = _request("b0", "batch", 12, 0.0, max_tokens=3)
     for request in (ls, be):
