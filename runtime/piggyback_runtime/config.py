@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from piggyback_runtime.scheduler.policies import policy_names
+from piggyback_runtime.scheduler.policies import make_policy, policy_class, policy_names
 
 ServiceClass = Literal["LS", "BE"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -35,6 +35,22 @@ CLIENT_AUTHORIZATION_HEADER = "x-client-authorization"
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending field and what to change."""
+
+
+def check_hbm_reserve(engine: EngineConfig, num_kv_blocks: int) -> None:
+    """Policy `hybrid` keeps engine.hbm_reserve_min_tokens of the accelerator KV cache free for LS: a reserve the
+    cache cannot exceed leaves no HBM ever spare for BE. Checked at load when engine.num_kv_blocks fixes the
+    cache, else where the engine has sized it (the planner), before any request is accepted."""
+    if not (engine.hybrid_placement and policy_class(engine.policy).hybrid_placement):
+        return
+    capacity_tokens = num_kv_blocks * engine.block_size
+    if engine.hbm_reserve_min_tokens >= capacity_tokens:
+        raise ConfigError(
+            f"engine.hbm_reserve_min_tokens ({engine.hbm_reserve_min_tokens}) is not below the accelerator KV "
+            f"cache ({num_kv_blocks} blocks of {engine.block_size} = {capacity_tokens} tokens): no HBM would ever "
+            f"be spare for BE; set engine.hbm_reserve_min_tokens below {capacity_tokens} or enlarge the KV cache "
+            "(engine.num_kv_blocks, engine.kv_cache_memory_gib or engine.gpu_memory_utilization)"
+        )
 
 
 class _Strict(BaseModel):
@@ -153,17 +169,28 @@ class EngineConfig(_Strict):
     slo_token_budget: bool = True
     min_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
 
-    @model_validator(mode="after")
-    def _budget_bounds(self) -> EngineConfig:
-        if self.min_num_batched_tokens is not None and self.min_num_batched_tokens > self.max_num_batched_tokens:
-            raise ValueError(f"engine.min_num_batched_tokens ({self.min_num_batched_tokens}) exceeds "
-                             f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}): the budget cannot "
-                             "hold; lower the first or raise the second")  # fmt: skip
-        return self
     # Tensor parallelism: one process per rank, each with one GPU (cuda:RANK) or a share of the CPU, holding
     # 1/tp of every layer's heads, KV heads and MLP (runtime/piggyback_runtime/distributed.py). The model's
     # attention heads, KV heads and intermediate size must be multiples of it (checked when the model loads).
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _budget_bounds(self) -> EngineConfig:
+        # Every running sequence decodes one token an iteration: a budget below max_num_seqs could not hold one
+        # decode batch, and the decodes left out would miss their TPOT (vLLM refuses the same).
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}) is below "
+                             f"engine.max_num_seqs ({self.max_num_seqs}): the token budget cannot hold one decode "
+                             f"token of every running sequence; raise engine.max_num_batched_tokens to at least "
+                             f"{self.max_num_seqs} or set engine.max_num_seqs to at most "
+                             f"{self.max_num_batched_tokens}")  # fmt: skip
+        if self.min_num_batched_tokens is not None and self.min_num_batched_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"engine.min_num_batched_tokens ({self.min_num_batched_tokens}) exceeds "
+                             f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}): the budget cannot "
+                             "hold; lower the first or raise the second")  # fmt: skip
+        if self.num_kv_blocks is not None:
+            check_hbm_reserve(self, self.num_kv_blocks)
+        return self
 
 
     @field_validator("policy")
@@ -353,6 +380,18 @@ class RuntimeConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"service names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _host_path_can_decode(self) -> RuntimeConfig:
+        # A BE request on the host path decodes only as a row of some layer's batch: with no row allowed, it
+        # would hold host KV and never produce a token.
+        policy = make_policy(self.engine.policy, self.engine.headroom_be_kv_share, self.piggyback.max_be_requests)
+        host_path = [s.name for s in self.services if policy.on_host_path(s.service_class)]
+        if host_path and policy.rows_per_layer(self.piggyback.max_be_rows_per_layer) < 1:
+            raise ValueError(f"piggyback.max_be_rows_per_layer is 0 but policy {policy.name!r} decodes service "
+                             f"{host_path[0]!r} on the host path, whose requests would never decode; set "
+                             "piggyback.max_be_rows_per_layer to at least 1")  # fmt: skip
         return self
 
     def service(self, name: str) -> ServiceConfig | None:

@@ -133,6 +133,11 @@ class Engine:
             # the caches on a CPU device): those are sized for the whole model's KV.
             per_gpu = size_caches(kv_block_bytes(loaded.shard_arch, 1, kv_dtype)).accelerator
             kv_sizes = dataclasses.replace(kv_sizes, accelerator=per_gpu)
+        sizing.require_fixed_caches_fit(
+            config, kv_sizes, on_cpu=self.device.type == "cpu",
+            host_kv_allocated=bool(policy_class(engine_cfg.policy).host_path_classes),
+            read_device=lambda: sizing.read_device_memory(loaded.device), read_host=lambda: sizing.read_host_memory(),
+        )  # fmt: skip
         num_blocks = kv_sizes.accelerator.num_blocks
         log.info("accelerator KV: %d blocks of %d tokens (%s)", num_blocks, engine_cfg.block_size,
                  kv_sizes.accelerator.explanation)  # fmt: skip

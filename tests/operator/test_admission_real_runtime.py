@@ -73,7 +73,7 @@ def runtime_config(port: int, services: list[dict[str, Any]], profile_dir: Path)
     return build_runtime_config(
         model={"dtype": "float32"},
         services=services,
-        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
+        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         piggyback={"num_host_kv_blocks": 256, "max_be_requests": 8, "cpu_threads_per_worker": 1},
         # A private profile cache: the latency profile taken here (two runtimes starting at once on 2
         # cores) must not become the one every other test's runtime reads from ~/.cache.

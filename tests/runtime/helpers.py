@@ -22,9 +22,12 @@ def tiny_config(
 ) -> RuntimeConfig:
     """Small caches and batches for engine tests. Policy `priority` unless asked: most tests need no CPU
     worker processes."""
+    engine = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority", **engine}
+    # A small budget runs as few sequences: one decode token of each must fit it (engine.max_num_seqs).
+    engine.setdefault("max_num_seqs", engine["max_num_batched_tokens"])
     return runtime_config(
         uri=uri,
-        engine={"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority", **engine},
+        engine=engine,
         # Host KV blocks twice the accelerator's: BE prefill KV crosses block sizes on its way to the host.
         piggyback={"host_block_size": 8, "num_host_kv_blocks": 256, "max_be_requests": 16, **(piggyback or {})},
         slo_control=slo_control or {},

@@ -49,7 +49,7 @@ def _config() -> RuntimeConfig:
             {"name": "empty-key", "class": "BE", "api_key_env": ENV_EMPTY},  # variable empty: open
         ],
         policy="priority",
-        engine={"block_size": 8, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+        engine={"block_size": 8, "num_kv_blocks": 512, "max_num_batched_tokens": 64, "max_num_seqs": 64},
     )  # fmt: skip
 
 

@@ -52,7 +52,7 @@ def fuzz_runtime() -> Iterator[Runtime]:
              "api_key_env": "PIGGYBACK_FUZZ_KEY"},
         ],
         policy="priority",
-        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 128},
+        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 128, "max_num_seqs": 128},
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PIGGYBACK_FUZZ_KEY", "sk-fuzz")

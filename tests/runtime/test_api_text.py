@@ -104,7 +104,8 @@ FORCED = b"hi \x80 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2"  # stray byte, euro, emoj
 @pytest.fixture(scope="module")
 def http() -> Iterator[TestClient]:
     config = runtime_config(
-        policy="priority", engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64}
+        policy="priority",
+        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64, "max_num_seqs": 64},
     )
 
     def engine_emitting_forced_bytes() -> Engine:

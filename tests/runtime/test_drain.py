@@ -33,7 +33,7 @@ def _config(port: int) -> RuntimeConfig:
         model={"max_model_len": 2048},
         # Policy piggyback: the BE requests cut off run on the CPU worker path (host KV), as in production.
         policy="piggyback",
-        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         piggyback={"host_block_size": 16, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
                    "cpu_threads_per_worker": 1},
         slo_control={"enabled": False},

@@ -175,7 +175,7 @@ def _server_config(port: int) -> RuntimeConfig:
     return runtime_config(
         model={"max_model_len": 512},
         policy="piggyback",
-        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+        engine={"block_size": 8, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         piggyback={"num_host_kv_blocks": 256, "host_block_size": 16, "max_be_requests": 32},
         server={"host": "127.0.0.1", "port": port},
     )

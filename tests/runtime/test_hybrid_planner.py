@@ -20,8 +20,8 @@ def _config(policy: str = "hybrid", **engine: object) -> RuntimeConfig:
         "model": {"uri": "synthetic://tiny-llama"},
         "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
                      {"name": "batch", "class": "BE"}],
-        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, "hbm_reserve_horizon_s": 0.0,
-                   **engine},
+        "engine": {"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, "max_num_seqs": 32,
+                   "hbm_reserve_horizon_s": 0.0, **engine},
         "piggyback": {"max_be_rows_per_layer": 8, "max_be_requests": 8},
     })  # fmt: skip
 
@@ -239,10 +239,8 @@ def test_headroom_admit_is_headroom_with_the_planners_ls_admission() -> None:
     assert plain.admission(_request("c1", 40_000, 0.0, ls=True)) is None
 
 
-def test_settings_that_cannot_hold_are_refused_with_the_field_named() -> None:
-    with pytest.raises(ConfigError, match=r"engine\.min_num_batched_tokens"):
-        RuntimeConfig.from_dict({"model": {"uri": "synthetic://tiny-llama"}, "services": [{"name": "b", "class": "BE"}],
-                                 "engine": {"max_num_batched_tokens": 64, "min_num_batched_tokens": 128}})  # fmt: skip
+def test_the_planner_refuses_an_hbm_reserve_the_cache_it_is_given_cannot_exceed() -> None:
+    # The cache sized from memory is known only here (tests/runtime/test_settings_that_cannot_hold.py has the rest).
     with pytest.raises(ConfigError, match=r"engine\.hbm_reserve_min_tokens.*256 tokens"):
         _planner(num_kv_blocks=64, hbm_reserve_min_tokens=256)  # the whole 256-token KV cache
     _planner(num_kv_blocks=64, hbm_reserve_min_tokens=255)

@@ -93,7 +93,8 @@ def test_accelerator_memory_gib_caps_the_device():
     assert "engine.accelerator_memory_gib 24" in sizes.accelerator.explanation
 
 
-UNCAPPED = {"max_num_seqs": 65536}  # limits far above what the memory holds: the memory share binds
+# Limits far above what the memory holds: the memory share binds (a budget below max_num_seqs is refused).
+UNCAPPED = {"max_num_seqs": 65536, "max_num_batched_tokens": 65536}
 UNCAPPED_HOST = {"max_be_requests": 65536}
 
 

@@ -41,7 +41,7 @@ def runtime_config(port: int, max_model_len: int) -> dict[str, Any]:
     return runtime_config_dict(
         model={"max_model_len": max_model_len},
         policy="piggyback",
-        engine={"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64},
+        engine={"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         # Host blocks of another size than the accelerator's: KV moves by position, not by block.
         piggyback={"host_block_size": 8, "num_host_kv_blocks": 512, "max_be_requests": 4, "num_cpu_workers": 1,
                    "cpu_threads_per_worker": 1},

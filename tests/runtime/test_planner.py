@@ -24,7 +24,7 @@ def _config(policy: str = "piggyback", **engine: object) -> RuntimeConfig:
         device=None,
         services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}},
                   {"name": "batch", "class": "BE"}],
-        engine={"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, **engine},
+        engine={"policy": policy, "block_size": 4, "max_num_batched_tokens": 32, "max_num_seqs": 32, **engine},
         piggyback={"max_be_rows_per_layer": 8, "max_be_requests": 4},
         slo_control={"max_be_queue": 2},
     )

@@ -93,7 +93,7 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
     port = free_port()
     config = runtime_config(
         policy="piggyback",
-        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64},
+        engine={"block_size": 16, "num_kv_blocks": 512, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         piggyback={"host_block_size": 16, "num_host_kv_blocks": 512, "max_be_requests": 8, "num_cpu_workers": 1,
                    "cpu_threads_per_worker": 1,
                    "remote": {"address": cluster.address, "num_nodes": 2, "cpus_per_worker": 1,

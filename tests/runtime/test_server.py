@@ -36,7 +36,7 @@ def _config(port: int) -> RuntimeConfig:
             # No iteration is this fast: every request to it is rejected at arrival.
             {"name": "strict", "class": "LS", "slo": {"ttft_ms": 0.001, "tpot_ms": 0.001}},
         ],
-        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64},
+        engine={"block_size": 8, "num_kv_blocks": 128, "max_num_batched_tokens": 64, "max_num_seqs": 64},
         server={"host": "127.0.0.1", "port": port},
     )  # fmt: skip
 

@@ -269,8 +269,8 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
         "model": {"uri": "synthetic://tiny-llama", "max_model_len": 2048},
         "device": "cpu",
         "services": [{"name": "chat", "class": "LS", "slo": LS_SLO}],
-        "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "policy": "priority",
-                   "tensor_parallel_size": 2},
+        "engine": {"block_size": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 64, "max_num_seqs": 64,
+                   "policy": "priority", "tensor_parallel_size": 2},
         "slo_control": {"enabled": False},
         "server": {"host": "127.0.0.1", "port": port},
     })  # fmt: skip

@@ -328,6 +328,8 @@ def size_kv_caches(
                 bytes_per_token=bytes_per_token,
             )  # fmt: skip
             fix = "give the process more memory, raise piggyback.host_memory_utilization"
+            if host is not None:
+                fix += f", lower {host.explanation.split()[0]} (the host cache set aside first)"
             accelerator = cap_to_limits(accelerator, engine.max_num_seqs, max_model_len, "engine.max_num_seqs")
         else:
             accelerator = accelerator_kv_size(
@@ -354,3 +356,52 @@ def size_kv_caches(
     if host.num_blocks < 1:
         host = CacheSize(1, host.block_size, host.bytes_per_token, host.budget_bytes, host.explanation)
     return KVSizes(accelerator, host)
+
+
+def require_fixed_caches_fit(
+    config: RuntimeConfig,
+    sizes: KVSizes,
+    *,
+    on_cpu: bool,
+    host_kv_allocated: bool,
+    read_device: Callable[[], MemoryReading],
+    read_host: Callable[[], MemoryReading],
+) -> None:
+    """A cache whose size the config fixes must fit the memory it lives in, or it cannot be held: the host cache
+    (`host_kv_allocated`: the policy has a host path, so it is allocated) in the host's memory (the pod's limit,
+    else the machine's), and the accelerator cache in the device's (capped by engine.accelerator_memory_gib);
+    on a CPU device both caches in the host's together. A cache sized from memory is a share of it already."""
+    engine, pb = config.engine, config.piggyback
+    host_field = ("piggyback.num_host_kv_blocks" if pb.num_host_kv_blocks is not None else
+                  "piggyback.host_kv_memory_gib" if pb.host_kv_memory_gib is not None else None)  # fmt: skip
+    device_field = ("engine.num_kv_blocks" if engine.num_kv_blocks is not None else
+                    "engine.kv_cache_memory_gib" if engine.kv_cache_memory_gib is not None else None)  # fmt: skip
+    device_bytes = sizes.accelerator.num_blocks * sizes.accelerator.block_size * sizes.accelerator.bytes_per_token
+    host_bytes = sizes.host.num_blocks * sizes.host.block_size * sizes.host.bytes_per_token
+    in_host: list[tuple[str, int]] = []
+    if host_field is not None and host_kv_allocated:
+        in_host.append((host_field, host_bytes))
+    if device_field is not None and on_cpu:
+        in_host.append((device_field, device_bytes))
+    if in_host:
+        reading = read_host()
+        _require_within(in_host, reading, "the host's memory", "give the pod more memory (LLMService "
+                        "spec.resources.hostMemory) or run on a machine with more")  # fmt: skip
+    if device_field is not None and not on_cpu:
+        reading = cap_total(read_device(), engine.accelerator_memory_gib)
+        _require_within([(device_field, device_bytes)], reading, "the accelerator's memory",
+                        "use a device with more memory")
+
+
+def _require_within(caches: list[tuple[str, int]], reading: MemoryReading, memory: str, more: str) -> None:
+    wanted = sum(nbytes for _, nbytes in caches)
+    if wanted <= reading.total_bytes:
+        return
+    asked = " plus ".join(f"{field} ({nbytes / GIB:.3g} GiB of KV)" for field, nbytes in caches)
+    fields = " or ".join(field for field, _ in caches)
+    raise KVSizingError(
+        f"{asked} cannot be held: {wanted} B is more than {memory} ({reading.total_bytes} B, "
+        f"{reading.total_bytes / GIB:.3g} GiB, from {reading.source}); lower {fields} so that the caches together "
+        f"stay well below {reading.total_bytes / GIB:.3g} GiB (the weights, the CPU workers and the process need "
+        f"memory too), or {more}"
+    )

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from piggyback_runtime.config import ConfigError, RuntimeConfig
+from piggyback_runtime.config import RuntimeConfig, check_hbm_reserve
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SLOTarget
@@ -106,6 +106,8 @@ class Planner:
         self.stats = stats or StatsRecorder()
         self.policy: Policy = make_policy(engine.policy, engine.headroom_be_kv_share,
                                           config.piggyback.max_be_requests)  # fmt: skip
+        if kv_moves:  # hybrid placement runs: the cache's size is known here when the engine sized it from memory
+            check_hbm_reserve(engine, num_kv_blocks)
         self.allocator = BlockAllocator(num_kv_blocks, engine.block_size)
         self.scheduler = BatchScheduler(self.allocator, engine.max_num_seqs, engine.max_num_batched_tokens,
                                         engine.enable_chunked_prefill, self.policy, clock)  # fmt: skip
@@ -136,11 +138,6 @@ class Planner:
         self._finished_ls_lengths: deque[tuple[int, int]] = deque(maxlen=200)
         # Hybrid placement (policy `hybrid` with engine.hybrid_placement): BE KV in spare HBM, host beyond.
         self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement and kv_moves
-        capacity_tokens = num_kv_blocks * engine.block_size
-        if self.hybrid and engine.hbm_reserve_min_tokens >= capacity_tokens:
-            raise ConfigError(f"engine.hbm_reserve_min_tokens ({engine.hbm_reserve_min_tokens}) is not below the "
-                              f"accelerator KV cache ({capacity_tokens} tokens): no HBM would ever be spare for BE; "
-                              "lower it or enlarge the KV cache")  # fmt: skip
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
         self.moves_to_host = 0
