@@ -45,7 +45,9 @@ def config(port: int, args: argparse.Namespace, directory: Path) -> RuntimeConfi
         "model": {"uri": args.model, "max_model_len": 512},
         "device": args.device,
         "services": [{"name": "bulk", "class": "BE"}],
-        "engine": {"policy": args.policy, "max_num_seqs": max(256, *args.concurrencies)},
+        # The token budget holds one decode token of every running sequence (a budget below max_num_seqs is refused).
+        "engine": {"policy": args.policy, "max_num_seqs": max(256, *args.concurrencies),
+                   "max_num_batched_tokens": max(512, *args.concurrencies)},
         "piggyback": {"max_be_requests": max(256, *args.concurrencies)},
         "slo_control": {"enabled": False},
         "server": {"host": "127.0.0.1", "port": port},

@@ -121,7 +121,8 @@ def make_config(args: argparse.Namespace, device: str, policy: str, ls_len: int,
                      {"name": BE, "class": "BE"}],
         "slo_control": {"enabled": not args.no_slo_control},
         "engine": {"policy": policy, "block_size": 16, "num_kv_blocks": ls_blocks + be_blocks + 16,
-                   "max_num_seqs": 256, "max_num_batched_tokens": args.token_budget},
+                   # A budget below max_num_seqs is refused: a small --token-budget runs as few sequences.
+                   "max_num_seqs": min(256, args.token_budget), "max_num_batched_tokens": args.token_budget},
         # Host KV and slots for LS too: policy `neo` decodes LS requests on the host path as well.
         "piggyback": {"num_host_kv_blocks": ls_blocks + be_blocks + 16,
                       "max_be_requests": args.be_requests + args.ls_requests + args.ls_concurrency,

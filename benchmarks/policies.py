@@ -105,7 +105,8 @@ def run_policy(
         "model": {"uri": args.model}, "device": str(loaded.device),
         "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms}},
                      {"name": "batch", "class": "BE"}],
-        "engine": {"policy": policy, "max_num_batched_tokens": args.token_budget, "max_num_seqs": 256,
+        "engine": {"policy": policy, "max_num_batched_tokens": args.token_budget,
+                   "max_num_seqs": min(256, args.token_budget),  # a budget below max_num_seqs is refused
                    "num_kv_blocks": args.kv_blocks, "block_size": 16},
         "piggyback": {"num_host_kv_blocks": args.host_kv_blocks, "max_be_requests": 256,
                       "cpu_threads_per_worker": args.cpu_threads, "num_cpu_workers": args.cpu_workers},

@@ -27,7 +27,9 @@ the host cache at `piggyback.max_be_requests` requests, each of `max_model_len` 
 otherwise took 12 GB of KV). Each cache's explanation says which bound won; the engine logs both at start.
 
 A cache sized from memory that cannot hold one max_model_len request is an error at start-up naming the numbers.
-Explicit block counts are taken as given: requests that do not fit are refused one by one (HTTP 400).
+Explicit block counts are taken as given: requests that do not fit are refused one by one (HTTP 400). A cache
+whose size the config fixes (blocks or GiB) that is larger than the memory it lives in cannot be held and is an
+error at start-up naming the field (`require_fixed_caches_fit`, called by the engine after sizing).
 
 This module takes figures, not the model or the policy: the engine passes the bytes per token, the weights'
 bytes, whether any service takes the host path, and readers for the memory and the activation peak (called
