@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx
 
@@ -74,26 +74,24 @@ async def stream_completion(
         return type(exc).__name__
 
 
-def start_server(config: RuntimeConfig, workdir: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """`piggyback serve` with `config` (written to workdir/runtime.yaml) as a child process logging to log_path."""
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]  # `piggyback --log-level`'s choices
+
+
+def start_server(
+    config: RuntimeConfig, workdir: Path, log_path: Path, log_level: LogLevel = "WARNING"
+) -> subprocess.Popen[bytes]:
+    """`piggyback serve` with `config` (written to workdir/runtime.yaml) as a child process logging to log_path
+    at `log_level` (WARNING keeps a long run's log small; a caller that reads INFO lines asks for INFO)."""
     config_path = workdir / "runtime.yaml"
     config_path.write_text(config.to_yaml())
-    log_file = log_path.open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "piggyback_runtime.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(config_path),
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with log_path.open("wb") as log_file:  # the child holds its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "piggyback_runtime.cli", "--log-level", log_level, "serve", "--config",
+             str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
 
 
 def wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 300.0) -> None:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from piggyback_runtime.client import free_port, wait_ready
+from piggyback_runtime.client import free_port, start_server, wait_ready
 from tests.runtime.configs import runtime_config
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a runtime process
@@ -102,12 +101,9 @@ def test_be_attention_on_ray_nodes_survives_a_node_loss(ray_cluster: Any, tmp_pa
         slo_control={"enabled": False},
         server={"host": "127.0.0.1", "port": port},
     )  # fmt: skip
-    config_path = tmp_path / "runtime.yaml"
-    config_path.write_text(config.to_yaml())
     log_path = tmp_path / "runtime.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "piggyback_runtime.cli", "serve", "--config",
-                                    str(config_path)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    # INFO as before: the worker-loss line read below is an ERROR, the rest explains a failure.
+    process = start_server(config, tmp_path, log_path, log_level="INFO")
     base = f"http://127.0.0.1:{port}"
     prompts = [f"story number {i} about a remote node" for i in range(6)]
     def actor_nodes() -> list[str]:

@@ -14,7 +14,6 @@ import json
 import multiprocessing as mp
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 
 from piggyback_runtime import metrics as m
 from piggyback_runtime.attention import cpu_attention
-from piggyback_runtime.client import free_port, wait_ready
+from piggyback_runtime.client import free_port, start_server, wait_ready
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.model import loader
 from piggyback_runtime.model.arch import (
@@ -274,12 +273,8 @@ def test_a_killed_rank_fails_requests_in_flight_reports_not_ready_and_exits_non_
         "slo_control": {"enabled": False},
         "server": {"host": "127.0.0.1", "port": port},
     })  # fmt: skip
-    config_path = tmp_path / "runtime.yaml"
-    config_path.write_text(config.to_yaml())
     log_path = tmp_path / "runtime.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "piggyback_runtime.cli", "serve", "--config",
-                                    str(config_path)], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    process = start_server(config, tmp_path, log_path, log_level="INFO")  # the rank's pid is an INFO line
     base = f"http://127.0.0.1:{port}"
     events: list[str] = []
     started = threading.Event()
