@@ -383,15 +383,21 @@ class RuntimeConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _host_path_can_decode(self) -> RuntimeConfig:
+    def _be_work_can_run(self) -> RuntimeConfig:
+        policy = make_policy(self.engine.policy, self.engine.headroom_be_kv_share, self.piggyback.max_be_requests)
         # A BE request on the host path decodes only as a row of some layer's batch: with no row allowed, it
         # would hold host KV and never produce a token.
-        policy = make_policy(self.engine.policy, self.engine.headroom_be_kv_share, self.piggyback.max_be_requests)
         host_path = [s.name for s in self.services if policy.on_host_path(s.service_class)]
         if host_path and policy.rows_per_layer(self.piggyback.max_be_rows_per_layer) < 1:
             raise ValueError(f"piggyback.max_be_rows_per_layer is 0 but policy {policy.name!r} decodes service "
                              f"{host_path[0]!r} on the host path, whose requests would never decode; set "
                              "piggyback.max_be_rows_per_layer to at least 1")  # fmt: skip
+        # A BE request on the accelerator under a KV share of none (headroom policies) would wait forever.
+        on_accelerator = [s.name for s in self.services if s.service_class == "BE" and not policy.on_host_path("BE")]
+        if on_accelerator and policy.be_kv_block_limit(2**40) == 0:
+            raise ValueError(f"engine.headroom_be_kv_share is 0 but policy {policy.name!r} runs service "
+                             f"{on_accelerator[0]!r} (BE) within that share of the accelerator KV cache, so its "
+                             "requests would never run; set engine.headroom_be_kv_share above 0")  # fmt: skip
         return self
 
     def service(self, name: str) -> ServiceConfig | None:

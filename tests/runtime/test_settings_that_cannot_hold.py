@@ -93,6 +93,16 @@ def test_no_be_row_per_layer_is_refused_where_a_service_decodes_on_the_host_path
                    services=[{"name": "chat", "class": "LS", "slo": {"ttft_ms": 1000, "tpot_ms": 100}}])
 
 
+def test_no_accelerator_kv_share_for_be_is_refused_under_a_headroom_policy():
+    for policy in ("headroom", "headroom-admit"):
+        message = refusal(policy=policy, engine={"headroom_be_kv_share": 0})
+        for part in ("engine.headroom_be_kv_share is 0", f"policy {policy!r}", "service 'batch'",
+                     "set engine.headroom_be_kv_share above 0"):
+            assert part in message, (part, message)
+    runtime_config(policy="headroom", engine={"headroom_be_kv_share": 0.01})
+    runtime_config(policy="hybrid", engine={"headroom_be_kv_share": 0})  # a share only the headroom policies use
+
+
 # --- fixed cache sizes against the memory they live in ------------------------------------------------------------
 def fixed_sizes(config: RuntimeConfig, on_cpu: bool) -> KVSizes:
     """The caches' sizes (a cache the config leaves unsized takes a share of 1 TiB, and is not checked)."""
