@@ -23,7 +23,7 @@ from piggyback_runtime.sim.simulator import Simulator
 from piggyback_runtime.sim.workload import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime_map import BUDGET_MAX, DEFAULT, cell_name, ceiling, ls_drain_s, scenario
+from regime_map import BUDGET_MAX, DEFAULT, ceiling, cell_name, ls_drain_s, scenario
 
 FIELDS = ("ls_decode", "ls_prefill", "be_prefill", "be_gpu_decode", "cpu_tokens", "cpu_merged_per_layer",
           "iteration_s", "budget", "rows_cap", "host_rows", "be_queue", "be_gpu_decoders", "hbm_used",
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     device, level, be, cpu = args.cell.split()
     cell = {"device": device, "level": level, "be": be, "cpu": cpu}
-    records, result, sim = run(cell, args.horizon_s, args.be_count, args.budget, {})
+    records, result, _sim = run(cell, args.horizon_s, args.be_count, args.budget, {})
     rows = windows(records, args.window_s)
     cols = ["from_s", "iterations", "gpu_busy", "iteration_s", "budget", "ls_decode", "ls_prefill", "be_prefill",
             "be_gpu_decode", "cpu_merged_per_layer", "cpu_tokens", "rows_cap", "rows_cap_binds", "host_rows",
