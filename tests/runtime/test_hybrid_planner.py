@@ -11,7 +11,7 @@ from piggyback_runtime.request import Request, SamplingParams, SLOTarget
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, LinearAttentionModel, StaircaseModel, Step
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
-from piggyback_runtime.scheduler.planner import Planner, iteration_shape
+from piggyback_runtime.scheduler.planner import HOST_FEED_SHARE, HOST_PACE_MIN_ROWS, Planner, iteration_shape
 from tests.runtime.planner_fakes import Clock, staircase_model
 
 
@@ -265,3 +265,68 @@ def test_a_forecast_beyond_the_whole_cache_still_lets_be_prefill_and_go_to_host(
     assert plan.be_to_host == [be] and "b0" in host.slot_of
     _ran(planner, clock, plan)
     assert be.placement == "host" and not planner.allocator.blocks_of("b0")
+
+
+def _hbm_decode_room_full_with_a_prompt_waiting(host_slots: int = 8) -> tuple[Planner, Clock, HostKV, Request]:
+    """b0 decodes in HBM (30 of 64 blocks at full length); b1's 60-token prompt would not fit beside it."""
+    clock = Clock()
+    host = HostKV(num_blocks=256, block_size=16, max_requests=host_slots)
+    planner = Planner(_config(), 64, host, staircase_model(), clock, kv_moves=True)
+    first = _request("b0", 60, 0.0, max_tokens=60)
+    _add(planner, first)
+    _prefill(planner, clock, first)
+    second = _request("b1", 60, clock.now, max_tokens=60)
+    _add(planner, second)
+    assert planner._hbm_decode_room_full()
+    return planner, clock, host, second
+
+
+def _be_prefill_tokens(plan: IterationPlan) -> int:
+    return sum(c.num_tokens for c in plan.prefills if not c.request.is_ls)
+
+
+def test_while_the_host_path_keeps_pace_be_prompts_bound_for_it_fill_the_token_budget() -> None:
+    """HBM decode room full: the next BE prompt will decode on the host. With few host rows (the CPU path carries
+    them at about a token an iteration) the budget left after b0's decode goes to that prompt (before: a fixed
+    quarter of the budget, so the host tier was barely fed and hybrid ran as HBM-only)."""
+    planner, _clock, _host, second = _hbm_decode_room_full_with_a_prompt_waiting()
+    assert planner.host_path_keeps_pace()
+    plan = planner.schedule()
+    assert _be_prefill_tokens(plan) == 32 - 1  # the budget less b0's decode row
+    assert [c.request for c in plan.prefills] == [second]
+
+
+def test_when_the_host_path_falls_behind_be_prompts_bound_for_it_get_only_the_host_feed_share() -> None:
+    """Rows holding host KV beyond what the CPU path has been serving (HOST_PACE_FACTOR × recent host tokens per
+    iteration + HOST_PACE_MIN_ROWS): a prompt fed there would decode a layer per pass, so the accelerator keeps
+    the iteration time for its own decodes and feeds the host only HOST_FEED_SHARE of the budget."""
+    slots = HOST_PACE_MIN_ROWS + 4
+    planner, _clock, host, _second = _hbm_decode_room_full_with_a_prompt_waiting(host_slots=slots)
+    for i in range(HOST_PACE_MIN_ROWS + 1):  # host-resident rows that produced no token lately
+        assert host.reserve(f"h{i}", 16)
+    assert planner.host_tokens_per_iteration == 0 and not planner.host_path_keeps_pace()
+    assert _be_prefill_tokens(planner.schedule()) == int(HOST_FEED_SHARE * 32)
+    planner.host_tokens_per_iteration = 1.0  # they ride: HOST_PACE_FACTOR (≥ 1) × 1 + HOST_PACE_MIN_ROWS rows
+    assert planner.host_path_keeps_pace()
+
+
+def test_the_host_tokens_per_iteration_follow_the_host_path_rows_each_iteration_returns() -> None:
+    planner, clock, _host = _planner(num_kv_blocks=64)
+    rows = [_request(f"h{i}", 4, 0.0, max_tokens=1000) for i in range(4)]
+    for row in rows:
+        row.output_token_ids.append(0)
+    for _ in range(100):
+        started = clock.now
+        clock.now += 0.01
+        plan = planner.schedule()  # nothing in batching: an iteration of host-path rows only
+        planner.update(plan, IterationOutputs(started, [], [(r, 1) for r in rows], 8, num_layers=2), clock.now)
+    assert planner.host_tokens_per_iteration == pytest.approx(4.0, rel=1e-3)
+
+
+def test_hybrid_merges_ready_host_rows_before_more_be_prefill_and_piggyback_keeps_the_papers_order() -> None:
+    hybrid, _, _ = _planner(num_kv_blocks=64)
+    piggyback, _, _ = _planner(num_kv_blocks=64, policy="piggyback")
+    assert hybrid.slo is not None and hybrid.slo.be_rows_first
+    assert piggyback.slo is not None and not piggyback.slo.be_rows_first
+    no_moves = Planner(_config(), 64, HostKV(64, 16, 8), staircase_model(), Clock(), kv_moves=False)
+    assert no_moves.slo is not None and not no_moves.slo.be_rows_first  # every BE row on the host: as piggyback

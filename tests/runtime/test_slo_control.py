@@ -83,6 +83,25 @@ def test_be_gets_the_largest_allowance_that_meets_the_tightest_tpot_with_the_mar
     assert allowance.binding == "tpot" and allowance.budget_s == 0.05
 
 
+def test_with_be_rows_first_ready_be_rows_take_the_latency_budget_before_be_prefill() -> None:
+    """Hybrid placement's order: a ready host-resident row gives a token for one Dense row, a prompt token 1/p of
+    one later, so rows fit first and prefill takes what is left; the paper's order (the default) is the reverse."""
+    states = decoding(10, tpot_s=0.1)  # limit 90 ms; the LS work alone costs 10 + 1 + 10 = 21 ms
+    demand = demand_of(states, be_prefill_tokens_available=600, be_decode_rows_ready=600)
+    limit = 0.1 * 0.9
+    paper = SLOController(linear_model(), safety_margin=0.1, max_be_rows_per_layer=600, max_be_prefill_tokens=600)
+    first = SLOController(linear_model(), safety_margin=0.1, max_be_rows_per_layer=600, max_be_prefill_tokens=600,
+                          be_rows_first=True)  # fmt: skip
+    by_paper, by_rows = paper.choose(demand, states, 0.0), first.choose(demand, states, 0.0)
+    # Prefill first: 600 tokens cost 60 ms + 1.8 ms of attention, leaving room for 71 rows (7.2 ms).
+    assert (by_paper.be_prefill_tokens, by_paper.be_rows_per_layer) == (600, 71)
+    # Rows first: 600 rows cost 60 ms, leaving room for a prefill chunk of under 90.
+    assert by_rows.be_rows_per_layer == 600 and 0 < by_rows.be_prefill_tokens < 90
+    assert by_rows.predicted_latency_s <= limit and by_paper.predicted_latency_s <= limit
+    assert predicted(10 + 600 + by_rows.be_prefill_tokens + 1, prefill_chunk_load(0, by_rows.be_prefill_tokens + 1),
+                     10_000) > limit  # the prefill is the largest that fits beside the rows  # fmt: skip
+
+
 def test_the_search_respects_the_bound_and_is_maximal_against_brute_force() -> None:
     rng = random.Random(5)
     model = linear_model()

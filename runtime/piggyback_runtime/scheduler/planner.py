@@ -51,9 +51,17 @@ from piggyback_runtime.scheduler.stats import StatsRecorder
 
 REASON_BE_QUEUE_FULL = "BEQueueFull"
 ITERATION_TRACE_ENV = "PIGGYBACK_ITERATION_TRACE"
-# Hybrid placement, while HBM-resident BE decodes fill their share: the most of an iteration's token budget
-# spent on BE prompts that will decode on the host path (a fixed share: the regime map's ablation measures it).
-HOST_FEED_SHARE = 0.25
+# Hybrid placement, while HBM-resident BE decodes fill their share and the host path does not keep pace (below):
+# the most of an iteration's token budget spent on BE prompts that will decode on the host path.
+# (benchmarks/results/hybrid_decomposition.md: 0.1 of 0, 0.1, 0.25, 0.5, 0.75 gave the most BE tokens; more feeds
+# rows that wait for the accelerator's next pass and lengthens the iterations the HBM-resident decodes share.)
+HOST_FEED_SHARE = 0.1
+# The host path keeps pace while its rows number at most this many per host token an iteration recently produced
+# (a riding row gives about one a pass) plus a few to start from: then BE prompts that will decode on the host fill
+# the budget. Beyond it rows wait a pass per missed layer, and a prompt fed there decodes slowly.
+HOST_PACE_FACTOR = 1.0
+HOST_PACE_MIN_ROWS = 4
+HOST_TOKENS_EWMA_ALPHA = 0.1  # per iteration: the recent host tokens/iteration forget over ~10 iterations
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class Planner:
                 admission_margin=config.slo_control.safety_margin,
                 slo_token_budget=engine.slo_token_budget,
                 min_token_budget=engine.min_num_batched_tokens or 1,
+                be_rows_first=self.policy.hybrid_placement and engine.hybrid_placement and kv_moves,
             )
         self.static_rows_per_layer = self.policy.rows_per_layer(config.piggyback.max_be_rows_per_layer)
         self.last_allowance: BEAllowance | None = None
@@ -150,6 +159,7 @@ class Planner:
         self._trace = open(trace_path, "a", buffering=1) if trace_path else None  # noqa: SIM115 - lives with the planner
         self._planned_s = 0.0
         self._be_rows_ready = 0
+        self.host_tokens_per_iteration = 0.0  # host-path tokens an iteration produced lately (EWMA)
 
     # --- requests in ---------------------------------------------------------------------------------
     def on_host_path(self, request: Request) -> bool:
@@ -317,11 +327,21 @@ class Planner:
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
         tokens = self.last_allowance.be_prefill_tokens
-        if self.hybrid and self._hbm_decode_room_full():
-            # Prompts prefilled now will decode on the host path, whose rows advance a few layers per pass and
-            # pay back over minutes; the accelerator's own BE decodes would lose that iteration time now.
+        if self.hybrid and self._hbm_decode_room_full() and not self.host_path_keeps_pace():
+            # Prompts prefilled now will decode on a host path already behind, whose rows advance a few layers
+            # per pass and pay back over minutes; the accelerator's own BE decodes would lose that time now.
+            # While the host keeps pace its rows are worth as much as HBM-resident ones: the budget feeds both.
             tokens = min(tokens, max(1, int(HOST_FEED_SHARE * ls_plan.token_budget)))
         return tokens
+
+    def host_path_keeps_pace(self) -> bool:
+        """Whether the host-resident BE rows (those holding host KV) are few enough for the CPU path to carry
+        them at about a token an iteration: at most HOST_PACE_FACTOR × the host tokens an iteration produced
+        lately, plus HOST_PACE_MIN_ROWS (so that the first rows can start and show the pace)."""
+        host = self.host_kv
+        if host is None:
+            return False
+        return len(host.slot_of) <= HOST_PACE_FACTOR * self.host_tokens_per_iteration + HOST_PACE_MIN_ROWS
 
     def _hbm_decode_room_full(self) -> bool:
         """Whether HBM-resident BE decodes fill their share (a BE prompt finishing now would go to the host)."""
@@ -564,6 +584,8 @@ class Planner:
             events.append(event)
         for request, token in outputs.host_path_tokens:
             events.append(self._take_token(request, token, now, from_host_path=True))
+        self.host_tokens_per_iteration += HOST_TOKENS_EWMA_ALPHA * (len(outputs.host_path_tokens)
+                                                                    - self.host_tokens_per_iteration)  # fmt: skip
         measured_s = self.clock() - outputs.started_s
         predicted_s = None
         if self.slo is not None:  # the closed loop: the controller learns the device's truth

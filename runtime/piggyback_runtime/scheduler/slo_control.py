@@ -175,6 +175,9 @@ class SLOController:
     # ls_chunk_tokens is then its upper bound, min_token_budget its floor): admission predicts with that budget.
     slo_token_budget: bool = False
     min_token_budget: int = 1
+    # BE decode rows before BE prefill (hybrid placement): a ready host-resident row holds its KV already and gives a
+    # token for one Dense row, a prompt token only 1/p of one later; rows left unmerged hold host KV and give none.
+    be_rows_first: bool = False
     # Measured ÷ predicted per regime, fed by observe(); a fresh one (factor 1) until iterations are reported.
     correction: OnlineCorrection = field(default_factory=OnlineCorrection)
     _last: BEAllowance | None = field(default=None, init=False, repr=False)
@@ -270,7 +273,20 @@ class SLOController:
             load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
             return model(ls_rows + tokens, load, decode_load, ls_logits + (tokens > 0)) <= limit
 
-        prefill = largest_fitting(prefill_fits, max_prefill)
+        if self.be_rows_first:
+            def rows_alone_fit(rows: int) -> bool:
+                return model(ls_rows + rows, prefill_load, decode_load, ls_logits + rows, rows) <= limit
+
+            first_rows = largest_fitting(rows_alone_fit, max_rows)
+
+            def prefill_after_rows_fits(tokens: int) -> bool:
+                load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
+                return model(ls_rows + first_rows + tokens, load, decode_load, ls_logits + (tokens > 0) + first_rows,
+                             first_rows) <= limit  # fmt: skip
+
+            prefill = largest_fitting(prefill_after_rows_fits, max_prefill)
+        else:
+            prefill = largest_fitting(prefill_fits, max_prefill)
         be_load = prefill_load + (prefill_chunk_load(start, prefill) if prefill else 0.0)
         logits = ls_logits + (prefill > 0)
 
