@@ -172,6 +172,7 @@ def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) ->
     out["wall_s"] = time.perf_counter() - started
     out["cpu_busy_share"] = result.cpu_busy_share
     out["moves_to_host"] = result.moves_to_host
+    out["cpu_tokens_per_s"] = result.cpu_be_tokens / horizon_s
     series = [rows for t, _, rows in result.host_read_series if t <= horizon_s]
     out["cpu_rows_mean"] = sum(series) / len(series) if series else 0.0
     # The GPU's BE prefill supply: BE requests it prefilled within the horizon, each worth its output tokens.
@@ -200,21 +201,25 @@ def bounds(setting: str, be: str, nodes: int) -> dict[str, float]:
     }
 
 
-def binding(tok_s: float, supply: float, dram_bw: float, network: float, prefill: float, kv_peak: float,
-            cpu_rows: float) -> str:  # fmt: skip
-    """Which limit binds, first match: the bounds the figure reaches (within 20 %), then a full KV."""
+def binding(run: str, tok_s: float, cpu_tok_s: float, supply: float, dram_bw: float, network: float,
+            prefill: float, kv_peak: float, cpu_rows: float) -> str:  # fmt: skip
+    """Which limit binds, first match: the bounds the figure reaches (within 20 %: all BE tokens against the GPU's
+    supply and its prefill, the CPU path's against DRAM bandwidth and the network), then a full KV, then what
+    the iteration traces of these runs showed (benchmarks/results/remote_nodes.md, "Reading")."""
     if tok_s >= 0.8 * supply:
         return "GPU token supply"
-    if cpu_rows < 1:
-        return "GPU (BE decodes in HBM; the CPU tiers hold no rows)"
+    if cpu_tok_s >= 0.8 * dram_bw:
+        return "DRAM bandwidth"
+    if cpu_tok_s >= 0.8 * network:
+        return "network"
     if tok_s >= 0.8 * prefill:
         return "GPU prefill supply"
-    if tok_s >= 0.8 * dram_bw:
-        return "DRAM bandwidth"
-    if tok_s >= 0.8 * network:
-        return "network"
     if kv_peak >= 0.95:
         return "DRAM capacity (KV full: rows in flight capped)"
+    if run.startswith("hybrid"):
+        if cpu_rows < 1:
+            return "GPU iterations (SLO-sized budget; BE decodes in HBM, CPU tiers unused)"
+        return "GPU iterations (SLO-sized budget; CPU tiers fed HOST_FEED_SHARE of it)"
     return "per-layer merge pacing (rows wait for a pass over their layer)"
 
 
@@ -270,10 +275,10 @@ def main() -> None:
               "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon ÷ horizon "
               "(what decode could at most turn out). KV peak = peak share of host + remote KV held. CPU rows = "
               "mean BE rows decoding on the host and the nodes (0: every BE decode ran in HBM).", "",
-              "| policy@budget | setting | BE | nodes | BE tok/s | × of 0 nodes | gain per node ÷ one host's DRAM "
-              "bound | LS att | GPU token supply | DRAM bw bound (host + nodes) | network bound (nodes) | prefill "
-              "bound | KV peak | CPU rows | CPU busy | binds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| policy@budget | setting | BE | nodes | BE tok/s | of which CPU path | × of 0 nodes | gain per node ÷ "
+              "one host's DRAM bound | LS att | GPU token supply | DRAM bw bound (host + nodes) | network bound "
+              "(nodes) | prefill bound | KV peak | CPU rows | CPU busy | binds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
         for setting in SETTINGS:
             for be in BE_SHAPES:
@@ -286,9 +291,10 @@ def main() -> None:
                     network = nodes * b["network_per_node"] if nodes else float("inf")
                     gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
                     gpu = supply[(setting, be, int(run.split("@")[1]))]
-                    binds = binding(tok, gpu, dram, network, f["prefill_bound"], f["host_kv_usage_peak"],
-                                    f["cpu_rows_mean"])  # fmt: skip
-                    lines.append(f"| {run} | {setting} | {be} | {nodes} | {tok:.1f} | "
+                    cpu_tok = f["cpu_tokens_per_s"]
+                    binds = binding(run, tok, cpu_tok, gpu, dram, network, f["prefill_bound"],
+                                    f["host_kv_usage_peak"], f["cpu_rows_mean"])  # fmt: skip
+                    lines.append(f"| {run} | {setting} | {be} | {nodes} | {tok:.1f} | {cpu_tok:.1f} | "
                                  f"{tok / base if base else float('nan'):.2f} | {gain:.2f} | "
                                  f"{f['ls_attainment']:.3f} | {gpu:.0f} | {dram:.0f} | {network:.0f} | "
                                  f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | "

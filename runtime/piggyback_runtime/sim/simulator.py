@@ -170,6 +170,7 @@ class SimResult:
     host_read_series: list[tuple[float, float, int]] = field(default_factory=list)
     moves_to_host: int = 0
     moves_to_gpu: int = 0
+    cpu_be_tokens: int = 0  # of be_tokens, those decoded on the CPU path (host or remote nodes)
 
     def host_bandwidth_share(self, from_s: float, to_s: float) -> float:
         """Host DRAM bandwidth used over [from_s, to_s] as a share of the effective bandwidth:
@@ -278,6 +279,7 @@ class Simulator:
         # Statistics of the modelled CPU path (the iterations' own are in `self.stats`).
         self.host_bytes = 0.0
         self.be_rows_merged = 0  # rows merged with a CPU result back, summed over layers (entering rows not counted)
+        self.cpu_be_tokens = 0  # BE tokens the CPU path turned out before duration_s
         self._kv_usage_area = 0.0
         self._kv_usage_peak = 0.0
 
@@ -484,6 +486,8 @@ class Simulator:
             self._token(event)
             if event.left_for_host_path:
                 self._start_decode(event.request, end)
+        if end <= self.duration_s:
+            self.cpu_be_tokens += sum(not row.request.is_ls for row in done_rows)
         for row, event in zip(done_rows, events[len(sampling) :], strict=True):
             self._token(event)
             if event.finish_reason is not None:
@@ -583,7 +587,7 @@ class Simulator:
             host_effective_bandwidth_b_s=self.device.host_attention_bandwidth_b_s()
             + self.device.remote_bandwidth_b_s(),
             host_read_series=self._read_series, moves_to_host=self.planner.moves_to_host,
-            moves_to_gpu=self.planner.moves_to_gpu,
+            moves_to_gpu=self.planner.moves_to_gpu, cpu_be_tokens=self.cpu_be_tokens,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:
