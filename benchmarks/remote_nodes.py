@@ -61,7 +61,17 @@ NODE_COUNTS = (0, 1, 2, 4)
 # policy@token budget -> simulated seconds: the default as configured and at regime_map's full budget;
 # piggyback (every BE row on the CPUs) as before, on a shorter horizon (its runs are the slow ones: 844 s for
 # 16 at 120 s).
-RUNS = {"hybrid@512": 120.0, "hybrid@2048": 120.0, "piggyback@512": 60.0}
+# A `/hbmN` suffix caps HBM's KV at N tokens (engine.num_kv_blocks): BE decode then needs the CPU tiers, the
+# regime where remote nodes can add what they hold (the paper's: a GPU node whose HBM BE outgrows).
+RUNS = {"hybrid@512": 120.0, "hybrid@2048": 120.0, "piggyback@512": 60.0, "hybrid@2048/hbm80000": 120.0}
+BLOCK_SIZE = 16  # EngineConfig's default block size: the HBM cap in blocks
+
+
+def parse_run(run: str) -> tuple[str, int, int | None]:
+    """policy@budget[/hbmN] -> (policy, token budget, HBM KV tokens or None)."""
+    head, _, cap = run.partition("/hbm")
+    policy, _, budget = head.partition("@")
+    return policy, int(budget), int(cap) if cap else None
 # The regime map's LS level of each setting's rate (for its `ceiling` and LS drain).
 LEVEL = {"70B-H100x4": "medium", "34B-A100x2": "medium"}
 
@@ -162,11 +172,13 @@ def regime_cell(setting: str, be: str) -> dict[str, Any]:
 
 def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) -> dict[str, Any]:
     run, setting, be, nodes = key
-    policy, budget = run.split("@")
+    policy, budget, hbm_tokens = parse_run(run)
     started = time.perf_counter()
     # Every LS request that arrives within the horizon is followed to its end, as in the regime map.
     drain_s = regime_map.ls_drain_s(regime_cell(setting, be), horizon_s, be_count)
-    spec = scenario(setting, be, nodes, horizon_s, be_count, int(budget), drain_s)
+    spec = scenario(setting, be, nodes, horizon_s, be_count, budget, drain_s)
+    if hbm_tokens is not None:
+        spec["runtime"]["engine"]["num_kv_blocks"] = hbm_tokens // BLOCK_SIZE
     result = run_scenario(load_scenario(spec), policy=policy)
     out = summary(result)
     out["wall_s"] = time.perf_counter() - started
@@ -229,7 +241,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the results file even with --quick")
     parser.add_argument("--skip-loopback", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--policies", default=",".join(RUNS), help="policy@budget, comma-separated")
+    parser.add_argument("--policies", default=",".join(RUNS), help="policy@budget[/hbmN], comma-separated")
+    parser.add_argument("--reuse", action="store_true", help="take the runs remote_nodes_runs.json already holds")
     parser.add_argument("--horizon", type=float, default=None, help="simulated seconds for every run (default: "
                         "RUNS' horizons; --quick 60)")  # fmt: skip
     args = parser.parse_args()
@@ -255,14 +268,18 @@ def main() -> None:
                   "call carries the same bytes and does nothing with them.", ""]
     be_count = 4000
     keys = [(r, s, be, n) for r in runs for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
-    budgets = sorted({int(r.split("@")[1]) for r in runs})
+    budgets = sorted({parse_run(r)[1] for r in runs})
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         supplies = {(s, be, b): pool.submit(regime_map.ceiling, regime_cell(s, be), 120.0, be_count, b)
                     for s in SETTINGS for be in BE_SHAPES for b in budgets}  # fmt: skip
-        futures = {k: pool.submit(simulate, k, horizons[k[0]], be_count) for k in keys}
+        done: dict[str, dict[str, Any]] = {}
+        if args.reuse and (RESULTS / "remote_nodes_runs.json").exists():
+            done = json.loads((RESULTS / "remote_nodes_runs.json").read_text())
+        futures = {k: pool.submit(simulate, k, horizons[k[0]], be_count) for k in keys
+                   if "|".join(map(str, k)) not in done}  # fmt: skip
         supply = {k: f.result()["GPU token supply"] for k, f in supplies.items()}
-        sims = {k: f.result() for k, f in futures.items()}
+        sims = {k: futures[k].result() if k in futures else done["|".join(map(str, k))] for k in keys}
     lines += [f"## 2. BE tokens/s with remote nodes (simulator; horizons: "
               f"{', '.join(f'{r} {h:.0f} s' for r, h in horizons.items())}; {time.perf_counter() - started:.0f} s "
               "wall)", "",
@@ -290,7 +307,7 @@ def main() -> None:
                     dram = b["dram_host"] + nodes * b["dram_per_node"]
                     network = nodes * b["network_per_node"] if nodes else float("inf")
                     gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
-                    gpu = supply[(setting, be, int(run.split("@")[1]))]
+                    gpu = supply[(setting, be, parse_run(run)[1])]
                     cpu_tok = f["cpu_tokens_per_s"]
                     binds = binding(run, tok, cpu_tok, gpu, dram, network, f["prefill_bound"],
                                     f["host_kv_usage_peak"], f["cpu_rows_mean"])  # fmt: skip
