@@ -8,7 +8,13 @@ from __future__ import annotations
 import pytest
 
 from piggyback_runtime.kv.host import HostKV
-from piggyback_runtime.remote_capacity import CPUTier, RemoteCapacity, RemoteNodeCapacity, RemoteNodeFigures
+from piggyback_runtime.remote_capacity import (
+    CPUTier,
+    RemoteCapacity,
+    RemoteNodeCapacity,
+    RemoteNodeFigures,
+    node_tiers,
+)
 from piggyback_runtime.request import Request
 from piggyback_runtime.scheduler.planner import Planner
 from piggyback_runtime.scheduler.remote_tier import RemoteTier, TierCosts
@@ -119,15 +125,20 @@ def test_a_finished_row_frees_its_node_and_a_node_row_never_moves_back_to_hbm() 
 
 
 def test_a_lost_node_takes_its_capacity_out_until_a_replacement_registers() -> None:
-    tier = _tier(CPUTier(0, 4 * ROW_TOKENS, 4e11, LINK))
-    # The runtime's pool reports worker 3 (after two local workers... any index) down: no capacity.
-    down = RemoteCapacity((RemoteNodeCapacity(0, False, 0, 0, 0, 12.5, None),))
-    tier.update_nodes([CPUTier(w.index, 0, 4e11, LINK) for w in down.workers if w.ready])
-    assert tier.choose(ROW_TOKENS, host_rows=0, host_tokens=0, host_fits=True) is None  # the host only
-    with pytest.raises(LookupError):
+    # The runtime's pool reports workers 2 and 3 (after two local ones); worker 3 died and is being replaced.
+    def pool(worker_3_ready: bool) -> RemoteCapacity:
+        return RemoteCapacity((RemoteNodeCapacity(2, True, 30, 30, 0, 12.5, None),
+                               RemoteNodeCapacity(3, worker_3_ready, 30, 30, 0, 12.5, None)))  # fmt: skip
+
+    tier = _tier()
+    tier.update_nodes(node_tiers(pool(worker_3_ready=False), block_size=16, attention_b_s_per_worker=4e11))
+    assert sorted(tier.nodes) == [2] and tier.nodes[2].kv_tokens == 30 * 16
+    tier.reserve("b0", 2, 4 * ROW_TOKENS)  # worker 2 is full now
+    with pytest.raises(LookupError):  # the host cannot take it either: nowhere
         tier.choose(ROW_TOKENS, host_rows=0, host_tokens=0, host_fits=False)
-    tier.update_nodes([CPUTier(0, 4 * ROW_TOKENS, 4e11, LINK)])  # the replacement answered
-    assert tier.choose(ROW_TOKENS, host_rows=0, host_tokens=0, host_fits=True) == 0
+    tier.update_nodes(node_tiers(pool(worker_3_ready=True), block_size=16, attention_b_s_per_worker=4e11))
+    assert tier.choose(ROW_TOKENS, host_rows=0, host_tokens=0, host_fits=False) == 3  # the replacement answered
+    assert tier.node_of("b0") == 2  # a live node's rows keep their place throughout
 
 
 def test_a_row_lost_with_its_node_gives_its_reservation_back_for_the_next_placement() -> None:
