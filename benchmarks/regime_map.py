@@ -165,9 +165,10 @@ def cell_name(cell: dict[str, Any]) -> str:
 
 
 # --- the physical ceiling -----------------------------------------------------------------------------------------
-def ceiling(cell: dict[str, Any], horizon_s: float, be_count: int) -> dict[str, Any]:
-    """The cell's BE tokens/s ceilings (module docstring) and the binding one."""
-    spec = load_scenario(scenario(cell, horizon_s, be_count, 0.0, BUDGET_MAX, {}))
+def ceiling(cell: dict[str, Any], horizon_s: float, be_count: int, budget: int = BUDGET_MAX) -> dict[str, Any]:
+    """The cell's BE tokens/s ceilings (module docstring; at a `budget`-token iteration, 2048 by default) and
+    the binding one."""
+    spec = load_scenario(scenario(cell, horizon_s, be_count, 0.0, budget, {}))
     device = build_device(spec.device)
     requests = generate(spec.workload)
     ls = [r for r in requests if r.service_class == "LS"]
@@ -183,17 +184,17 @@ def ceiling(cell: dict[str, Any], horizon_s: float, be_count: int) -> dict[str, 
     # a long prompt attends to all before it: load (p + 1) / 2 a token); the decode rows' attention over their
     # contexts. (A chunk from position 0 with no decode attention, the earlier figure, ran 10-20 % faster than
     # any iteration of that work can.)
-    rows = BUDGET_MAX * o / (p + o)
-    prompt_tokens = BUDGET_MAX - rows
+    rows = budget * o / (p + o)
+    prompt_tokens = budget - rows
     cache_tokens = device.gpu_kv_capacity_tokens()
     # LS KV in HBM (Little's law: arrival rate × lifetime, lifetime ≈ outputs at one iteration each).
-    first_iteration_s = device.iteration_s(BUDGET_MAX, prompt_tokens * (p + 1) / 2, [], 1)
+    first_iteration_s = device.iteration_s(budget, prompt_tokens * (p + 1) / 2, [], 1)
     ls_kv_tokens = ls_rate * ls_o * first_iteration_s * (ls_p + ls_o / 2)
     hbm_rows = max(0.0, cache_tokens - ls_kv_tokens) / context
     gpu_rows = int(min(rows, hbm_rows))
-    iteration_s = device.iteration_s(BUDGET_MAX, prompt_tokens * (p + 1) / 2, [int(context)] * gpu_rows,
+    iteration_s = device.iteration_s(budget, prompt_tokens * (p + 1) / 2, [int(context)] * gpu_rows,
                                      int(rows) + 1)  # fmt: skip
-    gpu_tokens_s = BUDGET_MAX / iteration_s
+    gpu_tokens_s = budget / iteration_s
     supply = max(0.0, gpu_tokens_s - ls_rate * (ls_p + ls_o)) * o / (p + o)
     kv_token = device.shape.kv_bytes_per_token()
     host_bw = device.host_attention_bandwidth_b_s() + device.remote_bandwidth_b_s()

@@ -6,11 +6,14 @@
    places and watches the actors.
 2. Simulator (`piggyback_runtime.sim`, Vidur timings): BE tokens/s with 0, 1, 2 and 4 remote nodes for the
    paper's Llama-2-70B TP4 H100 and 34B TP2 A100 settings, LongBench-v2-like and DailyMail-like BE, LS at the
-   paper's middle rate (Splitwise conversation trace), policy piggyback. Next to each figure, the bounds that
-   could bind: the nodes' and host's DRAM (KV bytes per token over attention bandwidth), the network (bytes
-   per BE token over each node's link), and, where neither is reached, GPU prefill supply.
+   paper's middle rate (Splitwise conversation trace). The default policy `hybrid` (HBM while spare, then the
+   host or a remote node, where the planner's tier model says the row decodes fastest: remote_tier.py) at
+   the configured 512-token budget and at 2048, and `piggyback` (every BE row on the CPUs) as a second group.
+   Next to each figure, the bounds that could bind, from the same device figures: GPU token supply
+   (benchmarks/regime_map.py `ceiling`), the nodes' and host's DRAM (KV bytes per token over attention
+   bandwidth), the network (bytes per BE token over each node's link), and the BE prefill the GPU did.
 
-    python benchmarks/remote_nodes.py [--quick] [--skip-loopback] [--jobs 2]
+    python benchmarks/remote_nodes.py [--quick] [--skip-loopback] [--jobs 2] [--policies hybrid@512,...]
 
 Writes benchmarks/results/remote_nodes.md (not with --quick unless --write).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import statistics
@@ -32,6 +36,9 @@ from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.remote_capacity import RemoteNodeFigures, bytes_per_be_token_per_layer
 from piggyback_runtime.sim.devices import MODELS
 from piggyback_runtime.sim.scenario import load_scenario, run_scenario, summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import regime_map  # a sibling script: the GPU token supply ceiling, defined once there
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,6 +58,22 @@ SETTINGS: dict[str, tuple[str, str, int, float, tuple[int, int]]] = {
 }
 BE_SHAPES = {"longbench-v2": (8952, 136), "dailymail": (1964, 397)}  # mean input / output tokens (sim presets)
 NODE_COUNTS = (0, 1, 2, 4)
+# policy@token budget -> simulated seconds: the default as configured and at regime_map's full budget;
+# piggyback (every BE row on the CPUs) as before, on a shorter horizon (its runs are the slow ones: 844 s for
+# 16 at 120 s).
+# A `/hbmN` suffix caps HBM's KV at N tokens (engine.num_kv_blocks): BE decode then needs the CPU tiers, the
+# regime where remote nodes can add what they hold (the paper's: a GPU node whose HBM BE outgrows).
+RUNS = {"hybrid@512": 120.0, "hybrid@2048": 120.0, "piggyback@512": 60.0, "hybrid@2048/hbm80000": 120.0}
+BLOCK_SIZE = 16  # EngineConfig's default block size: the HBM cap in blocks
+
+
+def parse_run(run: str) -> tuple[str, int, int | None]:
+    """policy@budget[/hbmN] -> (policy, token budget, HBM KV tokens or None)."""
+    head, _, cap = run.partition("/hbm")
+    policy, _, budget = head.partition("@")
+    return policy, int(budget), int(cap) if cap else None
+# The regime map's LS level of each setting's rate (for its `ceiling` and LS drain).
+LEVEL = {"70B-H100x4": "medium", "34B-A100x2": "medium"}
 
 
 # --- 1. loopback -------------------------------------------------------------------------------------------------
@@ -114,7 +137,8 @@ def loopback(rounds: int) -> dict[str, Any]:
 
 
 # --- 2. simulator ------------------------------------------------------------------------------------------------
-def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int) -> dict[str, Any]:
+def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int, budget: int = 512,
+             drain_s: float = 30.0) -> dict[str, Any]:  # fmt: skip
     gpu, model, tp, rate, (ttft_ms, tpot_ms) = SETTINGS[setting]
     device: dict[str, Any] = {"gpu": gpu, "model": model, "tp": tp, "host": dict(HOST)}
     if nodes:
@@ -123,12 +147,12 @@ def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int)
                             "dram_gib_per_node": NODE.dram_gib, "network_gb_s": NODE.network_gb_s,
                             "network_latency_s": NODE.network_latency_s}  # fmt: skip
     return {
-        "drain_s": 30.0,
+        "drain_s": drain_s,
         "runtime": {
             "model": {"uri": f"synthetic://{model}"},
             "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
                          {"name": "batch", "class": "BE"}],
-            "engine": {"max_num_batched_tokens": 512, "max_num_seqs": 512},
+            "engine": {"max_num_batched_tokens": budget, "max_num_seqs": 512},
             "piggyback": {"host_kv_memory_gib": HOST["dram_gib"] + nodes * NODE.dram_gib, "max_be_requests": 2048,
                           "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
             "slo_control": {"max_be_queue": 100000},
@@ -142,13 +166,27 @@ def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int)
     }  # fmt: skip
 
 
-def simulate(key: tuple[str, str, int], horizon_s: float, be_count: int) -> dict[str, Any]:
-    setting, be, nodes = key
+def regime_cell(setting: str, be: str) -> dict[str, Any]:
+    return {"device": setting, "level": LEVEL[setting], "be": be, "cpu": "host"}
+
+
+def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) -> dict[str, Any]:
+    run, setting, be, nodes = key
+    policy, budget, hbm_tokens = parse_run(run)
     started = time.perf_counter()
-    result = run_scenario(load_scenario(scenario(setting, be, nodes, horizon_s, be_count)), policy="piggyback")
+    # Every LS request that arrives within the horizon is followed to its end, as in the regime map.
+    drain_s = regime_map.ls_drain_s(regime_cell(setting, be), horizon_s, be_count)
+    spec = scenario(setting, be, nodes, horizon_s, be_count, budget, drain_s)
+    if hbm_tokens is not None:
+        spec["runtime"]["engine"]["num_kv_blocks"] = hbm_tokens // BLOCK_SIZE
+    result = run_scenario(load_scenario(spec), policy=policy)
     out = summary(result)
     out["wall_s"] = time.perf_counter() - started
     out["cpu_busy_share"] = result.cpu_busy_share
+    out["moves_to_host"] = result.moves_to_host
+    out["cpu_tokens_per_s"] = result.cpu_be_tokens / horizon_s
+    series = [rows for t, _, rows in result.host_read_series if t <= horizon_s]
+    out["cpu_rows_mean"] = sum(series) / len(series) if series else 0.0
     # The GPU's BE prefill supply: BE requests it prefilled within the horizon, each worth its output tokens.
     be = [r for r in result.of("BE") if r.first_token_s is not None and r.first_token_s <= horizon_s]
     out["prefill_bound"] = sum(r.output_tokens for r in be) / horizon_s
@@ -175,16 +213,25 @@ def bounds(setting: str, be: str, nodes: int) -> dict[str, float]:
     }
 
 
-def binding(tok_s: float, dram_bw: float, network: float, prefill: float, kv_peak: float) -> str:
-    """Which limit binds, first match: the bounds the figure reaches (within 20 %), then a full KV."""
+def binding(run: str, tok_s: float, cpu_tok_s: float, supply: float, dram_bw: float, network: float,
+            prefill: float, kv_peak: float, cpu_rows: float) -> str:  # fmt: skip
+    """Which limit binds, first match: the bounds the figure reaches (within 20 %: all BE tokens against the GPU's
+    supply and its prefill, the CPU path's against DRAM bandwidth and the network), then a full KV, then what
+    the iteration traces of these runs showed (benchmarks/results/remote_nodes.md, "Reading")."""
+    if tok_s >= 0.8 * supply:
+        return "GPU token supply"
+    if cpu_tok_s >= 0.8 * dram_bw:
+        return "DRAM bandwidth"
+    if cpu_tok_s >= 0.8 * network:
+        return "network"
     if tok_s >= 0.8 * prefill:
         return "GPU prefill supply"
-    if tok_s >= 0.8 * dram_bw:
-        return "DRAM bandwidth"
-    if tok_s >= 0.8 * network:
-        return "network"
     if kv_peak >= 0.95:
         return "DRAM capacity (KV full: rows in flight capped)"
+    if run.startswith("hybrid"):
+        if cpu_rows < 1:
+            return "GPU iterations (SLO-sized budget; BE decodes in HBM, CPU tiers unused)"
+        return "GPU iterations (SLO-sized budget; CPU tiers fed HOST_FEED_SHARE of it)"
     return "per-layer merge pacing (rows wait for a pass over their layer)"
 
 
@@ -194,7 +241,16 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the results file even with --quick")
     parser.add_argument("--skip-loopback", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--policies", default=",".join(RUNS), help="policy@budget[/hbmN], comma-separated")
+    parser.add_argument("--reuse", action="store_true", help="take the runs remote_nodes_runs.json already holds")
+    parser.add_argument("--horizon", type=float, default=None, help="simulated seconds for every run (default: "
+                        "RUNS' horizons; --quick 60)")  # fmt: skip
     args = parser.parse_args()
+    runs = args.policies.split(",")
+    unknown = [r for r in runs if r not in RUNS and "@" not in r]
+    if unknown:
+        parser.error(f"--policies takes policy@budget, not {unknown}")
+    horizons = {r: args.horizon or (60.0 if args.quick else RUNS.get(r, 120.0)) for r in runs}
     os.environ.setdefault("PIGGYBACK_VIDUR_DIR", "/work/shared/data/vidur")
     lines = [f"# Remote CPU attention nodes ({datetime.date.today()}, `python benchmarks/remote_nodes.py`)", ""]
     lines += [f"CPU: {cpu_model_name()}, {os.cpu_count()} cores (a shared VM: loopback figures are indicative).", ""]
@@ -210,44 +266,100 @@ def main() -> None:
                          f"{f['ray_p50_ms']:.3f} | {f['ray_p99_ms']:.3f} | {f['sent_bytes']} | {f['received_bytes']} |")
         lines += ["", "The stream's round trip includes the node's attention (write k/v, read the context); the Ray "
                   "call carries the same bytes and does nothing with them.", ""]
-    horizon = 60.0 if args.quick else 120.0
     be_count = 4000
-    keys = [(s, be, n) for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
+    keys = [(r, s, be, n) for r in runs for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
+    budgets = sorted({parse_run(r)[1] for r in runs})
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {k: pool.submit(simulate, k, horizon, be_count) for k in keys}
-        sims = {k: f.result() for k, f in futures.items()}
-    lines += [f"## 2. BE tokens/s with remote nodes (simulator, policy piggyback, {horizon:.0f} s horizon, "
-              f"{time.perf_counter() - started:.0f} s wall)", "",
-              "Bounds are per resource alone: host/node DRAM = attention bandwidth (80 % of DRAM) ÷ KV bytes a "
-              "decode step reads at the mean context; network = a node's link ÷ wire bytes per BE token (fp32 "
-              "q/k/v out, output back, all layers).", "",
+        supplies = {(s, be, b): pool.submit(regime_map.ceiling, regime_cell(s, be), 120.0, be_count, b)
+                    for s in SETTINGS for be in BE_SHAPES for b in budgets}  # fmt: skip
+        done: dict[str, dict[str, Any]] = {}
+        if args.reuse and (RESULTS / "remote_nodes_runs.json").exists():
+            done = json.loads((RESULTS / "remote_nodes_runs.json").read_text())
+        futures = {k: pool.submit(simulate, k, horizons[k[0]], be_count) for k in keys
+                   if "|".join(map(str, k)) not in done}  # fmt: skip
+        supply = {k: f.result()["GPU token supply"] for k, f in supplies.items()}
+        sims = {k: futures[k].result() if k in futures else done["|".join(map(str, k))] for k in keys}
+    lines += [f"## 2. BE tokens/s with remote nodes (simulator; horizons: "
+              f"{', '.join(f'{r} {h:.0f} s' for r, h in horizons.items())}; {time.perf_counter() - started:.0f} s "
+              "wall)", "",
+              "Bounds are per resource alone: GPU token supply = regime_map.py's `ceiling` at the run's token "
+              "budget (every BE token passes the GPU's Dense layers once, prompt or output, at full iterations of "
+              "that budget, less the LS tokens); "
+              "host/node DRAM = attention bandwidth (80 % of DRAM) ÷ KV bytes a decode step reads at the mean "
+              "context; network = a node's link ÷ wire bytes per BE token (fp32 q/k/v out, output back, all "
+              "layers).", "",
               "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon ÷ horizon "
-              "(what decode could at most turn out). KV peak = peak share of host + remote KV held.", "",
-              "| setting | BE | nodes | BE tok/s | × of 0 nodes | gain per node ÷ one host's DRAM bound | LS att | "
-              "DRAM bw bound (host + nodes) | network bound (nodes) | prefill bound | KV peak | CPU busy "
-              "| wire B/token | binds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for setting in SETTINGS:
-        for be in BE_SHAPES:
-            base = sims[(setting, be, 0)]["be_tokens_per_s"]
-            for nodes in NODE_COUNTS:
-                f = sims[(setting, be, nodes)]
-                b = bounds(setting, be, nodes)
-                tok = f["be_tokens_per_s"]
-                dram = b["dram_host"] + nodes * b["dram_per_node"]
-                network = nodes * b["network_per_node"] if nodes else float("inf")
-                gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
-                binds = binding(tok, dram, network, f["prefill_bound"], f["host_kv_usage_peak"])
-                lines.append(f"| {setting} | {be} | {nodes} | {tok:.1f} | {tok / base if base else float('nan'):.2f} | "
-                             f"{gain:.2f} | {f['ls_attainment']:.3f} | {dram:.0f} | {network:.0f} | "
-                             f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | {f['cpu_busy_share']:.2f} | "
-                             f"{b['wire_bytes_per_token']:.0f} | {binds} |")  # fmt: skip
+              "(what decode could at most turn out). KV peak = peak share of host + remote KV held. CPU rows = "
+              "mean BE rows decoding on the host and the nodes (0: every BE decode ran in HBM).", "",
+              "| policy@budget | setting | BE | nodes | BE tok/s | of which CPU path | × of 0 nodes | gain per node ÷ "
+              "one host's DRAM bound | LS att | GPU token supply | DRAM bw bound (host + nodes) | network bound "
+              "(nodes) | prefill bound | KV peak | CPU rows | CPU busy | binds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        for setting in SETTINGS:
+            for be in BE_SHAPES:
+                base = sims[(run, setting, be, 0)]["be_tokens_per_s"]
+                for nodes in NODE_COUNTS:
+                    f = sims[(run, setting, be, nodes)]
+                    b = bounds(setting, be, nodes)
+                    tok = f["be_tokens_per_s"]
+                    dram = b["dram_host"] + nodes * b["dram_per_node"]
+                    network = nodes * b["network_per_node"] if nodes else float("inf")
+                    gain = (tok - base) / (nodes * b["dram_host"]) if nodes else float("nan")
+                    gpu = supply[(setting, be, parse_run(run)[1])]
+                    cpu_tok = f["cpu_tokens_per_s"]
+                    binds = binding(run, tok, cpu_tok, gpu, dram, network, f["prefill_bound"],
+                                    f["host_kv_usage_peak"], f["cpu_rows_mean"])  # fmt: skip
+                    lines.append(f"| {run} | {setting} | {be} | {nodes} | {tok:.1f} | {cpu_tok:.1f} | "
+                                 f"{tok / base if base else float('nan'):.2f} | {gain:.2f} | "
+                                 f"{f['ls_attainment']:.3f} | {gpu:.0f} | {dram:.0f} | {network:.0f} | "
+                                 f"{f['prefill_bound']:.0f} | {f['host_kv_usage_peak']:.2f} | "
+                                 f"{f['cpu_rows_mean']:.1f} | {f['cpu_busy_share']:.2f} | {binds} |")  # fmt: skip
+    lines += ["", f"Wire bytes per BE token: {bounds('70B-H100x4', 'dailymail', 1)['wire_bytes_per_token']:.0f} "
+              f"(70B), {bounds('34B-A100x2', 'dailymail', 1)['wire_bytes_per_token']:.0f} (34B)."]
+    lines += ["", "![BE tok/s with remote nodes](remote_nodes.png)"]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick or args.write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "remote_nodes.md").write_text(text)
+        raw = {"|".join(map(str, k)): v for k, v in sims.items()}
+        (RESULTS / "remote_nodes_runs.json").write_text(json.dumps(raw, indent=0, default=str) + "\n")
+        plot(sims, supply, runs, RESULTS / "remote_nodes.png")
+
+
+def plot(sims: dict[tuple[str, str, str, int], dict[str, Any]], supply: dict[tuple[str, str, int], float],
+         runs: list[str], path: Path) -> None:  # fmt: skip
+    """BE tok/s against remote nodes, one panel per setting and BE shape, with the GPU token supply and the
+    DRAM bandwidth bound (host + nodes) as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(s, be) for s in SETTINGS for be in BE_SHAPES]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.6))
+    for ax, (setting, be) in zip(axes, cells, strict=True):
+        for run in runs:
+            ax.plot(NODE_COUNTS, [sims[(run, setting, be, n)]["be_tokens_per_s"] for n in NODE_COUNTS], "o-",
+                    label=run)  # fmt: skip
+        for budget, style in ((512, "-."), (2048, "--")):
+            if (setting, be, budget) in supply:
+                ax.axhline(supply[(setting, be, budget)], color="k", ls=style, lw=1,
+                           label=f"GPU token supply @{budget}")  # fmt: skip
+        dram = [bounds(setting, be, n)["dram_host"] + n * bounds(setting, be, n)["dram_per_node"] for n in NODE_COUNTS]
+        ax.plot(NODE_COUNTS, dram, ":", color="grey", label="DRAM bw (host + nodes)")
+        top = max(v for k, v in supply.items() if k[:2] == (setting, be))
+        ax.set_ylim(0, 1.3 * max(top, *(sims[(r, setting, be, n)]["be_tokens_per_s"] for r in runs
+                                        for n in NODE_COUNTS)))  # fmt: skip
+        ax.set_title(f"{setting} {be}", fontsize=9)
+        ax.set_xlabel("remote nodes")
+        ax.set_xticks(NODE_COUNTS)
+    axes[0].set_ylabel("BE tokens/s")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,11 @@ class Engine:
             self.runner: ModelRunner = distributed.LeaderRunner(self.ranks, *runner_args)
         else:
             self.runner = ModelRunner(*runner_args)
+        pb_path = self.runner.piggyback
+        if self.planner.hybrid and pb_path is not None and (tier := pb_path.remote_tier()) is not None:
+            # Remote nodes as hybrid placement's third tier: the planner places, the CPU path follows it.
+            self.planner.remote_tier = tier
+            pb_path.node_of = tier.node_of
         self.model = self.loaded.model
         self.requests: dict[str, Request] = {}
         self._be_token_times: deque[float] = deque()
@@ -318,6 +323,8 @@ class Engine:
         pb = self.runner.piggyback
         if pb is not None:
             pb.collect()
+            if self.planner.remote_tier is not None:  # a node lost or replaced since: its capacity follows
+                pb.refresh_remote_tier(self.planner.remote_tier)
         idle = pb.rows_between_tokens() if pb is not None and self.planner.hybrid else ()
         plan = self.planner.schedule(be_rows_ready=pb.runnable_rows() if pb is not None else 0, host_rows_idle=idle)
         failed_moves = self._execute_moves(plan)
@@ -346,6 +353,7 @@ class Engine:
             for request in pb.take_retries():  # its attention worker was lost: prefill it again, elsewhere
                 if request.request_id in self.requests:
                     request.num_computed_tokens = 0
+                    self.planner.release_remote_kv(request)  # its node's KV is gone; placed afresh
                     self.planner.scheduler.add(request)
                     self.metrics.remote_be_retries.inc()
         self._update_gauges()

@@ -76,3 +76,49 @@ class RemoteCapacity:
     @property
     def rows(self) -> int:
         return sum(w.rows for w in self.workers)
+
+
+# --- the BE tiers beyond HBM: one cost model for the planner, the simulator and the runtime --------------------
+@dataclass(frozen=True)
+class CPUTier:
+    """Where a host-path BE row's KV can live beyond HBM: the GPU host's DRAM (`index` None) or one remote CPU
+    node, as the planner's placement sees it: what it can hold and how fast its attention reads it."""
+
+    index: int | None  # None: the GPU host; else the remote node's index (the runtime: its pool worker index)
+    kv_tokens: int  # BE KV tokens it can hold in all (0 while a node is down: it takes no new row)
+    attention_bandwidth_b_s: float  # KV bytes per second its CPU attention reads
+    network: RemoteNodeFigures | None = None  # a node's link to the GPU node (None: the host, over PCIe)
+
+    @property
+    def remote(self) -> bool:
+        return self.index is not None
+
+
+def tier_layer_s(tier: CPUTier, rows: int, held_tokens: float, kv_bytes_per_token_per_layer: float,
+                 qkv_bytes_per_row: float, out_bytes_per_row: float) -> float:  # fmt: skip
+    """One pass of a tier's `rows` over one layer: every row's KV at that layer read once (`held_tokens` KV
+    tokens over the tier's attention bandwidth), plus, on a node, that layer's round trip on its link (the
+    rows' q/k/v out, their outputs back, one message each way, batched per node per layer as the runtime's
+    stream sends them). A row on the tier advances about one layer per this time (never faster than the
+    accelerator's passes): the planner puts a new row where this, with the row added, is least."""
+    seconds = held_tokens * kv_bytes_per_token_per_layer / tier.attention_bandwidth_b_s
+    if tier.network is not None and rows > 0:
+        seconds += tier.network.network_s(rows * qkv_bytes_per_row) + tier.network.network_s(rows * out_bytes_per_row)
+    return seconds
+
+
+# One core's share of DRAM bandwidth that the CPU attention kernel reads KV at (an assumption: a 24-core host on
+# 2 x 200 GB/s at the kernel's 80 %). The runtime knows the cores the host's workers and each remote worker run
+# on, not their DRAM bandwidth: it weighs one against the other by cores.
+ATTENTION_B_S_PER_CORE = 13e9
+
+
+def node_tiers(capacity: RemoteCapacity, block_size: int, attention_b_s_per_worker: float) -> list[CPUTier]:
+    """The runtime's remote workers as the planner's tiers: the ready ones, with their KV cache (blocks ×
+    `block_size` tokens) and their link. A worker that is down or being replaced is left out: its capacity
+    leaves the planner until the replacement has answered."""
+    return [
+        CPUTier(w.index, w.kv_blocks * block_size, attention_b_s_per_worker,
+                RemoteNodeFigures(0, attention_b_s_per_worker / GB, 0.0, w.network_gb_s))
+        for w in capacity.workers if w.ready
+    ]  # fmt: skip

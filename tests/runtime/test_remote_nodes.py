@@ -20,6 +20,7 @@ import torch
 from piggyback_runtime import metrics as m
 from piggyback_runtime.config import ConfigError, RuntimeConfig
 from piggyback_runtime.engine import Engine
+from piggyback_runtime.piggyback import be_path
 from piggyback_runtime.piggyback.remote import actor as actor_module
 from piggyback_runtime.piggyback.remote.node import NodeServer
 from piggyback_runtime.piggyback.remote.pool import HybridAttentionPool
@@ -193,5 +194,48 @@ def test_without_retries_a_dead_node_fails_only_its_own_requests(threads_for_ray
             time.sleep(0.05)
         assert all(w.ready and not w.dead for w in pool.remote), "the replacement node never registered"
         assert engine.metrics.remote_worker_up.labels("1")._value.get() == 1
+    finally:
+        engine.close()
+
+
+def test_under_hybrid_placement_rows_go_where_the_planner_placed_them_and_stay_exact(
+    threads_for_ray: list[ThreadPlacement], references, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small HBM (24 blocks of 4 tokens): BE requests leave it for the host or a node, where the planner's tier
+    # model (remote_tier.py) says; the CPU path registers each row on that worker. The host's one worker thread
+    # against a node's 4 cores, at a per-core bandwidth so low that the KV each tier reads per layer, not the
+    # link's 20 µs, decides (a tiny model's rows are a few KB): the second row already goes to a node.
+    monkeypatch.setattr(be_path, "ATTENTION_B_S_PER_CORE", 1e3)
+    config = tiny_config(policy="hybrid", max_num_batched_tokens=16, num_kv_blocks=24, hbm_reserve_horizon_s=0.0,
+                         slo_control={"enabled": False}, piggyback={
+                             "max_be_rows_per_layer": 3, "num_cpu_workers": 1, "cpu_threads_per_worker": 1,
+                             "remote": {"address": "local", "num_nodes": 2, "memory_per_worker_gib": 0.01,
+                                        "ready_timeout_s": 600}})  # fmt: skip
+    engine = Engine(config)
+    try:
+        tier = engine.planner.remote_tier
+        pool = engine.piggyback.pool
+        assert tier is not None and isinstance(pool, HybridAttentionPool)
+        assert sorted(tier.nodes) == [w.index for w in pool.remote]
+        placed: dict[str, tuple[int, int | None]] = {}  # request id -> (worker, the planner's node)
+        original = pool.register
+
+        def spy(worker: int, slot: int, blocks: list[int]) -> None:
+            rid = engine.piggyback.row_by_slot[slot].request.request_id
+            placed[rid] = (worker, tier.node_of(rid))
+            original(worker, slot, blocks)
+
+        pool.register = spy  # type: ignore[method-assign]
+        requests = _submit(engine, "BLBBBB", "hyb")
+        run_to_completion(engine)
+        for request, (ref, logits) in zip(requests, references, strict=True):
+            assert request.finish_reason == "length", request.error
+            assert_matches_reference(request.output_token_ids, ref, logits)
+        assert placed, "no BE request left HBM"
+        for rid, (worker, node) in placed.items():
+            assert worker == node if node is not None else worker < pool.num_local, (rid, worker, node)
+        assert any(node is not None for _, node in placed.values()), f"no row was placed on a node: {placed}"
+        assert tier.held == {} and pool.remote_capacity().rows == 0, "remote reservations leaked"
+        assert engine.piggyback.host_kv.allocator.num_used == 0
     finally:
         engine.close()

@@ -78,3 +78,27 @@ def test_hybrid_decodes_in_hbm_while_it_is_spare_and_on_the_host_beyond_it() -> 
     priority = run(scenario("priority", be, 300, 20.0, host_gb_s=100, engine=tight, ls_rate=2.0))
     assert hybrid.be_tokens >= 0.9 * priority.be_tokens
     assert hybrid.ls_attainment >= priority.ls_attainment - 0.05
+
+
+def test_remote_nodes_hold_the_be_rows_the_host_cannot_and_add_be_tokens() -> None:
+    # Hybrid placement with remote DRAM as its third tier (scheduler/remote_tier.py): HBM for ~10 requests and a
+    # host that holds BE KV for only ~3 (2 GiB of llama-2-7b KV at 1300 tokens a request). Without nodes the
+    # rest wait in HBM; with two 64 GiB nodes the planner places them there (no host KV taken), where the nodes'
+    # attention decodes them.
+    be = {"prompt_tokens": 1000, "output_tokens": 300}
+    runs = {}
+    for nodes in (0, 2):
+        data = scenario("hybrid", be, 300, 20.0, host_gb_s=100, engine={"num_kv_blocks": 1250}, ls_rate=2.0,
+                        piggyback={"host_kv_memory_gib": 2})  # fmt: skip
+        if nodes:
+            data["device"]["remote"] = {"count": nodes, "cores_per_node": 24, "dram_bandwidth_gb_s_per_node": 100,
+                                        "dram_gib_per_node": 64, "network_gb_s": 12.5}  # fmt: skip
+        runs[nodes] = run(data)
+    without, with_nodes = runs[0], runs[2]
+    assert without.moves_to_host <= 20  # the host's few rows
+    assert with_nodes.moves_to_host >= 5 * without.moves_to_host
+    assert with_nodes.be_tokens >= 1.05 * without.be_tokens
+    assert with_nodes.ls_attainment >= without.ls_attainment - 0.02
+    for record in with_nodes.of("BE"):
+        if record.finished_s is not None:
+            assert record.tokens_out == record.output_tokens  # placed on a node, never recomputed

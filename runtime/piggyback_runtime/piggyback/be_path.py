@@ -56,7 +56,9 @@ from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.model.arch import ModelArch
 from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_per_worker
 from piggyback_runtime.piggyback.worker import SharedBuffers
+from piggyback_runtime.remote_capacity import ATTENTION_B_S_PER_CORE, bytes_per_be_token_per_layer, node_tiers
 from piggyback_runtime.request import Request
+from piggyback_runtime.scheduler.remote_tier import RemoteTier, TierCosts
 from piggyback_runtime.staging import (
     HostStaging,
     register_host_memory,
@@ -115,6 +117,7 @@ class PiggybackPath:
         """`host_kv` is the planner's: it reserves (as a prefill fills it, or for a move), this path frees when a
         request is done or moves to the accelerator."""
         pb = config.piggyback
+        self.config = config
         self.arch = arch
         self.device = device
         self.dtype = dtype
@@ -141,6 +144,10 @@ class PiggybackPath:
 
             self.pool = hybrid_pool(self.pool, self.buffers, pb.remote, arch, dtype, threads, metrics)
         self.pool.wait_ready()
+        # Hybrid placement with remote nodes: where the planner put each row's KV (a remote worker's index, None
+        # for the host); the engine sets it (`remote_tier`). Unset: rows go to the least loaded worker of all.
+        self.node_of: Callable[[str], int | None] | None = None
+        self._threads = threads
         self.rows: dict[str, BERow] = {}  # request id -> row, once in decode
         self.row_by_slot: dict[int, BERow] = {}
         # Layer inputs of rows whose CPU attention is in flight, one device row per slot; `residuals` says which
@@ -210,12 +217,50 @@ class PiggybackPath:
     # --- decode rows -----------------------------------------------------------------------------------
     def start_decode(self, request: Request) -> None:
         slot = self.host_kv.slot_of[request.request_id]
-        worker = self.pool.least_loaded_worker()
+        worker = self._worker_for(request)
         row = BERow(request, slot, worker, self.host_kv.generation[slot], position=request.num_tokens - 1)
         self.rows[request.request_id] = row
         self.row_by_slot[slot] = row
         self.pool.register(worker, slot, self.host_kv.blocks_of(request.request_id))
         self.mark_entering(row, row.position)
+
+    def _worker_for(self, request: Request) -> int:
+        """The worker that holds a new row: the remote node the planner placed it on, or a local worker where it
+        placed it on the host; without placement, the least loaded of all. A node that went down since the
+        placement leaves the row on a local worker (its KV is staged in host KV, which the planner reserved)."""
+        if self.node_of is None or not hasattr(self.pool, "remote_worker_ready"):
+            return self.pool.least_loaded_worker()
+        node = self.node_of(request.request_id)
+        if node is not None and self.pool.remote_worker_ready(node):
+            return node
+        if node is not None:
+            log.warning("remote attention worker %d, where %s was placed, is down: it decodes on the host",
+                        node, request.request_id)  # fmt: skip
+        return self.pool.least_loaded_local_worker()
+
+    def remote_tier(self) -> RemoteTier | None:
+        """Remote nodes as hybrid placement's third tier (scheduler/remote_tier.py), from the pool's live
+        capacity; None without remote nodes. A remote row's KV is staged in host KV (the pool ships it to its
+        node from there, layer by layer), so it holds host KV as well until it ends."""
+        if not hasattr(self.pool, "remote_capacity"):
+            return None
+        pb = self.config.piggyback
+        assert pb.remote is not None
+        arch = self.arch
+        sent, received = bytes_per_be_token_per_layer(arch.num_attention_heads, arch.num_key_value_heads,
+                                                      arch.head_dim)  # fmt: skip
+        costs = TierCosts(self.block_bytes / self.block_size / arch.num_hidden_layers, sent, received)
+        host_b_s = ATTENTION_B_S_PER_CORE * self._threads * pb.num_cpu_workers
+        tier = RemoteTier(host_b_s, [], costs, host_stages_remote_kv=True)
+        self.refresh_remote_tier(tier)
+        return tier
+
+    def refresh_remote_tier(self, tier: RemoteTier) -> None:
+        """The nodes as the pool has them now: one that died leaves, its replacement joins once it answered."""
+        pb = self.config.piggyback
+        assert pb.remote is not None and hasattr(self.pool, "remote_capacity")
+        per_worker_b_s = ATTENTION_B_S_PER_CORE * max(1, int(pb.remote.cpus_per_worker))
+        tier.update_nodes(node_tiers(self.pool.remote_capacity(), self.block_size, per_worker_b_s))
 
     def mark_entering(self, row: BERow, position: int) -> None:
         """The row's next token (at `position`) waits for layer 0, behind the rows that waited before it."""

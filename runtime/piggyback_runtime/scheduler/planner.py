@@ -36,6 +36,7 @@ from piggyback_runtime.scheduler.outputs import (
     sampling_requests,
 )
 from piggyback_runtime.scheduler.policies import Policy, make_policy
+from piggyback_runtime.scheduler.remote_tier import RemoteTier
 from piggyback_runtime.scheduler.slo_control import (
     AdmissionDecision,
     BEAllowance,
@@ -100,13 +101,16 @@ class Planner:
         append_token: Callable[[Request, int], str | None] = append_until_max_tokens,
         stats: StatsRecorder | None = None,
         kv_moves: bool = False,
+        remote_tier: RemoteTier | None = None,
     ) -> None:
         """`latency_model`: the model itself, or a function that makes it (profiling is only paid for when
         the policy is SLO-controlled). `host_kv` is required when the policy uses the host path.
         `append_token(request, token)` adds a sampled token to a request and returns its finish reason when
         it is done (the engine detokenises and checks stop strings; the default ends at max_tokens).
         `kv_moves`: the caller executes the plans' KV moves (`be_to_host`, `be_to_gpu`); without it, hybrid
-        placement is off and every BE request decodes on the host path, as under `piggyback`."""
+        placement is off and every BE request decodes on the host path, as under `piggyback`.
+        `remote_tier`: remote CPU nodes as hybrid placement's third tier (remote_tier.py); a BE request that
+        leaves HBM goes to the host or a node, where it decodes fastest (used under hybrid placement only)."""
         engine = config.engine
         self.config = config
         self.clock = clock
@@ -148,6 +152,7 @@ class Planner:
         # Hybrid placement (policy `hybrid` with engine.hybrid_placement): BE KV in spare HBM, host beyond.
         self.hybrid = self.policy.hybrid_placement and engine.hybrid_placement and kv_moves
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
+        self.remote_tier = remote_tier if self.hybrid else None
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
         self.moves_to_host = 0
         self.moves_to_gpu = 0
@@ -520,12 +525,50 @@ class Planner:
         assert host is not None
         if request.request_id in host.slot_of:
             return True
+        if self.remote_tier is not None:
+            return self._reserve_cpu_tier(request)
         return host.reserve(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens)
+
+    def _reserve_cpu_tier(self, request: Request) -> bool:
+        """Hybrid placement with remote nodes: the request's KV goes to the host or to a node, whichever its row
+        decodes fastest on (`RemoteTier.choose`), at full length; a row on a node takes no host KV (unless the
+        runtime stages remote KV on the host). False, nothing taken, when no tier can hold it."""
+        tier, host = self.remote_tier, self.host_kv
+        assert tier is not None and host is not None
+        rid = request.request_id
+        if tier.node_of(rid) is not None:
+            return True
+        tokens = len(request.prompt_token_ids) + request.params.max_tokens
+        host_fits = bool(host.free_slots) and host.allocator.can_hold(rid, tokens)
+        if tier.host_stages_remote_kv and not host_fits:
+            return False
+        staged = list(tier.held) if tier.host_stages_remote_kv else []  # host KV that is a node's rows' staging
+        host_rows = len(host.slot_of) - len(staged)
+        host_tokens = (host.allocator.num_blocks - host.allocator.num_free
+                       - sum(len(host.blocks_of(r)) for r in staged)) * host.block_size  # fmt: skip
+        try:
+            node = tier.choose(tokens, host_rows, host_tokens, host_fits)
+        except LookupError:
+            return False
+        if node is not None and tier.host_stages_remote_kv and not host.reserve(rid, tokens):
+            return False
+        if node is None:
+            return host.reserve(rid, tokens)
+        tier.reserve(rid, node, tokens)
+        return True
+
+    def release_remote_kv(self, request: Request) -> None:
+        """The request's KV on a remote node is gone (the node was lost, the request goes back to prefill): its
+        reservation there is free; the next placement decides afresh."""
+        if self.remote_tier is not None:
+            self.remote_tier.release(request.request_id)
 
     def _plan_to_gpu(self, host_rows_idle: Sequence[Request]) -> list[Request]:
         """Host-resident BE requests moved back into HBM while the BE decodes' share has room for them at full
         length (oldest first: each is then certain to finish where it is). They join batching after this
         plan, so the copy runs during the iteration; the caller frees their host KV once copied."""
+        if self.remote_tier is not None:  # a node's rows stay there: their KV is not on this host to copy
+            host_rows_idle = [r for r in host_rows_idle if self.remote_tier.node_of(r.request_id) is None]
         if not host_rows_idle:
             return []
         _, decode_limit = self._be_hbm_split()
@@ -627,6 +670,7 @@ class Planner:
                 self.moves_to_host -= 1
                 if self.host_kv is not None:
                     self.host_kv.free(request.request_id)
+                self.release_remote_kv(request)
                 if request.status != RequestStatus.FINISHED:
                     self.scheduler.running.append(request)  # decodes on the accelerator again next plan
                 continue
@@ -675,6 +719,7 @@ class Planner:
             self._to_host_next.remove(request)
             if self.host_kv is not None:
                 self.host_kv.free(request.request_id)
+        self.release_remote_kv(request)  # the node's KV of it is freed by the CPU path, as host KV is
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

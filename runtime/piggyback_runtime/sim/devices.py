@@ -545,10 +545,11 @@ class DeviceProfile:
         free = self.tp * self.gpu.hbm_gib * GIB * memory_utilization - self.shape.weight_bytes()
         return max(0, int(free // self.shape.kv_bytes_per_token()))
 
-    def host_kv_capacity_tokens(self) -> int:
-        """Tokens of BE KV in host DRAM (plus remote nodes' DRAM), 80% of it (the rest: OS, runtime, buffers)."""
+    def host_kv_capacity_tokens(self, include_remote: bool = True) -> int:
+        """Tokens of BE KV in host DRAM (plus remote nodes' DRAM unless `include_remote` is False: where the
+        planner places KV on the nodes as a tier of its own), 80% of it (the rest: OS, runtime, buffers)."""
         dram = self.host.dram_gib
-        if self.remote is not None:
+        if self.remote is not None and include_remote:
             dram += self.remote.count * self.remote.dram_gib_per_node
         return int(dram * GIB * KV_SHARE_OF_DRAM // self.shape.kv_bytes_per_token())
 

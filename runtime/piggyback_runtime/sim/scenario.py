@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from piggyback_runtime.config import ConfigError, RuntimeConfig, format_validation_error
 from piggyback_runtime.scheduler.policies import policy_names
 from piggyback_runtime.sim import devices
-from piggyback_runtime.sim.simulator import SimResult, Simulator, percentile
+from piggyback_runtime.sim.simulator import SimResult, Simulator, percentile, uses_remote_tier
 from piggyback_runtime.sim.workload import WorkloadSpec, generate
 
 
@@ -217,7 +217,7 @@ def run_scenario(
         if config.engine.num_kv_blocks is None:
             num_blocks = max(1, device.gpu_kv_capacity_tokens() // config.engine.block_size)
         if config.piggyback.num_host_kv_blocks is None:
-            by_device = device.host_kv_capacity_tokens()
+            by_device = device.host_kv_capacity_tokens(include_remote=not uses_remote_tier(config, device))
             gib = config.piggyback.host_kv_memory_gib  # None: as much as the simulated host holds
             by_config = by_device if gib is None else int(gib * 2**30) // device.shape.kv_bytes_per_token()
             host_blocks = max(1, min(by_config, by_device) // config.piggyback.host_block_size)

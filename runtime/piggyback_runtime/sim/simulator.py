@@ -39,11 +39,14 @@ from dataclasses import dataclass, field
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.metrics import RequestTiming, slo_attained
+from piggyback_runtime.remote_capacity import KV_SHARE_OF_DRAM, CPUTier
 from piggyback_runtime.request import Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import Planner
+from piggyback_runtime.scheduler.policies import make_policy
+from piggyback_runtime.scheduler.remote_tier import RemoteTier, TierCosts
 from piggyback_runtime.scheduler.stats import StatsRecorder
 from piggyback_runtime.sim.devices import DeviceProfile
 from piggyback_runtime.sim.workload import SimRequest
@@ -51,6 +54,28 @@ from piggyback_runtime.sim.workload import SimRequest
 # Cache sizes of a simulation whose config sets none and whose scenario names no GPU to size them from.
 UNSIZED_KV_CACHE_GIB = 1.0
 UNSIZED_HOST_KV_GIB = 4.0
+
+
+def uses_remote_tier(config: RuntimeConfig, device: DeviceProfile) -> bool:
+    """Whether the planner places BE KV on the device's remote nodes as a tier of their own (hybrid placement
+    with remote nodes); else their DRAM counts as host KV and the simulator spreads rows over all CPUs."""
+    engine = config.engine
+    policy = make_policy(engine.policy, engine.headroom_be_kv_share, config.piggyback.max_be_requests)
+    return device.remote is not None and policy.hybrid_placement and engine.hybrid_placement
+
+
+def remote_tier_of(device: DeviceProfile) -> RemoteTier:
+    """The planner's remote tier from the device's figures: each node's KV (80 % of its DRAM), its attention
+    bandwidth and its link; the host's attention bandwidth (the same figures the simulated workers serve at)."""
+    remote = device.remote
+    assert remote is not None
+    node = remote.node()
+    kv_tokens = int(node.dram_gib * 2**30 * KV_SHARE_OF_DRAM // device.shape.kv_bytes_per_token())
+    per_node_b_s = device.remote_bandwidth_b_s() / remote.count
+    nodes = [CPUTier(i, kv_tokens, per_node_b_s, node) for i in range(remote.count)]
+    costs = TierCosts(device.shape.kv_bytes_per_token_per_layer(), device.be_qkv_bytes_per_layer(),
+                      device.be_attention_out_bytes_per_layer())  # fmt: skip
+    return RemoteTier(device.host_attention_bandwidth_b_s(), nodes, costs)
 
 
 @dataclass
@@ -145,6 +170,7 @@ class SimResult:
     host_read_series: list[tuple[float, float, int]] = field(default_factory=list)
     moves_to_host: int = 0
     moves_to_gpu: int = 0
+    cpu_be_tokens: int = 0  # of be_tokens, those decoded on the CPU path (host or remote nodes)
 
     def host_bandwidth_share(self, from_s: float, to_s: float) -> float:
         """Host DRAM bandwidth used over [from_s, to_s] as a share of the effective bandwidth:
@@ -222,8 +248,11 @@ class Simulator:
             1, int(kv_gib * 2**30) // (engine.block_size * shape.kv_bytes_per_token()))
         # BE throughput counts the tokens out by the workload's end, not those of the drain after it.
         self.stats = StatsRecorder(horizon_s=duration_s)
+        # Hybrid placement with remote nodes: the planner places BE KV on the host or a node (remote_tier.py).
+        tier = remote_tier_of(device) if uses_remote_tier(config, device) else None
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
-                               clock=lambda: self.now, stats=self.stats, kv_moves=True)  # fmt: skip
+                               clock=lambda: self.now, stats=self.stats, kv_moves=True, remote_tier=tier)  # fmt: skip
+        self.remote_tier = self.planner.remote_tier
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
@@ -250,6 +279,7 @@ class Simulator:
         # Statistics of the modelled CPU path (the iterations' own are in `self.stats`).
         self.host_bytes = 0.0
         self.be_rows_merged = 0  # rows merged with a CPU result back, summed over layers (entering rows not counted)
+        self.cpu_be_tokens = 0  # BE tokens the CPU path turned out before duration_s
         self._kv_usage_area = 0.0
         self._kv_usage_peak = 0.0
 
@@ -330,13 +360,19 @@ class Simulator:
             self._entering.append(heapq.heappop(self._pending_entry)[2])
 
     def _start_decode(self, request: Request, at_s: float) -> None:
-        if self.paced:
+        tier = self.remote_tier
+        if tier is not None:  # the planner placed it: the host (node 0 here) or remote node i (node i + 1)
+            placed = tier.node_of(request.request_id)
+            node = self.nodes[0 if placed is None else placed + 1]
+            worker = node.workers[0]
+        elif self.paced:
             node = min(self.nodes, key=lambda n: (n.rows + 1) / n.bandwidth_b_s)
             worker = node.workers[0]
         else:
             worker = min(self.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
             node = next(n for n in self.nodes if worker in n.workers)
         if not self.paced:  # paced rows have no worker of their own: each task goes where it is served first
+            worker = min(node.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
             worker.rows += 1
         node.rows += 1
         row = _Row(request, worker, node)
@@ -374,7 +410,10 @@ class Simulator:
             num_bytes = request.num_tokens * self.device.shape.kv_bytes_per_token()
             self.moved_bytes += num_bytes
             self._offload_free_at = max(self._offload_free_at, end) + self.device.pcie_s(num_bytes)
-            self._offload_done[request.request_id] = self._offload_free_at
+            landed = self._offload_free_at
+            if self.remote_tier is not None and self.remote_tier.node_of(request.request_id) is not None:
+                landed += self.device.network_s(num_bytes)  # on to its node over the link
+            self._offload_done[request.request_id] = landed
             self._start_decode(request, end)
 
     # --- requests ----------------------------------------------------------------------------------------
@@ -447,6 +486,8 @@ class Simulator:
             self._token(event)
             if event.left_for_host_path:
                 self._start_decode(event.request, end)
+        if end <= self.duration_s:
+            self.cpu_be_tokens += sum(not row.request.is_ls for row in done_rows)
         for row, event in zip(done_rows, events[len(sampling) :], strict=True):
             self._token(event)
             if event.finish_reason is not None:
@@ -493,6 +534,11 @@ class Simulator:
 
     def _account_host_kv(self, span_s: float) -> None:
         usage = self.host_kv.usage()
+        tier = self.remote_tier
+        if tier is not None:  # the host's and the nodes' BE KV together
+            host_cap = self.host_kv.capacity_tokens()
+            node_cap = sum(n.kv_tokens for n in tier.nodes.values())
+            usage = (usage * host_cap + sum(t for _, t in tier.held.values())) / (host_cap + node_cap)
         self._kv_usage_area += usage * span_s
         self._kv_usage_peak = max(self._kv_usage_peak, usage)
 
@@ -541,7 +587,7 @@ class Simulator:
             host_effective_bandwidth_b_s=self.device.host_attention_bandwidth_b_s()
             + self.device.remote_bandwidth_b_s(),
             host_read_series=self._read_series, moves_to_host=self.planner.moves_to_host,
-            moves_to_gpu=self.planner.moves_to_gpu,
+            moves_to_gpu=self.planner.moves_to_gpu, cpu_be_tokens=self.cpu_be_tokens,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:

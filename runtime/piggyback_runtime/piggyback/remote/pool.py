@@ -197,6 +197,15 @@ class HybridAttentionPool:
         candidates += [(len(w.slots), w.index) for w in self.remote if w.ready and not w.dead]
         return min(candidates)[1]
 
+    def least_loaded_local_worker(self) -> int:
+        """A local worker for a row whose KV the planner placed on the host (hybrid placement's tiers)."""
+        return self.local.least_loaded_worker()
+
+    def remote_worker_ready(self, worker_index: int) -> bool:
+        """Whether this remote worker answered and takes rows (not dead, not being replaced)."""
+        worker = self._remote(worker_index)
+        return worker is not None and worker.ready and not worker.dead
+
     def _remote(self, worker_index: int) -> RemoteWorker | None:
         return self.remote[worker_index - self.num_local] if worker_index >= self.num_local else None
 
