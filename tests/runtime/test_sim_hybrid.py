@@ -95,8 +95,10 @@ def test_remote_nodes_hold_the_be_rows_the_host_cannot_and_add_be_tokens() -> No
                                         "dram_gib_per_node": 64, "network_gb_s": 12.5}  # fmt: skip
         runs[nodes] = run(data)
     without, with_nodes = runs[0], runs[2]
-    assert without.moves_to_host <= 20  # the host's few rows
-    assert with_nodes.moves_to_host >= 5 * without.moves_to_host
+    # Without nodes the host holds its few rows at a time (rows cycle back to HBM as room opens there).
+    assert without.moves_to_host - without.moves_to_gpu <= 5
+    assert with_nodes.moves_to_host >= 2 * without.moves_to_host
+    assert with_nodes.cpu_be_tokens >= 5 * without.cpu_be_tokens  # the nodes decode what the host could not
     assert with_nodes.be_tokens >= 1.05 * without.be_tokens
     assert with_nodes.ls_attainment >= without.ls_attainment - 0.02
     for record in with_nodes.of("BE"):

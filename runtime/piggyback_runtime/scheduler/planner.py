@@ -340,13 +340,16 @@ class Planner:
         return tokens
 
     def host_path_keeps_pace(self) -> bool:
-        """Whether the host-resident BE rows (those holding host KV) are few enough for the CPU path to carry
+        """Whether the CPU-path BE rows (holding host or remote-node KV) are few enough for the CPU path to carry
         them at about a token an iteration: at most HOST_PACE_FACTOR × the host tokens an iteration produced
         lately, plus HOST_PACE_MIN_ROWS (so that the first rows can start and show the pace)."""
         host = self.host_kv
         if host is None:
             return False
-        return len(host.slot_of) <= HOST_PACE_FACTOR * self.host_tokens_per_iteration + HOST_PACE_MIN_ROWS
+        # The tokens counted are every CPU-path row's, so the rows are too: a remote node's rows hold no host KV
+        # in the simulator, and in the runtime they are staged there as well (a set, so none counts twice).
+        rows = set(host.slot_of) | (set(self.remote_tier.held) if self.remote_tier is not None else set())
+        return len(rows) <= HOST_PACE_FACTOR * self.host_tokens_per_iteration + HOST_PACE_MIN_ROWS
 
     def _hbm_decode_room_full(self) -> bool:
         """Whether HBM-resident BE decodes fill their share (a BE prompt finishing now would go to the host)."""
