@@ -131,6 +131,9 @@ class Report:
     headroom_samples: dict[str, list[float]] = field(default_factory=dict)  # per phase, the gauge every second
     trace_summary: str = ""  # benchmarks/iteration_trace.py's table of the runtime's iterations
     rejection_reasons: Counter[str] = field(default_factory=Counter)  # LS admission rejections by reason, whole run
+    # Per phase, where the CPU went (`_cpu_snapshot` differences) and the runtime's iterations (from its trace).
+    phase_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    phase_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # monotonic start, end
 
     @property
     def ok(self) -> bool:
@@ -209,6 +212,59 @@ def _scrape_all(
     return counts, rejections, attainment, headroom, error
 
 
+def _ticks(stat_path: Path) -> int:
+    """utime + stime (clock ticks) from a /proc .../stat file; 0 if it is gone."""
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _cpu_snapshot(pid: int) -> dict[str, float]:
+    """CPU seconds so far: this client process (all its threads), the runtime's main thread (the HTTP event loop:
+    parsing, tokenising, refusals, streaming), each other runtime thread by id (the engine loop is the busiest
+    of them), and the runtime's child processes (CPU attention workers)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    snapshot = {"client": time.process_time()}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        key = "server_main" if task.name == str(pid) else f"thread:{task.name}"
+        snapshot[key] = _ticks(task / "stat") / hz
+    children = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += sum(_tree_ticks(int(c)) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    snapshot["server_children"] = children / hz
+    return snapshot
+
+
+def _tree_ticks(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        total += _ticks(task / "stat")
+        try:
+            total += sum(_tree_ticks(int(c)) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return total
+
+
+def phase_cpu(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """CPU cores used during a phase (CPU seconds ÷ wall seconds): client, runtime HTTP thread, engine thread
+    (the busiest other runtime thread), the runtime's other threads, its child processes."""
+    threads = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("thread:")}
+    engine = max(threads.values(), default=0.0)
+    return {
+        "client": (after["client"] - before["client"]) / seconds,
+        "server_main": (after["server_main"] - before["server_main"]) / seconds,
+        "server_engine": engine / seconds,
+        "server_other": (sum(threads.values()) - engine) / seconds,
+        "server_children": (after["server_children"] - before["server_children"]) / seconds,
+    }
+
+
 def _tree_rss(pid: int) -> int:
     """Resident memory of a process and its descendants (the CPU attention workers), from /proc."""
     total, stack = 0, [pid]
@@ -283,6 +339,7 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
             phase_start = started
             for name, rate, duration in phases:
                 phase_name[0] = name
+                cpu_before = await asyncio.to_thread(_cpu_snapshot, pid)
                 phase_end = phase_start + duration
                 due = phase_start
                 for _ in range(math.ceil(rate * duration * 1.5) + 10):  # Poisson arrivals: bounded in count too
@@ -292,6 +349,9 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
                     launch(LS, _prompt(rng, rng.randint(16, 48)), settings.ls_max_tokens)
                 await asyncio.sleep(max(0.0, phase_end - time.monotonic()))
+                cpu_after = await asyncio.to_thread(_cpu_snapshot, pid)
+                report.phase_cpu[name] = phase_cpu(cpu_before, cpu_after, time.monotonic() - phase_start)
+                report.phase_bounds[name] = (phase_start, phase_end)
                 _, _, _, headroom, error = await asyncio.to_thread(_scrape_all, base_url)
                 report.phases[name] = {"offered_rps": rate, "duration_s": duration, "headroom_rps": headroom,
                                        "model_error": error}  # fmt: skip
@@ -392,11 +452,29 @@ def run_overload(settings: Settings) -> Report:
             process.terminate()
             process.wait(timeout=60)
         if trace_path.exists():
-            report.trace_summary = summarise_trace(load_trace(trace_path), settings.error_after_s)
+            trace = load_trace(trace_path)
+            report.trace_summary = summarise_trace(trace, settings.error_after_s)
+            _phase_iterations(report, trace)
             if settings.keep_trace is not None:
                 shutil.copyfile(trace_path, settings.keep_trace)
     _check(report)
     return report
+
+
+def _phase_iterations(report: Report, trace: list[dict[str, object]]) -> None:
+    """Each phase's iterations from the runtime's trace (its clock is this host's monotonic clock, as ours):
+    count per second, measured p50 (all, and those with an LS prefill), and the share of wall time in them."""
+    for name, (start, end) in report.phase_bounds.items():
+        rows = [r for r in trace if start <= float(r["t"]) < end]  # type: ignore[arg-type]
+        measured = [float(r["measured_s"]) for r in rows]  # type: ignore[arg-type]
+        prefill = [float(r["measured_s"]) for r in rows if r["ls_prefill_tokens"]]  # type: ignore[arg-type]
+        tokens = [int(r["ls_prefill_tokens"]) for r in rows if r["ls_prefill_tokens"]]  # type: ignore[call-overload]
+        cpu = report.phase_cpu.setdefault(name, {})
+        cpu["iterations_per_s"] = len(rows) / (end - start)
+        cpu["iteration_p50_ms"] = statistics.median(measured) * 1000 if measured else math.nan
+        cpu["ls_prefill_iteration_p50_ms"] = statistics.median(prefill) * 1000 if prefill else math.nan
+        cpu["ls_prefill_tokens_p50"] = statistics.median(tokens) if tokens else math.nan
+        cpu["busy_share"] = sum(measured) / (end - start)
 
 
 def _check(report: Report) -> None:
@@ -578,6 +656,24 @@ def render(report: Report) -> str:
         "|---|---|---|",
         *(f"| {name} | {'PASS' if passed else 'FAIL'} | {detail} |" for name, passed, detail in report.checks),
     ]
+    if report.phase_cpu:
+        lines += ["", "Per phase, where the CPU went (cores: CPU seconds ÷ wall seconds) and the runtime's iterations:",
+                  "", "| phase | LS admitted/s | LS 429/s | client | runtime HTTP thread | engine thread "
+                  "| other runtime threads | CPU attention workers | iterations/s | iteration p50 ms "
+                  "| LS-prefill iteration p50 ms | LS prefill tokens p50 | engine busy share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, cpu in report.phase_cpu.items():
+            duration = float(report.phases[name]["duration_s"] or 1.0)
+            refused = sum(r.phase == name and r.service == LS and r.outcome == REJECTED for r in report.records)
+
+            def value(key: str, digits: int = 2, cpu: dict[str, float] = cpu) -> str:
+                return _optional(cpu.get(key), digits)
+
+            lines.append(f"| {name} | {admitted_rps(report, name):.2f} | {refused / duration:.1f} | {value('client')} "
+                         f"| {value('server_main')} | {value('server_engine')} | {value('server_other')} "
+                         f"| {value('server_children')} | {value('iterations_per_s', 1)} "
+                         f"| {value('iteration_p50_ms', 1)} | {value('ls_prefill_iteration_p50_ms', 1)} "
+                         f"| {value('ls_prefill_tokens_p50', 0)} | {value('busy_share')} |")  # fmt: skip
     if report.trace_summary:
         lines += ["", "The runtime's iterations (benchmarks/iteration_trace.py on its PIGGYBACK_ITERATION_TRACE):", "",
                   report.trace_summary]  # fmt: skip

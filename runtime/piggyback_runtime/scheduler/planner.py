@@ -54,6 +54,9 @@ ITERATION_TRACE_ENV = "PIGGYBACK_ITERATION_TRACE"
 # Hybrid placement, while HBM-resident BE decodes fill their share: the most of an iteration's token budget
 # spent on BE prompts that will decode on the host path (a fixed share: the regime map's ablation measures it).
 HOST_FEED_SHARE = 0.25
+# The LS headroom gauge subtracts the LS rate admitted over this many seconds (long enough to count tens of
+# arrivals at the rates a gauge is read at, short enough to follow a change of load within a few readings).
+ADMITTED_RATE_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Planner:
                               "lower it or enlarge the KV cache")  # fmt: skip
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
+        self._ls_admitted_s: deque[float] = deque()  # when admitted LS requests arrived (the last window's)
         self.moves_to_host = 0
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
@@ -182,7 +186,19 @@ class Planner:
         if self._queues_for_batching(request) and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
             return Rejection(REASON_BE_QUEUE_FULL, f"{len(self.host_kv_waiting)} requests already wait for host "
                              "KV memory (slo_control.max_be_queue); retry later", 5.0)  # fmt: skip
+        if request.is_ls:
+            self._ls_admitted_s.append(request.arrival_s)
+            self._forget_admitted_before(request.arrival_s - ADMITTED_RATE_WINDOW_S)
         return None
+
+    def _forget_admitted_before(self, since_s: float) -> None:
+        while self._ls_admitted_s and self._ls_admitted_s[0] < since_s:
+            self._ls_admitted_s.popleft()
+
+    def admitted_ls_rps(self) -> float:
+        """LS requests admitted per second over the last `ADMITTED_RATE_WINDOW_S` (by arrival time)."""
+        self._forget_admitted_before(self.clock() - ADMITTED_RATE_WINDOW_S)
+        return len(self._ls_admitted_s) / ADMITTED_RATE_WINDOW_S
 
     def _queues_for_batching(self, request: Request) -> bool:
         """Host-path requests (and BE under hybrid placement) wait in `host_kv_waiting` until `_admit_be`
@@ -680,9 +696,12 @@ class Planner:
     def record_finished_ls(self, prompt_tokens: int, output_tokens: int) -> None:
         """An LS request completed: its lengths join the mix headroom is computed for."""
         self._finished_ls_lengths.append((prompt_tokens, output_tokens))
+        if self.slo is not None:  # how long a queued LS request will decode: admission's prediction needs it
+            self.slo.ls_output_tokens = sum(o for _, o in self._finished_ls_lengths) / len(self._finished_ls_lengths)
 
     def headroom_rps(self) -> float | None:
-        """Extra LS request rate that fits at the current mix; None until LS requests were seen."""
+        """Extra LS request rate that fits at the current mix, on top of the rate admitted lately
+        (`SLOController.headroom_rps`); None until LS requests were seen."""
         assert self.slo is not None
         slos = [s.slo for s in self.config.services if s.slo is not None]
         if not self._finished_ls_lengths or not slos:
@@ -690,4 +709,4 @@ class Planner:
         prompts, outputs = zip(*self._finished_ls_lengths, strict=True)
         mix = LSMix(sum(prompts) / len(prompts), sum(outputs) / len(outputs),
                     min(s.tpot_s for s in slos), min(s.ttft_s for s in slos))  # fmt: skip
-        return self.slo.headroom_rps(self.ls_state(), mix, self.clock())
+        return self.slo.headroom_rps(self.ls_state(), mix, self.clock(), self.admitted_ls_rps())
