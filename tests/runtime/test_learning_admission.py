@@ -18,6 +18,7 @@ import pytest
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import Request, SamplingParams
+from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import (
     LatencyModel,
     LinearAttentionModel,
@@ -57,6 +58,7 @@ class Run:
     planner: Planner
     offered: int = 0
     admitted: list[Request] = dataclasses.field(default_factory=list)
+    refused: list[int] = dataclasses.field(default_factory=list)  # indices of the arrivals admission refused
     errors: list[float] = dataclasses.field(default_factory=list)  # (predicted − measured) / measured, per iteration
 
     def goodput_rps(self, since_s: float, until_s: float) -> float:
@@ -98,11 +100,13 @@ def poisson_arrivals(phases: list[tuple[float, float]], seed: int = 0) -> list[f
 
 
 def drive(rate_rps: float, duration_s: float, planner_model: LatencyModel, truth: LatencyModel,
-          arrival_times: list[float] | None = None,
-          each_second: Callable[[Planner, float], None] | None = None) -> Run:  # fmt: skip
+          arrival_times: list[float] | None = None, each_second: Callable[[Planner, float], None] | None = None,
+          early: dict[int, bool] | None = None) -> Run:  # fmt: skip
     """The engine's loop on a virtual clock: an iteration lasts what `truth` predicts for the shape that ran.
     Arrivals evenly spaced at `rate_rps` for `duration_s`, or at `arrival_times`; `each_second(planner, now)`
-    is called once a second of virtual time (where the engine would refresh its gauges)."""
+    is called once a second of virtual time (where the engine would refresh its gauges). `early`: filled with
+    each arrival's `refuse_early` answer at its arrival time, mid-iteration, as an HTTP handler asks it
+    (index → refused), while the engine's own decision waits for the iteration's end, as the engine's does."""
     now = [0.0]
     planner = Planner(config(), num_kv_blocks=4096, host_kv=HostKV(64, 16, 4), latency_model=planner_model,
                       clock=lambda: now[0])  # fmt: skip
@@ -118,6 +122,8 @@ def drive(rate_rps: float, duration_s: float, planner_model: LatencyModel, truth
             if planner.admission(request) is None:
                 planner.add(request)
                 run.admitted.append(request)
+            else:
+                run.refused.append(index)
             index += 1
         while each_second is not None and now[0] >= next_second:
             each_second(planner, next_second)
@@ -126,10 +132,20 @@ def drive(rate_rps: float, duration_s: float, planner_model: LatencyModel, truth
         if not plan:
             now[0] = pending[index]
             continue
+        planner.publish_admission_view(plan)
         sampling = sampling_requests(plan)
         started = now[0]
-        now[0] += truth.predict(iteration_shape(plan, 0.0, len(sampling), truth))
+        ended = started + truth.predict(iteration_shape(plan, 0.0, len(sampling), truth))
+        for later in range(index, len(pending)) if early is not None else ():
+            if pending[later] > ended:
+                break
+            now[0] = pending[later]  # the HTTP handler asks at arrival, while this iteration runs
+            request = Request(f"r{later}", "chat", "LS", [1] * PROMPT,
+                              SamplingParams(max_tokens=OUTPUT, ignore_eos=True), arrival_s=pending[later])  # fmt: skip
+            early[later] = planner.refuse_early(request) is not None  # type: ignore[index]
+        now[0] = ended
         planner.update(plan, IterationOutputs(started, [0] * len(sampling)), now[0])
+        planner.publish_admission_view(IterationPlan())
         stats = planner.stats.last
         assert stats is not None and stats.predicted_s is not None
         run.errors.append((stats.predicted_s - stats.measured_s) / stats.measured_s)
@@ -182,6 +198,20 @@ def test_the_headroom_gauge_read_at_a_lower_load_names_the_rate_admission_lets_t
     predicted = statistics.mean(gauge[free]) + admitted[free]
     assert predicted == pytest.approx(admitted[overload], rel=0.35), (free, predicted, admitted, gauge)
     assert statistics.mean(gauge[overload]) <= 0.05 * admitted[overload], gauge[overload]
+
+
+def test_ls_refusals_decided_at_arrival_from_the_published_view_are_the_engines_own() -> None:
+    """The HTTP handler refuses from the view the planner publishes with each plan, without waiting for the
+    engine (`Planner.refuse_early`): under Poisson overload it refuses the requests the engine, deciding at
+    the iteration's end, refuses, but for a few at the edge (a request let through that the engine then
+    refused, making the queue the handler assumed one too long)."""
+    sustainable = steady_headroom_rps(true_model())
+    early: dict[int, bool] = {}
+    times = poisson_arrivals([(5 * sustainable, 6.0)], seed=1)
+    run = drive(0.0, 0.0, true_model(), true_model(), arrival_times=times, early=early)
+    refused_early = {i for i, refused in early.items() if refused}
+    assert len(early) >= len(times) - 1 and len(run.refused) > 0.5 * len(times)  # (the first came to an idle engine)
+    assert len(refused_early ^ set(run.refused)) <= 0.02 * len(run.refused), (len(refused_early), len(run.refused))
 
 
 def test_overload_keeps_goodput_even_with_a_model_twice_too_pessimistic() -> None:

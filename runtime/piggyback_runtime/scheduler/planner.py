@@ -147,6 +147,12 @@ class Planner:
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
         self._ls_admitted_s: deque[float] = deque()  # when admitted LS requests arrived (the last window's)
+        # The LS work as it will be once the running iteration ends (`publish_admission_view`), numbered:
+        # swapped whole, so another thread may read it while the engine thread plans.
+        self.admission_view: tuple[int, tuple[LSRequestState, ...]] = (0, ())
+        # What `refuse_early` let through since the view it last read (only its caller's thread touches these).
+        self._forwarded_on: int = -1
+        self._forwarded: list[LSRequestState] = []
         self.moves_to_host = 0
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
@@ -190,6 +196,55 @@ class Planner:
             self._ls_admitted_s.append(request.arrival_s)
             self._forget_admitted_before(request.arrival_s - ADMITTED_RATE_WINDOW_S)
         return None
+
+    def publish_admission_view(self, plan: IterationPlan) -> None:
+        """The LS requests as they will be once `plan` ran (its chunks computed, a prompt whose last chunk it
+        holds decoding, a decode that reaches max_tokens gone): what `refuse_early` decides against."""
+        planned = {c.request.request_id: c for c in plan.chunks}
+        held = sorted((r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None),
+                      key=lambda r: r.arrival_s)  # fmt: skip
+        view: list[LSRequestState] = []
+        for r in held:
+            slo = r.slo
+            assert slo is not None
+            chunk = planned.get(r.request_id)
+            samples = chunk is not None and chunk.samples
+            if r.output_token_ids or samples:
+                if samples and len(r.output_token_ids) + 1 >= r.params.max_tokens:
+                    continue  # its last token comes out of this plan
+                view.append(LSRequestState(slo.tpot_s, None, 0, r.num_tokens + samples))
+            else:
+                remaining = r.num_remaining_tokens - (chunk.num_tokens if chunk is not None else 0)
+                view.append(LSRequestState(slo.tpot_s, r.arrival_s + slo.ttft_s, remaining, r.num_tokens))
+        self.admission_view = (self.admission_view[0] + 1, tuple(view))
+
+    def refuse_early(self, request: Request) -> Rejection | None:
+        """An LS refusal decided off the engine thread (one caller thread: the HTTP event loop), at arrival:
+        a Rejection when `admit_ls` refuses the request against the LS work the running iteration leaves
+        (`admission_view`) plus the LS requests this let through since that view was published, queued as if
+        admitted; None: the request goes to the engine, which decides (`admission`). The engine decides an
+        iteration later (the request has waited the rest of this one) against that work and what it admitted
+        meanwhile: a longer predicted TTFT, so a request refused here is one it would refuse too, unless one let
+        through before it is refused there (a longer prompt, or one that had waited longer)."""
+        service = self.services[request.service]
+        slo = request.slo or (SLOTarget(service.slo.ttft_s, service.slo.tpot_s) if service.slo is not None else None)
+        if self.slo is None or not request.is_ls or slo is None or not self.config.slo_control.admission:
+            return None
+        version, view = self.admission_view
+        if version != self._forwarded_on:
+            self._forwarded_on, self._forwarded = version, []
+        prompt = len(request.prompt_token_ids)
+        decision = self.slo.admit_ls(NewLSRequest(prompt, slo.ttft_s, slo.tpot_s, request.arrival_s),
+                                     (*view, *self._forwarded), IterationDemand(), self.clock())  # fmt: skip
+        if decision.admitted:
+            self._forwarded.append(LSRequestState(slo.tpot_s, request.arrival_s + slo.ttft_s, prompt, prompt))
+            return None
+        request.slo = slo
+        return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
+
+    def note_refused_early(self, request: Request) -> None:
+        """On the engine thread: an LS arrival `refuse_early` refused joins the arrivals the planner counts."""
+        self._ls_arrivals.append((request.arrival_s, len(request.prompt_token_ids)))
 
     def _forget_admitted_before(self, since_s: float) -> None:
         while self._ls_admitted_s and self._ls_admitted_s[0] < since_s:
