@@ -173,14 +173,27 @@ class LeanClient:
     of `stream_completion`: STREAM_OK, STREAM_REJECTED, "HTTP <status>", "stream error <code>", "stream cut",
     or the transport error's type."""
 
+    # The server closes a keep-alive connection idle this long (uvicorn's default is 5 s): older ones are dropped.
+    IDLE_S = 4.0
+
     def __init__(self, host: str, port: int, timeout_s: float) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def close(self) -> None:
-        for _, writer in self._idle:
+        for _, writer, _ in self._idle:
             writer.close()
         self._idle.clear()
+
+    def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently idle connection that the server has not closed for idling."""
+        now = time.monotonic()
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if now - since < self.IDLE_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
 
     async def stream_completion(self, service: str, prompt: str, max_tokens: int, record: Record) -> str:
         body = json.dumps({"model": service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
@@ -188,27 +201,33 @@ class LeanClient:
                            "stream_options": {"include_usage": True}}).encode()  # fmt: skip
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
-        connection = self._idle.pop() if self._idle else None
+        connection = self._reuse()
         try:
             async with asyncio.timeout(self.timeout_s):
+                if connection is not None:
+                    connection[1].write(head + body)
+                    status = await connection[0].readline()
+                    if not status:  # closed by the server before it read the request: send it afresh
+                        connection[1].close()
+                        connection = None
                 if connection is None:
                     connection = await asyncio.open_connection(self.host, self.port)
-                reader, writer = connection
-                writer.write(head + body)
-                outcome, reusable = await self._response(reader, record)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                    connection[1].write(head + body)
+                    status = await connection[0].readline()
+                outcome, reusable = await self._response(status, connection[0], record)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError) as exc:
             if connection is not None:
                 connection[1].close()
             return type(exc).__name__
         if reusable:
-            self._idle.append(connection)
+            self._idle.append((*connection, time.monotonic()))
         else:
-            writer.close()
+            connection[1].close()
         return outcome
 
-    async def _response(self, reader: asyncio.StreamReader, record: Record) -> tuple[str, bool]:
-        """(outcome, whether the connection may be reused) of one response."""
-        status = int((await reader.readline()).split(b" ", 2)[1])
+    async def _response(self, status_line: bytes, reader: asyncio.StreamReader, record: Record) -> tuple[str, bool]:
+        """(outcome, whether the connection may be reused) of one response, from its status line on."""
+        status = int(status_line.split(b" ", 2)[1])
         length, chunked, reusable = 0, False, True
         while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode("latin-1").partition(":")

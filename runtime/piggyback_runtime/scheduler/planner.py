@@ -147,6 +147,7 @@ class Planner:
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
         self._ls_admitted_s: deque[float] = deque()  # when admitted LS requests arrived (the last window's)
+        self._first_ls_admitted_s: float | None = None
         # The LS work as it will be once the running iteration ends (`publish_admission_view`), numbered:
         # swapped whole, so another thread may read it while the engine thread plans.
         self.admission_view: tuple[int, tuple[LSRequestState, ...]] = (0, ())
@@ -193,6 +194,8 @@ class Planner:
             return Rejection(REASON_BE_QUEUE_FULL, f"{len(self.host_kv_waiting)} requests already wait for host "
                              "KV memory (slo_control.max_be_queue); retry later", 5.0)  # fmt: skip
         if request.is_ls:
+            if self._first_ls_admitted_s is None:
+                self._first_ls_admitted_s = request.arrival_s
             self._ls_admitted_s.append(request.arrival_s)
             self._forget_admitted_before(request.arrival_s - ADMITTED_RATE_WINDOW_S)
         return None
@@ -251,9 +254,14 @@ class Planner:
             self._ls_admitted_s.popleft()
 
     def admitted_ls_rps(self) -> float:
-        """LS requests admitted per second over the last `ADMITTED_RATE_WINDOW_S` (by arrival time)."""
-        self._forget_admitted_before(self.clock() - ADMITTED_RATE_WINDOW_S)
-        return len(self._ls_admitted_s) / ADMITTED_RATE_WINDOW_S
+        """LS requests admitted per second over the last `ADMITTED_RATE_WINDOW_S` (by arrival time), or since
+        the first was admitted when that is more recent."""
+        now = self.clock()
+        self._forget_admitted_before(now - ADMITTED_RATE_WINDOW_S)
+        if self._first_ls_admitted_s is None:
+            return 0.0
+        span = min(ADMITTED_RATE_WINDOW_S, max(1.0, now - self._first_ls_admitted_s))  # ≥ 1 s: no spike at the start
+        return len(self._ls_admitted_s) / span
 
     def _queues_for_batching(self, request: Request) -> bool:
         """Host-path requests (and BE under hybrid placement) wait in `host_kv_waiting` until `_admit_be`
