@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -329,6 +330,9 @@ def _cpu_snapshot(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").glob("*"):
         key = "server_main" if task.name == str(pid) else f"thread:{task.name}"
         snapshot[key] = _ticks(task / "stat") / hz
+        # schedstat: ns on a CPU, ns runnable but waiting for one (a thread waiting for the GIL sleeps instead)
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            snapshot[f"wait:{key}"] = int((task / "schedstat").read_text().split()[1]) / 1e9
     children = 0
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -355,7 +359,10 @@ def phase_cpu(before: dict[str, float], after: dict[str, float], seconds: float)
     (the busiest other runtime thread), the runtime's other threads, its child processes."""
     threads = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("thread:")}
     engine = max(threads.values(), default=0.0)
+    engine_key = max(threads, key=lambda k: threads[k], default="")
+    engine_wait = after.get(f"wait:{engine_key}", 0.0) - before.get(f"wait:{engine_key}", 0.0)
     return {
+        "engine_cpu_wait": engine_wait / seconds,
         "client": (after["client"] - before["client"]) / seconds,
         "server_main": (after["server_main"] - before["server_main"]) / seconds,
         "server_engine": engine / seconds,
@@ -582,6 +589,8 @@ def _phase_iterations(report: Report, trace: list[dict[str, object]]) -> None:
         cpu["ls_prefill_iteration_p50_ms"] = statistics.median(prefill) * 1000 if prefill else math.nan
         cpu["ls_prefill_tokens_p50"] = statistics.median(tokens) if tokens else math.nan
         cpu["busy_share"] = sum(measured) / (end - start)
+        # In an iteration but neither on a CPU nor waiting for one: waiting for the GIL (or the CPU workers).
+        cpu["engine_blocked"] = cpu["busy_share"] - cpu.get("server_engine", 0.0) - cpu.get("engine_cpu_wait", 0.0)
 
 
 def _check(report: Report) -> None:
@@ -766,9 +775,10 @@ def render(report: Report) -> str:
     if report.phase_cpu:
         lines += ["", "Per phase, where the CPU went (cores: CPU seconds ÷ wall seconds) and the runtime's iterations:",
                   "", "| phase | LS admitted/s | LS 429/s | client | runtime HTTP thread | engine thread "
-                  "| other runtime threads | CPU attention workers | iterations/s | iteration p50 ms "
-                  "| LS-prefill iteration p50 ms | LS prefill tokens p50 | engine busy share |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| engine thread waiting for a CPU | other runtime threads | CPU attention workers | iterations/s "
+                  "| iteration p50 ms | LS-prefill iteration p50 ms | LS prefill tokens p50 | engine busy share "
+                  "| engine in an iteration but blocked (GIL) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, cpu in report.phase_cpu.items():
             duration = float(report.phases[name]["duration_s"] or 1.0)
             refused = sum(r.phase == name and r.service == LS and r.outcome == REJECTED for r in report.records)
@@ -777,10 +787,12 @@ def render(report: Report) -> str:
                 return _optional(cpu.get(key), digits)
 
             lines.append(f"| {name} | {admitted_rps(report, name):.2f} | {refused / duration:.1f} | {value('client')} "
-                         f"| {value('server_main')} | {value('server_engine')} | {value('server_other')} "
+                         f"| {value('server_main')} | {value('server_engine')} | {value('engine_cpu_wait')} "
+                         f"| {value('server_other')} "
                          f"| {value('server_children')} | {value('iterations_per_s', 1)} "
                          f"| {value('iteration_p50_ms', 1)} | {value('ls_prefill_iteration_p50_ms', 1)} "
-                         f"| {value('ls_prefill_tokens_p50', 0)} | {value('busy_share')} |")  # fmt: skip
+                         f"| {value('ls_prefill_tokens_p50', 0)} | {value('busy_share')} "
+                         f"| {value('engine_blocked')} |")  # fmt: skip
     if report.trace_summary:
         lines += ["", "The runtime's iterations (benchmarks/iteration_trace.py on its PIGGYBACK_ITERATION_TRACE):", "",
                   report.trace_summary]  # fmt: skip
