@@ -351,7 +351,8 @@ class Engine:
                 # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
                 pb.idle_wait(0.05)
         self._start_moved_rows(plan, failed_moves)
-        self.planner.publish_admission_view(IterationPlan())  # the LS work as it is now, until the next plan
+        if not self.planner.has_work():  # idle until a request comes: the view must not hold the plan's requests
+            self.planner.publish_admission_view(IterationPlan())
         self._export_stats(self.planner.stats.last)
         if pb is not None:
             for request, error in pb.take_failures():
