@@ -59,7 +59,9 @@ class AsyncEngine:
         self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
         refused = self.engine.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
         if refused is not None:
-            self._post("refused", request)  # the planner's LS arrival record is the engine thread's
+            # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
+            # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
+            self._commands.put(("refused", request))
             yield RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
                                 retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
             return
