@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import math
 import os
@@ -47,14 +49,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.client import (
-    STREAM_OK,
-    STREAM_REJECTED,
-    free_port,
-    start_server,
-    stream_completion,
-    wait_ready,
-)
+from piggyback_runtime.client import STREAM_OK, STREAM_REJECTED, free_port, start_server, wait_ready
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.scheduler.planner import ITERATION_TRACE_ENV
@@ -131,6 +126,9 @@ class Report:
     headroom_samples: dict[str, list[float]] = field(default_factory=dict)  # per phase, the gauge every second
     trace_summary: str = ""  # benchmarks/iteration_trace.py's table of the runtime's iterations
     rejection_reasons: Counter[str] = field(default_factory=Counter)  # LS admission rejections by reason, whole run
+    # Per phase, where the CPU went (`_cpu_snapshot` differences) and the runtime's iterations (from its trace).
+    phase_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    phase_bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # monotonic start, end
 
     @property
     def ok(self) -> bool:
@@ -168,8 +166,113 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
-async def _send(client: httpx.AsyncClient, record: Record, prompt: str, max_tokens: int) -> None:
-    record.outcome = await stream_completion(client, record.service, prompt, max_tokens, record)
+class LeanClient:
+    """The benchmark's load generator: a minimal asyncio HTTP/1.1 client with keep-alive connections, for
+    `POST /v1/completions` with `stream: true` only. Not the product (that is `piggyback_runtime.client`, on
+    httpx): on a 2-core host the client shares the runtime's cores, and httpx spent ~2.7 ms of CPU per request
+    at 120 requests/s (a third of a core) on the machinery a load generator does not need. Outcomes are those
+    of `stream_completion`: STREAM_OK, STREAM_REJECTED, "HTTP <status>", "stream error <code>", "stream cut",
+    or the transport error's type."""
+
+    # The server closes a keep-alive connection idle this long (uvicorn's default is 5 s): older ones are dropped.
+    IDLE_S = 4.0
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def close(self) -> None:
+        for _, writer, _ in self._idle:
+            writer.close()
+        self._idle.clear()
+
+    def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently idle connection that the server has not closed for idling."""
+        now = time.monotonic()
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if now - since < self.IDLE_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
+
+    async def stream_completion(self, service: str, prompt: str, max_tokens: int, record: Record) -> str:
+        body = json.dumps({"model": service, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                           "stream": True, "ignore_eos": True,
+                           "stream_options": {"include_usage": True}}).encode()  # fmt: skip
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        connection = self._reuse()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if connection is not None:
+                    connection[1].write(head + body)
+                    status = await connection[0].readline()
+                    if not status:  # closed by the server before it read the request: send it afresh
+                        connection[1].close()
+                        connection = None
+                if connection is None:
+                    connection = await asyncio.open_connection(self.host, self.port)
+                    connection[1].write(head + body)
+                    status = await connection[0].readline()
+                outcome, reusable = await self._response(status, connection[0], record)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError) as exc:
+            if connection is not None:
+                connection[1].close()
+            return type(exc).__name__
+        if reusable:
+            self._idle.append((*connection, time.monotonic()))
+        else:
+            connection[1].close()
+        return outcome
+
+    async def _response(self, status_line: bytes, reader: asyncio.StreamReader, record: Record) -> tuple[str, bool]:
+        """(outcome, whether the connection may be reused) of one response, from its status line on."""
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, reusable = 0, False, True
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding":
+                chunked = "chunked" in value
+            elif name == "connection":
+                reusable = value != "close"
+        if not chunked:
+            await reader.readexactly(length)
+            if status != 200:
+                return (STREAM_REJECTED if status == 429 else f"HTTP {status}"), reusable
+            return "stream cut", reusable
+        pending, done, error = b"", False, None
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data: ") or error is not None:
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    error = f"stream error {chunk['error'].get('code')}"
+                    continue
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.monotonic()
+                    record.first_token_s = record.first_token_s or now
+                    record.last_token_s = now
+                if chunk.get("usage"):
+                    record.output_tokens = chunk["usage"]["completion_tokens"]
+        await reader.readline()  # the CRLF after the last (empty) chunk
+        if status != 200:
+            return (STREAM_REJECTED if status == 429 else f"HTTP {status}"), reusable
+        return (error or (STREAM_OK if done else "stream cut")), reusable
+
+
+async def _send(client: LeanClient, record: Record, prompt: str, max_tokens: int) -> None:
+    record.outcome = await client.stream_completion(record.service, prompt, max_tokens, record)
 
 
 def _attained(record: Record, settings: Settings) -> bool:
@@ -209,6 +312,65 @@ def _scrape_all(
     return counts, rejections, attainment, headroom, error
 
 
+def _ticks(stat_path: Path) -> int:
+    """utime + stime (clock ticks) from a /proc .../stat file; 0 if it is gone."""
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _cpu_snapshot(pid: int) -> dict[str, float]:
+    """CPU seconds so far: this client process (all its threads), the runtime's main thread (the HTTP event loop:
+    parsing, tokenising, refusals, streaming), each other runtime thread by id (the engine loop is the busiest
+    of them), and the runtime's child processes (CPU attention workers)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    snapshot = {"client": time.process_time()}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        key = "server_main" if task.name == str(pid) else f"thread:{task.name}"
+        snapshot[key] = _ticks(task / "stat") / hz
+        # schedstat: ns on a CPU, ns runnable but waiting for one (a thread waiting for the GIL sleeps instead)
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            snapshot[f"wait:{key}"] = int((task / "schedstat").read_text().split()[1]) / 1e9
+    children = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += sum(_tree_ticks(int(c)) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    snapshot["server_children"] = children / hz
+    return snapshot
+
+
+def _tree_ticks(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        total += _ticks(task / "stat")
+        try:
+            total += sum(_tree_ticks(int(c)) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return total
+
+
+def phase_cpu(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """CPU cores used during a phase (CPU seconds ÷ wall seconds): client, runtime HTTP thread, engine thread
+    (the busiest other runtime thread), the runtime's other threads, its child processes."""
+    threads = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("thread:")}
+    engine = max(threads.values(), default=0.0)
+    engine_key = max(threads, key=lambda k: threads[k], default="")
+    engine_wait = after.get(f"wait:{engine_key}", 0.0) - before.get(f"wait:{engine_key}", 0.0)
+    return {
+        "engine_cpu_wait": engine_wait / seconds,
+        "client": (after["client"] - before["client"]) / seconds,
+        "server_main": (after["server_main"] - before["server_main"]) / seconds,
+        "server_engine": engine / seconds,
+        "server_other": (sum(threads.values()) - engine) / seconds,
+        "server_children": (after["server_children"] - before["server_children"]) / seconds,
+    }
+
+
 def _tree_rss(pid: int) -> int:
     """Resident memory of a process and its descendants (the CPU attention workers), from /proc."""
     total, stack = 0, [pid]
@@ -230,9 +392,9 @@ async def _measure_capacity(base_url: str, settings: Settings, report: Report, r
     """Closed loop: `ramp_concurrency` clients, each sending LS requests back to back for `ramp_s` (a 429 is
     retried after a short pause). Capacity = LS requests per second that finished within their SLO."""
     deadline = time.monotonic() + settings.ramp_s
-    limit = httpx.Limits(max_connections=settings.ramp_concurrency + 8)
     records: list[Record] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=settings.request_timeout_s, limits=limit) as client:
+    client = _lean_client(base_url, settings)
+    try:
 
         async def loop() -> None:
             for _ in range(10_000):  # bounded in count as well as time
@@ -251,6 +413,8 @@ async def _measure_capacity(base_url: str, settings: Settings, report: Report, r
         started = time.monotonic()
         await asyncio.gather(read_error(), *(loop() for _ in range(settings.ramp_concurrency)))
         elapsed = time.monotonic() - started
+    finally:
+        await client.close()
     report.records += records
     return sum(1 for r in records if _attained(r, settings)) / elapsed
 
@@ -264,11 +428,10 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
     total_s = sum(duration for _, _, duration in phases)
     started = time.monotonic()
     deadline = started + total_s
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    timeout = httpx.Timeout(settings.request_timeout_s, connect=30.0)
     tasks: list[asyncio.Task[None]] = []
     phase_name = [phases[0][0]]
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    client = _lean_client(base_url, settings)
+    try:
 
         def launch(service: str, prompt: str, max_tokens: int) -> asyncio.Task[None]:
             record = Record(service, phase_name[0], time.monotonic())
@@ -283,6 +446,7 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
             phase_start = started
             for name, rate, duration in phases:
                 phase_name[0] = name
+                cpu_before = await asyncio.to_thread(_cpu_snapshot, pid)
                 phase_end = phase_start + duration
                 due = phase_start
                 for _ in range(math.ceil(rate * duration * 1.5) + 10):  # Poisson arrivals: bounded in count too
@@ -292,6 +456,9 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
                     launch(LS, _prompt(rng, rng.randint(16, 48)), settings.ls_max_tokens)
                 await asyncio.sleep(max(0.0, phase_end - time.monotonic()))
+                cpu_after = await asyncio.to_thread(_cpu_snapshot, pid)
+                report.phase_cpu[name] = phase_cpu(cpu_before, cpu_after, time.monotonic() - phase_start)
+                report.phase_bounds[name] = (phase_start, phase_end)
                 _, _, _, headroom, error = await asyncio.to_thread(_scrape_all, base_url)
                 report.phases[name] = {"offered_rps": rate, "duration_s": duration, "headroom_rps": headroom,
                                        "model_error": error}  # fmt: skip
@@ -336,6 +503,13 @@ async def _overload(base_url: str, pid: int, settings: Settings, report: Report,
             task.cancel()
         sampler.cancel()
         report.rss.append((time.monotonic() - started, _tree_rss(pid)))
+    finally:
+        await client.close()
+
+
+def _lean_client(base_url: str, settings: Settings) -> LeanClient:
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    return LeanClient(host, int(port), settings.request_timeout_s)
 
 
 def goodput_rps(report: Report, phase: str) -> float:
@@ -392,11 +566,31 @@ def run_overload(settings: Settings) -> Report:
             process.terminate()
             process.wait(timeout=60)
         if trace_path.exists():
-            report.trace_summary = summarise_trace(load_trace(trace_path), settings.error_after_s)
+            trace = load_trace(trace_path)
+            report.trace_summary = summarise_trace(trace, settings.error_after_s)
+            _phase_iterations(report, trace)
             if settings.keep_trace is not None:
                 shutil.copyfile(trace_path, settings.keep_trace)
     _check(report)
     return report
+
+
+def _phase_iterations(report: Report, trace: list[dict[str, object]]) -> None:
+    """Each phase's iterations from the runtime's trace (its clock is this host's monotonic clock, as ours):
+    count per second, measured p50 (all, and those with an LS prefill), and the share of wall time in them."""
+    for name, (start, end) in report.phase_bounds.items():
+        rows = [r for r in trace if start <= float(r["t"]) < end]  # type: ignore[arg-type]
+        measured = [float(r["measured_s"]) for r in rows]  # type: ignore[arg-type]
+        prefill = [float(r["measured_s"]) for r in rows if r["ls_prefill_tokens"]]  # type: ignore[arg-type]
+        tokens = [int(r["ls_prefill_tokens"]) for r in rows if r["ls_prefill_tokens"]]  # type: ignore[call-overload]
+        cpu = report.phase_cpu.setdefault(name, {})
+        cpu["iterations_per_s"] = len(rows) / (end - start)
+        cpu["iteration_p50_ms"] = statistics.median(measured) * 1000 if measured else math.nan
+        cpu["ls_prefill_iteration_p50_ms"] = statistics.median(prefill) * 1000 if prefill else math.nan
+        cpu["ls_prefill_tokens_p50"] = statistics.median(tokens) if tokens else math.nan
+        cpu["busy_share"] = sum(measured) / (end - start)
+        # In an iteration but neither on a CPU nor waiting for one: waiting for the GIL (or the CPU workers).
+        cpu["engine_blocked"] = cpu["busy_share"] - cpu.get("server_engine", 0.0) - cpu.get("engine_cpu_wait", 0.0)
 
 
 def _check(report: Report) -> None:
@@ -578,6 +772,27 @@ def render(report: Report) -> str:
         "|---|---|---|",
         *(f"| {name} | {'PASS' if passed else 'FAIL'} | {detail} |" for name, passed, detail in report.checks),
     ]
+    if report.phase_cpu:
+        lines += ["", "Per phase, where the CPU went (cores: CPU seconds ÷ wall seconds) and the runtime's iterations:",
+                  "", "| phase | LS admitted/s | LS 429/s | client | runtime HTTP thread | engine thread "
+                  "| engine thread waiting for a CPU | other runtime threads | CPU attention workers | iterations/s "
+                  "| iteration p50 ms | LS-prefill iteration p50 ms | LS prefill tokens p50 | engine busy share "
+                  "| engine in an iteration but blocked (GIL) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, cpu in report.phase_cpu.items():
+            duration = float(report.phases[name]["duration_s"] or 1.0)
+            refused = sum(r.phase == name and r.service == LS and r.outcome == REJECTED for r in report.records)
+
+            def value(key: str, digits: int = 2, cpu: dict[str, float] = cpu) -> str:
+                return _optional(cpu.get(key), digits)
+
+            lines.append(f"| {name} | {admitted_rps(report, name):.2f} | {refused / duration:.1f} | {value('client')} "
+                         f"| {value('server_main')} | {value('server_engine')} | {value('engine_cpu_wait')} "
+                         f"| {value('server_other')} "
+                         f"| {value('server_children')} | {value('iterations_per_s', 1)} "
+                         f"| {value('iteration_p50_ms', 1)} | {value('ls_prefill_iteration_p50_ms', 1)} "
+                         f"| {value('ls_prefill_tokens_p50', 0)} | {value('busy_share')} "
+                         f"| {value('engine_blocked')} |")  # fmt: skip
     if report.trace_summary:
         lines += ["", "The runtime's iterations (benchmarks/iteration_trace.py on its PIGGYBACK_ITERATION_TRACE):", "",
                   report.trace_summary]  # fmt: skip

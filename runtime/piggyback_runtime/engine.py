@@ -284,6 +284,7 @@ class Engine:
         if request is None:
             return None
         output = self._finish(request, FINISH_ABORT)
+        self.planner.publish_admission_view(IterationPlan())  # the engine may stay idle: no stale LS work
         self._update_gauges()  # the loop may go idle now; the gauges must not keep showing this request
         return output
 
@@ -294,7 +295,24 @@ class Engine:
         request.error = error
         return self._finish(request, FINISH_ERROR)
 
+    def refuse_early(self, request: Request) -> AdmissionRejected | None:
+        """Off the engine thread (the HTTP handler), for a validated request: an LS refusal decided from the
+        admission view the engine publishes with each plan (`Planner.refuse_early`), counted here as any
+        rejection is (requests, rejections by reason, the SLO miss; all thread-safe); None: submit it, the
+        engine decides. Under overload most LS requests are refused: this spares each a round trip through
+        the engine thread and a pass over the LS requests there."""
+        rejection = self.planner.refuse_early(request)
+        if rejection is None:
+            return None
+        self._count_rejection(request, rejection.reason)
+        return AdmissionRejected(f"Rejected ({rejection.reason}): {rejection.message}", rejection.reason,
+                                 rejection.retry_after_s)  # fmt: skip
+
     def _reject(self, request: Request, reason: str, message: str, retry_after_s: float) -> None:
+        self._count_rejection(request, reason)
+        raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
+
+    def _count_rejection(self, request: Request, reason: str) -> None:
         labels = (request.service, request.service_class)
         self.metrics.requests.labels(*labels, m.OUTCOME_REJECTED).inc()
         self.metrics.admission_rejections.labels(*labels, reason).inc()
@@ -306,7 +324,6 @@ class Engine:
             # and under overload rejections outnumber iterations (a full gauge sweep each was most of a 429's
             # CPU on the engine thread).
             self._update_attainment(request.service)
-        raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
 
     def has_work(self) -> bool:
         pb = self.runner.piggyback
@@ -327,6 +344,7 @@ class Engine:
                 pb.refresh_remote_tier(self.planner.remote_tier)
         idle = pb.rows_between_tokens() if pb is not None and self.planner.hybrid else ()
         plan = self.planner.schedule(be_rows_ready=pb.runnable_rows() if pb is not None else 0, host_rows_idle=idle)
+        self.planner.publish_admission_view(plan)
         failed_moves = self._execute_moves(plan)
         if pb is not None:
             pb.max_rows_per_layer = plan.be_rows_per_layer
@@ -345,6 +363,8 @@ class Engine:
                 # Nothing for the accelerator until a CPU result lands: sleep on the workers, not a busy loop.
                 pb.idle_wait(0.05)
         self._start_moved_rows(plan, failed_moves)
+        if not self.planner.has_work():  # idle until a request comes: the view must not hold the plan's requests
+            self.planner.publish_admission_view(IterationPlan())
         self._export_stats(self.planner.stats.last)
         if pb is not None:
             for request, error in pb.take_failures():

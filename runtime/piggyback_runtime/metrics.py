@@ -8,6 +8,7 @@ The operator imports the names from here; nothing else spells them.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -168,16 +169,19 @@ class SlidingAttainment:
     """Share of LS requests that attained their SLO among those that ended in the last `window_s`.
 
     O(1) per record and per read (a running count of the attained ones): the engine reads it after every
-    iteration and every admission rejection, and under overload the window holds thousands of requests."""
+    iteration and every admission rejection, and under overload the window holds thousands of requests.
+    Thread-safe: the HTTP handlers record the LS rejections they decide themselves (`Engine.refuse_early`)."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._events: deque[tuple[float, bool]] = deque()
         self._attained = 0  # attained requests among _events
+        self._lock = threading.Lock()
 
     def record(self, attained: bool, now_s: float | None = None) -> None:
-        self._events.append((time.monotonic() if now_s is None else now_s, attained))
-        self._attained += attained
+        with self._lock:
+            self._events.append((time.monotonic() if now_s is None else now_s, attained))
+            self._attained += attained
 
     def _expire(self, now_s: float) -> None:
         while self._events and self._events[0][0] < now_s - self.window_s:
@@ -185,11 +189,12 @@ class SlidingAttainment:
 
     def value(self, now_s: float | None = None) -> tuple[float, int]:
         """(attainment ratio, requests in window); the ratio is 1.0 when the window is empty."""
-        self._expire(time.monotonic() if now_s is None else now_s)
-        total = len(self._events)
-        if total == 0:
-            return 1.0, 0
-        return self._attained / total, total
+        with self._lock:
+            self._expire(time.monotonic() if now_s is None else now_s)
+            total = len(self._events)
+            if total == 0:
+                return 1.0, 0
+            return self._attained / total, total
 
 
 class OptionalGauge(Collector):

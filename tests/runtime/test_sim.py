@@ -273,3 +273,25 @@ def test_the_engine_and_the_simulator_end_each_iteration_with_the_same_planner_u
     result = run_scenario(load_scenario(data), base_dir=tmp_path)
     assert len(updates) - engine_updates == result.iterations > 0
     assert sum(r.tokens_out for r in result.records) > 0
+
+
+@pytest.mark.slow  # seconds: two whole simulations
+@needs_vidur
+def test_the_simulator_exports_the_runtimes_headroom_gauge_and_it_names_the_rate_admission_lets_through() -> None:
+    """The gauge is `Planner.headroom_rps`, read as the runtime reads it: at a light load, gauge + the LS rate
+    admitted is within 35% (benchmarks/overload.py's tolerance) of what admission lets through at 200 req/s,
+    where the gauge reads about 0."""
+    light = run(scenario(ls_rate=5.0, be_count=0, duration_s=10.0, ttft_ms=300, tpot_ms=40))
+    heavy = run(scenario(ls_rate=200.0, be_count=0, duration_s=10.0, ttft_ms=300, tpot_ms=40))
+
+    def admitted_rps(result: SimResult) -> float:
+        return sum(not r.rejected and 2.0 <= r.arrival_s < 10.0 for r in result.of("LS")) / 8.0
+
+    def gauge(result: SimResult) -> float:
+        values = [v for t, v in result.ls_headroom_series if t >= 2.0]
+        assert values, result.ls_headroom_series
+        return sum(values) / len(values)
+
+    let_through = admitted_rps(heavy)
+    assert gauge(light) + admitted_rps(light) == pytest.approx(let_through, rel=0.35)
+    assert gauge(heavy) <= 0.05 * let_through

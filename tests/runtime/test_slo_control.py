@@ -311,11 +311,26 @@ def test_requests_queued_ahead_count_as_decode_rows_so_a_burst_is_not_admitted_p
 MIX = LSMix(avg_prompt_tokens=200, avg_output_tokens=100, tpot_s=0.1, ttft_s=2.0)
 
 
-def test_headroom_shrinks_as_ls_load_grows() -> None:
+def test_headroom_is_the_sustainable_rate_less_the_rate_admitted() -> None:
     controller = SLOController(linear_model(), safety_margin=0.1, ls_chunk_tokens=2048)
-    headrooms = [controller.headroom_rps(decoding(n, tpot_s=0.1), MIX, 0.0) for n in (0, 10, 25, 50, 70)]
-    assert headrooms[0] > 0
-    assert all(a > b for a, b in itertools.pairwise(headrooms)), headrooms
+    sustainable = controller.sustainable_ls_rps(MIX)
+    assert sustainable > 0
+    headrooms = [controller.headroom_rps([], MIX, 0.0, admitted_rps=share * sustainable) for share in (0, 0.5, 1, 2)]
+    assert headrooms == pytest.approx([sustainable, sustainable / 2, 0.0, 0.0])
+    # LS work held now that leaves a mix request no room: admission refuses one now, the gauge says 0.
+    assert controller.headroom_rps(decoding(10, tpot_s=0.1), MIX, 0.0) > 0
+    assert controller.headroom_rps(decoding(900, tpot_s=0.1), MIX, 0.0) == 0.0
+
+
+def test_the_sustainable_rate_stops_short_of_the_prefill_throughput_by_the_queue_the_ttft_allows() -> None:
+    """Prefill-bound LS (long prompts, short outputs): at a rate near the prefill throughput the Poisson queue
+    grows without bound, so the sustainable rate stays below it, the more so the tighter the TTFT."""
+    controller = SLOController(linear_model(), safety_margin=0.1, ls_chunk_tokens=512)
+    rates = [controller.sustainable_ls_rps(LSMix(400, 4, tpot_s=1.0, ttft_s=ttft)) for ttft in (0.3, 0.5, 2.0, 100.0)]
+    assert all(a < b for a, b in itertools.pairwise(rates)), rates
+    full_chunk = controller.predict_ls_arrival(0, 0, 0, 4096, 400)  # a queue long enough to fill every chunk
+    throughput_rps = full_chunk.prefill_tokens_per_iteration / (400 * full_chunk.prefill_iteration_s)
+    assert rates[-1] < throughput_rps
 
 
 def test_headroom_is_zero_when_the_slos_are_already_unattainable() -> None:
@@ -323,5 +338,6 @@ def test_headroom_is_zero_when_the_slos_are_already_unattainable() -> None:
     assert controller.headroom_rps(decoding(900, tpot_s=0.1), MIX, 0.0) == 0.0  # LS alone: 100 ms > 90 ms
     tight = LSMix(avg_prompt_tokens=200, avg_output_tokens=100, tpot_s=0.009, ttft_s=2.0)
     assert controller.headroom_rps([], tight, 0.0) == 0.0  # the fixed 10 ms alone exceeds the TPOT
-    late = [LSRequestState(0.1, 0.001, 2000, 0)]  # a queued prompt that cannot make its deadline
-    assert controller.headroom_rps(late, MIX, 0.0) == 0.0
+    # A queue of LS prompts so long that a request joining it now misses its TTFT: admission refuses it.
+    queued = [LSRequestState(0.1, 100.0, 4096 * 50, 0)]
+    assert controller.headroom_rps(queued, MIX, 0.0) == 0.0

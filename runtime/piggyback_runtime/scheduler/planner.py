@@ -63,6 +63,9 @@ HOST_FEED_SHARE = 0.1
 HOST_PACE_FACTOR = 1.0
 HOST_PACE_MIN_ROWS = 4
 HOST_TOKENS_EWMA_ALPHA = 0.1  # per iteration: the recent host tokens/iteration forget over ~10 iterations
+# The LS headroom gauge subtracts the LS rate admitted over this many seconds (long enough to count tens of
+# arrivals at the rates a gauge is read at, short enough to follow a change of load within a few readings).
+ADMITTED_RATE_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,14 @@ class Planner:
         self._to_host_next: list[Request] = []  # BE requests the next plan moves to host KV
         self.remote_tier = remote_tier if self.hybrid else None
         self._ls_arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # LS arrival time, prompt tokens
+        self._ls_admitted_s: deque[float] = deque()  # when admitted LS requests arrived (the last window's)
+        self._first_ls_admitted_s: float | None = None
+        # The LS work as it will be once the running iteration ends (`publish_admission_view`), numbered:
+        # swapped whole, so another thread may read it while the engine thread plans.
+        self.admission_view: tuple[int, tuple[LSRequestState, ...]] = (0, ())
+        # What `refuse_early` let through since the view it last read (only its caller's thread touches these).
+        self._forwarded_on: int = -1
+        self._forwarded: list[LSRequestState] = []
         self.moves_to_host = 0
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
@@ -194,7 +205,75 @@ class Planner:
         if self._queues_for_batching(request) and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
             return Rejection(REASON_BE_QUEUE_FULL, f"{len(self.host_kv_waiting)} requests already wait for host "
                              "KV memory (slo_control.max_be_queue); retry later", 5.0)  # fmt: skip
+        if request.is_ls:
+            if self._first_ls_admitted_s is None:
+                self._first_ls_admitted_s = request.arrival_s
+            self._ls_admitted_s.append(request.arrival_s)
+            self._forget_admitted_before(request.arrival_s - ADMITTED_RATE_WINDOW_S)
         return None
+
+    def publish_admission_view(self, plan: IterationPlan) -> None:
+        """The LS requests as they will be once `plan` ran (its chunks computed, a prompt whose last chunk it
+        holds decoding, a decode that reaches max_tokens gone): what `refuse_early` decides against."""
+        planned = {c.request.request_id: c for c in plan.chunks}
+        held = sorted((r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None),
+                      key=lambda r: r.arrival_s)  # fmt: skip
+        view: list[LSRequestState] = []
+        for r in held:
+            slo = r.slo
+            assert slo is not None
+            chunk = planned.get(r.request_id)
+            samples = chunk is not None and chunk.samples
+            if r.output_token_ids or samples:
+                if samples and len(r.output_token_ids) + 1 >= r.params.max_tokens:
+                    continue  # its last token comes out of this plan
+                view.append(LSRequestState(slo.tpot_s, None, 0, r.num_tokens + samples))
+            else:
+                remaining = r.num_remaining_tokens - (chunk.num_tokens if chunk is not None else 0)
+                view.append(LSRequestState(slo.tpot_s, r.arrival_s + slo.ttft_s, remaining, r.num_tokens))
+        self.admission_view = (self.admission_view[0] + 1, tuple(view))
+
+    def refuse_early(self, request: Request) -> Rejection | None:
+        """An LS refusal decided off the engine thread (one caller thread: the HTTP event loop), at arrival:
+        a Rejection when `admit_ls` refuses the request against the LS work the running iteration leaves
+        (`admission_view`) plus the LS requests this let through since that view was published, queued as if
+        admitted; None: the request goes to the engine, which decides (`admission`). The engine decides an
+        iteration later (the request has waited the rest of this one) against that work and what it admitted
+        meanwhile: a longer predicted TTFT, so a request refused here is one it would refuse too, unless one let
+        through before it is refused there (a longer prompt, or one that had waited longer)."""
+        service = self.services[request.service]
+        slo = request.slo or (SLOTarget(service.slo.ttft_s, service.slo.tpot_s) if service.slo is not None else None)
+        if self.slo is None or not request.is_ls or slo is None or not self.config.slo_control.admission:
+            return None
+        version, view = self.admission_view
+        if version != self._forwarded_on:
+            self._forwarded_on, self._forwarded = version, []
+        prompt = len(request.prompt_token_ids)
+        decision = self.slo.admit_ls(NewLSRequest(prompt, slo.ttft_s, slo.tpot_s, request.arrival_s),
+                                     (*view, *self._forwarded), IterationDemand(), self.clock())  # fmt: skip
+        if decision.admitted:
+            self._forwarded.append(LSRequestState(slo.tpot_s, request.arrival_s + slo.ttft_s, prompt, prompt))
+            return None
+        request.slo = slo
+        return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
+
+    def note_refused_early(self, request: Request) -> None:
+        """On the engine thread: an LS arrival `refuse_early` refused joins the arrivals the planner counts."""
+        self._ls_arrivals.append((request.arrival_s, len(request.prompt_token_ids)))
+
+    def _forget_admitted_before(self, since_s: float) -> None:
+        while self._ls_admitted_s and self._ls_admitted_s[0] < since_s:
+            self._ls_admitted_s.popleft()
+
+    def admitted_ls_rps(self) -> float:
+        """LS requests admitted per second over the last `ADMITTED_RATE_WINDOW_S` (by arrival time), or since
+        the first was admitted when that is more recent."""
+        now = self.clock()
+        self._forget_admitted_before(now - ADMITTED_RATE_WINDOW_S)
+        if self._first_ls_admitted_s is None:
+            return 0.0
+        span = min(ADMITTED_RATE_WINDOW_S, max(1.0, now - self._first_ls_admitted_s))  # ≥ 1 s: no spike at the start
+        return len(self._ls_admitted_s) / span
 
     def _queues_for_batching(self, request: Request) -> bool:
         """Host-path requests (and BE under hybrid placement) wait in `host_kv_waiting` until `_admit_be`
@@ -747,9 +826,12 @@ class Planner:
     def record_finished_ls(self, prompt_tokens: int, output_tokens: int) -> None:
         """An LS request completed: its lengths join the mix headroom is computed for."""
         self._finished_ls_lengths.append((prompt_tokens, output_tokens))
+        if self.slo is not None:  # how long a queued LS request will decode: admission's prediction needs it
+            self.slo.ls_output_tokens = sum(o for _, o in self._finished_ls_lengths) / len(self._finished_ls_lengths)
 
     def headroom_rps(self) -> float | None:
-        """Extra LS request rate that fits at the current mix; None until LS requests were seen."""
+        """Extra LS request rate that fits at the current mix, on top of the rate admitted lately
+        (`SLOController.headroom_rps`); None until LS requests were seen."""
         assert self.slo is not None
         slos = [s.slo for s in self.config.services if s.slo is not None]
         if not self._finished_ls_lengths or not slos:
@@ -757,4 +839,4 @@ class Planner:
         prompts, outputs = zip(*self._finished_ls_lengths, strict=True)
         mix = LSMix(sum(prompts) / len(prompts), sum(outputs) / len(outputs),
                     min(s.tpot_s for s in slos), min(s.ttft_s for s in slos))  # fmt: skip
-        return self.slo.headroom_rps(self.ls_state(), mix, self.clock())
+        return self.slo.headroom_rps(self.ls_state(), mix, self.clock(), self.admitted_ls_rps())

@@ -178,6 +178,9 @@ class SLOController:
     # BE decode rows before BE prefill (hybrid placement): a ready host-resident row holds its KV already and gives a
     # token for one Dense row, a prompt token only 1/p of one later; rows left unmerged hold host KV and give none.
     be_rows_first: bool = False
+    # The mean output length of recent LS requests (the planner keeps it; inf until one finished): how long a
+    # queued LS request decodes once prefilled (`predict_ls_arrival`).
+    ls_output_tokens: float = math.inf
     # Measured ÷ predicted per regime, fed by observe(); a fresh one (factor 1) until iterations are reported.
     correction: OnlineCorrection = field(default_factory=OnlineCorrection)
     _last: BEAllowance | None = field(default=None, init=False, repr=False)
@@ -307,7 +310,8 @@ class SLOController:
     def predict_ls_arrival(self, decode_rows: float, decode_context: float, decode_longest: float,
                            queued_prefill_tokens: float, prompt_tokens: float, queued_requests: float = 0.0,
                            queued_context: float = 0.0, queued_longest: float = 0.0,
-                           decode_tpot_s: float = math.inf) -> LSArrivalPrediction:  # fmt: skip
+                           decode_tpot_s: float = math.inf,
+                           ls_output_tokens: float = math.inf) -> LSArrivalPrediction:  # fmt: skip
         """What a new LS request of `prompt_tokens` meets when it joins LS work of `decode_rows` decodes (their
         contexts summing to `decode_context`, the longest `decode_longest`) and `queued_prefill_tokens` LS
         prompt tokens of `queued_requests` requests queued ahead of it (their contexts once they decode
@@ -327,15 +331,25 @@ class SLOController:
         - Queueing: the requests queued ahead prefill first (FCFS), so by the time its last chunk runs they
           decode too: its prefill iteration and its decode iterations hold their rows as well as today's decodes.
           Without them a burst of arrivals was admitted one by one against the same few decode rows, and then
-          decoded together in iterations far longer than any one admission had predicted.
+          decoded together in iterations far longer than any one admission had predicted. But a request decodes
+          for only about `ls_output_tokens` iterations (the mean LS output) once prefilled, and the queue
+          prefills at most (chunk − decode rows) ÷ (its mean prompt) requests an iteration: of those queued
+          ahead, at most that many × `ls_output_tokens` still decode next to its last chunk (the rest are done).
+          Counting every one of a long queue made each admission, and the gauge, assume iterations far slower
+          than they run, and refuse rate the engine had room for.
         """
         model = self.predict_parts
         decode_load = self.latency_model.decode_load
-        rows = decode_rows + queued_requests  # decoding by the time its own prompt runs
-        context, longest = decode_context + queued_context, max(decode_longest, queued_longest)
+        upper = max(1, math.ceil(self.ls_chunk_tokens - decode_rows))
+        still_decoding = queued_requests
+        if queued_requests > 0 and ls_output_tokens < math.inf:
+            prefilled_per_iteration = upper / max(1.0, queued_prefill_tokens / queued_requests)
+            still_decoding = min(queued_requests, prefilled_per_iteration * ls_output_tokens)
+        rows = decode_rows + still_decoding  # decoding by the time its own prompt runs
+        share = still_decoding / queued_requests if queued_requests > 0 else 0.0
+        context, longest = decode_context + queued_context * share, max(decode_longest, queued_longest)
         rows_load = decode_load(rows, context, longest)
         queued = queued_prefill_tokens + prompt_tokens
-        upper = max(1, math.ceil(self.ls_chunk_tokens - decode_rows))
         per_iteration = float(upper)
         if self.slo_token_budget and decode_tpot_s < math.inf:
             floor = max(1, math.ceil(self.min_token_budget - decode_rows))
@@ -383,7 +397,8 @@ class SLOController:
         arrival = self.predict_ls_arrival(decoding, budgets.decode_load, budgets.decode_longest,
                                           budgets.queued_prefill_tokens, new_request.prompt_tokens,
                                           budgets.queued_requests, budgets.queued_context,
-                                          budgets.queued_longest, decode_tpot_s=budgets.tpot_s)  # fmt: skip
+                                          budgets.queued_longest, decode_tpot_s=budgets.tpot_s,
+                                          ls_output_tokens=self.ls_output_tokens)  # fmt: skip
         prefill_iteration, decode_iteration = arrival.prefill_iteration_s, arrival.decode_iteration_s
         iterations = arrival.iterations
         waited = max(0.0, now_s - new_request.arrival_s)
@@ -436,67 +451,51 @@ class SLOController:
         return f"{_ms(bound_t)} ms (the {kind} SLO {_ms(slo_t)} ms less the {margin} admission margin)"
 
     # --- capacity ----------------------------------------------------------------------------------------
-    def headroom_rps(self, ls_state: Sequence[LSRequestState], mix: LSMix, now_s: float, max_rps: float = 1e4) -> float:
-        """Predicted extra LS request rate (requests/s) that admission would still let in at the current mix.
+    def sustainable_ls_rps(self, mix: LSMix, max_rps: float = 1e4) -> float:
+        """The largest Poisson arrival rate λ of mix requests (prompt P, output O) at which a new arrival, meeting
+        the queue that rate produces, is still admitted: `predict_ls_arrival`, the very prediction `admit_ls`
+        decides with, says it meets its TTFT and every TPOT, against the same SLOs and margin. 0 if none is.
 
-        Method: the steady state an extra arrival rate λ of requests with the mix's average prompt P and
-        output O settles into, on top of the LS work held now. With iterations of T seconds, by Little's law
-        λ·O·T more decode rows are running (each output token takes one iteration; context ≈ P + O/2) and
-        λ·P·T more prompt tokens arrive per iteration; T is the fixed point of T = latency(that iteration)
-        (`predict_parts`, found by iterating from the current state's latency: latency grows with T, so the
-        iteration climbs to the smallest fixed point, or past the TPOT when there is none). λ fits when
-          - prefill keeps up: the prompt tokens arriving per iteration fit the token budget decode rows leave
-            (else the queue, and with it every TTFT, grows without bound), and
-          - admission would admit a mix request arriving into that steady state (`predict_ls_arrival`, the
-            very prediction `admit_ls` decides with, against the same SLOs and margin), with the prompts of
-            one iteration's arrivals queued ahead of it.
-        The largest such λ is found by bisection (the predicate is monotone in λ). 0 when the current state
-        already admits no mix request.
+        The state λ produces, for iterations of T seconds carrying C LS prompt tokens each (the token budget
+        the decode rows leave; both as `predict_ls_arrival` computes them for that state):
+          - decode rows R = λ·O·T (Little's law: each LS request decodes for about O iterations);
+          - prefill is a single server taking C tokens per iteration, so a request's service is P/C
+            iterations and its utilisation ρ = λ·P·T / C; ρ ≥ 1: the queue grows without bound, λ does not fit;
+          - the queue a Poisson arrival meets (PASTA: the time-average one): with service times this near
+            constant, the Pollaczek–Khinchine mean wait of M/D/1, W = ρ·s / (2(1 − ρ)) with s = P·T/C, which
+            is W·C/T = P·ρ / (2(1 − ρ)) prompt tokens queued ahead of it, of P·ρ / (2(1 − ρ)) / P requests.
+            (Queueing only one iteration's arrivals, λ·P·T tokens, ignores that Poisson bursts pile up as ρ
+            nears 1: the gauge then promised rates admission refused.)
+        T, R and C depend on one another: they are iterated from T = one decode iteration until they settle
+        (each grows with the others, so the iteration climbs to the smallest fixed point, or past the TPOT).
+        The predicate is monotone in λ; the largest λ is found by bisection.
         """
-        budgets = self._budgets(ls_state, now_s)
         scale = (1 - self.admission_margin) * (1 + _REL_EPS)
-        tpot_limit = min(mix.tpot_s, budgets.tpot_s) * scale
-        chunk = self.ls_chunk_tokens
-        context = mix.avg_prompt_tokens + mix.avg_output_tokens / 2
-        decode_load = self.latency_model.decode_load
-        base_rows, base_load, base_longest = budgets.decode_rows, budgets.decode_load, budgets.decode_longest
-        base_queued = budgets.queued_prefill_tokens
-
-        def steady(rate: float, iteration: float) -> tuple[float, float, float]:
-            """(decode rows, prompt tokens arriving per iteration, latency) at iterations of `iteration` s."""
-            rows = base_rows + rate * mix.avg_output_tokens * iteration
-            arriving = rate * mix.avg_prompt_tokens * iteration
-            prefill = max(0.0, min(chunk - rows, base_queued + arriving))
-            load = decode_load(rows, base_load + (rows - base_rows) * context, max(base_longest, context))
-            # A prompt of P tokens carries load P(P+1)/2 over its P tokens: (P+1)/2 per prefilled token.
-            latency = self.predict_parts(rows + prefill, prefill * (mix.avg_prompt_tokens + 1) / 2, load, rows)
-            return rows, arriving, latency
+        tpot_limit = mix.tpot_s * scale
+        prompt, output = max(1.0, mix.avg_prompt_tokens), max(1.0, mix.avg_output_tokens)
+        context = prompt + output / 2  # a decode row's mean context over its decode
 
         def fits(rate: float) -> bool:
-            iteration = 1e-6
-            for _ in range(200):
-                rows, arriving, latency = steady(rate, iteration)
-                if latency > tpot_limit or rows >= chunk:
+            iteration = self.predict_parts(1, 0.0, self.latency_model.decode_load(1, context, context), 1)
+            arrival: LSArrivalPrediction | None = None
+            for _ in range(100):
+                rows = rate * output * iteration
+                tokens_per_iteration = arrival.prefill_tokens_per_iteration if arrival else self.ls_chunk_tokens
+                utilisation = rate * prompt * iteration / max(1, tokens_per_iteration)
+                if utilisation >= 1 or rows >= self.ls_chunk_tokens:
                     return False
-                if latency <= iteration * (1 + 1e-6):
+                queued_requests = utilisation / (2 * (1 - utilisation))
+                arrival = self.predict_ls_arrival(rows, rows * context, context, queued_requests * prompt, prompt,
+                                                  queued_requests, queued_requests * (prompt + 1), prompt + 1,
+                                                  decode_tpot_s=mix.tpot_s if rows > 0 else math.inf,
+                                                  ls_output_tokens=output)  # fmt: skip
+                if arrival.prefill_iteration_s > tpot_limit or arrival.decode_iteration_s > tpot_limit:
+                    return False
+                if arrival.prefill_iteration_s <= iteration * (1 + 1e-6):
                     break
-                iteration = latency
-            else:  # still climbing slowly: a fixed point below the TPOT exists when latency(TPOT) ≤ TPOT
-                rows, arriving, latency = steady(rate, tpot_limit)
-                if latency > tpot_limit or rows >= chunk:
-                    return False
-            if arriving > chunk - rows:
-                return False  # prefill cannot keep up
-            # One iteration's arrivals are queued ahead of it (as `admit_ls` sees a burst) next to those held now.
-            arriving_requests = arriving / max(1.0, mix.avg_prompt_tokens)
-            arrival = self.predict_ls_arrival(rows, base_load + (rows - base_rows) * context,
-                                              max(base_longest, context), base_queued + arriving,
-                                              mix.avg_prompt_tokens, budgets.queued_requests + arriving_requests,
-                                              budgets.queued_context + arriving_requests * (mix.avg_prompt_tokens + 1),
-                                              max(budgets.queued_longest, mix.avg_prompt_tokens + 1),
-                                              decode_tpot_s=min(mix.tpot_s, budgets.tpot_s))  # fmt: skip
-            return (arrival.ttft_s <= mix.ttft_s * scale and arrival.prefill_iteration_s <= tpot_limit
-                    and arrival.decode_iteration_s <= tpot_limit)  # fmt: skip
+                iteration = arrival.prefill_iteration_s
+            assert arrival is not None
+            return arrival.ttft_s <= mix.ttft_s * scale
 
         if not fits(0.0):
             return 0.0
@@ -509,9 +508,22 @@ class SLOController:
                 lo = mid
             else:
                 hi = mid
-            if hi - lo <= 1e-6 * max(1.0, lo):
+            if hi - lo <= 1e-4 * max(1.0, lo):
                 break
         return lo
+
+    def headroom_rps(self, ls_state: Sequence[LSRequestState], mix: LSMix, now_s: float,
+                     admitted_rps: float = 0.0) -> float:  # fmt: skip
+        """Predicted extra LS request rate (requests/s) admission would still let in: the rate the mix
+        sustains (`sustainable_ls_rps`) less the LS rate admitted lately (`admitted_rps`), never below 0; and
+        0 while admission would refuse a mix request arriving now (`admit_ls` on the LS work held now).
+
+        So gauge + the rate admitted = the LS rate that fits, and under overload, where admission holds the
+        queue at its limit and lets the sustainable rate through, the gauge reads about 0."""
+        probe = NewLSRequest(max(1, round(mix.avg_prompt_tokens)), mix.ttft_s, mix.tpot_s, now_s)
+        if not self.admit_ls(probe, ls_state, IterationDemand(), now_s).admitted:
+            return 0.0
+        return max(0.0, self.sustainable_ls_rps(mix) - admitted_rps)
 
 
 def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:

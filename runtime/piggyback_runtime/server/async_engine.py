@@ -57,6 +57,14 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
+        refused = self.engine.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
+        if refused is not None:
+            # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
+            # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
+            self._commands.put(("refused", request))
+            yield RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
+                                retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
+            return
         stream = self.attach(request.request_id)  # registered before the request exists: no output is missed
         self._post("add", request)
         try:
@@ -136,6 +144,9 @@ class AsyncEngine:
                                                 retry_after_s=exc.retry_after_s, reject_reason=exc.reason))
                 except Exception as exc:  # validated before, but state may have changed (duplicate id)
                     self._deliver(RequestOutput(payload.request_id, [], "", True, FINISH_ERROR, error=str(exc)))
+            elif command == "refused":
+                assert isinstance(payload, Request)
+                self.engine.planner.note_refused_early(payload)
             elif command == "abort":
                 assert isinstance(payload, str)
                 self.engine.abort(payload)

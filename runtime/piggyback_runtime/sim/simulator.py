@@ -171,6 +171,9 @@ class SimResult:
     moves_to_host: int = 0
     moves_to_gpu: int = 0
     cpu_be_tokens: int = 0  # of be_tokens, those decoded on the CPU path (host or remote nodes)
+    # (time, the LS headroom gauge) every slo_control.headroom_interval_s, as the runtime exports it
+    # (`Planner.headroom_rps`: the same function); empty without SLO control or before an LS request finished.
+    ls_headroom_series: list[tuple[float, float]] = field(default_factory=list)
 
     def host_bandwidth_share(self, from_s: float, to_s: float) -> float:
         """Host DRAM bandwidth used over [from_s, to_s] as a share of the effective bandwidth:
@@ -557,7 +560,14 @@ class Simulator:
         t = 0.0
         stop_s = self.duration_s + self.drain_s
         last_report = 0.0
+        headroom: list[tuple[float, float]] = []
+        headroom_interval_s = self.config.slo_control.headroom_interval_s
+        next_headroom_s = headroom_interval_s if self.planner.slo is not None else math.inf
         while t < stop_s:
+            while t >= next_headroom_s and next_headroom_s <= self.duration_s:
+                if (value := self.planner.headroom_rps()) is not None:
+                    headroom.append((next_headroom_s, value))
+                next_headroom_s += headroom_interval_s
             while index < len(requests) and requests[index].arrival_s <= t:
                 self._arrive(requests[index])
                 index += 1
@@ -588,6 +598,7 @@ class Simulator:
             + self.device.remote_bandwidth_b_s(),
             host_read_series=self._read_series, moves_to_host=self.planner.moves_to_host,
             moves_to_gpu=self.planner.moves_to_gpu, cpu_be_tokens=self.cpu_be_tokens,
+            ls_headroom_series=headroom,
         )  # fmt: skip
 
     def _ls_held(self) -> bool:
