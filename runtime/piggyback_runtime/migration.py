@@ -109,6 +109,9 @@ class Migrator:
             if be_row is None or be_row.state != "enter" or be_row.released:
                 raise NotBetweenSteps(f"request {request_id!r} is not between two decode steps; retry")
             assert pb is not None
+            if pb.on_remote_node(be_row):
+                raise MigrationRefused(f"request {request_id!r} keeps its KV on a remote attention node; "
+                                       "only host or accelerator KV migrates")  # fmt: skip
             del pb.rows[request_id]
         else:
             if request not in engine.scheduler.running or not request.in_decode:

@@ -142,6 +142,51 @@ def test_be_tokens_are_exact_on_local_workers_and_remote_nodes(engine: Engine, r
     assert engine.piggyback.host_kv.allocator.num_used == 0
 
 
+def test_a_node_row_s_host_kv_is_freed_once_shipped_and_it_keeps_decoding_on_its_node(engine: Engine,
+                                                                                        references) -> None:
+    # Its prefill KV is staged in host KV and shipped to its node layer by layer with its first token's tasks;
+    # once the last layer's task is back the host blocks are free (the slot stays: the row's identity in the
+    # shared buffers), and every later token's K/V is written on the node only.
+    pb = engine.piggyback
+    host = pb.host_kv
+    requests = _submit(engine, "BLBBBB", "ship")
+    be = [r for r in requests if not r.is_ls]
+    tokens_at_release: dict[str, int] = {}
+    staged_blocks: dict[str, int] = {}  # host blocks a node row held when it was registered on its node
+    original = pb.pool.register
+
+    def spy(worker: int, slot: int, blocks: list[int]) -> None:
+        if worker >= pb.pool.num_local:
+            staged_blocks[pb.row_by_slot[slot].request.request_id] = len(blocks)
+        original(worker, slot, blocks)
+
+    pb.pool.register = spy  # type: ignore[method-assign]
+    for _ in range(5_000):
+        if not engine.has_work():
+            break
+        engine.step()
+        for row in pb.rows.values():
+            rid = row.request.request_id
+            if not row.host_kv_released:
+                continue
+            assert pb.on_remote_node(row), f"{rid} released host KV on a local worker"
+            assert host.blocks_of(rid) == [] and host.slot_of[rid] == row.slot
+            tokens_at_release.setdefault(rid, len(row.request.output_token_ids))
+        # The usage gauge reads the allocator: the released rows' blocks are out of it.
+        assert engine.metrics.host_kv_usage._value.get() == host.allocator.num_used / host.num_blocks
+    assert not engine.has_work()
+    for request, (ref, logits) in zip(requests, references, strict=True):
+        assert request.finish_reason == "length", request.error
+        assert_matches_reference(request.output_token_ids, ref, logits)
+    assert tokens_at_release, "no row on a node had its host KV freed"
+    for rid, tokens in tokens_at_release.items():
+        full_length = len(PROMPTS[int(rid.removeprefix("ship"))]) + MAX_TOKENS
+        assert staged_blocks[rid] == host.allocator.blocks_for_tokens(full_length), "staged at full length"
+        assert tokens < MAX_TOKENS, f"{rid} was released only at its end"
+        assert len(next(r for r in be if r.request_id == rid).output_token_ids) == MAX_TOKENS
+    assert host.allocator.num_used == 0 and not host.slot_of
+
+
 def _kill_node_mid_run(engine: Engine, placement: ThreadPlacement, tag: str) -> tuple[list[Any], list[Any], int]:
     pb = engine.piggyback
     pool = pb.pool

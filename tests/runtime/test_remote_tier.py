@@ -151,3 +151,26 @@ def test_a_row_lost_with_its_node_gives_its_reservation_back_for_the_next_placem
     tier.update_nodes([CPUTier(1, 2 * ROW_TOKENS, 1e11, LINK)])  # node 0 died
     planner.release_remote_kv(lost)  # the engine sends it back to prefill (retry_on_worker_loss)
     assert tier.node_of(lost.request_id) is None and tier.held == {}
+
+
+def test_a_node_row_staged_on_the_host_gives_its_host_kv_back_once_shipped_so_nodes_add_capacity() -> None:
+    # The runtime's tier: a node row's KV passes through host KV (host_stages_remote_kv), so placing it needs
+    # host room for the staging. The host holds two rows at full length: two node rows fill it, and a third row
+    # has nowhere to go until the CPU path frees the first two's staging (shipped to the node: slot kept,
+    # blocks freed); then the node takes two more, beyond what the host alone could hold.
+    tier = RemoteTier(1e9, [CPUTier(0, 4 * ROW_TOKENS, 1e11, LINK)], COSTS, host_stages_remote_kv=True)
+    planner, _, host = _planner(tier)
+    requests = [_request(f"b{i}", 60, float(i), max_tokens=60) for i in range(4)]
+    assert planner._reserve_for_host(requests[0]) and planner._reserve_for_host(requests[1])
+    assert [tier.node_of(r.request_id) for r in requests[:2]] == [0, 0]
+    assert host.allocator.num_free == 0
+    assert not planner._reserve_for_host(requests[2]), "no host room to stage it"
+    for request in requests[:2]:
+        assert host.release_blocks(request.request_id) == 8
+    assert planner._reserve_for_host(requests[2]) and planner._reserve_for_host(requests[3])
+    assert [tier.node_of(r.request_id) for r in requests] == [0, 0, 0, 0]
+    assert tier.tokens_held(0) == 4 * ROW_TOKENS
+    assert set(host.slot_of) == {r.request_id for r in requests}, "every row keeps its slot"
+    assert host.blocks_of("b0") == [] and host.allocator.num_free == 0
+    host.free("b0")  # the request ends: its slot goes back too
+    assert "b0" not in host.slot_of and host.allocator.num_free == 0

@@ -38,6 +38,11 @@ class HostKV:
     def blocks_of(self, request_id: str) -> list[int]:
         return self.allocator.blocks_of(request_id)
 
+    def release_blocks(self, request_id: str) -> int:
+        """Free the request's blocks but keep its slot (its row in the shared buffers): a remote node's row, once
+        its staged KV has been shipped to the node, holds no host KV. The number of blocks freed."""
+        return self.allocator.free(request_id)
+
     def free(self, request_id: str) -> None:
         self.allocator.free(request_id)
         slot = self.slot_of.pop(request_id, None)

@@ -89,6 +89,9 @@ class BERow:
     # Tensor parallelism: this rank lost the row (its CPU worker died); it fails on every rank at the next
     # agreement that covers it (`entering`, `ready`), so that the ranks' rows stay in step.
     lost: str | None = None
+    # A remote node's row whose prefill KV has all been shipped to its node: its host KV blocks are freed (it
+    # keeps its slot), so it can no longer fall back to a local worker or move to the accelerator.
+    host_kv_released: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,22 +221,31 @@ class PiggybackPath:
     def start_decode(self, request: Request) -> None:
         slot = self.host_kv.slot_of[request.request_id]
         worker = self._worker_for(request)
+        if worker is None:
+            self.failed.append((request, "the remote attention node it was placed on is down and its host KV is "
+                                         "no longer staged on this host"))  # fmt: skip
+            return
         row = BERow(request, slot, worker, self.host_kv.generation[slot], position=request.num_tokens - 1)
         self.rows[request.request_id] = row
         self.row_by_slot[slot] = row
         self.pool.register(worker, slot, self.host_kv.blocks_of(request.request_id))
         self.mark_entering(row, row.position)
 
-    def _worker_for(self, request: Request) -> int:
+    def _worker_for(self, request: Request) -> int | None:
         """The worker that holds a new row: the remote node the planner placed it on, or a local worker where it
         placed it on the host; without placement, the least loaded of all. A node that went down since the
-        placement leaves the row on a local worker (its KV is staged in host KV, which the planner reserved)."""
+        placement leaves the row on a local worker while its KV is staged in host KV at full length (the planner
+        reserved it; a row's staging is freed only after it decoded on its node, see `collect`); None (the row
+        fails) if not."""
         if self.node_of is None or not hasattr(self.pool, "remote_worker_ready"):
             return self.pool.least_loaded_worker()
         node = self.node_of(request.request_id)
         if node is not None and self.pool.remote_worker_ready(node):
             return node
         if node is not None:
+            staged = len(self.host_kv.blocks_of(request.request_id)) * self.block_size
+            if staged < len(request.prompt_token_ids) + request.params.max_tokens:
+                return None
             log.warning("remote attention worker %d, where %s was placed, is down: it decodes on the host",
                         node, request.request_id)  # fmt: skip
         return self.pool.least_loaded_local_worker()
@@ -241,7 +253,8 @@ class PiggybackPath:
     def remote_tier(self) -> RemoteTier | None:
         """Remote nodes as hybrid placement's third tier (scheduler/remote_tier.py), from the pool's live
         capacity; None without remote nodes. A remote row's KV is staged in host KV (the pool ships it to its
-        node from there, layer by layer), so it holds host KV as well until it ends."""
+        node from there, layer by layer), so placing it on a node needs host room for the staging too; that host
+        KV is freed once shipped (`collect`), the row keeping only its slot."""
         if not hasattr(self.pool, "remote_capacity"):
             return None
         pb = self.config.piggyback
@@ -401,6 +414,8 @@ class PiggybackPath:
                 row.state, row.host_kv_landed = READY, True
                 self._tick += 1
                 row.since = self._tick
+                if done.layer == self.num_layers - 1 and not row.host_kv_released:
+                    self._release_shipped_staging(row)
         for death in deaths:
             self.metrics.cpu_worker_restarts.inc()
             for slot in death.slots:
@@ -412,6 +427,10 @@ class PiggybackPath:
                               "its host KV cache is lost")  # fmt: skip
                     if self.agree is not None:
                         row.lost = reason  # failed on every rank at the next agreement (no retry: see README)
+                    elif row.host_kv_released and not self._restage(row):
+                        row.state = FAILED
+                        self.failed.append((row.request, f"{reason}; retrying needs host KV for its new prefill "
+                                                         "and there is none free"))  # fmt: skip
                     elif self.retry_on_worker_loss:
                         # Its KV on the worker is gone; the host reservation stays for the new prefill.
                         self.rows.pop(row.request.request_id, None)
@@ -422,6 +441,32 @@ class PiggybackPath:
                         self.failed.append((row.request, reason))
                 else:
                     self.host_kv.free(row.request.request_id)
+
+    def on_remote_node(self, row: BERow) -> bool:
+        """Whether the row's KV lives on a remote node (decode K/V is written there only, not in host KV)."""
+        return row.worker >= getattr(self.pool, "num_local", row.worker + 1)
+
+    def _release_shipped_staging(self, row: BERow) -> None:
+        """A remote row's task of the last layer is back, so every layer's prefill KV has been read from host KV
+        and sent to its node (the pool ships a layer before the row's first task of it) and decode writes its
+        new K/V on the node only: free its host blocks now, keeping its slot (the row's identity in the shared
+        buffers and the residual store). On the engine thread: the planner's bookkeeping is single-threaded."""
+        release_staging = getattr(self.pool, "release_staging", None)
+        if release_staging is not None and release_staging(row.worker, row.slot):
+            self.host_kv.release_blocks(row.request.request_id)
+            row.host_kv_released = True
+
+    def _restage(self, row: BERow) -> bool:
+        """A released remote row lost with its node and to be prefilled again: take host KV for it at full length
+        again (its new prefill writes there); False when the host has none free (the row then fails)."""
+        if not self.retry_on_worker_loss:
+            return True  # it fails with the worker's reason, as any lost row without retries
+        allocator, rid = self.host_kv.allocator, row.request.request_id
+        tokens = len(row.request.prompt_token_ids) + row.request.params.max_tokens
+        if not allocator.can_hold(rid, tokens):
+            return False
+        allocator.ensure(rid, tokens)
+        return True
 
     def take_failures(self) -> list[tuple[Request, str]]:
         failed, self.failed = self.failed, []
@@ -488,6 +533,9 @@ class PiggybackPath:
         if row is None or row.state != ENTER or not row.host_kv_landed:
             raise RuntimeError(f"BE request {request.request_id} moves to the accelerator but is not between "
                                f"tokens on the CPU path (state {row.state if row else 'gone'})")  # fmt: skip
+        if row.host_kv_released:
+            raise RuntimeError(f"BE request {request.request_id} keeps its KV on remote attention node {row.worker}, "
+                               "not in host KV: it cannot move to the accelerator")  # fmt: skip
         accelerator_block_size = key_cache.shape[2]
         host_blocks = self.host_kv.blocks_of(request.request_id)
         index = torch.arange(num_tokens)

@@ -31,8 +31,10 @@ class RemoteTier:
     def __init__(self, host_bandwidth_b_s: float, nodes: Sequence[CPUTier], costs: TierCosts,
                  host_stages_remote_kv: bool = False) -> None:  # fmt: skip
         """`host_bandwidth_b_s`: the host's CPU attention bandwidth; `nodes`: the remote nodes now;
-        `host_stages_remote_kv`: a remote row's KV also passes through host KV (the runtime's remote pool ships
-        it from the host staging cache, which it holds until the row ends), so it takes host KV as well."""
+        `host_stages_remote_kv`: a remote row's KV passes through host KV on its way to the node (the runtime's
+        remote pool ships it from the host staging cache), so placing it on a node needs host room for it too;
+        the runtime frees that staging once shipped (the row keeps only its slot), and the placement here counts
+        the host KV the staged rows still hold as theirs, not the host tier's."""
         if host_bandwidth_b_s <= 0:
             raise ValueError(f"host_bandwidth_b_s must be > 0, got {host_bandwidth_b_s}")
         self.host_bandwidth_b_s = host_bandwidth_b_s

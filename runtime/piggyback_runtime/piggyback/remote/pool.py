@@ -6,7 +6,8 @@ remote send goes through the local pool's sender thread, so it is ordered after 
 stores queued before it, and never runs on the engine thread:
 
 - a remote row's prefill KV goes to its node once, layer by layer: just before the row's first task of a
-  layer, that layer's KV is read from the host staging cache and sent (`kv` frame);
+  layer, that layer's KV is read from the host staging cache and sent (`kv` frame); once its task of the last
+  layer is back, be_path frees those host blocks (`release_staging`): the row keeps only its slot on the host;
 - each layer's tasks for one node go out as one `run` frame (q/k/v of its rows); a receiver thread per node
   writes the outputs into the shared `out` slots and reports the completions, as a local worker does.
 
@@ -238,6 +239,16 @@ class HybridAttentionPool:
             self._send(worker, {"kind": "register", "slot": slot, "gen": generation, "blocks": len(block_ids)})
 
         self.local.after(None, send)
+
+    def release_staging(self, worker_index: int, slot: int) -> bool:
+        """Engine thread, once the row's task of the last layer came back: every layer's prefill KV has left the
+        host (each is read and sent before the layer's first `run` frame), so its host staging blocks may be
+        freed and reused. True for a remote row (the caller frees them), False for a local worker's row."""
+        worker = self._remote(worker_index)
+        if worker is None:
+            return False
+        worker.tables.pop(slot, None)  # nothing reads them again: every layer is in `shipped`
+        return True
 
     def forget(self, worker_index: int, slot: int) -> None:
         worker = self._remote(worker_index)
