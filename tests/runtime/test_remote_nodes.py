@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -118,17 +118,29 @@ def test_remote_config_is_validated_with_field_names() -> None:
         remote_config(layer_deadline_ms=0)
 
 
-def test_be_tokens_are_exact_on_local_workers_and_remote_nodes(engine: Engine, references) -> None:
+T = TypeVar("T")
+
+
+def _record_registrations(engine: Engine, note: Callable[[str, int], T]) -> dict[str, T]:
+    """request id -> `note(request id, worker)` for every BE row the piggyback path registers on a worker, taken
+    at registration (wraps the pool's `register`)."""
     pool = engine.piggyback.pool
-    assert isinstance(pool, HybridAttentionPool) and all(w.ready for w in pool.remote)
-    placed: dict[str, int] = {}
+    recorded: dict[str, T] = {}
     original = pool.register
 
     def spy(worker: int, slot: int, blocks: list[int]) -> None:
-        placed[engine.piggyback.row_by_slot[slot].request.request_id] = worker
+        rid = engine.piggyback.row_by_slot[slot].request.request_id
+        recorded[rid] = note(rid, worker)
         original(worker, slot, blocks)
 
     pool.register = spy  # type: ignore[method-assign]
+    return recorded
+
+
+def test_be_tokens_are_exact_on_local_workers_and_remote_nodes(engine: Engine, references) -> None:
+    pool = engine.piggyback.pool
+    assert isinstance(pool, HybridAttentionPool) and all(w.ready for w in pool.remote)
+    placed = _record_registrations(engine, lambda rid, worker: worker)
     mixed = _submit(engine, "BLBBBB", "mix")
     run_to_completion(engine)
     for request, (ref, logits) in zip(mixed, references, strict=True):
@@ -262,15 +274,8 @@ def test_under_hybrid_placement_rows_go_where_the_planner_placed_them_and_stay_e
         pool = engine.piggyback.pool
         assert tier is not None and isinstance(pool, HybridAttentionPool)
         assert sorted(tier.nodes) == [w.index for w in pool.remote]
-        placed: dict[str, tuple[int, int | None]] = {}  # request id -> (worker, the planner's node)
-        original = pool.register
-
-        def spy(worker: int, slot: int, blocks: list[int]) -> None:
-            rid = engine.piggyback.row_by_slot[slot].request.request_id
-            placed[rid] = (worker, tier.node_of(rid))
-            original(worker, slot, blocks)
-
-        pool.register = spy  # type: ignore[method-assign]
+        # request id -> (worker, the planner's node for it when it was registered)
+        placed = _record_registrations(engine, lambda rid, worker: (worker, tier.node_of(rid)))
         requests = _submit(engine, "BLBBBB", "hyb")
         run_to_completion(engine)
         for request, (ref, logits) in zip(requests, references, strict=True):
