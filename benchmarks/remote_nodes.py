@@ -231,7 +231,9 @@ def binding(run: str, tok_s: float, cpu_tok_s: float, supply: float, dram_bw: fl
     if run.startswith("hybrid"):
         if cpu_rows < 1:
             return "GPU iterations (SLO-sized budget; BE decodes in HBM, CPU tiers unused)"
-        return "GPU iterations (SLO-sized budget; CPU tiers fed HOST_FEED_SHARE of it)"
+        # The planner feeds BE prompts to the CPU tiers only while their rows keep pace (planner.py
+        # host_path_keeps_pace): beyond that rows wait a pass per missed layer, so the merge window binds.
+        return "per-layer merge pacing (CPU tiers fed while their rows keep pace)"
     return "per-layer merge pacing (rows wait for a pass over their layer)"
 
 
