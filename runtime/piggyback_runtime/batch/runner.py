@@ -1,11 +1,11 @@
 """The batch runner: one per replica. It leases lines, runs each as a BE request through the engine (the same
 validation, admission and planner as a live BE request), records results in groups, and finalizes batches.
 
-The share of BE capacity a batch takes: at most `batch.max_inflight_lines` lines in flight per replica, and a
-new line is leased only while live BE requests in flight plus the batch's lines stay below
-`piggyback.max_be_requests` — lines fill the BE slots live traffic leaves, and a live BE request waits at most
-for one line to finish, never behind a queue of them. A line refused at admission (BE queue full) goes back
-to the queue and leasing pauses for its Retry-After.
+The share of BE capacity a batch takes: at most `batch.max_inflight_lines` lines in flight per replica (running,
+or finished with the result not yet recorded), and a new line is leased only while live BE requests in flight
+plus the batch's lines stay below `piggyback.max_be_requests` — lines fill the BE slots live traffic leaves, and
+a live BE request waits at most for one line to finish, never behind a queue of them. A line refused at
+admission (BE queue full) goes back to the queue and leasing pauses for its Retry-After.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class BatchRunner:
         self.metrics = runtime.metrics
         self.in_flight: dict[tuple[str, int], tuple[asyncio.Task[None], st.LeasedLine]] = {}
         self._results: asyncio.Queue[st.LineResult] = asyncio.Queue()
+        # Lines finished here whose result is not recorded yet (queued or being committed): still leased, so they
+        # count against max_inflight_lines; a crash loses them like the lines running.
+        self._unrecorded = 0
         self._wake = asyncio.Event()
         self._stopping = False
         self._pause_until = 0.0
@@ -156,7 +159,7 @@ class BatchRunner:
             return
         live_be = sum(1 for service_class in self.runtime.in_flight.values() if service_class == "BE")
         be_slots = self.runtime.config.piggyback.max_be_requests - live_be - len(self.in_flight)
-        free = min(self.config.max_inflight_lines - len(self.in_flight), be_slots)
+        free = min(self.config.max_inflight_lines - len(self.in_flight) - self._unrecorded, be_slots)
         for line in await self.store.lease_lines(free):
             key = (line.batch_id, line.line_no)
             self.in_flight[key] = (asyncio.create_task(self._run_line(line)), line)
@@ -186,6 +189,7 @@ class BatchRunner:
             await asyncio.shield(self.store.release([(line.batch_id, line.line_no, line.attempt)]))
             return
         self.in_flight.pop(key, None)
+        self._unrecorded += 1
         self._results.put_nowait(result)
         self.wake()
 
@@ -277,7 +281,10 @@ class BatchRunner:
     async def _record(self, results: list[st.LineResult]) -> None:
         if not results:
             return
-        await asyncio.shield(self.store.record(results))
+        try:
+            await asyncio.shield(self.store.record(results))
+        finally:
+            self._unrecorded -= len(results)
         for result in results:
             self.metrics.batch_lines_finished.labels(result.state).inc()
         self.wake()
