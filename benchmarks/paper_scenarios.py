@@ -65,6 +65,22 @@ TIGHT_TPOT_MS = 150
 
 
 # --- one simulation ---------------------------------------------------------------------------------------------
+def runtime_section(model: str, slo_ms: tuple[float, float], budget: int, host_kv_gib: float,
+                    max_be_requests: int = 1024) -> dict[str, Any]:  # fmt: skip
+    """The simulated runtime every paper-style benchmark runs (this file, regime_map.py, remote_nodes.py): an LS
+    chat service with its (TTFT, TPOT) SLO in ms and a BE batch service on a synthetic `model`."""
+    ttft_ms, tpot_ms = slo_ms
+    return {
+        "model": {"uri": f"synthetic://{model}"},
+        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
+                     {"name": "batch", "class": "BE"}],
+        "engine": {"max_num_batched_tokens": budget, "max_num_seqs": 512},
+        "piggyback": {"host_kv_memory_gib": host_kv_gib, "max_be_requests": max_be_requests,
+                      "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
+        "slo_control": {"max_be_queue": 100000},
+    }  # fmt: skip
+
+
 def scenario(case: dict[str, Any], horizon_s: float, be_count: int, drain_s: float = 60.0) -> dict[str, Any]:
     gpu, model, tp, _, _ = DEVICES[case["device"]]
     ttft_ms, tpot_ms = case["slo"]
@@ -79,15 +95,7 @@ def scenario(case: dict[str, Any], horizon_s: float, be_count: int, drain_s: flo
         device["remote"] = dict(REMOTE)
     return {
         "drain_s": drain_s,
-        "runtime": {
-            "model": {"uri": f"synthetic://{model}"},
-            "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
-                         {"name": "batch", "class": "BE"}],
-            "engine": {"max_num_batched_tokens": 512, "max_num_seqs": 512},
-            "piggyback": {"host_kv_memory_gib": HOST_KV_GIB[case["cpu"]], "max_be_requests": 1024,
-                          "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
-            "slo_control": {"max_be_queue": 100000},
-        },
+        "runtime": runtime_section(model, (ttft_ms, tpot_ms), 512, HOST_KV_GIB[case["cpu"]]),
         "device": device,
         "workload": {"seed": 1, "duration_s": horizon_s, "sources": [
             ls_source,

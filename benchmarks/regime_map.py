@@ -54,7 +54,7 @@ from piggyback_runtime.sim.scenario import build_device, load_scenario, run_scen
 from piggyback_runtime.sim.workload import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_scenarios import CONV_TRACE, HOST, HOST_KV_GIB, REMOTE
+from paper_scenarios import CONV_TRACE, HOST, HOST_KV_GIB, REMOTE, runtime_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -105,15 +105,7 @@ def scenario(cell: dict[str, Any], horizon_s: float, be_count: int, drain_s: flo
     device: dict[str, Any] = {"gpu": gpu, "model": model, "tp": tp, "host": dict(HOST)}
     if cell["cpu"] == "1g4c":
         device["remote"] = dict(REMOTE)
-    runtime: dict[str, Any] = {
-        "model": {"uri": f"synthetic://{model}"},
-        "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
-                     {"name": "batch", "class": "BE"}],
-        "engine": {"max_num_batched_tokens": budget, "max_num_seqs": 512},
-        "piggyback": {"host_kv_memory_gib": HOST_KV_GIB[cell["cpu"]], "max_be_requests": 1024,
-                      "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
-        "slo_control": {"max_be_queue": 100000},
-    }  # fmt: skip
+    runtime = runtime_section(model, (ttft_ms, tpot_ms), budget, HOST_KV_GIB[cell["cpu"]])
     for section, fields in overrides.items():
         runtime[section] = {**runtime.get(section, {}), **fields}
     return {

@@ -39,16 +39,13 @@ from piggyback_runtime.sim.scenario import load_scenario, run_scenario, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import regime_map  # a sibling script: the GPU token supply ceiling, defined once there
+from paper_scenarios import CONV_TRACE, HOST, runtime_section  # the testbed and runtime, defined once there
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CONV_TRACE = Path("/work/shared/data/vidur/processed_traces/splitwise_conv.csv")
-if not CONV_TRACE.exists():
-    CONV_TRACE = ROOT.parent / "shared" / "data" / "vidur" / "processed_traces" / "splitwise_conv.csv"
 
-# The paper's testbed boxes (as benchmarks/paper_scenarios.py): the GPU host and each CPU-only node are 24-core,
-# 2 × 200 GB/s, 400 GiB machines; the nodes sit behind 100 Gbit/s links.
-HOST = {"cores": 24, "sockets": 2, "dram_bandwidth_gb_s_per_socket": 200, "dram_gib": 400}
+# The paper's testbed boxes: the GPU host is paper_scenarios.HOST and each CPU-only node the same 24-core,
+# 2 × 200 GB/s, 400 GiB machine; the nodes sit behind 100 Gbit/s links.
 NODE = RemoteNodeFigures(cores=24, dram_bandwidth_gb_s=400, dram_gib=400, network_gb_s=12.5)
 CPU_ATTENTION_EFFICIENCY = 0.8  # sim/devices.HostSpec's default: the share of DRAM bandwidth the kernel reaches
 # name -> (gpu, model, tp, LS rate (the paper_scenarios middle rate), SLO ttft/tpot ms)
@@ -148,15 +145,8 @@ def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int,
                             "network_latency_s": NODE.network_latency_s}  # fmt: skip
     return {
         "drain_s": drain_s,
-        "runtime": {
-            "model": {"uri": f"synthetic://{model}"},
-            "services": [{"name": "chat", "class": "LS", "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}},
-                         {"name": "batch", "class": "BE"}],
-            "engine": {"max_num_batched_tokens": budget, "max_num_seqs": 512},
-            "piggyback": {"host_kv_memory_gib": HOST["dram_gib"] + nodes * NODE.dram_gib, "max_be_requests": 2048,
-                          "max_be_rows_per_layer": 512, "num_cpu_workers": 2},
-            "slo_control": {"max_be_queue": 100000},
-        },
+        "runtime": runtime_section(model, (ttft_ms, tpot_ms), budget, HOST["dram_gib"] + nodes * NODE.dram_gib,
+                                   max_be_requests=2048),
         "device": device,
         "workload": {"seed": 1, "duration_s": horizon_s, "sources": [
             {"kind": "trace", "service": "chat", "class": "LS", "path": str(CONV_TRACE), "rate_per_s": rate},
