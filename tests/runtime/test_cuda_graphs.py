@@ -229,14 +229,22 @@ def loaded() -> LoadedModel:
     return load_model(tiny_config().model, "cpu")
 
 
+def _install_eager_replay_graphs(engine: Engine) -> DecodeGraphs:
+    """Decode graphs as auto installs them on CUDA (a KV cache with a scratch block past the allocator's), each
+    step run eagerly in place of a replay, so that the graphed path runs on the CPU or the meta device."""
+    runner = engine.runner
+    scratch = engine.allocator.num_blocks
+    runner.kv_cache = PagedKVCache(runner.arch, scratch + 1, runner.block_size, runner.loaded.dtype, runner.device)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, runner.loaded.max_model_len, runner.scale,
+                                 runner.device, runner.loaded.dtype, scratch, eager_replay=True)  # fmt: skip
+    return runner.graphs
+
+
 def _tokens(loaded: LoadedModel, graphed: bool) -> tuple[list[list[int]], int]:
     engine = Engine(tiny_config(max_num_seqs=8), loaded=loaded)
     runner = engine.runner
-    if graphed:  # what auto does on CUDA (a scratch block past the allocator's), the step run in place of a replay
-        scratch = engine.allocator.num_blocks
-        runner.kv_cache = PagedKVCache(loaded.arch, scratch + 1, runner.block_size, loaded.dtype, runner.device)
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, loaded.max_model_len, runner.scale,
-                                     runner.device, loaded.dtype, scratch, eager_replay=True)  # fmt: skip
+    if graphed:
+        _install_eager_replay_graphs(engine)
     requests = [make_request(f"r{i}", [1] + [7 + 3 * i] * (2 + 5 * i), greedy(12 - i)) for i in range(5)]
     try:
         for request in requests:
@@ -311,10 +319,7 @@ def _piggyback_tokens(loaded: LoadedModel, graphed: bool) -> tuple[list[list[int
     runner, steps = engine.runner, GraphedSteps()
     assert runner.piggyback is not None
     if graphed:
-        scratch = engine.allocator.num_blocks
-        runner.kv_cache = PagedKVCache(loaded.arch, scratch + 1, runner.block_size, loaded.dtype, runner.device)
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, loaded.max_model_len, runner.scale,
-                                     runner.device, loaded.dtype, scratch, eager_replay=True)  # fmt: skip
+        _install_eager_replay_graphs(engine)
         _spy(runner, steps)
     requests = [make_request(f"ls{i}", [1] + [7 + 3 * i] * (2 + 5 * i), greedy(40 - 4 * i)) for i in range(3)]
     requests += [make_request(f"be{i}", [1] + [5 + 2 * i] * (3 + 4 * i), greedy(8), "BE") for i in range(3)]
@@ -369,11 +374,7 @@ def test_graphed_steps_with_be_rows_merging_read_nothing_back_and_upload_once() 
     with the batch), one for sampling, two per merge."""
     engine = meta_engine("piggyback", max_be_rows_per_layer=3)
     runner = engine.runner
-    scratch = engine.allocator.num_blocks
-    runner.kv_cache = PagedKVCache(runner.arch, scratch + 1, runner.block_size, runner.loaded.dtype, META)
-    graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, runner.loaded.max_model_len, runner.scale, META,
-                          runner.loaded.dtype, scratch, eager_replay=True)  # fmt: skip
-    runner.graphs = graphs
+    graphs = _install_eager_replay_graphs(engine)
     launch_graphed, merged_in_graphs = runner._launch_graphed, []
 
     def counted(*args: Any) -> Any:
