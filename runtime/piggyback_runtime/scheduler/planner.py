@@ -190,18 +190,12 @@ class Planner:
 
     def admission(self, request: Request) -> Rejection | None:
         """Decide on a new request (its service's SLO is filled in if it brings none); None: admitted."""
-        service = self.services[request.service]
-        if request.slo is None and service.slo is not None:
-            request.slo = SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
+        request.slo = self._slo_of(request)
         if request.is_ls:
             self._ls_arrivals.append((request.arrival_s, len(request.prompt_token_ids)))
-        if self.slo is not None and request.is_ls and request.slo is not None and self.config.slo_control.admission:
-            decision = self.slo.admit_ls(
-                NewLSRequest(len(request.prompt_token_ids), request.slo.ttft_s, request.slo.tpot_s, request.arrival_s),
-                self.ls_state(), IterationDemand(), self.clock(),
-            )  # fmt: skip
-            if not decision.admitted:
-                return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
+        decision = self._decide_ls(request, request.slo, self.ls_state)
+        if decision is not None and not decision.admitted:
+            return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
         if self._queues_for_batching(request) and len(self.host_kv_waiting) >= self.config.slo_control.max_be_queue:
             return Rejection(REASON_BE_QUEUE_FULL, f"{len(self.host_kv_waiting)} requests already wait for host "
                              "KV memory (slo_control.max_be_queue); retry later", 5.0)  # fmt: skip
@@ -212,14 +206,34 @@ class Planner:
             self._forget_admitted_before(request.arrival_s - ADMITTED_RATE_WINDOW_S)
         return None
 
+    def _slo_of(self, request: Request) -> SLOTarget | None:
+        """The request's own SLO, else its service's (None: the service has none)."""
+        service = self.services[request.service]
+        if request.slo is None and service.slo is not None:
+            return SLOTarget(service.slo.ttft_s, service.slo.tpot_s)
+        return request.slo
+
+    def _decide_ls(self, request: Request, slo: SLOTarget | None,
+                   held: Callable[[], Sequence[LSRequestState]]) -> AdmissionDecision | None:  # fmt: skip
+        """The SLO controller's admission decision for an LS request with `slo` next to the LS work `held()`
+        names; None where admission does not apply (no SLO control, not LS, no SLO, admission off)."""
+        if self.slo is None or not request.is_ls or slo is None or not self.config.slo_control.admission:
+            return None
+        return self.slo.admit_ls(NewLSRequest(len(request.prompt_token_ids), slo.ttft_s, slo.tpot_s, request.arrival_s),
+                                 held(), IterationDemand(), self.clock())  # fmt: skip
+
+    def _held_ls(self) -> list[Request]:
+        """The LS requests with an SLO that batching holds, in arrival order."""
+        held = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None]
+        held.sort(key=lambda r: r.arrival_s)
+        return held
+
     def publish_admission_view(self, plan: IterationPlan) -> None:
         """The LS requests as they will be once `plan` ran (its chunks computed, a prompt whose last chunk it
         holds decoding, a decode that reaches max_tokens gone): what `refuse_early` decides against."""
         planned = {c.request.request_id: c for c in plan.chunks}
-        held = sorted((r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None),
-                      key=lambda r: r.arrival_s)  # fmt: skip
         view: list[LSRequestState] = []
-        for r in held:
+        for r in self._held_ls():
             slo = r.slo
             assert slo is not None
             chunk = planned.get(r.request_id)
@@ -241,17 +255,16 @@ class Planner:
         iteration later (the request has waited the rest of this one) against that work and what it admitted
         meanwhile: a longer predicted TTFT, so a request refused here is one it would refuse too, unless one let
         through before it is refused there (a longer prompt, or one that had waited longer)."""
-        service = self.services[request.service]
-        slo = request.slo or (SLOTarget(service.slo.ttft_s, service.slo.tpot_s) if service.slo is not None else None)
-        if self.slo is None or not request.is_ls or slo is None or not self.config.slo_control.admission:
-            return None
+        slo = self._slo_of(request)
         version, view = self.admission_view
         if version != self._forwarded_on:
             self._forwarded_on, self._forwarded = version, []
-        prompt = len(request.prompt_token_ids)
-        decision = self.slo.admit_ls(NewLSRequest(prompt, slo.ttft_s, slo.tpot_s, request.arrival_s),
-                                     (*view, *self._forwarded), IterationDemand(), self.clock())  # fmt: skip
+        decision = self._decide_ls(request, slo, lambda: (*view, *self._forwarded))
+        if decision is None:
+            return None
         if decision.admitted:
+            assert slo is not None
+            prompt = len(request.prompt_token_ids)
             self._forwarded.append(LSRequestState(slo.tpot_s, request.arrival_s + slo.ttft_s, prompt, prompt))
             return None
         request.slo = slo
@@ -811,8 +824,7 @@ class Planner:
     # --- the LS picture, for control and capacity ----------------------------------------------------
     def ls_state(self) -> list[LSRequestState]:
         """The LS requests batching holds, in arrival order, as the SLO controller sees them."""
-        held = [r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.is_ls and r.slo is not None]
-        held.sort(key=lambda r: r.arrival_s)
+        held = self._held_ls()
         return [
             LSRequestState(
                 tpot_s=r.slo.tpot_s,  # type: ignore[union-attr]
