@@ -272,32 +272,17 @@ class SLOController:
             return allowance
         limit = target * (1 - self.safety_margin) * (1 + _REL_EPS)
 
-        def prefill_fits(tokens: int) -> bool:
-            load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
-            return model(ls_rows + tokens, load, decode_load, ls_logits + (tokens > 0)) <= limit
+        def predicted_s(prefill_tokens: int, rows: int) -> float:
+            """The iteration with this BE prefill chunk and this many BE rows per layer next to the LS work."""
+            load = prefill_load + (prefill_chunk_load(start, prefill_tokens) if prefill_tokens else 0.0)
+            return model(ls_rows + prefill_tokens + rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows,
+                         rows)  # fmt: skip
 
-        if self.be_rows_first:
-            def rows_alone_fit(rows: int) -> bool:
-                return model(ls_rows + rows, prefill_load, decode_load, ls_logits + rows, rows) <= limit
-
-            first_rows = largest_fitting(rows_alone_fit, max_rows)
-
-            def prefill_after_rows_fits(tokens: int) -> bool:
-                load = prefill_load + (prefill_chunk_load(start, tokens) if tokens else 0.0)
-                return model(ls_rows + first_rows + tokens, load, decode_load, ls_logits + (tokens > 0) + first_rows,
-                             first_rows) <= limit  # fmt: skip
-
-            prefill = largest_fitting(prefill_after_rows_fits, max_prefill)
-        else:
-            prefill = largest_fitting(prefill_fits, max_prefill)
-        be_load = prefill_load + (prefill_chunk_load(start, prefill) if prefill else 0.0)
-        logits = ls_logits + (prefill > 0)
-
-        def rows_fit(rows: int) -> bool:
-            return model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows) <= limit
-
-        rows = largest_fitting(rows_fit, max_rows)
-        predicted = model(ls_rows + prefill + rows, be_load, decode_load, logits + rows, rows)
+        # Hybrid placement fits ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
+        first_rows = largest_fitting(lambda r: predicted_s(0, r) <= limit, max_rows) if self.be_rows_first else 0
+        prefill = largest_fitting(lambda t: predicted_s(t, first_rows) <= limit, max_prefill)
+        rows = largest_fitting(lambda r: predicted_s(prefill, r) <= limit, max_rows)
+        predicted = predicted_s(prefill, rows)
         allowance = BEAllowance(rows, prefill, predicted, target, budgets.binding)
         self._last = allowance
         return allowance
