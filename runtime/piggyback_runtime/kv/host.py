@@ -29,10 +29,18 @@ class HostKV:
 
     def reserve(self, request_id: str, num_tokens: int) -> bool:
         """Reserve blocks for `num_tokens` and a slot; False (nothing taken) while either is exhausted."""
-        if not self.free_slots or not self.allocator.can_hold(request_id, num_tokens):
+        if not self.free_slots or not self.hold_blocks(request_id, num_tokens):
+            return False
+        self.slot_of[request_id] = self.free_slots.pop()
+        return True
+
+    def hold_blocks(self, request_id: str, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` (those it holds count), no slot taken; False (nothing taken) while they do not
+        fit. `reserve` takes them with a slot; a row that released its blocks (`release_blocks`) takes them
+        again here for a new prefill, in the slot it kept."""
+        if not self.allocator.can_hold(request_id, num_tokens):
             return False
         self.allocator.ensure(request_id, num_tokens)
-        self.slot_of[request_id] = self.free_slots.pop()
         return True
 
     def blocks_of(self, request_id: str) -> list[int]:

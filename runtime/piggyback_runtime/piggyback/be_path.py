@@ -44,6 +44,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,6 +66,9 @@ from piggyback_runtime.staging import (
     to_host_async,
     unregister_host_memory,
 )
+
+if TYPE_CHECKING:  # imported at run time only with remote nodes (it starts Ray)
+    from piggyback_runtime.piggyback.remote.pool import HybridAttentionPool
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +146,13 @@ class PiggybackPath:
         threads = share_cores_with_cpu_workers(pb, device)
         self.pool = CPUAttentionPool(self.buffers, pb.num_cpu_workers, threads, 1.0 / arch.head_dim**0.5)
         self.retry_on_worker_loss = pb.remote is not None and pb.remote.retry_on_worker_loss
+        # The pool again when it has remote nodes (their placement, capacity and staging), else None.
+        self.remote_pool: HybridAttentionPool | None = None
         if pb.remote is not None:  # remote CPU nodes on Ray: more workers behind the same interface
             from piggyback_runtime.piggyback.remote import hybrid_pool
 
-            self.pool = hybrid_pool(self.pool, self.buffers, pb.remote, arch, dtype, threads, metrics)
+            self.pool = self.remote_pool = hybrid_pool(self.pool, self.buffers, pb.remote, arch, dtype, threads,
+                                                       metrics)  # fmt: skip
         self.pool.wait_ready()
         # Hybrid placement with remote nodes: where the planner put each row's KV (a remote worker's index, None
         # for the host); the engine sets it (`remote_tier`). Unset: rows go to the least loaded worker of all.
@@ -237,10 +244,11 @@ class PiggybackPath:
         placement leaves the row on a local worker while its KV is staged in host KV at full length (the planner
         reserved it; a row's staging is freed only after it decoded on its node, see `collect`); None (the row
         fails) if not."""
-        if self.node_of is None or not hasattr(self.pool, "remote_worker_ready"):
+        remote = self.remote_pool
+        if self.node_of is None or remote is None:
             return self.pool.least_loaded_worker()
         node = self.node_of(request.request_id)
-        if node is not None and self.pool.remote_worker_ready(node):
+        if node is not None and remote.remote_worker_ready(node):
             return node
         if node is not None:
             staged = len(self.host_kv.blocks_of(request.request_id)) * self.block_size
@@ -248,14 +256,14 @@ class PiggybackPath:
                 return None
             log.warning("remote attention worker %d, where %s was placed, is down: it decodes on the host",
                         node, request.request_id)  # fmt: skip
-        return self.pool.least_loaded_local_worker()
+        return remote.least_loaded_local_worker()
 
     def remote_tier(self) -> RemoteTier | None:
         """Remote nodes as hybrid placement's third tier (scheduler/remote_tier.py), from the pool's live
         capacity; None without remote nodes. A remote row's KV is staged in host KV (the pool ships it to its
         node from there, layer by layer), so placing it on a node needs host room for the staging too; that host
         KV is freed once shipped (`collect`), the row keeping only its slot."""
-        if not hasattr(self.pool, "remote_capacity"):
+        if self.remote_pool is None:
             return None
         pb = self.config.piggyback
         assert pb.remote is not None
@@ -271,9 +279,9 @@ class PiggybackPath:
     def refresh_remote_tier(self, tier: RemoteTier) -> None:
         """The nodes as the pool has them now: one that died leaves, its replacement joins once it answered."""
         pb = self.config.piggyback
-        assert pb.remote is not None and hasattr(self.pool, "remote_capacity")
+        assert pb.remote is not None and self.remote_pool is not None
         per_worker_b_s = ATTENTION_B_S_PER_CORE * max(1, int(pb.remote.cpus_per_worker))
-        tier.update_nodes(node_tiers(self.pool.remote_capacity(), self.block_size, per_worker_b_s))
+        tier.update_nodes(node_tiers(self.remote_pool.remote_capacity(), self.block_size, per_worker_b_s))
 
     def mark_entering(self, row: BERow, position: int) -> None:
         """The row's next token (at `position`) waits for layer 0, behind the rows that waited before it."""
@@ -444,15 +452,14 @@ class PiggybackPath:
 
     def on_remote_node(self, row: BERow) -> bool:
         """Whether the row's KV lives on a remote node (decode K/V is written there only, not in host KV)."""
-        return row.worker >= getattr(self.pool, "num_local", row.worker + 1)
+        return self.remote_pool is not None and row.worker >= self.remote_pool.num_local
 
     def _release_shipped_staging(self, row: BERow) -> None:
         """A remote row's task of the last layer is back, so every layer's prefill KV has been read from host KV
         and sent to its node (the pool ships a layer before the row's first task of it) and decode writes its
         new K/V on the node only: free its host blocks now, keeping its slot (the row's identity in the shared
         buffers and the residual store). On the engine thread: the planner's bookkeeping is single-threaded."""
-        release_staging = getattr(self.pool, "release_staging", None)
-        if release_staging is not None and release_staging(row.worker, row.slot):
+        if self.remote_pool is not None and self.remote_pool.release_staging(row.worker, row.slot):
             self.host_kv.release_blocks(row.request.request_id)
             row.host_kv_released = True
 
@@ -461,12 +468,8 @@ class PiggybackPath:
         again (its new prefill writes there); False when the host has none free (the row then fails)."""
         if not self.retry_on_worker_loss:
             return True  # it fails with the worker's reason, as any lost row without retries
-        allocator, rid = self.host_kv.allocator, row.request.request_id
-        tokens = len(row.request.prompt_token_ids) + row.request.params.max_tokens
-        if not allocator.can_hold(rid, tokens):
-            return False
-        allocator.ensure(rid, tokens)
-        return True
+        request = row.request
+        return self.host_kv.hold_blocks(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens)
 
     def take_failures(self) -> list[tuple[Request, str]]:
         failed, self.failed = self.failed, []
