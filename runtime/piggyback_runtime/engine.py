@@ -304,15 +304,13 @@ class Engine:
         rejection = self.planner.refuse_early(request)
         if rejection is None:
             return None
-        self._count_rejection(request, rejection.reason)
-        return AdmissionRejected(f"Rejected ({rejection.reason}): {rejection.message}", rejection.reason,
-                                 rejection.retry_after_s)  # fmt: skip
+        return self._rejected(request, rejection.reason, rejection.message, rejection.retry_after_s)
 
     def _reject(self, request: Request, reason: str, message: str, retry_after_s: float) -> None:
-        self._count_rejection(request, reason)
-        raise AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
+        raise self._rejected(request, reason, message, retry_after_s)
 
-    def _count_rejection(self, request: Request, reason: str) -> None:
+    def _rejected(self, request: Request, reason: str, message: str, retry_after_s: float) -> AdmissionRejected:
+        """A refusal at arrival, counted (requests, rejections by reason, an LS request's SLO miss)."""
         labels = (request.service, request.service_class)
         self.metrics.requests.labels(*labels, m.OUTCOME_REJECTED).inc()
         self.metrics.admission_rejections.labels(*labels, reason).inc()
@@ -324,6 +322,7 @@ class Engine:
             # and under overload rejections outnumber iterations (a full gauge sweep each was most of a 429's
             # CPU on the engine thread).
             self._update_attainment(request.service)
+        return AdmissionRejected(f"Rejected ({reason}): {message}", reason, retry_after_s)
 
     def has_work(self) -> bool:
         pb = self.runner.piggyback

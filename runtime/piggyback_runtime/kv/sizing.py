@@ -170,6 +170,10 @@ class CacheSize:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def num_bytes(self) -> int:
+        return self.capacity_tokens * self.bytes_per_token
+
 
 def blocks_in(budget_bytes: int, block_bytes: int) -> int:
     return max(0, budget_bytes) // block_bytes
@@ -345,7 +349,7 @@ def size_kv_caches(
 
     if host is None:
         # On a CPU device both caches live in the same memory: the host cache gets a share of what is left.
-        taken = accelerator.num_blocks * accelerator.block_size * bytes_per_token if on_cpu else 0
+        taken = accelerator.num_bytes if on_cpu else 0
         host = host_kv_size(reading=read_host(), utilization=pb.host_memory_utilization, taken_bytes=taken,
                             block_size=pb.host_block_size, bytes_per_token=bytes_per_token)  # fmt: skip
         if on_cpu:
@@ -378,20 +382,18 @@ def require_fixed_caches_fit(
                   "piggyback.host_kv_memory_gib" if pb.host_kv_memory_gib is not None else None)  # fmt: skip
     device_field = ("engine.num_kv_blocks" if engine.num_kv_blocks is not None else
                     "engine.kv_cache_memory_gib" if engine.kv_cache_memory_gib is not None else None)  # fmt: skip
-    device_bytes = sizes.accelerator.num_blocks * sizes.accelerator.block_size * sizes.accelerator.bytes_per_token
-    host_bytes = sizes.host.num_blocks * sizes.host.block_size * sizes.host.bytes_per_token
     in_host: list[tuple[str, int]] = []
     if host_field is not None and host_kv_allocated:
-        in_host.append((host_field, host_bytes))
+        in_host.append((host_field, sizes.host.num_bytes))
     if device_field is not None and on_cpu:
-        in_host.append((device_field, device_bytes))
+        in_host.append((device_field, sizes.accelerator.num_bytes))
     if in_host:
         reading = read_host()
         _require_within(in_host, reading, "the host's memory", "give the pod more memory (LLMService "
                         "spec.resources.hostMemory) or run on a machine with more")  # fmt: skip
     if device_field is not None and not on_cpu:
         reading = cap_total(read_device(), engine.accelerator_memory_gib)
-        _require_within([(device_field, device_bytes)], reading, "the accelerator's memory",
+        _require_within([(device_field, sizes.accelerator.num_bytes)], reading, "the accelerator's memory",
                         "use a device with more memory")
 
 
