@@ -45,7 +45,7 @@ from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import Planner
-from piggyback_runtime.scheduler.policies import make_policy
+from piggyback_runtime.scheduler.policies import policy_class
 from piggyback_runtime.scheduler.remote_tier import RemoteTier, TierCosts
 from piggyback_runtime.scheduler.stats import StatsRecorder
 from piggyback_runtime.sim.devices import DeviceProfile
@@ -60,8 +60,7 @@ def uses_remote_tier(config: RuntimeConfig, device: DeviceProfile) -> bool:
     """Whether the planner places BE KV on the device's remote nodes as a tier of their own (hybrid placement
     with remote nodes); else their DRAM counts as host KV and the simulator spreads rows over all CPUs."""
     engine = config.engine
-    policy = make_policy(engine.policy, engine.headroom_be_kv_share, config.piggyback.max_be_requests)
-    return device.remote is not None and policy.hybrid_placement and engine.hybrid_placement
+    return device.remote is not None and policy_class(engine.policy).hybrid_placement and engine.hybrid_placement
 
 
 def remote_tier_of(device: DeviceProfile) -> RemoteTier:
