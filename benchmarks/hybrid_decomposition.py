@@ -17,10 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from piggyback_runtime.config import RuntimeConfig
-from piggyback_runtime.sim.scenario import _with_policy, build_device, load_scenario
+from piggyback_runtime.sim.scenario import build_simulator, load_scenario
 from piggyback_runtime.sim.simulator import Simulator
-from piggyback_runtime.sim.workload import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from regime_map import BUDGET_MAX, DEFAULT, ceiling, cell_name, ls_drain_s, scenario
@@ -34,14 +32,7 @@ def run(cell: dict[str, Any], horizon_s: float, be_count: int, budget: int,
         overrides: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], Any, Simulator]:  # fmt: skip
     spec = load_scenario(scenario(cell, horizon_s, be_count, ls_drain_s(cell, horizon_s, be_count), budget,
                                   overrides))  # fmt: skip
-    config = RuntimeConfig.from_dict(_with_policy(spec.runtime, DEFAULT), source="runtime")
-    device = build_device(spec.device)
-    requests = generate(spec.workload)
-    blocks = max(1, device.gpu_kv_capacity_tokens() // config.engine.block_size)
-    gib = config.piggyback.host_kv_memory_gib
-    by_config = int(gib * 2**30) // device.shape.kv_bytes_per_token() if gib else device.host_kv_capacity_tokens()
-    host_blocks = max(1, min(by_config, device.host_kv_capacity_tokens()) // config.piggyback.host_block_size)
-    sim = Simulator(config, device, requests, spec.workload.duration_s, spec.drain_s, blocks, host_blocks)
+    sim = build_simulator(spec, policy=DEFAULT)  # as run_scenario builds it, so that its planner can be traced
     planner = sim.planner
     records: list[dict[str, Any]] = []
     schedule, update = planner.schedule, planner.update

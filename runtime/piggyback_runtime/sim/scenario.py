@@ -208,6 +208,20 @@ def run_scenario(
     spec: ScenarioSpec, base_dir: Path | None = None, policy: str | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> SimResult:  # fmt: skip
+    started = time.perf_counter()
+    simulator = build_simulator(spec, base_dir, policy, progress)
+    result = simulator.run()
+    result.notes.append(f"simulated {result.end_s:.0f} s, {len(simulator.requests)} requests, {result.iterations} "
+                        f"iterations in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    return result
+
+
+def build_simulator(
+    spec: ScenarioSpec, base_dir: Path | None = None, policy: str | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> Simulator:  # fmt: skip
+    """The scenario's simulator, ready to run: its runtime config (under `policy` if given), device, requests,
+    and caches sized from the device where the config does not fix them."""
     runtime_data = _with_policy(spec.runtime, policy) if policy else spec.runtime
     config = RuntimeConfig.from_dict(runtime_data, source="runtime")
     device = build_device(spec.device, base_dir)
@@ -221,12 +235,8 @@ def run_scenario(
             gib = config.piggyback.host_kv_memory_gib  # None: as much as the simulated host holds
             by_config = by_device if gib is None else int(gib * 2**30) // device.shape.kv_bytes_per_token()
             host_blocks = max(1, min(by_config, by_device) // config.piggyback.host_block_size)
-    started = time.perf_counter()
-    result = Simulator(config, device, requests, spec.workload.duration_s, spec.drain_s, num_blocks, host_blocks,
-                       progress).run()  # fmt: skip
-    result.notes.append(f"simulated {result.end_s:.0f} s, {len(requests)} requests, {result.iterations} iterations "
-                        f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
-    return result
+    return Simulator(config, device, requests, spec.workload.duration_s, spec.drain_s, num_blocks, host_blocks,
+                     progress)  # fmt: skip
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
