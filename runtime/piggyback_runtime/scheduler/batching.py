@@ -50,6 +50,10 @@ class IterationPlan:
     be_to_gpu: list[Request] = field(default_factory=list)
     # The token budget this plan was filled under (the planner's SLO-sized budget; ≤ max_num_batched_tokens).
     token_budget: int = 0
+    # Two sub-batches (piggyback.sub_batches: 2, the planner's call): the flat token index where sub-batch B
+    # begins (`split_chunks` cuts the chunk that straddles it); 0: one batch. The accelerator runs the two
+    # half a layer apart, so each sub-batch's CPU rows have the other's half layer to come back in.
+    split_at: int = 0
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -61,6 +65,27 @@ class IterationPlan:
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+
+def split_chunks(plan: IterationPlan) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+    """The plan's chunks (decodes, then prefills) as sub-batches A and B at `plan.split_at`: the chunk that
+    straddles it is cut in two, its first part in A (which runs each layer first, so B's part attends to KV
+    that A wrote in the same layer) and its last part, which samples if the chunk does, in B."""
+    if plan.split_at <= 0:
+        return plan.chunks, []
+    if plan.split_at >= plan.num_tokens:
+        raise ValueError(f"split_at {plan.split_at} leaves sub-batch B empty ({plan.num_tokens} tokens)")
+    first: list[ScheduledChunk] = []
+    second: list[ScheduledChunk] = []
+    position = 0
+    for chunk in plan.chunks:
+        head = min(chunk.num_tokens, max(0, plan.split_at - position))
+        if head:
+            first.append(ScheduledChunk(chunk.request, chunk.start, head))
+        if chunk.num_tokens - head:
+            second.append(ScheduledChunk(chunk.request, chunk.start + head, chunk.num_tokens - head))
+        position += chunk.num_tokens
+    return first, second
 
 
 class BatchScheduler:
