@@ -28,11 +28,11 @@ FIELDS = ("ls_decode", "ls_prefill", "be_prefill", "be_gpu_decode", "cpu_tokens"
           "hbm_reserve", "host_kv_used")  # fmt: skip
 
 
-def run(cell: dict[str, Any], horizon_s: float, be_count: int, budget: int,
-        overrides: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], Any, Simulator]:  # fmt: skip
+def run(cell: dict[str, Any], horizon_s: float, be_count: int, budget: int, overrides: dict[str, dict[str, Any]],
+        policy: str = DEFAULT) -> tuple[list[dict[str, Any]], Any, Simulator]:  # fmt: skip
     spec = load_scenario(scenario(cell, horizon_s, be_count, ls_drain_s(cell, horizon_s, be_count), budget,
                                   overrides))  # fmt: skip
-    sim = build_simulator(spec, policy=DEFAULT)  # as run_scenario builds it, so that its planner can be traced
+    sim = build_simulator(spec, policy=policy)  # as run_scenario builds it, so that its planner can be traced
     planner = sim.planner
     records: list[dict[str, Any]] = []
     schedule, update = planner.schedule, planner.update
@@ -97,16 +97,18 @@ def main() -> None:
     parser.add_argument("--be-count", type=int, default=1000)
     parser.add_argument("--budget", type=int, default=BUDGET_MAX)
     parser.add_argument("--window-s", type=float, default=15.0)
+    parser.add_argument("--policy", default=DEFAULT, help="a baseline's name, to trace it the same way")
     args = parser.parse_args()
     device, level, be, cpu = args.cell.split()
     cell = {"device": device, "level": level, "be": be, "cpu": cpu}
-    records, result, _sim = run(cell, args.horizon_s, args.be_count, args.budget, {})
+    records, result, _sim = run(cell, args.horizon_s, args.be_count, args.budget, {}, args.policy)
     rows = windows(records, args.window_s)
     cols = ["from_s", "iterations", "gpu_busy", "iteration_s", "budget", "ls_decode", "ls_prefill", "be_prefill",
             "be_gpu_decode", "cpu_merged_per_layer", "cpu_tokens", "rows_cap", "rows_cap_binds", "host_rows",
             "be_gpu_decoders", "be_queue", "hbm_used", "hbm_reserve", "host_kv_used", "binding_tpot", "be_tok_s",
             "cpu_tok_s"]  # fmt: skip
-    print(f"{cell_name(cell)}, hybrid@{args.budget}, {args.horizon_s:.0f} s: BE {result.be_tokens_per_s:.1f} tok/s, "
+    print(f"{cell_name(cell)}, {args.policy}@{args.budget}, {args.horizon_s:.0f} s: "
+          f"BE {result.be_tokens_per_s:.1f} tok/s, "
           f"LS attainment {result.ls_attainment:.3f}, moves to host {result.moves_to_host}, to HBM "
           f"{result.moves_to_gpu}, host {result.host_bandwidth_b_s / 1e9:.0f} GB/s, CPU busy "
           f"{result.cpu_busy_share:.2f}")  # fmt: skip

@@ -370,6 +370,7 @@ class IterationShape:
     decode_attention_load: float = 0.0  # LS decodes (BE decode attention runs on the host)
     logit_rows: float = 0.0  # rows that sample a token this iteration (final norm + lm_head)
     be_rows_per_layer: float = 0.0  # BE rows merged per layer (the piggyback path's extra per-layer work)
+    sub_batches: int = 1  # 2: the Dense layers run twice, on each half of the rows (piggyback.sub_batches)
 
 
 @dataclass(frozen=True)
@@ -406,14 +407,15 @@ class LatencyModel:
 
     def predict(self, shape: IterationShape) -> float:
         return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
-                                  shape.logit_rows, shape.be_rows_per_layer)  # fmt: skip
+                                  shape.logit_rows, shape.be_rows_per_layer, shape.sub_batches)  # fmt: skip
 
     def predict_parts(
         self, dense_rows: float, prefill_load: float, decode_load: float, logit_rows: float = 0.0,
-        be_rows_per_layer: float = 0.0,
+        be_rows_per_layer: float = 0.0, sub_batches: int = 1,
     ) -> float:  # fmt: skip
         """predict() without building an IterationShape (the planner's inner loop)."""
-        seconds = self.overhead_s + self.dense.predict(dense_rows) + self.attention.predict(prefill_load, decode_load)
+        seconds = self.overhead_s + self.dense_s(dense_rows, sub_batches) + self.attention.predict(prefill_load,
+                                                                                                     decode_load)
         if logit_rows > 0:
             seconds += self.per_sampled_row_s * logit_rows
             if self.logits is not None:
@@ -421,6 +423,14 @@ class LatencyModel:
         if be_rows_per_layer > 0:
             seconds += self.be_merge_fixed_s + self.be_merge_row_s * be_rows_per_layer
         return seconds
+
+    def dense_s(self, rows: float, sub_batches: int = 1) -> float:
+        """The Dense layers over `rows`; with two sub-batches they read the weights twice, on half the rows each
+        (near free where the Dense work is compute-bound, up to twice the time where weight reads dominate)."""
+        if sub_batches == 1 or rows < 2:
+            return self.dense.predict(rows)
+        half = math.floor(rows / 2)
+        return self.dense.predict(half) + self.dense.predict(rows - half)
 
     def decode_load(self, rows: float, total_context: float, longest_context: float) -> float:
         """The decode attention load of `rows` decodes on the kernel this model was profiled with."""

@@ -90,6 +90,7 @@ def iteration_shape(plan: IterationPlan, merged_rows_per_layer: float, logit_row
         decode_attention_load=model.decode_load(len(contexts), total, max(contexts, default=0)) if model else total,
         logit_rows=logit_rows,
         be_rows_per_layer=merged_rows_per_layer,
+        sub_batches=2 if plan.split_at else 1,
     )
 
 
@@ -169,6 +170,9 @@ class Planner:
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
         self.slo_budget = self.slo is not None and engine.slo_token_budget
+        # Two sub-batches half a layer apart where CPU rows ride next to a prefill (piggyback.sub_batches).
+        self.sub_batches = (config.piggyback.sub_batches if self.policy.uses_host_path
+                            and not self.policy.synchronous_cpu_attention else 1)  # fmt: skip
         # Debugging the latency model on a real engine: one JSON line per iteration (shape, prediction,
         # measurement) appended to this file (benchmarks/iteration_trace.py reads it).
         trace_path = os.environ.get(ITERATION_TRACE_ENV)
@@ -381,9 +385,10 @@ class Planner:
             to_host = self._plan_to_host()
         limit = decode_limit = None
         budget = None
+        splits = self._cpu_rows_ride(be_rows_ready)
         if self.slo is not None:
             def limit(ls_plan: IterationPlan) -> int:
-                return self._be_allowance(ls_plan, be_rows_ready)
+                return self._be_allowance(ls_plan, be_rows_ready, splits)
 
             def decode_limit(ls_plan: IterationPlan) -> int:
                 return self._be_gpu_decode_rows(ls_plan)
@@ -397,6 +402,8 @@ class Planner:
         if self.hybrid:
             plan.be_to_gpu = self._plan_to_gpu(host_rows_idle)
         self._reserve_host_kv(plan)
+        if splits and plan.prefills and plan.num_tokens >= 2:
+            plan.split_at = plan.num_tokens // 2
         plan.be_rows_per_layer = (self.last_allowance.be_rows_per_layer if self.last_allowance is not None
                                   else self.static_rows_per_layer)  # fmt: skip
         self.stats.planned(plan.num_tokens, plan.preempted,
@@ -405,7 +412,25 @@ class Planner:
             self._planned_s, self._be_rows_ready = self.clock(), be_rows_ready
         return plan
 
-    def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int) -> int:
+    def _cpu_rows_ride(self, be_rows_ready: int) -> bool:
+        """Whether this iteration runs as two sub-batches if it prefills: sub_batches is 2, the CPU path is behind
+        (`host_path_keeps_pace`: more rows than one merge window per layer carries) and holds at least as many
+        BE decodes as HBM does. A split costs a second pass over the weights (on 70B-H100x4 +30 % Dense time at
+        512 tokens, +10 % at 2048) and pays only where the second window carries rows that would otherwise wait
+        an iteration per layer, and where those rows are a large share of BE decode: where HBM holds most BE
+        decodes (hybrid with spare HBM) the split slowed every one of them for a few CPU rows (benchmarks/
+        results/sub_batches.md). A decode-only iteration is never split (its Dense work reads weights, and it
+        replays CUDA graphs)."""
+        if self.sub_batches < 2 or self.host_path_keeps_pace():
+            return False
+        cpu_rows = len(self.host_kv.slot_of) if self.host_kv is not None else 0
+        if self.remote_tier is not None:
+            cpu_rows = len(set(self.host_kv.slot_of if self.host_kv is not None else ()) | set(self.remote_tier.held))
+        if cpu_rows == 0 and be_rows_ready == 0:
+            return False
+        return cpu_rows >= len(self._gpu_be_decoders())
+
+    def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int, splits: bool = False) -> int:
         """SLO control: given the work planned (LS, and BE decodes on the accelerator), how many BE prefill
         tokens and BE rows per layer fit."""
         assert self.slo is not None
@@ -421,6 +446,7 @@ class Planner:
             be_prefill_context_start=be_waiting[0].num_computed_tokens if be_waiting else 0,
             be_decode_rows_ready=be_rows_ready,
             token_budget=ls_plan.token_budget,
+            sub_batches=2 if splits else 1,
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
         tokens = self.last_allowance.be_prefill_tokens

@@ -78,6 +78,7 @@ class IterationDemand:
     be_decode_rows_ready: int = 0  # BE rows one layer could take now (CPU attention results ready)
     ls_decode_longest_context: int = 0  # the longest of them (a padded decode kernel pays it for every row)
     token_budget: int = 0  # this iteration's token budget (the TTFT budget's prefill rate); 0: ls_chunk_tokens
+    sub_batches: int = 1  # 2: an iteration that prefills runs as two sub-batches (the planner's split rule)
 
     @property
     def ls_prefill_tokens(self) -> int:
@@ -193,14 +194,15 @@ class SLOController:
 
     # --- the closed-loop prediction ------------------------------------------------------------------------
     def predict_parts(self, dense_rows: float, prefill_load: float, decode_load: float, logit_rows: float = 0.0,
-                      be_rows_per_layer: float = 0.0) -> float:  # fmt: skip
+                      be_rows_per_layer: float = 0.0, sub_batches: int = 1) -> float:  # fmt: skip
         """The latency model's prediction corrected by what iterations of this regime measured lately."""
-        raw = self.latency_model.predict_parts(dense_rows, prefill_load, decode_load, logit_rows, be_rows_per_layer)
+        raw = self.latency_model.predict_parts(dense_rows, prefill_load, decode_load, logit_rows, be_rows_per_layer,
+                                               sub_batches)  # fmt: skip
         return raw * self.correction.factor(regime_of(prefill_load, be_rows_per_layer, decode_load))
 
     def predict(self, shape: IterationShape) -> float:
         return self.predict_parts(shape.dense_rows, shape.prefill_attention_load, shape.decode_attention_load,
-                                  shape.logit_rows, shape.be_rows_per_layer)  # fmt: skip
+                                  shape.logit_rows, shape.be_rows_per_layer, shape.sub_batches)  # fmt: skip
 
     def observe(self, shape: IterationShape, measured_s: float) -> float:
         """An iteration of `shape` took `measured_s`: returns what the controller had predicted for it (the
@@ -266,6 +268,7 @@ class SLOController:
                 0.0,
                 (max_prefill > 0) + max_rows,
                 max_rows,
+                demand.sub_batches if max_prefill else 1,
             )
             allowance = BEAllowance(max_rows, max_prefill, predicted)
             self._last = allowance
@@ -275,8 +278,10 @@ class SLOController:
         def predicted_s(prefill_tokens: int, rows: int) -> float:
             """The iteration with this BE prefill chunk and this many BE rows per layer next to the LS work."""
             load = prefill_load + (prefill_chunk_load(start, prefill_tokens) if prefill_tokens else 0.0)
+            # The planner splits an iteration that prefills (`Planner._split_at`); one that only decodes is not.
+            split = demand.sub_batches if prefill_tokens or demand.ls_prefill_chunks else 1
             return model(ls_rows + prefill_tokens + rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows,
-                         rows)  # fmt: skip
+                         rows, split)  # fmt: skip
 
         # Hybrid placement fits ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
         first_rows = largest_fitting(lambda r: predicted_s(0, r) <= limit, max_rows) if self.be_rows_first else 0

@@ -112,6 +112,7 @@ class _Row:
     node: _Node
     layer: int = 0
     ready_at: float = 0.0
+    sub_batch: int = 0  # A (0) or B (1) in iterations that run two sub-batches: alternating as rows start
 
 
 @dataclass
@@ -262,7 +263,10 @@ class Simulator:
         # whose CPU attention for that layer is in flight or back, as a heap on ready time.
         self._pending_entry: list[tuple[float, int, _Row]] = []
         self._entering: deque[_Row] = deque()
-        self._waiting: list[list[tuple[float, int, _Row]]] = [[] for _ in range(self.num_layers)]
+        # Per sub-batch (A, B), per layer: the rows whose attention for it is in flight or back.
+        self._waiting: tuple[list[list[tuple[float, int, _Row]]], ...] = tuple(
+            [[] for _ in range(self.num_layers)] for _ in range(2))
+        self._rows_started = 0
         self._ready_times: list[float] = []  # every waiting row's ready time, sorted (for counting)
         self._seq = itertools.count()
         self._offload_free_at = 0.0
@@ -336,13 +340,17 @@ class Simulator:
         self.host_bytes += num_bytes
         row.layer = layer
         row.ready_at = done + worker.transfer_s(self._out_bytes)
-        heapq.heappush(self._waiting[layer], (row.ready_at, next(self._seq), row))
+        heapq.heappush(self._waiting[row.sub_batch][layer], (row.ready_at, next(self._seq), row))
         bisect.insort(self._ready_times, row.ready_at)
 
-    def _take_ready(self, layer: int, by_s: float, cap: int) -> list[_Row]:
-        heap = self._waiting[layer]
+    def _take_ready(self, layer: int, by_s: float, cap: int, sub_batches: tuple[int, ...] = (0, 1)) -> list[_Row]:
+        """Rows of these sub-batches whose layer-`layer` result is back by `by_s`, earliest first, at most `cap`."""
+        heaps = [self._waiting[sub][layer] for sub in sub_batches]
         taken: list[_Row] = []
-        while heap and heap[0][0] <= by_s and len(taken) < cap:
+        while len(taken) < cap:
+            heap = min((h for h in heaps if h and h[0][0] <= by_s), key=lambda h: h[0][0], default=None)
+            if heap is None:
+                break
             ready_at, _, row = heapq.heappop(heap)
             del self._ready_times[bisect.bisect_left(self._ready_times, ready_at)]
             taken.append(row)
@@ -377,7 +385,8 @@ class Simulator:
             worker = min(node.workers, key=lambda w: (w.rows + 1) / w.bandwidth_b_s)
             worker.rows += 1
         node.rows += 1
-        row = _Row(request, worker, node)
+        row = _Row(request, worker, node, sub_batch=self._rows_started % 2)
+        self._rows_started += 1
         enter_s = max(at_s, self._offload_done.pop(request.request_id, at_s))
         heapq.heappush(self._pending_entry, (enter_s, next(self._seq), row))
 
@@ -464,6 +473,8 @@ class Simulator:
         n = plan.num_tokens
         prefill_load = sum(prefill_chunk_load(c.start, c.num_tokens) for c in plan.prefills)
         base = self.device.iteration_s(n, prefill_load, [c.start + 1 for c in plan.decodes], len(sampling))
+        if plan.split_at:  # two sub-batches: the Dense layers run once on each half (the second weight pass)
+            base += self._dense(plan.split_at) + self._dense(n - plan.split_at) - self._dense(n)
         done_rows: list[_Row] = []
         end = t + base
         merged_before = self.be_rows_merged
@@ -499,31 +510,53 @@ class Simulator:
         return end
 
     def _layer_walk(self, t: float, base: float, n: int, plan: IterationPlan) -> tuple[float, list[_Row]]:
-        """The accelerator's pass over the layers with host-path rows merged where their results are back."""
+        """The accelerator's pass over the layers with host-path rows merged where their results are back.
+
+        One batch: a row submitted as the accelerator reaches layer l merges into post_attention(l) if its result
+        is back by the middle of the layer. Two sub-batches (`plan.split_at`, model_runner.py's order A.pre(l),
+        B.post(l-1), B.pre(l), A.post(l)): A's rows have the first half of the layer, while B's Dense work runs,
+        and B's rows the second half, while A's runs; each sub-batch's merged rows cost its own Dense increment.
+        The layer's row cap is shared, A's merge point first."""
         cap = plan.be_rows_per_layer
         sync = self.policy.synchronous_cpu_attention
         layers = self.num_layers
-        dense_n = self._dense(n) if n else 0.0
+        halves = (plan.split_at, n - plan.split_at) if plan.split_at else (n,)
+        dense_of = [self._dense(h) if h else 0.0 for h in halves]
         per_layer = (base - self._overhead_s) / layers
+        half = per_layer / 2
         clock = t + self._overhead_s
         carry = [self._entering.popleft() for _ in range(min(cap, len(self._entering)))]
         entered = len(carry)
         for layer in range(layers):
-            for row in carry:
-                self._submit(row, layer, clock, clock + per_layer / 2)
-            if sync:
-                ready = self._take_ready(layer, math.inf, len(carry)) if carry else []
-            else:  # merged at post_attention(layer): a result must be back by the middle of the layer
-                ready = self._take_ready(layer, clock + per_layer / 2, cap) if self._waiting[layer] else []
-            merged = len(ready) + (entered if layer == 0 else 0)
+            if len(halves) == 1:
+                for row in carry:
+                    self._submit(row, layer, clock, clock + half)
+                if sync:
+                    ready = self._take_ready(layer, math.inf, len(carry)) if carry else []
+                else:  # merged at post_attention(layer): a result must be back by the middle of the layer
+                    ready = self._take_ready(layer, clock + half, cap)
+                merged = [len(ready) + (entered if layer == 0 else 0)]
+                taken = ready
+            else:
+                for row in carry:
+                    start = clock + half * row.sub_batch
+                    self._submit(row, layer, start, start + half)
+                ready_a = self._take_ready(layer, clock + half, cap, (0,))
+                ready_b = self._take_ready(layer, clock + per_layer, cap - len(ready_a), (1,))
+                merged = [len(ready_a), len(ready_b)]
+                if layer == 0:
+                    entered_b = sum(row.sub_batch for row in carry)
+                    merged = [merged[0] + entered - entered_b, merged[1] + entered_b]
+                taken = ready_a + ready_b
             step = per_layer
-            if merged:
-                step += (self._dense(n + merged) - dense_n) / layers
-                self.be_rows_merged += len(ready)
+            for h, extra, dense_h in zip(halves, merged, dense_of, strict=True):
+                if extra:
+                    step += (self._dense(h + extra) - dense_h) / layers
+            self.be_rows_merged += len(taken)
             clock += step
-            if sync and ready:
-                clock = max(clock, max(row.ready_at for row in ready))
-            carry = ready
+            if sync and taken:
+                clock = max(clock, max(row.ready_at for row in taken))
+            carry = taken
         return clock, carry
 
     def _copy_prefill_kv(self, plan: IterationPlan, end: float) -> None:
@@ -607,6 +640,6 @@ class Simulator:
 
     def _all_rows(self) -> list[_Row]:
         rows = list(self._entering) + [entry[2] for entry in self._pending_entry]
-        for heap in self._waiting:
+        for heap in (h for heaps in self._waiting for h in heaps):
             rows += [entry[2] for entry in heap]
         return rows
