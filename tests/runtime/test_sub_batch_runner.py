@@ -30,7 +30,6 @@ from tests.runtime.helpers import (
     hf_reference,
     make_request,
     reference_greedy,
-    run_to_completion,
     tiny_config,
 )
 from tests.runtime.split_plans import SplitPlans
@@ -178,19 +177,19 @@ def test_split_iterations_give_exactly_the_tokens_of_one_batch_under_hybrid(monk
 
 
 # --- tensor parallelism --------------------------------------------------------------------------------------------
+def tp_config(tp: int) -> Any:
+    return tp_test._scenario_config("synthetic://tiny-llama", tp, "piggyback", True)
+
+
 def _run_split_tp2(results: Any) -> None:
     """In a fresh process (rank 0; torch.distributed is per process): tp 2 under `piggyback` with split plans."""
     try:
-        engine = Engine(tp_test._scenario_config("synthetic://tiny-llama", 2, "piggyback", True))
+        engine = Engine(tp_config(2))
         try:
-            requests = [make_request(f"r{i}", p, greedy(tp_test.MAX_TOKENS), c)
-                        for i, (p, c) in enumerate(zip(tp_test.PROMPTS, tp_test.CLASSES, strict=True))]  # fmt: skip
             merges = MergeCounter(engine, pytest.MonkeyPatch())
             with SplitPlans(engine) as splits:
-                for request in requests:
-                    engine.add_request(request)
-                run_to_completion(engine)
-            results.put(("ok", [r.output_token_ids for r in requests], splits.split, merges.by_sub_batch))
+                tokens = [r.output_token_ids for r in serve_staggered(engine, "tp2-")]
+            results.put(("ok", tokens, splits.split, merges.by_sub_batch))
         finally:
             engine.close()
     except BaseException as exc:  # reported to the test
@@ -198,6 +197,8 @@ def _run_split_tp2(results: Any) -> None:
 
 
 def test_tp_2_with_split_plans_gives_the_tokens_of_tp_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank runs the same sub-batches and merges the same rows at each of the twice as many merge points
+    (the ranks agree on the rows ready at each), so the tokens are tp 1's (one batch)."""
     monkeypatch.setenv(cpu_attention.ENV_BACKEND, "torch")  # no native build in the rank processes
     results = mp.get_context("spawn").Queue()
     process = mp.get_context("spawn").Process(target=_run_split_tp2, args=(results,))
@@ -209,13 +210,13 @@ def test_tp_2_with_split_plans_gives_the_tokens_of_tp_1(monkeypatch: pytest.Monk
         if process.is_alive():
             process.kill()
     assert status == "ok", tokens
-    assert num_split > 0 and sum(by_sub_batch) > 0, (num_split, by_sub_batch)
-    one = tp_test._tp1_engine("synthetic://tiny-llama")
+    assert num_split > 0 and all(by_sub_batch), (num_split, by_sub_batch)
+    one = Engine(tp_config(1))
     try:
-        expected = tp_test._tp1_tokens(one, "piggyback", True)
-        for prompt, ours, tp1 in zip(tp_test.PROMPTS, tokens, expected, strict=True):
+        expected = [r.output_token_ids for r in serve_staggered(one, "tp1-")]
+        for prompt, ours, tp1 in zip(PROMPTS, tokens, expected, strict=True):
             if ours != tp1:  # only at a near-tie: a row-parallel layer sums in another order than one matmul
                 hf = hf_reference(one.arch, one.model.state_dict())
-                assert_matches_reference(ours, tp1, reference_greedy(hf, prompt, tp_test.MAX_TOKENS)[1])
+                assert_matches_reference(ours, tp1, reference_greedy(hf, prompt, MAX_TOKENS)[1])
     finally:
         one.close()
