@@ -4,6 +4,10 @@ It owns what touches tensors: the model, the accelerator's paged KV cache and, w
 the host, the piggyback path (host KV, CPU attention workers, the residual store). Decisions come from the
 planner; what the sampled tokens mean (detokenising, stop strings, finishing) is the engine's postprocess.
 
+A plan with `split_at` > 0 runs as two sub-batches half a layer apart (NEO's pipelining): per layer A.pre(l),
+B.post(l-1), B.pre(l), A.post(l). A BE row on the CPU path merges at its own sub-batch's merge point, so its CPU
+attention has the other sub-batch's work to come back in. One batch is the same steps with one sub-batch.
+
 The forward step never reads a device value on the host (on a GPU that would stall the host until the
 queue drains). Everything it needs per iteration (token ids, positions, the attention metadata, BE rows'
 tokens, positions and slots, BE prefill rows) is built on the host and goes up in one non-blocking copy
