@@ -92,9 +92,10 @@ class _SubBatch:
     carry_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     attn: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
-    @property
-    def num_rows(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.chunks)
+    num_rows: int = 0  # plan rows (tokens): the first rows of each layer's batch, the carried BE rows after them
+
+    def __post_init__(self) -> None:
+        self.num_rows = sum(chunk.num_tokens for chunk in self.chunks)
 
     def _name(self, part: str) -> str:
         return part if self.which is None else f"{part}_{'ab'[self.which]}"
