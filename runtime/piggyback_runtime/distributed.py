@@ -83,8 +83,9 @@ class StepMessage:
     block_tables: dict[str, list[int]] = field(default_factory=dict)  # accelerator KV, the plan's requests
     host_block_tables: dict[str, list[int]] = field(default_factory=dict)  # host KV of BE requests prefilling
     # Piggyback path changes since the last step, in order: ("start", id, slot, worker, generation, position,
-    # token, host blocks), ("release", id), ("token_done", id, position, token).
+    # token, host blocks, sub-batch), ("release", id), ("token_done", id, position, token).
     ops: list[tuple[Any, ...]] = field(default_factory=list)
+    split_at: int = 0  # the plan's (two sub-batches)
 
 
 # --- process group ----------------------------------------------------------------------------------------------
@@ -260,7 +261,8 @@ class LeaderPiggyback(PiggybackPath):
         super().start_decode(request)
         row = self.rows[request.request_id]
         self.ops.append(("start", request.request_id, row.slot, row.worker, row.generation, row.position,
-                         request.output_token_ids[-1], list(self.host_kv.blocks_of(request.request_id))))  # fmt: skip
+                         request.output_token_ids[-1], list(self.host_kv.blocks_of(request.request_id)),
+                         row.sub_batch))  # fmt: skip
 
     def release(self, request: Request) -> None:
         super().release(request)
@@ -283,7 +285,7 @@ class LeaderRunner(ModelRunner):
             self.piggyback.agree = ranks.agree_min
 
     def message(self, plan: IterationPlan) -> StepMessage:
-        msg = StepMessage(be_rows_per_layer=plan.be_rows_per_layer)
+        msg = StepMessage(be_rows_per_layer=plan.be_rows_per_layer, split_at=plan.split_at)
         pb = self.piggyback
         for index, chunk in enumerate(plan.chunks):
             request = chunk.request
@@ -376,7 +378,7 @@ class FollowerRunner(ModelRunner):
             for op in msg.ops:
                 self._apply_op(pb, host_kv, op)
             pb.max_rows_per_layer = msg.be_rows_per_layer
-        plan = IterationPlan(be_rows_per_layer=msg.be_rows_per_layer)
+        plan = IterationPlan(be_rows_per_layer=msg.be_rows_per_layer, split_at=msg.split_at)
         offset = 0
         for request_id, service_class, start, count, length, is_decode in msg.chunks:
             request = _MirrorRequest(request_id, service_class, length, start, msg.token_ids[offset : offset + count])
@@ -390,7 +392,7 @@ class FollowerRunner(ModelRunner):
     def _apply_op(pb: PiggybackPath, host_kv: _MirrorHostKV, op: tuple[Any, ...]) -> None:
         kind, request_id = op[0], op[1]
         if kind == "start":
-            _, _, slot, worker, generation, position, token, blocks = op
+            _, _, slot, worker, generation, position, token, blocks, sub_batch = op
             # Rank 0 reuses a slot once its own worker is done with it; this rank's may still be writing to it.
             while slot in pb.row_by_slot:
                 pb.idle_wait(0.01)
@@ -399,7 +401,7 @@ class FollowerRunner(ModelRunner):
             host_kv.slot_of[request_id] = slot
             request = _MirrorRequest(request_id, "BE")
             request.output_token_ids = [token]
-            row = BERow(request, slot, worker, generation, position=position)  # type: ignore[arg-type]
+            row = BERow(request, slot, worker, generation, position=position, sub_batch=sub_batch)  # type: ignore[arg-type]
             pb.rows[request_id] = row
             pb.row_by_slot[slot] = row
             pb.pool.register(worker, slot, blocks)

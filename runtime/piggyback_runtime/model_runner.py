@@ -4,6 +4,10 @@ It owns what touches tensors: the model, the accelerator's paged KV cache and, w
 the host, the piggyback path (host KV, CPU attention workers, the residual store). Decisions come from the
 planner; what the sampled tokens mean (detokenising, stop strings, finishing) is the engine's postprocess.
 
+A plan with `split_at` > 0 runs as two sub-batches half a layer apart (NEO's pipelining): per layer A.pre(l),
+B.post(l-1), B.pre(l), A.post(l). A BE row on the CPU path merges at its own sub-batch's merge point, so its CPU
+attention has the other sub-batch's work to come back in. One batch is the same steps with one sub-batch.
+
 The forward step never reads a device value on the host (on a GPU that would stall the host until the
 queue drains). Everything it needs per iteration (token ids, positions, the attention metadata, BE rows'
 tokens, positions and slots, BE prefill rows) is built on the host and goes up in one non-blocking copy
@@ -17,22 +21,24 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from piggyback_runtime import metrics as m
-from piggyback_runtime.attention.paged import AttentionBatch, kv_cache_dtype, paged_attention
+from piggyback_runtime.attention.paged import AttentionBatch, StagedAttentionBatch, kv_cache_dtype, paged_attention
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.cuda_graphs import DecodeBatch, DecodeGraphs, graphs_enabled, schedule
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.cache import PagedKVCache
 from piggyback_runtime.kv.host import HostKV
+from piggyback_runtime.model.llama import DecoderLayer, LlamaForCausalLM
 from piggyback_runtime.model.loader import LoadedModel
-from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath
+from piggyback_runtime.piggyback.be_path import BERow, PiggybackPath, PrefillTargets
 from piggyback_runtime.request import Request
 from piggyback_runtime.sampling import SamplingTensors, sample_on_device, upload_sampling_tensors
-from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.batching import IterationPlan, ScheduledChunk, split_chunks
 from piggyback_runtime.scheduler.outputs import IterationOutputs, sampling_requests
 from piggyback_runtime.scheduler.policies import Policy
 from piggyback_runtime.staging import HostStaging
@@ -61,6 +67,81 @@ class RunResult:
             be_rows_merged=self.merged_rows,
             num_layers=num_layers,
         )
+
+
+@dataclass(eq=False)
+class _SubBatch:
+    """One sub-batch of an iteration through the layers: its share of the plan's chunks and the BE rows riding
+    with it. An unsplit plan is one of these with every chunk and every BE row (`which` None)."""
+
+    which: int | None  # 0 (A) or 1 (B): the BE rows of that sub-batch merge here; None: all of them
+    chunks: list[ScheduledChunk]  # decodes first, then prefill chunks (a cut chunk's part)
+    num_decodes: int
+    carry: list[BERow] = field(default_factory=list)  # BE rows travelling with it into the next pre_attention
+    staged: StagedAttentionBatch | None = None
+    prefill_targets: PrefillTargets | None = None
+    # On the device once uploaded: plan rows' hidden states, RoPE, attention metadata; the carried rows' hidden
+    # states, positions and slots; this layer's attention output between pre and post.
+    batch: AttentionBatch | None = None
+    hidden: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    prefill_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    carry_hidden: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    carry_positions: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    carry_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    attn: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    num_rows: int = 0  # plan rows (tokens): the first rows of each layer's batch, the carried BE rows after them
+
+    def __post_init__(self) -> None:
+        self.num_rows = sum(chunk.num_tokens for chunk in self.chunks)
+
+    def _name(self, part: str) -> str:
+        return part if self.which is None else f"{part}_{'ab'[self.which]}"
+
+    def stage(self, staging: HostStaging, entering: list[BERow], blocks: Callable[[str], list[int]],
+              block_size: int, pb: PiggybackPath | None) -> None:  # fmt: skip
+        """Stage its per-iteration data (tokens, positions, attention metadata, host-placed prefill rows, the BE
+        rows entering layer 0 with it) for the iteration's one upload."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        be_prefills: list[tuple[Request, int, int, int]] = []
+        for chunk in self.chunks:
+            if chunk.request.placement == "host":  # its KV goes to host KV as it is computed (the planner's call)
+                be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
+            token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
+            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+        decodes, prefills = self.chunks[: self.num_decodes], self.chunks[self.num_decodes :]
+        self.staged = AttentionBatch.stage(
+            decodes=[(blocks(c.request.request_id), c.start) for c in decodes],
+            prefills=[(blocks(c.request.request_id), c.start, c.num_tokens) for c in prefills],
+            block_size=block_size,
+            staging=staging,
+            name=self._name("attention_metadata"),
+        )
+        self.prefill_targets = pb.prefill_targets(be_prefills) if pb is not None else None
+        self.carry = entering
+        name = self._name
+        staging.add(name("token_ids"), torch.tensor(token_ids, dtype=torch.long))
+        staging.add(name("positions"), torch.tensor(positions, dtype=torch.long))
+        staging.add(name("carry_tokens"), torch.tensor([r.request.output_token_ids[-1] for r in entering],
+                                                       dtype=torch.long))  # fmt: skip
+        staging.add(name("carry_positions"), torch.tensor([r.position for r in entering], dtype=torch.long))
+        staging.add(name("carry_slots"), torch.tensor([r.slot for r in entering], dtype=torch.long))
+        rows = self.prefill_targets.rows if self.prefill_targets else []
+        staging.add(name("prefill_rows"), torch.tensor(rows, dtype=torch.long))
+
+    def on_device(self, step: dict[str, torch.Tensor], model: LlamaForCausalLM) -> None:
+        """Its part of the uploaded step, embedded and with RoPE: ready for layer 0."""
+        assert self.staged is not None
+        name = self._name
+        self.batch = self.staged.on_device(step)
+        self.hidden = model.embed(step[name("token_ids")])
+        self.cos, self.sin = model.rope(step[name("positions")], self.hidden.dtype)
+        self.carry_hidden = model.embed(step[name("carry_tokens")])
+        self.carry_positions, self.carry_slots = step[name("carry_positions")], step[name("carry_slots")]
+        self.prefill_rows = step[name("prefill_rows")]
 
 
 def sample_rows(plan: IterationPlan) -> list[int]:
@@ -159,85 +240,102 @@ class ModelRunner:
         graphed = self._launch_graphed(plan, sampling)
         if graphed is not None:
             return graphed
-        token_ids: list[int] = []
-        positions: list[int] = []
-        be_prefills: list[tuple[Request, int, int, int]] = []
         pb = self.piggyback
-        for chunk in plan.chunks:
-            if chunk.request.placement == "host":  # its KV goes to host KV as it is computed (the planner's call)
-                be_prefills.append((chunk.request, len(token_ids), chunk.start, chunk.num_tokens))
-            token_ids.extend(chunk.request.token_ids(chunk.start, chunk.start + chunk.num_tokens))
-            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+        if plan.split_at and self.policy.synchronous_cpu_attention:
+            raise ValueError(f"policy {self.policy.name!r} waits for CPU attention in the layer that sends it, so "
+                             f"it runs one batch; this plan splits at token {plan.split_at} (split_at must be 0)")
+        first_chunks, second_chunks = split_chunks(plan)
+        # Decodes (one token each, never cut) come first: sub-batch A has the first split_at of them.
+        first_decodes = min(plan.split_at, len(plan.decodes)) if second_chunks else len(plan.decodes)
+        subs = [_SubBatch(None if not second_chunks else 0, first_chunks, first_decodes)]
+        if second_chunks:
+            subs.append(_SubBatch(1, second_chunks, len(plan.decodes) - first_decodes))
+        # BE rows entering layer 0: each rides in its own sub-batch (all in the one batch when not split).
+        entering = pb.entering() if pb is not None else []
         staging = HostStaging(self.device)
-        blocks = self.allocator.blocks_of
-        staged_attention = AttentionBatch.stage(
-            decodes=[(blocks(c.request.request_id), c.start) for c in plan.decodes],
-            prefills=[(blocks(c.request.request_id), c.start, c.num_tokens) for c in plan.prefills],
-            block_size=self.block_size,
-            staging=staging,
-        )
-        prefill_targets = pb.prefill_targets(be_prefills) if pb is not None else None
-        # BE rows travelling with this pass: at layer 0 the tokens that enter the model, after layer l the
-        # rows whose layer-l CPU attention was merged into post_attention(l).
-        carry: list[BERow] = pb.entering() if pb is not None else []
-        staging.add("token_ids", torch.tensor(token_ids, dtype=torch.long))
-        staging.add("positions", torch.tensor(positions, dtype=torch.long))
-        staging.add("carry_tokens", torch.tensor([r.request.output_token_ids[-1] for r in carry], dtype=torch.long))
-        staging.add("carry_positions", torch.tensor([r.position for r in carry], dtype=torch.long))
-        staging.add("carry_slots", torch.tensor([r.slot for r in carry], dtype=torch.long))
-        staging.add("prefill_rows", torch.tensor(prefill_targets.rows if prefill_targets else [], dtype=torch.long))
+        for sub in subs:
+            sub.stage(staging, [r for r in entering if sub.which in (None, r.sub_batch)], self.allocator.blocks_of,
+                      self.block_size, pb)  # fmt: skip
         step = staging.upload()  # the iteration's one upload before the layers
-        batch = staged_attention.on_device(step)
-        model = self.model
-        hidden = model.embed(step["token_ids"])
-        cos, sin = model.rope(step["positions"], hidden.dtype)
-        num_rows = len(token_ids)
-        carry_hidden = model.embed(step["carry_tokens"])
-        carry_positions, carry_slots = step["carry_positions"], step["carry_slots"]
-        merged = len(carry)
-        for index, layer in enumerate(model.layers):
-            attn = hidden.new_empty((0, self.arch.num_attention_heads, self.arch.head_dim))
-            if num_rows or carry:
-                x, row_cos, row_sin = hidden, cos, sin
-                if carry:
-                    carry_cos, carry_sin = model.rope(carry_positions, hidden.dtype)
-                    x = torch.cat((hidden, carry_hidden))
-                    row_cos, row_sin = torch.cat((cos, carry_cos)), torch.cat((sin, carry_sin))
-                q, k, v = layer.pre_attention(x, row_cos, row_sin)
-                if num_rows:
-                    attn = paged_attention(index, q[:num_rows], k[:num_rows], v[:num_rows], self.kv_cache, batch,
-                                           self.scale)  # fmt: skip
-                    if prefill_targets is not None:
-                        assert pb is not None
-                        pb.write_prefill_kv(index, prefill_targets, step["prefill_rows"], k, v)
-                if carry:
-                    assert pb is not None
-                    pb.submit(index, carry, carry_slots, q[num_rows:], k[num_rows:], v[num_rows:], carry_hidden)
-                    if self.policy.synchronous_cpu_attention:
-                        self._wait_for_cpu(carry)
-            ready = pb.ready(index) if pb is not None else []
-            if ready:
+        for sub in subs:
+            sub.on_device(step, self.model)
+        first, second = subs[0], subs[1] if len(subs) > 1 else None
+        # Per layer l: A.pre(l); B.post(l-1); B.pre(l); A.post(l) (one batch: pre(l); post(l)). B runs half a
+        # layer behind A: what A's CPU rows compute overlaps B's Dense work and the other way round; A's part of
+        # a cut prefill chunk writes its KV of layer l before B's part attends to it.
+        merged_at = [0] * len(self.model.layers)  # BE rows merged per layer: the two merge points share its cap
+        for index, layer in enumerate(self.model.layers):
+            self._pre_attention(first, index, layer)
+            if second is not None:
+                if index:
+                    self._post_attention(second, index - 1, self.model.layers[index - 1], merged_at)
+                self._pre_attention(second, index, layer)
+            self._post_attention(first, index, layer, merged_at)
+        if second is not None:
+            last = len(self.model.layers) - 1
+            self._post_attention(second, last, self.model.layers[last], merged_at)
+        # The plan's flat order is A's rows then B's; the BE rows done leave A's last merge point first.
+        hidden = torch.cat([sub.hidden for sub in subs]) if second is not None else first.hidden
+        done = [row for sub in subs for row in sub.carry]
+        done_hidden = torch.cat([sub.carry_hidden for sub in subs]) if second is not None else first.carry_hidden
+        requests, tokens = self._sample(plan, sampling, hidden, done, done_hidden)
+        return requests, tokens, done, len(entering) + sum(merged_at)
+
+    def _pre_attention(self, sub: _SubBatch, index: int, layer: DecoderLayer) -> None:
+        """pre_attention(index) of the sub-batch's plan rows and the BE rows it carries; accelerator attention of
+        its plan rows (their KV of this layer written, host-placed prefill rows' KV to host KV too); its BE
+        rows' q/k/v off to the CPU workers. The attention output waits in `sub.attn` for `_post_attention`."""
+        pb, model, num_rows, carry = self.piggyback, self.model, sub.num_rows, sub.carry
+        sub.attn = sub.hidden.new_empty((0, self.arch.num_attention_heads, self.arch.head_dim))
+        if not (num_rows or carry):
+            return
+        x, row_cos, row_sin = sub.hidden, sub.cos, sub.sin
+        if carry:
+            carry_cos, carry_sin = model.rope(sub.carry_positions, sub.hidden.dtype)
+            x = torch.cat((sub.hidden, sub.carry_hidden))
+            row_cos, row_sin = torch.cat((row_cos, carry_cos)), torch.cat((row_sin, carry_sin))
+        q, k, v = layer.pre_attention(x, row_cos, row_sin)
+        if num_rows:
+            assert sub.batch is not None
+            sub.attn = paged_attention(index, q[:num_rows], k[:num_rows], v[:num_rows], self.kv_cache, sub.batch,
+                                       self.scale)  # fmt: skip
+            if sub.prefill_targets is not None:
                 assert pb is not None
-                be_attn, be_residual, carry_slots, carry_positions = pb.take(index, ready)
-                attn, residual = torch.cat((attn, be_attn)), torch.cat((hidden, be_residual))
-                merged += len(ready)
-            else:
-                residual = hidden
-            if num_rows or ready:
-                out = layer.post_attention(attn, residual)
-                hidden, carry_hidden = out[:num_rows], out[num_rows:]
-            carry = ready
-        requests, tokens = self._sample(plan, sampling, hidden, carry, carry_hidden)
-        return requests, tokens, carry, merged
+                pb.write_prefill_kv(index, sub.prefill_targets, sub.prefill_rows, k, v)
+        if carry:
+            assert pb is not None
+            pb.submit(index, carry, sub.carry_slots, q[num_rows:], k[num_rows:], v[num_rows:], sub.carry_hidden)
+            if self.policy.synchronous_cpu_attention:
+                self._wait_for_cpu(carry)
+
+    def _post_attention(self, sub: _SubBatch, index: int, layer: DecoderLayer, merged_at: list[int]) -> None:
+        """The sub-batch's merge point at layer `index`: its BE rows whose CPU result for this layer is in join its
+        plan rows in post_attention(index), and go on with it into the next layer (or to sampling)."""
+        pb = self.piggyback
+        ready: list[BERow] = []
+        if pb is not None:
+            ready = pb.ready(index, sub.which, pb.max_rows_per_layer - merged_at[index])
+        attn, residual = sub.attn, sub.hidden
+        if ready:
+            assert pb is not None
+            be_attn, be_residual, sub.carry_slots, sub.carry_positions = pb.take(index, ready)
+            attn, residual = torch.cat((attn, be_attn)), torch.cat((sub.hidden, be_residual))
+            merged_at[index] += len(ready)
+        if sub.num_rows or ready:
+            out = layer.post_attention(attn, residual)
+            sub.hidden, sub.carry_hidden = out[: sub.num_rows], out[sub.num_rows :]
+        else:
+            sub.carry_hidden = sub.carry_hidden[:0]
+        sub.carry = ready
 
     def _launch_graphed(
         self, plan: IterationPlan, sampling: list[Request]
     ) -> tuple[list[Request], torch.Tensor, list[BERow], int] | None:
         """A decode-only iteration through captured graphs (cuda_graphs.py), BE rows merged at eager layers between
-        the captured ranges; None: eager. What decides it is the plan alone (the same on every tensor-parallel
-        rank), never a rank's own CPU results."""
+        the captured ranges; None: eager (a plan in two sub-batches always is). What decides it is the plan alone
+        (the same on every tensor-parallel rank), never a rank's own CPU results."""
         pb, graphs = self.piggyback, self.graphs
-        if graphs is None or plan.prefills or not plan.decodes:
+        if graphs is None or plan.prefills or not plan.decodes or plan.split_at:
             return None
         if any(c.request.placement == "host" for c in plan.chunks):
             return None

@@ -20,6 +20,7 @@ to copy down), which is enough to drive every BE state through the merge.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +36,7 @@ from piggyback_runtime.model.loader import load_model
 from piggyback_runtime.request import SamplingParams
 from piggyback_runtime.staging import HostStaging
 from tests.runtime.helpers import make_request, tiny_config
+from tests.runtime.split_plans import SplitPlans
 
 DEVICE = torch.device("meta")
 
@@ -247,9 +249,12 @@ def piggyback_engine() -> Iterator[Engine]:
 
 
 @pytest.mark.slow  # an engine with CPU worker processes
+@pytest.mark.parametrize("split", [False, True], ids=["one-batch", "two-sub-batches"])
 def test_piggyback_steps_with_be_rows_merging_upload_once_and_read_nothing_but_the_sampled_tokens(
-    piggyback_engine: Engine,
+    piggyback_engine: Engine, split: bool
 ) -> None:
+    """Also with plans that prefill split into two sub-batches (IterationPlan.split_at): twice the merge points,
+    the same one upload before the layers."""
     engine = piggyback_engine
     pb = engine.piggyback
     assert pb is not None
@@ -267,7 +272,9 @@ def test_piggyback_steps_with_be_rows_merging_upload_once_and_read_nothing_but_t
     for request in requests:
         engine.add_request(request)
     reads = fake_token_reads(engine)
-    passes, guard = run_guarded(engine)
+    with SplitPlans(engine) if split else contextlib.nullcontext() as splits:
+        passes, guard = run_guarded(engine)
+    assert splits is None or splits.split > 0
     assert not guard.violations
     assert reads.calls == sum(p.sampled for p in passes)
     assert_one_upload_per_step(passes)

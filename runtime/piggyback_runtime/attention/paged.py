@@ -139,10 +139,12 @@ class AttentionBatch:
         prefills: list[tuple[list[int], int, int]],
         block_size: int,
         staging: HostStaging,
+        name: str = "attention_metadata",
     ) -> StagedAttentionBatch:
         """Stage the metadata into `staging` (the caller uploads it once, with everything else of the iteration).
 
-        decodes: (block ids, position); prefills: (block ids, start position, num tokens).
+        decodes: (block ids, position); prefills: (block ids, start position, num tokens). `name`: the part's
+        name in `staging` (one per batch staged there: two sub-batches stage two).
         """
         slots = [flat_slot(blocks, position, block_size) for blocks, position in decodes]
         starts: list[int] = []
@@ -163,8 +165,9 @@ class AttentionBatch:
         prefill_flat, prefill_width = _padded_tables(prefill_tables)  # row i sliced to its length: chunk i's table
         # One int32 part (one host tensor, split into views on the device): per-iteration host time matters.
         parts = (slots, decode_flat, decode_lengths, starts, counts, contexts, prefill_flat)
-        staging.add(_STAGED_NAME, torch.tensor([value for part in parts for value in part], dtype=torch.int32))
+        staging.add(name, torch.tensor([value for part in parts for value in part], dtype=torch.int32))
         return StagedAttentionBatch(
+            name=name,
             part_sizes=tuple(len(part) for part in parts),
             num_decodes=len(decodes),
             decode_table_width=decode_width,
@@ -200,14 +203,12 @@ class AttentionBatch:
         return self._decode_mask
 
 
-_STAGED_NAME = "attention_metadata"  # the attention part's name in a shared HostStaging
-
-
 @dataclass(frozen=True)
 class StagedAttentionBatch:
     """An iteration's attention metadata, staged into a `HostStaging` and waiting for its upload; what the host
     keeps (counts, offsets, longest lengths) is what the kernels' launch parameters need."""
 
+    name: str  # the part's name in the staging
     # int32 words of slots, decode tables, decode lengths, chunk starts, counts, contexts, chunk tables
     part_sizes: tuple[int, ...]
     num_decodes: int
@@ -221,7 +222,7 @@ class StagedAttentionBatch:
 
     def on_device(self, uploaded: Mapping[str, torch.Tensor]) -> AttentionBatch:
         """The batch as device views into the staging's one upload (`HostStaging.upload()`'s result)."""
-        slots, decode_tables, decode_lengths, starts, counts, contexts, prefill_tables = uploaded[_STAGED_NAME].split(
+        slots, decode_tables, decode_lengths, starts, counts, contexts, prefill_tables = uploaded[self.name].split(
             self.part_sizes
         )
         decodes, num_prefills = self.num_decodes > 0, len(self.prefill_query_starts)

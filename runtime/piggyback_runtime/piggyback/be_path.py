@@ -96,6 +96,9 @@ class BERow:
     # A remote node's row whose prefill KV has all been shipped to its node: its host KV blocks are freed (it
     # keeps its slot), so it can no longer fall back to a local worker or move to the accelerator.
     host_kv_released: bool = False
+    # Two sub-batches (IterationPlan.split_at): the one it rides with, 0 (A) or 1 (B), alternating by the order
+    # rows enter the path, kept across layers and iterations; in a one-batch iteration it does not matter.
+    sub_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class PiggybackPath:
         self.failed: list[tuple[Request, str]] = []
         self.num_layers = arch.num_hidden_layers
         self._tick = 0
+        self._rows_started = 0  # rows that entered the path so far: every other one rides in sub-batch B
         # Tensor parallelism: the element-wise minimum over ranks of each rank's verdicts (distributed.py).
         self.agree: Callable[[list[int]], list[int]] | None = None
         self.retries: list[Request] = []  # lost with their worker, to be prefilled again (retry_on_worker_loss)
@@ -232,7 +236,9 @@ class PiggybackPath:
             self.failed.append((request, "the remote attention node it was placed on is down and its host KV is "
                                          "no longer staged on this host"))  # fmt: skip
             return
-        row = BERow(request, slot, worker, self.host_kv.generation[slot], position=request.num_tokens - 1)
+        row = BERow(request, slot, worker, self.host_kv.generation[slot], position=request.num_tokens - 1,
+                    sub_batch=self._rows_started % 2)  # fmt: skip
+        self._rows_started += 1
         self.rows[request.request_id] = row
         self.row_by_slot[slot] = row
         self.pool.register(worker, slot, self.host_kv.blocks_of(request.request_id))
@@ -299,10 +305,14 @@ class PiggybackPath:
         spread = -(-len(self.rows) // self.num_layers)
         return waiting[: min(self.max_rows_per_layer, spread)]
 
-    def ready(self, layer: int) -> list[BERow]:
+    def ready(self, layer: int, sub_batch: int | None = None, limit: int | None = None) -> list[BERow]:
+        """The rows whose layer-`layer` CPU result is in, to merge into post_attention(layer): oldest first, at
+        most `limit` (default: the layer cap); `sub_batch` keeps those of one sub-batch (after the cap, so that
+        rows take their turn by age whichever sub-batch they ride in). Every rank picks the same rows."""
         self.collect()
         ready = self._ready_among([row for row in self.rows.values() if row.layer == layer])
-        return sorted(ready, key=lambda row: row.since)[: self.max_rows_per_layer]
+        ready = sorted(ready, key=lambda row: row.since)[: self.max_rows_per_layer if limit is None else limit]
+        return ready if sub_batch is None else [row for row in ready if row.sub_batch == sub_batch]
 
     def merge_schedule(self) -> tuple[list[BERow], dict[int, list[BERow]]]:
         """For a step whose merge points are fixed when it starts (a graphed step, cuda_graphs.py): the rows
