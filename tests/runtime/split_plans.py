@@ -1,5 +1,6 @@
-"""Split plans for runtime tests, until the planner's own rule sets `IterationPlan.split_at`: `SplitPlans` wraps
-`engine.planner.schedule` and splits every plan that prefills at half its tokens, recording what each split cut."""
+"""Split plans for runtime tests: `SplitPlans` wraps `engine.planner.schedule` and splits every plan that prefills at
+half its tokens, recording what each split cut, whether or not the planner's own rule (`Planner._cpu_rows_ride`, which
+splits only where the CPU path is behind) would split it here."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ Each BE row on the CPU path rides in its own sub-batch (alternating as rows ente
 sub-batch's merge point. The spec here: greedy LS and BE tokens are exactly those of the same requests run as one
 batch, for `piggyback` and `hybrid`, with prompt chunks (LS, and BE ones whose KV goes to host KV) cut between A
 and B while CPU rows of both sub-batches merge; `neo` refuses a split plan; tensor parallelism (gloo, 2 ranks)
-gives the tokens of tp 1. Split plans come from `SplitPlans` (tests/runtime/split_plans.py) until the planner's
-own rule sets split_at.
+gives the tokens of tp 1. Split plans come from `SplitPlans` (tests/runtime/split_plans.py), which splits every
+plan that prefills whatever the planner's own rule would do.
 """
 
 from __future__ import annotations

@@ -57,6 +57,11 @@ PROFILE_FORMAT_VERSION = "2"  # 2: step overhead, BE merge cost, decode cost kin
 Sample = tuple[float, float]  # (x, seconds)
 
 
+# Two sub-batches read the Dense weights twice: an iteration is split only where that adds at most this share to
+# its Dense time, i.e. where Dense work is compute-bound (Vidur's profiles: 70B-H100x4 +10 % at 2048 tokens, +30 %
+# at 512; 7B-H100 +5 % at 2048, +47 % at 512).
+SPLIT_MAX_DENSE_COST = 0.12
+
 def prefill_chunk_load(start: float, num_tokens: float) -> float:
     """Attention load of a prefill chunk: queries start..start+n-1, each attends to every earlier position."""
     return num_tokens * start + num_tokens * (num_tokens + 1) / 2
@@ -431,6 +436,11 @@ class LatencyModel:
             return self.dense.predict(rows)
         half = math.floor(rows / 2)
         return self.dense.predict(half) + self.dense.predict(rows - half)
+
+    def split_is_cheap(self, rows: float) -> bool:
+        """Whether two sub-batches over `rows` add at most SPLIT_MAX_DENSE_COST to their Dense time: the planner
+        splits only such iterations, and the SLO controller's prediction of an iteration counts the split then."""
+        return rows >= 2 and self.dense_s(rows, 2) <= (1 + SPLIT_MAX_DENSE_COST) * self.dense.predict(rows)
 
     def decode_load(self, rows: float, total_context: float, longest_context: float) -> float:
         """The decode attention load of `rows` decodes on the kernel this model was profiled with."""

@@ -402,7 +402,7 @@ class Planner:
         if self.hybrid:
             plan.be_to_gpu = self._plan_to_gpu(host_rows_idle)
         self._reserve_host_kv(plan)
-        if splits and plan.prefills and plan.num_tokens >= 2:
+        if splits and plan.prefills and self.slo is not None and self.slo.latency_model.split_is_cheap(plan.num_tokens):
             plan.split_at = plan.num_tokens // 2
         plan.be_rows_per_layer = (self.last_allowance.be_rows_per_layer if self.last_allowance is not None
                                   else self.static_rows_per_layer)  # fmt: skip

@@ -248,6 +248,7 @@ class SLOController:
         """The largest BE allowance (BE prefill first, then BE decode rows) whose predicted latency fits."""
         budgets = self._budgets(ls_state, now_s, demand.token_budget)
         model = self.predict_parts
+        split_is_cheap = self.latency_model.split_is_cheap
         ls_rows = demand.ls_decode_rows + demand.ls_prefill_tokens
         prefill_load = demand.ls_prefill_load
         decode_load = self.latency_model.decode_load(demand.ls_decode_rows, demand.ls_decode_attention_load,
@@ -268,7 +269,7 @@ class SLOController:
                 0.0,
                 (max_prefill > 0) + max_rows,
                 max_rows,
-                demand.sub_batches if max_prefill else 1,
+                demand.sub_batches if max_prefill and split_is_cheap(max_prefill + max_rows) else 1,
             )
             allowance = BEAllowance(max_rows, max_prefill, predicted)
             self._last = allowance
@@ -278,10 +279,11 @@ class SLOController:
         def predicted_s(prefill_tokens: int, rows: int) -> float:
             """The iteration with this BE prefill chunk and this many BE rows per layer next to the LS work."""
             load = prefill_load + (prefill_chunk_load(start, prefill_tokens) if prefill_tokens else 0.0)
-            # The planner splits an iteration that prefills (`Planner._split_at`); one that only decodes is not.
-            split = demand.sub_batches if prefill_tokens or demand.ls_prefill_chunks else 1
-            return model(ls_rows + prefill_tokens + rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows,
-                         rows, split)  # fmt: skip
+            # The planner splits an iteration that prefills where the split is cheap (`Planner._cpu_rows_ride`).
+            dense_rows = ls_rows + prefill_tokens + rows
+            split = demand.sub_batches if (prefill_tokens or demand.ls_prefill_chunks) and split_is_cheap(
+                dense_rows) else 1  # fmt: skip
+            return model(dense_rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows, rows, split)
 
         # Hybrid placement fits ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
         first_rows = largest_fitting(lambda r: predicted_s(0, r) <= limit, max_rows) if self.be_rows_first else 0
