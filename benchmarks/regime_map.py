@@ -10,7 +10,8 @@ runs in the simulator (`piggyback_runtime.sim`: the runtime's own planner in sim
   SLO-controlled ones size their budget up to it); the default at its configured 512 is reported too;
 - an ablation of the default at the 2048 bound: hybrid placement off (`engine.hybrid_placement: false`: BE
   decodes on the CPUs only), CPU pacing off (`piggyback.paced_cpu_attention: false`: one FIFO worker per
-  row), the SLO-sized budget off (`engine.slo_token_budget: false`: always 2048);
+  row), the SLO-sized budget off (`engine.slo_token_budget: false`: always 2048), two sub-batches off
+  (`piggyback.sub_batches: 1`: one merge point per layer);
 - the cell's physical ceiling on BE tokens/s, the least of (computed from the same device figures):
   * GPU token supply: every BE token passes through the GPU's Dense layers once, as a prompt token or as an
     output token (an accelerator decode row or a merged CPU row), so BE output ≤ (GPU tokens/s at a full
@@ -69,6 +70,7 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "hybrid off": {"engine": {"hybrid_placement": False}},
     "pacing off": {"piggyback": {"paced_cpu_attention": False}},
     "SLO budget off": {"engine": {"slo_token_budget": False}},
+    "sub-batches off": {"piggyback": {"sub_batches": 1}},
 }
 
 # name -> (gpu, model, tp, light / medium / heavy LS rates (req/s), SLO ttft / tpot ms). The A100 rates are the
