@@ -348,7 +348,7 @@ class Simulator:
         heaps = [self._waiting[sub][layer] for sub in sub_batches]
         taken: list[_Row] = []
         while len(taken) < cap:
-            heap = min((h for h in heaps if h and h[0][0] <= by_s), key=lambda h: h[0][0], default=None)
+            heap = min((h for h in heaps if h and h[0][0] <= by_s), key=lambda h: (h[0][0], h[0][1]), default=None)
             if heap is None:
                 break
             ready_at, _, row = heapq.heappop(heap)
