@@ -57,13 +57,9 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
-        refused = self.engine.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
+        refused = self.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
         if refused is not None:
-            # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
-            # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
-            self._commands.put(("refused", request))
-            yield RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
-                                retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
+            yield refused
             return
         stream = self.attach(request.request_id)  # registered before the request exists: no output is missed
         self._post("add", request)
@@ -72,6 +68,19 @@ class AsyncEngine:
                 yield output
         finally:
             await stream.aclose()  # runs attach's cleanup: unregister, and abort if unfinished
+
+    def refuse_early(self, request: Request, *, forwarding: bool = True) -> RequestOutput | None:
+        """On the event loop, for a validated request: its refusal (FINISH_REJECTED) when `Engine.refuse_early`
+        refuses it, counted and noted; None: not refused (`forwarding=False`: the caller submits it another way
+        and it is asked again there)."""
+        refused = self.engine.refuse_early(request, forwarding=forwarding)
+        if refused is None:
+            return None
+        # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
+        # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
+        self._commands.put(("refused", request))
+        return RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
+                             retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
 
     def attach(self, request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """The outputs of a request that enters the engine some other way (a live migration's import): the
