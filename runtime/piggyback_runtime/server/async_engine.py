@@ -132,11 +132,20 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _deliver(self, output: RequestOutput) -> None:
+        self._deliver_all([output])
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one callback per event loop for the lot, not one per output (each
+        `call_soon_threadsafe` writes to the loop's wake-up pipe and wakes the HTTP thread, which then takes
+        the GIL from this, the engine thread); each stream still gets its outputs in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
         with self._streams_lock:
-            target = self._streams.get(output.request_id)
-        if target is not None:
-            loop, outputs = target
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            for output in outputs:
+                target = self._streams.get(output.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _apply_commands(self) -> None:
         while True:
@@ -211,9 +220,13 @@ class AsyncEngine:
                         out for rid in list(self.engine.requests)
                         if (out := self.engine.fail(rid, "internal error in the engine iteration")) is not None
                     ]  # fmt: skip
-                for output in outputs:
-                    self._deliver(output)
+                self._deliver_all(outputs)
         except BaseException as exc:  # pragma: no cover - last resort, reported by /healthz
             self.dead_reason = f"engine loop died: {exc!r}"
             log.exception("engine loop died")
             raise
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for outputs, output in items:
+        outputs.put_nowait(output)
