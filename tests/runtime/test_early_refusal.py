@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from piggyback_runtime.config import RuntimeConfig
 from piggyback_runtime.engine import Engine
-from piggyback_runtime.request import Request, SamplingParams, SLOTarget
+from piggyback_runtime.request import Request, RequestOutput, SamplingParams, SLOTarget
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.planner import Planner
 from piggyback_runtime.server import app as app_module
@@ -352,3 +352,45 @@ def test_the_layer_answers_only_generate_posts_and_a_client_gone_mid_body_goes_o
     asyncio.run(call("POST", "/v1/completions", whole))
     assert reached == ["GET /v1/completions", "POST /v1/models", "POST /v1/completions"]
     assert answered[0]["type"] == "http.response.start" and answered[0]["status"] == 429
+
+
+# --- server-sent events: fewer writes, none later -----------------------------------------------------------------
+def _output(text: str, finished: bool = False, reason: str | None = None) -> RequestOutput:
+    return RequestOutput("r1", [1], text, finished, reason, num_prompt_tokens=3, num_output_tokens=2)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_each_token_is_written_as_soon_as_it_comes_and_the_end_in_one_write(chat: bool) -> None:
+    """The role goes with the first text and the last text with the usage and [DONE], but no text waits for
+    the next token: after each output the stream has written everything it can."""
+
+    async def run() -> list[str]:
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        async def rest() -> AsyncIterator[RequestOutput]:
+            while True:
+                output = await outputs.get()
+                yield output
+                if output.finished:
+                    return
+
+        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+            return f"data: {json.dumps({'choice': choice, 'usage': usage})}\n\n"
+
+        def choice(output: RequestOutput) -> dict[str, Any]:
+            return {"text": output.text_delta, "finish_reason": output.finish_reason if output.finished else None}
+
+        stream = app_module._sse_events(_output("a"), rest(), event, choice, lambda o: "error\n\n", chat, True)
+        # Each write must come before the next output exists (a stream that held it back would hang here).
+        writes = [await asyncio.wait_for(anext(stream), 30)]
+        outputs.put_nowait(_output("b"))
+        writes.append(await asyncio.wait_for(anext(stream), 30))
+        outputs.put_nowait(_output("c", finished=True, reason="length"))
+        writes += [w async for w in stream]
+        return writes
+
+    writes = asyncio.run(run())
+    assert len(writes) == 3
+    assert writes[0].count("data: ") == (2 if chat else 1) and '"text": "a"' in writes[0]
+    assert '"text": "b"' in writes[1] and writes[1].count("data: ") == 1
+    assert '"text": "c"' in writes[2] and '"usage": {' in writes[2] and writes[2].endswith("data: [DONE]\n\n")

@@ -660,30 +660,36 @@ async def _sse_events(
     chat: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    last = first
-    if chat:
-        yield event(chat_role_choice())
+    """The events, one write per engine output, sent as soon as it came: the role goes with the first text,
+    and the last text with the usage and [DONE] (the stream ends right after it; each write costs the HTTP
+    thread a trip through the response machinery)."""
+    pending = event(chat_role_choice()) if chat else ""
     # A failure ends the stream with an error event, then [DONE] as for any stream (clients wait for it).
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
-        yield error(first)
-        yield SSE_DONE
+        yield pending + error(first) + SSE_DONE
         return
     if first.text_delta or first.finished:
-        yield event(choice(first))
+        pending += event(choice(first))
+    if pending and not first.finished:
+        yield pending
+        pending = ""
+    last = first
     async for output in rest:
         last = output
         if output.finished and output.finish_reason in (FINISH_ERROR, FINISH_ABORT):
             # Text the request produced before it failed is still sent, then the error.
             if output.text_delta:
-                yield event({**choice(output), "finish_reason": None})
-            yield error(output)
-            yield SSE_DONE
+                pending += event({**choice(output), "finish_reason": None})
+            yield pending + error(output) + SSE_DONE
             return
         if output.text_delta or output.finished:
-            yield event(choice(output))
+            pending += event(choice(output))
+        if pending and not output.finished:
+            yield pending
+            pending = ""
     if include_usage:
-        yield event(None, _usage(last))
-    yield SSE_DONE
+        pending += event(None, _usage(last))
+    yield pending + SSE_DONE
 
 
 def _sse_error(output: RequestOutput, cut_off: bool = False) -> str:
