@@ -239,7 +239,8 @@ def main() -> None:
     parser.add_argument("--http-requests", type=int, default=3000, help="requests over HTTP per path and variant")
     parser.add_argument("--connections", type=int, default=4, help="client keep-alive connections (HTTP)")
     parser.add_argument("--skip-http", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each measurement, before and after in turn; "
+                        "the median is shown")
     args = parser.parse_args()
 
     from piggyback_runtime.server.app import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, Runtime
@@ -255,16 +256,18 @@ def main() -> None:
         rows = []
         for path, chat in ((COMPLETIONS_PATH, False), (CHAT_COMPLETIONS_PATH, True)):
             bodies = _bodies(args.requests, chat)
-            asgi = {name: statistics.median(_asgi_cpu_per_request_s(app, path, bodies) for _ in range(args.repeats))
-                    for name, app in apps.items()}  # fmt: skip
-            http: dict[str, float] = {}
-            if not args.skip_http:
-                bodies_file = Path(tmp) / "bodies.jsonl"
-                bodies_file.write_text("\n".join(b.decode() for b in bodies))
-                http = {name: statistics.median(
-                            _http_cpu_per_request_s(app, path, bodies_file, args.http_requests, args.connections)
-                            for _ in range(args.repeats))
-                        for name, app in apps.items()}  # fmt: skip
+            bodies_file = Path(tmp) / "bodies.jsonl"
+            bodies_file.write_text("\n".join(b.decode() for b in bodies))
+            asgi_runs: dict[str, list[float]] = {name: [] for name in apps}
+            http_runs: dict[str, list[float]] = {name: [] for name in apps}
+            for _ in range(args.repeats):  # before and after in turn: a change in the machine's load hits both
+                for name, app in apps.items():
+                    asgi_runs[name].append(_asgi_cpu_per_request_s(app, path, bodies))
+                    if not args.skip_http:
+                        http_runs[name].append(_http_cpu_per_request_s(app, path, bodies_file, args.http_requests,
+                                                                       args.connections))  # fmt: skip
+            asgi = {name: statistics.median(runs) for name, runs in asgi_runs.items()}
+            http = {name: statistics.median(runs) for name, runs in http_runs.items() if runs}
             rows.append((path, asgi, http, _parts(runtime, bodies[:1000], chat)))
         runtime.engine.stop()
 
