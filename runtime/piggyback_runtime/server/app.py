@@ -514,7 +514,8 @@ def refuse_before_routing(runtime: Runtime, scope: Scope, body: bytes) -> Respon
     """The 429 the handler would answer this generate request, decided without FastAPI; None: the handler
     decides (anything else it may answer, an admission, or a body or request out of the ordinary).
 
-    The same steps as the handler, in its order, and the same refusal (`AsyncEngine.refuse_early`: the body,
+    The handler's own steps (`_prompt_ids`, `_engine_request`, `validate`; any that fails sends the request on
+    to the handler, which answers the error) and its refusal (`AsyncEngine.refuse_early`: the body,
     Retry-After, counters and the planner's arrival record are those of a refusal in the handler). Before
     it tokenises, it asks whether even a one-token prompt would be refused now (`refuses_every_prompt`):
     an LS request that would be admitted costs it a JSON parse and that question."""
