@@ -37,6 +37,7 @@ from piggyback_runtime.request import (
     FINISH_ERROR,
     Request,
     RequestOutput,
+    SLOTarget,
 )
 from piggyback_runtime.scheduler.batching import IterationPlan
 from piggyback_runtime.scheduler.latency_model import LatencyModel, ModelError
@@ -262,7 +263,10 @@ class Engine:
                 f"the request needs {prompt_len + request.params.max_tokens} tokens of host KV cache but this "
                 f"runtime holds {host_kv.capacity_tokens()}; lower max_tokens or shorten the prompt"
             )
-        if any(t < 0 or t >= self.arch.vocab_size for t in request.prompt_token_ids):
+        # min/max run in C: a generator over every token was most of a validation (it runs twice per request,
+        # once on the engine thread).
+        ids = request.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= self.arch.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
 
     def add_request(self, request: Request) -> None:
@@ -295,16 +299,22 @@ class Engine:
         request.error = error
         return self._finish(request, FINISH_ERROR)
 
-    def refuse_early(self, request: Request) -> AdmissionRejected | None:
+    def refuse_early(self, request: Request, *, forwarding: bool = True) -> AdmissionRejected | None:
         """Off the engine thread (the HTTP handler), for a validated request: an LS refusal decided from the
         admission view the engine publishes with each plan (`Planner.refuse_early`), counted here as any
         rejection is (requests, rejections by reason, the SLO miss; all thread-safe); None: submit it, the
         engine decides. Under overload most LS requests are refused: this spares each a round trip through
-        the engine thread and a pass over the LS requests there."""
-        rejection = self.planner.refuse_early(request)
+        the engine thread and a pass over the LS requests there. `forwarding=False`: only asking (see the
+        planner's); a request not refused is not yet counted as let through."""
+        rejection = self.planner.refuse_early(request, forwarding=forwarding)
         if rejection is None:
             return None
         return self._rejected(request, rejection.reason, rejection.message, rejection.retry_after_s)
+
+    def refuses_every_prompt(self, service: str, slo: SLOTarget | None = None) -> bool:
+        """Off the engine thread: whether `refuse_early` would refuse any prompt of this LS service now, even a
+        one-token one (`Planner.refuses_every_prompt`); counts nothing."""
+        return self.planner.refuses_every_prompt(service, slo)
 
     def _reject(self, request: Request, reason: str, message: str, retry_after_s: float) -> None:
         raise self._rejected(request, reason, message, retry_after_s)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from piggyback_runtime.config import RuntimeConfig, check_hbm_reserve
 from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
-from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SLOTarget
+from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SamplingParams, SLOTarget
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
 from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load, regime_of
 from piggyback_runtime.scheduler.outputs import (
@@ -251,14 +251,16 @@ class Planner:
                 view.append(LSRequestState(slo.tpot_s, r.arrival_s + slo.ttft_s, remaining, r.num_tokens))
         self.admission_view = (self.admission_view[0] + 1, tuple(view))
 
-    def refuse_early(self, request: Request) -> Rejection | None:
+    def refuse_early(self, request: Request, *, forwarding: bool = True) -> Rejection | None:
         """An LS refusal decided off the engine thread (one caller thread: the HTTP event loop), at arrival:
         a Rejection when `admit_ls` refuses the request against the LS work the running iteration leaves
         (`admission_view`) plus the LS requests this let through since that view was published, queued as if
         admitted; None: the request goes to the engine, which decides (`admission`). The engine decides an
         iteration later (the request has waited the rest of this one) against that work and what it admitted
         meanwhile: a longer predicted TTFT, so a request refused here is one it would refuse too, unless one let
-        through before it is refused there (a longer prompt, or one that had waited longer)."""
+        through before it is refused there (a longer prompt, or one that had waited longer).
+        `forwarding=False`: the caller only asks; a request not refused reaches the engine some other way (and
+        asks again there), so it is not yet queued as let through."""
         slo = self._slo_of(request)
         version, view = self.admission_view
         if version != self._forwarded_on:
@@ -268,11 +270,24 @@ class Planner:
             return None
         if decision.admitted:
             assert slo is not None
-            prompt = len(request.prompt_token_ids)
-            self._forwarded.append(LSRequestState(slo.tpot_s, request.arrival_s + slo.ttft_s, prompt, prompt))
+            if forwarding:
+                prompt = len(request.prompt_token_ids)
+                self._forwarded.append(LSRequestState(slo.tpot_s, request.arrival_s + slo.ttft_s, prompt, prompt))
             return None
         request.slo = slo
         return Rejection(decision.reason, decision.message, decision.retry_after_s, decision)
+
+    def refuses_every_prompt(self, service: str, slo: SLOTarget | None = None) -> bool:
+        """Whether `refuse_early` would refuse even the shortest prompt (one token) of this LS service arriving
+        now, with `slo` (None: the service's). A longer prompt only lengthens the predicted TTFT and the
+        prefill iteration, so then it refuses every prompt: the HTTP layer asks this before it tokenises.
+        Records nothing; False for a service that is not LS (or not hosted)."""
+        hosted = self.services.get(service)
+        if hosted is None or hosted.service_class != "LS":
+            return False
+        probe = Request("refusal-probe", service, "LS", [0], SamplingParams(max_tokens=1), slo=slo,
+                        arrival_s=self.clock())  # fmt: skip
+        return self.refuse_early(probe, forwarding=False) is not None
 
     def note_refused_early(self, request: Request) -> None:
         """On the engine thread: an LS arrival `refuse_early` refused joins the arrivals the planner counts."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -30,7 +31,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from piggyback_runtime.config import RuntimeConfig, ServiceClass, ServiceConfig
 from piggyback_runtime.engine import Engine, RequestError, UnknownServiceError
@@ -38,6 +41,7 @@ from piggyback_runtime.metrics import RuntimeMetrics
 from piggyback_runtime.request import FINISH_ABORT, FINISH_ERROR, FINISH_REJECTED, RequestOutput, SLOTarget
 from piggyback_runtime.request import Request as EngineRequest
 from piggyback_runtime.server.async_engine import AsyncEngine, EngineDeadError
+from piggyback_runtime.server.early_refusal import EarlyRefusal
 from piggyback_runtime.server.internal import register_internal_routes
 from piggyback_runtime.server.protocol import (
     SSE_DONE,
@@ -187,8 +191,8 @@ def api_key_error(subject: str) -> APIError:
                     headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
-def _slo_from_headers(request: Request, runtime: Runtime, service: str) -> SLOTarget | None:
-    ttft, tpot = request.headers.get(SLO_TTFT_HEADER), request.headers.get(SLO_TPOT_HEADER)
+def _slo_from_headers(headers: Mapping[str, str], runtime: Runtime, service: str) -> SLOTarget | None:
+    ttft, tpot = headers.get(SLO_TTFT_HEADER), headers.get(SLO_TPOT_HEADER)
     if ttft is None and tpot is None:
         return None
     base = runtime.config.service(service)
@@ -402,10 +406,15 @@ async def _start(engine: AsyncEngine, request: EngineRequest) -> tuple[AsyncGene
     except EngineDeadError as exc:
         raise APIError(503, str(exc), "service_unavailable") from None
     if first.finish_reason == FINISH_REJECTED:
-        retry_after = str(max(1, math.ceil(first.retry_after_s or 1)))
-        raise APIError(429, first.error or "rejected", "rate_limit_error", first.reject_reason,
-                       headers={"Retry-After": retry_after})  # fmt: skip
+        raise rejection_error(first)
     return stream, first
+
+
+def rejection_error(output: RequestOutput) -> APIError:
+    """The 429 for a request refused at arrival, with its reason as `code` and a whole-second Retry-After."""
+    retry_after = str(max(1, math.ceil(output.retry_after_s or 1)))
+    return APIError(429, output.error or "rejected", "rate_limit_error", output.reject_reason,
+                    headers={"Retry-After": retry_after})  # fmt: skip
 
 
 async def _collect(first: RequestOutput, stream: AsyncGenerator[RequestOutput, None],
@@ -421,28 +430,47 @@ async def _collect(first: RequestOutput, stream: AsyncGenerator[RequestOutput, N
     return text, last
 
 
-async def _run(
-    body: CompletionRequest | ChatCompletionRequest,
-    http: Request,
-    prompt_ids: list[int],
-    requested_max_tokens: int | None,
-    max_tokens_field: str,
-    chat: bool,
-) -> Response:
-    runtime = _runtime(http)
-    engine = runtime.ready_engine()
+def _prompt_ids(body: CompletionRequest | ChatCompletionRequest, engine: AsyncEngine) -> list[int]:
+    """The request's prompt as token ids: a completion's ids as sent or its text tokenised, a chat's messages
+    through the chat template (APIError 400 when the template refuses them)."""
+    tokenizer = engine.engine.tokenizer
+    if isinstance(body, CompletionRequest):
+        prompt = body.single_prompt()
+        return list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+    try:
+        text = tokenizer.apply_chat_template(body.message_dicts())
+    except ValueError as exc:
+        raise APIError(400, str(exc), "invalid_request_error", param="messages") from None
+    # The template writes BOS itself; adding it again would double it.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _engine_request(runtime: Runtime, engine: AsyncEngine, body: CompletionRequest | ChatCompletionRequest,
+                    headers: Mapping[str, str], prompt_ids: list[int]) -> EngineRequest:  # fmt: skip
+    """The engine's request for a body of a hosted service; APIError 400 for a max_tokens, sampling field or SLO
+    header it cannot take."""
+    chat = isinstance(body, ChatCompletionRequest)
     service = runtime.config.service(body.model)
     assert service is not None
-    max_tokens = resolve_max_tokens(service, requested_max_tokens, max_tokens_field, len(prompt_ids),
-                                    engine.engine.loaded.max_model_len, chat)  # fmt: skip
+    requested, field = (body.requested_max_tokens(), body.max_tokens_field) if chat else (body.max_tokens, "max_tokens")
+    max_tokens = resolve_max_tokens(service, requested, field, len(prompt_ids), engine.engine.loaded.max_model_len,
+                                    chat)  # fmt: skip
     try:
         params = body.sampling_params(max_tokens)
     except ValueError as exc:
         raise APIError(400, str(exc), "invalid_request_error") from None
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    slo = _slo_from_headers(http, runtime, service.name)
-    request = EngineRequest(request_id, service.name, service.service_class, prompt_ids, params, slo=slo)
-    runtime.in_flight[request_id] = service.service_class
+    slo = _slo_from_headers(headers, runtime, service.name)
+    return EngineRequest(request_id, service.name, service.service_class, prompt_ids, params, slo=slo)
+
+
+async def _run(body: CompletionRequest | ChatCompletionRequest, http: Request, prompt_ids: list[int]) -> Response:
+    runtime = _runtime(http)
+    engine = runtime.ready_engine()
+    chat = isinstance(body, ChatCompletionRequest)
+    request = _engine_request(runtime, engine, body, http.headers, prompt_ids)
+    request_id = request.request_id
+    runtime.in_flight[request_id] = request.service_class
     handed_to_stream = False
     try:
         stream, first = await _start(engine, request)
@@ -466,23 +494,55 @@ async def _run(
 async def completions(body: CompletionRequest, http: Request) -> Response:
     runtime = _runtime(http)
     _admit(runtime, body.model, http)
-    engine = runtime.ready_engine()
-    prompt = body.single_prompt()
-    prompt_ids = list(prompt) if isinstance(prompt, list) else engine.engine.tokenizer.encode(prompt)
-    return await _run(body, http, prompt_ids, body.max_tokens, "max_tokens", chat=False)
+    return await _run(body, http, _prompt_ids(body, runtime.ready_engine()))
 
 
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
     runtime = _runtime(http)
     _admit(runtime, body.model, http)
-    tokenizer = runtime.ready_engine().engine.tokenizer
+    return await _run(body, http, _prompt_ids(body, runtime.ready_engine()))
+
+
+# --- LS refusals before routing (server/early_refusal.py) ------------------------------------------------------
+COMPLETIONS_PATH, CHAT_COMPLETIONS_PATH = "/v1/completions", "/v1/chat/completions"
+_BODY_MODELS: dict[str, type[CompletionRequest] | type[ChatCompletionRequest]] = {
+    COMPLETIONS_PATH: CompletionRequest, CHAT_COMPLETIONS_PATH: ChatCompletionRequest,
+}  # fmt: skip
+
+
+def refuse_before_routing(runtime: Runtime, scope: Scope, body: bytes) -> Response | None:
+    """The 429 the handler would answer this generate request, decided without FastAPI; None: the handler
+    decides (anything else it may answer, an admission, or a body or request out of the ordinary).
+
+    The handler's own steps (`_prompt_ids`, `_engine_request`, `validate`; any that fails sends the request on
+    to the handler, which answers the error) and its refusal (`AsyncEngine.refuse_early`: the body,
+    Retry-After, counters and the planner's arrival record are those of a refusal in the handler). Before
+    it tokenises, it asks whether even a one-token prompt would be refused now (`refuses_every_prompt`):
+    an LS request that would be admitted costs it a JSON parse and that question."""
+    headers = Headers(scope=scope)
+    if headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        return None  # FastAPI's content-type rules decide the rest
+    try:  # as FastAPI reads it: json.loads, then the body model's validation
+        parsed = _BODY_MODELS[scope["path"]].model_validate(json.loads(body))
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a bad field: FastAPI's 400 names it
+        return None
+    service = runtime.config.service(parsed.model)
+    engine = runtime.engine
+    if service is None or service.service_class != "LS" or runtime.draining or engine is None or not engine.alive:
+        return None
     try:
-        text = tokenizer.apply_chat_template(body.message_dicts())
-    except ValueError as exc:
-        raise APIError(400, str(exc), "invalid_request_error", param="messages") from None
-    # The template writes BOS itself; adding it again would double it.
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    return await _run(body, http, prompt_ids, body.requested_max_tokens(), body.max_tokens_field, chat=True)
+        slo = _slo_from_headers(headers, runtime, service.name)
+        # The key after the question: a request it lets through has its key checked once, by the handler.
+        if not engine.engine.refuses_every_prompt(service.name, slo) or not runtime.may_use(
+            service.name, headers.get("authorization")
+        ):
+            return None
+        request = _engine_request(runtime, engine, parsed, headers, _prompt_ids(parsed, engine))
+        engine.engine.validate(request)
+    except (APIError, RequestError, UnknownServiceError):
+        return None
+    refused = engine.refuse_early(request, forwarding=False)
+    return rejection_error(refused).response() if refused is not None else None
 
 
 # --- the app ----------------------------------------------------------------------------------------------------
@@ -533,12 +593,15 @@ def create_app(runtime: Runtime, extensions: Sequence[AppExtension] = ()) -> Fas
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse,
                       responses=_METRICS_RESPONSES)  # fmt: skip
     app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
-    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None,
+    app.add_api_route(COMPLETIONS_PATH, completions, methods=["POST"], response_model=None,
                       openapi_extra={"security": _POST_SECURITY},
                       responses=_COMPLETION_RESPONSES)  # fmt: skip
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
+    app.add_api_route(CHAT_COMPLETIONS_PATH, chat_completions, methods=["POST"], response_model=None,
                       openapi_extra={"security": _POST_SECURITY},
                       responses=_CHAT_RESPONSES)  # fmt: skip
+    # Under overload most LS requests are refused: answered before FastAPI's stack (server/early_refusal.py).
+    app.add_middleware(EarlyRefusal, paths=tuple(_BODY_MODELS),
+                       refuse=lambda scope, body: refuse_before_routing(runtime, scope, body))  # fmt: skip
     # The pool router's endpoints: token-level streams and live migration (server/internal.py).
     register_internal_routes(app, runtime)
     running.extend(extend(app, runtime) for extend in extensions)
@@ -598,30 +661,36 @@ async def _sse_events(
     chat: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    last = first
-    if chat:
-        yield event(chat_role_choice())
+    """The events, one write per engine output, sent as soon as it came: the role goes with the first text,
+    and the last text with the usage and [DONE] (the stream ends right after it; each write costs the HTTP
+    thread a trip through the response machinery)."""
+    pending = event(chat_role_choice()) if chat else ""
     # A failure ends the stream with an error event, then [DONE] as for any stream (clients wait for it).
     if first.finished and first.finish_reason in (FINISH_ERROR, FINISH_ABORT):
-        yield error(first)
-        yield SSE_DONE
+        yield pending + error(first) + SSE_DONE
         return
     if first.text_delta or first.finished:
-        yield event(choice(first))
+        pending += event(choice(first))
+    if pending and not first.finished:
+        yield pending
+        pending = ""
+    last = first
     async for output in rest:
         last = output
         if output.finished and output.finish_reason in (FINISH_ERROR, FINISH_ABORT):
             # Text the request produced before it failed is still sent, then the error.
             if output.text_delta:
-                yield event({**choice(output), "finish_reason": None})
-            yield error(output)
-            yield SSE_DONE
+                pending += event({**choice(output), "finish_reason": None})
+            yield pending + error(output) + SSE_DONE
             return
         if output.text_delta or output.finished:
-            yield event(choice(output))
+            pending += event(choice(output))
+        if pending and not output.finished:
+            yield pending
+            pending = ""
     if include_usage:
-        yield event(None, _usage(last))
-    yield SSE_DONE
+        pending += event(None, _usage(last))
+    yield pending + SSE_DONE
 
 
 def _sse_error(output: RequestOutput, cut_off: bool = False) -> str:

@@ -57,13 +57,9 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         self.engine.validate(request)  # reads only immutable engine facts; safe off the engine thread
-        refused = self.engine.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
+        refused = self.refuse_early(request)  # an LS refusal from the engine's published view: no round trip
         if refused is not None:
-            # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
-            # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
-            self._commands.put(("refused", request))
-            yield RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
-                                retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
+            yield refused
             return
         stream = self.attach(request.request_id)  # registered before the request exists: no output is missed
         self._post("add", request)
@@ -72,6 +68,19 @@ class AsyncEngine:
                 yield output
         finally:
             await stream.aclose()  # runs attach's cleanup: unregister, and abort if unfinished
+
+    def refuse_early(self, request: Request, *, forwarding: bool = True) -> RequestOutput | None:
+        """On the event loop, for a validated request: its refusal (FINISH_REJECTED) when `Engine.refuse_early`
+        refuses it, counted and noted; None: not refused (`forwarding=False`: the caller submits it another way
+        and it is asked again there)."""
+        refused = self.engine.refuse_early(request, forwarding=forwarding)
+        if refused is None:
+            return None
+        # The planner's LS arrival record is the engine thread's: queued for its next pass over the commands,
+        # without waking it (bookkeeping only; an idle loop looks every 0.5 s).
+        self._commands.put(("refused", request))
+        return RequestOutput(request.request_id, [], "", True, FINISH_REJECTED, error=str(refused),
+                             retry_after_s=refused.retry_after_s, reject_reason=refused.reason)  # fmt: skip
 
     def attach(self, request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """The outputs of a request that enters the engine some other way (a live migration's import): the
@@ -123,11 +132,20 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _deliver(self, output: RequestOutput) -> None:
+        self._deliver_all([output])
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one callback per event loop for the lot, not one per output (each
+        `call_soon_threadsafe` writes to the loop's wake-up pipe and wakes the HTTP thread, which then takes
+        the GIL from this, the engine thread); each stream still gets its outputs in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
         with self._streams_lock:
-            target = self._streams.get(output.request_id)
-        if target is not None:
-            loop, outputs = target
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            for output in outputs:
+                target = self._streams.get(output.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _apply_commands(self) -> None:
         while True:
@@ -202,9 +220,13 @@ class AsyncEngine:
                         out for rid in list(self.engine.requests)
                         if (out := self.engine.fail(rid, "internal error in the engine iteration")) is not None
                     ]  # fmt: skip
-                for output in outputs:
-                    self._deliver(output)
+                self._deliver_all(outputs)
         except BaseException as exc:  # pragma: no cover - last resort, reported by /healthz
             self.dead_reason = f"engine loop died: {exc!r}"
             log.exception("engine loop died")
             raise
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for outputs, output in items:
+        outputs.put_nowait(output)
