@@ -60,7 +60,8 @@ NODE_COUNTS = (0, 1, 2, 4)
 # 16 at 120 s).
 # A `/hbmN` suffix caps HBM's KV at N tokens (engine.num_kv_blocks): BE decode then needs the CPU tiers, the
 # regime where remote nodes can add what they hold (the paper's: a GPU node whose HBM BE outgrows).
-RUNS = {"hybrid@512": 120.0, "hybrid@2048": 120.0, "piggyback@512": 60.0, "hybrid@2048/hbm80000": 120.0}
+RUNS = {"hybrid@512": 120.0, "hybrid@2048": 120.0, "piggyback@512": 60.0, "piggyback@2048": 60.0,
+        "hybrid@2048/hbm80000": 120.0}
 BLOCK_SIZE = 16  # EngineConfig's default block size: the HBM cap in blocks
 
 

@@ -275,10 +275,11 @@ class PiggybackConfig(_Strict):
     # first, so BE rows keep pace with the GPU (the simulator models it; false: one FIFO worker per row, the
     # earlier behaviour, for ablation).
     paced_cpu_attention: bool = True
-    # 2: an iteration that prefills while the CPU path is behind runs as two sub-batches half a layer apart
-    # (NEO's pipelining), so a CPU row's attention overlaps the other sub-batch's Dense work and the CPU workers
-    # have in-window work in both halves of a layer; the planner decides per iteration (IterationPlan.split_at,
-    # `Planner._cpu_rows_ride`) and its latency model counts the second pass over the weights. 1: one batch, one
+    # 2: under a policy whose BE decodes all run on the CPU path (`piggyback`), an iteration that prefills while
+    # the CPU path is behind runs as two sub-batches half a layer apart (NEO's pipelining), so a CPU row's
+    # attention overlaps the other sub-batch's Dense work and the CPU workers have in-window work in both halves
+    # of a layer; the planner decides per iteration (IterationPlan.split_at, `Planner._cpu_rows_ride`, which says
+    # why `hybrid` never splits) and its latency model counts the second pass over the weights. 1: one batch, one
     # merge point per layer (ablation).
     sub_batches: Literal[1, 2] = 2
     # Remote CPU attention nodes on Ray (None: host CPU workers only).

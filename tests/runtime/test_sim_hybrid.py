@@ -124,8 +124,8 @@ def test_two_sub_batches_give_cpu_rows_a_window_in_each_half_of_a_layer() -> Non
     assert two.cpu_busy_share > one.cpu_busy_share + 0.2
 
 
-def test_the_planner_splits_only_prefilling_iterations_whose_cpu_rows_outnumber_hbm_decodes() -> None:
-    # hybrid with spare HBM decodes BE there: a split would slow every HBM decode for a few CPU rows.
+def test_the_planner_splits_only_prefilling_iterations_and_never_under_hybrid() -> None:
+    # hybrid decodes BE in HBM too: a split slows those decodes for a few more CPU rows (Planner._cpu_rows_ride).
     data = scenario("hybrid", {"prompt_tokens": 1500, "output_tokens": 400}, 100, 20.0, host_gb_s=100,
                     engine={"max_num_batched_tokens": 2048}, piggyback={"sub_batches": 2}, ls_rate=2.0)
     sim = build_simulator(load_scenario(data))

@@ -170,9 +170,10 @@ class Planner:
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
         self.slo_budget = self.slo is not None and engine.slo_token_budget
-        # Two sub-batches half a layer apart where CPU rows ride next to a prefill (piggyback.sub_batches).
+        # Two sub-batches half a layer apart where CPU rows ride next to a prefill (piggyback.sub_batches), for
+        # policies whose BE decodes all run on the CPU path (`_cpu_rows_ride` says why not next to HBM decodes).
         self.sub_batches = (config.piggyback.sub_batches if self.policy.uses_host_path
-                            and not self.policy.synchronous_cpu_attention else 1)  # fmt: skip
+                            and not self.policy.synchronous_cpu_attention and not self.hybrid else 1)  # fmt: skip
         # Debugging the latency model on a real engine: one JSON line per iteration (shape, prediction,
         # measurement) appended to this file (benchmarks/iteration_trace.py reads it).
         trace_path = os.environ.get(ITERATION_TRACE_ENV)
@@ -428,22 +429,19 @@ class Planner:
         return plan
 
     def _cpu_rows_ride(self, be_rows_ready: int) -> bool:
-        """Whether this iteration runs as two sub-batches if it prefills: sub_batches is 2, the CPU path is behind
-        (`host_path_keeps_pace`: more rows than one merge window per layer carries) and holds at least as many
-        BE decodes as HBM does. A split costs a second pass over the weights (on 70B-H100x4 +30 % Dense time at
-        512 tokens, +10 % at 2048) and pays only where the second window carries rows that would otherwise wait
-        an iteration per layer, and where those rows are a large share of BE decode: where HBM holds most BE
-        decodes (hybrid with spare HBM) the split slowed every one of them for a few CPU rows (benchmarks/
-        results/sub_batches.md). A decode-only iteration is never split (its Dense work reads weights, and it
-        replays CUDA graphs)."""
+        """Whether this iteration runs as two sub-batches if it prefills (and the split is cheap: the latency
+        model's `split_is_cheap`): sub_batches is 2 where BE decodes all run on the CPU path (`piggyback`, or
+        `hybrid` with its placement off), CPU-path rows ride (some can merge now, or some hold host KV) and the
+        CPU path is behind (`host_path_keeps_pace`: more rows than one merge window per layer carries). A split
+        costs a second pass over the weights and pays where a backlog of CPU rows fills the second window
+        (`piggyback` on 70B-H100x4 at a 2048-token budget, DailyMail-like BE: 1.8x BE tokens). Under hybrid
+        placement it lost, even split only while no BE request decoded in HBM: it slows the HBM-resident decodes
+        and shrinks the SLO-sized budget for a few more CPU rows (HBM for 80K tokens of KV, 34B-A100x2: 210 ->
+        195 BE tok/s, 205 with that restriction), so hybrid placement never splits. A decode-only iteration is
+        never split (its Dense work reads weights, and it replays CUDA graphs)."""
         if self.sub_batches < 2 or self.host_path_keeps_pace():
             return False
-        cpu_rows = len(self.host_kv.slot_of) if self.host_kv is not None else 0
-        if self.remote_tier is not None:
-            cpu_rows = len(set(self.host_kv.slot_of if self.host_kv is not None else ()) | set(self.remote_tier.held))
-        if cpu_rows == 0 and be_rows_ready == 0:
-            return False
-        return cpu_rows >= len(self._gpu_be_decoders())
+        return be_rows_ready > 0 or (self.host_kv is not None and bool(self.host_kv.slot_of))
 
     def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int, splits: bool = False) -> int:
         """SLO control: given the work planned (LS, and BE decodes on the accelerator), how many BE prefill
