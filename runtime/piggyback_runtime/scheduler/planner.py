@@ -148,7 +148,7 @@ class Planner:
                 admission_margin=config.slo_control.safety_margin,
                 slo_token_budget=engine.slo_token_budget,
                 min_token_budget=engine.min_num_batched_tokens or 1,
-                be_rows_first=self.policy.hybrid_placement and engine.hybrid_placement and kv_moves,
+                be_rows_first=self.policy.uses_host_path,
             )
         self.static_rows_per_layer = self.policy.rows_per_layer(config.piggyback.max_be_rows_per_layer)
         self.last_allowance: BEAllowance | None = None

@@ -285,7 +285,7 @@ class SLOController:
                 dense_rows) else 1  # fmt: skip
             return model(dense_rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows, rows, split)
 
-        # Hybrid placement fits ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
+        # The host-path policies fit ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
         first_rows = largest_fitting(lambda r: predicted_s(0, r) <= limit, max_rows) if self.be_rows_first else 0
         prefill = largest_fitting(lambda t: predicted_s(t, first_rows) <= limit, max_prefill)
         rows = largest_fitting(lambda r: predicted_s(prefill, r) <= limit, max_rows)
