@@ -434,7 +434,7 @@ class Planner:
         `hybrid` with its placement off), CPU-path rows ride (some can merge now, or some hold host KV) and the
         CPU path is behind (`host_path_keeps_pace`: more rows than one merge window per layer carries). A split
         costs a second pass over the weights and pays where a backlog of CPU rows fills the second window
-        (`piggyback` on 70B-H100x4 at a 2048-token budget, DailyMail-like BE: 1.8x BE tokens). Under hybrid
+        (`piggyback` on 70B-H100x4 at a 2048-token budget, DailyMail-like BE: 1.7x BE tokens). Under hybrid
         placement it lost, even split only while no BE request decoded in HBM: it slows the HBM-resident decodes
         and shrinks the SLO-sized budget for a few more CPU rows (HBM for 80K tokens of KV, 34B-A100x2: 210 ->
         195 BE tok/s, 205 with that restriction), so hybrid placement never splits. A decode-only iteration is
