@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -223,17 +222,9 @@ def _client(port: int, path: str, bodies_file: Path, n: int, connections: int) -
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
+    from piggyback_runtime.hardware import cpu_model_name
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000, help="in-process requests per path and variant")
     parser.add_argument("--http-requests", type=int, default=3000, help="requests over HTTP per path and variant")
@@ -246,7 +237,7 @@ def main() -> None:
     from piggyback_runtime.server.app import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, Runtime
 
     lines = [f"`python benchmarks/refusal_cost.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-             f"on {_cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the start", ""]
+             f"on {cpu_model_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the start", ""]
     with tempfile.TemporaryDirectory() as tmp:
         runtime = Runtime(_config(Path(tmp) / "profiles"))
         runtime.load()
