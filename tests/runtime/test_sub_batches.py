@@ -38,3 +38,18 @@ def test_a_split_that_leaves_b_empty_is_refused() -> None:
     plan = IterationPlan(prefills=[ScheduledChunk(_request("p", 10), 0, 10)], split_at=10)
     with pytest.raises(ValueError, match="sub-batch B empty"):
         split_chunks(plan)
+
+
+def test_a_graphed_step_gets_no_merge_layer_where_the_row_cap_is_zero() -> None:
+    # A layer in the merge schedule runs eager (cuda_graphs.schedule); with a cap of 0 rows per layer nothing
+    # merges, so no layer may be listed (the graphed step then replays every layer from its pieces).
+    from types import SimpleNamespace
+
+    from piggyback_runtime.piggyback.be_path import PiggybackPath
+
+    rows = [SimpleNamespace(layer=layer, since=i) for i, layer in enumerate((2, 2, 5))]
+    path = SimpleNamespace(collect=lambda: None, entering=list, _ready_among=lambda rs: rs,
+                           rows={i: r for i, r in enumerate(rows)}, max_rows_per_layer=0)  # fmt: skip
+    assert PiggybackPath.merge_schedule(path) == ([], {})  # type: ignore[arg-type]
+    path.max_rows_per_layer = 1
+    assert PiggybackPath.merge_schedule(path) == ([], {2: [rows[0]], 5: [rows[2]]})  # type: ignore[arg-type]

@@ -322,9 +322,9 @@ class PiggybackPath:
         entering = self.entering()
         by_layer: dict[int, list[BERow]] = {}
         for row in sorted(self._ready_among(list(self.rows.values())), key=lambda row: row.since):
-            rows = by_layer.setdefault(row.layer, [])
-            if len(rows) < self.max_rows_per_layer:
-                rows.append(row)
+            # No entry for a layer that merges nothing (a cap of 0): it would run eager for no row.
+            if len(by_layer.get(row.layer, ())) < self.max_rows_per_layer:
+                by_layer.setdefault(row.layer, []).append(row)
         return entering, by_layer
 
     def _ready_among(self, rows: list[BERow]) -> list[BERow]:
