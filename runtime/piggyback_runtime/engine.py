@@ -240,17 +240,17 @@ class Engine:
         if prompt_len == 0:
             raise RequestError("the prompt is empty after tokenisation; send at least one token")
         max_len = self.loaded.max_model_len
-        if prompt_len + request.params.max_tokens > max_len:
+        if request.max_num_tokens > max_len:
             raise RequestError(
                 f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{prompt_len + request.params.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{request.max_num_tokens} tokens ({prompt_len} in the prompt, "
                 f"{request.params.max_tokens} for the completion). Shorten the prompt or lower max_tokens."
             )
         # A request on the host path holds accelerator KV only while it prefills; its outputs live in host KV.
         # Under hybrid placement a BE request may decode in either: it must fit host KV (where it can always go).
         may_use_host = self.planner.on_host_path(request) or (self.planner.hybrid and not request.is_ls)
         host_kv = self.planner.host_kv if may_use_host else None
-        on_accelerator = prompt_len if host_kv is not None else prompt_len + request.params.max_tokens
+        on_accelerator = prompt_len if host_kv is not None else request.max_num_tokens
         allocator = self.planner.allocator
         needed = allocator.blocks_for_tokens(on_accelerator)
         if needed > allocator.num_blocks:
@@ -258,9 +258,9 @@ class Engine:
                 f"the request needs {needed} KV blocks but this runtime's cache holds {allocator.num_blocks}; "
                 "lower max_tokens or shorten the prompt"
             )
-        if host_kv is not None and prompt_len + request.params.max_tokens > host_kv.capacity_tokens():
+        if host_kv is not None and request.max_num_tokens > host_kv.capacity_tokens():
             raise RequestError(
-                f"the request needs {prompt_len + request.params.max_tokens} tokens of host KV cache but this "
+                f"the request needs {request.max_num_tokens} tokens of host KV cache but this "
                 f"runtime holds {host_kv.capacity_tokens()}; lower max_tokens or shorten the prompt"
             )
         # min/max run in C: a generator over every token was most of a validation (it runs twice per request,

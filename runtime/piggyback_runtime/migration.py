@@ -209,7 +209,7 @@ class Migrator:
         if on_host_path:
             pb = engine.runner.piggyback
             assert pb is not None and engine.planner.host_kv is not None
-            reserved_tokens = len(request.prompt_token_ids) + request.params.max_tokens
+            reserved_tokens = request.max_num_tokens
             if not engine.planner.host_kv.reserve(request.request_id, reserved_tokens):
                 raise MigrationRefused("no host KV memory or BE slot free for this request")
         else:

@@ -109,6 +109,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def max_num_tokens(self) -> int:
+        """Its tokens at full length (prompt + max_tokens): the KV a reservation at full length holds."""
+        return len(self.prompt_token_ids) + self.params.max_tokens
+
+    @property
     def num_remaining_tokens(self) -> int:
         """Tokens to compute before this request samples its next token."""
         return self.num_tokens - self.num_computed_tokens

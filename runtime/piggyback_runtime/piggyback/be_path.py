@@ -258,7 +258,7 @@ class PiggybackPath:
             return node
         if node is not None:
             staged = len(self.host_kv.blocks_of(request.request_id)) * self.block_size
-            if staged < len(request.prompt_token_ids) + request.params.max_tokens:
+            if staged < request.max_num_tokens:
                 return None
             log.warning("remote attention worker %d, where %s was placed, is down: it decodes on the host",
                         node, request.request_id)  # fmt: skip
@@ -479,7 +479,7 @@ class PiggybackPath:
         if not self.retry_on_worker_loss:
             return True  # it fails with the worker's reason, as any lost row without retries
         request = row.request
-        return self.host_kv.hold_blocks(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens)
+        return self.host_kv.hold_blocks(request.request_id, request.max_num_tokens)
 
     def take_failures(self) -> list[tuple[Request, str]]:
         failed, self.failed = self.failed, []

@@ -346,7 +346,7 @@ class Planner:
             if queued_prompt >= 2 * self.scheduler.max_num_batched_tokens and not request.is_ls:
                 break
             if request.placement == "host":
-                need = len(request.prompt_token_ids) + request.params.max_tokens
+                need = request.max_num_tokens
                 blocks = host.allocator.blocks_for_tokens(need)
                 if promised + blocks > host.allocator.num_free or holders >= len(host.free_slots):
                     break
@@ -363,7 +363,7 @@ class Planner:
         blocks = slots = 0
         for r in (*self.scheduler.running, *self.scheduler.waiting):
             if r.placement == "host":
-                full = host.allocator.blocks_for_tokens(len(r.prompt_token_ids) + r.params.max_tokens)
+                full = host.allocator.blocks_for_tokens(r.max_num_tokens)
                 held = host.blocks_of(r.request_id)
                 blocks += max(0, full - len(held))
                 slots += r.request_id not in host.slot_of
@@ -382,7 +382,7 @@ class Planner:
                 continue
             tokens = chunk.start + chunk.num_tokens
             if chunk.samples:
-                tokens = len(request.prompt_token_ids) + request.params.max_tokens
+                tokens = request.max_num_tokens
             if request.request_id not in host.slot_of:
                 if not host.reserve(request.request_id, tokens):
                     raise RuntimeError(f"host KV promised to {request.request_id} is not free")
@@ -609,7 +609,7 @@ class Planner:
         return be_limit, max(0, be_limit - prefill_room)
 
     def _projected_blocks(self, request: Request) -> int:
-        return self.allocator.blocks_for_tokens(len(request.prompt_token_ids) + request.params.max_tokens)
+        return self.allocator.blocks_for_tokens(request.max_num_tokens)
 
     def _gpu_be_decoders(self) -> list[Request]:
         return [r for r in self.scheduler.running
@@ -661,7 +661,7 @@ class Planner:
             return True
         if self.remote_tier is not None:
             return self._reserve_cpu_tier(request)
-        return host.reserve(request.request_id, len(request.prompt_token_ids) + request.params.max_tokens)
+        return host.reserve(request.request_id, request.max_num_tokens)
 
     def _reserve_cpu_tier(self, request: Request) -> bool:
         """Hybrid placement with remote nodes: the request's KV goes to the host or to a node, whichever its row
@@ -672,7 +672,7 @@ class Planner:
         rid = request.request_id
         if tier.node_of(rid) is not None:
             return True
-        tokens = len(request.prompt_token_ids) + request.params.max_tokens
+        tokens = request.max_num_tokens
         host_fits = bool(host.free_slots) and host.allocator.can_hold(rid, tokens)
         if tier.host_stages_remote_kv and not host_fits:
             return False
