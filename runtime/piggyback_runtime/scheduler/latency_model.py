@@ -438,9 +438,14 @@ class LatencyModel:
         return self.dense.predict(half) + self.dense.predict(rows - half)
 
     def split_is_cheap(self, rows: float) -> bool:
-        """Whether two sub-batches over `rows` add at most SPLIT_MAX_DENSE_COST to their Dense time: the planner
-        splits only such iterations, and the SLO controller's prediction of an iteration counts the split then."""
+        """Whether two sub-batches over `rows` add at most SPLIT_MAX_DENSE_COST to their Dense time."""
         return rows >= 2 and self.dense_s(rows, 2) <= (1 + SPLIT_MAX_DENSE_COST) * self.dense.predict(rows)
+
+    def sub_batches_of(self, rows: float, prefills: bool, allowed: int) -> int:
+        """The sub-batches an iteration of `rows` Dense rows runs in: `allowed` (the planner's 2 where CPU rows
+        ride, `Planner._cpu_rows_ride`) when it prefills and the split is cheap, else 1. The planner splits by
+        it and the SLO controller predicts by it, so the two agree."""
+        return allowed if allowed > 1 and prefills and self.split_is_cheap(rows) else 1
 
     def decode_load(self, rows: float, total_context: float, longest_context: float) -> float:
         """The decode attention load of `rows` decodes on the kernel this model was profiled with."""

@@ -418,7 +418,8 @@ class Planner:
         if self.hybrid:
             plan.be_to_gpu = self._plan_to_gpu(host_rows_idle)
         self._reserve_host_kv(plan)
-        if splits and plan.prefills and self.slo is not None and self.slo.latency_model.split_is_cheap(plan.num_tokens):
+        if self.slo is not None and self.slo.latency_model.sub_batches_of(
+                plan.num_tokens, bool(plan.prefills), 2 if splits else 1) == 2:  # fmt: skip
             plan.split_at = plan.num_tokens // 2
         plan.be_rows_per_layer = (self.last_allowance.be_rows_per_layer if self.last_allowance is not None
                                   else self.static_rows_per_layer)  # fmt: skip
@@ -430,7 +431,7 @@ class Planner:
 
     def _cpu_rows_ride(self, be_rows_ready: int) -> bool:
         """Whether this iteration runs as two sub-batches if it prefills (and the split is cheap: the latency
-        model's `split_is_cheap`): sub_batches is 2 where BE decodes all run on the CPU path (`piggyback`, or
+        model's `sub_batches_of`): sub_batches is 2 where BE decodes all run on the CPU path (`piggyback`, or
         `hybrid` with its placement off), CPU-path rows ride (some can merge now, or some hold host KV) and the
         CPU path is behind (`host_path_keeps_pace`: more rows than one merge window per layer carries). A split
         costs a second pass over the weights and pays where a backlog of CPU rows fills the second window

@@ -248,7 +248,7 @@ class SLOController:
         """The largest BE allowance (BE prefill first, then BE decode rows) whose predicted latency fits."""
         budgets = self._budgets(ls_state, now_s, demand.token_budget)
         model = self.predict_parts
-        split_is_cheap = self.latency_model.split_is_cheap
+        sub_batches_of = self.latency_model.sub_batches_of
         ls_rows = demand.ls_decode_rows + demand.ls_prefill_tokens
         prefill_load = demand.ls_prefill_load
         decode_load = self.latency_model.decode_load(demand.ls_decode_rows, demand.ls_decode_attention_load,
@@ -269,7 +269,7 @@ class SLOController:
                 0.0,
                 (max_prefill > 0) + max_rows,
                 max_rows,
-                demand.sub_batches if max_prefill and split_is_cheap(max_prefill + max_rows) else 1,
+                sub_batches_of(max_prefill + max_rows, max_prefill > 0, demand.sub_batches),
             )
             allowance = BEAllowance(max_rows, max_prefill, predicted)
             self._last = allowance
@@ -279,10 +279,8 @@ class SLOController:
         def predicted_s(prefill_tokens: int, rows: int) -> float:
             """The iteration with this BE prefill chunk and this many BE rows per layer next to the LS work."""
             load = prefill_load + (prefill_chunk_load(start, prefill_tokens) if prefill_tokens else 0.0)
-            # The planner splits an iteration that prefills where the split is cheap (`Planner._cpu_rows_ride`).
             dense_rows = ls_rows + prefill_tokens + rows
-            split = demand.sub_batches if (prefill_tokens or demand.ls_prefill_chunks) and split_is_cheap(
-                dense_rows) else 1  # fmt: skip
+            split = sub_batches_of(dense_rows, bool(prefill_tokens or demand.ls_prefill_chunks), demand.sub_batches)
             return model(dense_rows, load, decode_load, ls_logits + (prefill_tokens > 0) + rows, rows, split)
 
         # The host-path policies fit ready BE rows before BE prefill (be_rows_first); otherwise prefill goes first.
