@@ -391,14 +391,19 @@ def _dead(pid: int) -> bool:
 
 def _kill_a_follower_worker_between_tokens(results: Any) -> None:
     """Rank 0 in a fresh process: two LS and two BE requests on tp 2 (piggyback, one CPU worker per rank); once
-    the BE requests decode on the CPU path and their rows are between tokens (no CPU task in flight on any rank),
-    rank 1's worker is killed. For a few iterations no BE row may enter (the planner's budget says 0), so that
-    rank 1 finds the death while its rows wait to enter layer 0: the case where the ranks' rows parted."""
+    the BE requests decode on the CPU path and a row is between tokens, the test lets every CPU task in flight
+    land (between steps nothing new is sent) and kills rank 1's worker. For a few iterations no BE row may enter
+    or merge (the planner's budget says 0), so that rank 1 finds the death while its rows wait to enter layer 0
+    or to merge: the case where the ranks' rows parted.
+
+    Why not wait for both rows to be between tokens at once: rows enter layer 0 one per iteration (spread over
+    the layers), so in lock-step they finish their tokens in alternate iterations and rarely both wait at a
+    step's end; a wait for that failed on a slower CI machine."""
     import os
     import signal
 
     from piggyback_runtime.engine import Engine
-    from piggyback_runtime.piggyback.be_path import ENTER
+    from piggyback_runtime.piggyback.be_path import ENTER, WAITING
 
     try:
         engine = Engine(_scenario_config("synthetic://tiny-llama", 2, "piggyback", False))
@@ -424,8 +429,12 @@ def _kill_a_follower_worker_between_tokens(results: Any) -> None:
                 if not engine.has_work():
                     break
                 engine.step()
-                between_tokens = len(pb.rows) == 2 and all(r.state == ENTER for r in pb.rows.values())
+                between_tokens = len(pb.rows) == 2 and any(r.state == ENTER for r in pb.rows.values())
                 if killed is None and between_tokens and all(len(r.output_token_ids) >= 3 for r in be):
+                    while any(r.state == WAITING for r in pb.rows.values()):  # rank 0's tasks land
+                        pb.idle_wait(0.01)
+                        pb.collect()
+                    threading.Event().wait(0.2)  # rank 1's, sent in the same iteration, too
                     (killed,) = _cpu_workers_of(engine.ranks.followers[0].pid)
                     os.kill(killed, signal.SIGKILL)
                     while not _dead(killed):
