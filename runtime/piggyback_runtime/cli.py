@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
              "engine": {**config.engine.model_dump(), "tensor_parallel_size": args.tensor_parallel_size}},
             source="--tensor-parallel-size",
         )  # fmt: skip
+    sys.setswitchinterval(config.server.gil_switch_interval_s)  # the whole process: see ServerConfig
     runtime = Runtime(config)
     runtime.load_in_background()
     extensions = []

@@ -313,6 +313,12 @@ class ServerConfig(_Strict):
     # BE requests still running then fail with a retryable error and the process exits. The operator sets
     # the pod's terminationGracePeriodSeconds above it.
     drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 20.0
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval; Python's
+    # default is 5 ms). The HTTP thread and the engine thread share one interpreter: each time a torch op returns,
+    # the engine thread waits for the GIL, up to this long while the HTTP thread answers requests. Under 5x
+    # overload that wait was 14-20 % of the engine's iteration time at 5 ms and 9-11 % at 0.5 ms
+    # (benchmarks/results/overload.md, fifth session).
+    gil_switch_interval_s: Annotated[float, Field(ge=0.0001, le=0.1)] = 0.0005
 
 
 class MetricsConfig(_Strict):

@@ -32,7 +32,7 @@ from piggyback_runtime.server import app as app_module
 from piggyback_runtime.server.app import Runtime, create_app
 from piggyback_runtime.server.early_refusal import EarlyRefusal
 from piggyback_runtime.server.protocol import error_response
-from tests.runtime.configs import runtime_config
+from tests.runtime.configs import runtime_config, runtime_config_dict
 from tests.runtime.helpers import LS_SLO
 from tests.runtime.test_slo_control import linear_model
 
@@ -394,3 +394,38 @@ def test_each_token_is_written_as_soon_as_it_comes_and_the_end_in_one_write(chat
     assert writes[0].count("data: ") == (2 if chat else 1) and '"text": "a"' in writes[0]
     assert '"text": "b"' in writes[1] and writes[1].count("data: ") == 1
     assert '"text": "c"' in writes[2] and '"usage": {' in writes[2] and writes[2].endswith("data: [DONE]\n\n")
+
+
+# --- the GIL the HTTP thread and the engine thread share ----------------------------------------------------------
+def test_piggyback_serve_sets_the_processs_gil_switch_interval_from_the_config_before_the_engine_starts(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`server.gil_switch_interval_s` (default 0.5 ms, Python's is 5 ms) is the whole process's: set before the
+    runtime (and its engine thread) exists. A value outside 0.1 ms..100 ms is refused naming the field."""
+    import sys
+
+    from piggyback_runtime import cli
+
+    assert runtime_config().server.gil_switch_interval_s == 0.0005
+    path = tmp_path / "runtime.yaml"
+    path.write_text(json.dumps(runtime_config_dict(server={"gil_switch_interval_s": 0.002})))
+    seen: list[float] = []
+
+    class StopBeforeLoading(Exception):
+        pass
+
+    def runtime_seen(config: RuntimeConfig) -> None:
+        seen.append(sys.getswitchinterval())
+        raise StopBeforeLoading
+
+    monkeypatch.setattr(app_module, "Runtime", runtime_seen)
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(StopBeforeLoading):
+            cli.main(["serve", "--config", str(path)])
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [pytest.approx(0.002)]
+    for bad in (0.0, 0.5):
+        with pytest.raises(ValueError, match="server.gil_switch_interval_s"):
+            RuntimeConfig.from_dict(runtime_config_dict(server={"gil_switch_interval_s": bad}))
