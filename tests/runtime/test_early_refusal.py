@@ -427,5 +427,5 @@ def test_piggyback_serve_sets_the_processs_gil_switch_interval_from_the_config_b
         sys.setswitchinterval(before)
     assert seen == [pytest.approx(0.002)]
     for bad in (0.0, 0.5):
-        with pytest.raises(ValueError, match="server.gil_switch_interval_s"):
+        with pytest.raises(ValueError, match=r"server\.gil_switch_interval_s"):
             RuntimeConfig.from_dict(runtime_config_dict(server={"gil_switch_interval_s": bad}))
