@@ -35,7 +35,7 @@ from typing import Any
 from piggyback_runtime.hardware import cpu_model_name
 from piggyback_runtime.remote_capacity import RemoteNodeFigures, bytes_per_be_token_per_layer
 from piggyback_runtime.sim.devices import MODELS
-from piggyback_runtime.sim.scenario import load_scenario, run_scenario, summary
+from piggyback_runtime.sim.scenario import build_simulator, load_scenario, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import regime_map  # a sibling script: the GPU token supply ceiling, defined once there
@@ -52,7 +52,11 @@ CPU_ATTENTION_EFFICIENCY = 0.8  # sim/devices.HostSpec's default: the share of D
 SETTINGS: dict[str, tuple[str, str, int, float, tuple[int, int]]] = {
     "70B-H100x4": ("h100", "llama-2-70b", 4, 5.0, (3000, 250)),
     "34B-A100x2": ("a100-80gb", "codellama-34b", 2, 2.0, (2000, 200)),
+    # Not in the default run: the regime map's light LS rate, where BE prompts get most of each iteration's
+    # budget, so the GPU's prefill supply leaves room for what the nodes decode.
+    "70B-H100x4 light LS": ("h100", "llama-2-70b", 4, 2.0, (3000, 250)),
 }
+DEFAULT_SETTINGS = ("70B-H100x4", "34B-A100x2")
 BE_SHAPES = {"longbench-v2": (8952, 136), "dailymail": (1964, 397)}  # mean input / output tokens (sim presets)
 NODE_COUNTS = (0, 1, 2, 4)
 # policy@token budget -> simulated seconds: the default as configured and at regime_map's full budget;
@@ -71,7 +75,7 @@ def parse_run(run: str) -> tuple[str, int, int | None]:
     policy, _, budget = head.partition("@")
     return policy, int(budget), int(cap) if cap else None
 # The regime map's LS level of each setting's rate (for its `ceiling` and LS drain).
-LEVEL = {"70B-H100x4": "medium", "34B-A100x2": "medium"}
+LEVEL = {"70B-H100x4": "medium", "34B-A100x2": "medium", "70B-H100x4 light LS": "light"}
 
 
 # --- 1. loopback -------------------------------------------------------------------------------------------------
@@ -158,10 +162,14 @@ def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int,
 
 
 def regime_cell(setting: str, be: str) -> dict[str, Any]:
-    return {"device": setting, "level": LEVEL[setting], "be": be, "cpu": "host"}
+    return {"device": setting.split()[0], "level": LEVEL[setting], "be": be, "cpu": "host"}
 
 
-def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) -> dict[str, Any]:
+def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int,
+             steady_from_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """One run's figures over its horizon; with `steady_from_s`, BE tok/s and the prefill bound are taken over
+    [steady_from_s, horizon] instead (the rows' population takes minutes to build from an empty start: over a
+    short horizon a node's gain is mostly the ramp's)."""
     run, setting, be, nodes = key
     policy, budget, hbm_tokens = parse_run(run)
     started = time.perf_counter()
@@ -170,7 +178,18 @@ def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) ->
     spec = scenario(setting, be, nodes, horizon_s, be_count, budget, drain_s)
     if hbm_tokens is not None:
         spec["runtime"]["engine"]["num_kv_blocks"] = hbm_tokens // BLOCK_SIZE
-    result = run_scenario(load_scenario(spec), policy=policy)
+    sim = build_simulator(load_scenario(spec), policy=policy)
+    be_tokens_at: list[tuple[float, int, int]] = [(0.0, 0, 0)]  # (when, BE tokens, of which CPU path)
+    if steady_from_s is not None:
+        update = sim.planner.update
+
+        def counted_update(plan: Any, outputs: Any, now: float) -> Any:
+            events = update(plan, outputs, now)
+            be_tokens_at.append((now, sim.stats.be_tokens, sim.cpu_be_tokens))
+            return events
+
+        sim.planner.update = counted_update  # type: ignore[method-assign]
+    result = sim.run()
     out = summary(result)
     out["wall_s"] = time.perf_counter() - started
     out["cpu_busy_share"] = result.cpu_busy_share
@@ -181,6 +200,14 @@ def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int) ->
     # The GPU's BE prefill supply: BE requests it prefilled within the horizon, each worth its output tokens.
     be = [r for r in result.of("BE") if r.first_token_s is not None and r.first_token_s <= horizon_s]
     out["prefill_bound"] = sum(r.output_tokens for r in be) / horizon_s
+    if steady_from_s is not None:
+        (t0, n0, c0), (t1, n1, c1) = (max((m for m in be_tokens_at if m[0] <= at), default=(0.0, 0, 0))
+                                      for at in (steady_from_s, horizon_s))  # fmt: skip
+        out["whole_horizon_be_tokens_per_s"] = out["be_tokens_per_s"]
+        out["be_tokens_per_s"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        out["cpu_tokens_per_s"] = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+        late = [r for r in be if r.first_token_s is not None and r.first_token_s >= steady_from_s]
+        out["prefill_bound"] = sum(r.output_tokens for r in late) / (horizon_s - steady_from_s)
     return out
 
 
@@ -238,7 +265,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="take the runs remote_nodes_runs.json already holds")
     parser.add_argument("--horizon", type=float, default=None, help="simulated seconds for every run (default: "
                         "RUNS' horizons; --quick 60)")  # fmt: skip
+    parser.add_argument("--steady-from-s", type=float, default=None,
+                        help="BE tok/s from this simulated second to the horizon (the steady state), not over all")
+    parser.add_argument("--out", default="remote_nodes", help="results file stem under benchmarks/results/")
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument("--be", default=",".join(BE_SHAPES), help=f"comma-separated, of {list(BE_SHAPES)}")
     args = parser.parse_args()
+    settings, be_shapes = args.settings.split(","), args.be.split(",")
+    if unknown_settings := [s for s in settings if s not in SETTINGS] + [b for b in be_shapes if b not in BE_SHAPES]:
+        parser.error(f"unknown --settings or --be: {unknown_settings}")
+    if args.steady_from_s is not None and args.steady_from_s >= (args.horizon or min(RUNS.values())):
+        parser.error("--steady-from-s must be below --horizon (and below every run's horizon without it)")
     runs = args.policies.split(",")
     unknown = [r for r in runs if r not in RUNS and "@" not in r]
     if unknown:
@@ -260,22 +297,24 @@ def main() -> None:
         lines += ["", "The stream's round trip includes the node's attention (write k/v, read the context); the Ray "
                   "call carries the same bytes and does nothing with them.", ""]
     be_count = 4000
-    keys = [(r, s, be, n) for r in runs for s in SETTINGS for be in BE_SHAPES for n in NODE_COUNTS]
+    keys = [(r, s, be, n) for r in runs for s in settings for be in be_shapes for n in NODE_COUNTS]
     budgets = sorted({parse_run(r)[1] for r in runs})
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         supplies = {(s, be, b): pool.submit(regime_map.ceiling, regime_cell(s, be), 120.0, be_count, b)
-                    for s in SETTINGS for be in BE_SHAPES for b in budgets}  # fmt: skip
+                    for s in settings for be in be_shapes for b in budgets}  # fmt: skip
         done: dict[str, dict[str, Any]] = {}
-        if args.reuse and (RESULTS / "remote_nodes_runs.json").exists():
-            done = json.loads((RESULTS / "remote_nodes_runs.json").read_text())
-        futures = {k: pool.submit(simulate, k, horizons[k[0]], be_count) for k in keys
+        if args.reuse and (RESULTS / f"{args.out}_runs.json").exists():
+            done = json.loads((RESULTS / f"{args.out}_runs.json").read_text())
+        futures = {k: pool.submit(simulate, k, horizons[k[0]], be_count, args.steady_from_s) for k in keys
                    if "|".join(map(str, k)) not in done}  # fmt: skip
         supply = {k: f.result()["GPU token supply"] for k, f in supplies.items()}
         sims = {k: futures[k].result() if k in futures else done["|".join(map(str, k))] for k in keys}
+    steady = (f"; BE tok/s and the prefill bound from {args.steady_from_s:.0f} s to the horizon (steady state)"
+              if args.steady_from_s is not None else "")  # fmt: skip
     lines += [f"## 2. BE tokens/s with remote nodes (simulator; horizons: "
-              f"{', '.join(f'{r} {h:.0f} s' for r, h in horizons.items())}; {time.perf_counter() - started:.0f} s "
-              "wall)", "",
+              f"{', '.join(f'{r} {h:.0f} s' for r, h in horizons.items())}{steady}; "
+              f"{time.perf_counter() - started:.0f} s wall)", "",
               "Bounds are per resource alone: GPU token supply = regime_map.py's `ceiling` at the run's token "
               "budget (every BE token passes the GPU's Dense layers once, prompt or output, at full iterations of "
               "that budget, less the LS tokens); "
@@ -290,8 +329,8 @@ def main() -> None:
               "(nodes) | prefill bound | KV peak | CPU rows | CPU busy | binds |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
-        for setting in SETTINGS:
-            for be in BE_SHAPES:
+        for setting in settings:
+            for be in be_shapes:
                 base = sims[(run, setting, be, 0)]["be_tokens_per_s"]
                 for nodes in NODE_COUNTS:
                     f = sims[(run, setting, be, nodes)]
@@ -311,19 +350,19 @@ def main() -> None:
                                  f"{f['cpu_rows_mean']:.1f} | {f['cpu_busy_share']:.2f} | {binds} |")  # fmt: skip
     lines += ["", f"Wire bytes per BE token: {bounds('70B-H100x4', 'dailymail', 1)['wire_bytes_per_token']:.0f} "
               f"(70B), {bounds('34B-A100x2', 'dailymail', 1)['wire_bytes_per_token']:.0f} (34B)."]
-    lines += ["", "![BE tok/s with remote nodes](remote_nodes.png)"]
+    lines += ["", f"![BE tok/s with remote nodes]({args.out}.png)"]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick or args.write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "remote_nodes.md").write_text(text)
+        (RESULTS / f"{args.out}.md").write_text(text)
         raw = {"|".join(map(str, k)): v for k, v in sims.items()}
-        (RESULTS / "remote_nodes_runs.json").write_text(json.dumps(raw, indent=0, default=str) + "\n")
-        plot(sims, supply, runs, RESULTS / "remote_nodes.png")
+        (RESULTS / f"{args.out}_runs.json").write_text(json.dumps(raw, indent=0, default=str) + "\n")
+        plot(sims, supply, runs, [(s, be) for s in settings for be in be_shapes], RESULTS / f"{args.out}.png")
 
 
 def plot(sims: dict[tuple[str, str, str, int], dict[str, Any]], supply: dict[tuple[str, str, int], float],
-         runs: list[str], path: Path) -> None:  # fmt: skip
+         runs: list[str], cells: list[tuple[str, str]], path: Path) -> None:  # fmt: skip
     """BE tok/s against remote nodes, one panel per setting and BE shape, with the GPU token supply and the
     DRAM bandwidth bound (host + nodes) as lines."""
     import matplotlib
@@ -331,8 +370,8 @@ def plot(sims: dict[tuple[str, str, str, int], dict[str, Any]], supply: dict[tup
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [(s, be) for s in SETTINGS for be in BE_SHAPES]
-    fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.6))
+    fig, grid = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.6), squeeze=False)
+    axes = grid[0]
     for ax, (setting, be) in zip(axes, cells, strict=True):
         for run in runs:
             ax.plot(NODE_COUNTS, [sims[(run, setting, be, n)]["be_tokens_per_s"] for n in NODE_COUNTS], "o-",

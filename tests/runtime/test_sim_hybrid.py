@@ -150,3 +150,37 @@ def test_the_planner_splits_only_prefilling_iterations_and_never_under_hybrid() 
     sim.run()
     assert any(split for split, _ in splits)
     assert all(prefills for split, prefills in splits if split)
+
+
+def test_a_cpu_task_s_fixed_cost_is_paid_once_per_worker_and_submission_as_the_runtime_batches_them() -> None:
+    # The runtime sends each worker one message per submission and runs a layer's rows in one kernel call
+    # (piggyback/pool.py, worker.py): rows sent together cost one fixed cost per worker they land on plus their
+    # reads; a row sent later (another submission) or for another layer pays its own.
+    from piggyback_runtime.request import Request, SamplingParams
+    from piggyback_runtime.sim.simulator import _Row
+
+    data = scenario("piggyback", {"prompt_tokens": 1000, "output_tokens": 100}, 20, 5.0, host_gb_s=100)
+    sim = build_simulator(load_scenario(data))
+    (node,) = [n for n in sim.nodes if not n.workers[0].remote]
+    requests = [Request(f"be{i}", "batch", "BE", [0] * (100 * (i + 1)), SamplingParams(max_tokens=10))
+                for i in range(10)]  # fmt: skip
+    overhead = sim.device.host_task_overhead_s
+    assert overhead > 0 and len(node.workers) >= 2
+
+    def busy() -> float:
+        return sum(w.busy_s for w in node.workers)
+
+    def read_s(row: _Row) -> float:
+        return row.request.num_tokens * sim._kv_per_token_layer / row.worker.bandwidth_b_s
+
+    rows = [_Row(request, node.workers[0], node) for request in requests[:8]]
+    for row in rows:
+        sim._submit(row, 3, 1.0)
+    used = {id(row.worker) for row in rows}
+    assert len(used) >= 2  # spread over the workers (paced), each paying the fixed cost once
+    assert busy() == pytest.approx(len(used) * overhead + sum(read_s(row) for row in rows))
+    before = busy()
+    later, other_layer = _Row(requests[8], node.workers[0], node), _Row(requests[9], node.workers[0], node)
+    sim._submit(later, 3, 1.5)  # a later submission
+    sim._submit(other_layer, 4, 1.5)  # the same instant, another layer
+    assert busy() - before == pytest.approx(2 * overhead + read_s(later) + read_s(other_layer))

@@ -88,6 +88,10 @@ class _Worker:
     background_free_at: float = 0.0  # paced: when its late tasks (served in spare time) are done
     rows: int = 0
     busy_s: float = 0.0
+    # The submission its last task came in (when, layer): the runtime sends a worker one message per submission
+    # and runs each layer's rows in one kernel call (piggyback/pool.py, worker.py), so the fixed cost of a task
+    # is paid once per worker and submission, not once per row.
+    batch: tuple[float, int] | None = None
 
 
 @dataclass(eq=False)
@@ -317,7 +321,7 @@ class Simulator:
         num_bytes = context * self._kv_per_token_layer
         if self.paced:
             worker = min(row.node.workers, key=lambda w: w.free_at)
-            busy = self._task_s(row, worker)
+            busy = self._task_s(row, worker, at_s, layer)
             arrive = at_s + worker.transfer_s(self._qkv_bytes)
             done = max(arrive, worker.free_at) + busy
             if done + worker.transfer_s(self._out_bytes) <= merge_s:
@@ -326,16 +330,17 @@ class Simulator:
                     worker.background_free_at += busy
             else:
                 worker = min(row.node.workers, key=lambda w: max(w.background_free_at, w.free_at))
-                busy = self._task_s(row, worker)
+                busy = self._task_s(row, worker, at_s, layer)
                 done = max(arrive, worker.background_free_at, worker.free_at) + busy
                 worker.background_free_at = done
         else:
             worker = row.worker
             arrive = at_s + worker.transfer_s(self._qkv_bytes)
-            busy = self._task_s(row, worker)
+            busy = self._task_s(row, worker, at_s, layer)
             done = max(arrive, worker.free_at) + busy
             worker.free_at = done
         row.worker = worker
+        worker.batch = (at_s, layer)
         worker.busy_s += busy
         self.host_bytes += num_bytes
         row.layer = layer
@@ -356,10 +361,12 @@ class Simulator:
             taken.append(row)
         return taken
 
-    def _task_s(self, row: _Row, worker: _Worker) -> float:
-        """One layer of one row's CPU attention on `worker` (its KV once this token's K/V is written)."""
+    def _task_s(self, row: _Row, worker: _Worker, at_s: float, layer: int) -> float:
+        """One layer of one row's CPU attention on `worker` (its KV once this token's K/V is written), sent at
+        `at_s`: the task's fixed cost only for the first row of that submission on that worker."""
         num_bytes = row.request.num_tokens * self._kv_per_token_layer
-        return self.device.host_task_overhead_s + num_bytes / worker.bandwidth_b_s
+        overhead = 0.0 if worker.batch == (at_s, layer) else self.device.host_task_overhead_s
+        return overhead + num_bytes / worker.bandwidth_b_s
 
     def _runnable_rows(self, at_s: float) -> int:
         self._promote_entries(at_s)
