@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import socket
 import statistics
 import sys
@@ -282,7 +283,8 @@ def main() -> None:
         parser.error(f"--policies takes policy@budget, not {unknown}")
     horizons = {r: args.horizon or (60.0 if args.quick else RUNS.get(r, 120.0)) for r in runs}
     os.environ.setdefault("PIGGYBACK_VIDUR_DIR", "/work/shared/data/vidur")
-    lines = [f"# Remote CPU attention nodes ({datetime.date.today()}, `python benchmarks/remote_nodes.py`)", ""]
+    command = " ".join(["python benchmarks/remote_nodes.py", *(shlex.quote(a) for a in sys.argv[1:])])
+    lines = [f"# Remote CPU attention nodes ({datetime.date.today()}, `{command}`)", ""]
     lines += [f"CPU: {cpu_model_name()}, {os.cpu_count()} cores (a shared VM: loopback figures are indicative).", ""]
     if not args.skip_loopback:
         rounds = 50 if args.quick else 300
@@ -321,8 +323,9 @@ def main() -> None:
               "host/node DRAM = attention bandwidth (80 % of DRAM) ÷ KV bytes a decode step reads at the mean "
               "context; network = a node's link ÷ wire bytes per BE token (fp32 q/k/v out, output back, all "
               "layers).", "",
-              "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon ÷ horizon "
-              "(what decode could at most turn out). KV peak = peak share of host + remote KV held. CPU rows = "
+              "Prefill bound = output tokens of the BE requests the GPU prefilled within the horizon (with "
+              "--steady-from-s: within the steady window) ÷ its length (what decode could at most turn out). "
+              "KV peak = peak share of host + remote KV held. CPU rows = "
               "mean BE rows decoding on the host and the nodes (0: every BE decode ran in HBM).", "",
               "| policy@budget | setting | BE | nodes | BE tok/s | of which CPU path | × of 0 nodes | gain per node ÷ "
               "one host's DRAM bound | LS att | GPU token supply | DRAM bw bound (host + nodes) | network bound "
