@@ -837,6 +837,8 @@ def main() -> int:
     parser.add_argument("--tpot-ms", type=float, default=Settings.tpot_ms)
     parser.add_argument("--keep-trace", type=Path, default=None,
                         help="copy the runtime's per-iteration trace (JSON lines) here")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS / "overload.md",
+                        help="the report (Markdown; its plot beside it as .png); default: the committed results file")
     args = parser.parse_args()
     lower = tuple(float(m) for m in args.lower_multiples.split(",") if m.strip())
     report = run_overload(Settings(model=args.model, duration_s=args.duration_s, multiple=args.multiple,
@@ -845,13 +847,13 @@ def main() -> int:
                                    keep_trace=args.keep_trace))  # fmt: skip
     table = render(report)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
     load = os.getloadavg()
     machine = (f"{cpu_model_name()}, {os.cpu_count()} cores, client and runtime on the same host; load average "
                f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it ended")  # fmt: skip
     command = " ".join(["python benchmarks/overload.py", *sys.argv[1:]])
-    (RESULTS / "overload.md").write_text(f"# Overload\n\n`{command}` on {machine}\n\n{table}\n")
-    plot(report, RESULTS / "overload.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# Overload\n\n`{command}` on {machine}\n\n{table}\n")
+    plot(report, args.out.with_suffix(".png"))
     return 0 if report.ok else 1
 
 
