@@ -163,6 +163,7 @@ def scenario(setting: str, be: str, nodes: int, horizon_s: float, be_count: int,
 
 
 def regime_cell(setting: str, be: str) -> dict[str, Any]:
+    # A setting's first word is its regime-map device ("70B-H100x4 light LS" runs on "70B-H100x4").
     return {"device": setting.split()[0], "level": LEVEL[setting], "be": be, "cpu": "host"}
 
 
@@ -207,7 +208,7 @@ def simulate(key: tuple[str, str, str, int], horizon_s: float, be_count: int,
         out["whole_horizon_be_tokens_per_s"] = out["be_tokens_per_s"]
         out["be_tokens_per_s"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         out["cpu_tokens_per_s"] = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
-        late = [r for r in be if r.first_token_s is not None and r.first_token_s >= steady_from_s]
+        late = [r for r in be if r.first_token_s >= steady_from_s]
         out["prefill_bound"] = sum(r.output_tokens for r in late) / (horizon_s - steady_from_s)
     return out
 
@@ -275,13 +276,14 @@ def main() -> None:
     settings, be_shapes = args.settings.split(","), args.be.split(",")
     if unknown_settings := [s for s in settings if s not in SETTINGS] + [b for b in be_shapes if b not in BE_SHAPES]:
         parser.error(f"unknown --settings or --be: {unknown_settings}")
-    if args.steady_from_s is not None and args.steady_from_s >= (args.horizon or min(RUNS.values())):
-        parser.error("--steady-from-s must be below --horizon (and below every run's horizon without it)")
     runs = args.policies.split(",")
     unknown = [r for r in runs if r not in RUNS and "@" not in r]
     if unknown:
         parser.error(f"--policies takes policy@budget, not {unknown}")
     horizons = {r: args.horizon or (60.0 if args.quick else RUNS.get(r, 120.0)) for r in runs}
+    if args.steady_from_s is not None and args.steady_from_s >= min(horizons.values()):
+        parser.error(f"--steady-from-s {args.steady_from_s:g} must be below every run's horizon "
+                     f"({', '.join(f'{r} {h:g} s' for r, h in horizons.items())}; --horizon sets them all)")
     os.environ.setdefault("PIGGYBACK_VIDUR_DIR", "/work/shared/data/vidur")
     command = " ".join(["python benchmarks/remote_nodes.py", *(shlex.quote(a) for a in sys.argv[1:])])
     lines = [f"# Remote CPU attention nodes ({datetime.date.today()}, `{command}`)", ""]
