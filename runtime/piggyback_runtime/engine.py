@@ -172,6 +172,8 @@ class Engine:
         else:
             self.runner = ModelRunner(*runner_args)
         pb_path = self.runner.piggyback
+        if self.planner.hybrid and pb_path is not None:  # hybrid placement picks its mode by the host's bandwidth
+            self.planner.host_capacity = pb_path.host_capacity()
         if self.planner.hybrid and pb_path is not None and (tier := pb_path.remote_tier()) is not None:
             # Remote nodes as hybrid placement's third tier: the planner places, the CPU path follows it.
             self.planner.remote_tier = tier

@@ -59,6 +59,7 @@ from piggyback_runtime.piggyback.pool import CPUAttentionPool, default_threads_p
 from piggyback_runtime.piggyback.worker import SharedBuffers
 from piggyback_runtime.remote_capacity import ATTENTION_B_S_PER_CORE, bytes_per_be_token_per_layer, node_tiers
 from piggyback_runtime.request import Request
+from piggyback_runtime.scheduler.be_mode import HostPathCapacity
 from piggyback_runtime.scheduler.remote_tier import RemoteTier, TierCosts
 from piggyback_runtime.staging import (
     HostStaging,
@@ -264,6 +265,12 @@ class PiggybackPath:
                         node, request.request_id)  # fmt: skip
         return remote.least_loaded_local_worker()
 
+    def host_capacity(self) -> HostPathCapacity:
+        """This host's CPU attention as hybrid placement weighs it (scheduler/be_mode.py): the workers' estimated
+        KV read bandwidth (ATTENTION_B_S_PER_CORE per thread), over a token's KV in every layer."""
+        workers = self.config.piggyback.num_cpu_workers
+        return HostPathCapacity(ATTENTION_B_S_PER_CORE * self._threads * workers, self.block_bytes / self.block_size)
+
     def remote_tier(self) -> RemoteTier | None:
         """Remote nodes as hybrid placement's third tier (scheduler/remote_tier.py), from the pool's live
         capacity; None without remote nodes. A remote row's KV is staged in host KV (the pool ships it to its
@@ -277,8 +284,7 @@ class PiggybackPath:
         sent, received = bytes_per_be_token_per_layer(arch.num_attention_heads, arch.num_key_value_heads,
                                                       arch.head_dim)  # fmt: skip
         costs = TierCosts(self.block_bytes / self.block_size / arch.num_hidden_layers, sent, received)
-        host_b_s = ATTENTION_B_S_PER_CORE * self._threads * pb.num_cpu_workers
-        tier = RemoteTier(host_b_s, [], costs, host_stages_remote_kv=True)
+        tier = RemoteTier(self.host_capacity().attention_b_s, [], costs, host_stages_remote_kv=True)
         self.refresh_remote_tier(tier)
         return tier
 

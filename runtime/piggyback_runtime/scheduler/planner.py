@@ -28,6 +28,13 @@ from piggyback_runtime.kv.allocator import BlockAllocator
 from piggyback_runtime.kv.host import HostKV
 from piggyback_runtime.request import FINISH_LENGTH, FINISH_STOP, Request, RequestStatus, SamplingParams, SLOTarget
 from piggyback_runtime.scheduler.batching import BatchScheduler, IterationPlan
+from piggyback_runtime.scheduler.be_mode import (
+    MODE_MIN_BE_REQUESTS,
+    MODE_PERIOD_S,
+    SUPPLY_SMOOTHING_S,
+    HostPathCapacity,
+    host_only_mode,
+)
 from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load, regime_of
 from piggyback_runtime.scheduler.outputs import (
     IterationOutputs,
@@ -170,10 +177,21 @@ class Planner:
         self.moves_to_gpu = 0
         self.last_hbm_reserve_blocks = 0
         self.slo_budget = self.slo is not None and engine.slo_token_budget
+        # Hybrid placement's mode (scheduler/be_mode.py): host-only (every BE decode on the host path) where the
+        # host's DRAM carries all the BE decode the accelerator's prefill feeds, else HBM-first. The caller sets
+        # `host_capacity` (the host path's attention bandwidth); without it hybrid placement stays HBM-first.
+        self.host_capacity: HostPathCapacity | None = None
+        self.be_host_only = False
+        self.be_mode_switches = 0
+        self._be_mode_due_s = -math.inf
+        self._be_lengths_seen: deque[tuple[int, int]] = deque(maxlen=200)  # recent BE prompt tokens, max_tokens
+        self.last_be_supply_tokens_s = 0.0
+        self._be_work = (0.0, 0.0)  # BE tokens the iterations carried, and their seconds, since the last pick
+        self.last_host_decode_tokens_s = 0.0
         # Two sub-batches half a layer apart where CPU rows ride next to a prefill (piggyback.sub_batches), for
-        # policies whose BE decodes all run on the CPU path (`_cpu_rows_ride` says why not next to HBM decodes).
+        # BE decodes that all run on the CPU path (`_cpu_rows_ride` says why not next to HBM decodes).
         self.sub_batches = (config.piggyback.sub_batches if self.policy.uses_host_path
-                            and not self.policy.synchronous_cpu_attention and not self.hybrid else 1)  # fmt: skip
+                            and not self.policy.synchronous_cpu_attention else 1)  # fmt: skip
         # Debugging the latency model on a real engine: one JSON line per iteration (shape, prediction,
         # measurement) appended to this file (benchmarks/iteration_trace.py reads it).
         trace_path = os.environ.get(ITERATION_TRACE_ENV)
@@ -317,6 +335,8 @@ class Planner:
         """Hold an admitted request: host-path requests queue for host KV, the rest go to batching."""
         if not self.hybrid and self.policy.on_host_path(request.service_class):
             request.placement = "host"
+        if not request.is_ls:
+            self._be_lengths_seen.append((len(request.prompt_token_ids), request.params.max_tokens))
         if self._queues_for_batching(request):
             waiting = self.host_kv_waiting
             if request.is_ls:  # (neo) LS queues ahead of every BE request: BE never holds LS back
@@ -343,6 +363,8 @@ class Planner:
         promised, holders = self._host_kv_promised()
         while self.host_kv_waiting:
             request = self.host_kv_waiting[0]
+            if self.be_host_only and not request.is_ls and not request.num_computed_tokens:
+                request.placement = "host"  # prefilled into host KV, as under `piggyback`
             if queued_prompt >= 2 * self.scheduler.max_num_batched_tokens and not request.is_ls:
                 break
             if request.placement == "host":
@@ -395,6 +417,8 @@ class Planner:
         CPU result back), the demand the SLO controller sizes the BE share against; `host_rows_idle`: the
         host-resident BE requests between tokens (no CPU task in flight), which hybrid placement may move back
         to HBM."""
+        if self.hybrid:
+            self._choose_be_mode()
         self._admit_be()
         to_host: list[Request] = []
         if self.hybrid:
@@ -442,6 +466,8 @@ class Planner:
         never split (its Dense work reads weights, and it replays CUDA graphs)."""
         if self.sub_batches < 2 or self.host_path_keeps_pace():
             return False
+        if self.hybrid and (not self.be_host_only or self._gpu_be_decoders()):
+            return False
         return be_rows_ready > 0 or (self.host_kv is not None and bool(self.host_kv.slot_of))
 
     def _be_allowance(self, ls_plan: IterationPlan, be_rows_ready: int, splits: bool = False) -> int:
@@ -464,7 +490,8 @@ class Planner:
         )  # fmt: skip
         self.last_allowance = self.slo.choose(demand, self.ls_state(), self.clock())
         tokens = self.last_allowance.be_prefill_tokens
-        if self.hybrid and self._hbm_decode_room_full() and not self.host_path_keeps_pace():
+        if (self.hybrid and not self.be_host_only and self._hbm_decode_room_full()
+                and not self.host_path_keeps_pace()):  # fmt: skip
             # Prompts prefilled now will decode on a host path already behind, whose rows advance a few layers
             # per pass and pay back over minutes; the accelerator's own BE decodes would lose that time now.
             # While the host keeps pace its rows are worth as much as HBM-resident ones: the budget feeds both.
@@ -569,6 +596,47 @@ class Planner:
         span = max(self.clock(), arrivals[-1][0]) - arrivals[0][0]
         return (len(arrivals) - 1) / span if span > 0 else 0.0
 
+    def _choose_be_mode(self) -> None:
+        """Every MODE_PERIOD_S: host-only or HBM-first (scheduler/be_mode.py), once MODE_MIN_BE_REQUESTS BE
+        prompts were seen. Remote nodes keep HBM-first: a row reaches a node only through a move out of HBM
+        (`_reserve_cpu_tier`), and the rule weighs this host's DRAM alone."""
+        now = self.clock()
+        if now < self._be_mode_due_s or self.host_capacity is None or self.remote_tier is not None:
+            return
+        self._be_mode_due_s = now + MODE_PERIOD_S
+        if len(self._be_lengths_seen) < MODE_MIN_BE_REQUESTS or self.slo is None:
+            return
+        prompt, output = self._be_lengths()
+        measured = self.be_decode_supply_tokens_s(prompt, output)
+        if measured <= 0:
+            return
+        weight = 1.0 if self.last_be_supply_tokens_s <= 0 else 1 - math.exp(-MODE_PERIOD_S / SUPPLY_SMOOTHING_S)
+        supply = self.last_be_supply_tokens_s + weight * (measured - self.last_be_supply_tokens_s)
+        host = self.host_capacity.decode_tokens_s(prompt + output / 2)
+        self.last_be_supply_tokens_s, self.last_host_decode_tokens_s = supply, host
+        host_only = host_only_mode(host, supply, self.be_host_only)
+        if host_only != self.be_host_only:
+            self.be_host_only = host_only
+            self.be_mode_switches += 1
+
+    def _be_lengths(self) -> tuple[float, float]:
+        """Mean prompt tokens and max_tokens of recent BE requests. max_tokens bounds an output from above (the
+        finished ones' outputs would be biased short: short requests finish first): it errs toward HBM-first,
+        whose decodes never wait for the host."""
+        prompts, outputs = zip(*self._be_lengths_seen, strict=True)
+        return sum(prompts) / len(prompts), sum(outputs) / len(outputs)
+
+    def be_decode_supply_tokens_s(self, prompt_tokens: float, output_tokens: float) -> float:
+        """BE output tokens per second the accelerator feeds, as measured since the last pick: the BE work its
+        iterations carried (BE prompt tokens and decode rows in the plans, CPU-path rows merged) over their
+        measured time, times the share of a BE request's tokens that are output, o / (p + o). BE decodes in HBM
+        count as work the accelerator would spend on BE prompts instead in host-only mode."""
+        be_tokens, seconds = self._be_work
+        self._be_work = (0.0, 0.0)
+        if seconds <= 0:
+            return 0.0
+        return be_tokens / seconds * output_tokens / (prompt_tokens + output_tokens)
+
     def hbm_reserve_blocks(self) -> int:
         """The accelerator KV blocks hybrid placement keeps free for LS: the LS KV forecast within
         engine.hbm_reserve_horizon_s (arrival rate × horizon × mean LS prompt + output tokens), plus what
@@ -629,6 +697,8 @@ class Planner:
         moving = list(self._to_host_next)
         self._to_host_next.clear()
         held = sum(self._projected_blocks(r) for r in decoders)
+        if self.be_host_only:  # every BE decode belongs on the host path: those in HBM move there between tokens
+            decode_limit = 0
         for request in self.policy.choose_to_host(decoders):
             if held <= decode_limit:
                 break
@@ -704,7 +774,7 @@ class Planner:
         plan, so the copy runs during the iteration; the caller frees their host KV once copied."""
         if self.remote_tier is not None:  # a node's rows stay there: their KV is not on this host to copy
             host_rows_idle = [r for r in host_rows_idle if self.remote_tier.node_of(r.request_id) is None]
-        if not host_rows_idle:
+        if not host_rows_idle or self.be_host_only:
             return []
         _, decode_limit = self._be_hbm_split()
         held = sum(self._projected_blocks(r) for r in self._gpu_be_decoders())
@@ -725,10 +795,12 @@ class Planner:
 
     def _place_after_prefill(self, request: Request) -> None:
         """Hybrid placement at the end of a BE prefill: decode in HBM while the BE decodes' share holds it at
-        full length, else move it to host KV with the next plan (copied there, never recomputed)."""
+        full length, else move it to host KV with the next plan (copied there, never recomputed). In host-only mode
+        it moves to the host whenever host KV holds it."""
         _, decode_limit = self._be_hbm_split()
         held = sum(self._projected_blocks(r) for r in self._gpu_be_decoders() if r is not request)
-        if held + self._projected_blocks(request) > decode_limit and self._reserve_for_host(request):
+        beyond = self.be_host_only or held + self._projected_blocks(request) > decode_limit
+        if beyond and self._reserve_for_host(request):
             self._to_host_next.append(request)
 
     def update(self, plan: IterationPlan, outputs: IterationOutputs, now: float) -> list[TokenEvent]:
@@ -765,6 +837,10 @@ class Planner:
         self.host_tokens_per_iteration += HOST_TOKENS_EWMA_ALPHA * (len(outputs.host_path_tokens)
                                                                     - self.host_tokens_per_iteration)  # fmt: skip
         measured_s = self.clock() - outputs.started_s
+        if self.hybrid:
+            be_tokens = sum(c.num_tokens for c in plan.chunks if not c.request.is_ls)
+            work, seconds = self._be_work
+            self._be_work = (work + be_tokens + outputs.be_rows_merged / outputs.num_layers, seconds + measured_s)
         predicted_s = None
         if self.slo is not None:  # the closed loop: the controller learns the device's truth
             shape = iteration_shape(plan, outputs.be_rows_merged / outputs.num_layers, len(events),

@@ -42,6 +42,7 @@ from piggyback_runtime.metrics import RequestTiming, slo_attained
 from piggyback_runtime.remote_capacity import KV_SHARE_OF_DRAM, CPUTier
 from piggyback_runtime.request import Request, SamplingParams
 from piggyback_runtime.scheduler.batching import IterationPlan
+from piggyback_runtime.scheduler.be_mode import HostPathCapacity
 from piggyback_runtime.scheduler.latency_model import LatencyModel, prefill_chunk_load
 from piggyback_runtime.scheduler.outputs import IterationOutputs, TokenEvent, sampling_requests
 from piggyback_runtime.scheduler.planner import Planner
@@ -260,6 +261,7 @@ class Simulator:
         self.planner = Planner(config, blocks, self.host_kv, planner_latency_model or device.latency_model,
                                clock=lambda: self.now, stats=self.stats, kv_moves=True, remote_tier=tier)  # fmt: skip
         self.remote_tier = self.planner.remote_tier
+        self.planner.host_capacity = HostPathCapacity(device.host_attention_bandwidth_b_s(), shape.kv_bytes_per_token())
         self.policy = self.planner.policy
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.records: dict[str, RequestRecord] = {}
