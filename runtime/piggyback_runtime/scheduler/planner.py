@@ -462,8 +462,9 @@ class Planner:
         (`piggyback` on 70B-H100x4 at a 2048-token budget, DailyMail-like BE: 1.7x BE tokens). Under hybrid
         placement it lost, even split only while no BE request decoded in HBM: it slows the HBM-resident decodes
         and shrinks the SLO-sized budget for a few more CPU rows (HBM for 80K tokens of KV, 34B-A100x2: 210 ->
-        195 BE tok/s, 205 with that restriction), so hybrid placement never splits. A decode-only iteration is
-        never split (its Dense work reads weights, and it replays CUDA graphs)."""
+        195 BE tok/s, 205 with that restriction), so hybrid placement splits only in host-only mode
+        (scheduler/be_mode.py) once no BE request decodes in HBM. A decode-only iteration is never split (its Dense
+        work reads weights, and it replays CUDA graphs)."""
         if self.sub_batches < 2 or self.host_path_keeps_pace():
             return False
         if self.hybrid and (not self.be_host_only or self._gpu_be_decoders()):

@@ -10,7 +10,10 @@ class HybridPolicy(Policy):
     accelerator) while HBM is spare, and lives in host DRAM with its decode attention on the CPUs beyond that.
     "Spare" is the planner's decision: free HBM less the LS KV it forecasts within `engine.hbm_reserve_horizon_s`.
     When LS needs the room, HBM-resident BE requests move to host KV (newest first); when HBM frees up,
-    host-resident ones move back. A latency model sizes the token budget and the BE share and admits LS requests."""
+    host-resident ones move back. Where the host's DRAM carries all the BE decode the accelerator's prefill feeds,
+    every BE decode runs on the host path instead (host-only mode, scheduler/be_mode.py): there HBM-resident decodes
+    only take accelerator time from BE prefill. A latency model sizes the token budget and the BE share and admits
+    LS requests."""
 
     name = "hybrid"
     listing_rank = -10
