@@ -172,15 +172,16 @@ class Engine:
         else:
             self.runner = ModelRunner(*runner_args)
         pb_path = self.runner.piggyback
-        if self.planner.hybrid and pb_path is not None and self.device.type != "cpu":
-            # Hybrid placement picks its mode by the host's bandwidth (scheduler/be_mode.py). Not on a CPU device:
-            # there the "accelerator" and the CPU workers share the cores, so host attention is not free of
-            # accelerator time (`make demo` on this 2-core VM: 193 BE tok/s HBM-first, 96 with host-only).
-            self.planner.host_capacity = pb_path.host_capacity()
-        if self.planner.hybrid and pb_path is not None and (tier := pb_path.remote_tier()) is not None:
-            # Remote nodes as hybrid placement's third tier: the planner places, the CPU path follows it.
-            self.planner.remote_tier = tier
-            pb_path.node_of = tier.node_of
+        if self.planner.hybrid and pb_path is not None:
+            if self.device.type != "cpu":
+                # Hybrid placement picks its mode by the host's bandwidth (scheduler/be_mode.py). Not on a CPU
+                # device: there the "accelerator" and the CPU workers share the cores, so host attention is not
+                # free of accelerator time (`make demo` on this 2-core VM: 193 BE tok/s HBM-first, 96 host-only).
+                self.planner.host_capacity = pb_path.host_capacity()
+            if (tier := pb_path.remote_tier()) is not None:
+                # Remote nodes as hybrid placement's third tier: the planner places, the CPU path follows it.
+                self.planner.remote_tier = tier
+                pb_path.node_of = tier.node_of
         self.model = self.loaded.model
         self.requests: dict[str, Request] = {}
         self._be_token_times: deque[float] = deque()

@@ -10,6 +10,7 @@ from piggyback_runtime.scheduler.be_mode import (
     HOST_ONLY_LEAVE_RATIO,
     MODE_PERIOD_S,
     HostPathCapacity,
+    be_decode_supply_tokens_s,
     host_only_mode,
 )
 from piggyback_runtime.scheduler.planner import Planner
@@ -34,6 +35,12 @@ def test_without_a_measured_supply_the_mode_does_not_change() -> None:
 def test_the_host_path_carries_its_bandwidth_over_a_rows_kv_per_token() -> None:
     capacity = HostPathCapacity(attention_b_s=320e9, kv_bytes_per_token=131072)  # 8B: 128 KiB of KV a token
     assert capacity.decode_tokens_s(2180) == pytest.approx(320e9 / (131072 * 2180))  # ~1,120 tok/s
+
+
+def test_the_supply_is_the_be_work_per_second_times_the_output_share_of_a_be_request() -> None:
+    # 12,000 BE tokens in 2 s; prompts of 1,600 tokens with 400 out: a fifth of the work becomes output tokens.
+    assert be_decode_supply_tokens_s(12_000, 2.0, 1600, 400) == pytest.approx(1200)
+    assert be_decode_supply_tokens_s(12_000, 0.0, 1600, 400) == 0.0  # nothing ran: no supply measured
 
 
 @pytest.mark.parametrize("figures", [(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)])

@@ -8,10 +8,10 @@ prefill: the host path should carry them all (**host-only**). Where it cannot, H
 host cannot, and spare HBM is filled first (**HBM-first**, the rest of hybrid placement).
 
 Measured in the simulator over 150 s (`benchmarks/regime_map.py --quick --horizon-s 150 --be-count 1000`):
-8B-A100 at the middle LS rate, DailyMail-like BE, the host can carry about twice what prefill feeds, and
+8B-A100 at the middle LS rate, DailyMail-like BE, the host can carry about 1.2× what prefill feeds, and
 host-only moves 710 BE tok/s against HBM-first's 611; on 70B-H100x4 it carries about a quarter, and host-only
 moves 428 against 1,271. Neither mode wins everywhere, so the planner picks by these figures, from what it
-measures (the BE and LS lengths, the LS arrival rate, the latency model's iteration time) and the host's
+measures (the BE work its iterations carry over their seconds, the BE prompts and max_tokens) and the host's
 attention bandwidth, and picks again as they change.
 """
 
@@ -57,3 +57,13 @@ def host_only_mode(host_tokens_s: float, supply_tokens_s: float, host_only_now: 
         return host_only_now
     ratio = host_tokens_s / supply_tokens_s
     return ratio >= HOST_ONLY_LEAVE_RATIO if host_only_now else ratio >= HOST_ONLY_ENTER_RATIO
+
+
+def be_decode_supply_tokens_s(be_tokens: float, seconds: float, prompt_tokens: float, output_tokens: float) -> float:
+    """BE output tokens per second the accelerator feeds: the BE work its iterations carried over `seconds` (BE
+    prompt tokens and decode rows in the plans, CPU-path rows merged) per second, times the share of a BE request's
+    tokens that are output, o / (p + o). BE decodes in HBM count as work the accelerator would spend on BE prompts
+    instead in host-only mode. 0 when nothing ran."""
+    if seconds <= 0:
+        return 0.0
+    return be_tokens / seconds * output_tokens / (prompt_tokens + output_tokens)

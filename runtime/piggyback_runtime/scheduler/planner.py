@@ -33,6 +33,7 @@ from piggyback_runtime.scheduler.be_mode import (
     MODE_PERIOD_S,
     SUPPLY_SMOOTHING_S,
     HostPathCapacity,
+    be_decode_supply_tokens_s,
     host_only_mode,
 )
 from piggyback_runtime.scheduler.latency_model import IterationShape, LatencyModel, prefill_chunk_load, regime_of
@@ -608,7 +609,9 @@ class Planner:
         if len(self._be_lengths_seen) < MODE_MIN_BE_REQUESTS or self.slo is None:
             return
         prompt, output = self._be_lengths()
-        measured = self.be_decode_supply_tokens_s(prompt, output)
+        be_tokens, seconds = self._be_work
+        self._be_work = (0.0, 0.0)  # each pick measures the period since the last
+        measured = be_decode_supply_tokens_s(be_tokens, seconds, prompt, output)
         if measured <= 0:
             return
         weight = 1.0 if self.last_be_supply_tokens_s <= 0 else 1 - math.exp(-MODE_PERIOD_S / SUPPLY_SMOOTHING_S)
@@ -626,17 +629,6 @@ class Planner:
         whose decodes never wait for the host."""
         prompts, outputs = zip(*self._be_lengths_seen, strict=True)
         return sum(prompts) / len(prompts), sum(outputs) / len(outputs)
-
-    def be_decode_supply_tokens_s(self, prompt_tokens: float, output_tokens: float) -> float:
-        """BE output tokens per second the accelerator feeds, as measured since the last pick: the BE work its
-        iterations carried (BE prompt tokens and decode rows in the plans, CPU-path rows merged) over their
-        measured time, times the share of a BE request's tokens that are output, o / (p + o). BE decodes in HBM
-        count as work the accelerator would spend on BE prompts instead in host-only mode."""
-        be_tokens, seconds = self._be_work
-        self._be_work = (0.0, 0.0)
-        if seconds <= 0:
-            return 0.0
-        return be_tokens / seconds * output_tokens / (prompt_tokens + output_tokens)
 
     def hbm_reserve_blocks(self) -> int:
         """The accelerator KV blocks hybrid placement keeps free for LS: the LS KV forecast within
@@ -838,7 +830,7 @@ class Planner:
         self.host_tokens_per_iteration += HOST_TOKENS_EWMA_ALPHA * (len(outputs.host_path_tokens)
                                                                     - self.host_tokens_per_iteration)  # fmt: skip
         measured_s = self.clock() - outputs.started_s
-        if self.hybrid:
+        if self.host_capacity is not None:  # the BE work `_choose_be_mode` measures the supply from
             be_tokens = sum(c.num_tokens for c in plan.chunks if not c.request.is_ls)
             work, seconds = self._be_work
             self._be_work = (work + be_tokens + outputs.be_rows_merged / outputs.num_layers, seconds + measured_s)
